@@ -1,0 +1,44 @@
+"""The PyTorch backend. Importing this package does not import torch; the methods do."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from capsctl.backends import OptimConfig
+from capsctl.spec import ModelSpec
+
+
+class TorchBackend:
+    name = "torch"
+
+    def is_available(self) -> bool:
+        return importlib.util.find_spec("torch") is not None
+
+    def describe(self) -> str:
+        from ._env import describe
+
+        return describe()
+
+    def runner(self, spec: ModelSpec, weights: Mapping[str, np.ndarray]) -> Any:
+        from ._runner import TorchRunner
+
+        return TorchRunner(spec, weights)
+
+    def trainer(self, spec: ModelSpec, weights: Mapping[str, np.ndarray], optim: OptimConfig) -> Any:
+        from ._trainer import TorchTrainer
+
+        return TorchTrainer(spec, weights, optim)
+
+    def export_native(self, spec: ModelSpec, weights: Mapping[str, np.ndarray], path: str) -> None:
+        from ._native import export_native
+
+        export_native(spec, weights, path)
+
+    def import_native(self, path: str) -> tuple[ModelSpec, dict[str, np.ndarray]]:
+        from ._native import import_native
+
+        return import_native(path)

@@ -1,0 +1,124 @@
+"""The model as torch modules: trunk, capsule head with dynamic routing, pooling head.
+
+Formulas follow the spec contract (capsctl.spec); tensors of the capsule head are
+û (B, J, N, D), logits b and couplings c (B, J, N), s and v (B, J, D).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from capsctl.spec import EPS, ConvLayer, ModelSpec
+
+
+def squash(s: torch.Tensor, kind: str) -> torch.Tensor:
+    n2 = (s * s).sum(-1, keepdim=True) + EPS
+    return s * n2.sqrt() / ((0.5 if kind == "su" else 1.0) + n2)
+
+
+def safe_norm(s: torch.Tensor) -> torch.Tensor:
+    return ((s * s).sum(-1) + EPS).sqrt()
+
+
+def route(
+    u_hat: torch.Tensor, routings: int, routing: str, squash_kind: str, trace: bool = False
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """Dynamic routing over û (B, J, N, D). Returns v (B, J, D) and, if `trace`, per-iteration
+    couplings c and agreements û·squash(s), each (B, J, N)."""
+    b = torch.zeros(u_hat.shape[:3], dtype=u_hat.dtype, device=u_hat.device)
+    cs: list[torch.Tensor] = []
+    ags: list[torch.Tensor] = []
+    v = u_hat.new_zeros(())
+    for r in range(1, routings + 1):
+        c = torch.softmax(b, dim=1)
+        s = (c.unsqueeze(2) @ u_hat).squeeze(2)  # (B,J,1,N) @ (B,J,N,D): s_j = Σ_i c_ij û_j|i
+        v = squash(s, squash_kind)
+        if trace:
+            cs.append(c)
+            ags.append((u_hat @ v.unsqueeze(-1)).squeeze(-1))
+        if r < routings:
+            if routing == "su-unit":
+                b = (u_hat @ (s / safe_norm(s).unsqueeze(-1)).unsqueeze(-1)).squeeze(-1)
+            else:
+                agree = (u_hat @ v.unsqueeze(-1)).squeeze(-1)
+                b = agree if routing == "su" else b + agree
+    return v, cs, ags
+
+
+class Trunk(nn.Module):
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.plan: list[tuple[str, int]] = []
+        convs = []
+        channels = spec.in_channels
+        for layer in spec.trunk:
+            if isinstance(layer, ConvLayer):
+                self.plan.append(("conv", len(convs)))
+                convs.append(nn.Conv2d(channels, layer.filters, layer.kernel))
+                channels = layer.filters
+            else:
+                self.plan.append(("pool", layer.size))
+        self.convs = nn.ModuleList(convs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for kind, arg in self.plan:
+            x = F.relu(self.convs[arg](x)) if kind == "conv" else F.avg_pool2d(x, arg)
+        return x
+
+
+class CapsuleHead(nn.Module):
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        caps = spec.capsule
+        self.j, self.d = spec.num_classes, caps.dim
+        self.routings, self.routing, self.squash = caps.routings, caps.routing, caps.squash
+        c = spec.trunk_channels
+        shape = (c, self.j * self.d) if caps.shared else (caps.num_inputs, c, self.j * self.d)
+        self.kernel = nn.Parameter(torch.zeros(shape))
+
+    def predictions(self, f: torch.Tensor) -> torch.Tensor:
+        """Trunk features (B, C, H, W) -> û (B, J, N, D), inputs row-major over (H, W)."""
+        bsz = f.shape[0]
+        u = f.permute(0, 2, 3, 1).reshape(bsz, -1, f.shape[1])  # (B, N, C); free for channels_last
+        if self.kernel.dim() == 2:
+            uh = u @ self.kernel
+        else:
+            uh = torch.einsum("bnc,nck->bnk", u, self.kernel)
+        return uh.view(bsz, -1, self.j, self.d).transpose(1, 2).contiguous()
+
+    def forward(self, f: torch.Tensor, routings: int | None = None, trace: bool = False):
+        v, cs, ags = route(self.predictions(f), routings or self.routings, self.routing, self.squash, trace)
+        return safe_norm(v), cs, ags
+
+
+class PoolHead(nn.Module):
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.dense0 = nn.Linear(spec.trunk_channels, spec.pool.hidden)
+        self.dense1 = nn.Linear(spec.pool.hidden, spec.num_classes)
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.dense1(F.relu(self.dense0(f.mean(dim=(2, 3))))))
+
+
+class CapsNet(nn.Module):
+    """Trunk + head; input (B, C, H, W) float32, output class scores (B, J)."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.trunk = Trunk(spec)
+        self.head: nn.Module = CapsuleHead(spec) if spec.head == "capsule" else PoolHead(spec)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.trunk(x)
+        if isinstance(self.head, CapsuleHead):
+            return self.head(f)[0]
+        return self.head(f)
+
+
+def margin_loss(p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    per = y * F.relu(0.9 - p).square() + 0.25 * (1 - y) * F.relu(p - 0.1).square()
+    return per.mean(dim=1).mean()

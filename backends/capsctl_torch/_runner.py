@@ -1,0 +1,59 @@
+"""Inference: class scores in batches, and the routing trace of a few images."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+
+from capsctl.reference import RoutingTrace
+from capsctl.spec import ModelSpec
+
+from ._env import device, memory_format
+from ._layers import CapsNet, CapsuleHead
+from ._weights import to_native
+
+
+def build(spec: ModelSpec, weights: Mapping[str, np.ndarray]) -> CapsNet:
+    model = CapsNet(spec)
+    state = {k: torch.from_numpy(v) for k, v in to_native(spec, weights).items()}
+    model.load_state_dict(state, strict=True)
+    return model.to(device(), memory_format=memory_format())
+
+
+def to_input(images: np.ndarray) -> torch.Tensor:
+    # NHWC numpy viewed as NCHW: exactly the channels_last layout, so no copy is made here
+    return torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).permute(0, 3, 1, 2).to(device())
+
+
+def batched_scores(model: CapsNet, images: np.ndarray, batch_size: int) -> np.ndarray:
+    was_training = model.training
+    model.eval()
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            out.append(model(to_input(images[start : start + batch_size])).float().cpu().numpy())
+    model.train(was_training)
+    if not out:
+        return np.zeros((0, model.spec.num_classes), np.float32)
+    return np.concatenate(out)
+
+
+class TorchRunner:
+    def __init__(self, spec: ModelSpec, weights: Mapping[str, np.ndarray]) -> None:
+        self.spec = spec
+        self.model = build(spec, weights).eval()
+
+    def scores(self, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
+        return batched_scores(self.model, images, batch_size)
+
+    def trace(self, images: np.ndarray, routings: int | None = None) -> tuple[np.ndarray, RoutingTrace]:
+        head = self.model.head
+        if not isinstance(head, CapsuleHead):
+            raise ValueError("the pooling head has no routing to trace")
+        with torch.inference_mode():
+            lengths, cs, ags = head(self.model.trunk(to_input(images)), routings, trace=True)
+        return lengths.cpu().numpy(), RoutingTrace(
+            torch.stack(cs, 1).cpu().numpy(), torch.stack(ags, 1).cpu().numpy()
+        )

@@ -1,0 +1,75 @@
+"""One optimiser step at a time, driven by capsctl.training (which owns data, schedule, checkpoints)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+
+from capsctl.backends import OptimConfig
+from capsctl.spec import ModelSpec
+
+from ._env import tune_malloc
+from ._layers import margin_loss
+from ._runner import batched_scores, build, to_input
+from ._weights import table, to_canonical
+
+
+class TorchTrainer:
+    def __init__(self, spec: ModelSpec, weights: Mapping[str, np.ndarray], optim: OptimConfig) -> None:
+        tune_malloc()
+        self.spec = spec
+        self.model = build(spec, weights).train()
+        self.params = dict(self.model.named_parameters())
+        self.opt = torch.optim.AdamW(
+            self.model.parameters(), lr=1e-3, betas=(optim.beta1, optim.beta2), eps=optim.eps,
+            weight_decay=optim.weight_decay,
+        )
+
+    def step(self, x: np.ndarray, y_onehot: np.ndarray, lr: float) -> tuple[float, int]:
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        y = torch.from_numpy(y_onehot).to(self.params["trunk.convs.0.weight"].device)
+        p = self.model(to_input(x))
+        loss = margin_loss(p, y)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        correct = int((p.detach().argmax(1) == y.argmax(1)).sum())
+        return float(loss.detach()), correct
+
+    def scores(self, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
+        return batched_scores(self.model, images, batch_size)
+
+    def weights(self) -> dict[str, np.ndarray]:
+        return to_canonical(self.spec, {k: v.detach().cpu().numpy() for k, v in self.params.items()})
+
+    def optimizer_state(self) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        m, v = {}, {}
+        step = 0.0
+        for key, param in self.params.items():
+            st = self.opt.state.get(param)
+            if not st:
+                return {}
+            m[key] = st["exp_avg"].cpu().numpy()
+            v[key] = st["exp_avg_sq"].cpu().numpy()
+            step = float(st["step"])
+        out.update({f"m.{k}": a for k, a in to_canonical(self.spec, m).items()})
+        out.update({f"v.{k}": a for k, a in to_canonical(self.spec, v).items()})
+        out["step"] = np.array([step], np.float64)
+        return out
+
+    def load_optimizer_state(self, state: Mapping[str, np.ndarray]) -> None:
+        step = float(state["step"][0])
+        for name, (key, perm) in table(self.spec).items():
+            param = self.params[key]
+            inv = np.argsort(perm) if perm else None
+            def native(a: np.ndarray, inv: np.ndarray | None = inv) -> torch.Tensor:
+                return torch.from_numpy(np.ascontiguousarray(a.transpose(inv) if inv is not None else a)).to(param.device)
+            self.opt.state[param] = {
+                "step": torch.tensor(step, dtype=torch.float32),
+                "exp_avg": native(state[f"m.{name}"]).reshape(param.shape).contiguous(memory_format=torch.preserve_format),
+                "exp_avg_sq": native(state[f"v.{name}"]).reshape(param.shape),
+            }

@@ -1,0 +1,44 @@
+"""Canonical (channels-last) weights <-> this framework's parameters: a name -> permutation table."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from capsctl.spec import ModelSpec
+
+# canonical name pattern -> (native name pattern, permutation taking the native array to canonical)
+_CONV_KERNEL = (2, 3, 1, 0)  # torch [out, in, kh, kw] -> [kh, kw, in, out]
+_DENSE_KERNEL = (1, 0)  # torch Linear [out, in] -> [in, out]
+
+
+def table(spec: ModelSpec) -> dict[str, tuple[str, tuple[int, ...] | None]]:
+    rows: dict[str, tuple[str, tuple[int, ...] | None]] = {}
+    for k in range(len(spec.conv_layers)):
+        rows[f"trunk.{k}.kernel"] = (f"trunk.convs.{k}.weight", _CONV_KERNEL)
+        rows[f"trunk.{k}.bias"] = (f"trunk.convs.{k}.bias", None)
+    if spec.head == "capsule":
+        rows["head.capsule.kernel"] = ("head.kernel", None)
+    else:
+        rows["head.dense0.kernel"] = ("head.dense0.weight", _DENSE_KERNEL)
+        rows["head.dense0.bias"] = ("head.dense0.bias", None)
+        rows["head.dense1.kernel"] = ("head.dense1.weight", _DENSE_KERNEL)
+        rows["head.dense1.bias"] = ("head.dense1.bias", None)
+    return rows
+
+
+def to_native(spec: ModelSpec, weights: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    out = {}
+    for name, (native, perm) in table(spec).items():
+        arr = weights[name]
+        out[native] = np.ascontiguousarray(arr.transpose(np.argsort(perm)) if perm else arr)
+    return out
+
+
+def to_canonical(spec: ModelSpec, native: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    out = {}
+    for name, (key, perm) in table(spec).items():
+        arr = native[key]
+        out[name] = np.ascontiguousarray(arr.transpose(perm) if perm else arr, dtype=np.float32)
+    return out

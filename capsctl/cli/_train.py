@@ -1,0 +1,106 @@
+"""`capsctl train`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ._common import BackendOpt, DataDirOpt, DatasetOpt, LimitOpt
+
+
+def train(
+    head: Annotated[str, typer.Option(help="capsule (dynamic routing) or pool (global average pooling).")] = "capsule",
+    backend: BackendOpt = "torch",
+    routing: Annotated[str | None, typer.Option(help="su (replace logits), sabour (accumulate) or su-unit.")] = None,
+    squash: Annotated[str | None, typer.Option(help="su: s|s|/(0.5+|s|²) or sabour: s|s|/(1+|s|²).")] = None,
+    routings: Annotated[int | None, typer.Option(help="Routing iterations (default 3).")] = None,
+    shared: Annotated[bool, typer.Option("--shared/--no-shared", help="One capsule weight for all positions (any image size).")] = True,
+    spec_file: Annotated[Path | None, typer.Option("--spec", help="A ModelSpec JSON file (overrides --head etc.).")] = None,
+    dataset: DatasetOpt = "mnist",
+    data_dir: DataDirOpt = None,
+    recipe: Annotated[str, typer.Option(help="default (measured best) or seed (the seed article's protocol).")] = "default",
+    epochs: Annotated[int | None, typer.Option(help="Passes over the training set [recipe].")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per step [recipe: 128].")] = None,
+    lr: Annotated[float | None, typer.Option(help="(Peak) learning rate [recipe].")] = None,
+    schedule: Annotated[str | None, typer.Option(help="constant or onecycle [recipe].")] = None,
+    shift: Annotated[int | None, typer.Option(help="Random ±pixels translation of training digits [recipe].")] = None,
+    weight_decay: Annotated[float | None, typer.Option(help="AdamW decoupled weight decay [recipe].")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for initial weights, data order and augmentation.")] = 0,
+    limit: LimitOpt = None,
+    out: Annotated[Path | None, typer.Option(help="Run folder for model.safetensors, metrics.jsonl, checkpoint [runs/HEAD].")] = None,
+    resume: Annotated[Path | None, typer.Option(help="Continue the run in this folder from its last checkpoint.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    """Train a capsule or pooling model on single digits.
+
+    Writes RUN/model.safetensors (the model, readable by every backend), RUN/metrics.jsonl (one
+    line per epoch) and RUN/checkpoint.safetensors (for --resume). Ctrl-C saves and exits; a second
+    Ctrl-C aborts at once.
+
+    Example: capsctl train --head capsule --data-dir ../shared/data/mnist-5k --out runs/caps
+    """
+    from .. import datasets
+    from ..backends import get_backend
+    from ..errors import CapsctlError
+    from ..recipes import get_recipe
+    from ..spec import ModelSpec
+    from ..training import TrainConfig
+    from ..training import train as run_training
+
+    if resume is not None:
+        if out is not None and out != resume:
+            raise CapsctlError("give either --out or --resume RUN, not both")
+        from ..training import load_checkpoint
+
+        ck = load_checkpoint(resume)
+        be = get_backend(backend if backend != "torch" or ck.config.backend == "torch" else ck.config.backend)
+        ds = datasets.load(ck.config.dataset, data_dir)
+        run_training(be, ck.spec, ck.config, ds.train(), ds.test(), resume, resume=True, show_progress=not quiet)
+        typer.echo(f"model: {resume / 'model.safetensors'}")
+        return
+
+    if spec_file is not None:
+        try:
+            spec = ModelSpec.from_json(spec_file.read_text())
+        except OSError as e:
+            raise CapsctlError(f"--spec {spec_file}: cannot read ({e.strerror})") from None
+    else:
+        spec = ModelSpec(head=head) if head in ("capsule", "pool") else None  # type: ignore[assignment]
+        if spec is None:
+            raise CapsctlError(f"--head must be capsule or pool, got {head!r}")
+    changes: dict[str, object] = {}
+    for key, value in (("routing", routing), ("squash", squash), ("routings", routings)):
+        if value is not None:
+            changes[key] = value
+    if not shared:
+        changes["shared"] = False
+    if changes:
+        spec = spec.with_capsule(**changes)
+    if not spec.capsule.shared and spec.capsule.num_inputs is None:
+        pass  # filled in below from the image size
+
+    rec = get_recipe(recipe)
+    cfg = TrainConfig(
+        backend=backend,
+        dataset=dataset,
+        epochs=epochs if epochs is not None else rec.epochs(spec.head),
+        batch_size=batch_size if batch_size is not None else rec.batch_size,
+        lr=lr if lr is not None else rec.lr,
+        schedule=schedule if schedule is not None else rec.schedule,
+        shift=shift if shift is not None else rec.shift,
+        weight_decay=weight_decay if weight_decay is not None else rec.weight_decay,
+        seed=seed,
+        limit=limit,
+        recipe=recipe,
+    )
+    be = get_backend(backend)
+    ds = datasets.load(dataset, data_dir)
+    train_split = ds.train()
+    if spec.head == "capsule" and not spec.capsule.shared and spec.capsule.num_inputs is None:
+        gh, gw = spec.trunk_grid(*train_split.images.shape[1:3])
+        spec = spec.with_capsule(num_inputs=gh * gw)
+    run = out if out is not None else Path("runs") / spec.head
+    run_training(be, spec, cfg, train_split, ds.test(), run, show_progress=not quiet)
+    typer.echo(f"model: {run / 'model.safetensors'}")

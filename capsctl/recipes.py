@@ -1,0 +1,40 @@
+"""Training recipes: named bundles of optimisation settings, each overridable by a CLI option.
+
+`seed` reproduces the seed article's protocol (Adam 1e-3, batch 128, no augmentation, capsule
+10 / pool 20 epochs). `default` is the measured better recipe (see docs/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import CapsctlError
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    capsule_epochs: int  # epochs for the capsule head
+    pool_epochs: int  # epochs for the pooling head
+    lr: float  # peak learning rate (the constant one for 'constant')
+    schedule: str  # 'constant' or 'onecycle'
+    shift: int  # random translation of training digits, in pixels (0 = none)
+    weight_decay: float  # decoupled weight decay (AdamW); 0 = Adam
+    batch_size: int = 128
+
+    def epochs(self, head: str) -> int:
+        return self.capsule_epochs if head == "capsule" else self.pool_epochs
+
+
+RECIPES = {
+    "seed": Recipe("seed", capsule_epochs=10, pool_epochs=20, lr=1e-3, schedule="constant", shift=0, weight_decay=0.0),
+    "default": Recipe("default", capsule_epochs=20, pool_epochs=20, lr=3e-3, schedule="onecycle", shift=3, weight_decay=0.0),
+}
+SCHEDULES = ("constant", "onecycle")
+
+
+def get_recipe(name: str) -> Recipe:
+    try:
+        return RECIPES[name]
+    except KeyError:
+        raise CapsctlError(f"unknown recipe {name!r} (known: {', '.join(RECIPES)})") from None

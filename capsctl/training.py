@@ -1,0 +1,388 @@
+"""The training loop, shared by every backend: data order, augmentation, schedule, checkpoints.
+
+The backend only does `trainer.step(x, y, lr)`. Everything random is drawn here from numpy with
+seeds derived from (seed, epoch, step), so a run resumed from any checkpoint replays exactly the
+batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ._atomic import atomic_write_bytes
+from .backends import Backend, OptimConfig, Trainer
+from .composites import single_accuracy
+from .datasets import Split
+from .errors import CapsctlError, TrainingStopped
+from .recipes import SCHEDULES
+from .spec import ModelSpec
+from .weights import (
+    CHECKPOINT_FORMAT,
+    check_weights,
+    encode_safetensors,
+    expected_shapes,
+    init_weights,
+    read_safetensors,
+    save_model,
+    spec_from_metadata,
+)
+
+MODEL_FILE = "model.safetensors"
+CHECKPOINT_FILE = "checkpoint.safetensors"
+METRICS_FILE = "metrics.jsonl"
+LOCK_FILE = ".lock"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    backend: str = "torch"  # framework that runs the steps
+    dataset: str = "mnist"  # data set name (see `capsctl data list`)
+    epochs: int = 20  # passes over the training images
+    batch_size: int = 128  # images per optimiser step
+    lr: float = 3e-3  # learning rate (the peak of the one-cycle schedule)
+    schedule: str = "onecycle"  # 'constant' or 'onecycle'
+    shift: int = 3  # random ±shift pixel translation of training images (0 = off)
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    seed: int = 0  # initial weights, data order and augmentation
+    limit: int | None = None  # train on the first N images only (smoke runs)
+    recipe: str = "default"  # the recipe these values came from (for the record)
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise CapsctlError(f"--epochs must be at least 1, got {self.epochs}")
+        if not 1 <= self.batch_size <= 65536:
+            raise CapsctlError(f"--batch-size must be in 1..65536, got {self.batch_size}")
+        if not (math.isfinite(self.lr) and 0 < self.lr <= 10):
+            raise CapsctlError(f"--lr must be in (0, 10], got {self.lr}")
+        if self.schedule not in SCHEDULES:
+            raise CapsctlError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if not 0 <= self.shift <= 14:
+            raise CapsctlError(f"--shift must be in 0..14 pixels, got {self.shift}")
+        if not (math.isfinite(self.weight_decay) and 0 <= self.weight_decay < 1):
+            raise CapsctlError(f"--weight-decay must be in [0, 1), got {self.weight_decay}")
+        if self.seed < 0:
+            raise CapsctlError(f"--seed must be non-negative, got {self.seed}")
+        if self.limit is not None and self.limit < 1:
+            raise CapsctlError(f"--limit must be at least 1, got {self.limit}")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainConfig:
+        return cls(**json.loads(text))
+
+
+def lr_at(cfg: TrainConfig, step: int, total: int) -> float:
+    """Learning rate for global step `step` of `total`.
+
+    one-cycle: cosine rise from lr/25 to lr over the first 30% of steps, cosine fall to lr/25e4.
+    """
+    if cfg.schedule == "constant":
+        return cfg.lr
+    warm = max(1, int(0.3 * total))
+    lo, hi, end = cfg.lr / 25.0, cfg.lr, cfg.lr / 25e4
+    if step < warm:
+        t = step / warm
+        return lo + (hi - lo) * (1 - math.cos(math.pi * t)) / 2
+    t = min(1.0, (step - warm) / max(1, total - warm))
+    return end + (hi - end) * (1 + math.cos(math.pi * t)) / 2
+
+
+def shift_batch(x: np.ndarray, shift: int, rng: np.random.Generator) -> np.ndarray:
+    """Translate each image by its own random (dy, dx) in [-shift, shift], filling with zeros."""
+    if shift == 0:
+        return x
+    b, h, w, c = x.shape
+    pad = np.zeros((b, h + 2 * shift, w + 2 * shift, c), x.dtype)
+    pad[:, shift : shift + h, shift : shift + w] = x
+    d = rng.integers(0, 2 * shift + 1, size=(b, 2))
+    rows = d[:, 0, None, None] + np.arange(h)[None, :, None]
+    cols = d[:, 1, None, None] + np.arange(w)[None, None, :]
+    return pad[np.arange(b)[:, None, None], rows, cols]
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def batches(cfg: TrainConfig, epoch: int, n: int) -> Iterator[tuple[int, np.ndarray]]:
+    order = epoch_order(cfg.seed, epoch, n)
+    for step, start in enumerate(range(0, n, cfg.batch_size)):
+        yield step, order[start : start + cfg.batch_size]
+
+
+def steps_per_epoch(cfg: TrainConfig, n: int) -> int:
+    return -(-n // cfg.batch_size)
+
+
+# -- run folder --------------------------------------------------------------------------
+
+@contextmanager
+def run_lock(run: Path) -> Iterator[None]:
+    """An exclusive lock on the run folder: a second run on it is refused, not interleaved."""
+    import fcntl
+
+    run.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise CapsctlError(f"{run}: in use by another capsctl run (pid {other}); use another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class Checkpoint:
+    spec: ModelSpec
+    config: TrainConfig
+    weights: dict[str, np.ndarray]
+    optimizer: dict[str, np.ndarray]
+    epoch: int  # epochs fully done
+    step: int  # steps done within epoch `epoch` (0 at an epoch boundary)
+    elapsed: float  # training seconds so far
+
+
+def save_checkpoint(run: Path, ck: Checkpoint) -> None:
+    tensors = dict(ck.weights)
+    tensors.update({f"optim.{k}": v for k, v in ck.optimizer.items()})
+    meta = {
+        "format": CHECKPOINT_FORMAT,
+        "spec": ck.spec.to_json(),
+        "config": ck.config.to_json(),
+        "epoch": str(ck.epoch),
+        "step": str(ck.step),
+        "elapsed": repr(ck.elapsed),
+    }
+    atomic_write_bytes(run / CHECKPOINT_FILE, encode_safetensors(tensors, meta))
+
+
+def load_checkpoint(run: Path) -> Checkpoint:
+    path = run / CHECKPOINT_FILE
+    if not path.exists():
+        raise CapsctlError(f"--resume {run}: no {CHECKPOINT_FILE} there (nothing to resume)")
+    tensors, meta = read_safetensors(path)
+    spec = spec_from_metadata(meta, str(path), CHECKPOINT_FORMAT)
+    try:
+        config = TrainConfig.from_json(meta["config"])
+        epoch, step, elapsed = int(meta["epoch"]), int(meta["step"]), float(meta["elapsed"])
+    except (KeyError, ValueError, TypeError, json.JSONDecodeError) as e:
+        raise CapsctlError(f"{path}: damaged checkpoint metadata ({e})") from None
+    names = set(expected_shapes(spec))
+    weights = {k: v for k, v in tensors.items() if k in names}
+    check_weights(spec, weights, str(path))
+    optim = {k[len("optim.") :]: v for k, v in tensors.items() if k.startswith("optim.")}
+    return Checkpoint(spec, config, weights, optim, epoch, step, elapsed)
+
+
+def read_metrics(run: Path) -> list[dict[str, Any]]:
+    path = run / METRICS_FILE
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # a torn last line from a kill: drop it
+    return rows
+
+
+def write_metrics(run: Path, rows: list[dict[str, Any]]) -> None:
+    atomic_write_bytes(run / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in rows).encode())
+
+
+# -- the loop ----------------------------------------------------------------------------
+
+@dataclass
+class EpochReport:
+    epoch: int
+    loss: float
+    train_accuracy: float
+    test_accuracy: float | None
+    lr: float
+    images_per_s: float
+    seconds: float
+
+
+Hook = Callable[[str, dict[str, Any]], None]
+
+
+class _StopFlag:
+    """Turns the first Ctrl-C into a request honoured between steps (weights never half-updated);
+    a second Ctrl-C aborts at once, leaving the last checkpoint as it was."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old: Any = None
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> _StopFlag:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import signal
+
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+def one_hot(y: np.ndarray, j: int) -> np.ndarray:
+    out = np.zeros((len(y), j), np.float32)
+    out[np.arange(len(y)), y] = 1.0
+    return out
+
+
+def train(
+    backend: Backend,
+    spec: ModelSpec,
+    cfg: TrainConfig,
+    train_split: Split,
+    test_split: Split | None,
+    run: Path,
+    *,
+    resume: bool = False,
+    show_progress: bool = True,
+    on_step: Hook | None = None,
+) -> list[dict[str, Any]]:
+    """Train into folder `run` (model, checkpoint, metrics); returns the metrics rows."""
+    with run_lock(run):
+        return _train_locked(backend, spec, cfg, train_split, test_split, run, resume, show_progress, on_step)
+
+
+def _train_locked(
+    backend: Backend,
+    spec: ModelSpec,
+    cfg: TrainConfig,
+    train_split: Split,
+    test_split: Split | None,
+    run: Path,
+    resume: bool,
+    show_progress: bool,
+    on_step: Hook | None,
+) -> list[dict[str, Any]]:
+    from ._console import err
+
+    if resume:
+        ck = load_checkpoint(run)
+        spec, cfg = ck.spec, replace(ck.config, backend=cfg.backend) if cfg.backend != ck.config.backend else ck.config
+        rows = [r for r in read_metrics(run) if r.get("epoch", 0) <= ck.epoch]
+        start_epoch, start_step, elapsed = ck.epoch, ck.step, ck.elapsed
+        weights, optim_state = ck.weights, ck.optimizer
+        if start_epoch >= cfg.epochs:
+            err.print(f"{run}: already trained for {cfg.epochs} epochs; nothing to do")
+            return rows
+        err.print(f"resuming {run} at epoch {start_epoch + 1}, step {start_step}")
+    else:
+        if (run / CHECKPOINT_FILE).exists() or (run / MODEL_FILE).exists():
+            raise CapsctlError(f"--out {run}: already holds a run; use --resume {run} to continue it, or another --out")
+        rows, start_epoch, start_step, elapsed = [], 0, 0, 0.0
+        weights, optim_state = init_weights(spec, cfg.seed), {}
+
+    x_all, y_all = train_split.images, train_split.labels
+    if cfg.limit is not None:
+        x_all, y_all = x_all[: cfg.limit], y_all[: cfg.limit]
+    n = len(x_all)
+    spec.trunk_grid(*x_all.shape[1:3])  # refuse images too small for the trunk before any work
+    if spec.head == "capsule" and not spec.capsule.shared:
+        gh, gw = spec.trunk_grid(*x_all.shape[1:3])
+        if gh * gw != spec.capsule.num_inputs:
+            raise CapsctlError(f"capsule.num_inputs is {spec.capsule.num_inputs} but {x_all.shape[1]}x{x_all.shape[2]} images give {gh * gw}")
+    y_hot = one_hot(y_all, spec.num_classes)
+    spe = steps_per_epoch(cfg, n)
+    total = spe * cfg.epochs
+
+    trainer: Trainer = backend.trainer(spec, weights, OptimConfig(weight_decay=cfg.weight_decay))
+    if optim_state:
+        trainer.load_optimizer_state(optim_state)
+    write_metrics(run, rows)
+
+    def checkpoint(epoch: int, step: int) -> None:
+        save_checkpoint(run, Checkpoint(spec, cfg, trainer.weights(), trainer.optimizer_state(), epoch, step, elapsed))
+
+    from rich.progress import TextColumn
+
+    from ._console import progress
+
+    bar = progress(TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("acc {task.fields[acc]:.2%}"),
+                   TextColumn("{task.fields[ips]:.0f} img/s"))
+    bar.disable = not show_progress
+    stop = _StopFlag()
+    with bar, stop:
+        for epoch in range(start_epoch, cfg.epochs):
+            task = bar.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=spe, completed=0, loss=0.0, acc=0.0, ips=0.0)
+            loss_sum, correct, seen = 0.0, 0, 0
+            t0 = time.perf_counter()
+            first = start_step if epoch == start_epoch else 0
+            bar.update(task, completed=first)
+            lr = cfg.lr
+            for step, idx in batches(cfg, epoch, n):
+                if step < first:
+                    continue
+                x = shift_batch(x_all[idx], cfg.shift, np.random.default_rng([cfg.seed, epoch, step]))
+                lr = lr_at(cfg, epoch * spe + step, total)
+                loss, ok = trainer.step(x, y_hot[idx], lr)
+                if not math.isfinite(loss):
+                    raise TrainingStopped(
+                        f"loss became {loss} at epoch {epoch + 1}, step {step + 1}; training stopped, "
+                        f"{run / CHECKPOINT_FILE} still holds the last good state (lower --lr?)"
+                    )
+                loss_sum += loss * len(idx)
+                correct += ok
+                seen += len(idx)
+                dt = time.perf_counter() - t0
+                bar.update(task, advance=1, loss=loss_sum / seen, acc=correct / seen, ips=seen / max(dt, 1e-9))
+                if on_step is not None:
+                    on_step("step", {"epoch": epoch, "step": step})
+                if stop.requested and step + 1 < spe:
+                    elapsed += time.perf_counter() - t0
+                    checkpoint(epoch, step + 1)
+                    bar.stop()
+                    err.print(f"interrupted: saved epoch {epoch + 1}, step {step + 1} to {run / CHECKPOINT_FILE}")
+                    raise TrainingStopped(f"interrupted; continue with: capsctl train --resume {run}", exit_code=130)
+            train_time = time.perf_counter() - t0
+            elapsed += train_time
+            test_acc = None
+            if test_split is not None:
+                test_acc = single_accuracy(trainer.scores(test_split.images), test_split.labels)
+            row = asdict(EpochReport(epoch + 1, loss_sum / max(seen, 1), correct / max(seen, 1), test_acc, lr,
+                                     seen / max(train_time, 1e-9), train_time))
+            rows.append(row)
+            bar.remove_task(task)
+            test_txt = f"  test {test_acc:.2%}" if test_acc is not None else ""
+            err.print(f"epoch {epoch + 1}/{cfg.epochs}  loss {row['loss']:.4f}  train {row['train_accuracy']:.2%}"
+                      f"{test_txt}  {row['images_per_s']:.0f} img/s")
+            save_model(run / MODEL_FILE, spec, trainer.weights())
+            checkpoint(epoch + 1, 0)
+            write_metrics(run, rows)
+            if on_step is not None:
+                on_step("epoch", row)
+            if stop.requested and epoch + 1 < cfg.epochs:
+                bar.stop()
+                raise TrainingStopped(f"interrupted after epoch {epoch + 1} (saved); continue with: capsctl train --resume {run}", exit_code=130)
+    return rows
