@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
@@ -19,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from . import idx
-from ._atomic import fsync_dir
+from ._atomic import atomic_write_bytes, fsync_dir
 from .errors import CapsctlError
 
 ROLES = ("train-images", "train-labels", "t10k-images", "t10k-labels")
@@ -216,18 +215,20 @@ def copy_from(info: DatasetInfo, src: Path, dest: Path) -> Path:
     """Fill the cache from a local folder, validating every file as IDX first."""
     if not is_complete(src):
         raise CapsctlError(f"--from {src}: the folder must hold the four IDX files of {info.name}")
-    for role in ROLES:
-        f = find_file(src, role)
-        assert f is not None
-        idx.read_idx(f)  # refuse a broken file before anything is copied
+    # Refuse a broken set before anything is copied: every file decoded and checked the way training
+    # and evaluation will read it (types, label range, images/labels counts, one image size).
+    sets = Dataset(info.name, src)
+    train, test = sets.train(), sets.test()
+    if train.images.shape[1:] != test.images.shape[1:]:
+        raise CapsctlError(
+            f"--from {src}: training images are {train.images.shape[1]}x{train.images.shape[2]} but test images are "
+            f"{test.images.shape[1]}x{test.images.shape[2]}"
+        )
     dest.mkdir(parents=True, exist_ok=True)
     for role in ROLES:
         f = find_file(src, role)
         assert f is not None
-        tmp = dest / (f.name + ".part")
-        shutil.copyfile(f, tmp)
-        os.replace(tmp, dest / f.name)
-    fsync_dir(dest)
+        atomic_write_bytes(dest / f.name, f.read_bytes())  # temp + fsync + rename: never a half file
     return dest
 
 

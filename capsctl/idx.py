@@ -21,14 +21,21 @@ _MAX_BYTES = 1 << 31  # 2 GiB decompressed: far beyond any MNIST-style set, a gu
 def _decompress(raw: bytes, source: str) -> bytes:
     if raw[:2] != b"\x1f\x8b":
         return raw
+    out = bytearray()
+    rest = raw
     try:
-        d = zlib.decompressobj(wbits=31)
-        out = d.decompress(raw, _MAX_BYTES)
-        if d.unconsumed_tail:
-            raise CapsctlError(f"{source}: decompresses to more than {_MAX_BYTES} bytes")
-        if not d.eof:
-            raise CapsctlError(f"{source}: gzip stream is truncated")
-        return out
+        while True:  # a gzip file may hold several members, read as one stream (as gzip(1) does)
+            d = zlib.decompressobj(wbits=31)
+            out += d.decompress(rest, max(1, _MAX_BYTES - len(out)))
+            if d.unconsumed_tail or len(out) >= _MAX_BYTES:
+                raise CapsctlError(f"{source}: decompresses to more than {_MAX_BYTES} bytes")
+            if not d.eof:
+                raise CapsctlError(f"{source}: gzip stream is truncated")
+            rest = d.unused_data
+            if not rest.strip(b"\0"):  # nothing or zero padding after the last member
+                return bytes(out)
+            if rest[:2] != b"\x1f\x8b":
+                raise CapsctlError(f"{source}: {len(rest)} stray bytes after the gzip data (damaged file?)")
     except (zlib.error, EOFError, gzip.BadGzipFile) as e:
         raise CapsctlError(f"{source}: corrupt gzip data ({e})") from None
 

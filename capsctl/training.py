@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from ._atomic import atomic_write_bytes
+from ._fit import check_fit
 from .backends import Backend, OptimConfig, Trainer
 from .composites import single_accuracy
 from .datasets import Split
@@ -133,8 +134,13 @@ def run_lock(run: Path) -> Iterator[None]:
     """An exclusive lock on the run folder: a second run on it is refused, not interleaved."""
     import fcntl
 
-    run.mkdir(parents=True, exist_ok=True)
-    fd = os.open(run / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    if run.exists() and not run.is_dir():
+        raise CapsctlError(f"{run}: is a file, expected a run folder")
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+        fd = os.open(run / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise CapsctlError(f"{run}: cannot create the run folder ({e.strerror or e})") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -157,6 +163,8 @@ class Checkpoint:
     epoch: int  # epochs fully done
     step: int  # steps done within epoch `epoch` (0 at an epoch boundary)
     elapsed: float  # training seconds so far
+    # (loss sum, correct, images) of epoch `epoch` so far, so a mid-epoch resume reports the same row
+    partial: tuple[float, int, int] = (0.0, 0, 0)
 
 
 def save_checkpoint(run: Path, ck: Checkpoint) -> None:
@@ -169,6 +177,7 @@ def save_checkpoint(run: Path, ck: Checkpoint) -> None:
         "epoch": str(ck.epoch),
         "step": str(ck.step),
         "elapsed": repr(ck.elapsed),
+        "partial": json.dumps(list(ck.partial)),
     }
     atomic_write_bytes(run / CHECKPOINT_FILE, encode_safetensors(tensors, meta))
 
@@ -182,13 +191,32 @@ def load_checkpoint(run: Path) -> Checkpoint:
     try:
         config = TrainConfig.from_json(meta["config"])
         epoch, step, elapsed = int(meta["epoch"]), int(meta["step"]), float(meta["elapsed"])
+        loss_sum, correct, seen = json.loads(meta.get("partial", "[0.0, 0, 0]"))
+        partial = (float(loss_sum), int(correct), int(seen))
     except (KeyError, ValueError, TypeError, json.JSONDecodeError) as e:
         raise CapsctlError(f"{path}: damaged checkpoint metadata ({e})") from None
-    names = set(expected_shapes(spec))
-    weights = {k: v for k, v in tensors.items() if k in names}
+    if epoch < 0 or step < 0 or not math.isfinite(elapsed) or not math.isfinite(partial[0]):
+        raise CapsctlError(f"{path}: damaged checkpoint metadata (epoch {epoch}, step {step})")
+    shapes = expected_shapes(spec)
+    weights = {k: v for k, v in tensors.items() if k in shapes}
     check_weights(spec, weights, str(path))
     optim = {k[len("optim.") :]: v for k, v in tensors.items() if k.startswith("optim.")}
-    return Checkpoint(spec, config, weights, optim, epoch, step, elapsed)
+    _check_optimizer_state(optim, shapes, str(path))
+    return Checkpoint(spec, config, weights, optim, epoch, step, elapsed, partial)
+
+
+def _check_optimizer_state(optim: dict[str, np.ndarray], shapes: dict[str, tuple[int, ...]], source: str) -> None:
+    # A damaged slot would otherwise surface as a framework error (or NaN) deep inside the first step.
+    if not optim:
+        return  # saved before the first step: the optimiser starts fresh
+    for name, shape in shapes.items():
+        for slot in ("m", "v"):
+            arr = optim.get(f"{slot}.{name}")
+            if arr is None or arr.shape != shape or arr.dtype != np.float32 or not np.isfinite(arr).all():
+                raise CapsctlError(f"{source}: optimizer state {slot}.{name} is missing or damaged")
+    step = optim.get("step")
+    if step is None or step.shape != (1,) or not np.isfinite(step).all() or step[0] < 0:
+        raise CapsctlError(f"{source}: optimizer state 'step' is missing or damaged")
 
 
 def read_metrics(run: Path) -> list[dict[str, Any]]:
@@ -271,8 +299,51 @@ def train(
     on_step: Hook | None = None,
 ) -> list[dict[str, Any]]:
     """Train into folder `run` (model, checkpoint, metrics); returns the metrics rows."""
+    if not resume:  # refuse data the model cannot take before anything is created
+        _check_data(spec, cfg, train_split, test_split)
+    created = _missing_folders(run)
     with run_lock(run):
-        return _train_locked(backend, spec, cfg, train_split, test_split, run, resume, show_progress, on_step)
+        try:
+            return _train_locked(backend, spec, cfg, train_split, test_split, run, resume, show_progress, on_step)
+        except BaseException:
+            if not resume and not (run / CHECKPOINT_FILE).exists() and not (run / MODEL_FILE).exists():
+                _discard_empty_run(run, created)
+            raise
+
+
+def _check_data(spec: ModelSpec, cfg: TrainConfig, train_split: Split, test_split: Split | None) -> None:
+    check_fit(spec, train_split.images, train_split.labels, "model spec", f"{cfg.dataset} training images")
+    if test_split is not None:
+        check_fit(spec, test_split.images, test_split.labels, "model spec", f"{cfg.dataset} test images")
+
+
+def _missing_folders(run: Path) -> list[Path]:
+    """`run` and those of its parents that do not exist yet, innermost first."""
+    out = []
+    p = run.absolute()
+    while not p.exists() and p != p.parent:
+        out.append(p)
+        p = p.parent
+    return out
+
+
+def _stale_temp_files(run: Path) -> list[Path]:
+    # temporaries of atomic writes; under the lock, any that exist belong to a killed run
+    return [p for name in (MODEL_FILE, CHECKPOINT_FILE, METRICS_FILE) for p in run.glob(f".{name}.tmp-*")]
+
+
+def _discard_empty_run(run: Path, created: list[Path]) -> None:
+    """A fresh run that failed before saving anything leaves nothing behind (its lock, empty metrics)."""
+    import contextlib
+
+    for p in [run / LOCK_FILE, run / METRICS_FILE, *_stale_temp_files(run)]:
+        with contextlib.suppress(OSError):
+            p.unlink()
+    for folder in created:
+        try:
+            folder.rmdir()
+        except OSError:
+            break  # not empty: someone else's files, keep them
 
 
 def _train_locked(
@@ -292,7 +363,7 @@ def _train_locked(
         ck = load_checkpoint(run)
         spec, cfg = ck.spec, replace(ck.config, backend=cfg.backend) if cfg.backend != ck.config.backend else ck.config
         rows = [r for r in read_metrics(run) if r.get("epoch", 0) <= ck.epoch]
-        start_epoch, start_step, elapsed = ck.epoch, ck.step, ck.elapsed
+        start_epoch, start_step, elapsed, partial = ck.epoch, ck.step, ck.elapsed, ck.partial
         weights, optim_state = ck.weights, ck.optimizer
         if start_epoch >= cfg.epochs:
             err.print(f"{run}: already trained for {cfg.epochs} epochs; nothing to do")
@@ -301,29 +372,37 @@ def _train_locked(
     else:
         if (run / CHECKPOINT_FILE).exists() or (run / MODEL_FILE).exists():
             raise CapsctlError(f"--out {run}: already holds a run; use --resume {run} to continue it, or another --out")
-        rows, start_epoch, start_step, elapsed = [], 0, 0, 0.0
+        rows, start_epoch, start_step, elapsed, partial = [], 0, 0, 0.0, (0.0, 0, 0)
         weights, optim_state = init_weights(spec, cfg.seed), {}
+    for stale in _stale_temp_files(run):
+        stale.unlink(missing_ok=True)
 
     x_all, y_all = train_split.images, train_split.labels
     if cfg.limit is not None:
         x_all, y_all = x_all[: cfg.limit], y_all[: cfg.limit]
     n = len(x_all)
-    spec.trunk_grid(*x_all.shape[1:3])  # refuse images too small for the trunk before any work
-    if spec.head == "capsule" and not spec.capsule.shared:
-        gh, gw = spec.trunk_grid(*x_all.shape[1:3])
-        if gh * gw != spec.capsule.num_inputs:
-            raise CapsctlError(f"capsule.num_inputs is {spec.capsule.num_inputs} but {x_all.shape[1]}x{x_all.shape[2]} images give {gh * gw}")
+    _check_data(spec, cfg, train_split, test_split)  # again: on --resume the spec comes from the checkpoint
     y_hot = one_hot(y_all, spec.num_classes)
     spe = steps_per_epoch(cfg, n)
     total = spe * cfg.epochs
+    if start_step >= spe:
+        raise CapsctlError(f"{run / CHECKPOINT_FILE}: step {start_step} is past the end of an epoch ({spe} steps); "
+                           "was the data changed since the run started?")
 
     trainer: Trainer = backend.trainer(spec, weights, OptimConfig(weight_decay=cfg.weight_decay))
     if optim_state:
         trainer.load_optimizer_state(optim_state)
     write_metrics(run, rows)
 
-    def checkpoint(epoch: int, step: int) -> None:
-        save_checkpoint(run, Checkpoint(spec, cfg, trainer.weights(), trainer.optimizer_state(), epoch, step, elapsed))
+    def good_weights(epoch: int) -> dict[str, np.ndarray]:
+        # a step can turn the weights NaN while its own loss was still finite: never save such weights
+        weights = trainer.weights()
+        if not all(np.isfinite(w).all() for w in weights.values()):
+            raise TrainingStopped(f"the weights became NaN or infinite in epoch {epoch + 1}; {_kept(run)} (lower --lr?)")
+        return weights
+
+    def checkpoint(epoch: int, step: int, weights: dict[str, np.ndarray], part: tuple[float, int, int]) -> None:
+        save_checkpoint(run, Checkpoint(spec, cfg, weights, trainer.optimizer_state(), epoch, step, elapsed, part))
 
     from rich.progress import TextColumn
 
@@ -336,9 +415,10 @@ def _train_locked(
     with bar, stop:
         for epoch in range(start_epoch, cfg.epochs):
             task = bar.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=spe, completed=0, loss=0.0, acc=0.0, ips=0.0)
-            loss_sum, correct, seen = 0.0, 0, 0
-            t0 = time.perf_counter()
             first = start_step if epoch == start_epoch else 0
+            loss_sum, correct, seen = partial if first else (0.0, 0, 0)
+            seen_before = seen  # images of this epoch done before a resume: not part of this run's speed
+            t0 = time.perf_counter()
             bar.update(task, completed=first)
             lr = cfg.lr
             for step, idx in batches(cfg, epoch, n):
@@ -349,19 +429,18 @@ def _train_locked(
                 loss, ok = trainer.step(x, y_hot[idx], lr)
                 if not math.isfinite(loss):
                     raise TrainingStopped(
-                        f"loss became {loss} at epoch {epoch + 1}, step {step + 1}; training stopped, "
-                        f"{run / CHECKPOINT_FILE} still holds the last good state (lower --lr?)"
+                        f"loss became {loss} at epoch {epoch + 1}, step {step + 1}; training stopped, {_kept(run)} (lower --lr?)"
                     )
                 loss_sum += loss * len(idx)
                 correct += ok
                 seen += len(idx)
                 dt = time.perf_counter() - t0
-                bar.update(task, advance=1, loss=loss_sum / seen, acc=correct / seen, ips=seen / max(dt, 1e-9))
+                bar.update(task, advance=1, loss=loss_sum / seen, acc=correct / seen, ips=(seen - seen_before) / max(dt, 1e-9))
                 if on_step is not None:
                     on_step("step", {"epoch": epoch, "step": step})
                 if stop.requested and step + 1 < spe:
                     elapsed += time.perf_counter() - t0
-                    checkpoint(epoch, step + 1)
+                    checkpoint(epoch, step + 1, good_weights(epoch), (loss_sum, correct, seen))
                     bar.stop()
                     err.print(f"interrupted: saved epoch {epoch + 1}, step {step + 1} to {run / CHECKPOINT_FILE}")
                     raise TrainingStopped(f"interrupted; continue with: capsctl train --resume {run}", exit_code=130)
@@ -371,18 +450,27 @@ def _train_locked(
             if test_split is not None:
                 test_acc = single_accuracy(trainer.scores(test_split.images), test_split.labels)
             row = asdict(EpochReport(epoch + 1, loss_sum / max(seen, 1), correct / max(seen, 1), test_acc, lr,
-                                     seen / max(train_time, 1e-9), train_time))
+                                     (seen - seen_before) / max(train_time, 1e-9), train_time))
             rows.append(row)
             bar.remove_task(task)
             test_txt = f"  test {test_acc:.2%}" if test_acc is not None else ""
             err.print(f"epoch {epoch + 1}/{cfg.epochs}  loss {row['loss']:.4f}  train {row['train_accuracy']:.2%}"
                       f"{test_txt}  {row['images_per_s']:.0f} img/s")
-            save_model(run / MODEL_FILE, spec, trainer.weights())
-            checkpoint(epoch + 1, 0)
+            weights = good_weights(epoch)
+            # model, metrics, then checkpoint: a kill between any two leaves a checkpoint that is at most
+            # one epoch behind, and its resume rewrites the later rows, so no epoch's row is ever lost
+            save_model(run / MODEL_FILE, spec, weights)
             write_metrics(run, rows)
+            checkpoint(epoch + 1, 0, weights, (0.0, 0, 0))
             if on_step is not None:
                 on_step("epoch", row)
             if stop.requested and epoch + 1 < cfg.epochs:
                 bar.stop()
                 raise TrainingStopped(f"interrupted after epoch {epoch + 1} (saved); continue with: capsctl train --resume {run}", exit_code=130)
     return rows
+
+
+def _kept(run: Path) -> str:
+    if (run / CHECKPOINT_FILE).exists():
+        return f"{run / CHECKPOINT_FILE} still holds the last good state"
+    return "nothing was saved (no epoch had finished)"

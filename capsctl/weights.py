@@ -13,6 +13,7 @@ file is refused with a message naming the problem, before any framework is impor
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -130,7 +131,9 @@ def decode_safetensors(data: bytes, source: str) -> tuple[dict[str, np.ndarray],
     if n > _MAX_HEADER or 8 + n > len(data):
         raise CapsctlError(f"{source}: header length {n} runs past the end of the file ({len(data)} bytes); truncated?")
     try:
-        header = json.loads(data[8 : 8 + n].decode("utf-8"))
+        header = json.loads(data[8 : 8 + n].decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except _DuplicateKey as e:
+        raise CapsctlError(f"{source}: the safetensors header names {e.args[0]!r} twice") from None
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise CapsctlError(f"{source}: the safetensors header is not valid JSON") from None
     if not isinstance(header, dict):
@@ -145,7 +148,7 @@ def decode_safetensors(data: bytes, source: str) -> tuple[dict[str, np.ndarray],
         if not isinstance(info, dict):
             raise CapsctlError(f"{source}: entry {name!r} is not an object")
         dtype_name, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if dtype_name not in _DTYPES:
+        if not isinstance(dtype_name, str) or dtype_name not in _DTYPES:  # (a list or dict is unhashable)
             raise CapsctlError(f"{source}: tensor {name!r} has unsupported dtype {dtype_name!r}")
         if (
             not isinstance(shape, list)
@@ -170,10 +173,33 @@ def decode_safetensors(data: bytes, source: str) -> tuple[dict[str, np.ndarray],
         spans.append((start, stop, name))
         tensors[name] = np.frombuffer(body[start:stop], dtype=dtype).reshape(shape).copy()
     spans.sort()
-    for (_, stop_a, a), (start_b, _, b) in zip(spans, spans[1:], strict=False):
+    pairs = list(itertools.pairwise(spans))
+    for (_, stop_a, a), (start_b, _, b) in pairs:
         if start_b < stop_a:
             raise CapsctlError(f"{source}: tensors {a!r} and {b!r} overlap")
+    # The format requires the data to be covered exactly, without holes: a gap or a tail of stray
+    # bytes means a damaged or spliced file, not one any writer produced.
+    for (_, stop_a, a), (start_b, _, _) in pairs:
+        if start_b > stop_a:
+            raise CapsctlError(f"{source}: {start_b - stop_a} stray bytes after tensor {a!r} (damaged file?)")
+    end = spans[-1][1] if spans else 0
+    if (spans and spans[0][0] != 0) or end != len(body):
+        raise CapsctlError(f"{source}: the data section holds bytes no tensor uses (damaged or spliced file?)")
     return tensors, meta
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    # json.loads would keep the last of two equal keys silently; a header naming a tensor twice is damaged.
+    out: dict[str, object] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
 
 
 def read_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray], dict[str, str]]:

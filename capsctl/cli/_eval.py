@@ -22,6 +22,7 @@ def eval_model(
     import json
 
     from .. import datasets
+    from .._fit import check_fit
     from ..backends import get_backend
     from ..composites import single_accuracy
     from ..weights import load_model
@@ -32,6 +33,7 @@ def eval_model(
     spec, weights = load_model(model)
     test = datasets.load(dataset, data_dir).test()
     x, y = (test.images[:limit], test.labels[:limit]) if limit else (test.images, test.labels)
+    check_fit(spec, x, y, str(model), f"{dataset} test images")
     runner = get_backend(backend).runner(spec, weights)
     acc = single_accuracy(runner.scores(x, batch_size), y)
     result = {"images": len(y), "accuracy": acc, "dataset": dataset, "backend": backend}
@@ -61,6 +63,7 @@ def eval_pairs(
     import json
 
     from .. import datasets
+    from .._fit import check_fit
     from ..backends import get_backend
     from ..composites import make_composites, score_sets
     from ..weights import load_model
@@ -84,6 +87,7 @@ def eval_pairs(
                 f"{model}: this model's capsule weights are not shared (fixed to {spec.capsule.num_inputs} inputs); "
                 f"{comp.images.shape[1]}x{comp.images.shape[2]} composites need a shared-weight model"
             )
+    check_fit(spec, comp.images, comp.labels, str(model), f"{dataset} {layout} composites")
     runner = get_backend(backend).runner(spec, weights)
     result = score_sets(runner.scores(comp.images, batch_size), comp.labels)
     result.update({"seed": seed, "layout": layout, "digits": digits})

@@ -29,6 +29,7 @@ def train(
     weight_decay: Annotated[float | None, typer.Option(help="AdamW decoupled weight decay [recipe].")] = None,
     seed: Annotated[int, typer.Option(help="Seed for initial weights, data order and augmentation.")] = 0,
     limit: LimitOpt = None,
+    test_limit: Annotated[int | None, typer.Option(help="Score each epoch on the first N test images only [all].")] = None,
     out: Annotated[Path | None, typer.Option(help="Run folder for model.safetensors, metrics.jsonl, checkpoint [runs/HEAD].")] = None,
     resume: Annotated[Path | None, typer.Option(help="Continue the run in this folder from its last checkpoint.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
@@ -45,6 +46,9 @@ def train(
     from ..backends import get_backend
     from ..errors import CapsctlError
     from ..recipes import get_recipe
+    from ._common import check_range
+
+    check_range("--test-limit", test_limit, 1)
     from ..spec import ModelSpec
     from ..training import TrainConfig
     from ..training import train as run_training
@@ -57,19 +61,32 @@ def train(
         ck = load_checkpoint(resume)
         be = get_backend(backend if backend != "torch" or ck.config.backend == "torch" else ck.config.backend)
         ds = datasets.load(ck.config.dataset, data_dir)
-        run_training(be, ck.spec, ck.config, ds.train(), ds.test(), resume, resume=True, show_progress=not quiet)
+        run_training(be, ck.spec, ck.config, ds.train(), _test_split(ds, test_limit), resume, resume=True,
+                     show_progress=not quiet)
         typer.echo(f"model: {resume / 'model.safetensors'}")
         return
 
     if spec_file is not None:
         try:
-            spec = ModelSpec.from_json(spec_file.read_text())
+            spec = ModelSpec.from_json(spec_file.read_text(encoding="utf-8"))
         except OSError as e:
             raise CapsctlError(f"--spec {spec_file}: cannot read ({e.strerror})") from None
+        except UnicodeDecodeError:
+            raise CapsctlError(f"--spec {spec_file}: not a text file (expected ModelSpec JSON)") from None
+        except CapsctlError as e:
+            raise CapsctlError(f"--spec {spec_file}: {e}") from None
     else:
         spec = ModelSpec(head=head) if head in ("capsule", "pool") else None  # type: ignore[assignment]
         if spec is None:
             raise CapsctlError(f"--head must be capsule or pool, got {head!r}")
+    # checked here so the message names the option, not the spec field it sets
+    from ..spec import ROUTINGS, SQUASHES
+    from ._common import check_range
+
+    check_range("--routings (capsule.routings)", routings, 1, 100)
+    for opt, value, choices in (("routing", routing, ROUTINGS), ("squash", squash, SQUASHES)):
+        if value is not None and value not in choices:
+            raise CapsctlError(f"--{opt} (capsule.{opt}) must be one of {', '.join(choices)}, got {value!r}")
     changes: dict[str, object] = {}
     for key, value in (("routing", routing), ("squash", squash), ("routings", routings)):
         if value is not None:
@@ -102,5 +119,12 @@ def train(
         gh, gw = spec.trunk_grid(*train_split.images.shape[1:3])
         spec = spec.with_capsule(num_inputs=gh * gw)
     run = out if out is not None else Path("runs") / spec.head
-    run_training(be, spec, cfg, train_split, ds.test(), run, show_progress=not quiet)
+    run_training(be, spec, cfg, train_split, _test_split(ds, test_limit), run, show_progress=not quiet)
     typer.echo(f"model: {run / 'model.safetensors'}")
+
+
+def _test_split(ds, limit):  # type: ignore[no-untyped-def]
+    from ..datasets import Split
+
+    test = ds.test()
+    return test if limit is None else Split(test.images[:limit], test.labels[:limit])

@@ -1,0 +1,45 @@
+"""The Keras 3 (TensorFlow) backend. Importing this package imports neither keras nor tensorflow;
+the methods do (through ._env, which pins KERAS_BACKEND first)."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from capsctl.backends import OptimConfig
+from capsctl.spec import ModelSpec
+
+
+class KerasBackend:
+    name = "keras"
+
+    def is_available(self) -> bool:
+        return all(importlib.util.find_spec(m) is not None for m in ("keras", "tensorflow"))
+
+    def describe(self) -> str:
+        from ._env import describe
+
+        return describe()
+
+    def runner(self, spec: ModelSpec, weights: Mapping[str, np.ndarray]) -> Any:
+        from ._runner import KerasRunner
+
+        return KerasRunner(spec, weights)
+
+    def trainer(self, spec: ModelSpec, weights: Mapping[str, np.ndarray], optim: OptimConfig) -> Any:
+        from ._trainer import KerasTrainer
+
+        return KerasTrainer(spec, weights, optim)
+
+    def export_native(self, spec: ModelSpec, weights: Mapping[str, np.ndarray], path: str) -> None:
+        from ._native import export_native
+
+        export_native(spec, weights, path)
+
+    def import_native(self, path: str) -> tuple[ModelSpec, dict[str, np.ndarray]]:
+        from ._native import import_native
+
+        return import_native(path)

@@ -1,0 +1,166 @@
+"""The model as Keras 3 layers: trunk, capsule head with dynamic routing, pooling head.
+
+Formulas follow the spec contract (capsctl.spec). Routing is written with `einsum` only: the
+public Keras capsule code bases broke when `batch_dot` changed its axes semantics between
+releases, and einsum strings say exactly which axes are summed. Tensors of the capsule head are
+û (B, J, N, D), logits b and couplings c (B, J, N), s and v (B, J, D), as in the torch backend.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from capsctl.spec import EPS, ConvLayer, ModelSpec
+
+from ._env import keras
+
+ops = keras.ops
+PACKAGE = "capsctl"
+
+
+def squash(s: Any, kind: str) -> Any:
+    n2 = ops.sum(s * s, axis=-1, keepdims=True) + EPS
+    return s * ops.sqrt(n2) / ((0.5 if kind == "su" else 1.0) + n2)
+
+
+def safe_norm(s: Any) -> Any:
+    return ops.sqrt(ops.sum(s * s, axis=-1) + EPS)
+
+
+def route(u_hat: Any, routings: int, routing: str, squash_kind: str, trace: bool = False) -> tuple[Any, list, list]:
+    """Dynamic routing over û (B, J, N, D). Returns v (B, J, D) and, if `trace`, per-iteration
+    couplings c and agreements û·squash(s), each (B, J, N). The loop is unrolled (R is small)."""
+    b = ops.zeros_like(u_hat[..., 0])
+    cs: list = []
+    ags: list = []
+    v = None
+    for r in range(1, routings + 1):
+        c = ops.softmax(b, axis=1)  # over the output capsules j
+        s = ops.einsum("bjn,bjnd->bjd", c, u_hat)  # s_j = Σ_i c_ij û_j|i
+        v = squash(s, squash_kind)
+        if trace:
+            cs.append(c)
+            ags.append(ops.einsum("bjnd,bjd->bjn", u_hat, v))
+        if r < routings:
+            if routing == "su-unit":
+                b = ops.einsum("bjnd,bjd->bjn", u_hat, s / safe_norm(s)[..., None])
+            else:
+                agree = ops.einsum("bjnd,bjd->bjn", u_hat, v)
+                b = agree if routing == "su" else b + agree
+    return v, cs, ags
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class CapsuleHead(keras.layers.Layer):
+    """Trunk features (B, H, W, C) -> class scores ‖v_j‖ (B, J).
+
+    Input capsules are the feature positions, row-major over (H, W). With `shared` one kernel
+    [C, J·D] serves every position, so any image size works; otherwise the kernel is [N, C, J·D].
+    """
+
+    def __init__(
+        self, num_classes: int, dim: int, routings: int, routing: str, squash: str, shared: bool = True,
+        num_inputs: int | None = None, **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.num_classes, self.dim, self.routings = num_classes, dim, routings
+        self.routing, self.squash, self.shared, self.num_inputs = routing, squash, shared, num_inputs
+
+    def build(self, input_shape: tuple) -> None:
+        c, width = input_shape[-1], self.num_classes * self.dim
+        shape = (c, width) if self.shared else (self.num_inputs, c, width)
+        # zeros: the values always come from capsctl.weights (identical start in every backend)
+        self.kernel = self.add_weight(name="kernel", shape=shape, initializer="zeros")
+
+    def predictions(self, f: Any) -> Any:
+        """Features (B, H, W, C) -> û (B, J, N, D)."""
+        shape = ops.shape(f)
+        u = ops.reshape(f, (shape[0], -1, shape[3]))  # (B, N, C), row-major over (H, W)
+        j, d = self.num_classes, self.dim
+        if self.shared:
+            return ops.einsum("bnc,cjd->bjnd", u, ops.reshape(self.kernel, (-1, j, d)))
+        return ops.einsum("bnc,ncjd->bjnd", u, ops.reshape(self.kernel, (self.num_inputs, -1, j, d)))
+
+    def call(self, f: Any) -> Any:
+        v, _, _ = route(self.predictions(f), self.routings, self.routing, self.squash)
+        return safe_norm(v)
+
+    def trace(self, f: Any, routings: int | None = None) -> tuple[Any, Any, Any]:
+        """Scores (B, J) and the stacked trace: couplings and agreements (B, R, J, N)."""
+        v, cs, ags = route(self.predictions(f), routings or self.routings, self.routing, self.squash, trace=True)
+        return safe_norm(v), ops.stack(cs, axis=1), ops.stack(ags, axis=1)
+
+    def compute_output_shape(self, input_shape: tuple) -> tuple:
+        return (input_shape[0], self.num_classes)
+
+    def get_config(self) -> dict[str, Any]:
+        return {
+            **super().get_config(), "num_classes": self.num_classes, "dim": self.dim, "routings": self.routings,
+            "routing": self.routing, "squash": self.squash, "shared": self.shared, "num_inputs": self.num_inputs,
+        }
+
+
+def Trunk(spec: ModelSpec) -> list[keras.layers.Layer]:  # noqa: N802 (a layer stack, named like the torch module)
+    """The conv/pool stack as Keras layers; conv k is named `trunk_conv{k}` (see _weights)."""
+    layers: list[keras.layers.Layer] = []
+    k = 0
+    for i, layer in enumerate(spec.trunk):
+        if isinstance(layer, ConvLayer):
+            layers.append(keras.layers.Conv2D(
+                layer.filters, layer.kernel, padding="valid", activation="relu", name=f"trunk_conv{k}",
+                kernel_initializer="zeros",
+            ))
+            k += 1
+        else:
+            layers.append(keras.layers.AveragePooling2D(layer.size, name=f"trunk_pool{i}"))
+    return layers
+
+
+def PoolHead(spec: ModelSpec) -> list[keras.layers.Layer]:  # noqa: N802
+    """Global average pool -> Dense(hidden) ReLU -> Dense(J) sigmoid."""
+    return [
+        keras.layers.GlobalAveragePooling2D(name="head_gap"),
+        keras.layers.Dense(spec.pool.hidden, activation="relu", name="head_dense0", kernel_initializer="zeros"),
+        keras.layers.Dense(spec.num_classes, activation="sigmoid", name="head_dense1", kernel_initializer="zeros"),
+    ]
+
+
+def capsule_head(spec: ModelSpec) -> CapsuleHead:
+    c = spec.capsule
+    return CapsuleHead(spec.num_classes, c.dim, c.routings, c.routing, c.squash, c.shared, c.num_inputs, name="head_capsule")
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class CapsNet(keras.Model):
+    """Trunk + head as a functional graph on images (B, H, W, C) of any size -> scores (B, J).
+
+    Its config is just the ModelSpec, so a saved `.keras` file rebuilds from the spec alone and
+    loads with `safe_mode=True` (no code is deserialised).
+    """
+
+    def __init__(self, spec: ModelSpec | dict[str, Any], **kwargs: Any) -> None:
+        spec = spec if isinstance(spec, ModelSpec) else ModelSpec.from_dict(spec)
+        x = inputs = keras.Input(shape=(None, None, spec.in_channels), name="images")
+        for layer in Trunk(spec):
+            x = layer(x)
+        if spec.head == "capsule":
+            outputs = capsule_head(spec)(x)
+        else:
+            for layer in PoolHead(spec):
+                x = layer(x)
+            outputs = x
+        kwargs.setdefault("name", "capsctl")
+        super().__init__(inputs=inputs, outputs=outputs, **kwargs)
+        self.spec = spec
+
+    def get_config(self) -> dict[str, Any]:
+        return {"spec": self.spec.to_dict(), "name": self.name}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], custom_objects: Any = None) -> CapsNet:
+        return cls(**config)
+
+
+def margin_loss(p: Any, y: Any) -> Any:
+    per = y * ops.square(ops.relu(0.9 - p)) + 0.25 * (1.0 - y) * ops.square(ops.relu(p - 0.1))
+    return ops.mean(ops.mean(per, axis=1))

@@ -1,0 +1,86 @@
+"""Keras-native files: a `.keras` archive of the registered `capsctl>CapsNet` model.
+
+The archive's config is just the ModelSpec (CapsNet.get_config), so loading it rebuilds the
+graph from the project's own layer classes with `safe_mode=True` (nothing is deserialised as
+code); its weights are the Keras variables, already channels-last.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from capsctl._atomic import atomic_write_bytes
+from capsctl.errors import CapsctlError
+from capsctl.spec import ModelSpec
+from capsctl.weights import check_weights
+
+from ._env import keras
+from ._layers import PACKAGE, CapsNet
+from ._runner import build
+from ._weights import read
+
+REGISTERED = f"{PACKAGE}>{CapsNet.__name__}"
+
+
+def export_native(spec: ModelSpec, weights: Mapping[str, np.ndarray], path: str) -> None:
+    if not str(path).endswith(".keras"):
+        raise CapsctlError(f"--out {path}: a Keras model file must end in .keras")
+    model = build(spec, weights)
+    # Keras writes the archive itself; write it beside the target, then publish it atomically
+    with tempfile.TemporaryDirectory(dir=Path(path).parent or ".") as tmp:
+        tmp_file = os.path.join(tmp, "model.keras")
+        model.save(tmp_file)
+        atomic_write_bytes(path, Path(tmp_file).read_bytes())
+
+
+def _check_archive(path: str) -> ModelSpec:
+    """Read the archive's config.json without Keras: refuse anything that is not our model."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = set(zf.namelist())
+            if "config.json" not in names or "model.weights.h5" not in names:
+                raise CapsctlError(f"{path}: not a Keras model archive (no config.json / model.weights.h5 inside)")
+            config = json.loads(zf.read("config.json"))
+    except FileNotFoundError:
+        raise CapsctlError(f"{path}: no such file") from None
+    except (zipfile.BadZipFile, EOFError):
+        raise CapsctlError(f"{path}: not a .keras archive, or a truncated one (bad zip structure)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        raise CapsctlError(f"{path}: the archive's config.json is not valid JSON") from None
+    except zipfile.LargeZipFile as e:
+        raise CapsctlError(f"{path}: {e}") from None
+    kind = config.get("registered_name") or config.get("class_name") if isinstance(config, dict) else None
+    if kind != REGISTERED:
+        raise CapsctlError(
+            f"{path}: not a capsctl Keras model (its model class is {kind!r}, expected {REGISTERED!r}); "
+            "only files written by `capsctl export --format keras` can be imported"
+        )
+    inner = config.get("config")
+    spec_dict = inner.get("spec") if isinstance(inner, dict) else None
+    try:
+        return ModelSpec.from_dict(spec_dict)
+    except CapsctlError as e:
+        raise CapsctlError(f"{path}: {e}") from None
+
+
+def import_native(path: str) -> tuple[ModelSpec, dict[str, np.ndarray]]:
+    spec = _check_archive(path)
+    try:
+        model = keras.saving.load_model(path, compile=False, safe_mode=True)
+    except CapsctlError as e:
+        raise CapsctlError(f"{path}: {e}") from None
+    except Exception as e:  # Keras reports bad archives with many types (ValueError, KeyError, OSError...)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CapsctlError(f"{path}: cannot load the Keras model ({first[:300]})") from None
+    if not isinstance(model, CapsNet):
+        raise CapsctlError(f"{path}: loaded a {type(model).__name__}, not a capsctl CapsNet")
+    weights = read(spec, model)
+    check_weights(spec, weights, path)
+    return spec, weights

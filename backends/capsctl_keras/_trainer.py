@@ -1,0 +1,92 @@
+"""One optimiser step at a time, driven by capsctl.training (which owns data, schedule, checkpoints)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from capsctl.backends import OptimConfig
+from capsctl.spec import ModelSpec
+
+from ._env import keras, tf
+from ._layers import margin_loss
+from ._runner import batched_scores, build, predict_fn
+from ._weights import read, table, variables
+
+# XLA for the train step: set from a measurement on this 2-core CPU (see the project notes);
+# the step has two shapes per run (full and last batch), so compiling each once pays off.
+JIT_COMPILE = False
+
+
+class KerasTrainer:
+    def __init__(self, spec: ModelSpec, weights: Mapping[str, np.ndarray], optim: OptimConfig) -> None:
+        self.spec = spec
+        self.model = build(spec, weights)
+        self.vars = variables(self.model)
+        # Keras' epsilon is the paper's "epsilon hat" (added to sqrt(v) after bias correction of
+        # the step size), torch's is added to the bias-corrected sqrt(v̂): they differ by a factor
+        # sqrt(1 - beta2^t) on a 1e-7 term, far below anything training can see.
+        self.opt = keras.optimizers.AdamW(
+            learning_rate=1e-3, weight_decay=optim.weight_decay, beta_1=optim.beta1, beta_2=optim.beta2,
+            epsilon=optim.eps,
+        )
+        self.trainable = list(self.model.trainable_variables)
+        self.opt.build(self.trainable)  # create the slots now, outside the compiled step
+        self._predict = predict_fn(self.model)
+        sig = [
+            tf.TensorSpec((None, None, None, spec.in_channels), tf.float32),
+            tf.TensorSpec((None, spec.num_classes), tf.float32),
+            tf.TensorSpec((), tf.float32),
+        ]
+        self._step = tf.function(self._train_step, input_signature=sig, jit_compile=JIT_COMPILE)
+
+    def _train_step(self, x: tf.Tensor, y: tf.Tensor, lr: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        self.opt.learning_rate.assign(lr)
+        with tf.GradientTape() as tape:
+            p = self.model(x, training=True)
+            loss = margin_loss(p, y)
+        grads = tape.gradient(loss, self.trainable)
+        self.opt.apply_gradients(zip(grads, self.trainable, strict=True))
+        correct = tf.reduce_sum(tf.cast(tf.argmax(p, 1) == tf.argmax(y, 1), tf.int32))
+        return loss, correct
+
+    def step(self, x: np.ndarray, y_onehot: np.ndarray, lr: float) -> tuple[float, int]:
+        loss, correct = self._step(
+            tf.constant(np.ascontiguousarray(x, dtype=np.float32)),
+            tf.constant(np.ascontiguousarray(y_onehot, dtype=np.float32)),
+            tf.constant(lr, tf.float32),
+        )
+        return float(loss), int(correct)
+
+    def scores(self, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
+        return batched_scores(self._predict, images, batch_size, self.spec.num_classes)
+
+    def weights(self) -> dict[str, np.ndarray]:
+        return read(self.spec, self.model)
+
+    # -- optimiser slots, keyed like the torch trainer's so checkpoints move between backends ----
+    def _slots(self, native: str) -> tuple[object, object]:
+        var = self.vars[native]
+        # Keras 3 keeps Adam's slots in lists aligned with the built variable list
+        i = self.opt._get_variable_index(var)
+        return self.opt._momentums[i], self.opt._velocities[i]
+
+    def optimizer_state(self) -> dict[str, np.ndarray]:
+        step = int(self.opt.iterations.numpy())
+        if step == 0:
+            return {}
+        out: dict[str, np.ndarray] = {}
+        for name, (native, _perm) in table(self.spec).items():
+            m, v = self._slots(native)
+            out[f"m.{name}"] = np.asarray(m.numpy(), np.float32)  # type: ignore[attr-defined]
+            out[f"v.{name}"] = np.asarray(v.numpy(), np.float32)  # type: ignore[attr-defined]
+        out["step"] = np.array([float(step)], np.float64)
+        return out
+
+    def load_optimizer_state(self, state: Mapping[str, np.ndarray]) -> None:
+        for name, (native, _perm) in table(self.spec).items():  # identity permutations
+            m, v = self._slots(native)
+            m.assign(state[f"m.{name}"])  # type: ignore[attr-defined]
+            v.assign(state[f"v.{name}"])  # type: ignore[attr-defined]
+        self.opt.iterations.assign(int(state["step"][0]))

@@ -1,0 +1,61 @@
+"""Canonical (channels-last) weights <-> this framework's variables: a name -> permutation table.
+
+Keras kernels are already channels-last ([kh, kw, in, out] convs, [in, out] dense), so every
+permutation is the identity; the table only maps names to Keras variable paths
+(`<layer name>/<variable name>`, layer names fixed in _layers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from capsctl.spec import ModelSpec
+
+
+def table(spec: ModelSpec) -> dict[str, tuple[str, tuple[int, ...] | None]]:
+    rows: dict[str, tuple[str, tuple[int, ...] | None]] = {}
+    for k in range(len(spec.conv_layers)):
+        rows[f"trunk.{k}.kernel"] = (f"trunk_conv{k}/kernel", None)
+        rows[f"trunk.{k}.bias"] = (f"trunk_conv{k}/bias", None)
+    if spec.head == "capsule":
+        rows["head.capsule.kernel"] = ("head_capsule/kernel", None)
+    else:
+        for i in range(2):
+            rows[f"head.dense{i}.kernel"] = (f"head_dense{i}/kernel", None)
+            rows[f"head.dense{i}.bias"] = (f"head_dense{i}/bias", None)
+    return rows
+
+
+def to_native(spec: ModelSpec, weights: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    out = {}
+    for name, (native, perm) in table(spec).items():
+        arr = weights[name]
+        out[native] = np.ascontiguousarray(arr.transpose(np.argsort(perm)) if perm else arr)
+    return out
+
+
+def to_canonical(spec: ModelSpec, native: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    out = {}
+    for name, (key, perm) in table(spec).items():
+        arr = native[key]
+        out[name] = np.ascontiguousarray(arr.transpose(perm) if perm else arr, dtype=np.float32)
+    return out
+
+
+def variables(model: object) -> dict[str, object]:
+    """The model's variables by path; the table's native names index into this."""
+    return {v.path: v for v in model.weights}  # type: ignore[attr-defined]
+
+
+def assign(spec: ModelSpec, model: object, weights: Mapping[str, np.ndarray]) -> None:
+    """Load canonical weights into a built model; every table row must find its variable."""
+    by_path = variables(model)
+    for native, arr in to_native(spec, weights).items():
+        by_path[native].assign(arr)  # type: ignore[attr-defined]
+
+
+def read(spec: ModelSpec, model: object) -> dict[str, np.ndarray]:
+    by_path = variables(model)
+    return to_canonical(spec, {p: np.asarray(v.numpy()) for p, v in by_path.items()})  # type: ignore[attr-defined]

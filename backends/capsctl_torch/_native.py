@@ -1,0 +1,172 @@
+"""PyTorch-native files: a plain `state_dict` (export/import) and an ONNX graph (export only).
+
+The state_dict file is what `torch.save(model.state_dict())` writes for this backend's CapsNet:
+`load_state_dict(strict=True)` accepts it and `torch.load(..., weights_only=True)` reads it
+without unpickling code. The model spec travels inside the state_dict's own `_metadata[""]`
+(the per-module metadata torch already saves and restores under weights_only; load_state_dict
+reads only its "version" key), so `capsctl import` can rebuild the model from the file alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import pickle
+import warnings
+import zipfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from capsctl._atomic import atomic_write_bytes
+from capsctl.errors import CapsctlError
+from capsctl.spec import ModelSpec
+from capsctl.weights import MODEL_FORMAT, check_weights
+
+from ._layers import CapsNet
+from ._runner import build
+from ._weights import table, to_canonical
+
+FORMAT_KEY = "capsctl_format"
+SPEC_KEY = "capsctl_spec"
+
+
+# -- state_dict ------------------------------------------------------------------------------
+
+def export_native(spec: ModelSpec, weights: Mapping[str, np.ndarray], path: str) -> None:
+    state = build(spec, weights).cpu().state_dict()
+    for key, value in state.items():  # plain contiguous tensors, not channels_last views
+        state[key] = value.contiguous()
+    state._metadata[""].update({FORMAT_KEY: MODEL_FORMAT, SPEC_KEY: spec.to_json()})  # type: ignore[attr-defined]
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def import_native(path: str) -> tuple[ModelSpec, dict[str, np.ndarray]]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CapsctlError(f"{path}: no such file") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CapsctlError(f"{path}: not a readable torch state_dict file ({first})") from None
+    if not isinstance(state, Mapping):
+        raise CapsctlError(f"{path}: holds a {type(state).__name__}, not a state_dict")
+    meta = (getattr(state, "_metadata", None) or {}).get("", {})
+    if not isinstance(meta, Mapping) or meta.get(FORMAT_KEY) != MODEL_FORMAT or not isinstance(meta.get(SPEC_KEY), str):
+        raise CapsctlError(
+            f"{path}: not a capsctl torch export (its state_dict carries no capsctl model spec); "
+            "only files written by `capsctl export --format torch` can be imported"
+        )
+    try:
+        spec = ModelSpec.from_json(meta[SPEC_KEY])
+    except CapsctlError as e:
+        raise CapsctlError(f"{path}: {e}") from None
+    names = table(spec)
+    wanted = {native for native, _ in names.values()}
+    for key in state:
+        if key not in wanted:
+            raise CapsctlError(f"{path}: tensor {key!r} is not part of the model its spec describes")
+    native: dict[str, np.ndarray] = {}
+    for key in sorted(wanted):
+        value = state.get(key)
+        if value is None:
+            raise CapsctlError(f"{path}: tensor {key!r} is missing (the spec needs it)")
+        if not isinstance(value, torch.Tensor) or value.dtype != torch.float32:
+            raise CapsctlError(f"{path}: {key!r} is not a float32 tensor")
+        native[key] = value.detach().cpu().numpy()
+    canonical = _canonical_checked(spec, native, path)
+    return spec, canonical
+
+
+def _canonical_checked(spec: ModelSpec, native: dict[str, np.ndarray], path: str) -> dict[str, np.ndarray]:
+    # shapes first in native terms: a transposition of a wrong-rank tensor would fail unhelpfully
+    from capsctl.weights import expected_shapes
+
+    shapes = expected_shapes(spec)
+    for name, (key, perm) in table(spec).items():
+        want = shapes[name] if not perm else tuple(shapes[name][i] for i in np.argsort(perm))
+        if tuple(native[key].shape) != want:
+            raise CapsctlError(f"{path}: tensor {key!r} has shape {list(native[key].shape)}, the spec needs {list(want)}")
+    canonical = to_canonical(spec, native)
+    check_weights(spec, canonical, path)
+    return canonical
+
+
+# -- ONNX ------------------------------------------------------------------------------------
+
+class _ChannelsLast(torch.nn.Module):
+    """The graph takes images (B, H, W, C) like every capsctl interface, and returns scores (B, J)."""
+
+    def __init__(self, net: CapsNet) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images.permute(0, 3, 1, 2))
+
+
+def _fixed_side(spec: ModelSpec) -> int:
+    """Non-shared capsule weights fix N = H'·W': the square image side that gives it."""
+    n = spec.capsule.num_inputs
+    side = spec.min_image_size()
+    while side <= 4096:
+        gh, gw = spec.trunk_grid(side, side)
+        if gh * gw == n:
+            return side
+        if gh * gw > (n or 0):
+            break
+        side += 1
+    raise CapsctlError(f"no square image size gives this model's {n} capsule inputs; ONNX export needs one")
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    # The exporter logs optional-op registrations (torchvision) and deprecation notices on every
+    # run; none concerns the user's model.
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def onnx_bytes(spec: ModelSpec, weights: Mapping[str, np.ndarray]) -> bytes:
+    """The model as ONNX: input `images` (B, H, W, C) float32, output `scores` (B, J).
+
+    Routing is unrolled (R iterations of plain tensor ops). The batch is always dynamic; height
+    and width are dynamic too unless the capsule weights are per-position (then fixed)."""
+    import onnx
+
+    net = _ChannelsLast(build(spec, weights).cpu().eval())
+    dyn: dict[int, object] = {0: torch.export.Dim("batch", min=1)}
+    if spec.head == "pool" or spec.capsule.shared:
+        side = max(spec.min_image_size(), 28)
+        lo = spec.min_image_size()
+        dyn[1] = torch.export.Dim("height", min=lo, max=1 << 14)
+        dyn[2] = torch.export.Dim("width", min=lo, max=1 << 14)
+    else:
+        side = _fixed_side(spec)
+    example = torch.zeros(2, side, side, spec.in_channels)
+    with _quiet_exporter():
+        program = torch.onnx.export(
+            net, (example,), input_names=["images"], output_names=["scores"], dynamo=True,
+            dynamic_shapes={"images": dyn}, verbose=False,
+        )
+    proto = program.model_proto
+    onnx.helper.set_model_props(proto, {FORMAT_KEY: MODEL_FORMAT, SPEC_KEY: spec.to_json()})
+    proto.doc_string = "capsctl model: images (B, H, W, C) float32 in [0, 1] -> class scores (B, J)"
+    return proto.SerializeToString()
+
+
+def export_onnx(spec: ModelSpec, weights: Mapping[str, np.ndarray], path: str) -> None:
+    data = onnx_bytes(spec, weights)
+    atomic_write_bytes(Path(path), data)

@@ -1,0 +1,110 @@
+"""`capsctl bench`."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+
+from ._common import JsonOpt
+
+
+def _split(value: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in value.split(",") if x.strip())
+
+
+def bench(
+    backend: Annotated[str, typer.Option("--backend", "-b", help="Comma-separated backends to measure.")] = "torch,keras",
+    head: Annotated[str, typer.Option(help="Comma-separated heads: capsule, pool.")] = "capsule,pool",
+    batch: Annotated[int, typer.Option(help="Training images per step.")] = 128,
+    windows: Annotated[int, typer.Option(help="Timed windows; every figure is the median over them.")] = 5,
+    steps: Annotated[int, typer.Option(help="Training steps per head in each window.")] = 4,
+    warmup: Annotated[int, typer.Option(help="Untimed training steps per head first.")] = 3,
+    infer_batch: Annotated[int, typer.Option(help="Images per inference batch.")] = 512,
+    infer_batches: Annotated[int, typer.Option(help="Inference batches per head, image size and window.")] = 2,
+    sgemm: Annotated[int, typer.Option(help="Side of the square float32 matmul that measures the machine's rate.")] = 2048,
+    routing: Annotated[bool, typer.Option("--routing/--no-routing", help="Also time a naive loop-over-capsules routing beside ours.")] = True,
+    json_out: JsonOpt = False,
+) -> None:
+    """Measure training and inference speed of each backend × head on this machine.
+
+    Training images/s (28×28, synthetic images fed from memory), inference images/s (28×28 and
+    56×28), the capsule head's share of a training step, peak memory, and the achieved GFLOP/s of a
+    training step (FLOPs counted from the model spec) as a fraction of a large float32 matmul's rate
+    measured in the same run. Each backend runs in its own process. Figures are medians over
+    --windows; ratios compare measurements taken back to back.
+
+    Example: capsctl bench --backend torch --head capsule,pool --json
+    """
+    import json
+
+    from ..benchmark import BenchConfig, run
+
+    cfg = BenchConfig(
+        backends=_split(backend), heads=_split(head), batch=batch, windows=windows, steps=steps, warmup=warmup,
+        infer_batch=infer_batch, infer_batches=infer_batches, sgemm=sgemm, routing=routing,
+    )
+    cfg.validate()
+    from .._console import err
+
+    with err.status("measuring…") as status:
+        report = run(cfg, on_backend=lambda name: status.update(f"measuring {name} (one process per backend)…"))
+    if json_out:
+        typer.echo(json.dumps(report))
+        return
+    _print(report)
+
+
+def _fmt(value: Any, spec: str = ".0f", suffix: str = "") -> str:
+    return "—" if value is None else f"{value:{spec}}{suffix}"
+
+
+def _print(report: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    from .._console import out
+
+    m = report["machine"]
+    load = m.get("loadavg_before")
+    title = f"capsctl bench — {m['cpu']}, {m['cpus']} CPUs" + (f", load {load[0]:.1f}" if load else "")
+    table = Table(title=title)
+    for col in ("backend", "head", "train img/s", "step ms", "GFLOP/s", "of sgemm", "infer 28×28", "infer 56×28"):
+        table.add_column(col, justify="left" if col in ("backend", "head") else "right")
+    notes = []
+    for name, r in report["backends"].items():
+        if not r.get("available"):
+            table.add_row(name, "—", "not available", "", "", "", "", "")
+            notes.append(f"{name}: {r.get('reason', 'not available')}")
+            continue
+        if "error" in r:
+            table.add_row(name, "—", "failed", "", "", "", "", "")
+            notes.append(f"{name}: {r['error']}")
+            continue
+        for head, h in r["heads"].items():
+            inf = h["infer_images_per_s"]
+            table.add_row(
+                name, head, _fmt(h["train_images_per_s"]), _fmt(h["train_step_ms"]), _fmt(h["achieved_gflops"]),
+                _fmt(h["sgemm_fraction"] and 100 * h["sgemm_fraction"], ".0f", "%"),
+                _fmt(inf.get("28x28")), _fmt(inf.get("56x28")),
+            )
+        line = [f"{name}: {r['describe']}", f"sgemm {_fmt(r['sgemm']['gflops'])} GFLOP/s (n={r['sgemm']['n']})"]
+        if "capsule_step_ratio" in r:
+            line.append(f"capsule step = {r['capsule_step_ratio']:.3f} × pool step "
+                        f"(head {r['capsule_head_share']:.1%} of the step, {r['capsule_head_flop_share']:.1%} of the FLOPs)")
+        line.append(f"training peak RSS {_fmt(r['train_peak_rss_mb'])} MB")
+        if "routing" in r:
+            rt = r["routing"]
+            line.append(f"capsule head fwd+bwd at batch {rt['batch']}: naive loop {rt['naive_ms']:.1f} ms, "
+                        f"ours {rt['vectorised_ms']:.1f} ms ({rt['speedup']:.1f}× faster)")
+        notes.append("\n  ".join(line))
+    out.print(table)
+    for note in notes:
+        out.print(note)
+    if report["checks"]:
+        checks = Table(title="targets")
+        for col in ("target", "backend", "measured", "limit", ""):
+            checks.add_column(col)
+        for c in report["checks"]:
+            checks.add_row(c["target"], c["backend"], f"{c['value']:.3g}", f"{c['limit']:.3g}",
+                           "[green]met[/]" if c["met"] else "[red]missed[/]")
+        out.print(checks)

@@ -1,0 +1,200 @@
+"""`capsctl inspect`: look at the routing of one image."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from ._common import BackendOpt, JsonOpt
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from ..inspection import Inspection
+    from ..spec import ModelSpec
+
+
+def inspect(
+    image: Annotated[Path, typer.Argument(help="PNG, JPEG, BMP (GIF, TIFF, WebP, PPM) or a .npy array; any size.")],
+    model: Annotated[Path, typer.Option("--model", "-m", help="A capsctl model file (.safetensors).")],
+    backend: BackendOpt = "torch",
+    invert: Annotated[str, typer.Option(help="auto (invert a light background), yes or no.")] = "auto",
+    resize: Annotated[str | None, typer.Option(help="Resize to HxW pixels first, e.g. 28x28 [own size].")] = None,
+    top: Annotated[int | None, typer.Option(help="Also list the top K classes, and read the order of those K.")] = None,
+    routings: Annotated[int | None, typer.Option(help="Routing iterations at inference [the model's].")] = None,
+    order: Annotated[str, typer.Option(help="Reading order: auto, top-to-bottom or left-to-right.")] = "auto",
+    out: Annotated[Path | None, typer.Option(help="Save a figure of the maps here (.png, .svg or .pdf).")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Show how a capsule model routes one image: class lengths, predictions, convergence, maps.
+
+    The table lists every class's capsule length, the predicted classes (length > 0.5; with
+    --top K also the K longest), and per routing iteration the mean |Δc| of the coupling
+    coefficients and their mean entropy over the classes (ln 10 = 2.30 is uniform, 0 is one-hot).
+    For the predicted classes it gives the reading order of the digits: each class is placed at the
+    centre of mass of its last-iteration evidence max(c·û·v, 0) over the trunk's grid, and the
+    classes are read top to bottom for an image taller than wide, else left to right (--order).
+
+    Input: white digits on black as in MNIST; a light background is inverted (--invert auto).
+    Colour is converted to gray; 8- and 16-bit images are read; a transparent image is put on the
+    background that contrasts with its ink. A .npy file holds one image: (H, W), channels-last
+    (H, W, C) with C = 1, 3 or 4, or (1, H, W); floats in [0, 1] or [0, 255]. A stack of images is
+    refused. With the shared capsule weights any image size works; per-position weights need
+    the training size (--resize).
+
+    Pooling-head models have no routing: inspect shows their class scores and predictions only
+    (--out draws the image and the scores; --routings is refused).
+
+    Example: capsctl inspect two.png --model runs/caps/model.safetensors --out two-maps.png
+    """
+    import json
+
+    from .._console import err
+    from ..backends import get_backend
+    from ..errors import CapsctlError
+    from ..images import load_image, parse_size
+    from ..inspection import inspect_one
+    from ..weights import load_model
+    from ._common import check_range
+
+    check_range("--routings", routings, 1, 100)
+    if out is not None:
+        from .._inspect_figure import check_out_path
+
+        check_out_path(out)
+    size = parse_size(resize) if resize is not None else None
+    spec, weights = load_model(model)
+    check_range("--top", top, 1, spec.num_classes)
+    if spec.in_channels != 1:
+        raise CapsctlError(f"{model}: the model takes {spec.in_channels}-channel images; inspect reads gray images only")
+    if spec.head == "pool" and routings is not None:
+        raise CapsctlError(f"--routings: {model} has a pooling head, which has no routing")
+    img = load_image(image, invert=invert, resize=size, spec=spec)
+    _check_fixed_inputs(spec, img.shape, image, model)
+    runner = get_backend(backend).runner(spec, weights)
+    x = img[None, :, :, None]
+    if spec.head == "capsule":
+        scores, trace = runner.trace(x, routings)
+        res = inspect_one(
+            spec, scores[0], img.shape, trace.couplings[0], trace.agreement[0], top=top, direction=order
+        )
+    else:
+        res = inspect_one(spec, runner.scores(x)[0], img.shape, top=top, direction=order)
+
+    if out is not None:
+        from .._inspect_figure import save_figure
+
+        save_figure(out, img, res, spec, _title(image, model, spec, res, backend))
+        err.print(f"figure: {out}")
+    if json_out:
+        d = {"image": str(image), "model": str(model), "backend": backend, "head": spec.head}
+        if spec.head == "capsule":
+            d["routing"] = spec.capsule.routing
+        d.update(res.to_json())
+        typer.echo(json.dumps(d))
+        return
+    _print_tables(image, spec, res, backend)
+
+
+def _check_fixed_inputs(spec: ModelSpec, shape: tuple[int, ...], image: Path, model: Path) -> None:
+    """Per-position capsule weights fit one grid size only; suggest the --resize that fits."""
+    from ..errors import CapsctlError
+
+    caps = spec.capsule
+    if spec.head != "capsule" or caps.shared:
+        return
+    gh, gw = spec.trunk_grid(shape[0], shape[1])
+    if gh * gw == caps.num_inputs:
+        return
+    hint = ""
+    for side in range(spec.min_image_size(), 1025):
+        sh, sw = spec.trunk_grid(side, side)
+        if sh * sw == caps.num_inputs:
+            hint = f"; try --resize {side}x{side}"
+            break
+    raise CapsctlError(
+        f"{image}: gives a {gh}x{gw} grid, but {model} has per-position capsule weights for {caps.num_inputs} inputs{hint}"
+    )
+
+
+def _title(image: Path, model: Path, spec: ModelSpec, res: Inspection, backend: str) -> str:
+    if spec.head != "capsule":
+        return f"{image.name} — {model} (pooling head, no routing; {backend})"
+    caps = spec.capsule
+    gh, gw = res.grid or (0, 0)
+    return (
+        f"{image.name} — {model}: routing '{caps.routing}', {res.routings} iterations, "
+        f"{gh}×{gw} = {gh * gw} input capsules ({backend})"
+    )
+
+
+def _fmt(x: float | None, digits: int = 4) -> str:
+    if x is None:
+        return "—"
+    return f"{x:.{digits}f}" if x == 0 or abs(x) >= 10 ** -(digits - 1) else f"{x:.1e}"
+
+
+def _print_tables(image: Path, spec: ModelSpec, res: Inspection, backend: str) -> None:
+    import math
+
+    from rich.table import Table
+
+    from .._console import out
+
+    h, w = res.image_shape
+    capsule = res.couplings is not None
+    what = "length" if capsule else "score"
+    where = f", grid {res.grid[0]}×{res.grid[1]}" if res.grid else ""
+    table = Table(title=f"{image} — {h}×{w}{where} ({spec.head} head, {backend})", title_justify="left")
+    if capsule:
+        table.caption = "length = ‖v_j‖; centre = where the class's evidence c·û·v sits in the image (pixels)"
+        table.caption_justify = "left"
+    table.add_column("class", justify="right")
+    table.add_column(what, justify="right")
+    table.add_column("", justify="left", no_wrap=True)  # a bar of the length
+    table.add_column("predicted", justify="center")
+    if res.top:
+        table.add_column(f"top {len(res.top)}", justify="center")
+    if capsule:
+        table.add_column("centre (row, col)", justify="right", no_wrap=True)
+        table.add_column("order", justify="center")
+    order = {j: i + 1 for i, j in enumerate(res.order or [])}
+    for j, s in enumerate(res.scores):
+        predicted = j in res.predicted
+        cells = [str(j), f"{s:.4f}", _bar(float(s)), "[bold green]yes[/]" if predicted else ""]
+        if res.top:
+            cells.append(f"#{res.top.index(j) + 1}" if j in res.top else "")
+        if capsule:
+            centre = res.centres[j] if res.centres is not None and j in res.selected else None
+            cells.append("" if centre is None or math.isnan(centre[0]) else f"{centre[0]:5.1f}, {centre[1]:5.1f}")
+            cells.append(str(order[j]) if j in order else "")
+        table.add_row(*cells, style="bold" if predicted else None)
+    out.print(table)
+    if capsule:
+        it = Table(
+            title=f"routing '{spec.capsule.routing}', {res.routings} iterations — convergence", title_justify="left"
+        )
+        it.add_column("iteration", justify="right")
+        it.add_column("mean |Δc|", justify="right")
+        it.add_column("mean entropy of c", justify="right")
+        it.caption = f"entropy over classes in nats: {math.log(len(res.scores)):.2f} = uniform, 0 = one class per input"
+        it.caption_justify = "left"
+        for r, (dlt, ent) in enumerate(zip(res.deltas, res.entropy, strict=True), start=1):
+            it.add_row(str(r), _fmt(dlt), _fmt(ent, 3))
+        out.print(it)
+    predicted = ", ".join(map(str, res.predicted)) or "none above 0.5"
+    line = f"predicted: {predicted}"
+    if res.top:
+        line += f"; top {len(res.top)}: {', '.join(map(str, res.top))}"
+    if res.order:
+        line += f"; reading order ({res.direction}): {' → '.join(map(str, res.order))}"
+    elif not capsule:
+        line += " (pooling head: no routing to show)"
+    out.print(line)
+
+
+def _bar(x: float, width: int = 10) -> str:
+    n = max(0, min(width, round(x * width)))
+    return "█" * n + "·" * (width - n)

@@ -1,0 +1,50 @@
+"""Shared fixtures. Real data comes from ../shared/data/mnist-5k beside the checkout (as in CI)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _mnist_dir() -> Path:
+    env = os.environ.get("CAPSCTL_TEST_MNIST")
+    return Path(env) if env else ROOT.parent / "shared" / "data" / "mnist-5k"
+
+
+@pytest.fixture(scope="session")
+def mnist_dir() -> Path:
+    """The real mnist-5k folder; its absence is a failure, not a skip."""
+    d = _mnist_dir()
+    if not (d / "t10k-images-idx3-ubyte.gz").exists():
+        pytest.fail(f"real MNIST data not found at {d} (set CAPSCTL_TEST_MNIST)")
+    return d
+
+
+@pytest.fixture(scope="session")
+def mnist(mnist_dir: Path):
+    from capsctl import datasets
+
+    return datasets.Dataset("mnist", mnist_dir)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Never read or fill the user's real cache, and never download during tests.
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "xdg-cache"))
+    monkeypatch.setenv("CAPSCTL_MIRRORS", "http://127.0.0.1:9/")
+    monkeypatch.delenv("CAPSCTL_DATA_DIR", raising=False)
+
+
+def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """Run capsctl in-process; returns (exit code, stdout, stderr)."""
+    from capsctl.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main([str(a) for a in args])
+    captured = capsys.readouterr()
+    code = info.value.code
+    return (code if isinstance(code, int) else 1), captured.out, captured.err

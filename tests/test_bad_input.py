@@ -1,0 +1,703 @@
+"""Bad input to every command: one line on stderr naming the file or option and the problem, exit code
+2, no traceback (unless --debug), and nothing written or half-written.
+
+Most cases run the CLI in-process (fast); a few run it as a subprocess, as a user would.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from capsctl import idx
+from capsctl.errors import CapsctlError
+from capsctl.spec import ModelSpec
+from capsctl.weights import MODEL_FORMAT, encode_safetensors, init_weights
+
+from .conftest import run_cli
+
+TINY = {
+    "trunk": [{"type": "conv", "filters": 4, "kernel": 3}, {"type": "avgpool", "size": 2},
+              {"type": "conv", "filters": 4, "kernel": 3}],
+    "head": "capsule",
+    "capsule": {"dim": 4, "routings": 2},
+}
+FILES = {
+    "train-images": "train-images-idx3-ubyte.gz",
+    "train-labels": "train-labels-idx1-ubyte.gz",
+    "t10k-images": "t10k-images-idx3-ubyte.gz",
+    "t10k-labels": "t10k-labels-idx1-ubyte.gz",
+}
+def idx_bytes(arr: np.ndarray, code: int = 0x08) -> bytes:
+    return struct.pack(">HBB", 0, code, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape) + arr.tobytes()
+
+
+def spec_dict(**changes) -> dict:
+    d = json.loads(json.dumps(TINY))
+    for key, value in changes.items():
+        if key == "capsule":
+            d["capsule"].update(value)
+        else:
+            d[key] = value
+    return d
+
+
+def model_bytes(spec: ModelSpec | None = None, weights=None, meta=None) -> bytes:
+    spec = spec or ModelSpec.from_dict(TINY)
+    weights = init_weights(spec, 0) if weights is None else weights
+    meta = {"format": MODEL_FORMAT, "spec": spec.to_json()} if meta is None else meta
+    return encode_safetensors(weights, meta)
+
+
+def assert_refused(code: int, err: str, *needles: str) -> None:
+    """Exit code 2, exactly one line `error: ...` holding every needle, no traceback."""
+    assert code == 2, err
+    assert err.startswith("error: "), err
+    assert err.count("\n") == 1 and err.endswith("\n"), err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in err, (needle, err)
+
+
+@pytest.fixture(scope="module")
+def arrays(mnist_dir):
+    """64 training and 32 test images of real MNIST (uint8) with their labels."""
+    src = {role: idx.read_idx(mnist_dir / name) for role, name in FILES.items()}
+    return {
+        "train-images": np.ascontiguousarray(src["train-images"][:64]),
+        "train-labels": np.ascontiguousarray(src["train-labels"][:64]),
+        "t10k-images": np.ascontiguousarray(src["t10k-images"][:32]),
+        "t10k-labels": np.ascontiguousarray(src["t10k-labels"][:32]),
+    }
+
+
+def write_set(folder: Path, arrays: dict[str, np.ndarray]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for role, name in FILES.items():
+        (folder / name).write_bytes(gzip.compress(idx_bytes(arrays[role]), mtime=0))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def good_data(tmp_path_factory, arrays) -> Path:
+    return write_set(tmp_path_factory.mktemp("good-data"), arrays)
+
+
+@pytest.fixture(scope="module")
+def good_model(tmp_path_factory) -> Path:
+    p = tmp_path_factory.mktemp("model") / "tiny.safetensors"
+    p.write_bytes(model_bytes())
+    return p
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    """A private user cache, so `data fetch` can be checked to have written nothing."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    return tmp_path / "xdg"
+
+
+def spec_file(tmp_path: Path, d: dict | None = None) -> Path:
+    p = tmp_path / "spec.json"
+    p.write_text(json.dumps(d or TINY))
+    return p
+
+
+# -- broken IDX data -----------------------------------------------------------------------------
+
+def _gz(raw: bytes) -> bytes:
+    return gzip.compress(raw, mtime=0)
+
+
+def _corrupt_deflate(raw: bytes) -> bytes:
+    data = bytearray(_gz(raw))
+    for i in range(20, min(len(data) - 8, 400), 7):  # inside the deflate stream, past the gzip header
+        data[i] ^= 0xA5
+    return bytes(data)
+
+
+# name -> (role to damage, which file gets it, new bytes from the role's array, words the message holds)
+def _idx_mutations():
+    return {
+        "truncated": ("images", lambda a: _gz(idx_bytes(a)[:-100]), ["truncated"]),
+        "wrong magic": ("images", lambda a: _gz(b"\x00\x00\x07\x03" + idx_bytes(a)[4:]), ["bad IDX magic"]),
+        "count too high": ("images", lambda a: _gz(idx_bytes(a)[:4] + struct.pack(">I", len(a) + 5) + idx_bytes(a)[8:]),
+                           ["header says", "truncated"]),
+        "count too low": ("images", lambda a: _gz(idx_bytes(a)[:4] + struct.pack(">I", len(a) - 1) + idx_bytes(a)[8:]),
+                          ["trailing bytes"]),
+        "too many dimensions": ("images", lambda a: _gz(b"\x00\x00\x08\x09" + idx_bytes(a)[4:]), ["dimensions"]),
+        "length mismatch": ("labels", lambda a: _gz(idx_bytes(a[:-3])), ["labels"]),
+        "corrupt gzip": ("images", lambda a: _corrupt_deflate(idx_bytes(a)), ["corrupt gzip"]),
+        "truncated gzip": ("images", lambda a: _gz(idx_bytes(a))[:-30], ["gzip stream is truncated"]),
+        "stray bytes after gzip": ("images", lambda a: _gz(idx_bytes(a)) + b"trailing junk", ["stray bytes"]),
+        "empty file": ("images", lambda a: b"", ["too short"]),
+        "not IDX at all": ("images", lambda a: b"<html>404 Not Found</html>", ["bad IDX magic"]),
+        "float images": ("images", lambda a: _gz(idx_bytes(a.astype(">f4"), 0x0D)), ["unsigned-byte"]),
+        "2-D images": ("images", lambda a: _gz(idx_bytes(a.reshape(len(a), -1))), ["3 dimensions"]),
+        "label out of range": ("labels", lambda a: _gz(idx_bytes(np.where(np.arange(len(a)) == 3, 42, a).astype(np.uint8))),
+                               ["label 42", "out of range"]),
+        "no images": ("images", lambda a: _gz(idx_bytes(a[:0])), ["no images"]),
+        "missing file": ("images", None, ["missing"]),
+    }
+
+
+IDX_CASES = sorted(_idx_mutations())
+
+
+def _damaged_set(tmp_path: Path, arrays, case: str, split: str) -> tuple[Path, str]:
+    role_kind, make, _ = _idx_mutations()[case]
+    folder = write_set(tmp_path / "data", arrays)
+    role = f"{split}-{role_kind}"
+    if make is None:
+        (folder / FILES[role]).unlink()
+    else:
+        (folder / FILES[role]).write_bytes(make(arrays[role]))
+    return folder, FILES[role].removesuffix(".gz")
+
+
+@pytest.mark.parametrize("case", IDX_CASES)
+def test_train_refuses_broken_idx_and_writes_nothing(tmp_path, capsys, arrays, case):
+    data, fname = _damaged_set(tmp_path, arrays, case, "train")
+    run = tmp_path / "runs" / "r"
+    code, _, err = run_cli(["train", "--spec", spec_file(tmp_path), "--data-dir", data, "--epochs", "1",
+                            "--out", run, "-q"], capsys)
+    assert_refused(code, err, fname, *_idx_mutations()[case][2])
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("command", ["eval", "eval-pairs"])
+@pytest.mark.parametrize("case", IDX_CASES)
+def test_eval_refuses_broken_test_idx(tmp_path, capsys, arrays, good_model, case, command):
+    data, fname = _damaged_set(tmp_path, arrays, case, "t10k")
+    code, _, err = run_cli([command, good_model, "--data-dir", data], capsys)
+    assert_refused(code, err, fname, *_idx_mutations()[case][2])
+
+
+@pytest.mark.parametrize("split", ["train", "t10k"])
+@pytest.mark.parametrize("case", IDX_CASES)
+def test_data_fetch_from_refuses_broken_idx_and_copies_nothing(tmp_path, capsys, cache, arrays, case, split):
+    data, fname = _damaged_set(tmp_path, arrays, case, split)
+    code, _, err = run_cli(["data", "fetch", "mnist", "--from", data], capsys)
+    want = ["four IDX files"] if case == "missing file" else [fname, *_idx_mutations()[case][2]]
+    assert_refused(code, err, *want)
+    assert not (cache / "capsctl" / "mnist").exists()
+
+
+def test_data_fetch_from_refuses_train_and_test_of_different_sizes(tmp_path, capsys, cache, arrays):
+    data = write_set(tmp_path / "data", {**arrays, "t10k-images": np.ascontiguousarray(arrays["t10k-images"][:, :20, :20])})
+    code, _, err = run_cli(["data", "fetch", "mnist", "--from", data], capsys)
+    assert_refused(code, err, "--from", "28x28", "20x20")
+    assert not (cache / "capsctl" / "mnist").exists()
+
+
+def test_gzip_bomb_is_refused(tmp_path, capsys, arrays, good_model, monkeypatch):
+    # The real limit is 2 GiB; a smaller one here shows the guard without using 2 GiB of memory.
+    monkeypatch.setattr(idx, "_MAX_BYTES", 1 << 20)
+    data = write_set(tmp_path / "data", arrays)
+    bomb = idx_bytes(np.zeros((3000, 28, 28), np.uint8))  # 2.3 MB that gzip to a few kB
+    (data / FILES["t10k-images"]).write_bytes(_gz(bomb))
+    code, _, err = run_cli(["eval", good_model, "--data-dir", data], capsys)
+    assert_refused(code, err, FILES["t10k-images"], "decompresses to more than")
+
+
+def test_multi_member_gzip_is_read_whole(tmp_path, arrays):
+    raw = idx_bytes(arrays["t10k-images"])
+    p = tmp_path / "t10k-images-idx3-ubyte.gz"
+    p.write_bytes(_gz(raw[:1000]) + _gz(raw[1000:]))  # `cat a.gz b.gz` is a valid gzip file
+    assert np.array_equal(idx.read_idx(p), arrays["t10k-images"])
+
+
+# -- broken weight files --------------------------------------------------------------------------
+
+def _rewrite_header(data: bytes, edit) -> bytes:
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    edit(header)
+    head = json.dumps(header).encode()
+    return struct.pack("<Q", len(head)) + head + data[8 + n :]
+
+
+def _set(name: str, **fields):
+    return lambda h: h[name].update(fields)
+
+
+def _with_weights(edit):
+    spec = ModelSpec.from_dict(TINY)
+    w = init_weights(spec, 0)
+    edit(w)
+    return model_bytes(spec, w)
+
+
+def _nan(w):
+    w["trunk.1.kernel"][0, 0, 0, 0] = np.nan
+
+
+def _inf(w):
+    w["head.capsule.kernel"][1, 2] = -np.inf
+
+
+def _duplicate_key(d: bytes) -> bytes:
+    (n,) = struct.unpack("<Q", d[:8])
+    head = d[8 : 8 + n].rstrip()
+    first = json.loads(head)["trunk.0.bias"]
+    head = head[:-1] + b',"trunk.0.bias":' + json.dumps(first).encode() + b"}"
+    return struct.pack("<Q", len(head)) + head + d[8 + n :]
+
+
+WEIGHT_CASES = {
+    "truncated": (lambda d: d[: len(d) // 2], ["truncated"]),
+    "cut in the header": (lambda d: d[:40], ["past the end"]),
+    "header length past the end": (lambda d: struct.pack("<Q", len(d)) + d[8:], ["past the end"]),
+    "absurd header length": (lambda d: struct.pack("<Q", 2**63) + d[8:], ["header length"]),
+    "header not JSON": (lambda d: d[:8] + b"\xff" + d[9:], ["not valid JSON"]),
+    "header not an object": (lambda d: struct.pack("<Q", 8) + b"[]      ", ["not a JSON object"]),
+    "negative offset": (lambda d: _rewrite_header(d, _set("trunk.0.bias", data_offsets=[-16, 0])), ["negative"]),
+    "reversed offsets": (lambda d: _rewrite_header(d, lambda h: h["trunk.0.bias"].update(
+        data_offsets=h["trunk.0.bias"]["data_offsets"][::-1])), ["reversed"]),
+    "overlapping offsets": (lambda d: _rewrite_header(d, lambda h: h["trunk.1.bias"].update(
+        data_offsets=h["trunk.0.bias"]["data_offsets"])), ["overlap"]),
+    "offset past the end": (lambda d: _rewrite_header(d, lambda h: h["trunk.1.bias"].update(
+        data_offsets=[len(d), len(d) + 16])), ["past the data"]),
+    "stray bytes after the data": (lambda d: d + b"\0" * 16, ["bytes no tensor uses"]),
+    "float64 tensor": (lambda d: _with_weights(lambda w: w.update({"trunk.0.bias": w["trunk.0.bias"].astype(np.float64)})),
+                       ["trunk.0.bias", "float64"]),
+    "unknown dtype": (lambda d: _rewrite_header(d, _set("trunk.0.bias", dtype="F16")), ["unsupported dtype"]),
+    "dtype not a string": (lambda d: _rewrite_header(d, _set("trunk.0.bias", dtype=["F32"])), ["unsupported dtype"]),
+    "shape not a list": (lambda d: _rewrite_header(d, _set("trunk.0.bias", shape="4")), ["invalid shape"]),
+    "bytes do not fit shape": (lambda d: _rewrite_header(d, _set("trunk.0.bias", shape=[5])), ["do not fit shape"]),
+    "spec does not match tensors": (lambda d: model_bytes(
+        meta={"format": MODEL_FORMAT, "spec": ModelSpec.from_dict(spec_dict(head="pool")).to_json()}),
+        ["head.dense0.kernel", "missing"]),
+    "wrong shape for the spec": (lambda d: _with_weights(lambda w: w.update({"trunk.1.bias": np.zeros(5, np.float32)})),
+                                 ["trunk.1.bias", "shape"]),
+    "extra tensor": (lambda d: _with_weights(lambda w: w.update({"head.extra": np.zeros(2, np.float32)})),
+                     ["head.extra", "not part"]),
+    "NaN weights": (lambda d: _with_weights(_nan), ["trunk.1.kernel", "NaN"]),
+    "infinite weights": (lambda d: _with_weights(_inf), ["head.capsule.kernel", "infinite"]),
+    "wrong format": (lambda d: model_bytes(meta={"format": "capsctl/99", "spec": ModelSpec.from_dict(TINY).to_json()}),
+                     ["format"]),
+    "no spec": (lambda d: model_bytes(meta={"format": MODEL_FORMAT}), ["no model spec"]),
+    "spec not JSON": (lambda d: model_bytes(meta={"format": MODEL_FORMAT, "spec": "{nope"}), ["spec", "JSON"]),
+    "spec out of range": (lambda d: model_bytes(meta={"format": MODEL_FORMAT, "spec": json.dumps(spec_dict(capsule={"routings": 0}))}),
+                          ["capsule.routings"]),
+    "metadata not strings": (lambda d: _rewrite_header(d, lambda h: h["__metadata__"].update(spec=1)), ["__metadata__"]),
+    "a tensor named twice": (_duplicate_key, ["trunk.0.bias", "twice"]),
+    "empty file": (lambda d: b"", ["not a safetensors file"]),
+    "a checkpoint, not a model": (lambda d: model_bytes(meta={"format": "capsctl-checkpoint/1", "spec": ModelSpec.from_dict(TINY).to_json()}),
+                                  ["format", "capsctl/1"]),
+}
+
+
+@pytest.mark.parametrize("command", ["eval", "eval-pairs"])
+@pytest.mark.parametrize("case", sorted(WEIGHT_CASES))
+def test_broken_weight_files_are_refused(tmp_path, capsys, good_data, case, command):
+    mutate, words = WEIGHT_CASES[case]
+    model = tmp_path / "model.safetensors"
+    model.write_bytes(mutate(model_bytes()))
+    before = sorted(tmp_path.rglob("*"))
+    code, _, err = run_cli([command, model, "--data-dir", good_data], capsys)
+    assert_refused(code, err, str(model), *words)
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+@pytest.mark.parametrize("command", ["eval", "eval-pairs"])
+def test_missing_model_and_folder_as_model(tmp_path, capsys, good_data, command):
+    code, _, err = run_cli([command, tmp_path / "absent.safetensors", "--data-dir", good_data], capsys)
+    assert_refused(code, err, "absent.safetensors", "no such file")
+    code, _, err = run_cli([command, tmp_path, "--data-dir", good_data], capsys)
+    assert_refused(code, err, str(tmp_path), "is a folder")
+
+
+# -- a model that does not fit the data ------------------------------------------------------------
+
+MISFITS = {
+    "3-channel model": (spec_dict(in_channels=3), ["3-channel", "have 1"]),
+    "3-class model": (spec_dict(num_classes=3), ["label", "only 3 classes"]),
+    "per-position weights of another size": (spec_dict(capsule={"shared": False, "num_inputs": 7}), ["fixed to 7"]),
+    "trunk bigger than the image": (spec_dict(trunk=[{"type": "conv", "filters": 2, "kernel": 15}] * 3), ["too small", "43x43"]),
+}
+
+
+@pytest.mark.parametrize("command", ["eval", "eval-pairs", "train"])
+@pytest.mark.parametrize("case", sorted(MISFITS))
+def test_model_that_does_not_fit_the_data(tmp_path, capsys, good_data, case, command):
+    d, words = MISFITS[case]
+    if command == "train":
+        run = tmp_path / "run"
+        code, _, err = run_cli(["train", "--spec", spec_file(tmp_path, d), "--data-dir", good_data, "--epochs", "1",
+                                "--out", run], capsys)
+        assert_refused(code, err, "model spec", *words)
+        assert not run.exists()
+    else:
+        spec = ModelSpec.from_dict(d)
+        model = tmp_path / "m.safetensors"
+        model.write_bytes(model_bytes(spec))
+        code, _, err = run_cli([command, model, "--data-dir", good_data, "--limit", "8"], capsys)
+        assert_refused(code, err, str(model), *words)
+
+
+# -- options out of range --------------------------------------------------------------------------
+
+TRAIN_OPTIONS = [
+    (["--batch-size", "0"], ["--batch-size", "got 0"]),
+    (["--batch-size", "100000"], ["--batch-size"]),
+    (["--epochs", "-1"], ["--epochs", "got -1"]),
+    (["--epochs", "0"], ["--epochs"]),
+    (["--epochs", "many"], ["--epochs", "valid integer"]),
+    (["--routings", "0"], ["--routings", "got 0"]),
+    (["--routings", "101"], ["--routings"]),
+    (["--routing", "em"], ["--routing", "'em'"]),
+    (["--squash", "tanh"], ["--squash", "'tanh'"]),
+    (["--head", "dense"], ["--head", "'dense'"]),
+    (["--lr", "0"], ["--lr"]),
+    (["--lr", "-1e-3"], ["--lr"]),
+    (["--lr", "nan"], ["--lr"]),
+    (["--lr", "11"], ["--lr"]),
+    (["--shift", "15"], ["--shift"]),
+    (["--weight-decay", "-0.1"], ["--weight-decay"]),
+    (["--seed", "-1"], ["--seed"]),
+    (["--limit", "0"], ["--limit"]),
+    (["--recipe", "magic"], ["recipe", "'magic'"]),
+    (["--schedule", "cosine"], ["--schedule", "'cosine'"]),
+    (["--dataset", "cifar"], ["dataset", "'cifar'"]),
+    (["--backend", "jax"], ["unknown backend", "'jax'"]),
+    (["--no-such-option"], ["No such option", "--no-such-option"]),
+    (["--resume", "elsewhere"], ["--out", "--resume"]),
+]
+
+
+@pytest.mark.parametrize(("args", "words"), TRAIN_OPTIONS, ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_train_options_out_of_range(tmp_path, capsys, good_data, args, words):
+    run = tmp_path / "run"
+    spec = [] if "--head" in args else ["--spec", spec_file(tmp_path)]  # (--spec would override --head)
+    code, _, err = run_cli(["train", *spec, "--data-dir", good_data, "--out", run, *args], capsys)
+    assert_refused(code, err, *words)
+    assert not run.exists()
+
+
+def test_train_file_and_folder_problems(tmp_path, capsys, good_data):
+    spec = spec_file(tmp_path)
+    cases = [
+        (["--spec", tmp_path / "absent.json"], ["--spec", "absent.json", "cannot read"]),
+        (["--spec", tmp_path], ["--spec", "cannot read"]),
+        (["--data-dir", tmp_path / "nowhere"], ["--data-dir", "no such folder"]),
+        (["--data-dir", tmp_path / "empty"], ["--data-dir", "missing"]),
+        (["--resume", tmp_path / "not-a-run"], ["--resume", "nothing to resume"]),
+    ]
+    (tmp_path / "empty").mkdir()
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text('{"head": "capsule",')
+    cases.append((["--spec", bad_json], ["--spec", "bad.json", "not valid JSON"]))
+    binary = tmp_path / "spec.bin"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+    cases.append((["--spec", binary], ["--spec", "spec.bin", "not a text file"]))
+    (tmp_path / "u").mkdir()
+    unknown = spec_file(tmp_path / "u", {**TINY, "heads": 2})
+    cases.append((["--spec", unknown], ["--spec", "unknown field", "'heads'"]))
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    for extra, words in cases:
+        args = ["train", "--data-dir", good_data, "--epochs", "1", "-q"]
+        if "--spec" not in extra:
+            args += ["--spec", spec]
+        if "--resume" not in extra:
+            args += ["--out", tmp_path / "run"]
+        code, _, err = run_cli([*args, *extra], capsys)
+        assert_refused(code, err, *words)
+        assert not (tmp_path / "run").exists()
+    code, _, err = run_cli(["train", "--spec", spec, "--data-dir", good_data, "--out", a_file, "-q"], capsys)
+    assert_refused(code, err, str(a_file), "is a file")
+    assert a_file.read_text() == "x"
+    code, _, err = run_cli(["train", "--spec", spec, "--data-dir", good_data, "--out", a_file / "sub", "-q"], capsys)
+    assert_refused(code, err, "a-file/sub", "cannot create")
+
+
+@pytest.mark.parametrize(
+    ("command", "args", "words"),
+    [
+        ("eval", ["--batch-size", "0"], ["--batch-size"]),
+        ("eval", ["--limit", "0"], ["--limit"]),
+        ("eval", ["--limit", "-5"], ["--limit"]),
+        ("eval", ["--dataset", "cifar"], ["dataset", "'cifar'"]),
+        ("eval", ["--backend", "jax"], ["unknown backend"]),
+        ("eval", ["--data-dir", "/nonexistent/capsctl"], ["--data-dir", "no such folder"]),
+        ("eval-pairs", ["--digits", "1"], ["--digits"]),
+        ("eval-pairs", ["--digits", "11"], ["--digits"]),
+        ("eval-pairs", ["--layout", "diagonal"], ["--layout", "'diagonal'"]),
+        ("eval-pairs", ["--seed", "-1"], ["--seed"]),
+        ("eval-pairs", ["--limit", "0"], ["--limit"]),
+        ("eval-pairs", ["--batch-size", "0"], ["--batch-size"]),
+        ("eval-pairs", ["--backend", "jax"], ["unknown backend"]),
+        ("eval-pairs", ["--json", "--digits", "x"], ["--digits", "valid integer"]),
+    ],
+)
+def test_eval_options_out_of_range(capsys, good_data, good_model, command, args, words):
+    extra = [] if "--data-dir" in args else ["--data-dir", good_data]
+    code, _, err = run_cli([command, good_model, *extra, *args], capsys)
+    assert_refused(code, err, *words)
+
+
+def test_data_fetch_options(tmp_path, capsys, cache):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    for args, words in [
+        (["data", "fetch", "cifar", "--from", tmp_path], ["dataset", "'cifar'"]),
+        (["data", "fetch", "mnist", "--from", tmp_path / "nowhere"], ["--from", "nowhere"]),
+        (["data", "fetch", "mnist", "--from", a_file], ["--from", "a-file"]),
+        (["data", "fetch", "mnist", "--from", tmp_path], ["--from", "four IDX files"]),
+    ]:
+        code, _, err = run_cli(args, capsys)
+        assert_refused(code, err, *words)
+        assert not (cache / "capsctl" / "mnist").exists()
+
+
+# -- backends that are registered but not installed ----------------------------------------------------
+
+def test_backend_module_missing_names_the_extra(capsys, monkeypatch, good_data, good_model, tmp_path):
+    from capsctl import backends
+
+    monkeypatch.setitem(backends.BUILTIN, "ghost", "capsctl_ghost_not_installed:GhostBackend")
+    monkeypatch.setitem(backends.EXTRAS, "ghost", "capsctl[ghost]")
+    for args in (["eval", good_model, "--data-dir", good_data, "--backend", "ghost"],
+                 ["train", "--spec", spec_file(tmp_path), "--data-dir", good_data, "--backend", "ghost",
+                  "--out", tmp_path / "run"]):
+        code, _, err = run_cli(args, capsys)
+        assert_refused(code, err, "'ghost'", "pip install 'capsctl[ghost]'")
+        assert not (tmp_path / "run").exists()
+
+
+def test_framework_not_installed_names_the_extra(capsys, monkeypatch, good_data, good_model, tmp_path):
+    # The torch backend is registered, but torch itself is "not installed": find_spec sees None.
+    monkeypatch.setitem(sys.modules, "torch", None)
+    for args in (["eval-pairs", good_model, "--data-dir", good_data, "--limit", "4"],
+                 ["train", "--spec", spec_file(tmp_path), "--data-dir", good_data, "--out", tmp_path / "run"]):
+        code, _, err = run_cli(args, capsys)
+        assert_refused(code, err, "'torch'", "not installed", "pip install 'capsctl[torch]'")
+        assert not (tmp_path / "run").exists()
+
+
+# -- --debug shows the traceback ---------------------------------------------------------------------
+
+def test_debug_raises_the_error_in_process(tmp_path, good_data):
+    from capsctl.cli import main
+
+    model = tmp_path / "m.safetensors"
+    model.write_bytes(b"\x00" * 4)
+    with pytest.raises(CapsctlError, match="not a safetensors file"):
+        main(["--debug", "eval", str(model), "--data-dir", str(good_data)])
+
+
+def _capsctl(*args, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "capsctl", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=120)
+
+
+def test_subprocess_bad_model_one_line_and_debug_traceback(tmp_path, good_data):
+    model = tmp_path / "m.safetensors"
+    model.write_bytes(model_bytes()[:300])
+    p = _capsctl("eval", model, "--data-dir", good_data, cwd=tmp_path)
+    assert_refused(p.returncode, p.stderr, str(model), "truncated")
+    assert p.stdout == ""
+    p = _capsctl("eval", model, "--data-dir", good_data, "--debug", cwd=tmp_path)
+    assert p.returncode != 0
+    assert "Traceback (most recent call last)" in p.stderr and "CapsctlError" in p.stderr and "truncated" in p.stderr
+
+
+def test_subprocess_train_on_broken_data_writes_nothing(tmp_path, arrays):
+    data, fname = _damaged_set(tmp_path, arrays, "corrupt gzip", "train")
+    spec = spec_file(tmp_path)
+    p = _capsctl("train", "--spec", spec, "--data-dir", data, "--epochs", "1", "--out", tmp_path / "runs" / "a",
+                 cwd=tmp_path)
+    assert_refused(p.returncode, p.stderr, fname, "corrupt gzip")
+    assert not (tmp_path / "runs").exists()
+    p = _capsctl("train", "--batch-size", "0", "--spec", spec, "--data-dir", data, "--out", tmp_path / "runs" / "b",
+                 cwd=tmp_path)
+    assert_refused(p.returncode, p.stderr, "--batch-size")
+    assert not (tmp_path / "runs").exists()
+
+
+# -- damaged checkpoints on --resume --------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, good_data):
+    """A finished 1-epoch run (torch) whose checkpoint the tests below damage in copies."""
+    pytest.importorskip("torch")
+    from capsctl.cli import main
+
+    base = tmp_path_factory.mktemp("run")
+    spec = spec_file(base)
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--spec", str(spec), "--data-dir", str(good_data), "--epochs", "2", "--batch-size", "16",
+              "--limit", "32", "--out", str(base / "run"), "-q"])
+    assert info.value.code == 0
+    return base / "run"
+
+
+def _checkpoint_cases():
+    from capsctl.training import load_checkpoint, save_checkpoint  # noqa: F401 (documents what is damaged)
+
+    def optim_slot(ck):
+        ck.optimizer["m.trunk.0.kernel"] = ck.optimizer["m.trunk.0.kernel"][..., :1]
+
+    def optim_nan(ck):
+        ck.optimizer["v.head.capsule.kernel"] = np.full_like(ck.optimizer["v.head.capsule.kernel"], np.nan)
+
+    def no_step(ck):
+        del ck.optimizer["step"]
+
+    def step_past_epoch(ck):
+        ck.step = 99
+
+    return {
+        "truncated": (None, lambda b: b[: len(b) - 100], ["truncated"]),
+        "optimizer slot of the wrong shape": (optim_slot, None, ["optimizer state m.trunk.0.kernel"]),
+        "NaN in the optimizer": (optim_nan, None, ["optimizer state v.head.capsule.kernel"]),
+        "no optimizer step": (no_step, None, ["optimizer state 'step'"]),
+        "step past the epoch": (step_past_epoch, None, ["step 99", "past the end of an epoch"]),
+        "config not JSON": (None, lambda b: _rewrite_header(b, lambda h: h["__metadata__"].update(config="{")),
+                            ["damaged checkpoint metadata"]),
+        "a model, not a checkpoint": (None, lambda b: model_bytes(), ["format"]),
+    }
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("case", sorted(_checkpoint_cases()))
+def test_resume_refuses_a_damaged_checkpoint_and_changes_nothing(tmp_path, capsys, good_data, trained_run, case):
+    import shutil
+    from dataclasses import replace
+
+    from capsctl.training import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    edit, mutate, words = _checkpoint_cases()[case]
+    ck = load_checkpoint(run)
+    ck = replace(ck, config=replace(ck.config, epochs=3), optimizer=dict(ck.optimizer))
+    if edit is not None:
+        edit(ck)
+    save_checkpoint(run, ck)
+    if mutate is not None:
+        (run / CHECKPOINT_FILE).write_bytes(mutate((run / CHECKPOINT_FILE).read_bytes()))
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    code, _, err = run_cli(["train", "--resume", run, "--data-dir", good_data, "-q"], capsys)
+    assert_refused(code, err, *words)
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+
+
+# -- images (capsctl.images.load_image, and `capsctl inspect` when it is there) ------------------------------
+
+def _png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+
+def _png_bomb(side: int = 100_000) -> bytes:
+    """A valid PNG header claiming side x side 8-bit gray pixels (10 G), with a few bytes of data."""
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    idat = zlib.compress(b"\0" * 1000)
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
+
+
+def _png(tmp_path: Path, name: str, image) -> Path:
+    p = tmp_path / name
+    image.save(p)
+    return p
+
+
+def _image_cases(tmp_path: Path) -> dict[str, tuple[Path, list[str]]]:
+    from PIL import Image
+
+    digit = (np.arange(28 * 28).reshape(28, 28) % 256).astype(np.uint8)
+    good = _png(tmp_path, "good.png", Image.fromarray(digit))
+    data = good.read_bytes()
+    cases = {}
+    for name, content in {
+        "empty.png": b"",
+        "text.png": b"this is not an image\n",
+        "truncated.png": data[: len(data) // 2],
+        "header-only.png": data[:33],
+        "bomb.png": _png_bomb(),
+        "big-but-legal-header.png": _png_bomb(5000),
+    }.items():
+        (tmp_path / name).write_bytes(content)
+    words = {"empty.png": ["empty"], "text.png": ["not an image"], "truncated.png": ["truncated or corrupt"],
+             "header-only.png": ["image"], "bomb.png": ["refused"],
+             "big-but-legal-header.png": ["over the limit"]}
+    for name, w in words.items():
+        cases[name] = (tmp_path / name, w)
+    cases["folder"] = (tmp_path, ["is a folder"])
+    cases["absent.png"] = (tmp_path / "absent.png", ["no such file"])
+    return cases
+
+
+def test_images_bad_files_are_refused_by_the_loader(tmp_path):
+    images = pytest.importorskip("capsctl.images")
+    for name, (path, words) in _image_cases(tmp_path).items():
+        with pytest.raises(CapsctlError) as info:
+            images.load_image(path)
+        msg = str(info.value)
+        assert "\n" not in msg and str(path) in msg, (name, msg)
+        for w in words:
+            assert w in msg, (name, msg)
+
+
+def test_images_odd_but_valid_formats_are_read(tmp_path):
+    images = pytest.importorskip("capsctl.images")
+    from PIL import Image
+
+    ramp = (np.arange(28 * 28).reshape(28, 28) % 200).astype(np.uint8)
+    cases = {
+        "16bit.png": Image.fromarray(ramp.astype(np.uint16) * 257),
+        "palette.png": Image.fromarray(ramp).convert("P"),
+        "rgba.png": Image.fromarray(np.dstack([ramp, ramp, ramp, np.full_like(ramp, 255)]), "RGBA"),
+        "one-by-one.png": Image.fromarray(np.array([[200]], np.uint8)),
+    }
+    for name, im in cases.items():
+        x = images.load_image(_png(tmp_path, name, im), invert="no")
+        assert x.dtype == np.float32 and x.ndim == 2 and np.isfinite(x).all()
+        assert x.min() >= 0.0 and x.max() <= 1.0
+        if name != "one-by-one.png":
+            assert x.shape == (28, 28)
+            assert np.allclose(x, ramp / 255.0, atol=2 / 255), name
+    spec = ModelSpec.from_dict(TINY)
+    with pytest.raises(CapsctlError, match=r"one-by-one\.png.*at least 8"):
+        images.load_image(tmp_path / "one-by-one.png", spec=spec)
+
+
+def _has_command(name: str) -> bool:
+    from capsctl.cli import app
+
+    return any(c.name == name for c in app.registered_commands)
+
+
+@pytest.mark.parametrize("case", ["empty.png", "text.png", "truncated.png", "bomb.png", "folder", "absent.png"])
+def test_inspect_refuses_bad_images_and_writes_no_figure(tmp_path, capsys, good_model, case):
+    if not _has_command("inspect"):
+        pytest.skip("`capsctl inspect` is not in this checkout")
+    path, words = _image_cases(tmp_path)[case]
+    fig = tmp_path / "fig.png"
+    code, _, err = run_cli(["inspect", path, "--model", good_model, "--out", fig], capsys)
+    assert_refused(code, err, str(path), *words)
+    assert not fig.exists()
+
+
+def test_inspect_refuses_a_broken_model_and_an_image_too_small(tmp_path, capsys, good_model):
+    if not _has_command("inspect"):
+        pytest.skip("`capsctl inspect` is not in this checkout")
+    from PIL import Image
+
+    img = _png(tmp_path, "one.png", Image.fromarray(np.array([[200]], np.uint8)))
+    code, _, err = run_cli(["inspect", img, "--model", good_model], capsys)
+    assert_refused(code, err, "one.png", "at least 8")
+    model = tmp_path / "m.safetensors"
+    model.write_bytes(model_bytes()[:-7])
+    code, _, err = run_cli(["inspect", img, "--model", model], capsys)
+    assert_refused(code, err, str(model), "truncated")
+

@@ -1,0 +1,100 @@
+"""`capsctl bench` in a tiny configuration: the JSON report has every field, with sane values.
+
+No timing is asserted (the machine is shared); only that each figure exists and is positive.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from capsctl.benchmark import BenchConfig, checks, peak_rss_mb
+
+from .conftest import run_cli
+
+TINY = ["--batch", "4", "--windows", "2", "--steps", "1", "--warmup", "1", "--infer-batch", "8",
+        "--infer-batches", "1", "--sgemm", "64"]
+
+
+def _check_backend(r: dict, name: str) -> None:
+    assert r["backend"] == name and r["available"] is True and "error" not in r, r
+    assert name in r["describe"]
+    assert r["sgemm"]["n"] == 64 and r["sgemm"]["gflops"] > 0
+    assert set(r["heads"]) == {"capsule", "pool"}
+    for head in r["heads"].values():
+        assert head["train_images_per_s"] > 0 and head["train_step_ms"] > 0
+        assert head["achieved_gflops"] > 0 and head["sgemm_fraction"] > 0
+        assert set(head["infer_images_per_s"]) == {"28x28", "56x28"}
+        assert all(v > 0 for v in head["infer_images_per_s"].values())
+    assert r["capsule_step_ratio"] > 0
+    assert 0 < r["capsule_head_flop_share"] < 0.1  # the head is ~3.4% of the seed model's FLOPs
+    assert 10 < r["train_peak_rss_mb"] < 100_000
+    rt = r["routing"]
+    assert rt["batch"] == 4 and rt["naive_ms"] > 0 and rt["vectorised_ms"] > 0 and rt["speedup"] > 0
+
+
+@pytest.mark.torch
+def test_bench_json_torch(capsys):
+    code, out, _ = run_cli(["bench", "--backend", "torch,nope", *TINY, "--json"], capsys)
+    assert code == 0
+    report = json.loads(out)
+    assert report["config"]["batch"] == 4 and report["config"]["backends"] == ["torch", "nope"]
+    assert report["machine"]["cpus"] >= 1
+    assert report["flops_per_image"]["capsule"]["forward"] == 79_597_408
+    _check_backend(report["backends"]["torch"], "torch")
+    nope = report["backends"]["nope"]
+    assert nope["available"] is False and "unknown backend" in nope["reason"]
+    targets = {(c["target"], c["backend"]) for c in report["checks"]}
+    assert ("capsule step / pool step", "torch") in targets
+    assert all(isinstance(c["met"], bool) for c in report["checks"])
+
+
+@pytest.mark.torch
+def test_bench_table_torch_pool_only(capsys):
+    code, out, _ = run_cli(["bench", "--backend", "torch", "--head", "pool", *TINY, "--windows", "1"], capsys)
+    assert code == 0
+    assert "img/s" in out and "torch" in out and "sgemm" in out and "training peak RSS" in out
+    assert "naive loop" not in out and "capsule step" not in out  # no capsule head: no routing, no ratio
+
+
+@pytest.mark.keras
+@pytest.mark.slow
+def test_bench_json_keras(capsys):
+    code, out, _ = run_cli(["bench", "--backend", "keras", *TINY, "--json"], capsys)
+    assert code == 0
+    _check_backend(json.loads(out)["backends"]["keras"], "keras")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batch", "0"], "--batch"), (["--head", "dense"], "--head"), (["--backend", ","], "--backend"),
+    (["--sgemm", "1"], "--sgemm"),
+])
+def test_bench_bad_options(capsys, args, message):
+    code, _, err = run_cli(["bench", *args], capsys)
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_checks_compare_backends_and_limits():
+    report = {
+        "a": {"available": True, "capsule_step_ratio": 1.05, "train_peak_rss_mb": 900.0,
+              "heads": {"capsule": {"sgemm_fraction": 0.8, "train_images_per_s": 600.0}}},
+        "b": {"available": True, "capsule_step_ratio": 1.2, "train_peak_rss_mb": 2000.0,
+              "heads": {"capsule": {"sgemm_fraction": 0.95, "train_images_per_s": 500.0}}},
+        "c": {"available": False, "reason": "not installed"},
+    }
+    rows = {(r["target"], r["backend"]): r for r in checks(report)}
+    assert rows[("capsule step / pool step", "a")]["met"] is True
+    assert rows[("capsule step / pool step", "b")]["met"] is False
+    assert rows[("capsule training FLOP rate / sgemm rate", "a")]["met"] is False
+    assert rows[("capsule training FLOP rate / sgemm rate", "b")]["met"] is True
+    assert rows[("training peak RSS (MB)", "b")]["met"] is False
+    both = rows[("backends' training img/s, fastest / slowest (capsule)", "a,b")]
+    assert both["value"] == pytest.approx(1.2) and both["met"] is False
+    assert not any(r["backend"] == "c" for r in rows.values())
+
+
+def test_config_defaults_match_the_issue():
+    cfg = BenchConfig()
+    assert cfg.batch == 128 and cfg.infer_batch == 512 and set(cfg.backends) == {"torch", "keras"}
+    assert (peak_rss_mb() or 1.0) > 0

@@ -1,0 +1,202 @@
+"""`capsctl experiment`: plumbing on a tiny real run, skip / resume, results files, overlap composites."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from capsctl import experiment as ex
+from capsctl.composites import OVERLAP_SHIFT, make_composites
+from capsctl.errors import CapsctlError
+
+from .conftest import run_cli
+
+TINY = dict(limit=120, eval_limit=60)
+
+
+# -- overlap composites (no framework) -------------------------------------------------
+
+def _digits(n: int = 40, seed: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x = (rng.random((n, 28, 28, 1)) * (rng.random((n, 28, 28, 1)) > 0.7)).astype(np.float32)
+    return x, rng.integers(0, 10, n).astype(np.int64)
+
+
+def test_overlap_shapes_labels_and_pixelwise_max() -> None:
+    x, y = _digits()
+    c = make_composites(x, y, digits=2, layout="overlap", seed=3)
+    s = OVERLAP_SHIFT
+    assert c.images.shape == (len(c.labels), 28 + 2 * s, 28 + 2 * s, 1) and c.images.dtype == np.float32
+    assert np.all(c.labels[:, 0] != c.labels[:, 1])
+    # replay the documented protocol independently and rebuild each canvas by hand
+    rng = np.random.default_rng(3)
+    perm = rng.permutation(len(x))
+    offsets = rng.integers(0, 2 * s + 1, size=(len(x), 2, 2))
+    keep = np.flatnonzero(y != y[perm])
+    assert np.array_equal(c.labels, np.stack([y[keep], y[perm][keep]], 1))
+    for m, i in enumerate(keep):
+        canvas = np.zeros((28 + 2 * s, 28 + 2 * s, 1), np.float32)
+        for j, src in enumerate((i, perm[i])):
+            r0, c0 = offsets[i, j]
+            window = canvas[r0 : r0 + 28, c0 : c0 + 28]
+            canvas[r0 : r0 + 28, c0 : c0 + 28] = np.maximum(window, x[src])
+        np.testing.assert_array_equal(c.images[m], canvas)
+        # the max never exceeds the brightest digit pixel and keeps every digit's ink
+        assert c.images[m].max() <= max(x[i].max(), x[perm[i]].max())
+        assert c.images[m].sum() >= max(x[i].sum(), x[perm[i]].sum()) - 1e-4
+
+
+def test_overlap_is_deterministic_by_seed() -> None:
+    x, y = _digits()
+    a = make_composites(x, y, layout="overlap", seed=7)
+    b = make_composites(x, y, layout="overlap", seed=7)
+    other = make_composites(x, y, layout="overlap", seed=8)
+    np.testing.assert_array_equal(a.images, b.images)
+    np.testing.assert_array_equal(a.labels, b.labels)
+    assert a.images.shape != other.images.shape or not np.array_equal(a.images, other.images)
+    three = make_composites(x, y, digits=3, layout="overlap", seed=7, limit=5)
+    assert three.images.shape == (5, 36, 36, 1) and three.labels.shape == (5, 3)
+
+
+# -- option parsing --------------------------------------------------------------------
+
+def test_parse_ints_and_names() -> None:
+    assert ex.parse_ints("0, 1,2", "--seeds") == [0, 1, 2]
+    assert ex.parse_ints("1-3,8", "--iterations", 1, 8) == [1, 2, 3, 8]
+    with pytest.raises(CapsctlError, match="--seeds"):
+        ex.parse_ints("a", "--seeds")
+    with pytest.raises(CapsctlError, match="outside"):
+        ex.parse_ints("0,9", "--iterations", 1, 8)
+    with pytest.raises(CapsctlError, match="unknown value 'dense'"):
+        ex.parse_names("capsule,dense", "--heads", ex.HEADS)
+
+
+def test_run_names_say_what_changed(tmp_path: Path) -> None:
+    a = ex.make_job(tmp_path, "torch", "mnist", "default", "capsule", 1, None, ex.Overrides())
+    b = ex.make_job(tmp_path, "torch", "mnist", "seed", "capsule", 1, None, ex.Overrides(shift=0, routing="su-unit"))
+    assert a.run.name == "torch-default-capsule-s1"
+    assert b.run.name == "torch-seed-capsule-shift0-su-unit-s1"
+    assert b.config.shift == 0 and b.spec.capsule.routing == "su-unit" and b.config.epochs == 10
+
+
+# -- a tiny real run (torch) -------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_pairs(tmp_path_factory: pytest.TempPathFactory, mnist_dir: Path) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("pairs")
+    plan = ex.PairsPlan(backend="torch", dataset="mnist", data_dir=str(mnist_dir), recipe="default", seeds=(0,),
+                        overrides=ex.Overrides(epochs=1), command="capsctl experiment pairs ...", **TINY)
+    return out, ex.run_pairs(plan, out, show_progress=False)
+
+
+@pytest.mark.torch
+def test_pairs_writes_results(tiny_pairs: tuple[Path, dict]) -> None:
+    out, r = tiny_pairs
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk["summary"] == json.loads(json.dumps(r["summary"]))
+    assert r["kind"] == "pairs" and r["train_images"] == 120 and r["seeds"] == [0]
+    assert [(m["head"], m["seed"], m["status"]) for m in r["models"]] == [("capsule", 0, "trained"), ("pool", 0, "trained")]
+    params = {m["head"]: m["parameters"] for m in r["models"]}
+    assert params == {"capsule": 279_488, "pool": 276_810}
+    for m in r["models"]:
+        assert set(m["tests"]) == set(ex.ALL_TESTS)
+        assert m["tests"]["test"]["n"] == 60 and m["tests"]["vertical3"]["n"] == 60
+        for t in m["tests"].values():
+            assert 0 <= t["confident_accuracy"] <= t["accuracy"] <= 1
+        assert len(m["curve"]) == 1 and m["train_seconds"] > 0
+        assert (out / m["run"] / "model.safetensors").exists()
+    s = r["summary"]["capsule"]["tests"]["vertical"]
+    assert s["accuracy"][1] == 0.0 and s["accuracy"][0] == r["models"][0]["tests"]["vertical"]["accuracy"]
+    md = (out / "results.md").read_text()
+    assert "| capsule | vertical pairs |" in md and "279,488" in md and "![curves](curves.png)" in md
+    for png in ("curves.png", "accuracy.png"):
+        data = (out / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) < 200_000
+
+
+@pytest.mark.torch
+def test_pairs_rerun_skips_finished_models(tiny_pairs: tuple[Path, dict], mnist_dir: Path, capsys) -> None:
+    out, first = tiny_pairs
+    model = out / first["models"][0]["run"] / "model.safetensors"
+    before = model.stat().st_mtime_ns
+    code, stdout, _ = run_cli(["experiment", "pairs", "--data-dir", mnist_dir, "--epochs", "1", "--seeds", "0",
+                               "--limit", TINY["limit"], "--eval-limit", TINY["eval_limit"], "--out", out, "-q"], capsys)
+    assert code == 0, stdout
+    r = json.loads((out / "results.json").read_text())
+    assert [m["status"] for m in r["models"]] == ["skipped", "skipped"]
+    assert model.stat().st_mtime_ns == before
+    assert [m["tests"] for m in r["models"]] == [m["tests"] for m in first["models"]]
+    assert "--limit 120" in r["command"] and "capsctl experiment pairs" in r["command"]
+    # the same folder with other settings is refused, not silently mixed
+    code, _, err = run_cli(["experiment", "pairs", "--data-dir", mnist_dir, "--epochs", "2", "--seeds", "0",
+                            "--limit", TINY["limit"], "--out", out, "-q"], capsys)
+    assert code == 2 and "another epochs" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.torch
+def test_unfinished_run_is_resumed(tmp_path: Path, mnist) -> None:
+    from capsctl.backends import get_backend
+    from capsctl.training import read_metrics
+
+    job = ex.make_job(tmp_path, "torch", "mnist", "default", "pool", 0, 64, ex.Overrides(epochs=2))
+    backend = get_backend("torch")
+    train, test = mnist.train(), mnist.test()
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_first_epoch(kind: str, info: dict) -> None:
+        if kind == "epoch":
+            raise Stop
+
+    assert ex.run_state(job) == "new"
+    with pytest.raises(Stop):
+        ex.ensure_trained(backend, job, train, test, stop_after_first_epoch)
+    assert ex.run_state(job) == "partial"
+    assert ex.ensure_trained(backend, job, train, test) == "resumed"
+    assert [r["epoch"] for r in read_metrics(job.run)] == [1, 2]
+    assert ex.run_state(job) == "done"
+    assert ex.ensure_trained(backend, job, train, test) == "skipped"
+
+
+@pytest.mark.torch
+def test_ablate_and_report(tmp_path: Path, tiny_pairs: tuple[Path, dict], mnist_dir: Path, capsys) -> None:
+    out = tmp_path / "ablate"
+    code, stdout, err = run_cli(["experiment", "ablate", "--data-dir", mnist_dir, "--routing", "su", "--squash", "sabour",
+                                 "--iterations", "1", "--eval-iterations", "1,3,5", "--epochs", "1",
+                                 "--limit", "64", "--eval-limit", "40", "--out", out, "-q"], capsys)
+    assert code == 0, err
+    r = json.loads((out / "results.json").read_text())
+    (v,) = r["variants"]
+    assert (v["routing"], v["squash"]) == ("su", "sabour")
+    assert [e["routings"] for e in v["trained"]] == [1]  # the model at 3 is trained for scoring, not listed
+    assert [e["routings"] for e in v["evaluated"]] == [1, 3, 5]
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["torch-default-capsule-su-sabour-r1-s0",
+                                                                  "torch-default-capsule-su-sabour-r3-s0"]
+    assert (out / "ablation.png").read_bytes()[:4] == b"\x89PNG"
+
+    doc = tmp_path / "docs" / "RESULTS.md"
+    code, _, err = run_cli(["experiment", "report", tiny_pairs[0], out, "--out", doc], capsys)
+    assert code == 0, err
+    text = doc.read_text()
+    assert "capsctl experiment ablate" in text and "do not edit by hand" in text
+    assert "seed article capsule" in text and "## Not run here" in text
+    assert (doc.parent / "results" / tiny_pairs[0].name / "curves.png").exists()
+    assert f"results/{out.name}/ablation.png" in text
+
+
+def test_bad_options_exit_2(tmp_path: Path, capsys) -> None:
+    for args, needle in (
+        (["experiment", "pairs", "--seeds", "x", "--out", tmp_path], "--seeds"),
+        (["experiment", "pairs", "--heads", "dense", "--out", tmp_path], "--heads"),
+        (["experiment", "pairs", "--recipe", "fast", "--out", tmp_path], "recipe"),
+        (["experiment", "ablate", "--routing", "em", "--out", tmp_path], "--routing"),
+        (["experiment", "report", tmp_path / "nothing", "--out", tmp_path / "R.md"], "results.json"),
+    ):
+        code, _, err = run_cli(args, capsys)
+        assert code == 2, args
+        assert needle in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "R.md").exists()

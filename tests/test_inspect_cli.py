@@ -1,0 +1,191 @@
+"""`capsctl inspect` end to end: table, --json, --out, pooling head, and bad input -> exit 2."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from capsctl.spec import ModelSpec
+from capsctl.weights import init_weights, save_model
+
+from .conftest import run_cli
+from .test_images import huge_png
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Untrained models (no training needed to look at the routing), capsule kernel scaled up so
+    the couplings move visibly."""
+    d = tmp_path_factory.mktemp("models")
+    out = {}
+    caps = ModelSpec()
+    w = init_weights(caps, 0)
+    w["head.capsule.kernel"] *= 6.0
+    save_model(d / "caps.safetensors", caps, w)
+    out["caps"] = d / "caps.safetensors"
+    pool = ModelSpec(head="pool")
+    save_model(d / "pool.safetensors", pool, init_weights(pool, 0))
+    out["pool"] = d / "pool.safetensors"
+    fixed = ModelSpec().with_capsule(shared=False, num_inputs=64)
+    save_model(d / "fixed.safetensors", fixed, init_weights(fixed, 0))
+    out["fixed"] = d / "fixed.safetensors"
+    return out
+
+
+@pytest.fixture()
+def two_digits(tmp_path: Path) -> Path:
+    """Black ink on white, 56x28: a bar on top and a box below (inverted automatically)."""
+    a = np.full((56, 28), 255, np.uint8)
+    a[4:24, 12:16] = 0
+    a[32:52, 6:22] = 0
+    a[36:48, 10:18] = 255
+    Image.fromarray(a).save(tmp_path / "two.png")
+    return tmp_path / "two.png"
+
+
+@pytest.mark.torch
+def test_json_couplings_sum_to_one_for_every_input_and_iteration(models, two_digits, capsys):
+    code, out, err = run_cli(["inspect", two_digits, "--model", models["caps"], "--json", "--top", "2"], capsys)
+    assert code == 0, err
+    d = json.loads(out)
+    assert d["image_shape"] == [56, 28] and d["grid"] == [22, 8] and d["head"] == "capsule"
+    c, a = np.array(d["couplings"]), np.array(d["agreement"])
+    assert c.shape == a.shape == (3, 10, 22 * 8)
+    np.testing.assert_allclose(c.sum(axis=1), 1.0, atol=1e-5)
+    assert len(d["lengths"]) == 10 and all(0 <= x < 1 for x in d["lengths"])
+    assert d["predicted"] == [j for j in np.argsort(d["lengths"])[::-1].tolist() if d["lengths"][j] > 0.5]
+    assert len(d["top"]) == 2 and sorted(d["order"]) == sorted(d["top"])
+    assert d["direction"] == "top-to-bottom"
+    assert [it["iteration"] for it in d["iterations"]] == [1, 2, 3]
+    assert d["iterations"][0]["mean_abs_delta"] is None and d["iterations"][1]["mean_abs_delta"] > 0
+
+
+@pytest.mark.torch
+def test_routings_override_and_table(models, two_digits, capsys):
+    code, out, err = run_cli(["inspect", two_digits, "--model", models["caps"], "--routings", "5", "--json"], capsys)
+    assert code == 0, err
+    d = json.loads(out)
+    assert d["routings"] == 5 and np.array(d["couplings"]).shape[0] == 5
+    code, out, err = run_cli(["inspect", two_digits, "--model", models["caps"], "--top", "2"], capsys)
+    assert code == 0, err
+    print(out)
+    assert "mean |Δc|" in out and "mean entropy" in out and "reading order (top-to-bottom)" in out
+    for j in range(10):
+        assert f"│ {j:>5} │" in out  # one row per class
+    assert out.count("#1") == 1 and out.count("#2") == 1
+
+
+@pytest.mark.torch
+def test_figure_is_written_atomically(models, two_digits, tmp_path, capsys):
+    fig = tmp_path / "figs" / "maps.png"
+    fig.parent.mkdir()
+    code, _, err = run_cli(["inspect", two_digits, "--model", models["caps"], "--top", "2", "--out", fig], capsys)
+    assert code == 0, err
+    data = fig.read_bytes()
+    assert data.startswith(b"\x89PNG") and len(data) > 10_000
+    assert [p.name for p in fig.parent.iterdir()] == ["maps.png"]  # no temporary left behind
+    with Image.open(fig) as im:
+        assert im.size[0] > 600 and im.size[1] > 600
+
+
+@pytest.mark.torch
+def test_pooling_head_shows_scores_only(models, two_digits, tmp_path, capsys):
+    code, out, err = run_cli(["inspect", two_digits, "--model", models["pool"], "--json"], capsys)
+    assert code == 0, err
+    d = json.loads(out)
+    assert d["head"] == "pool" and d["couplings"] is None and d["order"] is None and d["routings"] == 0
+    assert len(d["lengths"]) == 10
+    code, out, err = run_cli(["inspect", two_digits, "--model", models["pool"], "--out", tmp_path / "p.png"], capsys)
+    assert code == 0, err
+    assert "pooling head: no routing" in out and (tmp_path / "p.png").exists()
+    code, _, err = run_cli(["inspect", two_digits, "--model", models["pool"], "--routings", "3"], capsys)
+    assert code == 2 and "pooling head" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.torch
+def test_per_position_weights_need_the_training_size(models, two_digits, capsys):
+    code, _, err = run_cli(["inspect", two_digits, "--model", models["fixed"]], capsys)
+    assert code == 2 and "try --resize 28x28" in err
+    code, out, err = run_cli(["inspect", two_digits, "--model", models["fixed"], "--resize", "28x28", "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["grid"] == [8, 8]
+
+
+def _bad_inputs(tmp: Path) -> dict[str, tuple[Path, str]]:
+    (tmp / "notes.png").write_text("not an image")
+    (tmp / "empty.png").write_bytes(b"")
+    huge_png(tmp / "huge.png")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (64, 64), dtype=np.uint8)).save(tmp / "full.png")
+    data = (tmp / "full.png").read_bytes()
+    (tmp / "cut.png").write_bytes(data[: len(data) // 2])
+    np.save(tmp / "stack.npy", np.zeros((5, 28, 28), np.float32))
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(tmp / "tiny.png")
+    return {
+        "not an image": (tmp / "notes.png", "not an image"),
+        "empty": (tmp / "empty.png", "empty file"),
+        "20000x20000": (tmp / "huge.png", "400,000,000 pixels"),
+        "truncated": (tmp / "cut.png", "truncated or corrupt"),
+        "3-D array": (tmp / "stack.npy", "3-D array"),
+        "too small": (tmp / "tiny.png", "too small"),
+    }
+
+
+@pytest.mark.parametrize("case", ["not an image", "empty", "20000x20000", "truncated", "3-D array", "too small"])
+def test_bad_images_give_one_line_and_exit_2(models, tmp_path, capsys, case):
+    path, message = _bad_inputs(tmp_path)[case]
+    code, out, err = run_cli(["inspect", path, "--model", models["caps"]], capsys)
+    assert code == 2 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {path}") and message in lines[0]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--resize", "big"], "--resize"),
+        (["--top", "0"], "--top"),
+        (["--top", "11"], "--top"),
+        (["--routings", "0"], "--routings"),
+        (["--invert", "maybe"], "--invert"),
+        (["--order", "sideways"], "--order"),
+        (["--out", "fig.gif"], "must end in"),
+        (["--out", "no/such/folder/fig.png"], "does not exist"),
+        (["--backend", "jax"], "unknown backend"),
+    ],
+)
+def test_bad_options_give_one_line_and_exit_2(models, two_digits, tmp_path, capsys, monkeypatch, extra, message):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(["inspect", two_digits, "--model", models["caps"], *extra], capsys)
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1 and message in err
+    assert not (tmp_path / "fig.gif").exists()
+
+
+def test_missing_model_is_one_line(two_digits, tmp_path, capsys):
+    code, _, err = run_cli(["inspect", two_digits, "--model", tmp_path / "none.safetensors"], capsys)
+    assert code == 2 and "none.safetensors" in err and len(err.strip().splitlines()) == 1
+
+
+def test_help_documents_the_decisions(capsys):
+    code, out, _ = run_cli(["inspect", "--help"], capsys)
+    assert code == 0
+    text = " ".join(out.split())
+    assert "Pooling-head models have no routing" in text and "stack of images is refused" in text
+
+
+@pytest.mark.keras
+def test_keras_json_agrees_with_torch(models, two_digits, capsys):
+    args = ["inspect", two_digits, "--model", models["caps"], "--json", "--top", "2"]
+    code, out_t, err = run_cli([*args, "--backend", "torch"], capsys)
+    assert code == 0, err
+    code, out_k, err = run_cli([*args, "--backend", "keras"], capsys)
+    assert code == 0, err
+    t, k = json.loads(out_t), json.loads(out_k)
+    np.testing.assert_allclose(k["lengths"], t["lengths"], atol=1e-4)
+    np.testing.assert_allclose(k["couplings"], t["couplings"], atol=1e-4)
+    assert k["order"] == t["order"] and k["top"] == t["top"]

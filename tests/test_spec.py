@@ -1,0 +1,92 @@
+import json
+
+import pytest
+
+from capsctl.errors import CapsctlError
+from capsctl.spec import AvgPoolLayer, ConvLayer, ModelSpec
+from capsctl.weights import expected_shapes, parameter_count
+
+
+def test_defaults_are_the_seed_experiment():
+    spec = ModelSpec()
+    d = json.loads(spec.to_json())
+    assert d == {
+        "in_channels": 1,
+        "num_classes": 10,
+        "trunk": [
+            {"type": "conv", "filters": 64, "kernel": 3},
+            {"type": "conv", "filters": 64, "kernel": 3},
+            {"type": "avgpool", "size": 2},
+            {"type": "conv", "filters": 128, "kernel": 3},
+            {"type": "conv", "filters": 128, "kernel": 3},
+        ],
+        "head": "capsule",
+        "capsule": {"dim": 16, "routings": 3, "routing": "su", "squash": "su", "shared": True, "num_inputs": None},
+        "pool": {"hidden": 128},
+    }
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        ModelSpec(),
+        ModelSpec(head="pool"),
+        ModelSpec().with_capsule(routing="sabour", squash="sabour", routings=5),
+        ModelSpec().with_capsule(shared=False, num_inputs=64),
+        ModelSpec(in_channels=3, num_classes=7, trunk=(ConvLayer(8, 5), AvgPoolLayer(3), ConvLayer(4))),
+    ],
+)
+def test_json_round_trip(spec):
+    again = ModelSpec.from_json(spec.to_json())
+    assert again == spec
+    assert again.to_json() == spec.to_json()
+
+
+def test_parameter_counts_match_the_seed():
+    # trunk 259,008 + capsule W 128x160 / pool dense 128x128+128 + 128x10+10
+    assert parameter_count(ModelSpec()) == 279_488
+    assert parameter_count(ModelSpec(head="pool")) == 276_810
+
+
+def test_shapes_and_grid():
+    spec = ModelSpec()
+    assert spec.trunk_grid(28, 28) == (8, 8)
+    assert spec.trunk_grid(56, 28) == (22, 8)
+    assert spec.min_image_size() == 14
+    assert spec.trunk_grid(14, 14) == (1, 1)
+    shapes = expected_shapes(spec)
+    assert shapes["trunk.0.kernel"] == (3, 3, 1, 64)
+    assert shapes["trunk.3.kernel"] == (3, 3, 128, 128)
+    assert shapes["head.capsule.kernel"] == (128, 160)
+    assert expected_shapes(spec.with_capsule(shared=False, num_inputs=64))["head.capsule.kernel"] == (64, 128, 160)
+    with pytest.raises(CapsctlError, match="too small"):
+        spec.trunk_grid(13, 28)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('{"head": "dense"}', "head must be one of"),
+        ('{"capsule": {"routing": "em"}}', "capsule.routing"),
+        ('{"capsule": {"squash": "x"}}', "capsule.squash"),
+        ('{"capsule": {"routings": 0}}', "capsule.routings"),
+        ('{"capsule": {"dim": -1}}', "capsule.dim"),
+        ('{"capsule": {"shared": false}}', "num_inputs is required"),
+        ('{"capsule": {"colour": 1}}', "colour"),
+        ('{"trunk": [{"type": "maxpool", "size": 2}]}', "unknown trunk layer type"),
+        ('{"trunk": [{"type": "conv", "filters": 0, "kernel": 3}]}', "trunk\\[0\\].filters"),
+        ('{"num_classes": true}', "num_classes"),
+        ('{"extra": 1}', "unknown field"),
+        ("[1, 2]", "JSON object"),
+        ("{not json", "not valid JSON"),
+    ],
+)
+def test_validation_names_the_bad_field(text, message):
+    with pytest.raises(CapsctlError, match=message):
+        ModelSpec.from_json(text)
+
+
+def test_spec_is_frozen():
+    spec = ModelSpec()
+    with pytest.raises(AttributeError):
+        spec.head = "pool"  # type: ignore[misc]
