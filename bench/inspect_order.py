@@ -3,6 +3,7 @@
 For vertical and horizontal 2-digit composites of the test set (capsctl.composites, the
 paired-digit protocol), take the composites whose top-2 set is right and count those whose
 reading order from inspect's logic (capsctl.inspection) equals the placement order.
+--digits 3 does the same for 3-digit composites (top-3 sets).
 
     python bench/inspect_order.py RUN/model.safetensors --data-dir ../shared/data/mnist-5k [--limit 200]
 
@@ -32,13 +33,14 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=50)
+    ap.add_argument("--digits", type=int, default=2, help="digits per composite (the set is the top k)")
     args = ap.parse_args()
 
     spec, weights = load_model(args.model)
     runner = get_backend(args.backend).runner(spec, weights)
     test = datasets.load(args.dataset, args.data_dir).test()
     for layout in ("vertical", "horizontal"):
-        comp = make_composites(test.images, test.labels, digits=2, layout=layout, seed=args.seed, limit=args.limit)
+        comp = make_composites(test.images, test.labels, digits=args.digits, layout=layout, seed=args.seed, limit=args.limit)
         scores, cs, ags = [], [], []
         for start in range(0, len(comp.images), args.batch_size):
             s, tr = runner.trace(comp.images[start : start + args.batch_size])
@@ -50,7 +52,7 @@ def main() -> None:
         for weighting in WEIGHTINGS:
             set_right = order_right = 0
             for i, labels in enumerate(comp.labels):
-                res = inspect_one(spec, sc[i], shape, c[i], a[i], top=2, weighting=weighting)
+                res = inspect_one(spec, sc[i], shape, c[i], a[i], top=args.digits, weighting=weighting)
                 if sorted(res.selected) != sorted(labels.tolist()):
                     continue
                 set_right += 1
@@ -59,6 +61,7 @@ def main() -> None:
                 json.dumps(
                     {
                         "layout": layout,
+                        "digits": args.digits,
                         "weighting": weighting,
                         "composites": len(comp.labels),
                         "set_right": set_right,

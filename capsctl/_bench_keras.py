@@ -10,10 +10,10 @@ import os
 from collections.abc import Callable
 
 import numpy as np
-
-from capsctl.spec import EPS, ModelSpec
 from capsctl_keras._env import tf
 from capsctl_keras._layers import capsule_head
+
+from capsctl.spec import EPS, ModelSpec
 
 
 def threads() -> dict[str, int]:
@@ -51,7 +51,7 @@ def naive_scores(f: tf.Tensor, kernel: tf.Variable, spec: ModelSpec) -> tf.Tenso
     one small op per capsule per routing iteration (`map_fn` style), same formulas as ours."""
     caps = spec.capsule
     j, d = spec.num_classes, caps.dim
-    bsz, gh, gw, c = f.shape
+    _, gh, gw, c = f.shape
     n = gh * gw
     u = tf.reshape(f, (-1, n, c))
     u_hat = [tf.reshape(u[:, i] @ (kernel if len(kernel.shape) == 2 else kernel[i]), (-1, j, d)) for i in range(n)]
@@ -70,6 +70,31 @@ def naive_scores(f: tf.Tensor, kernel: tf.Variable, spec: ModelSpec) -> tf.Tenso
     return _norm(v)
 
 
+def input_space_scores(f: tf.Tensor, kernel: tf.Variable, spec: ModelSpec) -> tf.Tensor:
+    """A suggestion for the keras backend, timed beside it (shared kernel only): the torch backend's
+    routing, which never builds û. û_j|i = u_i·W_j is linear in u_i, so s_j = (Σ_i c_ij u_i)·W_j
+    and û_j|i·v_j = u_i·(W_j v_j)."""
+    caps = spec.capsule
+    j, d = spec.num_classes, caps.dim
+    _, gh, gw, c = f.shape
+    u = tf.reshape(f, (-1, gh * gw, c))  # (B, N, C)
+    w = tf.reshape(kernel, (c, j, d))
+    b = None
+    v = None
+    for r in range(1, caps.routings + 1):
+        if b is None:
+            cu = tf.repeat(tf.reduce_sum(u, axis=1, keepdims=True) / j, j, axis=1)  # softmax(0) = 1/J
+        else:
+            cu = tf.einsum("bjn,bnc->bjc", tf.nn.softmax(b, axis=1), u)
+        s = tf.einsum("bjc,cjd->bjd", cu, w)
+        v = _squash(s, caps.squash)
+        if r < caps.routings:
+            target = s / _norm(s)[..., None] if caps.routing == "su-unit" else v
+            agree = tf.einsum("bnc,bjc->bjn", u, tf.einsum("cjd,bjd->bjc", w, target))
+            b = agree if caps.routing != "sabour" or b is None else b + agree
+    return _norm(v)
+
+
 def routing_fns(spec: ModelSpec, kernel: np.ndarray, batch: int) -> dict[str, Callable[[], None]]:
     """Forward + backward of the capsule head (û and routing) on fixed trunk features, two ways."""
     gh, gw = spec.trunk_grid(28, 28)
@@ -78,16 +103,32 @@ def routing_fns(spec: ModelSpec, kernel: np.ndarray, batch: int) -> dict[str, Ca
     head.build(f.shape)
     head.kernel.assign(kernel)
 
+    # as in training, the gradient flows on into the trunk: differentiate w.r.t. the features too
     @tf.function
     def ours() -> tf.Tensor:
         with tf.GradientTape() as tape:
+            tape.watch(f)
             loss = tf.reduce_sum(head(f))
-        return tape.gradient(loss, head.kernel)
+        gk, gf = tape.gradient(loss, [head.kernel, f])
+        return tf.reduce_sum(gk) + tf.reduce_sum(gf)
 
     @tf.function
     def naive() -> tf.Tensor:
         with tf.GradientTape() as tape:
+            tape.watch(f)
             loss = tf.reduce_sum(naive_scores(f, head.kernel, spec))
-        return tape.gradient(loss, head.kernel)
+        gk, gf = tape.gradient(loss, [head.kernel, f])
+        return tf.reduce_sum(gk) + tf.reduce_sum(gf)
 
-    return {"naive": lambda: naive().numpy(), "vectorised": lambda: ours().numpy()}
+    fns = {"naive": lambda: naive().numpy(), "vectorised": lambda: ours().numpy()}
+    if spec.capsule.shared:
+        @tf.function
+        def linear() -> tf.Tensor:
+            with tf.GradientTape() as tape:
+                tape.watch(f)
+                loss = tf.reduce_sum(input_space_scores(f, head.kernel, spec))
+            gk, gf = tape.gradient(loss, [head.kernel, f])
+            return tf.reduce_sum(gk) + tf.reduce_sum(gf)
+
+        fns["input_space"] = lambda: linear().numpy()
+    return fns

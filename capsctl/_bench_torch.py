@@ -7,12 +7,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import capsctl_torch  # noqa: F401  (first: it sets the OpenMP wait policy before torch loads)
 import numpy as np
 import torch
-
-from capsctl.spec import ModelSpec
 from capsctl_torch._env import device
 from capsctl_torch._layers import CapsuleHead, safe_norm, squash
+
+from capsctl.spec import ModelSpec
 
 
 def _sync() -> None:
@@ -70,14 +71,15 @@ def routing_fns(spec: ModelSpec, kernel: np.ndarray, batch: int) -> dict[str, Ca
     gh, gw = spec.trunk_grid(28, 28)
     gen = torch.Generator().manual_seed(0)
     f = torch.rand(batch, spec.trunk_channels, gh, gw, generator=gen).to(device(), memory_format=torch.channels_last)
+    f.requires_grad_()  # as in training: the gradient flows on into the trunk
 
     def ours() -> None:
-        head.kernel.grad = None
+        head.kernel.grad = f.grad = None
         head(f)[0].sum().backward()
         _sync()
 
     def naive() -> None:
-        head.kernel.grad = None
+        head.kernel.grad = f.grad = None
         naive_scores(f, head.kernel, spec).sum().backward()
         _sync()
 

@@ -41,10 +41,10 @@ def curves_plot(r: dict[str, Any], path: Path) -> Path:
     for m in r["models"]:
         ep = [c["epoch"] for c in m["curve"]]
         label = f"{m['head']} s{m['seed']}"
-        ax_loss.plot(ep, [c["loss"] for c in m["curve"]], color=colors.get(m["head"]), alpha=0.7, label=label)
+        ax_loss.plot(ep, [c["loss"] for c in m["curve"]], color=colors.get(m["head"]), alpha=0.7, label=label, marker=".")
         acc = [c["test_accuracy"] for c in m["curve"]]
         if all(a is not None for a in acc):
-            ax_acc.plot(ep, [100 * a for a in acc], color=colors.get(m["head"]), alpha=0.7, label=label)
+            ax_acc.plot(ep, [100 * a for a in acc], color=colors.get(m["head"]), alpha=0.7, label=label, marker=".")
     ax_loss.set(xlabel="epoch", ylabel="margin loss", yscale="log", title="training loss")
     ax_acc.set(xlabel="epoch", ylabel="%", title=f"test accuracy (first {r.get('curve_test_images', '')} test images)")
     lo = min([100 * c["test_accuracy"] for m in r["models"] for c in m["curve"][len(m["curve"]) // 2 :]
@@ -60,11 +60,12 @@ def accuracy_plot(r: dict[str, Any], path: Path) -> Path:
     tests = r["tests"]
     heads = list(r["summary"])
     width = 0.8 / max(len(heads), 1)
-    for ax, key, title in zip(axes, ("accuracy", "confident_accuracy"), ("accuracy", "confident accuracy (k-th score > 0.5)")):
+    for ax, key, title in zip(axes, ("accuracy", "confident_accuracy"), ("accuracy", "confident accuracy (k-th score > 0.5)"), strict=True):
         for i, head in enumerate(heads):
             vals = [r["summary"][head]["tests"][t][key] for t in tests]
             xs = [j + (i - (len(heads) - 1) / 2) * width for j in range(len(tests))]
-            ax.bar(xs, [100 * m for m, _ in vals], width, yerr=[100 * s for _, s in vals], label=head, capsize=2)
+            bars = ax.bar(xs, [100 * m for m, _ in vals], width, yerr=[100 * s for _, s in vals], label=head, capsize=2)
+            ax.bar_label(bars, fmt="%.1f", fontsize=6, padding=1)
         ax.set_xticks(range(len(tests)), [TEST_TITLES[t].replace(" ", "\n", 1) for t in tests], fontsize=7)
         ax.set(ylim=(0, 100), ylabel="%", title=title)
         ax.grid(axis="y", alpha=0.3)

@@ -14,7 +14,17 @@ from pathlib import Path
 from typing import Any
 
 from ._atomic import atomic_write_bytes
-from ._tables import TEST_TITLES, ablate_markdown, describe_pairs, duration, pairs_cost, pairs_long, pairs_per_seed, pct, table
+from ._tables import (
+    TEST_TITLES,
+    ablate_markdown,
+    describe_pairs,
+    duration,
+    pairs_cost,
+    pairs_long,
+    pairs_per_seed,
+    pct,
+    table,
+)
 from .errors import CapsctlError
 
 # Reference numbers, quoted from issue 7 (the seed article, and the "anchor": the seed author's
@@ -123,9 +133,21 @@ def _overview(items: list[tuple[Path, dict[str, Any]]]) -> str:
     return table(["result folder", "head", "recipe", "changed", "seeds", *[TEST_TITLES[x] for x in tests]], rows)
 
 
+def _full_grid(r: dict[str, Any]) -> bool:
+    return (len(r["variants"]) == 6 and set(r["iterations"]) >= {1, 2, 3, 5, 8} and not r.get("limit")
+            and not r.get("eval_limit"))
+
+
 def _not_run(items: list[tuple[Path, dict[str, Any]]]) -> str:
-    have = {(r["kind"], r["dataset"], r["backend"], r.get("recipe")) for _, r in items}
+    have = {(r["kind"], r["dataset"], r["backend"], r.get("recipe")) for _, r in items
+            if r["kind"] == "pairs" or _full_grid(r)}
     lines = []
+    for folder, r in items:
+        if r["kind"] == "pairs" and not r["overrides"] and len(r["seeds"]) < 3:
+            cmd = shlex.split(r["command"])
+            cmd[cmd.index("--seeds") + 1] = "0,1,2"
+            lines.append(f"- `{folder.name}` with all three seeds (finished models are skipped):\n\n"
+                         f"  ```\n  {shlex.join(cmd)}\n  ```")
     wanted = [
         (("pairs", "mnist", "keras", "default"), "mnist-5k on the Keras backend",
          "capsctl experiment pairs --backend keras --data-dir ../shared/data/mnist-5k --seeds 0,1,2 --out out/mnist5k-keras-default"),
@@ -147,7 +169,7 @@ def _not_run(items: list[tuple[Path, dict[str, Any]]]) -> str:
 
 def render(folders: Sequence[Path], doc: Path, results: Sequence[dict[str, Any]]) -> str:
     doc_dir = doc.parent
-    items = list(zip(folders, results))
+    items = list(zip(folders, results, strict=True))
     cmd = shlex.join(["capsctl", "experiment", "report", *[str(f) for f in folders], "--out", str(doc)])
     out = [
         "# Results\n",

@@ -165,7 +165,7 @@ def download_file(url: str, dest: Path, expected_sha256: str, digest_of: str = "
 
     part = dest.with_name(dest.name + ".part")
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (http(s) mirrors only)
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
             total = int(resp.headers.get("Content-Length") or 0) or None
             with open(part, "wb") as f, progress() as bar:
                 task = bar.add_task(dest.name, total=total)

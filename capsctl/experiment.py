@@ -185,8 +185,10 @@ def ensure_trained(backend: Any, job: Job, train_split: Any, curve_split: Any, h
 # -- scoring ----------------------------------------------------------------------------
 
 def model_key(path: Path) -> str:
-    st = path.stat()
-    return f"{st.st_size}:{st.st_mtime_ns}"
+    """The model file's SHA-256: cached scores follow the weights, even through a copy."""
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @dataclass
@@ -361,14 +363,15 @@ def train_and_score(
     show_progress: bool, eval_routings: Callable[[Job], Sequence[int | None]] | None = None,
 ) -> list[dict[str, Any]]:
     """Train (or skip / resume) every job, then score it; returns one record per job."""
+    from ._console import err
     from .datasets import Split
     from .training import read_metrics, steps_per_epoch
     from .weights import parameter_count
-    from ._console import err
 
     limit = jobs[0].config.limit if jobs else None
     n_train = len(train_split.images) if limit is None else min(len(train_split.images), limit)
-    curve = Split(test_split.images[:CURVE_TEST_IMAGES], test_split.labels[:CURVE_TEST_IMAGES])
+    n_curve = min(CURVE_TEST_IMAGES, scorer.eval_limit or CURVE_TEST_IMAGES)
+    curve = Split(test_split.images[:n_curve], test_split.labels[:n_curve])
     total = sum(steps_per_epoch(j.config, n_train) * j.config.epochs for j in jobs)
     records = []
     with progress_for(show_progress) as bar:
@@ -383,11 +386,13 @@ def train_and_score(
                 tracker.skip(steps_per_epoch(job.config, n_train) * job.config.epochs - done)
             rows = read_metrics(job.run)[: job.config.epochs]
             bar.update(tracker.model, note="scoring")
-            t0 = time.perf_counter()
             scores = scorer.score(backend, job.run, tests)
             extra = {}
             if eval_routings is not None:
                 extra["eval_at"] = {str(r): scorer.score(backend, job.run, tests, routings=r) for r in eval_routings(job) if r}
+            # the seconds each score took when it was computed (cached scores keep their cost)
+            score_seconds = sum(t["seconds"] for t in scores.values())
+            score_seconds += sum(t["seconds"] for at in extra.get("eval_at", {}).values() for t in at.values())
             train_seconds = sum(r["seconds"] for r in rows)
             records.append({
                 "head": job.head,
@@ -400,7 +405,7 @@ def train_and_score(
                 "epochs": job.config.epochs,
                 "train_seconds": train_seconds,
                 "images_per_s": sum(r["images_per_s"] for r in rows) / max(len(rows), 1),
-                "score_seconds": time.perf_counter() - t0,
+                "score_seconds": score_seconds,
                 "curve": [{k: r.get(k) for k in ("epoch", "loss", "train_accuracy", "test_accuracy", "lr")} for r in rows],
                 "tests": scores,
                 **extra,
@@ -460,7 +465,7 @@ def run_pairs(plan: PairsPlan, out: Path, show_progress: bool = True) -> dict[st
         "limit": plan.limit,
         "eval_limit": plan.eval_limit,
         "composite_seed": COMPOSITE_SEED,
-        "curve_test_images": CURVE_TEST_IMAGES,
+        "curve_test_images": min(CURVE_TEST_IMAGES, plan.eval_limit or CURVE_TEST_IMAGES),
         "tests": list(plan.tests),
         "models": models,
         "summary": summarize(models, plan.tests),

@@ -139,7 +139,9 @@ def _load_pil(p: Path, max_pixels: int) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     with warnings.catch_warnings():
-        # a DecompressionBombWarning must not leak through as a warning, we refuse such files anyway
+        # a DecompressionBombWarning must not leak through as a warning, we refuse such files anyway;
+        # other decoder warnings (e.g. TIFF "Corrupt EXIF data") would print multi-line noise: silence them
+        warnings.simplefilter("ignore")
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             im = Image.open(p, formats=list(PIL_FORMATS))

@@ -303,10 +303,13 @@ def train(
         _check_data(spec, cfg, train_split, test_split)
     created = _missing_folders(run)
     with run_lock(run):
+        if not resume and ((run / CHECKPOINT_FILE).exists() or (run / MODEL_FILE).exists()):
+            raise CapsctlError(f"--out {run}: already holds a run; use --resume {run} to continue it, or another --out")
         try:
             return _train_locked(backend, spec, cfg, train_split, test_split, run, resume, show_progress, on_step)
         except BaseException:
-            if not resume and not (run / CHECKPOINT_FILE).exists() and not (run / MODEL_FILE).exists():
+            # a fresh run that stops before any progress was saved leaves nothing behind
+            if not resume and not (run / MODEL_FILE).exists() and _nothing_trained(run):
                 _discard_empty_run(run, created)
             raise
 
@@ -333,10 +336,11 @@ def _stale_temp_files(run: Path) -> list[Path]:
 
 
 def _discard_empty_run(run: Path, created: list[Path]) -> None:
-    """A fresh run that failed before saving anything leaves nothing behind (its lock, empty metrics)."""
+    """Remove what a fresh run wrote before it stopped without progress (lock, empty metrics, the
+    step-0 checkpoint) and the folders it created."""
     import contextlib
 
-    for p in [run / LOCK_FILE, run / METRICS_FILE, *_stale_temp_files(run)]:
+    for p in [run / LOCK_FILE, run / METRICS_FILE, run / CHECKPOINT_FILE, *_stale_temp_files(run)]:
         with contextlib.suppress(OSError):
             p.unlink()
     for folder in created:
@@ -344,6 +348,17 @@ def _discard_empty_run(run: Path, created: list[Path]) -> None:
             folder.rmdir()
         except OSError:
             break  # not empty: someone else's files, keep them
+
+
+def _nothing_trained(run: Path) -> bool:
+    """True when the run folder's checkpoint is absent or still the step-0 one written at the start."""
+    if not (run / CHECKPOINT_FILE).exists():
+        return True
+    try:
+        _, meta = read_safetensors(run / CHECKPOINT_FILE)
+    except CapsctlError:
+        return False  # not ours to judge: keep it
+    return meta.get("epoch") == "0" and meta.get("step") == "0"
 
 
 def _train_locked(
@@ -368,10 +383,7 @@ def _train_locked(
         if start_epoch >= cfg.epochs:
             err.print(f"{run}: already trained for {cfg.epochs} epochs; nothing to do")
             return rows
-        err.print(f"resuming {run} at epoch {start_epoch + 1}, step {start_step}")
-    else:
-        if (run / CHECKPOINT_FILE).exists() or (run / MODEL_FILE).exists():
-            raise CapsctlError(f"--out {run}: already holds a run; use --resume {run} to continue it, or another --out")
+    else:  # train() has checked that the folder holds no run
         rows, start_epoch, start_step, elapsed, partial = [], 0, 0, 0.0, (0.0, 0, 0)
         weights, optim_state = init_weights(spec, cfg.seed), {}
     for stale in _stale_temp_files(run):
@@ -388,11 +400,16 @@ def _train_locked(
     if start_step >= spe:
         raise CapsctlError(f"{run / CHECKPOINT_FILE}: step {start_step} is past the end of an epoch ({spe} steps); "
                            "was the data changed since the run started?")
+    if resume:
+        err.print(f"resuming {run} at epoch {start_epoch + 1}, step {start_step}")
 
     trainer: Trainer = backend.trainer(spec, weights, OptimConfig(weight_decay=cfg.weight_decay))
     if optim_state:
         trainer.load_optimizer_state(optim_state)
     write_metrics(run, rows)
+    if not resume:
+        # a step-0 checkpoint at once: a run killed at any later moment can be resumed (and replays exactly)
+        save_checkpoint(run, Checkpoint(spec, cfg, weights, {}, 0, 0, 0.0))
 
     def good_weights(epoch: int) -> dict[str, np.ndarray]:
         # a step can turn the weights NaN while its own loss was still finite: never save such weights
@@ -471,6 +488,6 @@ def _train_locked(
 
 
 def _kept(run: Path) -> str:
-    if (run / CHECKPOINT_FILE).exists():
-        return f"{run / CHECKPOINT_FILE} still holds the last good state"
-    return "nothing was saved (no epoch had finished)"
+    if _nothing_trained(run):
+        return "no progress had been saved yet"
+    return f"{run / CHECKPOINT_FILE} still holds the last good state"

@@ -701,3 +701,109 @@ def test_inspect_refuses_a_broken_model_and_an_image_too_small(tmp_path, capsys,
     code, _, err = run_cli(["inspect", img, "--model", model], capsys)
     assert_refused(code, err, str(model), "truncated")
 
+
+
+# -- export and import (when the commands are in this checkout) ----------------------------------------------
+
+@pytest.mark.parametrize(
+    ("out_name", "extra", "words"),
+    [
+        ("m.bin", [], ["--out", "cannot tell the format"]),
+        ("m.pt", ["--format", "caffe"], ["--format", "'caffe'"]),
+        ("missing/m.pt", [], ["--out", "does not exist"]),
+        (".", [], ["--out", "is a folder"]),
+        ("SELF", [], ["--out", "is the input file"]),
+    ],
+)
+def test_export_refuses_bad_options_and_writes_nothing(tmp_path, capsys, good_model, out_name, extra, words):
+    if not _has_command("export"):
+        pytest.skip("`capsctl export` is not in this checkout")
+    model = tmp_path / "model.safetensors"
+    model.write_bytes(good_model.read_bytes())
+    out = model if out_name == "SELF" else tmp_path / out_name
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    code, _, err = run_cli(["export", model, "--out", out, *extra], capsys)
+    assert_refused(code, err, *words)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+
+
+@pytest.mark.parametrize("case", ["truncated", "NaN weights", "header length past the end", "spec does not match tensors"])
+@pytest.mark.parametrize("suffix", [".pt", ".keras", ".onnx"])
+def test_export_refuses_broken_models_and_writes_nothing(tmp_path, capsys, case, suffix):
+    if not _has_command("export"):
+        pytest.skip("`capsctl export` is not in this checkout")
+    mutate, words = WEIGHT_CASES[case]
+    model = tmp_path / "model.safetensors"
+    model.write_bytes(mutate(model_bytes()))
+    out = tmp_path / f"exported{suffix}"
+    code, _, err = run_cli(["export", model, "--out", out], capsys)
+    assert_refused(code, err, str(model), *words)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+
+
+@pytest.fixture(scope="module")
+def torch_export(tmp_path_factory, good_model) -> Path:
+    if not _has_command("export"):
+        pytest.skip("`capsctl export` is not in this checkout")
+    pytest.importorskip("torch")
+    from capsctl.cli import main
+
+    out = tmp_path_factory.mktemp("export") / "tiny.pt"
+    with pytest.raises(SystemExit) as info:
+        main(["export", str(good_model), "--out", str(out)])
+    assert info.value.code == 0
+    return out
+
+
+def _import_cases(tmp_path: Path, torch_export: Path) -> dict[str, tuple[Path, list[str], list[str]]]:
+    import io
+    import zipfile
+
+    import torch
+
+    data = torch_export.read_bytes()
+    cases: dict[str, tuple[bytes, list[str], list[str]]] = {
+        "truncated export": (data[: len(data) // 2], [], ["damaged or truncated"]),
+        "random bytes": (bytes(range(256)) * 4, [], ["not a torch state_dict file or a .keras archive"]),
+        "a safetensors model": (model_bytes(), [], ["already the canonical format"]),
+        "empty file": (b"", [], ["not a torch state_dict file"]),
+        "truncated zip": (b"PK\x03\x04" + b"\0" * 40, [], ["damaged or truncated archive"]),
+        "onnx asked for": (data, ["--format", "onnx"], ["--format", "ONNX"]),
+    }
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("readme.txt", "hello")
+    cases["a zip of something else"] = (buf.getvalue(), [], ["neither a torch state_dict"])
+    buf = io.BytesIO()
+    torch.save({"weight": torch.zeros(3)}, buf)
+    cases["a foreign state_dict"] = (buf.getvalue(), [], ["not a capsctl torch export"])
+    out = {}
+    for name, (content, extra, words) in cases.items():
+        p = tmp_path / f"{name.replace(' ', '-')}.pt"
+        p.write_bytes(content)
+        out[name] = (p, extra, words)
+    return out
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("case", ["truncated export", "random bytes", "a safetensors model", "empty file",
+                                  "truncated zip", "onnx asked for", "a zip of something else", "a foreign state_dict"])
+def test_import_refuses_what_is_not_an_intact_export_and_writes_nothing(tmp_path, capsys, torch_export, case):
+    if not _has_command("import"):
+        pytest.skip("`capsctl import` is not in this checkout")
+    path, extra, words = _import_cases(tmp_path, torch_export)[case]
+    out = tmp_path / "out" / "imported.safetensors"
+    out.parent.mkdir()
+    code, _, err = run_cli(["import", path, "--out", out, *extra], capsys)
+    assert_refused(code, err, *words)
+    if "--format" not in extra:
+        assert str(path) in err
+    assert list(out.parent.iterdir()) == []
+
+
+def test_import_missing_file(tmp_path, capsys):
+    if not _has_command("import"):
+        pytest.skip("`capsctl import` is not in this checkout")
+    code, _, err = run_cli(["import", tmp_path / "absent.pt", "--out", tmp_path / "m.safetensors"], capsys)
+    assert_refused(code, err, "absent.pt", "no such file")
+    assert list(tmp_path.iterdir()) == []

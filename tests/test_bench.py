@@ -20,14 +20,15 @@ TINY = ["--batch", "4", "--windows", "2", "--steps", "1", "--warmup", "1", "--in
 def _check_backend(r: dict, name: str) -> None:
     assert r["backend"] == name and r["available"] is True and "error" not in r, r
     assert name in r["describe"]
-    assert r["sgemm"]["n"] == 64 and r["sgemm"]["gflops"] > 0
+    assert r["sgemm"]["n"] == 64 and r["sgemm"]["gflops"] > 0 and r["sgemm"]["gflops_per_cpu_s"] > 0
     assert set(r["heads"]) == {"capsule", "pool"}
     for head in r["heads"].values():
         assert head["train_images_per_s"] > 0 and head["train_step_ms"] > 0
         assert head["achieved_gflops"] > 0 and head["sgemm_fraction"] > 0
+        assert head["train_step_cpu_ms"] > 0 and head["sgemm_fraction_cpu"] > 0
         assert set(head["infer_images_per_s"]) == {"28x28", "56x28"}
         assert all(v > 0 for v in head["infer_images_per_s"].values())
-    assert r["capsule_step_ratio"] > 0
+    assert r["capsule_step_ratio"] > 0 and r["capsule_step_ratio_cpu"] > 0
     assert 0 < r["capsule_head_flop_share"] < 0.1  # the head is ~3.4% of the seed model's FLOPs
     assert 10 < r["train_peak_rss_mb"] < 100_000
     rt = r["routing"]
@@ -78,9 +79,9 @@ def test_bench_bad_options(capsys, args, message):
 def test_checks_compare_backends_and_limits():
     report = {
         "a": {"available": True, "capsule_step_ratio": 1.05, "train_peak_rss_mb": 900.0,
-              "heads": {"capsule": {"sgemm_fraction": 0.8, "train_images_per_s": 600.0}}},
+              "heads": {"capsule": {"sgemm_fraction": 0.8, "train_images_per_s": 600.0, "train_step_cpu_ms": 400.0}}},
         "b": {"available": True, "capsule_step_ratio": 1.2, "train_peak_rss_mb": 2000.0,
-              "heads": {"capsule": {"sgemm_fraction": 0.95, "train_images_per_s": 500.0}}},
+              "heads": {"capsule": {"sgemm_fraction": 0.95, "train_images_per_s": 500.0, "train_step_cpu_ms": 420.0}}},
         "c": {"available": False, "reason": "not installed"},
     }
     rows = {(r["target"], r["backend"]): r for r in checks(report)}
@@ -91,6 +92,8 @@ def test_checks_compare_backends_and_limits():
     assert rows[("training peak RSS (MB)", "b")]["met"] is False
     both = rows[("backends' training img/s, fastest / slowest (capsule)", "a,b")]
     assert both["value"] == pytest.approx(1.2) and both["met"] is False
+    assert both["value_cpu"] == pytest.approx(1.05) and both["met_cpu"] is True
+    assert rows[("capsule step / pool step", "a")]["met_cpu"] is None  # no CPU-time figure given
     assert not any(r["backend"] == "c" for r in rows.values())
 
 
@@ -98,3 +101,39 @@ def test_config_defaults_match_the_issue():
     cfg = BenchConfig()
     assert cfg.batch == 128 and cfg.infer_batch == 512 and set(cfg.backends) == {"torch", "keras"}
     assert (peak_rss_mb() or 1.0) > 0
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("routing", ["su", "sabour", "su-unit"])
+def test_naive_torch_routing_computes_the_same_scores(routing):
+    import torch
+
+    from capsctl._bench_torch import naive_scores
+    from capsctl.spec import default_spec
+    from capsctl_torch._layers import CapsuleHead
+
+    spec = default_spec().with_capsule(routing=routing)
+    head = CapsuleHead(spec)
+    with torch.no_grad():
+        head.kernel.normal_(0, 0.05, generator=torch.Generator().manual_seed(0))
+        f = torch.rand(3, spec.trunk_channels, 4, 5, generator=torch.Generator().manual_seed(1))
+        torch.testing.assert_close(naive_scores(f, head.kernel, spec), head(f)[0])
+
+
+@pytest.mark.keras
+@pytest.mark.parametrize("routing", ["su", "sabour", "su-unit"])
+def test_naive_and_input_space_keras_routing_compute_the_same_scores(routing):
+    import numpy as np
+
+    from capsctl.spec import default_spec
+    from capsctl.weights import init_weights
+
+    bk = pytest.importorskip("capsctl._bench_keras")
+    spec = default_spec().with_capsule(routing=routing)
+    f = bk.tf.random.stateless_uniform((3, 4, 5, spec.trunk_channels), seed=(1, 2))
+    head = bk.capsule_head(spec)
+    head.build(f.shape)
+    head.kernel.assign(init_weights(spec, 0)["head.capsule.kernel"])
+    ours = head(f).numpy()
+    np.testing.assert_allclose(bk.naive_scores(f, head.kernel, spec).numpy(), ours, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(bk.input_space_scores(f, head.kernel, spec).numpy(), ours, rtol=1e-5, atol=1e-6)

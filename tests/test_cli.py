@@ -41,7 +41,7 @@ def test_train_eval_and_pairs_end_to_end(tmp_path, capsys, mnist_dir, head):
          "--out", run, "-q", "--test-limit", "500"], capsys)
     assert code == 0, err
     assert "epoch 1/1" in err and "test" in err
-    spec, weights = load_model(run / "model.safetensors")
+    spec, _ = load_model(run / "model.safetensors")
     assert spec.head == head
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 1 and rows[0]["epoch"] == 1 and 0.0 <= rows[0]["test_accuracy"] <= 1.0

@@ -46,7 +46,7 @@ def test_reads_the_real_mnist_5k(mnist):
     train, test = mnist.train(), mnist.test()
     assert train.images.shape == (5000, 28, 28, 1) and train.images.dtype == np.float32
     assert test.images.shape == (10000, 28, 28, 1)
-    assert 0.0 == train.images.min() and train.images.max() == 1.0
+    assert train.images.min() == 0.0 and train.images.max() == 1.0
     assert np.bincount(train.labels).tolist() == [500] * 10
 
 
@@ -160,12 +160,14 @@ def test_content_digests_accept_a_regzipped_copy(tmp_path):
 
 
 def test_cli_download_failure_is_one_clear_line(tmp_path, monkeypatch, capsys):
-    # Serve the genuine 5k subset under the real mnist registry: its checksums must not match full MNIST.
+    # Every mirror answers 404: the error names the way out.
     srv_root = tmp_path / "srv"
     srv_root.mkdir()
     with _Server(srv_root) as srv:
-        monkeypatch.setenv("CAPSCTL_MIRRORS", f"{srv.url}/missing/")
+        monkeypatch.setenv("CAPSCTL_MIRRORS", f"{srv.url}/missing/,{srv.url}/gone/")
         code, out, err = run_cli(["data", "fetch", "mnist"], capsys)
+    assert out == ""
+    assert "2 mirror(s) failed" in err
     assert code == 2
     assert err.startswith("error: could not download mnist") and "--data-dir" in err
     assert err.count("\n") == 1 and "Traceback" not in err
@@ -182,7 +184,7 @@ def test_cli_real_mnist_checksum_rejects_other_files(tmp_path, monkeypatch, caps
 
 
 def test_cli_fetch_from_folder_and_list(tmp_path, capsys, mnist_dir):
-    code, out, _ = run_cli(["data", "fetch", "mnist", "--from", mnist_dir], capsys)
+    code, _, _ = run_cli(["data", "fetch", "mnist", "--from", mnist_dir], capsys)
     assert code == 0
     cached = datasets.cache_root() / "mnist"
     assert datasets.is_complete(cached)

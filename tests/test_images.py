@@ -287,4 +287,4 @@ def test_random_bytes_raise_only_capsctl_errors(tmp_path, prefix, body, suffix):
         assert str(e).startswith(str(path)) and "\n" not in str(e)
     else:  # a few random byte strings are valid tiny images
         assert x.ndim == 2 and x.dtype == np.float32 and np.isfinite(x).all()
-        assert 0.0 <= x.min() and x.max() <= 1.0
+        assert x.min() >= 0.0 and x.max() <= 1.0

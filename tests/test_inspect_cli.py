@@ -72,7 +72,6 @@ def test_routings_override_and_table(models, two_digits, capsys):
     assert d["routings"] == 5 and np.array(d["couplings"]).shape[0] == 5
     code, out, err = run_cli(["inspect", two_digits, "--model", models["caps"], "--top", "2"], capsys)
     assert code == 0, err
-    print(out)
     assert "mean |Δc|" in out and "mean entropy" in out and "reading order (top-to-bottom)" in out
     for j in range(10):
         assert f"│ {j:>5} │" in out  # one row per class

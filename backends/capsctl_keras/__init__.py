@@ -43,3 +43,17 @@ class KerasBackend:
         from ._native import import_native
 
         return import_native(path)
+
+
+def load_model(path: str) -> Any:
+    """Open a `capsctl export --format keras` file as a plain Keras model (safe_mode, no custom code
+    beyond this package's registered layers): `capsctl_keras.load_model("m.keras").predict(x)`."""
+    from capsctl.errors import CapsctlError
+
+    from ._env import keras
+    from ._layers import CapsNet  # registers capsctl>CapsNet and capsctl>CapsuleHead
+
+    model = keras.saving.load_model(path, compile=False, safe_mode=True)
+    if not isinstance(model, CapsNet):
+        raise CapsctlError(f"{path}: not a capsctl model (a {type(model).__name__})")
+    return model

@@ -100,7 +100,7 @@ class CapsuleHead(keras.layers.Layer):
         }
 
 
-def Trunk(spec: ModelSpec) -> list[keras.layers.Layer]:  # noqa: N802 (a layer stack, named like the torch module)
+def Trunk(spec: ModelSpec) -> list[keras.layers.Layer]:
     """The conv/pool stack as Keras layers; conv k is named `trunk_conv{k}` (see _weights)."""
     layers: list[keras.layers.Layer] = []
     k = 0
@@ -116,7 +116,7 @@ def Trunk(spec: ModelSpec) -> list[keras.layers.Layer]:  # noqa: N802 (a layer s
     return layers
 
 
-def PoolHead(spec: ModelSpec) -> list[keras.layers.Layer]:  # noqa: N802
+def PoolHead(spec: ModelSpec) -> list[keras.layers.Layer]:
     """Global average pool -> Dense(hidden) ReLU -> Dense(J) sigmoid."""
     return [
         keras.layers.GlobalAveragePooling2D(name="head_gap"),

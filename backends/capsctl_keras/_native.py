@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -70,15 +71,34 @@ def _check_archive(path: str) -> ModelSpec:
         raise CapsctlError(f"{path}: {e}") from None
 
 
+def _one_line(text: str, limit: int = 300) -> str:
+    line = " ".join(part.strip() for part in text.strip().splitlines() if part.strip())
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
 def import_native(path: str) -> tuple[ModelSpec, dict[str, np.ndarray]]:
     spec = _check_archive(path)
     try:
-        model = keras.saving.load_model(path, compile=False, safe_mode=True)
+        with warnings.catch_warnings(record=True) as caught, tempfile.TemporaryDirectory() as tmp:
+            warnings.simplefilter("always")
+            source = path
+            if not str(path).endswith(".keras"):  # Keras picks its reader by suffix alone
+                source = os.path.join(tmp, "model.keras")
+                os.symlink(os.path.abspath(path), source)
+            model = keras.saving.load_model(source, compile=False, safe_mode=True)
     except CapsctlError as e:
         raise CapsctlError(f"{path}: {e}") from None
     except Exception as e:  # Keras reports bad archives with many types (ValueError, KeyError, OSError...)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CapsctlError(f"{path}: cannot load the Keras model ({first[:300]})") from None
+        text = _one_line(str(e)) or type(e).__name__
+        if "could not be loaded" in text:  # a variable and its saved value differ in shape
+            raise CapsctlError(f"{path}: the archive's weights do not fit the spec in its config ({text})") from None
+        raise CapsctlError(f"{path}: cannot load the Keras model ({text})") from None
+    # Keras only warns when part of the saved state finds no variable ("retain their freshly
+    # initialized weights"); for an import that would be silent corruption, so it is an error.
+    for w in caught:
+        text = str(w.message)
+        if "could not be loaded" in text or "retain" in text or "Skipping" in text:
+            raise CapsctlError(f"{path}: the archive's weights do not match its model ({_one_line(text)})")
     if not isinstance(model, CapsNet):
         raise CapsctlError(f"{path}: loaded a {type(model).__name__}, not a capsctl CapsNet")
     weights = read(spec, model)

@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+
+# Before torch (and its OpenMP runtime) is loaded by any submodule: OpenMP workers that sleep
+# instead of spinning at every barrier. Spinning wins on an idle machine by a few percent at
+# best; on a CPU shared with other processes a spinning worker steals the core its partner
+# needs, and a training step measured 3-5x slower (docs/PERFORMANCE.md). A user's own setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from capsctl.backends import OptimConfig
 from capsctl.spec import ModelSpec

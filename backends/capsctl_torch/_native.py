@@ -47,11 +47,20 @@ def export_native(spec: ModelSpec, weights: Mapping[str, np.ndarray], path: str)
 
 
 def import_native(path: str) -> tuple[ModelSpec, dict[str, np.ndarray]]:
+    import warnings
+
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns about unusual pickle protocols on stderr: noise on top of our one-line error
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CapsctlError(f"{path}: no such file") from None
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError) as e:
+    except pickle.UnpicklingError:
+        # torch's message advises weights_only=False, i.e. running the file's code: not advice to pass on
+        raise CapsctlError(f"{path}: not a readable torch state_dict file (damaged, or it holds Python objects, "
+                           "which are never unpickled)") from None
+    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CapsctlError(f"{path}: not a readable torch state_dict file ({first})") from None
     if not isinstance(state, Mapping):
@@ -161,6 +170,7 @@ def onnx_bytes(spec: ModelSpec, weights: Mapping[str, np.ndarray]) -> bytes:
             net, (example,), input_names=["images"], output_names=["scores"], dynamo=True,
             dynamic_shapes={"images": dyn}, verbose=False,
         )
+    assert program is not None  # dynamo=True always returns the program
     proto = program.model_proto
     onnx.helper.set_model_props(proto, {FORMAT_KEY: MODEL_FORMAT, SPEC_KEY: spec.to_json()})
     proto.doc_string = "capsctl model: images (B, H, W, C) float32 in [0, 1] -> class scores (B, J)"

@@ -12,10 +12,10 @@ try:  # Typer >= 0.26 vendors Click; older releases depend on it
 except ImportError:  # pragma: no cover
     import click.exceptions as click_exc  # type: ignore[no-redef]
 
+from . import _data, _eval, _train
+
 _EXIT = tuple({typer.Exit, getattr(click_exc, "Exit", typer.Exit)})
 _ABORT = tuple({typer.Abort, getattr(click_exc, "Abort", typer.Abort), KeyboardInterrupt})
-
-from . import _data, _eval, _train
 
 app = typer.Typer(
     name="capsctl",

@@ -59,6 +59,14 @@ def _fmt(value: Any, spec: str = ".0f", suffix: str = "") -> str:
     return "—" if value is None else f"{value:{spec}}{suffix}"
 
 
+def _pct(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:.0f}%"
+
+
+def _met(value: bool | None) -> str:
+    return "" if value is None else "[green]met[/]" if value else "[red]missed[/]"
+
+
 def _print(report: dict[str, Any]) -> None:
     from rich.table import Table
 
@@ -68,30 +76,34 @@ def _print(report: dict[str, Any]) -> None:
     load = m.get("loadavg_before")
     title = f"capsctl bench — {m['cpu']}, {m['cpus']} CPUs" + (f", load {load[0]:.1f}" if load else "")
     table = Table(title=title)
-    for col in ("backend", "head", "train img/s", "step ms", "GFLOP/s", "of sgemm", "infer 28×28", "infer 56×28"):
+    for col in ("backend", "head", "train img/s", "step ms", "CPU ms", "GFLOP/s", "of sgemm", "of sgemm /CPU-s",
+                "infer 28×28", "infer 56×28"):
         table.add_column(col, justify="left" if col in ("backend", "head") else "right")
     notes = []
     for name, r in report["backends"].items():
         if not r.get("available"):
-            table.add_row(name, "—", "not available", "", "", "", "", "")
+            table.add_row(name, "—", "n/a", *[""] * 7)
             notes.append(f"{name}: {r.get('reason', 'not available')}")
             continue
         if "error" in r:
-            table.add_row(name, "—", "failed", "", "", "", "", "")
+            table.add_row(name, "—", "failed", *[""] * 7)
             notes.append(f"{name}: {r['error']}")
             continue
         for head, h in r["heads"].items():
             inf = h["infer_images_per_s"]
             table.add_row(
-                name, head, _fmt(h["train_images_per_s"]), _fmt(h["train_step_ms"]), _fmt(h["achieved_gflops"]),
-                _fmt(h["sgemm_fraction"] and 100 * h["sgemm_fraction"], ".0f", "%"),
+                name, head, _fmt(h["train_images_per_s"]), _fmt(h["train_step_ms"]), _fmt(h["train_step_cpu_ms"]),
+                _fmt(h["achieved_gflops"]), _pct(h["sgemm_fraction"]), _pct(h.get("sgemm_fraction_cpu")),
                 _fmt(inf.get("28x28")), _fmt(inf.get("56x28")),
             )
-        line = [f"{name}: {r['describe']}", f"sgemm {_fmt(r['sgemm']['gflops'])} GFLOP/s (n={r['sgemm']['n']})"]
+        sg = r["sgemm"]
+        line = [f"{name}: {r['describe']}",
+                f"sgemm {_fmt(sg['gflops'])} GFLOP/s (n={sg['n']}; {_fmt(sg.get('gflops_per_cpu_s'))} per CPU-second)"]
         if "capsule_step_ratio" in r:
             line.append(f"capsule step = {r['capsule_step_ratio']:.3f} × pool step "
+                        f"({_fmt(r.get('capsule_step_ratio_cpu'), '.3f')} in CPU time) "
                         f"(head {r['capsule_head_share']:.1%} of the step, {r['capsule_head_flop_share']:.1%} of the FLOPs)")
-        line.append(f"training peak RSS {_fmt(r['train_peak_rss_mb'])} MB")
+        line.append(f"peak RSS: training {_fmt(r['train_peak_rss_mb'])} MB, inference {_fmt(r.get('infer_peak_rss_mb'))} MB")
         if "routing" in r:
             rt = r["routing"]
             line.append(f"capsule head fwd+bwd at batch {rt['batch']}: naive loop {rt['naive_ms']:.1f} ms, "
@@ -102,9 +114,9 @@ def _print(report: dict[str, Any]) -> None:
         out.print(note)
     if report["checks"]:
         checks = Table(title="targets")
-        for col in ("target", "backend", "measured", "limit", ""):
+        for col in ("target", "backend", "limit", "wall clock", "", "per CPU-s", ""):
             checks.add_column(col)
         for c in report["checks"]:
-            checks.add_row(c["target"], c["backend"], f"{c['value']:.3g}", f"{c['limit']:.3g}",
-                           "[green]met[/]" if c["met"] else "[red]missed[/]")
+            checks.add_row(c["target"], c["backend"], f"{c['limit']:.3g}", f"{c['value']:.3g}", _met(c["met"]),
+                           _fmt(c.get("value_cpu"), ".3g"), _met(c.get("met_cpu")))
         out.print(checks)

@@ -10,8 +10,6 @@ import typer
 from ._common import BackendOpt, JsonOpt
 
 if TYPE_CHECKING:
-    import numpy as np
-
     from ..inspection import Inspection
     from ..spec import ModelSpec
 
@@ -21,33 +19,39 @@ def inspect(
     model: Annotated[Path, typer.Option("--model", "-m", help="A capsctl model file (.safetensors).")],
     backend: BackendOpt = "torch",
     invert: Annotated[str, typer.Option(help="auto (invert a light background), yes or no.")] = "auto",
-    resize: Annotated[str | None, typer.Option(help="Resize to HxW pixels first, e.g. 28x28 [own size].")] = None,
+    resize: Annotated[str | None, typer.Option(help="Resize to HxW pixels first, e.g. 28x28 (default: keep its size).")] = None,
     top: Annotated[int | None, typer.Option(help="Also list the top K classes, and read the order of those K.")] = None,
-    routings: Annotated[int | None, typer.Option(help="Routing iterations at inference [the model's].")] = None,
+    routings: Annotated[int | None, typer.Option(help="Routing iterations at inference (default: the model's).")] = None,
     order: Annotated[str, typer.Option(help="Reading order: auto, top-to-bottom or left-to-right.")] = "auto",
     out: Annotated[Path | None, typer.Option(help="Save a figure of the maps here (.png, .svg or .pdf).")] = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Show how a capsule model routes one image: class lengths, predictions, convergence, maps.
+    """Show how a capsule model routes one image: lengths, routing, maps.
 
-    The table lists every class's capsule length, the predicted classes (length > 0.5; with
-    --top K also the K longest), and per routing iteration the mean |Δc| of the coupling
-    coefficients and their mean entropy over the classes (ln 10 = 2.30 is uniform, 0 is one-hot).
-    For the predicted classes it gives the reading order of the digits: each class is placed at the
-    centre of mass of its last-iteration evidence max(c·û·v, 0) over the trunk's grid, and the
-    classes are read top to bottom for an image taller than wide, else left to right (--order).
+    The table lists every class's capsule length, the predicted classes
+    (length > 0.5; with --top K also the K longest) and, per routing
+    iteration, the mean |Δc| of the coupling coefficients and their mean
+    entropy over the classes (ln 10 = 2.30 is uniform, 0 is one-hot).
 
-    Input: white digits on black as in MNIST; a light background is inverted (--invert auto).
-    Colour is converted to gray; 8- and 16-bit images are read; a transparent image is put on the
-    background that contrasts with its ink. A .npy file holds one image: (H, W), channels-last
-    (H, W, C) with C = 1, 3 or 4, or (1, H, W); floats in [0, 1] or [0, 255]. A stack of images is
-    refused. With the shared capsule weights any image size works; per-position weights need
-    the training size (--resize).
+    Reading order: each selected class (predicted, or the top K) is placed
+    at the centre of mass of its last-iteration evidence max(c·û·v, 0) over
+    the trunk's grid; classes are read top to bottom in an image taller than
+    wide, else left to right (--order to choose).
 
-    Pooling-head models have no routing: inspect shows their class scores and predictions only
-    (--out draws the image and the scores; --routings is refused).
+    Input: white digits on black as in MNIST; a light background is
+    inverted (--invert auto). Colour becomes gray; 8- and 16-bit images are
+    read; a transparent image is put on the background that contrasts with
+    its ink. A .npy file holds one image: (H, W), channels-last (H, W, C)
+    with C = 1, 3 or 4, or (1, H, W); floats in 0..1 or 0..255. A stack of
+    images is refused. Shared capsule weights take any image size, but
+    digits should be about MNIST-sized (20 px tall): --resize a big image.
+    Per-position capsule weights need the training size (--resize).
 
-    Example: capsctl inspect two.png --model runs/caps/model.safetensors --out two-maps.png
+    Pooling-head models have no routing: inspect shows their class scores
+    and predictions only (--out draws the image and the scores;
+    --routings is refused).
+
+    Example: capsctl inspect two.png -m runs/caps/model.safetensors --out maps.png
     """
     import json
 
@@ -89,7 +93,7 @@ def inspect(
         save_figure(out, img, res, spec, _title(image, model, spec, res, backend))
         err.print(f"figure: {out}")
     if json_out:
-        d = {"image": str(image), "model": str(model), "backend": backend, "head": spec.head}
+        d: dict[str, object] = {"image": str(image), "model": str(model), "backend": backend, "head": spec.head}
         if spec.head == "capsule":
             d["routing"] = spec.capsule.routing
         d.update(res.to_json())
@@ -140,6 +144,7 @@ def _print_tables(image: Path, spec: ModelSpec, res: Inspection, backend: str) -
     import math
 
     from rich.table import Table
+    from rich.text import Text
 
     from .._console import out
 
@@ -147,7 +152,10 @@ def _print_tables(image: Path, spec: ModelSpec, res: Inspection, backend: str) -
     capsule = res.couplings is not None
     what = "length" if capsule else "score"
     where = f", grid {res.grid[0]}×{res.grid[1]}" if res.grid else ""
-    table = Table(title=f"{image} — {h}×{w}{where} ({spec.head} head, {backend})", title_justify="left")
+    # the heading is printed on its own (not as the table's title) so a long path is not squeezed into
+    # the table's width; Text, not markup, so brackets in a file name print as they are
+    out.print(Text(f"{image} — {h}×{w}{where} ({spec.head} head, {backend})", style="bold"), soft_wrap=True)
+    table = Table()
     if capsule:
         table.caption = "length = ‖v_j‖; centre = where the class's evidence c·û·v sits in the image (pixels)"
         table.caption_justify = "left"
@@ -184,15 +192,15 @@ def _print_tables(image: Path, spec: ModelSpec, res: Inspection, backend: str) -
         for r, (dlt, ent) in enumerate(zip(res.deltas, res.entropy, strict=True), start=1):
             it.add_row(str(r), _fmt(dlt), _fmt(ent, 3))
         out.print(it)
-    predicted = ", ".join(map(str, res.predicted)) or "none above 0.5"
-    line = f"predicted: {predicted}"
+    names = ", ".join(map(str, res.predicted)) or "none above 0.5"
+    line = f"predicted: {names}"
     if res.top:
         line += f"; top {len(res.top)}: {', '.join(map(str, res.top))}"
     if res.order:
         line += f"; reading order ({res.direction}): {' → '.join(map(str, res.order))}"
     elif not capsule:
         line += " (pooling head: no routing to show)"
-    out.print(line)
+    out.print(line, soft_wrap=True)  # one line for grep; the terminal wraps it
 
 
 def _bar(x: float, width: int = 10) -> str:

@@ -1,0 +1,135 @@
+"""`capsctl export` and `capsctl import`: the canonical model file <-> framework-native files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ._common import ModelArg
+
+FORMATS = ("torch", "keras", "onnx")
+_SUFFIXES = {".pt": "torch", ".pth": "torch", ".keras": "keras", ".onnx": "onnx"}
+
+
+def _format_for(out: Path, given: str | None) -> str:
+    from ..errors import CapsctlError
+
+    if given is not None:
+        if given not in FORMATS:
+            raise CapsctlError(f"--format must be one of {', '.join(FORMATS)}, got {given!r}")
+        return given
+    guess = _SUFFIXES.get(out.suffix.lower())
+    if guess is None:
+        raise CapsctlError(f"--out {out}: cannot tell the format from the suffix; pass --format {'|'.join(FORMATS)}")
+    return guess
+
+
+def _check_out(out: Path, source: Path) -> None:
+    from ..errors import CapsctlError
+
+    if out.resolve() == source.resolve():
+        raise CapsctlError(f"--out {out}: is the input file; choose another path")
+    if out.is_dir():
+        raise CapsctlError(f"--out {out}: is a folder, expected a file path")
+    if not out.parent.is_dir():
+        raise CapsctlError(f"--out {out}: folder {out.parent} does not exist")
+
+
+def export(
+    model: ModelArg,
+    out: Annotated[Path, typer.Option(help="File to write (.pt/.pth, .keras or .onnx).")],
+    format: Annotated[
+        str | None, typer.Option("--format", "-f", help="torch (state_dict), keras (.keras) or onnx [from --out's suffix].")
+    ] = None,
+) -> None:
+    """Write a model in a framework's own format.
+
+    torch: a state_dict for `torch.load(path, weights_only=True)` and `load_state_dict(strict=True)`
+    (the spec rides in its `_metadata`); keras: a `.keras` archive (`capsctl_keras.load_model`);
+    onnx: a graph with routing unrolled, input `images` (B, H, W, C), output `scores` (B, J),
+    dynamic batch and, with shared capsule weights or the pooling head, dynamic image size.
+
+    Example: capsctl export runs/caps/model.safetensors --out caps.onnx
+    """
+    import importlib.util
+
+    from ..backends import get_backend
+    from ..errors import CapsctlError
+    from ..weights import load_model
+
+    _check_out(out, model)
+    fmt = _format_for(out, format)
+    spec, weights = load_model(model)
+    if fmt == "keras":
+        get_backend("keras").export_native(spec, weights, str(out))  # type: ignore[attr-defined]
+    elif fmt == "torch":
+        get_backend("torch").export_native(spec, weights, str(out))  # type: ignore[attr-defined]
+    else:
+        get_backend("torch")
+        missing = [m for m in ("onnx", "onnxscript") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise CapsctlError(f"--format onnx needs {', '.join(missing)}; install it with: pip install 'capsctl[onnx]'")
+        from capsctl_torch._native import export_onnx
+
+        export_onnx(spec, weights, str(out))
+    typer.echo(f"wrote {out} ({fmt}, {spec.head} head)")
+
+
+def _sniff(path: Path) -> str:
+    """'torch', 'keras', or a CapsctlError saying what the file is instead."""
+    import zipfile
+
+    from ..errors import CapsctlError
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except FileNotFoundError:
+        raise CapsctlError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise CapsctlError(f"{path}: is a folder, expected a torch or Keras export") from None
+    if path.suffix.lower() == ".onnx":
+        raise CapsctlError(f"{path}: ONNX graphs cannot be imported (export to ONNX is one-way); import the torch or Keras export")
+    if len(head) >= 9 and head[8:9] == b"{":
+        raise CapsctlError(f"{path}: is a .safetensors file, already the canonical format (nothing to import)")
+    if head[:1] == b"\x80":  # a legacy (non-zip) torch.save pickle stream
+        return "torch"
+    if head[:2] != b"PK":
+        raise CapsctlError(f"{path}: not a torch state_dict file or a .keras archive")
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+    except (zipfile.BadZipFile, EOFError):
+        raise CapsctlError(f"{path}: damaged or truncated archive (no readable zip directory)") from None
+    if "config.json" in names and "model.weights.h5" in names:
+        return "keras"
+    if any(n.endswith("/data.pkl") for n in names):
+        return "torch"
+    raise CapsctlError(f"{path}: a zip archive, but neither a torch state_dict file nor a .keras archive")
+
+
+def import_(
+    path: Annotated[Path, typer.Argument(help="A file written by `capsctl export --format torch|keras`.")],
+    out: Annotated[Path, typer.Option(help="The canonical model file to write (.safetensors).")],
+    format: Annotated[str | None, typer.Option("--format", "-f", help="torch or keras [detected from the file].")] = None,
+) -> None:
+    """Turn a native torch or Keras export back into the canonical .safetensors model file.
+
+    The tensors come back bit for bit; the file is refused (exit 2) when it is damaged, not a
+    capsctl export, or its tensors do not match the spec it carries.
+
+    Example: capsctl import caps.keras --out caps.safetensors
+    """
+    from ..backends import get_backend
+    from ..errors import CapsctlError
+    from ..weights import save_model
+
+    if format is not None and format not in ("torch", "keras"):
+        raise CapsctlError(f"--format must be torch or keras, got {format!r} (ONNX files cannot be imported)")
+    _check_out(out, path)
+    fmt = format or _sniff(path)
+    spec, weights = get_backend(fmt).import_native(str(path))  # type: ignore[attr-defined]
+    save_model(out, spec, weights)
+    typer.echo(f"wrote {out} (from {fmt}, {spec.head} head)")

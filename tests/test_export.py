@@ -1,0 +1,287 @@
+"""`capsctl export` / `capsctl import`: native torch, Keras and ONNX files, round trips to the
+canonical file bit for bit, and refusal (one line, exit 2, nothing written) of every bad file."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from capsctl import reference
+from capsctl.spec import ModelSpec
+from capsctl.weights import init_weights, load_model, save_model
+
+from .conftest import run_cli
+
+SPECS = {
+    "capsule": ModelSpec(),
+    "pool": ModelSpec(head="pool"),
+    "non-shared": ModelSpec().with_capsule(shared=False, num_inputs=64, routing="sabour", squash="sabour"),
+}
+
+
+def _weights(spec: ModelSpec, seed: int = 2) -> dict[str, np.ndarray]:
+    w = init_weights(spec, seed)
+    rng = np.random.default_rng(seed)
+    for k, v in w.items():
+        if k.endswith(".bias"):
+            w[k] = rng.uniform(0, 0.05, v.shape).astype(np.float32)
+        elif v.ndim == 3:
+            w[k] = v * 8
+    return w
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("models")
+    out = {}
+    for name, spec in SPECS.items():
+        out[name] = d / f"{name}.safetensors"
+        save_model(out[name], spec, _weights(spec))
+    return out
+
+
+def _ok(args, capsys) -> str:
+    code, out, err = run_cli(args, capsys)
+    assert code == 0, err
+    return out
+
+
+def _refused(args, capsys, *words: str) -> str:
+    code, out, err = run_cli(args, capsys)
+    assert code == 2, (code, out, err)
+    assert err.startswith("error: ") and err.count("\n") == 1, err  # one line, no traceback
+    for w in words:
+        assert w in err, err
+    return err
+
+
+def _same_model(a: Path, b: Path) -> None:
+    sa, wa = load_model(a)
+    sb, wb = load_model(b)
+    assert sa == sb
+    assert sorted(wa) == sorted(wb)
+    for k in wa:
+        assert wa[k].dtype == wb[k].dtype and wa[k].shape == wb[k].shape and wa[k].tobytes() == wb[k].tobytes(), k
+
+
+# -- native round trips --------------------------------------------------------------------
+
+@pytest.mark.torch
+@pytest.mark.parametrize("name", list(SPECS))
+def test_torch_export_is_a_plain_state_dict_and_round_trips(tmp_path, capsys, models, mnist, name):
+    import torch
+    from capsctl_torch._layers import CapsNet
+
+    native = tmp_path / "m.pt"
+    _ok(["export", models[name], "--format", "torch", "--out", native], capsys)
+    state = torch.load(native, weights_only=True)  # no code is unpickled
+    spec, weights = load_model(models[name])
+    net = CapsNet(spec)
+    net.load_state_dict(state, strict=True)
+    assert ModelSpec.from_json(state._metadata[""]["capsctl_spec"]) == spec
+    x = mnist.test().images[:3]
+    with torch.no_grad():
+        got = net.eval()(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
+    np.testing.assert_allclose(got, reference.forward(spec, weights, x)[0], atol=1e-4)
+    back = tmp_path / "back.safetensors"
+    _ok(["import", native, "--out", back], capsys)
+    _same_model(models[name], back)
+
+
+@pytest.mark.keras
+@pytest.mark.parametrize("name", list(SPECS))
+def test_keras_export_loads_in_plain_keras_and_round_trips(tmp_path, capsys, models, mnist, name):
+    import capsctl_keras
+
+    native = tmp_path / "m.keras"
+    _ok(["export", models[name], "--out", native], capsys)  # format from the suffix
+    model = capsctl_keras.load_model(str(native))  # keras.saving.load_model, safe_mode=True
+    spec, weights = load_model(models[name])
+    x = mnist.test().images[:3]
+    np.testing.assert_allclose(np.asarray(model(x)), reference.forward(spec, weights, x)[0], atol=1e-4)
+    back = tmp_path / "back.safetensors"
+    _ok(["import", native, "--out", back], capsys)
+    _same_model(models[name], back)
+
+
+# -- ONNX ------------------------------------------------------------------------------------
+
+@pytest.mark.torch
+@pytest.mark.parametrize(
+    ("name", "sizes"),
+    [("capsule", [(28, 28), (56, 28), (40, 33)]), ("pool", [(28, 28), (28, 56)]),
+     ("non-shared", [(28, 28)])],
+)
+def test_onnx_runs_in_onnxruntime_and_matches(tmp_path, capsys, models, mnist, name, sizes):
+    import onnx
+    import onnxruntime as ort
+
+    from capsctl.backends import get_backend
+
+    path = tmp_path / "m.onnx"
+    _ok(["export", models[name], "--format", "onnx", "--out", path], capsys)
+    proto = onnx.load(path)
+    dims = [d.dim_param or d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]
+    assert isinstance(dims[0], str) and dims[3] == 1  # dynamic batch, channels-last input
+    assert all(isinstance(d, str) for d in dims[1:3]) == (name != "non-shared")
+    meta = {p.key: p.value for p in proto.metadata_props}
+    spec, weights = load_model(models[name])
+    assert ModelSpec.from_json(meta["capsctl_spec"]) == spec
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    runner = get_backend("torch").runner(spec, weights)
+    images = mnist.test().images
+    for i, (h, w) in enumerate(sizes):
+        x = np.zeros((3 + i, h, w, 1), np.float32)
+        x[:, :28, :28] = images[: 3 + i]
+        x[:, h - 28 :, w - 28 :] = np.maximum(x[:, h - 28 :, w - 28 :], images[10 : 13 + i])
+        (got,) = session.run(["scores"], {"images": x})
+        np.testing.assert_allclose(got, runner.scores(x), atol=1e-4, err_msg=f"{h}x{w}")
+        np.testing.assert_allclose(got[:2], reference.forward(spec, weights, x[:2])[0], atol=1e-4)
+
+
+# -- bad files and options ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def natives(tmp_path_factory, models) -> dict[str, Path]:
+    """Good native files of the capsule model, to damage in the tests."""
+    from capsctl_keras import KerasBackend
+    from capsctl_torch import TorchBackend
+
+    d = tmp_path_factory.mktemp("natives")
+    spec, weights = load_model(models["capsule"])
+    TorchBackend().export_native(spec, weights, str(d / "m.pt"))
+    KerasBackend().export_native(spec, weights, str(d / "m.keras"))
+    return {"torch": d / "m.pt", "keras": d / "m.keras"}
+
+
+def _rewrite_zip(src: Path, dst: Path, member: str, change) -> None:
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for item in zin.namelist():
+            data = zin.read(item)
+            zout.writestr(item, change(data) if item == member else data)
+
+
+def _torch_with(state_change, natives, dst: Path) -> Path:
+    import torch
+
+    state = torch.load(natives["torch"], weights_only=True)
+    state_change(state)
+    torch.save(state, dst)
+    return dst
+
+
+def _shrunk_spec(text: str) -> str:
+    d = json.loads(text)
+    d["trunk"][0]["filters"] = 32
+    return json.dumps(d)
+
+
+@pytest.mark.torch
+@pytest.mark.keras
+@pytest.mark.parametrize(
+    ("case", "words"),
+    [
+        ("torch-unrelated", ["not a capsctl torch export"]),
+        ("torch-truncated", ["truncated"]),
+        ("torch-truncated-forced", ["not a readable torch state_dict"]),
+        ("torch-code-pickle", ["not a readable torch state_dict"]),
+        ("torch-spec-mismatch", ["trunk.convs.0.weight", "shape"]),
+        ("torch-extra-tensor", ["'extra'", "not part of"]),
+        ("torch-missing-tensor", ["'head.kernel'", "missing"]),
+        ("torch-bad-spec", ["capsule.routing"]),
+        ("keras-unrelated", ["not a capsctl Keras model", "Sequential"]),
+        ("keras-truncated", ["truncated"]),
+        ("keras-truncated-forced", ["truncated"]),
+        ("keras-spec-mismatch", ["weights", "shape"]),
+        ("keras-no-weights", ["not a Keras model archive"]),
+        ("safetensors", ["already the canonical format"]),
+        ("onnx", ["ONNX"]),
+        ("text", ["not a torch state_dict file or a .keras archive"]),
+        ("folder", ["is a folder"]),
+        ("missing", ["no such file"]),
+    ],
+)
+def test_import_refuses_bad_files(tmp_path, capsys, models, natives, case, words):
+    import torch
+
+    bad = tmp_path / "bad"
+    args: list = []
+    if case == "torch-unrelated":
+        torch.save(torch.nn.Linear(3, 4).state_dict(), bad)
+    elif case.startswith(("torch-truncated", "keras-truncated")):
+        data = natives[case.split("-")[0]].read_bytes()
+        bad.write_bytes(data[: len(data) // 2])
+        if case.endswith("forced"):
+            args = ["--format", case.split("-")[0]]
+    elif case == "torch-code-pickle":
+        torch.save({"x": Path("/etc")}, bad)  # a global weights_only refuses to rebuild
+    elif case == "torch-spec-mismatch":
+        _torch_with(lambda s: s._metadata[""].update(capsctl_spec=_shrunk_spec(s._metadata[""]["capsctl_spec"])), natives, bad)
+    elif case == "torch-extra-tensor":
+        _torch_with(lambda s: s.update(extra=torch.zeros(2)), natives, bad)
+    elif case == "torch-missing-tensor":
+        _torch_with(lambda s: s.pop("head.kernel"), natives, bad)
+    elif case == "torch-bad-spec":
+        _torch_with(lambda s: s._metadata[""].update(capsctl_spec=s._metadata[""]["capsctl_spec"].replace('"su"', '"x"', 1)), natives, bad)
+    elif case == "keras-unrelated":
+        import capsctl_keras._env  # noqa: F401  (pins tensorflow)
+        import keras
+
+        keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]).save(tmp_path / "other.keras")
+        bad = tmp_path / "other.keras"
+    elif case == "keras-spec-mismatch":
+        def change(data: bytes) -> bytes:
+            c = json.loads(data)
+            c["config"]["spec"]["trunk"][0]["filters"] = 32
+            return json.dumps(c).encode()
+
+        _rewrite_zip(natives["keras"], bad, "config.json", change)
+    elif case == "keras-no-weights":
+        with zipfile.ZipFile(natives["keras"]) as zin, zipfile.ZipFile(bad, "w") as zout:
+            zout.writestr("config.json", zin.read("config.json"))
+        args = ["--format", "keras"]
+    elif case == "safetensors":
+        bad = models["capsule"]
+    elif case == "onnx":
+        bad = tmp_path / "m.onnx"
+        bad.write_bytes(b"\x08\x07\x12\x07pytorch")  # the start of an ONNX protobuf
+    elif case == "text":
+        bad.write_text("hello\n")
+    elif case == "folder":
+        bad = tmp_path
+    out = tmp_path / "out.safetensors"
+    _refused(["import", bad if case != "missing" else tmp_path / "nope.pt", "--out", out, *args], capsys, *words)
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp left behind
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--format", "tflite", "--out", "{d}/m.tflite"], ["--format must be one of"]),
+        (["--out", "{d}/m.bin"], ["cannot tell the format"]),
+        (["--format", "keras", "--out", "{d}/m.h5"], [".keras"]),
+        (["--out", "{d}/missing/m.pt"], ["does not exist"]),
+        (["--out", "{model}"], ["is the input file"]),
+    ],
+)
+def test_export_refuses_bad_options(tmp_path, capsys, models, args, words):
+    args = [a.format(d=tmp_path, model=models["capsule"]) for a in args]
+    _refused(["export", models["capsule"], *args], capsys, *words)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_export_refuses_a_broken_model(tmp_path, capsys, models):
+    broken = tmp_path / "broken.safetensors"
+    data = models["pool"].read_bytes()
+    broken.write_bytes(data[: len(data) - 100])
+    _refused(["export", broken, "--out", tmp_path / "m.pt"], capsys, "truncated")
+    assert not (tmp_path / "m.pt").exists()
+
+
+def test_import_onnx_format_is_refused_by_name(tmp_path, capsys, models):
+    _refused(["import", models["capsule"], "--format", "onnx", "--out", tmp_path / "x.safetensors"], capsys, "ONNX")
