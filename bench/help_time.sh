@@ -7,15 +7,21 @@ cmd="${CAPSCTL:-capsctl} --help"
 if command -v hyperfine >/dev/null 2>&1; then
   exec hyperfine --warmup 2 --runs "$n" --style basic "$cmd >/dev/null"
 fi
+# Without hyperfine: interleave the command with a bare interpreter start (`python -c pass`, the
+# floor no CLI can beat), so a busy machine shows up as a slow floor rather than a slow CLI.
 python3 - "$n" "$cmd" <<'PY'
-import statistics, subprocess, sys, time
+import os, statistics, subprocess, sys, time
 n, cmd = int(sys.argv[1]), sys.argv[2]
+floor = f"{sys.executable} -c pass"
+runs = {cmd: [], floor: []}
 subprocess.run(cmd, shell=True, stdout=subprocess.DEVNULL, check=True)  # warm the file cache
-times = []
 for _ in range(n):
-    t = time.perf_counter()
-    subprocess.run(cmd, shell=True, stdout=subprocess.DEVNULL, check=True)
-    times.append(time.perf_counter() - t)
-print(f"{cmd}: median {statistics.median(times) * 1e3:.0f} ms, min {min(times) * 1e3:.0f} ms, "
-      f"max {max(times) * 1e3:.0f} ms over {n} runs")
+    for c in runs:
+        t = time.perf_counter()
+        subprocess.run(c, shell=True, stdout=subprocess.DEVNULL, check=True)
+        runs[c].append(time.perf_counter() - t)
+for c, times in runs.items():
+    print(f"{c}: median {statistics.median(times) * 1e3:.0f} ms, min {min(times) * 1e3:.0f} ms, "
+          f"max {max(times) * 1e3:.0f} ms over {n} runs")
+print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
 PY

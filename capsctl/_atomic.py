@@ -17,9 +17,12 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             tmp.unlink()
+        if isinstance(e, OSError) and e.errno is not None:
+            # name the file the user knows, not our temporary (a failed write() names none at all)
+            raise OSError(e.errno, f"{e.strerror or e}; the file on disk is unchanged", str(path)) from e
         raise
     fsync_dir(path.parent)
 

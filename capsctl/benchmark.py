@@ -324,16 +324,16 @@ def checks(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         add("capsule step / pool step", name, r.get("capsule_step_ratio"), TARGET_CAPSULE_RATIO,
             value_cpu=r.get("capsule_step_ratio_cpu"))
         caps = r.get("heads", {}).get("capsule", {})
-        add("capsule training FLOP rate / sgemm rate", name, caps.get("sgemm_fraction"), TARGET_SGEMM_FRACTION,
+        add("train FLOP rate / sgemm", name, caps.get("sgemm_fraction"), TARGET_SGEMM_FRACTION,
             below=False, value_cpu=caps.get("sgemm_fraction_cpu"))
-        add("training peak RSS (MB)", name, r.get("train_peak_rss_mb"), TARGET_TRAIN_RSS_MB)
+        add("train peak RSS MB", name, r.get("train_peak_rss_mb"), TARGET_TRAIN_RSS_MB)
     if len(ok) >= 2:
         heads = set.intersection(*(set(r.get("heads", {})) for r in ok.values()))
         for head in sorted(heads):
             hs = [r["heads"][head] for r in ok.values()]
             ips = [h["train_images_per_s"] for h in hs]
             cpu = [h["train_step_cpu_ms"] for h in hs]
-            add(f"backends' training img/s, fastest / slowest ({head})", ",".join(ok), max(ips) / min(ips),
+            add(f"train img/s, fast/slow ({head})", ",".join(ok), max(ips) / min(ips),
                 TARGET_BACKEND_RATIO, value_cpu=max(cpu) / min(cpu) if min(cpu) > 0 else None)
     return rows
 

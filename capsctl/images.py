@@ -65,7 +65,12 @@ def load_image(
     head = _read_head(p)
     try:
         if head.startswith(_NPY_MAGIC):
-            gray = _load_npy(p, max_pixels)
+            import warnings
+
+            with warnings.catch_warnings():
+                # numpy parses the header with Python's tokenizer: a damaged one can raise a SyntaxWarning
+                warnings.simplefilter("ignore")
+                gray = _load_npy(p, max_pixels)
         elif p.suffix.lower() == ".npy":
             raise CapsctlError(f"{p}: not a .npy file (no NumPy header)")
         else:

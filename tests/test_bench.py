@@ -55,7 +55,7 @@ def test_bench_json_torch(capsys):
 def test_bench_table_torch_pool_only(capsys):
     code, out, _ = run_cli(["bench", "--backend", "torch", "--head", "pool", *TINY, "--windows", "1"], capsys)
     assert code == 0
-    assert "img/s" in out and "torch" in out and "sgemm" in out and "training peak RSS" in out
+    assert "img/s" in out and "torch" in out and "sgemm" in out and "peak RSS: training" in out
     assert "naive loop" not in out and "capsule step" not in out  # no capsule head: no routing, no ratio
 
 
@@ -87,10 +87,10 @@ def test_checks_compare_backends_and_limits():
     rows = {(r["target"], r["backend"]): r for r in checks(report)}
     assert rows[("capsule step / pool step", "a")]["met"] is True
     assert rows[("capsule step / pool step", "b")]["met"] is False
-    assert rows[("capsule training FLOP rate / sgemm rate", "a")]["met"] is False
-    assert rows[("capsule training FLOP rate / sgemm rate", "b")]["met"] is True
-    assert rows[("training peak RSS (MB)", "b")]["met"] is False
-    both = rows[("backends' training img/s, fastest / slowest (capsule)", "a,b")]
+    assert rows[("train FLOP rate / sgemm", "a")]["met"] is False
+    assert rows[("train FLOP rate / sgemm", "b")]["met"] is True
+    assert rows[("train peak RSS MB", "b")]["met"] is False
+    both = rows[("train img/s, fast/slow (capsule)", "a,b")]
     assert both["value"] == pytest.approx(1.2) and both["met"] is False
     assert both["value_cpu"] == pytest.approx(1.05) and both["met_cpu"] is True
     assert rows[("capsule step / pool step", "a")]["met_cpu"] is None  # no CPU-time figure given
@@ -107,10 +107,10 @@ def test_config_defaults_match_the_issue():
 @pytest.mark.parametrize("routing", ["su", "sabour", "su-unit"])
 def test_naive_torch_routing_computes_the_same_scores(routing):
     import torch
+    from capsctl_torch._layers import CapsuleHead
 
     from capsctl._bench_torch import naive_scores
     from capsctl.spec import default_spec
-    from capsctl_torch._layers import CapsuleHead
 
     spec = default_spec().with_capsule(routing=routing)
     head = CapsuleHead(spec)

@@ -218,6 +218,34 @@ def test_training_writes_every_file_atomically(tmp_path, capsys, data, monkeypat
         "model.safetensors", "checkpoint.safetensors", "metrics.jsonl"}
 
 
+@pytest.mark.torch
+def test_disk_full_during_a_save_stops_with_one_line_and_resume_finishes(tmp_path, capsys, data, monkeypatch):
+    import errno
+
+    real_replace = os.replace
+    calls = {"n": 0}
+
+    def replace(a, b):
+        calls["n"] += 1
+        if calls["n"] == 6:  # metrics, step-0 checkpoint, epoch 1 (3 files), then epoch 2's model
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_replace(a, b)
+
+    monkeypatch.setattr(os, "replace", replace)
+    run = tmp_path / "run"
+    code, _, err = run_cli(train_args(data, run), capsys)
+    lines = [x for x in err.splitlines() if x.startswith("error:")]
+    assert code == 1 and len(lines) == 1 and "Traceback" not in err, err
+    assert str(run / "model.safetensors") in lines[0] and "No space left on device" in lines[0], err
+    assert _position(run) == (1, 0)
+    assert len(metrics(run)) == 1
+    assert not [p for p in run.iterdir() if ".tmp-" in p.name]
+    monkeypatch.setattr(os, "replace", real_replace)  # space freed
+    code, _, err = run_cli(resume_args(data, run), capsys)
+    assert code == 0, err
+    assert _position(run) == (EPOCHS, 0) and len(metrics(run)) == EPOCHS
+
+
 # -- SIGKILL at random moments, then --resume ---------------------------------------------------------------
 
 @pytest.mark.slow

@@ -135,7 +135,9 @@ def test_optimizer_state_round_trips_between_trainers(mnist):
 
 
 def _python(code: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env})
+    # a fresh process as a user starts it: without the TF_CPP_MIN_LOG_LEVEL this one may have set
+    base = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "KERAS_BACKEND")}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**base, **env})
 
 
 def test_keras_already_on_another_backend_is_refused():
@@ -168,3 +170,39 @@ def test_torch_path_never_imports_keras_and_keras_path_pins_tensorflow():
     assert "TORCH []" in res.stdout, res.stderr
     assert "KERAS tensorflow" in res.stdout, res.stderr
     assert "oneDNN" not in res.stderr  # TensorFlow's start-up banners stay off a CLI's stderr
+
+
+def test_cli_train_keras_resumes_exactly_and_in_torch(tmp_path, capsys, mnist_dir):
+    """Two Keras epochs straight == one epoch, stop, --resume (bit for bit); and the same stopped
+    run resumed with --backend torch lands on the same weights up to float rounding (the
+    checkpoint's Adam slots are canonical, and both backends take the same Adam step)."""
+    import shutil
+    from dataclasses import replace
+
+    from capsctl.training import load_checkpoint, save_checkpoint
+    from capsctl.weights import load_model
+
+    from .conftest import run_cli
+
+    args = ["train", "--backend", "keras", "--data-dir", mnist_dir, "--limit", "192", "--batch-size", "64", "-q",
+            "--schedule", "constant", "--test-limit", "100"]
+    code, _, err = run_cli([*args, "--epochs", "2", "--out", tmp_path / "straight"], capsys)
+    assert code == 0, err
+    code, _, err = run_cli([*args, "--epochs", "1", "--out", tmp_path / "split"], capsys)
+    assert code == 0, err
+    ck = load_checkpoint(tmp_path / "split")
+    assert ck.optimizer["step"][0] == 3 and ck.config.backend == "keras"
+    save_checkpoint(tmp_path / "split", replace(ck, config=replace(ck.config, epochs=2)))
+    shutil.copytree(tmp_path / "split", tmp_path / "in-torch")
+    for run, backend in (("split", "keras"), ("in-torch", "torch")):
+        code, _, err = run_cli(["train", "--resume", tmp_path / run, "--backend", backend, "-q", "--data-dir", mnist_dir,
+                                "--test-limit", "100"], capsys)
+        assert code == 0, err
+    _, straight = load_model(tmp_path / "straight" / "model.safetensors")
+    _, resumed = load_model(tmp_path / "split" / "model.safetensors")
+    _, in_torch = load_model(tmp_path / "in-torch" / "model.safetensors")
+    for k in straight:
+        np.testing.assert_array_equal(resumed[k], straight[k], err_msg=k)
+        np.testing.assert_allclose(in_torch[k], straight[k], atol=1e-4, err_msg=k)
+        assert not np.array_equal(straight[k], ck.weights[k]), k  # the second epoch really trained
+    assert load_checkpoint(tmp_path / "in-torch").optimizer["step"][0] == 6

@@ -72,51 +72,51 @@ def _print(report: dict[str, Any]) -> None:
 
     from .._console import out
 
-    m = report["machine"]
+    m, cfg = report["machine"], report["config"]
     load = m.get("loadavg_before")
-    title = f"capsctl bench — {m['cpu']}, {m['cpus']} CPUs" + (f", load {load[0]:.1f}" if load else "")
-    table = Table(title=title)
-    for col in ("backend", "head", "train img/s", "step ms", "CPU ms", "GFLOP/s", "of sgemm", "of sgemm /CPU-s",
-                "infer 28×28", "infer 56×28"):
-        table.add_column(col, justify="left" if col in ("backend", "head") else "right")
+    out.print(f"[bold]capsctl bench[/] — {m['cpu']}, {m['cpus']} CPUs" + (f", load average {load[0]:.1f}" if load else ""))
+    train = Table(title=f"training, batch {cfg['batch']}, 28×28")
+    for col in ("backend", "head", "img/s", "step ms", "CPU ms", "GFLOP/s", "of sgemm", "per CPU-s"):
+        train.add_column(col, justify="left" if col in ("backend", "head") else "right")
+    infer = Table(title=f"inference, batch {cfg['infer_batch']}, img/s")
+    for col in ("backend", "head", "28×28", "56×28"):
+        infer.add_column(col, justify="left" if col in ("backend", "head") else "right")
     notes = []
     for name, r in report["backends"].items():
-        if not r.get("available"):
-            table.add_row(name, "—", "n/a", *[""] * 7)
-            notes.append(f"{name}: {r.get('reason', 'not available')}")
-            continue
-        if "error" in r:
-            table.add_row(name, "—", "failed", *[""] * 7)
-            notes.append(f"{name}: {r['error']}")
+        if not r.get("available") or "error" in r:
+            why = r.get("reason") or r.get("error") or "not available"
+            train.add_row(name, "—", "n/a" if not r.get("available") else "failed")
+            notes.append(f"{name}: {why}")
             continue
         for head, h in r["heads"].items():
             inf = h["infer_images_per_s"]
-            table.add_row(
+            train.add_row(
                 name, head, _fmt(h["train_images_per_s"]), _fmt(h["train_step_ms"]), _fmt(h["train_step_cpu_ms"]),
                 _fmt(h["achieved_gflops"]), _pct(h["sgemm_fraction"]), _pct(h.get("sgemm_fraction_cpu")),
-                _fmt(inf.get("28x28")), _fmt(inf.get("56x28")),
             )
+            infer.add_row(name, head, _fmt(inf.get("28x28")), _fmt(inf.get("56x28")))
         sg = r["sgemm"]
         line = [f"{name}: {r['describe']}",
                 f"sgemm {_fmt(sg['gflops'])} GFLOP/s (n={sg['n']}; {_fmt(sg.get('gflops_per_cpu_s'))} per CPU-second)"]
         if "capsule_step_ratio" in r:
             line.append(f"capsule step = {r['capsule_step_ratio']:.3f} × pool step "
-                        f"({_fmt(r.get('capsule_step_ratio_cpu'), '.3f')} in CPU time) "
-                        f"(head {r['capsule_head_share']:.1%} of the step, {r['capsule_head_flop_share']:.1%} of the FLOPs)")
+                        f"({_fmt(r.get('capsule_step_ratio_cpu'), '.3f')} in CPU time): the head is "
+                        f"{r['capsule_head_share']:.1%} of the step, {r['capsule_head_flop_share']:.1%} of the FLOPs")
         line.append(f"peak RSS: training {_fmt(r['train_peak_rss_mb'])} MB, inference {_fmt(r.get('infer_peak_rss_mb'))} MB")
         if "routing" in r:
             rt = r["routing"]
-            line.append(f"capsule head fwd+bwd at batch {rt['batch']}: naive loop {rt['naive_ms']:.1f} ms, "
+            line.append(f"capsule head fwd+bwd, batch {rt['batch']}: naive loop {rt['naive_ms']:.1f} ms, "
                         f"ours {rt['vectorised_ms']:.1f} ms ({rt['speedup']:.1f}× faster)")
         notes.append("\n  ".join(line))
-    out.print(table)
+    out.print(train)
+    out.print(infer)
     for note in notes:
         out.print(note)
     if report["checks"]:
-        checks = Table(title="targets")
-        for col in ("target", "backend", "limit", "wall clock", "", "per CPU-s", ""):
+        checks = Table(title="targets (wall clock; per CPU-second: load-robust)")
+        for col in ("target", "backend", "limit", "wall", "", "CPU-s", ""):
             checks.add_column(col)
         for c in report["checks"]:
-            checks.add_row(c["target"], c["backend"], f"{c['limit']:.3g}", f"{c['value']:.3g}", _met(c["met"]),
+            checks.add_row(c["target"], c["backend"], f"{c['limit']:.4g}", f"{c['value']:.3g}", _met(c["met"]),
                            _fmt(c.get("value_cpu"), ".3g"), _met(c.get("met_cpu")))
         out.print(checks)

@@ -84,9 +84,9 @@ def train(
     from ._common import check_range
 
     check_range("--routings (capsule.routings)", routings, 1, 100)
-    for opt, value, choices in (("routing", routing, ROUTINGS), ("squash", squash, SQUASHES)):
-        if value is not None and value not in choices:
-            raise CapsctlError(f"--{opt} (capsule.{opt}) must be one of {', '.join(choices)}, got {value!r}")
+    for opt, given, choices in (("routing", routing, ROUTINGS), ("squash", squash, SQUASHES)):
+        if given is not None and given not in choices:
+            raise CapsctlError(f"--{opt} (capsule.{opt}) must be one of {', '.join(choices)}, got {given!r}")
     changes: dict[str, object] = {}
     for key, value in (("routing", routing), ("squash", squash), ("routings", routings)):
         if value is not None:
