@@ -98,8 +98,9 @@ def test_training_steps_lower_the_loss_and_match_torch(mnist):
     x, y = mnist.train().images[:32], mnist.train().labels[:32]
     y1 = np.eye(10, dtype=np.float32)[y]
     w0 = init_weights(spec, 0)
-    kt = get_backend("keras").trainer(spec, w0, OptimConfig())
-    tt = get_backend("torch").trainer(spec, w0, OptimConfig())
+    optim = OptimConfig(weight_decay=0.05)  # decoupled decay too (wd=0 is covered by the resume test)
+    kt = get_backend("keras").trainer(spec, w0, optim)
+    tt = get_backend("torch").trainer(spec, w0, optim)
     assert kt.optimizer_state() == {}
     before = reference.margin_loss(kt.scores(x), y1)
     k_losses = [kt.step(x, y1, 1e-3)[0] for _ in range(3)]

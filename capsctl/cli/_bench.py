@@ -32,7 +32,8 @@ def bench(
     56×28), the capsule head's share of a training step, peak memory, and the achieved GFLOP/s of a
     training step (FLOPs counted from the model spec) as a fraction of a large float32 matmul's rate
     measured in the same run. Each backend runs in its own process. Figures are medians over
-    --windows; ratios compare measurements taken back to back.
+    --windows; ratios compare measurements taken back to back. CPU time is measured too: on a
+    machine busy with other work, compare the per-CPU-second figures. Takes a few minutes.
 
     Example: capsctl bench --backend torch --head capsule,pool --json
     """

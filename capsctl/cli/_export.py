@@ -41,15 +41,16 @@ def export(
     model: ModelArg,
     out: Annotated[Path, typer.Option(help="File to write (.pt/.pth, .keras or .onnx).")],
     format: Annotated[
-        str | None, typer.Option("--format", "-f", help="torch (state_dict), keras (.keras) or onnx [from --out's suffix].")
+        str | None, typer.Option("--format", "-f", help="torch (state_dict), keras (.keras) or onnx (default: from --out's suffix).")
     ] = None,
 ) -> None:
     """Write a model in a framework's own format.
 
-    torch: a state_dict for `torch.load(path, weights_only=True)` and `load_state_dict(strict=True)`
-    (the spec rides in its `_metadata`); keras: a `.keras` archive (`capsctl_keras.load_model`);
-    onnx: a graph with routing unrolled, input `images` (B, H, W, C), output `scores` (B, J),
-    dynamic batch and, with shared capsule weights or the pooling head, dynamic image size.
+    torch: a state_dict for torch.load(path, weights_only=True) and load_state_dict(strict=True).
+
+    keras: a .keras archive for capsctl_keras.load_model(path) (keras safe_mode).
+
+    onnx: routing unrolled; input images (B, H, W, C), output scores (B, J); any batch, and any image size unless the capsule weights are per-position.
 
     Example: capsctl export runs/caps/model.safetensors --out caps.onnx
     """
@@ -113,12 +114,11 @@ def _sniff(path: Path) -> str:
 def import_(
     path: Annotated[Path, typer.Argument(help="A file written by `capsctl export --format torch|keras`.")],
     out: Annotated[Path, typer.Option(help="The canonical model file to write (.safetensors).")],
-    format: Annotated[str | None, typer.Option("--format", "-f", help="torch or keras [detected from the file].")] = None,
+    format: Annotated[str | None, typer.Option("--format", "-f", help="torch or keras (default: detected from the file).")] = None,
 ) -> None:
     """Turn a native torch or Keras export back into the canonical .safetensors model file.
 
-    The tensors come back bit for bit; the file is refused (exit 2) when it is damaged, not a
-    capsctl export, or its tensors do not match the spec it carries.
+    The tensors come back bit for bit. A damaged file, a file that is not a capsctl export, or tensors that do not match the spec it carries are refused (exit 2).
 
     Example: capsctl import caps.keras --out caps.safetensors
     """
