@@ -49,6 +49,10 @@ TARGET_BACKEND_RATIO = 1.15
 TARGET_TRAIN_RSS_MB = 1536.0
 SGEMM_REPS = 3  # matmuls per window
 
+# OpenMP's wait policy as the user set it, before any backend package was imported here
+# (capsctl_torch sets it for itself): each child gets what it would get when run on its own.
+_USER_OMP = os.environ.get("OMP_WAIT_POLICY")
+
 
 @dataclass(frozen=True)
 class BenchConfig:
@@ -292,7 +296,11 @@ def run_child(name: str, cfg: BenchConfig, timeout: float | None = None) -> dict
         out = os.path.join(tmp, "result.json")
         cmd = [sys.executable, "-m", "capsctl.benchmark", name, json.dumps(asdict(cfg)), out]
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+            env = dict(os.environ)
+            env.pop("OMP_WAIT_POLICY", None)
+            if _USER_OMP is not None:
+                env["OMP_WAIT_POLICY"] = _USER_OMP
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False, env=env)
         except subprocess.TimeoutExpired:
             return {"backend": name, "available": True, "error": f"timed out after {timeout:.0f} s"}
         if proc.returncode != 0 or not os.path.exists(out):
