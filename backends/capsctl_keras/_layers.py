@@ -50,6 +50,40 @@ def route(u_hat: Any, routings: int, routing: str, squash_kind: str, trace: bool
     return v, cs, ags
 
 
+def route_shared(
+    u: Any, kernel: Any, dim: int, routings: int, routing: str, squash_kind: str, trace: bool = False
+) -> tuple[Any, list, list]:
+    """The same routing as `route` for a shared kernel, without ever building û (B, J, N, D).
+
+    û_j|i = u_i·W_j is linear in u_i, so s_j = (Σ_i c_ij u_i)·W_j and û_j|i·v_j = u_i·(W_j v_j):
+    every step works on the inputs u (B, N, C). 2.6× fewer FLOPs for the seed model; mirrors the
+    torch backend's `route_shared`. Results equal `route` up to float rounding."""
+    bsz, n, c_in = ops.shape(u)
+    w = ops.reshape(kernel, (c_in, -1, dim))  # (C, J, D)
+    j = ops.shape(w)[1]
+    b = None
+    cs: list = []
+    ags: list = []
+    v = None
+    for r in range(1, routings + 1):
+        if b is None:  # softmax of zero logits is 1/J everywhere
+            c = ops.ones((bsz, j, n), dtype=u.dtype) / j
+            cu = ops.repeat(ops.sum(u, axis=1, keepdims=True) / j, j, axis=1)  # (B, J, C)
+        else:
+            c = ops.softmax(b, axis=1)  # over the output capsules j
+            cu = ops.einsum("bjn,bnc->bjc", c, u)  # Σ_i c_ij u_i
+        s = ops.einsum("bjc,cjd->bjd", cu, w)
+        v = squash(s, squash_kind)
+        if trace:
+            cs.append(c)
+            ags.append(ops.einsum("bnc,bjc->bjn", u, ops.einsum("cjd,bjd->bjc", w, v)))
+        if r < routings:
+            target = s / safe_norm(s)[..., None] if routing == "su-unit" else v
+            agree = ops.einsum("bnc,bjc->bjn", u, ops.einsum("cjd,bjd->bjc", w, target))
+            b = agree if routing != "sabour" or b is None else b + agree
+    return v, cs, ags
+
+
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class CapsuleHead(keras.layers.Layer):
     """Trunk features (B, H, W, C) -> class scores ‖v_j‖ (B, J).
@@ -81,13 +115,20 @@ class CapsuleHead(keras.layers.Layer):
             return ops.einsum("bnc,cjd->bjnd", u, ops.reshape(self.kernel, (-1, j, d)))
         return ops.einsum("bnc,ncjd->bjnd", u, ops.reshape(self.kernel, (self.num_inputs, -1, j, d)))
 
+    def _route(self, f: Any, routings: int, trace: bool) -> tuple[Any, list, list]:
+        if self.shared:
+            shape = ops.shape(f)
+            u = ops.reshape(f, (shape[0], -1, shape[3]))  # (B, N, C), row-major over (H, W)
+            return route_shared(u, self.kernel, self.dim, routings, self.routing, self.squash, trace)
+        return route(self.predictions(f), routings, self.routing, self.squash, trace)
+
     def call(self, f: Any) -> Any:
-        v, _, _ = route(self.predictions(f), self.routings, self.routing, self.squash)
+        v, _, _ = self._route(f, self.routings, False)
         return safe_norm(v)
 
     def trace(self, f: Any, routings: int | None = None) -> tuple[Any, Any, Any]:
         """Scores (B, J) and the stacked trace: couplings and agreements (B, R, J, N)."""
-        v, cs, ags = route(self.predictions(f), routings or self.routings, self.routing, self.squash, trace=True)
+        v, cs, ags = self._route(f, routings or self.routings, True)
         return safe_norm(v), ops.stack(cs, axis=1), ops.stack(ags, axis=1)
 
     def compute_output_shape(self, input_shape: tuple) -> tuple:
