@@ -13,7 +13,7 @@ from capsctl.spec import ModelSpec
 from ._env import tune_malloc
 from ._layers import margin_loss
 from ._runner import batched_scores, build, to_input
-from ._weights import table, to_canonical
+from ._weights import table, to_canonical, to_native
 
 
 class TorchTrainer:
@@ -63,13 +63,12 @@ class TorchTrainer:
 
     def load_optimizer_state(self, state: Mapping[str, np.ndarray]) -> None:
         step = float(state["step"][0])
-        for name, (key, perm) in table(self.spec).items():
-            param = self.params[key]
-            inv = np.argsort(perm) if perm else None
-            def native(a: np.ndarray, inv: np.ndarray | None = inv) -> torch.Tensor:
-                return torch.from_numpy(np.ascontiguousarray(a.transpose(inv) if inv is not None else a)).to(param.device)
+        names = table(self.spec)
+        m = to_native(self.spec, {name: state[f"m.{name}"] for name in names})
+        v = to_native(self.spec, {name: state[f"v.{name}"] for name in names})
+        for key, param in self.params.items():
             self.opt.state[param] = {
                 "step": torch.tensor(step, dtype=torch.float32),
-                "exp_avg": native(state[f"m.{name}"]).reshape(param.shape).contiguous(memory_format=torch.preserve_format),
-                "exp_avg_sq": native(state[f"v.{name}"]).reshape(param.shape),
+                "exp_avg": torch.from_numpy(m[key]).to(param.device),
+                "exp_avg_sq": torch.from_numpy(v[key]).to(param.device),
             }

@@ -6,6 +6,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from capsctl import layout
+from capsctl.layout import LayoutTable
 from capsctl.spec import ModelSpec
 
 # canonical name pattern -> (native name pattern, permutation taking the native array to canonical)
@@ -13,8 +15,8 @@ _CONV_KERNEL = (2, 3, 1, 0)  # torch [out, in, kh, kw] -> [kh, kw, in, out]
 _DENSE_KERNEL = (1, 0)  # torch Linear [out, in] -> [in, out]
 
 
-def table(spec: ModelSpec) -> dict[str, tuple[str, tuple[int, ...] | None]]:
-    rows: dict[str, tuple[str, tuple[int, ...] | None]] = {}
+def table(spec: ModelSpec) -> LayoutTable:
+    rows: LayoutTable = {}
     for k in range(len(spec.conv_layers)):
         rows[f"trunk.{k}.kernel"] = (f"trunk.convs.{k}.weight", _CONV_KERNEL)
         rows[f"trunk.{k}.bias"] = (f"trunk.convs.{k}.bias", None)
@@ -29,16 +31,8 @@ def table(spec: ModelSpec) -> dict[str, tuple[str, tuple[int, ...] | None]]:
 
 
 def to_native(spec: ModelSpec, weights: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    out = {}
-    for name, (native, perm) in table(spec).items():
-        arr = weights[name]
-        out[native] = np.ascontiguousarray(arr.transpose(np.argsort(perm)) if perm else arr)
-    return out
+    return layout.to_native(table(spec), weights)
 
 
 def to_canonical(spec: ModelSpec, native: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    out = {}
-    for name, (key, perm) in table(spec).items():
-        arr = native[key]
-        out[name] = np.ascontiguousarray(arr.transpose(perm) if perm else arr, dtype=np.float32)
-    return out
+    return layout.to_canonical(table(spec), native)
