@@ -13,7 +13,7 @@ import numpy as np
 
 from .errors import CapsctlError
 
-_TYPES = {0x08: np.dtype("u1"), 0x09: np.dtype("i1"), 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
+_TYPES: dict[int, np.dtype] = {0x08: np.dtype("u1"), 0x09: np.dtype("i1"), 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
           0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
 _MAX_BYTES = 1 << 31  # 2 GiB decompressed: far beyond any MNIST-style set, a guard against gzip bombs
 

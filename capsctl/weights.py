@@ -30,7 +30,7 @@ from .spec import ModelSpec
 MODEL_FORMAT = "capsctl/1"
 CHECKPOINT_FORMAT = "capsctl-checkpoint/1"
 _MAX_HEADER = 100 * 1024 * 1024  # a header longer than this is not a capsctl file
-_DTYPES = {"F32": np.dtype("<f4"), "F64": np.dtype("<f8"), "I64": np.dtype("<i8"), "U8": np.dtype("u1")}
+_DTYPES: dict[str, np.dtype] = {"F32": np.dtype("<f4"), "F64": np.dtype("<f8"), "I64": np.dtype("<i8"), "U8": np.dtype("u1")}
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 
 Weights = dict[str, np.ndarray]

@@ -89,7 +89,7 @@ def eval_pairs(
             )
     check_fit(spec, comp.images, comp.labels, str(model), f"{dataset} {layout} composites")
     runner = get_backend(backend).runner(spec, weights)
-    result = score_sets(runner.scores(comp.images, batch_size), comp.labels)
+    result: dict[str, object] = {**score_sets(runner.scores(comp.images, batch_size), comp.labels)}
     result.update({"seed": seed, "layout": layout, "digits": digits})
     if json_out:
         typer.echo(json.dumps(result))

@@ -123,7 +123,7 @@ def train(
     typer.echo(f"model: {run / 'model.safetensors'}")
 
 
-def _test_split(ds, limit):  # type: ignore[no-untyped-def]
+def _test_split(ds, limit):
     from ..datasets import Split
 
     test = ds.test()
