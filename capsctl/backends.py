@@ -71,6 +71,12 @@ class Backend(Protocol):
 
     def trainer(self, spec: ModelSpec, weights: Mapping[str, np.ndarray], optim: OptimConfig) -> Trainer: ...
 
+    def export_native(self, spec: ModelSpec, weights: Mapping[str, np.ndarray], path: str) -> None:
+        """Write the model in the framework's own file format (`capsctl export`)."""
+
+    def import_native(self, path: str) -> tuple[ModelSpec, Weights]:
+        """Read a file written by `export_native` back to spec + canonical weights (`capsctl import`)."""
+
 
 def available_names() -> list[str]:
     names = dict(BUILTIN)

@@ -64,9 +64,9 @@ def export(
     fmt = _format_for(out, format)
     spec, weights = load_model(model)
     if fmt == "keras":
-        get_backend("keras").export_native(spec, weights, str(out))  # type: ignore[attr-defined]
+        get_backend("keras").export_native(spec, weights, str(out))
     elif fmt == "torch":
-        get_backend("torch").export_native(spec, weights, str(out))  # type: ignore[attr-defined]
+        get_backend("torch").export_native(spec, weights, str(out))
     else:
         get_backend("torch")
         missing = [m for m in ("onnx", "onnxscript") if importlib.util.find_spec(m) is None]
@@ -130,6 +130,6 @@ def import_(
         raise CapsctlError(f"--format must be torch or keras, got {format!r} (ONNX files cannot be imported)")
     _check_out(out, path)
     fmt = format or _sniff(path)
-    spec, weights = get_backend(fmt).import_native(str(path))  # type: ignore[attr-defined]
+    spec, weights = get_backend(fmt).import_native(str(path))
     save_model(out, spec, weights)
     typer.echo(f"wrote {out} (from {fmt}, {spec.head} head)")
