@@ -68,11 +68,11 @@ def route_shared(
     for r in range(1, routings + 1):
         if b is None:  # softmax of zero logits is 1/J everywhere
             c = ops.ones((bsz, j, n), dtype=u.dtype) / j
-            cu = ops.repeat(ops.sum(u, axis=1, keepdims=True) / j, j, axis=1)  # (B, J, C)
+            # the same Σ_i u_i / J for every j; (ops.repeat here made TF log a oneDNN int32 error line)
+            s = ops.einsum("bc,cjd->bjd", ops.sum(u, axis=1) / j, w)
         else:
             c = ops.softmax(b, axis=1)  # over the output capsules j
-            cu = ops.einsum("bjn,bnc->bjc", c, u)  # Σ_i c_ij u_i
-        s = ops.einsum("bjc,cjd->bjd", cu, w)
+            s = ops.einsum("bjc,cjd->bjd", ops.einsum("bjn,bnc->bjc", c, u), w)  # (Σ_i c_ij u_i)·W_j
         v = squash(s, squash_kind)
         if trace:
             cs.append(c)
