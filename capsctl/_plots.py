@@ -64,7 +64,7 @@ def accuracy_plot(r: dict[str, Any], path: Path) -> Path:
         for i, head in enumerate(heads):
             vals = [r["summary"][head]["tests"][t][key] for t in tests]
             xs = [j + (i - (len(heads) - 1) / 2) * width for j in range(len(tests))]
-            bars = ax.bar(xs, [100 * m for m, _ in vals], width, yerr=[100 * s for _, s in vals], label=head, capsize=2)
+            bars = ax.bar(xs, [100 * m for m, _ in vals], width, yerr=[100 * (s or 0.0) for _, s in vals], label=head, capsize=2)
             ax.bar_label(bars, fmt="%.1f", fontsize=6, padding=1)
         ax.set_xticks(range(len(tests)), [TEST_TITLES[t].replace(" ", "\n", 1) for t in tests], fontsize=7)
         ax.set(ylim=(0, 100), ylabel="%", title=title)

@@ -19,6 +19,7 @@ from ._tables import (
     ablate_markdown,
     describe_pairs,
     duration,
+    missing_note,
     pairs_cost,
     pairs_long,
     pairs_per_seed,
@@ -90,17 +91,23 @@ def _copy_plots(folder: Path, dest: Path, doc_dir: Path) -> list[str]:
     return links
 
 
+def _wall(r: dict[str, Any]) -> str:
+    # an invocation that only re-tabulated finished models says nothing about the experiment's time
+    if any(m.get("status") != "skipped" for m in r.get("models", [])):
+        return f"; the last invocation took {duration(r['wall_seconds'])} of wall time"
+    return "; the tables were last regenerated from the finished runs"
+
+
 def _timing(r: dict[str, Any]) -> str:
     m = r.get("machine", {})
     load = m.get("loadavg", ["?"])[0]
     return (f"Time: {duration(r['compute_seconds'])} of training and scoring summed over its models (each model's own "
-            f"measured seconds, so it holds even when an invocation resumed or skipped models); the last invocation "
-            f"took {duration(r['wall_seconds'])} of wall time. Machine: {m.get('cores', '?')} cores ({m.get('cpu', '?')}), "
+            f"measured seconds, so it holds even when an invocation resumed or skipped models){_wall(r)}. Machine: {m.get('cores', '?')} cores ({m.get('cpu', '?')}), "
             f"{r.get('backend_info', r['backend'])}, shared with other jobs (1-minute load average {load} at the start).")
 
 
 def _pairs_section(folder: Path, r: dict[str, Any], doc_dir: Path) -> str:
-    parts = [f"### {describe_pairs(r)}\n", f"Command (result folder `{folder.name}`):\n\n```\n{r['command']}\n```\n",
+    parts = [f"### {describe_pairs(r)}\n", *([missing_note(r).strip() + "\n"] if r.get("missing") else []), f"Command (result folder `{folder.name}`):\n\n```\n{r['command']}\n```\n",
              _timing(r) + "\n", _comparison(r)]
     parts.append("All tests (mean ± std over seeds; composites: pairing seed "
                  f"{r['composite_seed']}{', first ' + str(r['eval_limit']) + ' per test' if r.get('eval_limit') else ''}):\n")
@@ -143,10 +150,10 @@ def _not_run(items: list[tuple[Path, dict[str, Any]]]) -> str:
             if r["kind"] == "pairs" or _full_grid(r)}
     lines = []
     for folder, r in items:
-        if r["kind"] == "pairs" and not r["overrides"] and len(r["seeds"]) < 3:
-            cmd = shlex.split(r["command"])
+        if r["kind"] == "pairs" and (r.get("missing") or (not r["overrides"] and len(r["seeds"]) < 3)):
+            cmd = [c for c in shlex.split(r["command"]) if c != "--no-train"]
             cmd[cmd.index("--seeds") + 1] = "0,1,2"
-            lines.append(f"- `{folder.name}` with all three seeds (finished models are skipped):\n\n"
+            lines.append(f"- `{folder.name}` with all three seeds, both heads (finished models are skipped):\n\n"
                          f"  ```\n  {shlex.join(cmd)}\n  ```")
     wanted = [
         (("pairs", "mnist", "keras", "default"), "mnist-5k on the Keras backend",
@@ -156,11 +163,11 @@ def _not_run(items: list[tuple[Path, dict[str, Any]]]) -> str:
         (("pairs", "fashion-mnist", "torch", "default"), "full Fashion-MNIST (60k images; about 20-25 min per model on an idle 2-core CPU)",
          "capsctl experiment pairs --backend torch --dataset fashion-mnist --seeds 0,1,2 --out out/fashion-torch-default"),
         (("ablate", "mnist", "torch", "default"), "the full routing ablation (30 models at the default recipe's epochs)",
-         "capsctl experiment ablate --backend torch --data-dir ../shared/data/mnist-5k --out out/ablate-mnist5k"),
+         "capsctl experiment ablate --backend torch --data-dir ../shared/data/mnist-5k --out out/ablate-mnist5k-full"),
     ]
-    for key, what, cmd in wanted:
+    for key, what, command in wanted:
         if key not in have:
-            lines.append(f"- {what}:\n\n  ```\n  {cmd}\n  ```")
+            lines.append(f"- {what}:\n\n  ```\n  {command}\n  ```")
     lines.append("- full 60k MNIST (cannot be downloaded on this machine; where there is internet, capsctl downloads "
                  "it on first use):\n\n  ```\n  capsctl experiment pairs --backend torch --dataset mnist --seeds 0,1,2 "
                  "--out out/mnist-torch-default\n  ```")
@@ -185,6 +192,9 @@ def render(folders: Sequence[Path], doc: Path, results: Sequence[dict[str, Any]]
         "one-cycle 3e-3, ±3 px shifts.\n",
         TARGETS + "\n",
         "## At a glance\n",
+        "Mean over the seeds run; cells are accuracy / confident accuracy. A row whose *changed* column is not "
+        "empty differs from its recipe in that setting only (recipe-choice comparisons): such choices are made "
+        "on the standard-test column alone; the composite columns are reported, never used to choose.\n",
         _overview(items),
     ]
     pairs_items = [(f, r) for f, r in items if r["kind"] == "pairs"]

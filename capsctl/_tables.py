@@ -17,7 +17,7 @@ def pct(ms: Any) -> str:
     """(mean, std) or a float -> '98.76 ± 0.05%'."""
     if isinstance(ms, (list, tuple)):
         m, s = ms
-        return f"{100 * m:.2f} ± {100 * s:.2f}%"
+        return f"{100 * m:.2f}%" if s is None else f"{100 * m:.2f} ± {100 * s:.2f}%"
     return f"{100 * ms:.2f}%"
 
 
@@ -42,6 +42,11 @@ def describe_pairs(r: dict[str, Any]) -> str:
     limit = " (--limit)" if r.get("limit") else ""
     return (f"{r['dataset']} ({r['train_images']} training images{limit}), {r['backend']}, recipe `{r['recipe']}`"
             f"{' with ' + extra if extra else ''}, seeds {', '.join(map(str, r['seeds']))}")
+
+
+def missing_note(r: dict[str, Any]) -> str:
+    missing = r.get("missing") or []
+    return f" Not finished, so left out: {', '.join(missing)}." if missing else ""
 
 
 def pairs_headline(r: dict[str, Any]) -> str:
@@ -73,8 +78,9 @@ def pairs_cost(r: dict[str, Any]) -> str:
     for head, s in r["summary"].items():
         m, sd = s["train_seconds"]
         ips, _ = s["images_per_s"]
-        rows.append([head, f"{s['parameters']:,}", str(s["epochs"]), f"{duration(m)} ± {duration(sd)}", f"{ips:.0f}"])
-    return table(["head", "parameters", "epochs", "train time per model", "training images/s"], rows)
+        spread = "" if sd is None else f" ± {duration(sd)}"
+        rows.append([head, f"{s['parameters']:,}", str(s["epochs"]), duration(m) + spread, f"{ips:.0f}"])
+    return table(["head", "parameters", "epochs", "train time per model (optimiser steps)", "training images/s"], rows)
 
 
 def pairs_per_seed(r: dict[str, Any]) -> str:
@@ -90,7 +96,7 @@ def pairs_markdown(r: dict[str, Any]) -> str:
     note = (f"Composites: pairing seed {r['composite_seed']}"
             f"{', first ' + str(r['eval_limit']) + ' per test' if r.get('eval_limit') else ''}; "
             "confident = the k-th highest score is above 0.5.")
-    return (f"# Paired-digit experiment\n\n{describe_pairs(r)}.\n\n`{r['command']}`\n\n"
+    return (f"# Paired-digit experiment\n\n{describe_pairs(r)}.{missing_note(r)}\n\n`{r['command']}`\n\n"
             f"{pairs_headline(r)}\n{note}\n\n{pairs_long(r)}\n{pairs_cost(r)}\nPer seed:\n\n{pairs_per_seed(r)}")
 
 

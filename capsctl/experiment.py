@@ -256,12 +256,13 @@ class Scorer:
 
 # -- summaries --------------------------------------------------------------------------
 
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
+def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation; the deviation is None for a single value."""
     n = len(values)
     if n == 0:
-        return math.nan, math.nan
+        return math.nan, None
     m = sum(values) / n
-    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1)) if n > 1 else None
     return m, sd
 
 
@@ -361,8 +362,12 @@ def steps_done(job: Job, n_train: int) -> int:
 def train_and_score(
     backend: Any, jobs: Sequence[Job], train_split: Any, test_split: Any, scorer: Scorer, tests: Sequence[str],
     show_progress: bool, eval_routings: Callable[[Job], Sequence[int | None]] | None = None,
+    train: bool = True,
 ) -> list[dict[str, Any]]:
-    """Train (or skip / resume) every job, then score it; returns one record per job."""
+    """Train (or skip / resume) every job, then score it; returns one record per job.
+
+    With `train=False` only finished models are scored; the others are left out (and named).
+    """
     from ._console import err
     from .datasets import Split
     from .training import read_metrics, steps_per_epoch
@@ -379,6 +384,10 @@ def train_and_score(
         for i, job in enumerate(jobs, 1):
             label = f"[{i}/{len(jobs)}] {job.run.name}"
             done = steps_done(job, n_train)
+            if not train and run_state(job) != "done":
+                err.print(f"{label}: not finished; left out (--no-train)")
+                tracker.skip(steps_per_epoch(job.config, n_train) * job.config.epochs)
+                continue
             tracker.start(label, job, n_train, done)
             tracker.skip(done)
             status = ensure_trained(backend, job, train_split, curve, tracker.hook)
@@ -431,6 +440,7 @@ class PairsPlan:
     tests: tuple[str, ...] = ALL_TESTS
     overrides: Overrides = Overrides()
     command: str = ""
+    train: bool = True  # False: score and tabulate finished models only
 
 
 def run_pairs(plan: PairsPlan, out: Path, show_progress: bool = True) -> dict[str, Any]:
@@ -446,7 +456,11 @@ def run_pairs(plan: PairsPlan, out: Path, show_progress: bool = True) -> dict[st
     jobs = [make_job(out, plan.backend, plan.dataset, plan.recipe, h, s, plan.limit, plan.overrides)
             for s in plan.seeds for h in plan.heads]
     scorer = Scorer(test_split, plan.eval_limit)
-    models = train_and_score(backend, jobs, train_split, test_split, scorer, plan.tests, show_progress)
+    models = train_and_score(backend, jobs, train_split, test_split, scorer, plan.tests, show_progress, train=plan.train)
+    if not models:
+        raise CapsctlError(f"--out {out}: no finished model to report (--no-train)")
+    finished = {m["run"] for m in models}
+    missing = [os.path.relpath(j.run, out) for j in jobs if str(j.run) not in finished]
     for m in models:
         m["run"] = os.path.relpath(m["run"], out)
     results = {
@@ -468,6 +482,7 @@ def run_pairs(plan: PairsPlan, out: Path, show_progress: bool = True) -> dict[st
         "curve_test_images": min(CURVE_TEST_IMAGES, plan.eval_limit or CURVE_TEST_IMAGES),
         "tests": list(plan.tests),
         "models": models,
+        "missing": missing,
         "summary": summarize(models, plan.tests),
         "compute_seconds": sum(m["train_seconds"] + m["score_seconds"] for m in models),
         "wall_seconds": time.time() - t0,

@@ -109,7 +109,7 @@ def test_pairs_writes_results(tiny_pairs: tuple[Path, dict]) -> None:
         assert len(m["curve"]) == 1 and m["train_seconds"] > 0
         assert (out / m["run"] / "model.safetensors").exists()
     s = r["summary"]["capsule"]["tests"]["vertical"]
-    assert s["accuracy"][1] == 0.0 and s["accuracy"][0] == r["models"][0]["tests"]["vertical"]["accuracy"]
+    assert s["accuracy"][1] is None and s["accuracy"][0] == r["models"][0]["tests"]["vertical"]["accuracy"]
     md = (out / "results.md").read_text()
     assert "| capsule | vertical pairs |" in md and "279,488" in md and "![curves](curves.png)" in md
     for png in ("curves.png", "accuracy.png"):
@@ -130,6 +130,15 @@ def test_pairs_rerun_skips_finished_models(tiny_pairs: tuple[Path, dict], mnist_
     assert model.stat().st_mtime_ns == before
     assert [m["tests"] for m in r["models"]] == [m["tests"] for m in first["models"]]
     assert "--limit 120" in r["command"] and "capsctl experiment pairs" in r["command"]
+    # --no-train tabulates what is finished and names what is not
+    code, _, err = run_cli(["experiment", "pairs", "--data-dir", mnist_dir, "--epochs", "1", "--seeds", "0,1",
+                            "--limit", TINY["limit"], "--eval-limit", TINY["eval_limit"], "--out", out, "-q", "--no-train"], capsys)
+    assert code == 0, err
+    r = json.loads((out / "results.json").read_text())
+    assert [m["seed"] for m in r["models"]] == [0, 0]
+    assert r["missing"] == ["runs/torch-default-capsule-s1", "runs/torch-default-pool-s1"]
+    assert not (out / "runs" / "torch-default-capsule-s1" / "model.safetensors").exists()
+    assert "Not finished" in (out / "results.md").read_text() and "--no-train" not in r["command"]
     # the same folder with other settings is refused, not silently mixed
     code, _, err = run_cli(["experiment", "pairs", "--data-dir", mnist_dir, "--epochs", "2", "--seeds", "0",
                             "--limit", TINY["limit"], "--out", out, "-q"], capsys)

@@ -52,6 +52,7 @@ def pairs(
     squash: Annotated[str | None, typer.Option(help="Capsule squash: su or sabour [su].")] = None,
     routings: Annotated[int | None, typer.Option(help="Capsule routing iterations [3].")] = None,
     out: OutOpt = Path("out/pairs"),
+    train: Annotated[bool, typer.Option("--train/--no-train", help="--no-train: tabulate finished models only.")] = True,
     quiet: QuietOpt = False,
 ) -> None:
     """Train the capsule and pooling heads (same trunk, seed and data) and score both.
@@ -89,13 +90,14 @@ def pairs(
         tests=tuple(ex.parse_names(tests, "--tests", ex.ALL_TESTS)),
         overrides=ex.Overrides(epochs=epochs, lr=lr, schedule=schedule, shift=shift, weight_decay=weight_decay,
                                routing=routing, squash=squash, routings=routings),
+        train=train,
     )
     plan = ex.PairsPlan(**{**plan.__dict__, "command": _command("pairs", {
         "backend": backend, "dataset": dataset, "data_dir": data_dir, "recipe": recipe, "epochs": epochs,
         "seeds": seeds, "heads": heads if heads != "capsule,pool" else None,
         "tests": tests if tests != "test,vertical,horizontal,vertical3,overlap" else None, "limit": limit,
         "eval_limit": eval_limit, "lr": lr, "schedule": schedule, "shift": shift, "weight_decay": weight_decay,
-        "routing": routing, "squash": squash, "routings": routings, "out": out})})
+        "routing": routing, "squash": squash, "routings": routings, "out": out})})  # --no-train only tabulates, so the command that trains is recorded
     from ..recipes import get_recipe
     from ..training import TrainConfig
 
