@@ -443,16 +443,22 @@ class PairsPlan:
     train: bool = True  # False: score and tabulate finished models only
 
 
-def run_pairs(plan: PairsPlan, out: Path, show_progress: bool = True) -> dict[str, Any]:
+def _prepare(backend_name: str, dataset: str, data_dir: str | None, out: Path) -> tuple[Any, Any, Any]:
+    """The backend, the train and test splits, and the output folder: what every experiment starts from."""
     from . import datasets
     from .backends import get_backend
 
+    backend = get_backend(backend_name)
+    ds = datasets.load(dataset, data_dir)
+    train_split, test_split = ds.train(), ds.test()  # refuse broken data before creating anything
+    out.mkdir(parents=True, exist_ok=True)
+    return backend, train_split, test_split
+
+
+def run_pairs(plan: PairsPlan, out: Path, show_progress: bool = True) -> dict[str, Any]:
     t0 = time.time()
     start_machine = machine()
-    backend = get_backend(plan.backend)
-    ds = datasets.load(plan.dataset, plan.data_dir)
-    train_split, test_split = ds.train(), ds.test()
-    out.mkdir(parents=True, exist_ok=True)
+    backend, train_split, test_split = _prepare(plan.backend, plan.dataset, plan.data_dir, out)
     jobs = [make_job(out, plan.backend, plan.dataset, plan.recipe, h, s, plan.limit, plan.overrides)
             for s in plan.seeds for h in plan.heads]
     scorer = Scorer(test_split, plan.eval_limit)
@@ -513,15 +519,9 @@ class AblatePlan:
 
 
 def run_ablate(plan: AblatePlan, out: Path, show_progress: bool = True) -> dict[str, Any]:
-    from . import datasets
-    from .backends import get_backend
-
     t0 = time.time()
     start_machine = machine()
-    backend = get_backend(plan.backend)
-    ds = datasets.load(plan.dataset, plan.data_dir)
-    train_split, test_split = ds.train(), ds.test()
-    out.mkdir(parents=True, exist_ok=True)
+    backend, train_split, test_split = _prepare(plan.backend, plan.dataset, plan.data_dir, out)
     counts = sorted(set(plan.iterations) | {plan.base_iterations})
     jobs = []
     for routing in plan.routings:
