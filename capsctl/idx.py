@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ._files import read_user_file
 from .errors import CapsctlError
 
 _TYPES: dict[int, np.dtype] = {0x08: np.dtype("u1"), 0x09: np.dtype("i1"), 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
@@ -64,14 +65,7 @@ def parse_idx(raw: bytes, source: str) -> np.ndarray:
 
 
 def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
-    p = Path(path)
-    try:
-        raw = p.read_bytes()
-    except FileNotFoundError:
-        raise CapsctlError(f"{p}: no such file") from None
-    except OSError as e:
-        raise CapsctlError(f"{p}: cannot read ({e.strerror})") from None
-    return parse_idx(raw, str(p))
+    return parse_idx(read_user_file(path, "an IDX file"), str(Path(path)))
 
 
 def load_images(path: str | os.PathLike[str]) -> np.ndarray:

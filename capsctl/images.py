@@ -26,6 +26,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ._files import read_user_file
 from .errors import CapsctlError
 
 if TYPE_CHECKING:
@@ -112,17 +113,7 @@ def _first_line(e: BaseException) -> str:
 
 
 def _read_head(p: Path) -> bytes:
-    try:
-        if p.is_dir():
-            raise CapsctlError(f"{p}: is a folder, expected an image or .npy file")
-        with open(p, "rb") as f:
-            head = f.read(16)
-    except FileNotFoundError:
-        raise CapsctlError(f"{p}: no such file") from None
-    except PermissionError:
-        raise CapsctlError(f"{p}: permission denied") from None
-    except OSError as e:
-        raise CapsctlError(f"{p}: cannot read ({e.strerror or e})") from None
+    head = read_user_file(p, "an image or .npy file", limit=16)
     if not head:
         raise CapsctlError(f"{p}: empty file")
     return head

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ._atomic import atomic_write_bytes
+from ._files import read_user_file
 from .errors import CapsctlError
 from .spec import ModelSpec
 
@@ -203,16 +204,7 @@ def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
 
 
 def read_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    p = Path(path)
-    try:
-        data = p.read_bytes()
-    except FileNotFoundError:
-        raise CapsctlError(f"{p}: no such file") from None
-    except IsADirectoryError:
-        raise CapsctlError(f"{p}: is a folder, expected a .safetensors file") from None
-    except OSError as e:
-        raise CapsctlError(f"{p}: cannot read ({e.strerror})") from None
-    return decode_safetensors(data, str(p))
+    return decode_safetensors(read_user_file(path, "a .safetensors file"), str(Path(path)))
 
 
 def spec_from_metadata(meta: Mapping[str, str], source: str, expected_format: str) -> ModelSpec:

@@ -82,15 +82,10 @@ def _sniff(path: Path) -> str:
     """'torch', 'keras', or a CapsctlError saying what the file is instead."""
     import zipfile
 
+    from .._files import read_user_file
     from ..errors import CapsctlError
 
-    try:
-        with open(path, "rb") as f:
-            head = f.read(16)
-    except FileNotFoundError:
-        raise CapsctlError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise CapsctlError(f"{path}: is a folder, expected a torch or Keras export") from None
+    head = read_user_file(path, "a torch or Keras export", limit=16)
     if path.suffix.lower() == ".onnx":
         raise CapsctlError(f"{path}: ONNX graphs cannot be imported (export to ONNX is one-way); import the torch or Keras export")
     if len(head) >= 9 and head[8:9] == b"{":
