@@ -455,6 +455,20 @@ def _prepare(backend_name: str, dataset: str, data_dir: str | None, out: Path) -
     return backend, train_split, test_split
 
 
+def _finish(
+    results: dict[str, Any], models: list[dict[str, Any]], out: Path, t0: float, start_machine: dict[str, Any]
+) -> dict[str, Any]:
+    """Add the cost and machine fields every results.json carries, and write it."""
+    results.update({
+        "compute_seconds": sum(m["train_seconds"] + m["score_seconds"] for m in models),
+        "wall_seconds": time.time() - t0,
+        "machine": {**start_machine, "loadavg_end": machine()["loadavg"]},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    })
+    write_results(out, results)
+    return results
+
+
 def run_pairs(plan: PairsPlan, out: Path, show_progress: bool = True) -> dict[str, Any]:
     t0 = time.time()
     start_machine = machine()
@@ -490,13 +504,8 @@ def run_pairs(plan: PairsPlan, out: Path, show_progress: bool = True) -> dict[st
         "models": models,
         "missing": missing,
         "summary": summarize(models, plan.tests),
-        "compute_seconds": sum(m["train_seconds"] + m["score_seconds"] for m in models),
-        "wall_seconds": time.time() - t0,
-        "machine": {**start_machine, "loadavg_end": machine()["loadavg"]},
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    write_results(out, results)
-    return results
+    return _finish(results, models, out, t0, start_machine)
 
 
 @dataclass(frozen=True)
@@ -568,13 +577,8 @@ def run_ablate(plan: AblatePlan, out: Path, show_progress: bool = True) -> dict[
         "eval_iterations": list(plan.eval_iterations),
         "tests": list(plan.tests),
         "variants": variants,
-        "compute_seconds": sum(m["train_seconds"] + m["score_seconds"] for m in models),
-        "wall_seconds": time.time() - t0,
-        "machine": {**start_machine, "loadavg_end": machine()["loadavg"]},
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    write_results(out, results)
-    return results
+    return _finish(results, models, out, t0, start_machine)
 
 
 # -- outputs ----------------------------------------------------------------------------
