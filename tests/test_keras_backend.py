@@ -13,34 +13,17 @@ from capsctl.backends import OptimConfig, get_backend
 from capsctl.spec import ModelSpec
 from capsctl.weights import init_weights
 
+from ._helpers import VARIANTS, real_digits, routing_weights
+
 pytestmark = pytest.mark.keras
-
-VARIANTS = [(r, s) for r in ("su", "sabour", "su-unit") for s in ("su", "sabour")]
-
-
-def _images(mnist, n=4, h=28):
-    x = mnist.test().images[:n]
-    return np.concatenate([x, mnist.test().images[n : 2 * n]], axis=1) if h == 56 else x
-
-
-def _weights(spec, seed=1):
-    # Glorot weights with positive biases give non-trivial routing on real digits.
-    w = init_weights(spec, seed)
-    rng = np.random.default_rng(seed)
-    for k, v in w.items():
-        if k.endswith(".bias"):
-            w[k] = rng.uniform(0, 0.05, v.shape).astype(np.float32)
-        elif k == "head.capsule.kernel" and v.ndim == 3:
-            w[k] = v * 8  # per-position Glorot fans are 64x larger; restore scores of a useful size
-    return w
 
 
 @pytest.mark.parametrize(("routing", "squash"), VARIANTS)
 @pytest.mark.parametrize("height", [28, 56])
 def test_capsule_scores_and_trace_match_reference(mnist, routing, squash, height):
     spec = ModelSpec().with_capsule(routing=routing, squash=squash)
-    w = _weights(spec)
-    x = _images(mnist, 4, height)
+    w = routing_weights(spec)
+    x = real_digits(mnist, 4, height)
     runner = get_backend("keras").runner(spec, w)
     ref_scores, ref_trace = reference.forward(spec, w, x)
     np.testing.assert_allclose(runner.scores(x, batch_size=3), ref_scores, atol=1e-4)
@@ -54,15 +37,15 @@ def test_capsule_scores_and_trace_match_reference(mnist, routing, squash, height
 
 
 def test_routings_override_and_variants_differ(mnist):
-    x = _images(mnist, 3)
+    x = real_digits(mnist, 3)
     scores = {}
     for routing in ("su", "sabour", "su-unit"):
         spec = ModelSpec().with_capsule(routing=routing)
-        runner = get_backend("keras").runner(spec, _weights(spec))
+        runner = get_backend("keras").runner(spec, routing_weights(spec))
         scores[routing] = runner.scores(x)
         lengths, trace = runner.trace(x, routings=6)
         assert trace.couplings.shape[1] == 6
-        np.testing.assert_allclose(lengths, reference.forward(spec, _weights(spec), x, routings=6)[0], atol=1e-4)
+        np.testing.assert_allclose(lengths, reference.forward(spec, routing_weights(spec), x, routings=6)[0], atol=1e-4)
     assert not np.allclose(scores["su"], scores["sabour"], atol=1e-6)
     assert not np.allclose(scores["su"], scores["su-unit"], atol=1e-6)
 
@@ -74,8 +57,8 @@ def test_routings_override_and_variants_differ(mnist):
     ids=["pool", "non-shared", "non-shared-sabour"],
 )
 def test_pool_head_and_non_shared_match_reference(mnist, spec):
-    x = _images(mnist, 5)
-    w = _weights(spec)
+    x = real_digits(mnist, 5)
+    w = routing_weights(spec)
     want = reference.forward(spec, w, x)[0]
     np.testing.assert_allclose(get_backend("keras").runner(spec, w).scores(x, batch_size=2), want, atol=1e-4)
     assert want.std() > 1e-3
@@ -83,8 +66,8 @@ def test_pool_head_and_non_shared_match_reference(mnist, spec):
 
 def test_pool_head_takes_any_image_size_and_refuses_trace(mnist):
     spec = ModelSpec(head="pool")
-    w = _weights(spec)
-    x = _images(mnist, 2, 56)[:, :, :40]  # 56 x 40
+    w = routing_weights(spec)
+    x = real_digits(mnist, 2, 56)[:, :, :40]  # 56 x 40
     runner = get_backend("keras").runner(spec, w)
     np.testing.assert_allclose(runner.scores(x), reference.forward(spec, w, x)[0], atol=1e-4)
     with pytest.raises(ValueError, match="pooling head"):

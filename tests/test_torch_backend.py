@@ -8,32 +8,17 @@ from capsctl.backends import OptimConfig, get_backend
 from capsctl.spec import ModelSpec
 from capsctl.weights import init_weights
 
+from ._helpers import VARIANTS, real_digits, routing_weights
+
 pytestmark = pytest.mark.torch
-
-VARIANTS = [(r, s) for r in ("su", "sabour", "su-unit") for s in ("su", "sabour")]
-
-
-def _images(mnist, n=6, h=28):
-    x = mnist.test().images[:n]
-    return np.concatenate([x, mnist.test().images[n : 2 * n]], axis=1) if h == 56 else x
-
-
-def _perturbed_weights(spec, seed=1):
-    # Glorot weights with positive biases give non-trivial routing on real digits.
-    w = init_weights(spec, seed)
-    rng = np.random.default_rng(seed)
-    for k, v in w.items():
-        if k.endswith(".bias"):
-            w[k] = rng.uniform(0, 0.05, v.shape).astype(np.float32)
-    return w
 
 
 @pytest.mark.parametrize(("routing", "squash"), VARIANTS)
 @pytest.mark.parametrize("height", [28, 56])
 def test_capsule_scores_and_trace_match_reference(mnist, routing, squash, height):
     spec = ModelSpec().with_capsule(routing=routing, squash=squash)
-    w = _perturbed_weights(spec)
-    x = _images(mnist, 4, height)
+    w = routing_weights(spec)
+    x = real_digits(mnist, 4, height)
     runner = get_backend("torch").runner(spec, w)
     ref_scores, ref_trace = reference.forward(spec, w, x)
     np.testing.assert_allclose(runner.scores(x, batch_size=3), ref_scores, atol=1e-4)
@@ -46,24 +31,24 @@ def test_capsule_scores_and_trace_match_reference(mnist, routing, squash, height
 
 
 def test_routings_override_and_variants_differ(mnist):
-    x = _images(mnist, 3)
+    x = real_digits(mnist, 3)
     scores = {}
     for routing in ("su", "sabour", "su-unit"):
         spec = ModelSpec().with_capsule(routing=routing)
-        runner = get_backend("torch").runner(spec, _perturbed_weights(spec))
+        runner = get_backend("torch").runner(spec, routing_weights(spec))
         scores[routing] = runner.scores(x)
         lengths, trace = runner.trace(x, routings=6)
         assert trace.couplings.shape[1] == 6
-        np.testing.assert_allclose(lengths, reference.forward(spec, _perturbed_weights(spec), x, routings=6)[0], atol=1e-4)
+        np.testing.assert_allclose(lengths, reference.forward(spec, routing_weights(spec), x, routings=6)[0], atol=1e-4)
     # the three update rules are really different computations
     assert not np.allclose(scores["su"], scores["sabour"], atol=1e-6)
     assert not np.allclose(scores["su"], scores["su-unit"], atol=1e-6)
 
 
 def test_pool_head_and_non_shared_match_reference(mnist):
-    x = _images(mnist, 5)
+    x = real_digits(mnist, 5)
     for spec in (ModelSpec(head="pool"), ModelSpec().with_capsule(shared=False, num_inputs=64)):
-        w = _perturbed_weights(spec)
+        w = routing_weights(spec)
         got = get_backend("torch").runner(spec, w).scores(x)
         np.testing.assert_allclose(got, reference.forward(spec, w, x)[0], atol=1e-4)
 
