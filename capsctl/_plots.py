@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ._atomic import atomic_write_bytes
-from ._tables import TEST_TITLES, paired
+from ._tables import paired, test_title
 
 DPI = 72  # small files: these go into the repository's docs
 
@@ -46,7 +46,7 @@ def curves_plot(r: dict[str, Any], path: Path) -> Path:
         if all(a is not None for a in acc):
             ax_acc.plot(ep, [100 * a for a in acc], color=colors.get(m["head"]), alpha=0.7, label=label, marker=".")
     ax_loss.set(xlabel="epoch", ylabel="margin loss", yscale="log", title="training loss")
-    ax_acc.set(xlabel="epoch", ylabel="%", title=f"test accuracy (first {r.get('curve_test_images', '')} test images)")
+    ax_acc.set(xlabel="epoch", ylabel="%", title=f"{'held-out' if r.get('holdout') else 'test'} accuracy (first {r.get('curve_test_images', '')} images)")
     lo = min([100 * c["test_accuracy"] for m in r["models"] for c in m["curve"][len(m["curve"]) // 2 :]
               if c["test_accuracy"] is not None] or [0])
     ax_acc.set_ylim(max(0, lo - 2), 100)
@@ -66,7 +66,7 @@ def accuracy_plot(r: dict[str, Any], path: Path) -> Path:
             xs = [j + (i - (len(heads) - 1) / 2) * width for j in range(len(tests))]
             bars = ax.bar(xs, [100 * m for m, _ in vals], width, yerr=[100 * (s or 0.0) for _, s in vals], label=head, capsize=2)
             ax.bar_label(bars, fmt="%.1f", fontsize=6, padding=1)
-        ax.set_xticks(range(len(tests)), [TEST_TITLES[t].replace(" ", "\n", 1) for t in tests], fontsize=7)
+        ax.set_xticks(range(len(tests)), [test_title(r, t).replace(" ", "\n", 1) for t in tests], fontsize=7)
         ax.set(ylim=(0, 100), ylabel="%", title=title)
         ax.grid(axis="y", alpha=0.3)
     axes[0].legend(fontsize=8)

@@ -108,7 +108,9 @@ def _timing(r: dict[str, Any]) -> str:
 
 def _pairs_section(folder: Path, r: dict[str, Any], doc_dir: Path) -> str:
     parts = [f"### {describe_pairs(r)}\n", *([missing_note(r).strip() + "\n"] if r.get("missing") else []), f"Command (result folder `{folder.name}`):\n\n```\n{r['command']}\n```\n",
-             _timing(r) + "\n", _comparison(r)]
+             _timing(r) + "\n"]
+    if not r.get("holdout"):  # reference numbers are test-set numbers: beside held-out scores they would mislead
+        parts.append(_comparison(r))
     parts.append("All tests (mean ± std over seeds; composites: pairing seed "
                  f"{r['composite_seed']}{', first ' + str(r['eval_limit']) + ' per test' if r.get('eval_limit') else ''}):\n")
     parts += [pairs_long(r), pairs_cost(r), "Per seed:\n", pairs_per_seed(r)]
@@ -132,7 +134,9 @@ def _overview(items: list[tuple[Path, dict[str, Any]]]) -> str:
             continue
         for head, s in r["summary"].items():
             t = s["tests"]
-            rows.append([f"`{folder.name}`", head, r["recipe"], ", ".join(f"{k}={v}" for k, v in r["overrides"].items()) or "–",
+            changed = [f"{k}={v}" for k, v in r["overrides"].items()]
+            changed += [f"**holdout={r['holdout']}**"] if r.get("holdout") else []
+            rows.append([f"`{folder.name}`", head, r["recipe"], ", ".join(changed) or "–",
                          str(len(s["seeds"])),
                          *[(f"{pct(t[x]['accuracy'][0])} / {pct(t[x]['confident_accuracy'][0])}" if x in t else "") for x in tests]])
     if not rows:
@@ -150,7 +154,7 @@ def _not_run(items: list[tuple[Path, dict[str, Any]]]) -> str:
             if r["kind"] == "pairs" or _full_grid(r)}
     lines = []
     for folder, r in items:
-        if r["kind"] == "pairs" and (r.get("missing") or (not r["overrides"] and len(r["seeds"]) < 3)):
+        if r["kind"] == "pairs" and (r.get("missing") or (not r["overrides"] and not r.get("holdout") and len(r["seeds"]) < 3)):
             cmd = [c for c in shlex.split(r["command"]) if c != "--no-train"]
             cmd[cmd.index("--seeds") + 1] = "0,1,2"
             lines.append(f"- `{folder.name}` with all three seeds, both heads (finished models are skipped):\n\n"
@@ -193,8 +197,10 @@ def render(folders: Sequence[Path], doc: Path, results: Sequence[dict[str, Any]]
         TARGETS + "\n",
         "## At a glance\n",
         "Mean over the seeds run; cells are accuracy / confident accuracy. A row whose *changed* column is not "
-        "empty differs from its recipe in that setting only (recipe-choice comparisons): such choices are made "
-        "on the standard-test column alone; the composite columns are reported, never used to choose.\n",
+        "empty differs from its recipe in those settings only (recipe-choice comparisons). Rows marked "
+        "**holdout=N** were trained without N training images (a fixed random draw) and scored on those images "
+        "and on composites built from them: the recipe is chosen on these rows, never on the test set. Their "
+        "columns hold held-out scores, not test scores.\n",
         _overview(items),
     ]
     pairs_items = [(f, r) for f, r in items if r["kind"] == "pairs"]

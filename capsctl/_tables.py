@@ -13,6 +13,13 @@ TEST_TITLES = {
 }
 
 
+def test_title(r: dict[str, Any], t: str) -> str:
+    """A test's column title; with --holdout the single digits are held-out training digits, not the test set."""
+    if r.get("holdout"):
+        return "held-out digits" if t == "test" else f"{TEST_TITLES[t]} (held-out)"
+    return TEST_TITLES[t]
+
+
 def pct(ms: Any) -> str:
     """(mean, std) or a float -> '98.76 ± 0.05%'."""
     if isinstance(ms, (list, tuple)):
@@ -40,8 +47,10 @@ def describe_pairs(r: dict[str, Any]) -> str:
     ov = r.get("overrides") or {}
     extra = ", ".join(f"{k}={v}" for k, v in ov.items())
     limit = " (--limit)" if r.get("limit") else ""
+    held = (f"; scored on {r['holdout']} training images held out from training (and composites built from "
+            "them), not on the test set") if r.get("holdout") else ""
     return (f"{r['dataset']} ({r['train_images']} training images{limit}), {r['backend']}, recipe `{r['recipe']}`"
-            f"{' with ' + extra if extra else ''}, seeds {', '.join(map(str, r['seeds']))}")
+            f"{' with ' + extra if extra else ''}, seeds {', '.join(map(str, r['seeds']))}{held}")
 
 
 def missing_note(r: dict[str, Any]) -> str:
@@ -52,7 +61,7 @@ def missing_note(r: dict[str, Any]) -> str:
 def pairs_headline(r: dict[str, Any]) -> str:
     """One row per head, one column per test: 'accuracy / confident' as mean ± std."""
     tests = r["tests"]
-    header = ["head", "params", "epochs", *[TEST_TITLES[t] + " (acc / conf)" for t in tests]]
+    header = ["head", "params", "epochs", *[test_title(r, t) + " (acc / conf)" for t in tests]]
     rows = []
     for head, s in r["summary"].items():
         cells = [head, f"{s['parameters']:,}", str(s["epochs"])]
@@ -69,7 +78,7 @@ def pairs_long(r: dict[str, Any]) -> str:
     for head, s in r["summary"].items():
         for t in r["tests"]:
             e = s["tests"][t]
-            rows.append([head, TEST_TITLES[t], pct(e["accuracy"]), pct(e["confident_accuracy"]), f"{e['n']:,}"])
+            rows.append([head, test_title(r, t), pct(e["accuracy"]), pct(e["confident_accuracy"]), f"{e['n']:,}"])
     return table(["head", "test", "accuracy", "confident accuracy", "images"], rows)
 
 
@@ -89,7 +98,7 @@ def pairs_per_seed(r: dict[str, Any]) -> str:
     for m in r["models"]:
         rows.append([m["head"], str(m["seed"]), m["status"],
                      *[f"{pct(m['tests'][t]['accuracy'])} / {pct(m['tests'][t]['confident_accuracy'])}" for t in tests]])
-    return table(["head", "seed", "run", *[TEST_TITLES[t] for t in tests]], rows)
+    return table(["head", "seed", "run", *[test_title(r, t) for t in tests]], rows)
 
 
 def pairs_markdown(r: dict[str, Any]) -> str:
@@ -123,6 +132,7 @@ def ablate_markdown(r: dict[str, Any]) -> str:
             rows.append(cells)
     limits = (f", first {r['limit']} training images" if r.get("limit") else "") + \
              (f", first {r['eval_limit']} images/composites per test" if r.get("eval_limit") else "")
-    return (f"# Routing ablation\n\n{r['dataset']}, {r['backend']}, recipe `{r['recipe']}`, {r['epochs']} epochs, "
+    shift = f", ±{r['shift']} px shifts" if "shift" in r else ""
+    return (f"# Routing ablation\n\n{r['dataset']}, {r['backend']}, recipe `{r['recipe']}`, {r['epochs']} epochs{shift}, "
             f"seed {r['seed']}{limits}. Cells: accuracy / confident accuracy.\n\n`{r['command']}`\n\n"
             + table(header, rows))

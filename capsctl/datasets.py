@@ -238,6 +238,19 @@ class Split:
     labels: np.ndarray  # int64 (N,)
 
 
+HOLDOUT_SEED = 0  # the held-out draw is fixed, so every recipe is scored on the same images
+
+
+def hold_out(split: Split, n: int) -> tuple[Split, Split]:
+    """(the rest, n held-out images): a fixed random draw, both parts kept in file order."""
+    if not 1 <= n < len(split.images):
+        raise CapsctlError(f"--holdout must be in 1..{len(split.images) - 1} (the training set has "
+                           f"{len(split.images)} images), got {n}")
+    held = np.zeros(len(split.images), bool)
+    held[np.random.default_rng(HOLDOUT_SEED).permutation(len(split.images))[:n]] = True
+    return (Split(split.images[~held], split.labels[~held]), Split(split.images[held], split.labels[held]))
+
+
 @dataclass
 class Dataset:
     name: str

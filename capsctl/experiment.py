@@ -86,6 +86,7 @@ class Overrides:
     lr: float | None = None
     schedule: str | None = None
     shift: int | None = None
+    scale: float | None = None
     weight_decay: float | None = None
     routing: str | None = None
     squash: str | None = None
@@ -116,7 +117,7 @@ class Job:
 
 def make_job(
     out: Path, backend: str, dataset: str, recipe: str, head: str, seed: int, limit: int | None,
-    ov: Overrides, name: str | None = None,
+    ov: Overrides, name: str | None = None, holdout: int | None = None,
 ) -> Job:
     from .recipes import get_recipe
     from .spec import ModelSpec
@@ -136,6 +137,7 @@ def make_job(
         lr=ov.lr if ov.lr is not None else rec.lr,
         schedule=ov.schedule if ov.schedule is not None else rec.schedule,
         shift=ov.shift if ov.shift is not None else rec.shift,
+        scale=ov.scale if ov.scale is not None else rec.scale,
         weight_decay=ov.weight_decay if ov.weight_decay is not None else rec.weight_decay,
         seed=seed,
         limit=limit,
@@ -143,7 +145,7 @@ def make_job(
     )
     if name is None:
         tag = ov.tag()
-        name = f"{backend}-{recipe}-{head}{'-' + tag if tag else ''}-s{seed}"
+        name = f"{backend}-{recipe}-{head}{'-' + tag if tag else ''}{f'-holdout{holdout}' if holdout else ''}-s{seed}"
     return Job(head, seed, spec, cfg, out / "runs" / name)
 
 
@@ -439,6 +441,7 @@ class PairsPlan:
     eval_limit: int | None = None
     tests: tuple[str, ...] = ALL_TESTS
     overrides: Overrides = Overrides()
+    holdout: int | None = None  # score on N held-out training images (recipe choice), not the test set
     command: str = ""
     train: bool = True  # False: score and tabulate finished models only
 
@@ -473,7 +476,12 @@ def run_pairs(plan: PairsPlan, out: Path, show_progress: bool = True) -> dict[st
     t0 = time.time()
     start_machine = machine()
     backend, train_split, test_split = _prepare(plan.backend, plan.dataset, plan.data_dir, out)
-    jobs = [make_job(out, plan.backend, plan.dataset, plan.recipe, h, s, plan.limit, plan.overrides)
+    if plan.holdout:
+        from .datasets import hold_out
+
+        # the official test set is not touched: choices made on these scores stay honest
+        train_split, test_split = hold_out(train_split, plan.holdout)
+    jobs = [make_job(out, plan.backend, plan.dataset, plan.recipe, h, s, plan.limit, plan.overrides, holdout=plan.holdout)
             for s in plan.seeds for h in plan.heads]
     scorer = Scorer(test_split, plan.eval_limit)
     models = train_and_score(backend, jobs, train_split, test_split, scorer, plan.tests, show_progress, train=plan.train)
@@ -494,6 +502,7 @@ def run_pairs(plan: PairsPlan, out: Path, show_progress: bool = True) -> dict[st
         "test_images": len(test_split.images),
         "recipe": plan.recipe,
         "overrides": plan.overrides.active(),
+        "holdout": plan.holdout,
         "seeds": list(plan.seeds),
         "heads": list(plan.heads),
         "limit": plan.limit,
@@ -521,6 +530,7 @@ class AblatePlan:
     eval_iterations: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8)
     base_iterations: int = 3  # the model evaluated at every eval_iterations count
     epochs: int | None = None
+    shift: int | None = None  # None = the recipe's
     limit: int | None = None
     eval_limit: int | None = None
     tests: tuple[str, ...] = ("test", "vertical", "horizontal")
@@ -536,7 +546,7 @@ def run_ablate(plan: AblatePlan, out: Path, show_progress: bool = True) -> dict[
     for routing in plan.routings:
         for squash in plan.squashes:
             for r in counts:
-                ov = Overrides(epochs=plan.epochs, routing=routing, squash=squash, routings=r)
+                ov = Overrides(epochs=plan.epochs, shift=plan.shift, routing=routing, squash=squash, routings=r)
                 name = f"{plan.backend}-{plan.recipe}-capsule-{routing}-{squash}-r{r}-s{plan.seed}"
                 jobs.append(make_job(out, plan.backend, plan.dataset, plan.recipe, "capsule", plan.seed, plan.limit, ov, name))
     scorer = Scorer(test_split, plan.eval_limit)
@@ -569,6 +579,7 @@ def run_ablate(plan: AblatePlan, out: Path, show_progress: bool = True) -> dict[
         "recipe": plan.recipe,
         "seed": plan.seed,
         "epochs": jobs[0].config.epochs,
+        "shift": jobs[0].config.shift,
         "limit": plan.limit,
         "eval_limit": plan.eval_limit,
         "composite_seed": COMPOSITE_SEED,

@@ -53,6 +53,7 @@ class TrainConfig:
     lr: float = 3e-3  # learning rate (the peak of the one-cycle schedule)
     schedule: str = "onecycle"  # 'constant' or 'onecycle'
     shift: int = 3  # random ±shift pixel translation of training images (0 = off)
+    scale: float = 0.0  # random zoom of training images by a factor in [1 - scale, 1 + scale] (0 = off)
     weight_decay: float = 0.0  # AdamW decoupled weight decay
     seed: int = 0  # initial weights, data order and augmentation
     limit: int | None = None  # train on the first N images only (smoke runs)
@@ -69,6 +70,8 @@ class TrainConfig:
             raise CapsctlError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if not 0 <= self.shift <= 14:
             raise CapsctlError(f"--shift must be in 0..14 pixels, got {self.shift}")
+        if not (math.isfinite(self.scale) and 0 <= self.scale <= 0.5):
+            raise CapsctlError(f"--scale must be in [0, 0.5], got {self.scale}")
         if not (math.isfinite(self.weight_decay) and 0 <= self.weight_decay < 1):
             raise CapsctlError(f"--weight-decay must be in [0, 1), got {self.weight_decay}")
         if self.seed < 0:
@@ -111,6 +114,27 @@ def shift_batch(x: np.ndarray, shift: int, rng: np.random.Generator) -> np.ndarr
     rows = d[:, 0, None, None] + np.arange(h)[None, :, None]
     cols = d[:, 1, None, None] + np.arange(w)[None, None, :]
     return pad[np.arange(b)[:, None, None], rows, cols]
+
+
+def augment_batch(x: np.ndarray, shift: int, scale: float, rng: np.random.Generator) -> np.ndarray:
+    """Zoom each image about its centre by its own factor in [1 - scale, 1 + scale], then shift it.
+
+    Without zoom this is exactly `shift_batch` (same random draws), so runs without --scale are
+    unchanged. The zoom is axis-aligned, so it is separable: out = Ry @ image @ Rxᵀ, where each
+    row of Ry holds the bilinear (hat-function) weights of one output row's source position;
+    sources outside the image get no weight, which fills with zeros.
+    """
+    if scale == 0:
+        return shift_batch(x, shift, rng)
+    b, h, w, _ = x.shape
+    s = rng.uniform(1 - scale, 1 + scale, size=(b, 1))
+    d = rng.integers(-shift, shift + 1, size=(b, 2)) if shift else np.zeros((b, 2), np.int64)
+    cy, cx = (h - 1) / 2, (w - 1) / 2
+    src_r = (np.arange(h)[None, :] - d[:, :1] - cy) / s + cy  # (b, h): source row of each output row
+    src_c = (np.arange(w)[None, :] - d[:, 1:] - cx) / s + cx
+    ry = np.maximum(0.0, 1.0 - np.abs(src_r[:, :, None] - np.arange(h)[None, None, :])).astype(x.dtype)
+    rx = np.maximum(0.0, 1.0 - np.abs(src_c[:, :, None] - np.arange(w)[None, None, :])).astype(x.dtype)
+    return np.einsum("bik,bklc,bjl->bijc", ry, x, rx, optimize=True)
 
 
 def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
@@ -441,7 +465,7 @@ def _train_locked(
             for step, idx in batches(cfg, epoch, n):
                 if step < first:
                     continue
-                x = shift_batch(x_all[idx], cfg.shift, np.random.default_rng([cfg.seed, epoch, step]))
+                x = augment_batch(x_all[idx], cfg.shift, cfg.scale, np.random.default_rng([cfg.seed, epoch, step]))
                 lr = lr_at(cfg, epoch * spe + step, total)
                 loss, ok = trainer.step(x, y_hot[idx], lr)
                 if not math.isfinite(loss):

@@ -177,12 +177,13 @@ def test_unfinished_run_is_resumed(tmp_path: Path, mnist) -> None:
 def test_ablate_and_report(tmp_path: Path, tiny_pairs: tuple[Path, dict], mnist_dir: Path, capsys) -> None:
     out = tmp_path / "ablate"
     code, _, err = run_cli(["experiment", "ablate", "--data-dir", mnist_dir, "--routing", "su", "--squash", "sabour",
-                                 "--iterations", "3", "--eval-iterations", "1,3,5", "--epochs", "1",
+                                 "--iterations", "3", "--eval-iterations", "1,3,5", "--epochs", "1", "--shift", "2",
                                  "--limit", "64", "--eval-limit", "40", "--out", out, "-q"], capsys)
     assert code == 0, err
     r = json.loads((out / "results.json").read_text())
     (v,) = r["variants"]
     assert (v["routing"], v["squash"]) == ("su", "sabour")
+    assert r["shift"] == 2 and "--shift 2" in r["command"] and "±2 px shifts" in (out / "results.md").read_text()
     assert [e["routings"] for e in v["trained"]] == [3]
     assert [e["routings"] for e in v["evaluated"]] == [1, 3, 5]
     # scored at its own count, the model trained at 3 gives the same numbers either way
@@ -206,6 +207,9 @@ def test_bad_options_exit_2(tmp_path: Path, capsys) -> None:
         (["experiment", "pairs", "--heads", "dense", "--out", tmp_path], "--heads"),
         (["experiment", "pairs", "--recipe", "fast", "--out", tmp_path], "recipe"),
         (["experiment", "ablate", "--routing", "em", "--out", tmp_path], "--routing"),
+        (["experiment", "ablate", "--shift", "20", "--out", tmp_path], "--shift"),
+        (["experiment", "pairs", "--scale", "0.9", "--out", tmp_path], "--scale"),
+        (["experiment", "pairs", "--holdout", "0", "--out", tmp_path], "--holdout"),
         (["experiment", "report", tmp_path / "nothing", "--out", tmp_path / "R.md"], "results.json"),
     ):
         code, _, err = run_cli(args, capsys)

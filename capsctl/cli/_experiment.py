@@ -47,10 +47,14 @@ def pairs(
     lr: Annotated[float | None, typer.Option(help="Override the recipe's (peak) learning rate.")] = None,
     schedule: Annotated[str | None, typer.Option(help="Override the recipe's schedule: constant or onecycle.")] = None,
     shift: Annotated[int | None, typer.Option(help="Override the recipe's ±pixel shift augmentation.")] = None,
+    scale: Annotated[float | None, typer.Option(help="Override the recipe's zoom augmentation (factor 1 ± SCALE).")] = None,
     weight_decay: Annotated[float | None, typer.Option(help="Override the recipe's weight decay.")] = None,
     routing: Annotated[str | None, typer.Option(help="Capsule routing: su, su-unit or sabour [su].")] = None,
     squash: Annotated[str | None, typer.Option(help="Capsule squash: su or sabour [su].")] = None,
     routings: Annotated[int | None, typer.Option(help="Capsule routing iterations [3].")] = None,
+    holdout: Annotated[int | None, typer.Option(
+        help="Hold out N training images (a fixed random draw) and score on them and on composites built from "
+             "them instead of the test set: choose a recipe here, never on the test set.")] = None,
     out: OutOpt = Path("out/pairs"),
     train: Annotated[bool, typer.Option("--train/--no-train", help="--no-train: tabulate finished models only.")] = True,
     quiet: QuietOpt = False,
@@ -73,6 +77,7 @@ def pairs(
     check_range("--epochs", epochs, 1, 10000)
     check_range("--eval-limit", eval_limit, 1)
     check_range("--limit", limit, 1)
+    check_range("--holdout", holdout, 1)
     if routing is not None:
         ex.parse_names(routing, "--routing", ex.ROUTINGS)
     if squash is not None:
@@ -88,22 +93,24 @@ def pairs(
         limit=limit,
         eval_limit=eval_limit,
         tests=tuple(ex.parse_names(tests, "--tests", ex.ALL_TESTS)),
-        overrides=ex.Overrides(epochs=epochs, lr=lr, schedule=schedule, shift=shift, weight_decay=weight_decay,
+        overrides=ex.Overrides(epochs=epochs, lr=lr, schedule=schedule, shift=shift, scale=scale, weight_decay=weight_decay,
                                routing=routing, squash=squash, routings=routings),
+        holdout=holdout,
         train=train,
     )
     plan = ex.PairsPlan(**{**plan.__dict__, "command": _command("pairs", {
         "backend": backend, "dataset": dataset, "data_dir": data_dir, "recipe": recipe, "epochs": epochs,
         "seeds": seeds, "heads": heads if heads != "capsule,pool" else None,
         "tests": tests if tests != "test,vertical,horizontal,vertical3,overlap" else None, "limit": limit,
-        "eval_limit": eval_limit, "lr": lr, "schedule": schedule, "shift": shift, "weight_decay": weight_decay,
-        "routing": routing, "squash": squash, "routings": routings, "out": out})})  # --no-train only tabulates, so the command that trains is recorded
+        "eval_limit": eval_limit, "lr": lr, "schedule": schedule, "shift": shift, "scale": scale,
+        "weight_decay": weight_decay, "routing": routing, "squash": squash, "routings": routings, "holdout": holdout,
+        "out": out})})  # --no-train only tabulates, so the command that trains is recorded
     from ..recipes import get_recipe
     from ..training import TrainConfig
 
     rec = get_recipe(recipe)  # validate recipe and overrides before loading any data
     TrainConfig(epochs=epochs or 1, lr=lr or rec.lr, schedule=schedule or rec.schedule,
-                shift=shift if shift is not None else rec.shift,
+                shift=shift if shift is not None else rec.shift, scale=scale if scale is not None else rec.scale,
                 weight_decay=weight_decay if weight_decay is not None else rec.weight_decay)
     ex.run_pairs(plan, out, show_progress=not quiet)
     console.print((out / "results.md").read_text().split("\n![")[0], markup=False, highlight=False)
@@ -120,6 +127,7 @@ def ablate(
     iterations: Annotated[str, typer.Option(help="Routing iterations to train at, e.g. 1,2,3,5,8.")] = "1,2,3,5,8",
     eval_iterations: Annotated[str, typer.Option(help="Iterations at which the model trained at 3 is scored.")] = "1-8",
     epochs: Annotated[int | None, typer.Option(help="Epochs per model [recipe].")] = None,
+    shift: Annotated[int | None, typer.Option(help="Override the recipe's ±pixel shift augmentation.")] = None,
     seed: Annotated[int, typer.Option(help="Training seed.")] = 0,
     tests: Annotated[str, typer.Option(help="Tests: test,vertical,horizontal,vertical3,overlap.")] = "test,vertical,horizontal",
     limit: TrainLimitOpt = None,
@@ -155,17 +163,21 @@ def ablate(
         iterations=tuple(ex.parse_ints(iterations, "--iterations", 1, 100)),
         eval_iterations=tuple(ex.parse_ints(eval_iterations, "--eval-iterations", 1, 100)),
         epochs=epochs,
+        shift=shift,
         limit=limit,
         eval_limit=eval_limit,
         tests=tuple(ex.parse_names(tests, "--tests", ex.ALL_TESTS)),
         command=_command("ablate", {
             "backend": backend, "dataset": dataset, "data_dir": data_dir, "recipe": recipe, "routing": routing,
             "squash": squash, "iterations": iterations, "eval_iterations": eval_iterations, "epochs": epochs,
-            "seed": seed, "tests": tests, "limit": limit, "eval_limit": eval_limit, "out": out}),
+            "shift": shift, "seed": seed, "tests": tests, "limit": limit, "eval_limit": eval_limit, "out": out}),
     )
     from ..recipes import get_recipe
 
-    get_recipe(recipe)
+    rec = get_recipe(recipe)
+    from ..training import TrainConfig
+
+    TrainConfig(shift=shift if shift is not None else rec.shift)  # validate before loading any data
     ex.run_ablate(plan, out, show_progress=not quiet)
     console.print((out / "results.md").read_text().split("\n![")[0], markup=False, highlight=False)
     typer.echo(f"results: {out / 'results.json'}")

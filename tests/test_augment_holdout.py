@@ -1,0 +1,117 @@
+"""Training-image augmentation (shift, zoom) and the held-out split used to choose recipes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from capsctl import datasets
+from capsctl.errors import CapsctlError
+from capsctl.training import TrainConfig, augment_batch, shift_batch
+
+from .conftest import run_cli
+
+
+def _blobs(n: int = 16, seed: int = 0) -> np.ndarray:
+    """Smooth blobs well inside the frame, so a zoom keeps them whole and resampling is near exact."""
+    rng = np.random.default_rng(seed)
+    ys, xs = np.mgrid[:28, :28]
+    cy, cx = rng.uniform(11, 16, (2, n, 1, 1))
+    w = rng.uniform(2.0, 3.0, (n, 1, 1))
+    return np.exp(-((ys - cy) ** 2 + (xs - cx) ** 2) / (2 * w**2)).astype(np.float32)[..., None]
+
+
+def _centre_of_mass(im: np.ndarray) -> np.ndarray:
+    ys, xs = np.mgrid[: im.shape[0], : im.shape[1]]
+    m = im[..., 0].sum()
+    return np.array([(im[..., 0] * ys).sum() / m, (im[..., 0] * xs).sum() / m])
+
+
+def test_no_zoom_is_exactly_the_shift_augmentation() -> None:
+    x = _blobs()
+    for shift in (0, 1, 3):
+        a = augment_batch(x, shift, 0.0, np.random.default_rng([4, 1, 2]))
+        b = shift_batch(x, shift, np.random.default_rng([4, 1, 2]))
+        assert np.array_equal(a, b)
+
+
+def test_zoom_scales_about_the_centre() -> None:
+    x = _blobs()
+    y = augment_batch(x, 0, 0.3, np.random.default_rng(7))
+    s = np.random.default_rng(7).uniform(0.7, 1.3, size=(len(x), 1))[:, 0]
+    assert s.min() < 0.9 and s.max() > 1.1  # both directions are exercised
+    centre = np.array([13.5, 13.5])
+    for i in range(len(x)):
+        # bilinear resampling keeps mass x s² and moves the centre of mass radially by s
+        assert y[i].sum() / x[i].sum() == pytest.approx(s[i] ** 2, rel=0.02)
+        np.testing.assert_allclose(_centre_of_mass(y[i]) - centre, s[i] * (_centre_of_mass(x[i]) - centre), atol=0.05)
+    assert y.dtype == x.dtype and y.shape == x.shape and y.min() >= 0
+
+
+def test_zoom_with_shift_moves_by_whole_pixels_and_fills_with_zeros() -> None:
+    x = np.ones((32, 28, 28, 1), np.float32)
+    y = augment_batch(x, 4, 1e-9, np.random.default_rng(3))  # zoom ~1: a pure integer shift
+    rng = np.random.default_rng(3)
+    rng.uniform(size=(32, 1))
+    d = rng.integers(-4, 5, size=(32, 2))
+    for i in range(32):
+        dy, dx = d[i]
+        rows = slice(max(dy, 0), 28 + min(dy, 0))
+        cols = slice(max(dx, 0), 28 + min(dx, 0))
+        assert y[i, rows, cols].min() == pytest.approx(1.0, abs=1e-5)  # the shifted image
+        assert y[i].sum() == pytest.approx((28 - abs(dy)) * (28 - abs(dx)), abs=1e-3)  # zeros elsewhere
+
+
+def test_scale_is_validated_and_recorded() -> None:
+    assert TrainConfig.from_json(TrainConfig(scale=0.1).to_json()).scale == 0.1
+    assert TrainConfig.from_json('{"epochs": 2}').scale == 0.0  # configs written before --scale existed
+    for bad in (-0.1, 0.6, float("nan")):
+        with pytest.raises(CapsctlError, match="--scale"):
+            TrainConfig(scale=bad)
+
+
+def test_hold_out_is_a_fixed_disjoint_draw() -> None:
+    x = np.arange(50, dtype=np.float32).reshape(50, 1, 1, 1)
+    split = datasets.Split(x, np.arange(50) % 10)
+    rest, held = datasets.hold_out(split, 12)
+    rest2, held2 = datasets.hold_out(split, 12)
+    assert len(held.images) == 12 and len(rest.images) == 38
+    assert np.array_equal(held.images, held2.images) and np.array_equal(rest.labels, rest2.labels)
+    got = sorted(held.images.ravel().tolist() + rest.images.ravel().tolist())
+    assert got == list(range(50))  # every image once, none in both
+    assert np.all(np.diff(held.images.ravel()) > 0) and np.all(np.diff(rest.images.ravel()) > 0)  # file order kept
+    assert np.array_equal(held.labels, held.images.ravel().astype(int) % 10)  # labels travel with their images
+    assert held.images.ravel().tolist() != list(range(12))  # a random draw, not the first N
+    for n in (0, 50):
+        with pytest.raises(CapsctlError, match="--holdout"):
+            datasets.hold_out(split, n)
+
+
+@pytest.mark.torch
+def test_pairs_with_holdout_never_scores_the_test_set(tmp_path: Path, mnist_dir: Path, capsys) -> None:
+    out = tmp_path / "sel"
+    code, _, err = run_cli(["experiment", "pairs", "--data-dir", mnist_dir, "--heads", "capsule", "--seeds", "0",
+                                 "--epochs", "1", "--limit", 100, "--holdout", 300, "--scale", 0.1,
+                                 "--tests", "test,vertical", "--out", out, "-q"], capsys)
+    assert code == 0, err
+    r = json.loads((out / "results.json").read_text())
+    assert r["holdout"] == 300 and r["test_images"] == 300 and r["train_images"] == 100
+    assert r["overrides"] == {"epochs": 1, "scale": 0.1} and "--holdout 300" in r["command"] and "--scale 0.1" in r["command"]
+    (m,) = r["models"]
+    assert m["run"] == "runs/torch-default-capsule-scale0.1-holdout300-s0"
+    assert m["config"]["scale"] == 0.1
+    assert m["tests"]["test"]["n"] == 300  # the held-out digits, not the 10,000 test images
+    assert 250 <= m["tests"]["vertical"]["n"] <= 300  # composites built from those 300 digits
+    assert "held out from training" in (out / "results.md").read_text()
+    doc = tmp_path / "R.md"
+    code, _, err = run_cli(["experiment", "report", out, "--out", doc], capsys)
+    assert code == 0, err
+    text = doc.read_text()
+    # held-out scores are labelled as such and never set beside the test-set reference numbers
+    assert "**holdout=300**" in text and "held-out digits" in text and "anchor capsule" not in text
+    code, _, err = run_cli(["experiment", "pairs", "--data-dir", mnist_dir, "--holdout", 5000, "--out", tmp_path / "x", "-q"],
+                           capsys)
+    assert code == 2 and "--holdout must be in 1..4999" in err and len(err.strip().splitlines()) == 1
