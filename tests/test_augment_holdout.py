@@ -112,6 +112,20 @@ def test_pairs_with_holdout_never_scores_the_test_set(tmp_path: Path, mnist_dir:
     text = doc.read_text()
     # held-out scores are labelled as such and never set beside the test-set reference numbers
     assert "**holdout=300**" in text and "held-out digits" in text and "anchor capsule" not in text
+    assert "## How the default recipe was chosen" in text and "← default" not in text  # 1 epoch, zoom: not the default
     code, _, err = run_cli(["experiment", "pairs", "--data-dir", mnist_dir, "--holdout", 5000, "--out", tmp_path / "x", "-q"],
                            capsys)
     assert code == 2 and "--holdout must be in 1..4999" in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_default_recipe_is_recognised_in_a_run_config() -> None:
+    from dataclasses import asdict
+
+    from capsctl._report import _is_default_recipe
+    from capsctl.recipes import get_recipe
+
+    rec = get_recipe("default")
+    cfg = TrainConfig(epochs=rec.capsule_epochs, lr=rec.lr, schedule=rec.schedule, shift=rec.shift, recipe="default")
+    assert _is_default_recipe(asdict(cfg))
+    for change in ({"scale": 0.1}, {"epochs": rec.capsule_epochs + 1}, {"shift": rec.shift - 1}, {"recipe": "seed"}):
+        assert not _is_default_recipe({**asdict(cfg), **change}), change
