@@ -29,6 +29,7 @@ class Composites:
     labels: np.ndarray  # int64 (M, k), in placement order (top→bottom / left→right)
     layout: str
     seed: int
+    indices: np.ndarray | None = None  # int64 (M, k): the source images of each composite, in placement order
 
 
 def make_composites(
@@ -69,19 +70,24 @@ def make_composites(
             r = offsets[:, j, 0][:, None, None] + np.arange(h)[None, :, None]
             q = offsets[:, j, 1][:, None, None] + np.arange(w)[None, None, :]
             images[rows, r, q] = np.maximum(images[rows, r, q], parts[:, j])
-    return Composites(np.ascontiguousarray(images, dtype=np.float32), labels, layout, seed)
+    return Composites(np.ascontiguousarray(images, dtype=np.float32), labels, layout, seed, idx)
+
+
+def set_matches(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per composite: (top-k set == label set, and also the k-th score > 0.5), k = labels.shape[1]."""
+    k = labels.shape[1]
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    correct = np.all(np.sort(top, axis=1) == np.sort(labels, axis=1), axis=1)
+    kth = np.take_along_axis(scores, top[:, k - 1 : k], axis=1)[:, 0]
+    return correct, correct & (kth > 0.5)
 
 
 def score_sets(scores: np.ndarray, labels: np.ndarray) -> dict[str, float | int]:
     """Accuracy and confident accuracy of top-k sets against label sets (k = labels.shape[1])."""
-    k = labels.shape[1]
     m = len(labels)
     if m == 0:
         raise CapsctlError("no composites to score")
-    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    correct = np.all(np.sort(top, axis=1) == np.sort(labels, axis=1), axis=1)
-    kth = np.take_along_axis(scores, top[:, k - 1 : k], axis=1)[:, 0]
-    confident = correct & (kth > 0.5)
+    correct, confident = set_matches(scores, labels)
     return {"pairs": m, "accuracy": float(correct.mean()), "confident_accuracy": float(confident.mean())}
 
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from capsctl.composites import make_composites, score_sets
+from capsctl.composites import make_composites, score_sets, set_matches
 from capsctl.errors import CapsctlError
 
 
@@ -27,6 +27,7 @@ def test_pairs_follow_the_contract(layout):
         expected = np.concatenate([x[i], x[idx[i]]], axis=axis - 1)
         np.testing.assert_array_equal(comp.images[m], expected)
         assert list(comp.labels[m]) == [y[i], y[idx[i]]]
+        assert list(comp.indices[m]) == [i, idx[i]]  # the source images, in placement order
     assert comp.images.shape[1:] == ((56, 28, 1) if layout == "vertical" else (28, 56, 1))
 
 
@@ -67,6 +68,8 @@ def test_scoring_sets_and_confidence():
     scores[2, [0, 8]] = [0.9, 0.7]  # wrong
     r = score_sets(scores, labels)
     assert r == {"pairs": 3, "accuracy": pytest.approx(2 / 3), "confident_accuracy": pytest.approx(1 / 3)}
+    correct, confident = set_matches(scores, labels)
+    assert correct.tolist() == [True, True, False] and confident.tolist() == [True, False, False]
 
 
 @pytest.mark.parametrize(("kwargs", "msg"), [({"layout": "diagonal"}, "layout"), ({"digits": 1}, "digits"), ({"limit": 0}, "limit")])
