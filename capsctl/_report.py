@@ -19,6 +19,7 @@ from ._tables import (
     ablate_markdown,
     describe_pairs,
     duration,
+    held_out_title,
     missing_note,
     pairs_cost,
     pairs_long,
@@ -146,11 +147,10 @@ def _overview(items: list[tuple[Path, dict[str, Any]]]) -> str:
 
 def _is_default_recipe(config: dict[str, Any]) -> bool:
     from .recipes import get_recipe
+    from .training import TrainConfig
 
-    rec = get_recipe("default")
-    return (config.get("recipe") == "default" and config["epochs"] == rec.capsule_epochs and config["lr"] == rec.lr
-            and config["schedule"] == rec.schedule and config["shift"] == rec.shift
-            and config.get("scale", 0.0) == rec.scale and config["weight_decay"] == rec.weight_decay)
+    cfg = TrainConfig(**config)  # fields an older results file lacks take their defaults
+    return cfg.recipe == "default" and all(getattr(cfg, k) == v for k, v in get_recipe("default").settings("capsule").items())
 
 
 def _choice(items: list[tuple[Path, dict[str, Any]]]) -> str:
@@ -177,7 +177,7 @@ def _choice(items: list[tuple[Path, dict[str, Any]]]) -> str:
             "those images and on composites built from them; the test set played no part. The row marked "
             "*default* has the `default` recipe's settings (one-cycle 3e-3, batch 128, `su` routing).\n\n"
             + table(["result folder", "epochs", "shift", "zoom", "seed",
-                     *[("held-out digits" if x == "test" else f"{TEST_TITLES[x]} (held-out)") for x in tests]], rows))
+                     *[held_out_title(x) for x in tests]], rows))
 
 
 def _full_grid(r: dict[str, Any]) -> bool:

@@ -13,11 +13,14 @@ TEST_TITLES = {
 }
 
 
+def held_out_title(t: str) -> str:
+    """A test's title when scored on held-out training digits (--holdout) instead of the test set."""
+    return "held-out digits" if t == "test" else f"{TEST_TITLES[t]} (held-out)"
+
+
 def test_title(r: dict[str, Any], t: str) -> str:
-    """A test's column title; with --holdout the single digits are held-out training digits, not the test set."""
-    if r.get("holdout"):
-        return "held-out digits" if t == "test" else f"{TEST_TITLES[t]} (held-out)"
-    return TEST_TITLES[t]
+    """A test's column title in the results `r`."""
+    return held_out_title(t) if r.get("holdout") else TEST_TITLES[t]
 
 
 def pct(ms: Any) -> str:

@@ -129,20 +129,9 @@ def make_job(
         caps = {k: v for k, v in (("routing", ov.routing), ("squash", ov.squash), ("routings", ov.routings)) if v is not None}
         if caps:
             spec = spec.with_capsule(**caps)
-    cfg = TrainConfig(
-        backend=backend,
-        dataset=dataset,
-        epochs=ov.epochs if ov.epochs is not None else rec.epochs(head),
-        batch_size=rec.batch_size,
-        lr=ov.lr if ov.lr is not None else rec.lr,
-        schedule=ov.schedule if ov.schedule is not None else rec.schedule,
-        shift=ov.shift if ov.shift is not None else rec.shift,
-        scale=ov.scale if ov.scale is not None else rec.scale,
-        weight_decay=ov.weight_decay if ov.weight_decay is not None else rec.weight_decay,
-        seed=seed,
-        limit=limit,
-        recipe=recipe,
-    )
+    settings = rec.settings(head, epochs=ov.epochs, lr=ov.lr, schedule=ov.schedule, shift=ov.shift, scale=ov.scale,
+                            weight_decay=ov.weight_decay)
+    cfg = TrainConfig(backend=backend, dataset=dataset, seed=seed, limit=limit, recipe=recipe, **settings)
     if name is None:
         tag = ov.tag()
         name = f"{backend}-{recipe}-{head}{'-' + tag if tag else ''}{f'-holdout{holdout}' if holdout else ''}-s{seed}"

@@ -23,6 +23,7 @@ Every problem is a CapsctlError naming the file; nothing else escapes (the loade
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -66,8 +67,6 @@ def load_image(
     head = _read_head(p)
     try:
         if head.startswith(_NPY_MAGIC):
-            import warnings
-
             with warnings.catch_warnings():
                 # numpy parses the header with Python's tokenizer: a damaged one can raise a SyntaxWarning
                 warnings.simplefilter("ignore")

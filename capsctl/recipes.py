@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from .errors import CapsctlError
 
@@ -25,6 +26,17 @@ class Recipe:
 
     def epochs(self, head: str) -> int:
         return self.capsule_epochs if head == "capsule" else self.pool_epochs
+
+    def settings(self, head: str, **overrides: Any) -> dict[str, Any]:
+        """The TrainConfig fields this recipe sets for `head`; an override that is not None replaces one.
+
+        The one place recipe values meet command-line overrides (train, experiment, the report)."""
+        base = {"epochs": self.epochs(head), "batch_size": self.batch_size, "lr": self.lr, "schedule": self.schedule,
+                "shift": self.shift, "scale": self.scale, "weight_decay": self.weight_decay}
+        unknown = set(overrides) - set(base)
+        if unknown:
+            raise TypeError(f"not a recipe setting: {', '.join(sorted(unknown))}")
+        return {k: v if overrides.get(k) is None else overrides[k] for k, v in base.items()}
 
 
 RECIPES = {

@@ -129,3 +129,15 @@ def test_the_default_recipe_is_recognised_in_a_run_config() -> None:
     assert _is_default_recipe(asdict(cfg))
     for change in ({"scale": 0.1}, {"epochs": rec.capsule_epochs + 1}, {"shift": rec.shift - 1}, {"recipe": "seed"}):
         assert not _is_default_recipe({**asdict(cfg), **change}), change
+
+
+def test_recipe_settings_take_overrides_that_are_given() -> None:
+    from capsctl.recipes import get_recipe
+
+    rec = get_recipe("seed")
+    assert rec.settings("capsule")["epochs"] == rec.capsule_epochs and rec.settings("pool")["epochs"] == rec.pool_epochs
+    got = rec.settings("capsule", epochs=3, shift=0, scale=None, lr=None)
+    assert got["epochs"] == 3 and got["shift"] == 0 and got["scale"] == rec.scale and got["lr"] == rec.lr
+    assert TrainConfig(**got).epochs == 3  # every key is a TrainConfig field
+    with pytest.raises(TypeError, match="routing"):
+        rec.settings("capsule", routing="su")

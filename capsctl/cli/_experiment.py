@@ -109,9 +109,8 @@ def pairs(
     from ..training import TrainConfig
 
     rec = get_recipe(recipe)  # validate recipe and overrides before loading any data
-    TrainConfig(epochs=epochs or 1, lr=lr or rec.lr, schedule=schedule or rec.schedule,
-                shift=shift if shift is not None else rec.shift, scale=scale if scale is not None else rec.scale,
-                weight_decay=weight_decay if weight_decay is not None else rec.weight_decay)
+    TrainConfig(**rec.settings("capsule", epochs=epochs, lr=lr, schedule=schedule, shift=shift, scale=scale,
+                               weight_decay=weight_decay))
     ex.run_pairs(plan, out, show_progress=not quiet)
     console.print((out / "results.md").read_text().split("\n![")[0], markup=False, highlight=False)
     typer.echo(f"results: {out / 'results.json'}")
@@ -177,7 +176,7 @@ def ablate(
     rec = get_recipe(recipe)
     from ..training import TrainConfig
 
-    TrainConfig(shift=shift if shift is not None else rec.shift)  # validate before loading any data
+    TrainConfig(**rec.settings("capsule", epochs=epochs, shift=shift))  # validate before loading any data
     ex.run_ablate(plan, out, show_progress=not quiet)
     console.print((out / "results.md").read_text().split("\n![")[0], markup=False, highlight=False)
     typer.echo(f"results: {out / 'results.json'}")

@@ -96,24 +96,11 @@ def train(
         changes["shared"] = False
     if changes:
         spec = spec.with_capsule(**changes)
-    if not spec.capsule.shared and spec.capsule.num_inputs is None:
-        pass  # filled in below from the image size
 
     rec = get_recipe(recipe)
-    cfg = TrainConfig(
-        backend=backend,
-        dataset=dataset,
-        epochs=epochs if epochs is not None else rec.epochs(spec.head),
-        batch_size=batch_size if batch_size is not None else rec.batch_size,
-        lr=lr if lr is not None else rec.lr,
-        schedule=schedule if schedule is not None else rec.schedule,
-        shift=shift if shift is not None else rec.shift,
-        scale=scale if scale is not None else rec.scale,
-        weight_decay=weight_decay if weight_decay is not None else rec.weight_decay,
-        seed=seed,
-        limit=limit,
-        recipe=recipe,
-    )
+    settings = rec.settings(spec.head, epochs=epochs, batch_size=batch_size, lr=lr, schedule=schedule, shift=shift,
+                            scale=scale, weight_decay=weight_decay)
+    cfg = TrainConfig(backend=backend, dataset=dataset, seed=seed, limit=limit, recipe=recipe, **settings)
     be = get_backend(backend)
     ds = datasets.load(dataset, data_dir)
     train_split = ds.train()
