@@ -15,11 +15,11 @@ import statistics
 import time
 from pathlib import Path
 
-from capsctl import datasets
-from capsctl.backends import get_backend
-from capsctl.composites import make_composites, score_sets
-from capsctl.spec import default_spec
-from capsctl.weights import init_weights, load_model
+from capsctl.backend import get_backend
+from capsctl.data import datasets
+from capsctl.data.composites import make_composites, score_sets
+from capsctl.model.spec import default_spec
+from capsctl.model.weights import init_weights, load_model
 
 
 def main() -> None:

@@ -31,10 +31,10 @@ def child(variant: str, head: str, batch: int, steps: int, warmup: int) -> dict[
     import torch
     from capsctl_torch import _layers, _trainer
 
-    from capsctl.backends import OptimConfig
-    from capsctl.spec import default_spec
-    from capsctl.training import one_hot
-    from capsctl.weights import init_weights
+    from capsctl.backend import OptimConfig
+    from capsctl.model.spec import default_spec
+    from capsctl.model.weights import init_weights
+    from capsctl.training.loop import one_hot
 
     if variant == "no-malloc":
         _trainer.tune_malloc = lambda: False

@@ -1,206 +1,22 @@
-"""The backend-neutral model description (`ModelSpec`) and its JSON contract.
+"""The model spec's stable import path (`capsctl.spec`), part of the file-format contract other
+people's code reads; the definitions live in `capsctl.model.spec`."""
 
-The JSON field names are a contract shared with weight files and other tools: change
-none of them without bumping the weight-file format.
-"""
+from capsctl.model.spec import (
+    EPS,
+    HEADS,
+    ROUTINGS,
+    SQUASHES,
+    AvgPoolLayer,
+    CapsuleSpec,
+    ConvLayer,
+    ModelSpec,
+    PoolSpec,
+    TrunkLayer,
+    default_spec,
+    validate,
+)
 
-from __future__ import annotations
-
-import json
-from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Literal
-
-from .errors import CapsctlError
-
-ROUTINGS = ("su", "sabour", "su-unit")
-SQUASHES = ("su", "sabour")
-HEADS = ("capsule", "pool")
-EPS = 1e-7  # inside every square root of squash, capsule norms and scores
-
-
-@dataclass(frozen=True)
-class ConvLayer:
-    filters: int  # output channels; stride 1, 'valid' padding, bias, ReLU
-    kernel: int = 3  # square kernel size
-    type: Literal["conv"] = "conv"
-
-
-@dataclass(frozen=True)
-class AvgPoolLayer:
-    size: int = 2  # square window and stride
-    type: Literal["avgpool"] = "avgpool"
-
-
-TrunkLayer = ConvLayer | AvgPoolLayer
-
-
-@dataclass(frozen=True)
-class CapsuleSpec:
-    dim: int = 16  # D: dimensions of each output capsule
-    routings: int = 3  # R: routing iterations
-    routing: str = "su"  # 'su' (replace logits), 'sabour' (accumulate), 'su-unit' (unit s_j, squash last)
-    squash: str = "su"  # 'su': s*|s|/(0.5+|s|^2); 'sabour': s*|s|/(1+|s|^2)
-    shared: bool = True  # one W [C, J*D] for every position (any image size)
-    num_inputs: int | None = None  # N, required when shared is False (W is [N, C, J*D])
-
-
-@dataclass(frozen=True)
-class PoolSpec:
-    hidden: int = 128  # width of the ReLU dense layer after global average pooling
-
-
-def _default_trunk() -> tuple[TrunkLayer, ...]:
-    return (ConvLayer(64), ConvLayer(64), AvgPoolLayer(2), ConvLayer(128), ConvLayer(128))
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    in_channels: int = 1  # image channels (MNIST: 1)
-    num_classes: int = 10  # J: output capsules / classes
-    trunk: tuple[TrunkLayer, ...] = field(default_factory=_default_trunk)  # conv/pool stack
-    head: str = "capsule"  # 'capsule' or 'pool'
-    capsule: CapsuleSpec = field(default_factory=CapsuleSpec)  # used when head == 'capsule'
-    pool: PoolSpec = field(default_factory=PoolSpec)  # used when head == 'pool'
-
-    def __post_init__(self) -> None:
-        validate(self)
-
-    # -- JSON -----------------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["trunk"] = [_layer_dict(layer) for layer in self.trunk]
-        return d
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=False, separators=(", ", ": "))
-
-    @classmethod
-    def from_dict(cls, d: Any) -> ModelSpec:
-        if not isinstance(d, dict):
-            raise CapsctlError("model spec must be a JSON object")
-        known = {"in_channels", "num_classes", "trunk", "head", "capsule", "pool"}
-        unknown = set(d) - known
-        if unknown:
-            raise CapsctlError(f"model spec: unknown field {sorted(unknown)[0]!r}")
-        try:
-            trunk = tuple(_layer_from_dict(x) for x in d.get("trunk", [_layer_dict(x) for x in _default_trunk()]))
-            caps = d.get("capsule", {})
-            pool = d.get("pool", {})
-            if not isinstance(caps, dict) or not isinstance(pool, dict):
-                raise CapsctlError("model spec: 'capsule' and 'pool' must be objects")
-            return cls(
-                in_channels=d.get("in_channels", 1),
-                num_classes=d.get("num_classes", 10),
-                trunk=trunk,
-                head=d.get("head", "capsule"),
-                capsule=CapsuleSpec(**caps),
-                pool=PoolSpec(**pool),
-            )
-        except TypeError as e:  # unknown keyword in a nested object
-            raise CapsctlError(f"model spec: {e}") from None
-
-    @classmethod
-    def from_json(cls, text: str) -> ModelSpec:
-        try:
-            d = json.loads(text)
-        except (json.JSONDecodeError, RecursionError) as e:
-            raise CapsctlError(f"model spec is not valid JSON: {e}") from None
-        return cls.from_dict(d)
-
-    def replace(self, **changes: Any) -> ModelSpec:
-        return replace(self, **changes)
-
-    def with_capsule(self, **changes: Any) -> ModelSpec:
-        return replace(self, capsule=replace(self.capsule, **changes))
-
-    # -- shapes ---------------------------------------------------------------------------
-    @property
-    def conv_layers(self) -> tuple[ConvLayer, ...]:
-        return tuple(x for x in self.trunk if isinstance(x, ConvLayer))
-
-    @property
-    def trunk_channels(self) -> int:
-        convs = self.conv_layers
-        return convs[-1].filters if convs else self.in_channels
-
-    def trunk_grid(self, height: int, width: int) -> tuple[int, int]:
-        """The trunk output's (height, width) for an input image of this size."""
-        h, w = height, width
-        for layer in self.trunk:
-            if isinstance(layer, ConvLayer):
-                h, w = h - layer.kernel + 1, w - layer.kernel + 1
-            else:
-                h, w = h // layer.size, w // layer.size
-            if h < 1 or w < 1:
-                raise CapsctlError(f"image {height}x{width} is too small for this model's trunk")
-        return h, w
-
-    def min_image_size(self) -> int:
-        """The smallest square image side the trunk accepts."""
-        side = 1
-        for layer in reversed(self.trunk):
-            side = side + layer.kernel - 1 if isinstance(layer, ConvLayer) else side * layer.size
-        return side
-
-
-def _layer_dict(layer: TrunkLayer) -> dict[str, Any]:
-    if isinstance(layer, ConvLayer):
-        return {"type": "conv", "filters": layer.filters, "kernel": layer.kernel}
-    return {"type": "avgpool", "size": layer.size}
-
-
-def _layer_from_dict(d: Any) -> TrunkLayer:
-    if not isinstance(d, dict):
-        raise CapsctlError("model spec: each trunk layer must be an object")
-    kind = d.get("type")
-    rest = {k: v for k, v in d.items() if k != "type"}
-    if kind == "conv":
-        return ConvLayer(**rest)
-    if kind == "avgpool":
-        return AvgPoolLayer(**rest)
-    raise CapsctlError(f"model spec: unknown trunk layer type {kind!r} (expected 'conv' or 'avgpool')")
-
-
-def _positive_int(value: Any, name: str, upper: int = 1 << 16) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= upper:
-        raise CapsctlError(f"model spec: {name} must be an integer in 1..{upper}, got {value!r}")
-
-
-def validate(spec: ModelSpec) -> None:
-    """Raise CapsctlError naming the first bad field."""
-    _positive_int(spec.in_channels, "in_channels", 64)
-    _positive_int(spec.num_classes, "num_classes", 10_000)
-    if not isinstance(spec.trunk, tuple):
-        raise CapsctlError("model spec: trunk must be a list of layers")
-    for i, layer in enumerate(spec.trunk):
-        if isinstance(layer, ConvLayer):
-            _positive_int(layer.filters, f"trunk[{i}].filters", 4096)
-            _positive_int(layer.kernel, f"trunk[{i}].kernel", 15)
-        elif isinstance(layer, AvgPoolLayer):
-            _positive_int(layer.size, f"trunk[{i}].size", 16)
-        else:
-            raise CapsctlError(f"model spec: trunk[{i}] is not a layer")
-    if spec.head not in HEADS:
-        raise CapsctlError(f"model spec: head must be one of {', '.join(HEADS)}, got {spec.head!r}")
-    c = spec.capsule
-    _positive_int(c.dim, "capsule.dim", 1024)
-    _positive_int(c.routings, "capsule.routings", 100)
-    if c.routing not in ROUTINGS:
-        raise CapsctlError(f"model spec: capsule.routing must be one of {', '.join(ROUTINGS)}, got {c.routing!r}")
-    if c.squash not in SQUASHES:
-        raise CapsctlError(f"model spec: capsule.squash must be one of {', '.join(SQUASHES)}, got {c.squash!r}")
-    if not isinstance(c.shared, bool):
-        raise CapsctlError("model spec: capsule.shared must be true or false")
-    if c.shared:
-        if c.num_inputs is not None:
-            _positive_int(c.num_inputs, "capsule.num_inputs", 1 << 20)
-    else:
-        if c.num_inputs is None:
-            raise CapsctlError("model spec: capsule.num_inputs is required when capsule.shared is false")
-        _positive_int(c.num_inputs, "capsule.num_inputs", 1 << 20)
-    _positive_int(spec.pool.hidden, "pool.hidden", 1 << 16)
-
-
-def default_spec(head: str = "capsule") -> ModelSpec:
-    """The seed experiment's model with the chosen head."""
-    return ModelSpec(head=head)
+__all__ = [
+    "EPS", "HEADS", "ROUTINGS", "SQUASHES", "AvgPoolLayer", "CapsuleSpec", "ConvLayer", "ModelSpec", "PoolSpec",
+    "TrunkLayer", "default_spec", "validate",
+]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from capsctl.weights import init_weights
+from capsctl.model.weights import init_weights
 
 VARIANTS = [(r, s) for r in ("su", "sabour", "su-unit") for s in ("su", "sabour")]
 

@@ -26,7 +26,7 @@ def mnist_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def mnist(mnist_dir: Path):
-    from capsctl import datasets
+    from capsctl.data import datasets
 
     return datasets.Dataset("mnist", mnist_dir)
 

@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from capsctl import datasets
+from capsctl.data import datasets
 from capsctl.errors import CapsctlError
-from capsctl.training import TrainConfig, augment_batch, shift_batch
+from capsctl.training.augment import augment_batch, shift_batch
+from capsctl.training.config import TrainConfig
 
 from .conftest import run_cli
 
@@ -121,8 +122,8 @@ def test_pairs_with_holdout_never_scores_the_test_set(tmp_path: Path, mnist_dir:
 def test_the_default_recipe_is_recognised_in_a_run_config() -> None:
     from dataclasses import asdict
 
-    from capsctl._report import _is_default_recipe
-    from capsctl.recipes import get_recipe
+    from capsctl.experiment.report import _is_default_recipe
+    from capsctl.training.recipes import get_recipe
 
     rec = get_recipe("default")
     cfg = TrainConfig(epochs=rec.capsule_epochs, lr=rec.lr, schedule=rec.schedule, shift=rec.shift, recipe="default")
@@ -132,7 +133,7 @@ def test_the_default_recipe_is_recognised_in_a_run_config() -> None:
 
 
 def test_recipe_settings_take_overrides_that_are_given() -> None:
-    from capsctl.recipes import get_recipe
+    from capsctl.training.recipes import get_recipe
 
     rec = get_recipe("seed")
     assert rec.settings("capsule")["epochs"] == rec.capsule_epochs and rec.settings("pool")["epochs"] == rec.pool_epochs

@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from capsctl import idx
+from capsctl.data import idx
 from capsctl.errors import CapsctlError
-from capsctl.spec import ModelSpec
-from capsctl.weights import MODEL_FORMAT, encode_safetensors, init_weights
+from capsctl.model.spec import ModelSpec
+from capsctl.model.weights import MODEL_FORMAT, encode_safetensors, init_weights
 
 from .conftest import run_cli
 
@@ -462,7 +462,7 @@ def test_data_fetch_options(tmp_path, capsys, cache):
 # -- backends that are registered but not installed ----------------------------------------------------
 
 def test_backend_module_missing_names_the_extra(capsys, monkeypatch, good_data, good_model, tmp_path):
-    from capsctl import backends
+    from capsctl import backend as backends
 
     monkeypatch.setitem(backends.BUILTIN, "ghost", "capsctl_ghost_not_installed:GhostBackend")
     monkeypatch.setitem(backends.EXTRAS, "ghost", "capsctl[ghost]")
@@ -542,7 +542,7 @@ def trained_run(tmp_path_factory, good_data):
 
 
 def _checkpoint_cases():
-    from capsctl.training import load_checkpoint, save_checkpoint  # noqa: F401 (documents what is damaged)
+    from capsctl.training.run_folder import load_checkpoint, save_checkpoint  # noqa: F401 (documents what is damaged)
 
     def optim_slot(ck):
         ck.optimizer["m.trunk.0.kernel"] = ck.optimizer["m.trunk.0.kernel"][..., :1]
@@ -574,7 +574,7 @@ def test_resume_refuses_a_damaged_checkpoint_and_changes_nothing(tmp_path, capsy
     import shutil
     from dataclasses import replace
 
-    from capsctl.training import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
+    from capsctl.training.run_folder import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
@@ -592,7 +592,7 @@ def test_resume_refuses_a_damaged_checkpoint_and_changes_nothing(tmp_path, capsy
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before
 
 
-# -- images (capsctl.images.load_image, and `capsctl inspect` when it is there) ------------------------------
+# -- images (capsctl.data.images.load_image, and `capsctl inspect` when it is there) ------------------------------
 
 def _png_chunk(kind: bytes, body: bytes) -> bytes:
     return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
@@ -638,7 +638,7 @@ def _image_cases(tmp_path: Path) -> dict[str, tuple[Path, list[str]]]:
 
 
 def test_images_bad_files_are_refused_by_the_loader(tmp_path):
-    images = pytest.importorskip("capsctl.images")
+    import capsctl.data.images as images
     for name, (path, words) in _image_cases(tmp_path).items():
         with pytest.raises(CapsctlError) as info:
             images.load_image(path)
@@ -649,8 +649,9 @@ def test_images_bad_files_are_refused_by_the_loader(tmp_path):
 
 
 def test_images_odd_but_valid_formats_are_read(tmp_path):
-    images = pytest.importorskip("capsctl.images")
     from PIL import Image
+
+    import capsctl.data.images as images
 
     ramp = (np.arange(28 * 28).reshape(28, 28) % 200).astype(np.uint8)
     cases = {

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from capsctl.weights import load_model
+from capsctl.model.weights import load_model
 
 from .conftest import run_cli
 
@@ -78,7 +78,7 @@ def test_resume_continues_exactly(tmp_path, capsys, mnist_dir):
     """
     from dataclasses import replace
 
-    from capsctl.training import load_checkpoint, save_checkpoint
+    from capsctl.training.run_folder import load_checkpoint, save_checkpoint
 
     args = ["train", "--data-dir", mnist_dir, "--limit", "256", "--batch-size", "64", "-q", "--schedule", "constant", "--test-limit", "100"]
     code, _, err = run_cli([*args, "--epochs", "2", "--out", tmp_path / "straight"], capsys)

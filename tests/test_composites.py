@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from capsctl.composites import make_composites, score_sets, set_matches
+from capsctl.data.composites import make_composites, score_sets, set_matches
 from capsctl.errors import CapsctlError
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from capsctl import datasets, idx
+from capsctl.data import datasets, idx
 from capsctl.errors import CapsctlError
 
 from .conftest import run_cli

@@ -8,9 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from capsctl import experiment as ex
-from capsctl.composites import OVERLAP_SHIFT, make_composites
+from capsctl.cli._options import parse_ints, parse_names
+from capsctl.data.composites import OVERLAP_SHIFT, make_composites
 from capsctl.errors import CapsctlError
+from capsctl.experiment.plan import ALL_TESTS, Overrides, PairsPlan, make_job
+from capsctl.experiment.run import ensure_trained, run_pairs, run_state
+from capsctl.model.spec import HEADS
 
 from .conftest import run_cli
 
@@ -64,19 +67,19 @@ def test_overlap_is_deterministic_by_seed() -> None:
 # -- option parsing --------------------------------------------------------------------
 
 def test_parse_ints_and_names() -> None:
-    assert ex.parse_ints("0, 1,2", "--seeds") == [0, 1, 2]
-    assert ex.parse_ints("1-3,8", "--iterations", 1, 8) == [1, 2, 3, 8]
+    assert parse_ints("0, 1,2", "--seeds") == [0, 1, 2]
+    assert parse_ints("1-3,8", "--iterations", 1, 8) == [1, 2, 3, 8]
     with pytest.raises(CapsctlError, match="--seeds"):
-        ex.parse_ints("a", "--seeds")
+        parse_ints("a", "--seeds")
     with pytest.raises(CapsctlError, match="outside"):
-        ex.parse_ints("0,9", "--iterations", 1, 8)
+        parse_ints("0,9", "--iterations", 1, 8)
     with pytest.raises(CapsctlError, match="unknown value 'dense'"):
-        ex.parse_names("capsule,dense", "--heads", ex.HEADS)
+        parse_names("capsule,dense", "--heads", HEADS)
 
 
 def test_run_names_say_what_changed(tmp_path: Path) -> None:
-    a = ex.make_job(tmp_path, "torch", "mnist", "default", "capsule", 1, None, ex.Overrides())
-    b = ex.make_job(tmp_path, "torch", "mnist", "seed", "capsule", 1, None, ex.Overrides(shift=0, routing="su-unit"))
+    a = make_job(tmp_path, "torch", "mnist", "default", "capsule", 1, None, Overrides())
+    b = make_job(tmp_path, "torch", "mnist", "seed", "capsule", 1, None, Overrides(shift=0, routing="su-unit"))
     assert a.run.name == "torch-default-capsule-s1"
     assert b.run.name == "torch-seed-capsule-shift0-su-unit-s1"
     assert b.config.shift == 0 and b.spec.capsule.routing == "su-unit" and b.config.epochs == 10
@@ -87,9 +90,9 @@ def test_run_names_say_what_changed(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def tiny_pairs(tmp_path_factory: pytest.TempPathFactory, mnist_dir: Path) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("pairs")
-    plan = ex.PairsPlan(backend="torch", dataset="mnist", data_dir=str(mnist_dir), recipe="default", seeds=(0,),
-                        overrides=ex.Overrides(epochs=1), command="capsctl experiment pairs ...", **TINY)
-    return out, ex.run_pairs(plan, out, show_progress=False)
+    plan = PairsPlan(backend="torch", dataset="mnist", data_dir=str(mnist_dir), recipe="default", seeds=(0,),
+                        overrides=Overrides(epochs=1), command="capsctl experiment pairs ...", **TINY)
+    return out, run_pairs(plan, out, show_progress=False)
 
 
 @pytest.mark.torch
@@ -102,7 +105,7 @@ def test_pairs_writes_results(tiny_pairs: tuple[Path, dict]) -> None:
     params = {m["head"]: m["parameters"] for m in r["models"]}
     assert params == {"capsule": 279_488, "pool": 276_810}
     for m in r["models"]:
-        assert set(m["tests"]) == set(ex.ALL_TESTS)
+        assert set(m["tests"]) == set(ALL_TESTS)
         assert m["tests"]["test"]["n"] == 60 and m["tests"]["vertical3"]["n"] == 60
         for t in m["tests"].values():
             assert 0 <= t["confident_accuracy"] <= t["accuracy"] <= 1
@@ -147,12 +150,12 @@ def test_pairs_rerun_skips_finished_models(tiny_pairs: tuple[Path, dict], mnist_
 
 @pytest.mark.torch
 def test_unfinished_run_is_resumed(tmp_path: Path, mnist) -> None:
-    from capsctl.backends import get_backend
-    from capsctl.training import read_metrics
+    from capsctl.backend import get_backend
+    from capsctl.training.run_folder import read_metrics
 
-    job = ex.make_job(tmp_path, "torch", "mnist", "default", "pool", 0, 64, ex.Overrides(epochs=2))
+    job = make_job(tmp_path, "torch", "mnist", "default", "pool", 0, 64, Overrides(epochs=2))
     backend = get_backend("torch")
-    from capsctl.datasets import Split
+    from capsctl.data.datasets import Split
 
     train, test = mnist.train(), Split(mnist.test().images[:50], mnist.test().labels[:50])
 
@@ -163,14 +166,14 @@ def test_unfinished_run_is_resumed(tmp_path: Path, mnist) -> None:
         if kind == "epoch":
             raise Stop
 
-    assert ex.run_state(job) == "new"
+    assert run_state(job) == "new"
     with pytest.raises(Stop):
-        ex.ensure_trained(backend, job, train, test, stop_after_first_epoch)
-    assert ex.run_state(job) == "partial"
-    assert ex.ensure_trained(backend, job, train, test) == "resumed"
+        ensure_trained(backend, job, train, test, stop_after_first_epoch)
+    assert run_state(job) == "partial"
+    assert ensure_trained(backend, job, train, test) == "resumed"
     assert [r["epoch"] for r in read_metrics(job.run)] == [1, 2]
-    assert ex.run_state(job) == "done"
-    assert ex.ensure_trained(backend, job, train, test) == "skipped"
+    assert run_state(job) == "done"
+    assert ensure_trained(backend, job, train, test) == "skipped"
 
 
 @pytest.mark.torch

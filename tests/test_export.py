@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from capsctl import reference
-from capsctl.spec import ModelSpec
-from capsctl.weights import init_weights, load_model, save_model
+from capsctl.model import reference
+from capsctl.model.spec import ModelSpec
+from capsctl.model.weights import init_weights, load_model, save_model
 
 from .conftest import run_cli
 
@@ -120,7 +120,7 @@ def test_onnx_runs_in_onnxruntime_and_matches(tmp_path, capsys, models, mnist, n
     import onnx
     import onnxruntime as ort
 
-    from capsctl.backends import get_backend
+    from capsctl.backend import get_backend
 
     path = tmp_path / "m.onnx"
     _ok(["export", models[name], "--format", "onnx", "--out", path], capsys)
@@ -153,8 +153,8 @@ def natives(tmp_path_factory, models) -> dict[str, Path]:
 
     d = tmp_path_factory.mktemp("natives")
     spec, weights = load_model(models["capsule"])
-    TorchBackend().export_native(spec, weights, str(d / "m.pt"))
-    KerasBackend().export_native(spec, weights, str(d / "m.keras"))
+    (d / "m.pt").write_bytes(TorchBackend().export_bytes(spec, weights, "torch"))
+    (d / "m.keras").write_bytes(KerasBackend().export_bytes(spec, weights, "keras"))
     return {"torch": d / "m.pt", "keras": d / "m.keras"}
 
 

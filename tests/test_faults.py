@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from capsctl import idx
-from capsctl._atomic import atomic_write_bytes
+from capsctl._io import atomic_write_bytes
+from capsctl.data import idx
 from capsctl.errors import CapsctlError
 
 from .conftest import run_cli
@@ -150,7 +150,7 @@ def _seed() -> int:
 
 def _position(run: Path) -> tuple[int, int]:
     """(epoch, step) of the run's checkpoint, which must load and validate completely."""
-    from capsctl.training import load_checkpoint
+    from capsctl.training.run_folder import load_checkpoint
 
     ck = load_checkpoint(run)  # CapsctlError here = a damaged checkpoint: the test fails
     return ck.epoch, ck.step
@@ -204,11 +204,11 @@ def test_atomic_write_failure_keeps_the_old_file(tmp_path, monkeypatch):
 
 @pytest.mark.torch
 def test_training_writes_every_file_atomically(tmp_path, capsys, data, monkeypatch):
-    import capsctl.training as training
-    import capsctl.weights as weights
+    import capsctl.model.weights as weights
+    import capsctl.training.run_folder as run_folder
 
     written: list[str] = []
-    for module in (training, weights):
+    for module in (run_folder, weights):
         real = module.atomic_write_bytes
         monkeypatch.setattr(module, "atomic_write_bytes", lambda p, b, real=real: (written.append(Path(p).name), real(p, b))[1])
     run = tmp_path / "run"
@@ -367,7 +367,7 @@ def test_nan_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, capsys,
     assert len(lines) == 1 and ("NaN" in lines[0] or "nan" in lines[0]), err
     assert "still holds the last good state" in lines[0] and "Traceback" not in err
     assert _position(run) == (1, 0)  # the end of epoch 1, loadable and finite
-    from capsctl.weights import load_model
+    from capsctl.model.weights import load_model
 
     load_model(run / "model.safetensors")  # finite too (load_model refuses NaN)
     assert len(metrics(run)) == 1
@@ -484,8 +484,8 @@ def test_a_malicious_pickle_is_never_unpickled(tmp_path, capsys, data):
 
     names = {c.name for c in app.registered_commands}
     good_model = tmp_path / "good.safetensors"
-    from capsctl.spec import ModelSpec
-    from capsctl.weights import init_weights, save_model
+    from capsctl.model.spec import ModelSpec
+    from capsctl.model.weights import init_weights, save_model
 
     spec = ModelSpec.from_dict(TINY)
     save_model(good_model, spec, init_weights(spec, 0))

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from capsctl import flops
 from capsctl.errors import CapsctlError
-from capsctl.spec import AvgPoolLayer, ConvLayer, ModelSpec, default_spec
+from capsctl.model import flops
+from capsctl.model.spec import AvgPoolLayer, ConvLayer, ModelSpec, default_spec
 
 
 def test_seed_trunk_convs_by_hand():

@@ -23,10 +23,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from capsctl import idx
+from capsctl.data import idx
 from capsctl.errors import CapsctlError
-from capsctl.spec import ModelSpec
-from capsctl.weights import MODEL_FORMAT, decode_safetensors, encode_safetensors, init_weights, load_model
+from capsctl.model.spec import ModelSpec
+from capsctl.model.weights import (
+    MODEL_FORMAT,
+    decode_safetensors,
+    encode_safetensors,
+    init_weights,
+    load_model,
+)
 
 DEFAULT_EXAMPLES = 250  # per test below, in the default run
 SLOW_EXAMPLES = 2500  # per test, under the slow marker
@@ -356,7 +362,7 @@ def image_inputs(draw):
 
 
 def _check_image(folder: Path, name: str, data: bytes, invert: str, resize) -> None:
-    from capsctl.images import load_image
+    from capsctl.data.images import load_image
 
     p = folder / name
     p.write_bytes(data)
@@ -383,18 +389,16 @@ def _images_test(n: int):
 
 
 def test_fuzz_images(tmp_path_factory):
-    pytest.importorskip("capsctl.images")
     _images_test(DEFAULT_EXAMPLES)(tmp_path_factory.mktemp("fuzz-img"))
 
 
 @pytest.mark.slow
 def test_fuzz_images_slow(tmp_path_factory):
-    pytest.importorskip("capsctl.images")
     _images_test(SLOW_EXAMPLES)(tmp_path_factory.mktemp("fuzz-img"))
 
 
 def test_fuzz_image_valid_bases_pass(tmp_path):
-    from capsctl.images import load_image
+    from capsctl.data.images import load_image
 
     for name, data in IMAGE_BASES:
         p = tmp_path / name

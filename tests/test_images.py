@@ -12,9 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from capsctl.data.images import MAX_PIXELS, is_light_background, load_image, parse_size
 from capsctl.errors import CapsctlError
-from capsctl.images import MAX_PIXELS, is_light_background, load_image, parse_size
-from capsctl.spec import ModelSpec
+from capsctl.model.spec import ModelSpec
 
 
 def digit(h: int = 28, w: int = 28) -> np.ndarray:

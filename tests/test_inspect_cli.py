@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from capsctl.spec import ModelSpec
-from capsctl.weights import init_weights, save_model
+from capsctl.model.spec import ModelSpec
+from capsctl.model.weights import init_weights, save_model
 
 from .conftest import run_cli
 from .test_images import huge_png

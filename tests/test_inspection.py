@@ -8,9 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from capsctl import reference
 from capsctl.errors import CapsctlError
-from capsctl.inspection import (
+from capsctl.inspect.analysis import (
     centres_of_mass,
     coupling_deltas,
     coupling_entropy,
@@ -23,8 +22,9 @@ from capsctl.inspection import (
     reading_order,
     resolve_direction,
 )
-from capsctl.spec import AvgPoolLayer, ConvLayer, ModelSpec
-from capsctl.weights import init_weights
+from capsctl.model import reference
+from capsctl.model.spec import AvgPoolLayer, ConvLayer, ModelSpec
+from capsctl.model.weights import init_weights
 
 # A trunk-less spec: the grid is the image itself (offset 0, stride 1), so synthetic maps are easy.
 FLAT = ModelSpec(trunk=(), num_classes=4)
@@ -158,7 +158,7 @@ def test_reference_trace_feeds_a_json_able_inspection():
 
 
 def _check_backend_against_reference(name: str, routing: str) -> None:
-    from capsctl.backends import get_backend
+    from capsctl.backend import get_backend
 
     spec = ModelSpec(trunk=(ConvLayer(8), AvgPoolLayer(2), ConvLayer(16))).with_capsule(routing=routing)
     weights = sharp_weights(spec, seed=1)

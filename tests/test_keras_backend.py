@@ -8,10 +8,10 @@ import sys
 import numpy as np
 import pytest
 
-from capsctl import reference
-from capsctl.backends import OptimConfig, get_backend
-from capsctl.spec import ModelSpec
-from capsctl.weights import init_weights
+from capsctl.backend import OptimConfig, get_backend
+from capsctl.model import reference
+from capsctl.model.spec import ModelSpec
+from capsctl.model.weights import init_weights
 
 from ._helpers import VARIANTS, real_digits, routing_weights
 
@@ -142,7 +142,7 @@ def test_keras_already_on_another_backend_is_refused():
 def test_torch_path_never_imports_keras_and_keras_path_pins_tensorflow():
     code = (
         "import sys, numpy as np\n"
-        "from capsctl.backends import get_backend\n"
+        "from capsctl.backend import get_backend\n"
         "from capsctl.spec import ModelSpec\nfrom capsctl.weights import init_weights\n"
         "spec = ModelSpec(head='pool')\n"
         "get_backend('torch').runner(spec, init_weights(spec, 0)).scores(np.zeros((1, 28, 28, 1), np.float32))\n"
@@ -163,8 +163,8 @@ def test_cli_train_keras_resumes_exactly_and_in_torch(tmp_path, capsys, mnist_di
     import shutil
     from dataclasses import replace
 
-    from capsctl.training import load_checkpoint, save_checkpoint
-    from capsctl.weights import load_model
+    from capsctl.model.weights import load_model
+    from capsctl.training.run_folder import load_checkpoint, save_checkpoint
 
     from .conftest import run_cli
 

@@ -9,11 +9,12 @@ import json
 import numpy as np
 import pytest
 
-from capsctl import reference
-from capsctl.backends import get_backend
-from capsctl.composites import make_composites, score_sets, single_accuracy
-from capsctl.training import TrainConfig, train
-from capsctl.weights import load_model
+from capsctl.backend import get_backend
+from capsctl.data.composites import make_composites, score_sets, single_accuracy
+from capsctl.model import reference
+from capsctl.model.weights import load_model
+from capsctl.training.config import TrainConfig
+from capsctl.training.loop import train
 
 from .conftest import run_cli
 
@@ -28,7 +29,7 @@ def trained(request, mnist, tmp_path_factory):
     """(backend that trained it, model path): 200 steps of batch 8 on real digits (~13 s)."""
     name = request.param
     run = tmp_path_factory.mktemp(f"parity-{name}")
-    from capsctl.spec import ModelSpec
+    from capsctl.model.spec import ModelSpec
 
     cfg = TrainConfig(backend=name, epochs=1, batch_size=8, lr=3e-3, schedule="onecycle", shift=0, limit=1600)
     train(get_backend(name), ModelSpec(), cfg, mnist.train(), None, run, show_progress=False)

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from capsctl import reference
-from capsctl.spec import EPS
+from capsctl.model import reference
+from capsctl.model.spec import EPS
 
 
 def test_squash_lengths():

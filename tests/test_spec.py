@@ -3,8 +3,8 @@ import json
 import pytest
 
 from capsctl.errors import CapsctlError
-from capsctl.spec import AvgPoolLayer, ConvLayer, ModelSpec
-from capsctl.weights import expected_shapes, parameter_count
+from capsctl.model.spec import AvgPoolLayer, ConvLayer, ModelSpec
+from capsctl.model.weights import expected_shapes, parameter_count
 
 
 def test_defaults_are_the_seed_experiment():

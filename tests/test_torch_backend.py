@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
-from capsctl import reference
-from capsctl.backends import OptimConfig, get_backend
-from capsctl.spec import ModelSpec
-from capsctl.weights import init_weights
+from capsctl.backend import OptimConfig, get_backend
+from capsctl.model import reference
+from capsctl.model.spec import ModelSpec
+from capsctl.model.weights import init_weights
 
 from ._helpers import VARIANTS, real_digits, routing_weights
 

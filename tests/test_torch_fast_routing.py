@@ -6,7 +6,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from capsctl.spec import default_spec  # noqa: E402
+from capsctl.model.spec import default_spec  # noqa: E402
 
 VARIANTS = [("su", "su"), ("sabour", "sabour"), ("su-unit", "su"), ("sabour", "su")]
 

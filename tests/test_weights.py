@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from capsctl.errors import CapsctlError
-from capsctl.spec import ModelSpec
-from capsctl.weights import (
+from capsctl.model.spec import ModelSpec
+from capsctl.model.weights import (
     MODEL_FORMAT,
     decode_safetensors,
     encode_safetensors,

@@ -9,12 +9,13 @@ from typing import Any
 
 import numpy as np
 
-from capsctl.backends import OptimConfig
-from capsctl.spec import ModelSpec
+from capsctl.backend import BenchKernels, OptimConfig
+from capsctl.model.spec import ModelSpec
 
 
 class KerasBackend:
     name = "keras"
+    export_formats = ("keras",)
 
     def is_available(self) -> bool:
         return all(importlib.util.find_spec(m) is not None for m in ("keras", "tensorflow"))
@@ -34,15 +35,20 @@ class KerasBackend:
 
         return KerasTrainer(spec, weights, optim)
 
-    def export_native(self, spec: ModelSpec, weights: Mapping[str, np.ndarray], path: str) -> None:
-        from ._native import export_native
+    def export_bytes(self, spec: ModelSpec, weights: Mapping[str, np.ndarray], format: str) -> bytes:
+        from ._native import export_bytes
 
-        export_native(spec, weights, path)
+        return export_bytes(spec, weights, format)
 
     def import_native(self, path: str) -> tuple[ModelSpec, dict[str, np.ndarray]]:
         from ._native import import_native
 
         return import_native(path)
+
+    def bench_kernels(self) -> BenchKernels:
+        from . import _bench
+
+        return _bench
 
 
 def load_model(path: str) -> Any:

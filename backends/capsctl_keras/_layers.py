@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from capsctl.spec import EPS, ConvLayer, ModelSpec
+from capsctl.model.spec import EPS, ConvLayer, ModelSpec
 
 from ._env import keras
 

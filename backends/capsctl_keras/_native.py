@@ -17,10 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from capsctl._atomic import atomic_write_bytes
 from capsctl.errors import CapsctlError
-from capsctl.spec import ModelSpec
-from capsctl.weights import check_weights
+from capsctl.model.spec import ModelSpec
+from capsctl.model.weights import check_weights
 
 from ._env import keras
 from ._layers import PACKAGE, CapsNet
@@ -30,15 +29,14 @@ from ._weights import read
 REGISTERED = f"{PACKAGE}>{CapsNet.__name__}"
 
 
-def export_native(spec: ModelSpec, weights: Mapping[str, np.ndarray], path: str) -> None:
-    if not str(path).endswith(".keras"):
-        raise CapsctlError(f"--out {path}: a Keras model file must end in .keras")
+def export_bytes(spec: ModelSpec, weights: Mapping[str, np.ndarray], format: str) -> bytes:
+    """`capsctl export --format keras`: the `.keras` archive's bytes."""
     model = build(spec, weights)
-    # Keras writes the archive itself; write it beside the target, then publish it atomically
-    with tempfile.TemporaryDirectory(dir=Path(path).parent or ".") as tmp:
+    # Keras writes the archive only to a path ending in .keras: a private temporary one
+    with tempfile.TemporaryDirectory(prefix="capsctl-export-") as tmp:
         tmp_file = os.path.join(tmp, "model.keras")
         model.save(tmp_file)
-        atomic_write_bytes(path, Path(tmp_file).read_bytes())
+        return Path(tmp_file).read_bytes()
 
 
 def _check_archive(path: str) -> ModelSpec:

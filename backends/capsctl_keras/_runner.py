@@ -6,8 +6,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from capsctl.reference import RoutingTrace
-from capsctl.spec import ModelSpec
+from capsctl.model.reference import RoutingTrace
+from capsctl.model.spec import ModelSpec
 
 from ._env import keras, tf
 from ._layers import CapsNet, CapsuleHead

@@ -6,8 +6,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from capsctl.backends import OptimConfig
-from capsctl.spec import ModelSpec
+from capsctl.backend import OptimConfig
+from capsctl.model.spec import ModelSpec
 
 from ._env import keras, tf
 from ._layers import margin_loss

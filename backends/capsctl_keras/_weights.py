@@ -11,9 +11,9 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from capsctl import layout
-from capsctl.layout import LayoutTable
-from capsctl.spec import ModelSpec
+from capsctl.model import layout
+from capsctl.model.layout import LayoutTable
+from capsctl.model.spec import ModelSpec
 
 
 def table(spec: ModelSpec) -> LayoutTable:

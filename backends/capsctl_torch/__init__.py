@@ -15,12 +15,13 @@ import numpy as np
 # needs, and a training step measured 3-5x slower (docs/PERFORMANCE.md). A user's own setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from capsctl.backends import OptimConfig
-from capsctl.spec import ModelSpec
+from capsctl.backend import BenchKernels, OptimConfig
+from capsctl.model.spec import ModelSpec
 
 
 class TorchBackend:
     name = "torch"
+    export_formats = ("torch", "onnx")
 
     def is_available(self) -> bool:
         return importlib.util.find_spec("torch") is not None
@@ -40,12 +41,17 @@ class TorchBackend:
 
         return TorchTrainer(spec, weights, optim)
 
-    def export_native(self, spec: ModelSpec, weights: Mapping[str, np.ndarray], path: str) -> None:
-        from ._native import export_native
+    def export_bytes(self, spec: ModelSpec, weights: Mapping[str, np.ndarray], format: str) -> bytes:
+        from ._native import export_bytes
 
-        export_native(spec, weights, path)
+        return export_bytes(spec, weights, format)
 
     def import_native(self, path: str) -> tuple[ModelSpec, dict[str, np.ndarray]]:
         from ._native import import_native
 
         return import_native(path)
+
+    def bench_kernels(self) -> BenchKernels:
+        from . import _bench
+
+        return _bench

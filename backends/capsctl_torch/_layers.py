@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from capsctl.spec import EPS, ConvLayer, ModelSpec
+from capsctl.model.spec import EPS, ConvLayer, ModelSpec
 
 
 def squash(s: torch.Tensor, kind: str) -> torch.Tensor:

@@ -10,21 +10,20 @@ reads only its "version" key), so `capsctl import` can rebuild the model from th
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import logging
 import pickle
 import warnings
 import zipfile
 from collections.abc import Iterator, Mapping
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from capsctl._atomic import atomic_write_bytes
 from capsctl.errors import CapsctlError
-from capsctl.spec import ModelSpec
-from capsctl.weights import MODEL_FORMAT, check_weights
+from capsctl.model.spec import ModelSpec
+from capsctl.model.weights import MODEL_FORMAT, check_weights
 
 from ._layers import CapsNet
 from ._runner import build
@@ -36,14 +35,15 @@ SPEC_KEY = "capsctl_spec"
 
 # -- state_dict ------------------------------------------------------------------------------
 
-def export_native(spec: ModelSpec, weights: Mapping[str, np.ndarray], path: str) -> None:
+def state_dict_bytes(spec: ModelSpec, weights: Mapping[str, np.ndarray]) -> bytes:
+    """The model as a `torch.save`d state_dict whose metadata carries the spec."""
     state = build(spec, weights).cpu().state_dict()
     for key, value in state.items():  # plain contiguous tensors, not channels_last views
         state[key] = value.contiguous()
     state._metadata[""].update({FORMAT_KEY: MODEL_FORMAT, SPEC_KEY: spec.to_json()})  # type: ignore[attr-defined]
     buf = io.BytesIO()
     torch.save(state, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    return buf.getvalue()
 
 
 def import_native(path: str) -> tuple[ModelSpec, dict[str, np.ndarray]]:
@@ -94,7 +94,7 @@ def import_native(path: str) -> tuple[ModelSpec, dict[str, np.ndarray]]:
 
 def _canonical_checked(spec: ModelSpec, native: dict[str, np.ndarray], path: str) -> dict[str, np.ndarray]:
     # shapes first in native terms: a transposition of a wrong-rank tensor would fail unhelpfully
-    from capsctl.weights import expected_shapes
+    from capsctl.model.weights import expected_shapes
 
     shapes = expected_shapes(spec)
     for name, (key, perm) in table(spec).items():
@@ -177,6 +177,11 @@ def onnx_bytes(spec: ModelSpec, weights: Mapping[str, np.ndarray]) -> bytes:
     return proto.SerializeToString()
 
 
-def export_onnx(spec: ModelSpec, weights: Mapping[str, np.ndarray], path: str) -> None:
-    data = onnx_bytes(spec, weights)
-    atomic_write_bytes(Path(path), data)
+def export_bytes(spec: ModelSpec, weights: Mapping[str, np.ndarray], format: str) -> bytes:
+    """`capsctl export`: the state_dict (format 'torch') or the ONNX graph ('onnx')."""
+    if format == "onnx":
+        missing = [m for m in ("onnx", "onnxscript") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise CapsctlError(f"--format onnx needs {', '.join(missing)}; install it with: pip install 'capsctl[onnx]'")
+        return onnx_bytes(spec, weights)
+    return state_dict_bytes(spec, weights)

@@ -7,8 +7,8 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from capsctl.reference import RoutingTrace
-from capsctl.spec import ModelSpec
+from capsctl.model.reference import RoutingTrace
+from capsctl.model.spec import ModelSpec
 
 from ._env import device, memory_format
 from ._layers import CapsNet, CapsuleHead

@@ -7,8 +7,8 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from capsctl.backends import OptimConfig
-from capsctl.spec import ModelSpec
+from capsctl.backend import OptimConfig
+from capsctl.model.spec import ModelSpec
 
 from ._env import tune_malloc
 from ._layers import margin_loss

@@ -6,9 +6,9 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from capsctl import layout
-from capsctl.layout import LayoutTable
-from capsctl.spec import ModelSpec
+from capsctl.model import layout
+from capsctl.model.layout import LayoutTable
+from capsctl.model.spec import ModelSpec
 
 # canonical name pattern -> (native name pattern, permutation taking the native array to canonical)
 _CONV_KERNEL = (2, 3, 1, 0)  # torch [out, in, kh, kw] -> [kh, kw, in, out]

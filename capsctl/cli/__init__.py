@@ -12,7 +12,7 @@ try:  # Typer >= 0.26 vendors Click; older releases depend on it
 except ImportError:  # pragma: no cover
     import click.exceptions as click_exc  # type: ignore[no-redef]
 
-from . import _data, _eval, _train
+from capsctl.cli import _data, _eval, _train
 
 _EXIT = tuple({typer.Exit, getattr(click_exc, "Exit", typer.Exit)})
 _ABORT = tuple({typer.Abort, getattr(click_exc, "Abort", typer.Abort), KeyboardInterrupt})
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in args
     if debug:
         args.remove("--debug")
-    from ..errors import CapsctlError
+    from capsctl.errors import CapsctlError
 
     try:
         rv = app(args=args, prog_name="capsctl", standalone_mode=False)

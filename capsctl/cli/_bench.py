@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ._common import JsonOpt
+from capsctl.cli._options import JsonOpt
 
 
 def _split(value: str) -> tuple[str, ...]:
@@ -39,14 +39,15 @@ def bench(
     """
     import json
 
-    from ..benchmark import BenchConfig, run
+    from capsctl.bench.measure import BenchConfig
+    from capsctl.bench.report import run
 
     cfg = BenchConfig(
         backends=_split(backend), heads=_split(head), batch=batch, windows=windows, steps=steps, warmup=warmup,
         infer_batch=infer_batch, infer_batches=infer_batches, sgemm=sgemm, routing=routing,
     )
     cfg.validate()
-    from .._console import err
+    from capsctl._console import err
 
     with err.status("measuring…") as status:
         report = run(cfg, on_backend=lambda name: status.update(f"measuring {name} (one process per backend)…"))
@@ -71,11 +72,11 @@ def _met(value: bool | None) -> str:
 def _print(report: dict[str, Any]) -> None:
     from rich.table import Table
 
-    from .._console import out
+    from capsctl._console import out
 
     m, cfg = report["machine"], report["config"]
     load = m.get("loadavg_before")
-    out.print(f"[bold]capsctl bench[/] — {m['cpu']}, {m['cpus']} CPUs" + (f", load average {load[0]:.1f}" if load else ""))
+    out.print(f"[bold]capsctl bench[/] — {m['cpu']}, {m['cores']} CPUs" + (f", load average {load[0]:.1f}" if load else ""))
     train = Table(title=f"training, batch {cfg['batch']}, 28×28")
     for col in ("backend", "head", "img/s", "step ms", "CPU ms", "GFLOP/s", "of sgemm", "per CPU-s"):
         train.add_column(col, justify="left" if col in ("backend", "head") else "right")

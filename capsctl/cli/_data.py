@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from ._common import DataDirOpt
+from capsctl.cli._options import DataDirOpt
 
 app = typer.Typer(help="Find and fetch data sets.", no_args_is_help=True)
 
@@ -17,8 +17,8 @@ def list_datasets(data_dir: DataDirOpt = None) -> None:
     """Show each data set and where it was found (or that it would be downloaded)."""
     from rich.table import Table
 
-    from .. import datasets
-    from .._console import out
+    from capsctl._console import out
+    from capsctl.data import datasets
 
     table = Table(title="data sets")
     table.add_column("name")
@@ -43,7 +43,7 @@ def fetch(
     from_dir: Annotated[Path | None, typer.Option("--from", help="Copy from this folder instead of downloading.")] = None,
 ) -> None:
     """Fill the user cache with a data set: download it (SHA-256 checked) or copy it from a folder."""
-    from .. import datasets
+    from capsctl.data import datasets
 
     info = datasets.get_info(name)
     dest = datasets.cache_root() / name

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from ._common import BackendOpt, BatchOpt, DataDirOpt, DatasetOpt, JsonOpt, LimitOpt, ModelArg
+from capsctl.cli._options import BackendOpt, BatchOpt, DataDirOpt, DatasetOpt, JsonOpt, LimitOpt, ModelArg
 
 
 def eval_model(
@@ -21,12 +21,12 @@ def eval_model(
     """Accuracy of a model on the standard (single-digit) test set."""
     import json
 
-    from .. import datasets
-    from .._fit import check_fit
-    from ..backends import get_backend
-    from ..composites import single_accuracy
-    from ..weights import load_model
-    from ._common import check_range
+    from capsctl.backend import get_backend
+    from capsctl.cli._options import check_range
+    from capsctl.data import datasets
+    from capsctl.data.composites import single_accuracy
+    from capsctl.model.fit import check_fit
+    from capsctl.model.weights import load_model
 
     check_range("--limit", limit, 1)
     check_range("--batch-size", batch_size, 1, 65536)
@@ -62,12 +62,12 @@ def eval_pairs(
     """
     import json
 
-    from .. import datasets
-    from .._fit import check_fit
-    from ..backends import get_backend
-    from ..composites import make_composites, score_sets
-    from ..weights import load_model
-    from ._common import check_range
+    from capsctl.backend import get_backend
+    from capsctl.cli._options import check_range
+    from capsctl.data import datasets
+    from capsctl.data.composites import make_composites, score_sets
+    from capsctl.model.fit import check_fit
+    from capsctl.model.weights import load_model
 
     check_range("--limit", limit, 1)
     check_range("--digits", digits, 2, 10)
@@ -81,7 +81,7 @@ def eval_pairs(
     if spec.head == "capsule" and not spec.capsule.shared:
         gh, gw = spec.trunk_grid(*comp.images.shape[1:3])
         if gh * gw != spec.capsule.num_inputs:
-            from ..errors import CapsctlError
+            from capsctl.errors import CapsctlError
 
             raise CapsctlError(
                 f"{model}: this model's capsule weights are not shared (fixed to {spec.capsule.num_inputs} inputs); "
@@ -96,7 +96,7 @@ def eval_pairs(
         return
     from rich.table import Table
 
-    from .._console import out
+    from capsctl._console import out
 
     table = Table(title=f"{model} — {digits}-digit {layout} composites ({dataset}, {backend})")
     table.add_column("composites", justify="right")

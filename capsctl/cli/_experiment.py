@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from ._common import BackendOpt, DataDirOpt, DatasetOpt
+from capsctl.cli._options import BackendOpt, DataDirOpt, DatasetOpt
 
 app = typer.Typer(
     help="Reproduce the paired-digit result and its ablations; tables, plots and docs/RESULTS.md.",
@@ -70,48 +70,50 @@ def pairs(
 
     Example: capsctl experiment pairs --data-dir ../shared/data/mnist-5k --seeds 0,1,2 --out out/pairs
     """
-    from .. import experiment as ex
-    from .._console import out as console
-    from ._common import check_range
+    from capsctl._console import out as console
+    from capsctl.cli._options import check_range, parse_ints, parse_names
+    from capsctl.experiment.plan import ALL_TESTS, Overrides, PairsPlan
+    from capsctl.experiment.run import run_pairs
+    from capsctl.model.spec import HEADS, ROUTINGS, SQUASHES
 
     check_range("--epochs", epochs, 1, 10000)
     check_range("--eval-limit", eval_limit, 1)
     check_range("--limit", limit, 1)
     check_range("--holdout", holdout, 1)
     if routing is not None:
-        ex.parse_names(routing, "--routing", ex.ROUTINGS)
+        parse_names(routing, "--routing", ROUTINGS)
     if squash is not None:
-        ex.parse_names(squash, "--squash", ex.SQUASHES)
+        parse_names(squash, "--squash", SQUASHES)
     check_range("--routings", routings, 1, 100)
-    plan = ex.PairsPlan(
+    plan = PairsPlan(
         backend=backend,
         dataset=dataset,
         data_dir=str(data_dir) if data_dir is not None else None,
         recipe=recipe,
-        seeds=tuple(ex.parse_ints(seeds, "--seeds")),
-        heads=tuple(ex.parse_names(heads, "--heads", ex.HEADS)),
+        seeds=tuple(parse_ints(seeds, "--seeds")),
+        heads=tuple(parse_names(heads, "--heads", HEADS)),
         limit=limit,
         eval_limit=eval_limit,
-        tests=tuple(ex.parse_names(tests, "--tests", ex.ALL_TESTS)),
-        overrides=ex.Overrides(epochs=epochs, lr=lr, schedule=schedule, shift=shift, scale=scale, weight_decay=weight_decay,
+        tests=tuple(parse_names(tests, "--tests", ALL_TESTS)),
+        overrides=Overrides(epochs=epochs, lr=lr, schedule=schedule, shift=shift, scale=scale, weight_decay=weight_decay,
                                routing=routing, squash=squash, routings=routings),
         holdout=holdout,
         train=train,
     )
-    plan = ex.PairsPlan(**{**plan.__dict__, "command": _command("pairs", {
+    plan = PairsPlan(**{**plan.__dict__, "command": _command("pairs", {
         "backend": backend, "dataset": dataset, "data_dir": data_dir, "recipe": recipe, "epochs": epochs,
         "seeds": seeds, "heads": heads if heads != "capsule,pool" else None,
         "tests": tests if tests != "test,vertical,horizontal,vertical3,overlap" else None, "limit": limit,
         "eval_limit": eval_limit, "lr": lr, "schedule": schedule, "shift": shift, "scale": scale,
         "weight_decay": weight_decay, "routing": routing, "squash": squash, "routings": routings, "holdout": holdout,
         "out": out})})  # --no-train only tabulates, so the command that trains is recorded
-    from ..recipes import get_recipe
-    from ..training import TrainConfig
+    from capsctl.training.config import TrainConfig
+    from capsctl.training.recipes import get_recipe
 
     rec = get_recipe(recipe)  # validate recipe and overrides before loading any data
     TrainConfig(**rec.settings("capsule", epochs=epochs, lr=lr, schedule=schedule, shift=shift, scale=scale,
                                weight_decay=weight_decay))
-    ex.run_pairs(plan, out, show_progress=not quiet)
+    run_pairs(plan, out, show_progress=not quiet)
     console.print((out / "results.md").read_text().split("\n![")[0], markup=False, highlight=False)
     typer.echo(f"results: {out / 'results.json'}")
 
@@ -143,41 +145,43 @@ def ablate(
 
     Example: capsctl experiment ablate --data-dir ../shared/data/mnist-5k --epochs 10 --out out/ablate
     """
-    from .. import experiment as ex
-    from .._console import out as console
-    from ._common import check_range
+    from capsctl._console import out as console
+    from capsctl.cli._options import check_range, parse_ints, parse_names
+    from capsctl.experiment.plan import ALL_TESTS, AblatePlan
+    from capsctl.experiment.run import run_ablate
+    from capsctl.model.spec import ROUTINGS, SQUASHES
 
     check_range("--epochs", epochs, 1, 10000)
     check_range("--seed", seed, 0)
     check_range("--eval-limit", eval_limit, 1)
     check_range("--limit", limit, 1)
-    plan = ex.AblatePlan(
+    plan = AblatePlan(
         backend=backend,
         dataset=dataset,
         data_dir=str(data_dir) if data_dir is not None else None,
         recipe=recipe,
         seed=seed,
-        routings=tuple(ex.parse_names(routing, "--routing", ex.ROUTINGS)),
-        squashes=tuple(ex.parse_names(squash, "--squash", ex.SQUASHES)),
-        iterations=tuple(ex.parse_ints(iterations, "--iterations", 1, 100)),
-        eval_iterations=tuple(ex.parse_ints(eval_iterations, "--eval-iterations", 1, 100)),
+        routings=tuple(parse_names(routing, "--routing", ROUTINGS)),
+        squashes=tuple(parse_names(squash, "--squash", SQUASHES)),
+        iterations=tuple(parse_ints(iterations, "--iterations", 1, 100)),
+        eval_iterations=tuple(parse_ints(eval_iterations, "--eval-iterations", 1, 100)),
         epochs=epochs,
         shift=shift,
         limit=limit,
         eval_limit=eval_limit,
-        tests=tuple(ex.parse_names(tests, "--tests", ex.ALL_TESTS)),
+        tests=tuple(parse_names(tests, "--tests", ALL_TESTS)),
         command=_command("ablate", {
             "backend": backend, "dataset": dataset, "data_dir": data_dir, "recipe": recipe, "routing": routing,
             "squash": squash, "iterations": iterations, "eval_iterations": eval_iterations, "epochs": epochs,
             "shift": shift, "seed": seed, "tests": tests, "limit": limit, "eval_limit": eval_limit, "out": out}),
     )
-    from ..recipes import get_recipe
+    from capsctl.training.recipes import get_recipe
 
     rec = get_recipe(recipe)
-    from ..training import TrainConfig
+    from capsctl.training.config import TrainConfig
 
     TrainConfig(**rec.settings("capsule", epochs=epochs, shift=shift))  # validate before loading any data
-    ex.run_ablate(plan, out, show_progress=not quiet)
+    run_ablate(plan, out, show_progress=not quiet)
     console.print((out / "results.md").read_text().split("\n![")[0], markup=False, highlight=False)
     typer.echo(f"results: {out / 'results.json'}")
 
@@ -191,7 +195,7 @@ def report(
     Reads each FOLDER/results.json (no training, no scoring), copies its PNG plots to
     OUT's folder/results/, and writes OUT with every table beside the command that produced it.
     """
-    from .._report import write_report
+    from capsctl.experiment.report import write_report
 
     write_report(folders, out)
     typer.echo(f"wrote {out}")

@@ -7,14 +7,16 @@ from typing import Annotated
 
 import typer
 
-from ._common import ModelArg
+from capsctl.cli._options import ModelArg
 
 FORMATS = ("torch", "keras", "onnx")
+# which backend writes each format
+_EXPORTED_BY = {"torch": "torch", "keras": "keras", "onnx": "torch"}
 _SUFFIXES = {".pt": "torch", ".pth": "torch", ".keras": "keras", ".onnx": "onnx"}
 
 
 def _format_for(out: Path, given: str | None) -> str:
-    from ..errors import CapsctlError
+    from capsctl.errors import CapsctlError
 
     if given is not None:
         if given not in FORMATS:
@@ -27,7 +29,7 @@ def _format_for(out: Path, given: str | None) -> str:
 
 
 def _check_out(out: Path, source: Path) -> None:
-    from ..errors import CapsctlError
+    from capsctl.errors import CapsctlError
 
     if out.resolve() == source.resolve():
         raise CapsctlError(f"--out {out}: is the input file; choose another path")
@@ -54,27 +56,18 @@ def export(
 
     Example: capsctl export runs/caps/model.safetensors --out caps.onnx
     """
-    import importlib.util
-
-    from ..backends import get_backend
-    from ..errors import CapsctlError
-    from ..weights import load_model
+    from capsctl._io import atomic_write_bytes
+    from capsctl.backend import get_backend
+    from capsctl.errors import CapsctlError
+    from capsctl.model.weights import load_model
 
     _check_out(out, model)
     fmt = _format_for(out, format)
+    if fmt == "keras" and out.suffix != ".keras":
+        raise CapsctlError(f"--out {out}: a Keras model file must end in .keras")
     spec, weights = load_model(model)
-    if fmt == "keras":
-        get_backend("keras").export_native(spec, weights, str(out))
-    elif fmt == "torch":
-        get_backend("torch").export_native(spec, weights, str(out))
-    else:
-        get_backend("torch")
-        missing = [m for m in ("onnx", "onnxscript") if importlib.util.find_spec(m) is None]
-        if missing:
-            raise CapsctlError(f"--format onnx needs {', '.join(missing)}; install it with: pip install 'capsctl[onnx]'")
-        from capsctl_torch._native import export_onnx
-
-        export_onnx(spec, weights, str(out))
+    backend = get_backend(_EXPORTED_BY[fmt])
+    atomic_write_bytes(out, backend.export_bytes(spec, weights, fmt))
     typer.echo(f"wrote {out} ({fmt}, {spec.head} head)")
 
 
@@ -82,8 +75,8 @@ def _sniff(path: Path) -> str:
     """'torch', 'keras', or a CapsctlError saying what the file is instead."""
     import zipfile
 
-    from .._files import read_user_file
-    from ..errors import CapsctlError
+    from capsctl._io import read_user_file
+    from capsctl.errors import CapsctlError
 
     head = read_user_file(path, "a torch or Keras export", limit=16)
     if path.suffix.lower() == ".onnx":
@@ -117,9 +110,9 @@ def import_(
 
     Example: capsctl import caps.keras --out caps.safetensors
     """
-    from ..backends import get_backend
-    from ..errors import CapsctlError
-    from ..weights import save_model
+    from capsctl.backend import get_backend
+    from capsctl.errors import CapsctlError
+    from capsctl.model.weights import save_model
 
     if format is not None and format not in ("torch", "keras"):
         raise CapsctlError(f"--format must be torch or keras, got {format!r} (ONNX files cannot be imported)")

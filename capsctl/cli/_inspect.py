@@ -7,11 +7,11 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from ._common import BackendOpt, JsonOpt
+from capsctl.cli._options import BackendOpt, JsonOpt
 
 if TYPE_CHECKING:
-    from ..inspection import Inspection
-    from ..spec import ModelSpec
+    from capsctl.inspect.analysis import Inspection
+    from capsctl.model.spec import ModelSpec
 
 
 def inspect(
@@ -55,17 +55,17 @@ def inspect(
     """
     import json
 
-    from .._console import err
-    from ..backends import get_backend
-    from ..errors import CapsctlError
-    from ..images import load_image, parse_size
-    from ..inspection import inspect_one
-    from ..weights import load_model
-    from ._common import check_range
+    from capsctl._console import err
+    from capsctl.backend import get_backend
+    from capsctl.cli._options import check_range
+    from capsctl.data.images import load_image, parse_size
+    from capsctl.errors import CapsctlError
+    from capsctl.inspect.analysis import inspect_one
+    from capsctl.model.weights import load_model
 
     check_range("--routings", routings, 1, 100)
     if out is not None:
-        from .._inspect_figure import check_out_path
+        from capsctl.inspect.figure import check_out_path
 
         check_out_path(out)
     size = parse_size(resize) if resize is not None else None
@@ -88,7 +88,7 @@ def inspect(
         res = inspect_one(spec, runner.scores(x)[0], img.shape, top=top, direction=order)
 
     if out is not None:
-        from .._inspect_figure import save_figure
+        from capsctl.inspect.figure import save_figure
 
         save_figure(out, img, res, spec, _title(image, model, spec, res, backend))
         err.print(f"figure: {out}")
@@ -104,7 +104,7 @@ def inspect(
 
 def _check_fixed_inputs(spec: ModelSpec, shape: tuple[int, ...], image: Path, model: Path) -> None:
     """Per-position capsule weights fit one grid size only; suggest the --resize that fits."""
-    from ..errors import CapsctlError
+    from capsctl.errors import CapsctlError
 
     caps = spec.capsule
     if spec.head != "capsule" or caps.shared:
@@ -146,7 +146,7 @@ def _print_tables(image: Path, spec: ModelSpec, res: Inspection, backend: str) -
     from rich.table import Table
     from rich.text import Text
 
-    from .._console import out
+    from capsctl._console import out
 
     h, w = res.image_shape
     capsule = res.couplings is not None

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from ._common import BackendOpt, DataDirOpt, DatasetOpt, LimitOpt
+from capsctl.cli._options import BackendOpt, DataDirOpt, DatasetOpt, LimitOpt
 
 
 def train(
@@ -43,21 +43,21 @@ def train(
 
     Example: capsctl train --head capsule --data-dir ../shared/data/mnist-5k --out runs/caps
     """
-    from .. import datasets
-    from ..backends import get_backend
-    from ..errors import CapsctlError
-    from ..recipes import get_recipe
-    from ._common import check_range
+    from capsctl.backend import get_backend
+    from capsctl.cli._options import check_range
+    from capsctl.data import datasets
+    from capsctl.errors import CapsctlError
+    from capsctl.training.recipes import get_recipe
 
     check_range("--test-limit", test_limit, 1)
-    from ..spec import ModelSpec
-    from ..training import TrainConfig
-    from ..training import train as run_training
+    from capsctl.model.spec import ModelSpec
+    from capsctl.training.config import TrainConfig
+    from capsctl.training.loop import train as run_training
 
     if resume is not None:
         if out is not None and out != resume:
             raise CapsctlError("give either --out or --resume RUN, not both")
-        from ..training import load_checkpoint
+        from capsctl.training.run_folder import load_checkpoint
 
         ck = load_checkpoint(resume)
         be = get_backend(backend if backend != "torch" or ck.config.backend == "torch" else ck.config.backend)
@@ -81,8 +81,8 @@ def train(
         if spec is None:
             raise CapsctlError(f"--head must be capsule or pool, got {head!r}")
     # checked here so the message names the option, not the spec field it sets
-    from ..spec import ROUTINGS, SQUASHES
-    from ._common import check_range
+    from capsctl.cli._options import check_range
+    from capsctl.model.spec import ROUTINGS, SQUASHES
 
     check_range("--routings (capsule.routings)", routings, 1, 100)
     for opt, given, choices in (("routing", routing, ROUTINGS), ("squash", squash, SQUASHES)):
@@ -113,7 +113,7 @@ def train(
 
 
 def _test_split(ds, limit):
-    from ..datasets import Split
+    from capsctl.data.datasets import Split
 
     test = ds.test()
     return test if limit is None else Split(test.images[:limit], test.labels[:limit])

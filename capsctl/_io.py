@@ -1,0 +1,61 @@
+"""Files on disk: reading a file the user named (every OS failure becomes one CapsctlError naming
+the file) and writing one atomically (readers see the old content or the new, never half of either)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+from capsctl.errors import CapsctlError
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write `data` to a temporary sibling, fsync it, rename it over `path`, fsync the folder."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(e, OSError) and e.errno is not None:
+            # name the file the user knows, not our temporary (a failed write() names none at all)
+            raise OSError(e.errno, f"{e.strerror or e}; the file on disk is unchanged", str(path)) from e
+        raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(folder: Path) -> None:
+    # The rename is durable only once the folder's entry is on disk too.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def read_user_file(path: str | os.PathLike[str], expected: str, limit: int | None = None) -> bytes:
+    """The file's bytes (only the first `limit` if given); `expected` says what it should be,
+    e.g. "a .safetensors file", for the message when a folder is given instead."""
+    p = Path(path)
+    try:
+        if p.is_dir():
+            raise CapsctlError(f"{p}: is a folder, expected {expected}")
+        with open(p, "rb") as f:
+            return f.read() if limit is None else f.read(limit)
+    except FileNotFoundError:
+        raise CapsctlError(f"{p}: no such file") from None
+    except PermissionError:
+        raise CapsctlError(f"{p}: permission denied") from None
+    except OSError as e:
+        raise CapsctlError(f"{p}: cannot read ({e.strerror or e})") from None

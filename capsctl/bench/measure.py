@@ -1,0 +1,243 @@
+"""`capsctl bench`'s measurements of one backend, run in a child process of its own
+(`python -m capsctl.bench.measure NAME CONFIG OUT`), so torch and TensorFlow never share thread pools
+or allocator state and peak RSS is per backend.
+
+Everything goes through the Backend protocol (trainer.step, runner.scores, and bench_kernels() for
+the few framework kernels the rest has no word for: a large sgemm, a naive loop-over-capsules routing).
+
+Timing: after warm-up, `windows` timed windows; within a window every head runs the same number
+of steps back to back, and the sgemm runs `SGEMM_REPS` times, so ratios (capsule / pool step,
+achieved rate / sgemm rate) compare measurements taken seconds apart. Every figure is the median
+over windows; a ratio is the median of the per-window ratios. Process CPU time is kept beside wall
+time (`*_cpu`): under load the CPU-time ratios are the ones to compare."""
+
+from __future__ import annotations
+
+import gc
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import numpy as np
+
+from capsctl.backend import BenchKernels, OptimConfig, get_backend
+from capsctl.errors import CapsctlError
+from capsctl.model import flops
+from capsctl.model.spec import HEADS, ModelSpec, default_spec
+from capsctl.model.weights import init_weights
+from capsctl.training.loop import one_hot
+
+INFER_SIZES = ((28, 28), (56, 28))  # single digits, and the vertical pairs of eval-pairs
+
+
+SGEMM_REPS = 3  # matmuls per window
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    backends: tuple[str, ...] = ("torch", "keras")
+    heads: tuple[str, ...] = ("capsule", "pool")
+    batch: int = 128  # training images per step
+    windows: int = 5  # timed windows (medians are taken over these)
+    steps: int = 4  # training steps per head per window
+    warmup: int = 3  # untimed training steps per head first
+    infer_batch: int = 512  # images per inference batch
+    infer_batches: int = 2  # inference batches per head, size and window
+    sgemm: int = 2048  # side of the square float32 matmul that measures the machine's rate
+    routing: bool = True  # also time naive vs vectorised routing (capsule head)
+
+    def validate(self) -> None:
+
+        for name, value, lo, hi in (
+            ("--batch", self.batch, 1, 4096), ("--windows", self.windows, 1, 1000), ("--steps", self.steps, 1, 1000),
+            ("--warmup", self.warmup, 0, 1000), ("--infer-batch", self.infer_batch, 1, 65536),
+            ("--infer-batches", self.infer_batches, 1, 1000), ("--sgemm", self.sgemm, 16, 16384),
+        ):
+            if not lo <= value <= hi:
+                raise CapsctlError(f"{name} must be in {lo}..{hi}, got {value}")
+        if not self.backends:
+            raise CapsctlError("--backend: give at least one backend")
+        if not self.heads:
+            raise CapsctlError("--head: give at least one head")
+        for head in self.heads:
+            if head not in HEADS:
+                raise CapsctlError(f"--head: unknown head {head!r} (expected {', '.join(HEADS)})")
+
+
+def median(values: list[float]) -> float:
+    return float(statistics.median(values))
+
+
+def peak_rss_mb() -> float | None:
+    """Peak resident memory of this process (VmHWM: counts C allocations, unlike tracemalloc)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    try:
+        import resource
+
+        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+        return kb / (1024.0 * 1024.0) if sys.platform == "darwin" else kb / 1024.0
+    except (ImportError, OSError):
+        return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux: write 5 to clear_refs), so phases are measured apart."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _timed(fn: Callable[[], object], reps: int) -> float:
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return time.perf_counter() - t
+
+
+def _timed2(fn: Callable[[], object], reps: int) -> tuple[float, float]:
+    """(wall, process CPU) seconds per call."""
+    c = time.process_time()
+    wall = _timed(fn, reps)
+    return wall / reps, (time.process_time() - c) / reps
+
+
+def measure_backend(name: str, cfg: BenchConfig) -> dict[str, Any]:
+    """All measurements of one backend, in this process. Returns a JSON-ready dict."""
+
+    backend = get_backend(name)
+    result: dict[str, Any] = {"backend": name, "available": True, "describe": backend.describe()}
+    kernels = backend.bench_kernels()
+    result["threads"] = kernels.threads()
+    rng = np.random.default_rng(0)
+    specs = {head: default_spec(head) for head in cfg.heads}
+    weights = {head: init_weights(spec, 0) for head, spec in specs.items()}
+    x = rng.random((cfg.batch, 28, 28, 1), dtype=np.float32)  # synthetic images, fed from memory
+    y = one_hot(rng.integers(0, 10, cfg.batch), 10)
+
+    # training: heads interleaved window by window, with the sgemm beside them
+    reset_peak_rss()
+    rss_start = peak_rss_mb()
+    trainers = {head: backend.trainer(spec, weights[head], OptimConfig()) for head, spec in specs.items()}
+    for trainer in trainers.values():
+        for _ in range(cfg.warmup):
+            trainer.step(x, y, 1e-3)
+    gemm = kernels.sgemm(cfg.sgemm)
+    gemm()
+    step_s: dict[str, list[float]] = {head: [] for head in cfg.heads}
+    gemm_s: list[float] = []
+    gemm_cpu: list[float] = []
+    cpu_s: dict[str, list[float]] = {head: [] for head in cfg.heads}
+    for _ in range(cfg.windows):
+        for head, trainer in trainers.items():
+            wall, cpu = _timed2(partial(trainer.step, x, y, 1e-3), cfg.steps)
+            step_s[head].append(wall)
+            cpu_s[head].append(cpu)
+        wall, cpu = _timed2(gemm, SGEMM_REPS)
+        gemm_s.append(wall)
+        gemm_cpu.append(cpu)
+    result["train_peak_rss_mb"] = peak_rss_mb()
+    result["rss_before_train_mb"] = rss_start
+    del trainers
+    gc.collect()
+    sgemm_flops = 2.0 * cfg.sgemm**3
+    sgemm_gflops = sgemm_flops / median(gemm_s) / 1e9 if gemm_s else None
+    # per CPU-second: what one busy core does; the load-independent rate
+    sgemm_cpu = sgemm_flops / median(gemm_cpu) / 1e9 if gemm_cpu and median(gemm_cpu) > 0 else None
+    result["sgemm"] = {"n": cfg.sgemm, "gflops": sgemm_gflops, "gflops_per_cpu_s": sgemm_cpu}
+
+    heads: dict[str, dict[str, Any]] = {}
+    for head, spec in specs.items():
+        step, cpu = median(step_s[head]), median(cpu_s[head])
+        count = flops.count(spec, 28, 28)
+        achieved = count.train_step * cfg.batch / step / 1e9
+        achieved_cpu = count.train_step * cfg.batch / cpu / 1e9 if cpu > 0 else None
+        heads[head] = {
+            "train_images_per_s": cfg.batch / step,
+            "train_step_ms": step * 1e3,
+            "train_step_cpu_ms": cpu * 1e3,
+            "train_gflop_per_image": count.train_step / 1e9,
+            "achieved_gflops": achieved,
+            "sgemm_fraction": achieved / sgemm_gflops if sgemm_gflops else None,
+            "achieved_gflops_per_cpu_s": achieved_cpu,
+            "sgemm_fraction_cpu": achieved_cpu / sgemm_cpu if achieved_cpu and sgemm_cpu else None,
+            "infer_images_per_s": {},
+        }
+    if "capsule" in specs and "pool" in specs:
+        ratios = [c / p for c, p in zip(step_s["capsule"], step_s["pool"], strict=True)]
+        ratio = median(ratios)
+        result["capsule_step_ratio"] = ratio
+        result["capsule_step_ratio_cpu"] = median(
+            [c / p for c, p in zip(cpu_s["capsule"], cpu_s["pool"], strict=True) if p > 0] or [float("nan")])
+        # the pool head is 0.05% of the FLOPs, so its step is the trunk's step
+        result["capsule_head_share"] = 1.0 - 1.0 / ratio
+        caps = flops.count(specs["capsule"], 28, 28)
+        result["capsule_head_flop_share"] = caps.head / caps.forward
+
+    # inference at batch infer_batch, each size; heads interleaved
+    reset_peak_rss()
+    runners = {head: backend.runner(spec, weights[head]) for head, spec in specs.items()}
+    n_img = cfg.infer_batch * cfg.infer_batches
+    for h, w in INFER_SIZES:
+        images = rng.random((n_img, h, w, 1), dtype=np.float32)
+        times: dict[str, list[float]] = {head: [] for head in specs}
+        for runner in runners.values():
+            runner.scores(images[: cfg.infer_batch], cfg.infer_batch)  # warm-up (and tracing, per shape)
+        for _ in range(cfg.windows):
+            for head, runner in runners.items():
+                times[head].append(_timed(partial(runner.scores, images, cfg.infer_batch), 1))
+        for head in specs:
+            heads[head]["infer_images_per_s"][f"{h}x{w}"] = n_img / median(times[head])
+    result["infer_peak_rss_mb"] = peak_rss_mb()
+    del runners
+    gc.collect()
+    result["heads"] = heads
+
+    if cfg.routing and "capsule" in specs:
+        result["routing"] = _routing(kernels, specs["capsule"], weights["capsule"], cfg)
+    return result
+
+
+def _routing(kernels: BenchKernels, spec: ModelSpec, weights: dict[str, np.ndarray], cfg: BenchConfig) -> dict[str, Any]:
+    """Training step (forward + backward) of the capsule head alone: a loop over input capsules vs ours."""
+    fns = kernels.routing_fns(spec, weights["head.capsule.kernel"], cfg.batch)
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(cfg.windows):
+        for k, fn in fns.items():
+            times[k].append(_timed(fn, 1))
+    out: dict[str, Any] = {f"{k}_ms": median(v) * 1e3 for k, v in times.items()}
+    out["speedup"] = median([n / v for n, v in zip(times["naive"], times["vectorised"], strict=True)])
+    out["batch"] = cfg.batch
+    return out
+
+
+def _child_main(argv: list[str]) -> int:
+    name, cfg_json, out = argv
+    fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(cfg_json).items()}
+    cfg = BenchConfig(**fields)
+    try:
+        result = measure_backend(name, cfg)
+    except CapsctlError as e:
+        result = {"backend": name, "available": False, "reason": str(e)}
+    with open(out, "w") as fh:
+        json.dump(result, fh)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main(sys.argv[1:]))

@@ -1,0 +1,95 @@
+"""Multi-digit composites and their scoring: the paired-digit test (a contract others recompute).
+
+Test images x (N, H, W, 1), labels y. `rng = numpy.random.default_rng(seed)`; for each extra digit
+`idx = rng.permutation(N)`; images are concatenated along height ('vertical', first on top) or
+width ('horizontal'); composites whose labels are not all different are dropped. The prediction is
+the set of the k highest scores; `accuracy`: that set equals the label set; `confident_accuracy`:
+and the k-th highest score is > 0.5.
+
+'overlap' (MultiMNIST style, our extension): after the permutations, `rng.integers(0, 2*shift+1,
+size=(N, k, 2))` gives each digit's (row, col) offset in a (H+2*shift, W+2*shift) canvas, and
+the digits are merged with a pixel-wise maximum.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from capsctl.errors import CapsctlError
+
+LAYOUTS = ("vertical", "horizontal", "overlap")
+OVERLAP_SHIFT = 4
+
+
+@dataclass(frozen=True)
+class Composites:
+    images: np.ndarray  # float32 (M, H', W', 1)
+    labels: np.ndarray  # int64 (M, k), in placement order (top→bottom / left→right)
+    layout: str
+    seed: int
+    indices: np.ndarray | None = None  # int64 (M, k): the source images of each composite, in placement order
+
+
+def make_composites(
+    x: np.ndarray, y: np.ndarray, *, digits: int = 2, layout: str = "vertical", seed: int = 0, limit: int | None = None
+) -> Composites:
+    if layout not in LAYOUTS:
+        raise CapsctlError(f"--layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    if digits < 2:
+        raise CapsctlError(f"--digits must be at least 2, got {digits}")
+    if limit is not None and limit < 1:
+        raise CapsctlError(f"--limit must be at least 1, got {limit}")
+    n = len(x)
+    rng = np.random.default_rng(seed)
+    order = [np.arange(n)] + [rng.permutation(n) for _ in range(digits - 1)]
+    idx = np.stack(order, axis=1)  # (N, k)
+    labels = y[idx]
+    # all different <=> sorted neighbours differ
+    srt = np.sort(labels, axis=1)
+    keep = np.all(srt[:, 1:] != srt[:, :-1], axis=1)
+    offsets = rng.integers(0, 2 * OVERLAP_SHIFT + 1, size=(n, digits, 2)) if layout == "overlap" else None
+    keep_idx = np.flatnonzero(keep)
+    if limit is not None:
+        keep_idx = keep_idx[:limit]
+    idx, labels = idx[keep_idx], labels[keep_idx]
+    parts = x[idx]  # (M, k, H, W, 1)
+    if layout == "vertical":
+        images = np.concatenate(list(parts.transpose(1, 0, 2, 3, 4)), axis=1)
+    elif layout == "horizontal":
+        images = np.concatenate(list(parts.transpose(1, 0, 2, 3, 4)), axis=2)
+    else:
+        assert offsets is not None
+        offsets = offsets[keep_idx]
+        m, _, h, w, c = parts.shape
+        s = OVERLAP_SHIFT
+        images = np.zeros((m, h + 2 * s, w + 2 * s, c), np.float32)
+        rows = np.arange(m)[:, None, None]
+        for j in range(digits):
+            r = offsets[:, j, 0][:, None, None] + np.arange(h)[None, :, None]
+            q = offsets[:, j, 1][:, None, None] + np.arange(w)[None, None, :]
+            images[rows, r, q] = np.maximum(images[rows, r, q], parts[:, j])
+    return Composites(np.ascontiguousarray(images, dtype=np.float32), labels, layout, seed, idx)
+
+
+def set_matches(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per composite: (top-k set == label set, and also the k-th score > 0.5), k = labels.shape[1]."""
+    k = labels.shape[1]
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    correct = np.all(np.sort(top, axis=1) == np.sort(labels, axis=1), axis=1)
+    kth = np.take_along_axis(scores, top[:, k - 1 : k], axis=1)[:, 0]
+    return correct, correct & (kth > 0.5)
+
+
+def score_sets(scores: np.ndarray, labels: np.ndarray) -> dict[str, float | int]:
+    """Accuracy and confident accuracy of top-k sets against label sets (k = labels.shape[1])."""
+    m = len(labels)
+    if m == 0:
+        raise CapsctlError("no composites to score")
+    correct, confident = set_matches(scores, labels)
+    return {"pairs": m, "accuracy": float(correct.mean()), "confident_accuracy": float(confident.mean())}
+
+
+def single_accuracy(scores: np.ndarray, labels: np.ndarray) -> float:
+    return float((np.argmax(scores, axis=1) == labels).mean())

@@ -1,0 +1,280 @@
+"""Where MNIST-style data sets are found, fetched and loaded.
+
+Search order for a data set NAME: `--data-dir`, `$CAPSCTL_DATA_DIR/NAME`, the user cache
+(`$XDG_CACHE_HOME/capsctl/NAME`), the Debian package's folder (`/usr/share/datasets/NAME`),
+then a download from the data set's mirrors into the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from capsctl._io import atomic_write_bytes, fsync_dir
+from capsctl.data import idx
+from capsctl.errors import CapsctlError
+
+ROLES = ("train-images", "train-labels", "t10k-images", "t10k-labels")
+FILES = {
+    "train-images": "train-images-idx3-ubyte",
+    "train-labels": "train-labels-idx1-ubyte",
+    "t10k-images": "t10k-images-idx3-ubyte",
+    "t10k-labels": "t10k-labels-idx1-ubyte",
+}
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    mirrors: tuple[str, ...]  # base URLs, tried in turn; each serves FILES[role] + ".gz"
+    sha256: dict[str, str]  # role -> expected SHA-256, of what `digest_of` names
+    digest_of: str  # 'download': the .gz bytes as served; 'content': the decompressed IDX bytes
+    classes: tuple[str, ...]
+    system_dir: str | None = None  # a Debian package's folder, if one ships the set
+    note: str = ""
+
+
+DATASETS: dict[str, DatasetInfo] = {
+    "mnist": DatasetInfo(
+        name="mnist",
+        mirrors=(
+            "https://ossci-datasets.s3.amazonaws.com/mnist/",
+            "https://storage.googleapis.com/cvdf-datasets/mnist/",
+            "http://yann.lecun.com/exdb/mnist/",
+        ),
+        # The published SHA-256 sums of the gzip files every mirror serves.
+        sha256={
+            "train-images": "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
+            "train-labels": "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
+            "t10k-images": "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
+            "t10k-labels": "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
+        },
+        digest_of="download",
+        classes=tuple(str(d) for d in range(10)),
+    ),
+    "fashion-mnist": DatasetInfo(
+        name="fashion-mnist",
+        mirrors=(
+            "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+            "https://ossci-datasets.s3.amazonaws.com/fashion-mnist/",
+        ),
+        # Sums of the decompressed IDX bytes (read off Debian's dataset-fashion-mnist, which
+        # re-gzips upstream's files): any mirror's copy of the same data verifies.
+        sha256={
+            "train-images": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+            "train-labels": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+            "t10k-images": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+            "t10k-labels": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
+        },
+        digest_of="content",
+        classes=("T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Boot"),
+        system_dir="/usr/share/datasets/fashion-mnist",
+        note="Debian: apt-get install dataset-fashion-mnist",
+    ),
+}
+
+
+def get_info(name: str) -> DatasetInfo:
+    try:
+        return DATASETS[name]
+    except KeyError:
+        raise CapsctlError(f"unknown dataset {name!r} (known: {', '.join(DATASETS)})") from None
+
+
+def cache_root() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "capsctl"
+
+
+def find_file(folder: Path, role: str) -> Path | None:
+    for suffix in (".gz", ""):
+        p = folder / (FILES[role] + suffix)
+        if p.is_file():
+            return p
+    return None
+
+
+def is_complete(folder: Path) -> bool:
+    return folder.is_dir() and all(find_file(folder, r) for r in ROLES)
+
+
+@dataclass
+class Candidate:
+    label: str  # where it came from, for `capsctl data list`
+    folder: Path | None
+
+
+def candidates(name: str, data_dir: str | os.PathLike[str] | None = None) -> list[Candidate]:
+    info = get_info(name)
+    out: list[Candidate] = []
+    if data_dir is not None:
+        out.append(Candidate("--data-dir", Path(data_dir)))
+    env = os.environ.get("CAPSCTL_DATA_DIR")
+    if env:
+        out.append(Candidate("$CAPSCTL_DATA_DIR", Path(env) / name))
+    out.append(Candidate("cache", cache_root() / name))
+    if info.system_dir:
+        out.append(Candidate("system package", Path(info.system_dir)))
+    return out
+
+
+def locate(name: str, data_dir: str | os.PathLike[str] | None = None, download: bool = True) -> Path:
+    """The folder holding the four IDX files of `name`, downloading into the cache if needed."""
+    info = get_info(name)
+    if data_dir is not None:
+        folder = Path(data_dir)
+        if not folder.is_dir():
+            raise CapsctlError(f"--data-dir {folder}: no such folder")
+        missing = [FILES[r] for r in ROLES if not find_file(folder, r)]
+        if missing:
+            raise CapsctlError(f"--data-dir {folder}: missing {missing[0]}(.gz); it must hold the four IDX files")
+        return folder
+    for cand in candidates(name):
+        if cand.folder is not None and is_complete(cand.folder):
+            return cand.folder
+    if not download:
+        raise CapsctlError(f"dataset {name!r} not found; pass --data-dir DIR or run `capsctl data fetch {name}`")
+    return fetch(info, cache_root() / name)
+
+
+def mirrors_for(info: DatasetInfo) -> tuple[str, ...]:
+    # $CAPSCTL_MIRRORS (comma-separated base URLs) replaces the built-in list: for proxies and tests.
+    env = os.environ.get("CAPSCTL_MIRRORS")
+    if env:
+        return tuple(m.strip() for m in env.split(",") if m.strip())
+    return info.mirrors
+
+
+def file_digest(path: Path, digest_of: str) -> str:
+    data = path.read_bytes()
+    if digest_of == "content":
+        data = idx._decompress(data, str(path))
+    return hashlib.sha256(data).hexdigest()
+
+
+def download_file(url: str, dest: Path, expected_sha256: str, digest_of: str = "download", timeout: float = 30.0) -> None:
+    """Stream `url` to `dest.part`, check it, then rename to `dest`. Raises on any failure."""
+    from capsctl._console import progress
+
+    part = dest.with_name(dest.name + ".part")
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            total = int(resp.headers.get("Content-Length") or 0) or None
+            with open(part, "wb") as f, progress() as bar:
+                task = bar.add_task(dest.name, total=total)
+                while chunk := resp.read(1 << 16):
+                    f.write(chunk)
+                    bar.advance(task, len(chunk))
+                f.flush()
+                os.fsync(f.fileno())
+        got = file_digest(part, digest_of)
+        if got != expected_sha256:
+            raise CapsctlError(f"{url}: SHA-256 mismatch (got {got[:12]}…, expected {expected_sha256[:12]}…)")
+        os.replace(part, dest)
+        fsync_dir(dest.parent)
+    finally:
+        if part.exists():
+            part.unlink()
+
+
+def fetch(info: DatasetInfo, dest: Path, mirrors: Sequence[str] | None = None) -> Path:
+    """Download the four files into `dest`, trying each mirror in turn for each file."""
+    mirrors = tuple(mirrors) if mirrors is not None else mirrors_for(info)
+    dest.mkdir(parents=True, exist_ok=True)
+    for role in ROLES:
+        if find_file(dest, role):
+            continue
+        fname = FILES[role] + ".gz"
+        errors: list[str] = []
+        for base in mirrors:
+            url = base.rstrip("/") + "/" + fname
+            try:
+                download_file(url, dest / fname, info.sha256[role], info.digest_of)
+                break
+            except CapsctlError as e:
+                errors.append(str(e))
+            except (urllib.error.URLError, OSError, ValueError) as e:
+                errors.append(f"{url}: {getattr(e, 'reason', e)}")
+        else:
+            last = errors[-1] if errors else "no mirrors configured"
+            raise CapsctlError(
+                f"could not download {info.name} ({len(errors)} mirror(s) failed; last: {last}); "
+                f"pass --data-dir DIR pointing at a folder with the four IDX files"
+            )
+    return dest
+
+
+def copy_from(info: DatasetInfo, src: Path, dest: Path) -> Path:
+    """Fill the cache from a local folder, validating every file as IDX first."""
+    if not is_complete(src):
+        raise CapsctlError(f"--from {src}: the folder must hold the four IDX files of {info.name}")
+    # Refuse a broken set before anything is copied: every file decoded and checked the way training
+    # and evaluation will read it (types, label range, images/labels counts, one image size).
+    sets = Dataset(info.name, src)
+    train, test = sets.train(), sets.test()
+    if train.images.shape[1:] != test.images.shape[1:]:
+        raise CapsctlError(
+            f"--from {src}: training images are {train.images.shape[1]}x{train.images.shape[2]} but test images are "
+            f"{test.images.shape[1]}x{test.images.shape[2]}"
+        )
+    dest.mkdir(parents=True, exist_ok=True)
+    for role in ROLES:
+        f = find_file(src, role)
+        assert f is not None
+        atomic_write_bytes(dest / f.name, f.read_bytes())  # temp + fsync + rename: never a half file
+    return dest
+
+
+@dataclass
+class Split:
+    images: np.ndarray  # float32 (N, H, W, 1) in [0, 1]
+    labels: np.ndarray  # int64 (N,)
+
+
+HOLDOUT_SEED = 0  # the held-out draw is fixed, so every recipe is scored on the same images
+
+
+def hold_out(split: Split, n: int) -> tuple[Split, Split]:
+    """(the rest, n held-out images): a fixed random draw, both parts kept in file order."""
+    if not 1 <= n < len(split.images):
+        raise CapsctlError(f"--holdout must be in 1..{len(split.images) - 1} (the training set has "
+                           f"{len(split.images)} images), got {n}")
+    held = np.zeros(len(split.images), bool)
+    held[np.random.default_rng(HOLDOUT_SEED).permutation(len(split.images))[:n]] = True
+    return (Split(split.images[~held], split.labels[~held]), Split(split.images[held], split.labels[held]))
+
+
+@dataclass
+class Dataset:
+    name: str
+    folder: Path
+    _cache: dict[str, Split] = field(default_factory=dict)
+
+    def _split(self, prefix: str) -> Split:
+        if prefix not in self._cache:
+            img_path = find_file(self.folder, f"{prefix}-images")
+            lab_path = find_file(self.folder, f"{prefix}-labels")
+            assert img_path and lab_path
+            images = idx.load_images(img_path)
+            labels = idx.load_labels(lab_path, len(get_info(self.name).classes))
+            if len(images) != len(labels):
+                raise CapsctlError(f"{img_path}: {len(images)} images but {lab_path.name} has {len(labels)} labels")
+            self._cache[prefix] = Split(images, labels)
+        return self._cache[prefix]
+
+    def train(self) -> Split:
+        return self._split("train")
+
+    def test(self) -> Split:
+        return self._split("t10k")
+
+
+def load(name: str, data_dir: str | os.PathLike[str] | None = None) -> Dataset:
+    return Dataset(name, locate(name, data_dir))

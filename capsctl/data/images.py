@@ -1,0 +1,313 @@
+"""Read one user image (PNG, JPEG, BMP, ... or a .npy array) as an MNIST-like gray image.
+
+The result is float32 (H, W) in [0, 1], white digits on black as in MNIST. Rules (also in
+`capsctl inspect --help`):
+
+- Image files are read by Pillow (PNG, JPEG, BMP, GIF, TIFF, WebP, PPM/PGM; first frame only).
+  Colour becomes gray with ITU-R 601 luma (Pillow's 'L' weights); 8-bit values are /255, 16-bit
+  /65535. Palette images go through RGBA so a transparent palette entry counts as transparent.
+- Alpha: the image is composited on the background that contrasts with its ink (black ink on a
+  transparent sheet goes onto white, white ink onto black), so a transparent background never hides
+  the digit; `--invert auto` then brings it to white on black.
+- `.npy` (read with allow_pickle=False, header checked before the data is read): (H, W), or
+  channels-last (H, W, C) with C = 1 (gray), 3 (RGB) or 4 (RGBA), or (1, H, W) (one image with a
+  leading axis). Other 3-D shapes, e.g. a stack (N, H, W), are refused. uint8 is /255, uint16
+  /65535, bool is 0/1, other integers must lie in 0..255 (/255) or 0..65535 (/65535); floats must be
+  finite, in [0, 1] (used as is) or in [0, 255] (divided by 255).
+- invert: 'auto' inverts when the image's border is light (median > 0.5), 'yes' always, 'no' never.
+- Images over MAX_PIXELS pixels are refused from their header, before anything is decoded.
+
+Every problem is a CapsctlError naming the file; nothing else escapes (the loader is fuzzed).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from capsctl._io import read_user_file
+from capsctl.errors import CapsctlError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from capsctl.model.spec import ModelSpec
+
+MAX_PIXELS = 4096 * 4096  # far beyond what the model can route in memory; refuses decompression bombs
+MAX_SIDE = 65535
+INVERT_CHOICES = ("auto", "yes", "no")
+PIL_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM")
+_NPY_MAGIC = b"\x93NUMPY"
+_LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, as Pillow's convert('L')
+
+
+def load_image(
+    path: str | os.PathLike[str],
+    invert: str = "auto",
+    resize: tuple[int, int] | None = None,
+    *,
+    spec: ModelSpec | None = None,
+    max_pixels: int = MAX_PIXELS,
+) -> np.ndarray:
+    """Float32 (H, W) in [0, 1], white on black; `resize` is (height, width).
+
+    With `spec`, also refuse an image too small for the model's trunk (after resizing).
+    """
+    import numpy as np
+
+    p = Path(path)
+    if invert not in INVERT_CHOICES:
+        raise CapsctlError(f"--invert must be one of {', '.join(INVERT_CHOICES)}, got {invert!r}")
+    if resize is not None:
+        rh, rw = resize
+        if not (1 <= rh <= MAX_SIDE and 1 <= rw <= MAX_SIDE) or rh * rw > max_pixels:
+            raise CapsctlError(f"--resize {rh}x{rw}: each side must be 1..{MAX_SIDE} and at most {max_pixels} pixels in all")
+    head = _read_head(p)
+    try:
+        if head.startswith(_NPY_MAGIC):
+            with warnings.catch_warnings():
+                # numpy parses the header with Python's tokenizer: a damaged one can raise a SyntaxWarning
+                warnings.simplefilter("ignore")
+                gray = _load_npy(p, max_pixels)
+        elif p.suffix.lower() == ".npy":
+            raise CapsctlError(f"{p}: not a .npy file (no NumPy header)")
+        else:
+            gray = _load_pil(p, max_pixels)
+        gray = _finish(gray, p, invert, resize)
+    except CapsctlError:
+        raise
+    except MemoryError:
+        raise CapsctlError(f"{p}: out of memory while reading the image") from None
+    except Exception as e:  # a decoder's own error on a corrupt file: one line, never a traceback
+        raise CapsctlError(f"{p}: cannot read the image ({type(e).__name__}: {_first_line(e)})") from None
+    if spec is not None:
+        try:
+            spec.trunk_grid(*gray.shape)
+        except CapsctlError as e:
+            raise CapsctlError(f"{p}: {e} (at least {spec.min_image_size()} pixels a side; try --resize)") from None
+    return np.ascontiguousarray(gray, dtype=np.float32)
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'HxW' (or one number N for NxN) -> (height, width)."""
+    parts = text.lower().replace("×", "x").split("x")
+    try:
+        nums = [int(x) for x in parts]
+    except ValueError:
+        nums = []
+    if len(nums) == 1:
+        nums = nums * 2
+    if len(nums) != 2 or min(nums) < 1:
+        raise CapsctlError(f"--resize must be HxW with positive integers (e.g. 28x28), got {text!r}")
+    return nums[0], nums[1]
+
+
+# -- reading ----------------------------------------------------------------------------------
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:200] if text else "corrupt data"
+
+
+def _read_head(p: Path) -> bytes:
+    head = read_user_file(p, "an image or .npy file", limit=16)
+    if not head:
+        raise CapsctlError(f"{p}: empty file")
+    return head
+
+
+def _check_budget(p: Path, h: int, w: int, max_pixels: int) -> None:
+    if h < 1 or w < 1:
+        raise CapsctlError(f"{p}: image has no pixels ({h}x{w})")
+    if h * w > max_pixels or h > MAX_SIDE or w > MAX_SIDE:
+        raise CapsctlError(
+            f"{p}: image is {h}x{w} = {h * w:,} pixels, over the limit of {max_pixels:,} (refused before decoding)"
+        )
+
+
+def _load_pil(p: Path, max_pixels: int) -> np.ndarray:
+    import warnings
+
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    with warnings.catch_warnings():
+        # a DecompressionBombWarning must not leak through as a warning, we refuse such files anyway;
+        # other decoder warnings (e.g. TIFF "Corrupt EXIF data") would print multi-line noise: silence them
+        warnings.simplefilter("ignore")
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            im = Image.open(p, formats=list(PIL_FORMATS))
+        except UnidentifiedImageError:
+            raise CapsctlError(f"{p}: not an image (PNG, JPEG, BMP, GIF, TIFF, WebP, PPM) nor a .npy array") from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            # Pillow's own check (from the header) fired first; say it in our words
+            import re
+
+            m = re.search(r"\((\d+) pixels\)", str(e))
+            size = f"{int(m.group(1)):,} pixels" if m else "too many pixels"
+            raise CapsctlError(f"{p}: image has {size}, over the limit of {max_pixels:,} (refused before decoding)") from None
+        with im:
+            w, h = im.size
+            _check_budget(p, h, w, max_pixels)  # from the header: nothing is decoded yet
+            try:
+                im.seek(0)
+                im.load()
+            except (OSError, SyntaxError, ValueError, EOFError) as e:
+                raise CapsctlError(f"{p}: truncated or corrupt image ({_first_line(e)})") from None
+            return _pil_to_gray(im, p, np)
+
+
+def _pil_to_gray(im: Any, p: Path, np: Any) -> np.ndarray:
+    mode = im.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N"):
+        return np.asarray(im, dtype=np.float64) / 65535.0
+    if mode in ("I", "F"):
+        return _scale_values(np.asarray(im, dtype=np.float64), p, integer=mode == "I")
+    if mode == "1":
+        return np.asarray(im.convert("L"), dtype=np.float64) / 255.0
+    if mode == "L":
+        return np.asarray(im, dtype=np.float64) / 255.0
+    has_alpha = mode in ("LA", "La", "PA", "RGBA", "RGBa") or (mode == "P" and "transparency" in im.info)
+    if has_alpha:
+        rgba = np.asarray(im.convert("RGBA"), dtype=np.float64) / 255.0
+        return _composite(_luma(rgba[..., :3]), rgba[..., 3])
+    return _luma(np.asarray(im.convert("RGB"), dtype=np.float64) / 255.0)
+
+
+def _luma(rgb: np.ndarray) -> np.ndarray:
+    r, g, b = _LUMA
+    return rgb[..., 0] * r + rgb[..., 1] * g + rgb[..., 2] * b
+
+
+def _composite(gray: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """Put a gray+alpha image on the background that contrasts with its ink (see module doc)."""
+    import numpy as np
+
+    weight = float(alpha.sum())
+    ink = float((gray * alpha).sum() / weight) if weight > 0 else 1.0
+    background = 1.0 if ink < 0.5 else 0.0
+    return np.asarray(gray * alpha + background * (1.0 - alpha))
+
+
+def _load_npy(p: Path, max_pixels: int) -> np.ndarray:
+    import numpy as np
+
+    fmt = np.lib.format
+    try:
+        with open(p, "rb") as f:
+            version = fmt.read_magic(f)
+            if version == (1, 0):
+                shape, _, dtype = fmt.read_array_header_1_0(f)
+            elif version == (2, 0):
+                shape, _, dtype = fmt.read_array_header_2_0(f)
+            else:
+                raise CapsctlError(f"{p}: unsupported .npy format version {version[0]}.{version[1]}")
+            data_start = f.tell()
+    except CapsctlError:
+        raise
+    except Exception as e:
+        raise CapsctlError(f"{p}: not a valid .npy file ({_first_line(e)})") from None
+    if dtype.hasobject:
+        raise CapsctlError(f"{p}: the array holds Python objects (dtype {dtype}); only numeric arrays are read")
+    if dtype.names is not None or dtype.subdtype is not None or dtype.kind not in "biuf":
+        raise CapsctlError(f"{p}: dtype {dtype} is not a number type (expected uint8, uint16, bool or float)")
+    h, w, channels = _npy_layout(p, tuple(shape))
+    _check_budget(p, h, w, max_pixels)
+    need = data_start + h * w * channels * dtype.itemsize
+    if p.stat().st_size < need:
+        raise CapsctlError(f"{p}: truncated .npy file ({p.stat().st_size} bytes, the header promises {need})")
+    try:
+        arr = np.load(p, allow_pickle=False)
+    except ValueError as e:  # a data section shorter than the header says
+        raise CapsctlError(f"{p}: truncated or corrupt .npy file ({_first_line(e)})") from None
+    arr = np.asarray(arr).reshape(h, w, channels)
+    if arr.dtype.kind == "b":
+        x = arr.astype(np.float64)
+    elif arr.dtype == np.uint8:
+        x = arr.astype(np.float64) / 255.0
+    elif arr.dtype == np.uint16:
+        x = arr.astype(np.float64) / 65535.0
+    else:
+        x = _scale_values(arr.astype(np.float64), p, integer=arr.dtype.kind in "iu")
+    if channels == 1:
+        return x[..., 0]
+    if channels == 3:
+        return _luma(x)
+    return _composite(_luma(x[..., :3]), x[..., 3])
+
+
+def _npy_layout(p: Path, shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """(height, width, channels) of an accepted .npy shape (see module doc)."""
+    if len(shape) == 2:
+        return shape[0], shape[1], 1
+    if len(shape) == 3:
+        if shape[2] in (1, 3, 4):
+            return shape[0], shape[1], shape[2]
+        if shape[0] == 1:
+            return shape[1], shape[2], 1
+        raise CapsctlError(
+            f"{p}: a 3-D array of shape {shape} is not one image (expected (H, W), (H, W, C) with C = 1, 3 or 4, "
+            f"or (1, H, W)); save a single image, e.g. np.save(path, stack[0])"
+        )
+    raise CapsctlError(f"{p}: a {len(shape)}-D array of shape {shape} is not one image (expected (H, W) or (H, W, C))")
+
+
+def _scale_values(x: np.ndarray, p: Path, integer: bool) -> np.ndarray:
+    """Bring integer or float pixel values to [0, 1] by the rules in the module doc."""
+    import numpy as np
+
+    if x.size == 0:
+        raise CapsctlError(f"{p}: image has no pixels")
+    if not np.isfinite(x).all():
+        raise CapsctlError(f"{p}: the array holds NaN or infinite values")
+    lo, hi = float(x.min()), float(x.max())
+    if lo < 0:
+        raise CapsctlError(f"{p}: negative pixel values (min {lo:g}); expected 0..1, 0..255 or 0..65535")
+    if not integer and hi <= 1.0:
+        return x
+    if hi <= 255.0:
+        return x / 255.0
+    if integer and hi <= 65535.0:
+        return x / 65535.0
+    limit = "0..65535" if integer else "0..1 or 0..255"
+    raise CapsctlError(f"{p}: pixel values up to {hi:g}; expected {limit}")
+
+
+# -- after reading ------------------------------------------------------------------------------
+
+def _finish(gray: np.ndarray, p: Path, invert: str, resize: tuple[int, int] | None) -> np.ndarray:
+    import numpy as np
+
+    gray = np.clip(np.asarray(gray, dtype=np.float64), 0.0, 1.0)
+    if gray.ndim != 2 or gray.size == 0:
+        raise CapsctlError(f"{p}: image has no pixels")
+    if invert == "yes" or (invert == "auto" and is_light_background(gray)):
+        gray = 1.0 - gray
+    if resize is not None and resize != gray.shape:
+        gray = _resize(gray, resize)
+    return gray.astype(np.float32)
+
+
+def is_light_background(gray: np.ndarray) -> bool:
+    """True when the image's border (the outer tenth, at least one pixel) is mostly light."""
+    import numpy as np
+
+    h, w = gray.shape
+    k = max(1, min(h, w) // 10)
+    border = np.concatenate([gray[:k].ravel(), gray[-k:].ravel(), gray[:, :k].ravel(), gray[:, -k:].ravel()])
+    return bool(np.median(border) > 0.5)
+
+
+def _resize(gray: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    import numpy as np
+    from PIL import Image
+
+    h, w = size
+    # 'F' mode keeps full precision; a box filter when shrinking averages strokes instead of dropping them
+    shrink = h < gray.shape[0] or w < gray.shape[1]
+    im = Image.fromarray(gray.astype(np.float32))  # mode F
+    out = im.resize((w, h), Image.Resampling.BOX if shrink else Image.Resampling.BILINEAR)
+    return np.clip(np.asarray(out, dtype=np.float64), 0.0, 1.0)

@@ -1,0 +1,41 @@
+"""results.json of an experiment folder, with its Markdown table and plots beside it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from capsctl._io import atomic_write_bytes
+from capsctl.errors import CapsctlError
+
+RESULTS_FORMAT = "capsctl-results/1"
+
+
+def write_results(out: Path, results: dict[str, Any]) -> None:
+    """results.json, results.md and the PNG plots, each written atomically."""
+    from capsctl.experiment import plots as _plots
+    from capsctl.experiment import tables as _tables
+
+    atomic_write_bytes(out / "results.json", (json.dumps(results, indent=1) + "\n").encode())
+    if results["kind"] == "pairs":
+        md = _tables.pairs_markdown(results)
+        plots = _plots.pairs_plots(results, out)
+    else:
+        md = _tables.ablate_markdown(results)
+        plots = _plots.ablate_plots(results, out)
+    links = "".join(f"\n![{p.stem}]({p.name})\n" for p in plots)
+    atomic_write_bytes(out / "results.md", (md + links).encode())
+
+
+def load_results(folder: Path) -> dict[str, Any]:
+    path = folder / "results.json"
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CapsctlError(f"{path}: not found (run `capsctl experiment pairs/ablate --out {folder}` first)") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise CapsctlError(f"{path}: unreadable ({e})") from None
+    if not isinstance(data, dict) or data.get("format") != RESULTS_FORMAT:
+        raise CapsctlError(f"{path}: not a capsctl results file")
+    return data

@@ -1,0 +1,34 @@
+"""Does a model fit the images it is given? Checked before any framework work, so that a mismatch
+is one line naming the model and the data instead of a framework's traceback."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from capsctl.errors import CapsctlError
+from capsctl.model.spec import ModelSpec
+
+
+def check_fit(spec: ModelSpec, images: np.ndarray, labels: np.ndarray | None, source: str, data: str) -> None:
+    """Raise CapsctlError("<source>: ...") when `spec` cannot run on `images` (N, H, W, C) or
+    cannot score `labels`; `data` names the images in the message (e.g. "mnist test images")."""
+    if images.ndim != 4:
+        raise CapsctlError(f"{source}: {data} have shape {list(images.shape)}, expected (N, H, W, C)")
+    h, w, c = (int(d) for d in images.shape[1:])
+    if c != spec.in_channels:
+        raise CapsctlError(f"{source}: the model takes {spec.in_channels}-channel images, {data} have {c}")
+    try:
+        gh, gw = spec.trunk_grid(h, w)
+    except CapsctlError:
+        side = spec.min_image_size()
+        raise CapsctlError(
+            f"{source}: {data} are {h}x{w}, too small for the model's trunk (it needs at least {side}x{side})"
+        ) from None
+    caps = spec.capsule
+    if spec.head == "capsule" and not caps.shared and gh * gw != caps.num_inputs:
+        raise CapsctlError(
+            f"{source}: the capsule weights are fixed to {caps.num_inputs} input positions but {h}x{w} {data} "
+            f"give {gh * gw}; use a model with shared capsule weights"
+        )
+    if labels is not None and labels.size and int(labels.max()) >= spec.num_classes:
+        raise CapsctlError(f"{source}: {data} hold label {int(labels.max())}, the model has only {spec.num_classes} classes")

@@ -1,0 +1,92 @@
+"""Floating-point operations of one image's forward pass, counted from a ModelSpec.
+
+Backend-neutral and exact for the formulas we count; a multiply-add is 2 FLOPs. What is
+counted (per image, forward):
+- conv layer: 2·k·k·Cin·Cout·H'·W' (H', W' the output size; bias, ReLU and average pooling are
+  not counted: they are memory-bound and < 1% of the total);
+- capsule predictions û = u·W: 2·N·C·J·D;
+- each routing iteration r = 1..R: softmax over the J outputs 3·J·N (exp, sum, divide),
+  s = Σ_i c_ij û_j|i 2·J·N·D, squash 3·J·D (‖s‖² then scale), and for r < R the agreement
+  û·v 2·J·N·D (`sabour` adds J·N for accumulating the logits; `su-unit` scales s to unit length,
+  3·J·D, and squashes only after the last iteration); then the scores ‖v_j‖ 2·J·D;
+- pool head: the two dense layers 2·C·hidden + 2·hidden·J.
+
+A training step is counted as 3 × forward (backward ≈ 2 × forward: gradients of inputs and of
+weights), the usual convention; the optimiser update is not counted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from capsctl.model.spec import ConvLayer, ModelSpec
+
+TRAIN_FACTOR = 3
+
+
+@dataclass(frozen=True)
+class Flops:
+    convs: tuple[int, ...]  # per conv layer, in trunk order
+    predictions: int  # capsule û (0 for the pool head)
+    routing: int  # all routing iterations plus the output norms (0 for the pool head)
+    dense: int  # pool head dense layers (0 for the capsule head)
+
+    @property
+    def trunk(self) -> int:
+        return sum(self.convs)
+
+    @property
+    def head(self) -> int:
+        return self.predictions + self.routing + self.dense
+
+    @property
+    def forward(self) -> int:
+        return self.trunk + self.head
+
+    @property
+    def train_step(self) -> int:
+        """Nominal FLOPs of one training step per image (forward + backward)."""
+        return TRAIN_FACTOR * self.forward
+
+
+def routing_flops(spec: ModelSpec, n: int) -> int:
+    """FLOPs of R routing iterations over N input capsules, plus the output capsule norms."""
+    caps = spec.capsule
+    j, d, r_total = spec.num_classes, caps.dim, caps.routings
+    total = 0
+    for r in range(1, r_total + 1):
+        total += 3 * j * n  # softmax over j
+        total += 2 * j * n * d  # s_j = Σ_i c_ij û_j|i
+        if caps.routing == "su-unit":
+            if r < r_total:
+                total += 3 * j * d + 2 * j * n * d  # s/‖s‖, then û·(s/‖s‖)
+            else:
+                total += 3 * j * d  # squash only after the last iteration
+        else:
+            total += 3 * j * d  # squash
+            if r < r_total:
+                total += 2 * j * n * d  # agreement û·v
+                if caps.routing == "sabour":
+                    total += j * n  # b += agreement
+    return total + 2 * j * d  # scores ‖v_j‖
+
+
+def count(spec: ModelSpec, height: int = 28, width: int = 28) -> Flops:
+    """FLOPs of one image's forward pass at this image size."""
+    spec.trunk_grid(height, width)  # raises a clear error if the image is too small
+    h, w, cin = height, width, spec.in_channels
+    convs = []
+    for layer in spec.trunk:
+        if isinstance(layer, ConvLayer):
+            h, w = h - layer.kernel + 1, w - layer.kernel + 1
+            convs.append(2 * layer.kernel * layer.kernel * cin * layer.filters * h * w)
+            cin = layer.filters
+        else:
+            h, w = h // layer.size, w // layer.size
+    c, j = spec.trunk_channels, spec.num_classes
+    if spec.head == "capsule":
+        n = h * w
+        pred = 2 * n * c * j * spec.capsule.dim
+        return Flops(tuple(convs), pred, routing_flops(spec, n), 0)
+    hidden = spec.pool.hidden
+    return Flops(tuple(convs), 0, 0, 2 * c * hidden + 2 * hidden * j)

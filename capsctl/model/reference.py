@@ -1,0 +1,126 @@
+"""A plain numpy implementation of the model, written straight from the formulas.
+
+It is slow and exists to check the backends: every backend must agree with it (tests), and
+`capsctl inspect` can fall back on it for a single image. Shapes: images (B, H, W, C) channels-last.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from capsctl.model.spec import EPS, ConvLayer, ModelSpec
+
+
+def conv2d_valid(x: np.ndarray, kernel: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    kh, kw = kernel.shape[:2]
+    win = sliding_window_view(x, (kh, kw), axis=(1, 2))  # (B, H', W', C, kh, kw)
+    return np.einsum("bhwcij,ijco->bhwo", win, kernel, optimize=True) + bias
+
+
+def avgpool(x: np.ndarray, size: int) -> np.ndarray:
+    b, h, w, c = x.shape
+    h2, w2 = h // size, w // size
+    x = x[:, : h2 * size, : w2 * size]
+    return x.reshape(b, h2, size, w2, size, c).mean(axis=(2, 4))
+
+
+def trunk(spec: ModelSpec, weights: Mapping[str, np.ndarray], x: np.ndarray) -> np.ndarray:
+    k = 0
+    for layer in spec.trunk:
+        if isinstance(layer, ConvLayer):
+            x = np.maximum(conv2d_valid(x, weights[f"trunk.{k}.kernel"], weights[f"trunk.{k}.bias"]), 0.0)
+            k += 1
+        else:
+            x = avgpool(x, layer.size)
+    return x
+
+
+def norm(s: np.ndarray, axis: int = -1) -> np.ndarray:
+    return np.sqrt(np.sum(s * s, axis=axis, keepdims=True) + EPS)
+
+
+def squash(s: np.ndarray, kind: str) -> np.ndarray:
+    n2 = np.sum(s * s, axis=-1, keepdims=True) + EPS
+    return s * np.sqrt(n2) / ((0.5 if kind == "su" else 1.0) + n2)
+
+
+def softmax(b: np.ndarray, axis: int) -> np.ndarray:
+    e = np.exp(b - b.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+@dataclass
+class RoutingTrace:
+    couplings: np.ndarray  # (B, R, J, N): c_ij used in iteration r, sums to 1 over j
+    agreement: np.ndarray  # (B, R, J, N): û_j|i · squash(s_j) of iteration r
+
+
+def route(u_hat: np.ndarray, routings: int, routing: str, squash_kind: str) -> tuple[np.ndarray, RoutingTrace]:
+    """Dynamic routing on û (B, N, J, D); returns v (B, J, D) and the per-iteration trace."""
+    bsz, n, j, _ = u_hat.shape
+    b = np.zeros((bsz, j, n), u_hat.dtype)
+    cs, ags = [], []
+    v = None
+    for r in range(1, routings + 1):
+        c = softmax(b, axis=1)
+        s = np.einsum("bjn,bnjd->bjd", c, u_hat)
+        v_r = squash(s, squash_kind)
+        cs.append(c)
+        ags.append(np.einsum("bnjd,bjd->bjn", u_hat, v_r))
+        if routing == "su-unit":
+            if r < routings:
+                b = np.einsum("bnjd,bjd->bjn", u_hat, s / norm(s))
+            v = v_r
+        else:
+            v = v_r
+            if r < routings:
+                agree = np.einsum("bnjd,bjd->bjn", u_hat, v)
+                b = agree if routing == "su" else b + agree
+    assert v is not None
+    return v, RoutingTrace(np.stack(cs, 1), np.stack(ags, 1))
+
+
+def capsule_inputs(features: np.ndarray) -> np.ndarray:
+    """Trunk output (B, H, W, C) -> input capsules (B, N=H*W, C), row-major over (H, W)."""
+    b, h, w, c = features.shape
+    return features.reshape(b, h * w, c)
+
+
+def predictions(
+    spec: ModelSpec, weights: Mapping[str, np.ndarray], u: np.ndarray
+) -> np.ndarray:
+    """û_j|i (B, N, J, D) from input capsules (B, N, C)."""
+    j, d = spec.num_classes, spec.capsule.dim
+    kernel = weights["head.capsule.kernel"]
+    if kernel.ndim == 2:
+        uh = u @ kernel
+    else:
+        uh = np.einsum("bnc,nck->bnk", u, kernel)
+    return uh.reshape(u.shape[0], u.shape[1], j, d)
+
+
+def forward(
+    spec: ModelSpec, weights: Mapping[str, np.ndarray], x: np.ndarray, routings: int | None = None
+) -> tuple[np.ndarray, RoutingTrace | None]:
+    """Class scores (B, J), and for the capsule head the routing trace."""
+    x = np.asarray(x, np.float64)
+    w64 = {k: np.asarray(v, np.float64) for k, v in weights.items()}
+    f = trunk(spec, w64, x)
+    if spec.head == "pool":
+        g = f.mean(axis=(1, 2))
+        h = np.maximum(g @ w64["head.dense0.kernel"] + w64["head.dense0.bias"], 0.0)
+        z = h @ w64["head.dense1.kernel"] + w64["head.dense1.bias"]
+        return 1.0 / (1.0 + np.exp(-z)), None
+    caps = spec.capsule
+    u_hat = predictions(spec, w64, capsule_inputs(f))
+    v, trace = route(u_hat, routings or caps.routings, caps.routing, caps.squash)
+    return norm(v)[..., 0], trace
+
+
+def margin_loss(p: np.ndarray, y_onehot: np.ndarray) -> float:
+    per = y_onehot * np.maximum(0.9 - p, 0) ** 2 + 0.25 * (1 - y_onehot) * np.maximum(p - 0.1, 0) ** 2
+    return float(per.mean(axis=1).mean())
