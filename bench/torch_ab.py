@@ -8,7 +8,7 @@ per-step wall and CPU time is reported, and its ratio to the first variant.
 
 Variants: tuned (the backend as shipped), no-malloc (glibc defaults: no mallopt), omp-active
 (OpenMP workers spin at barriers: OMP_WAIT_POLICY=ACTIVE), threads-1 (one intra-op thread),
-old-routing (capsule head builds û and routes over it, as before issue 5), fused-adam
+old-routing (capsule head builds û and routes over it, as in the first release), fused-adam
 (AdamW(fused=True)), compile (torch.compile of the model).
 """
 
@@ -41,9 +41,13 @@ def child(variant: str, head: str, batch: int, steps: int, warmup: int) -> dict[
     if variant == "threads-1":
         torch.set_num_threads(1)
     if variant == "old-routing":
-        def forward(self, f, routings=None, trace=False):  # the pre-issue-5 head: û, then routing over it
-            v, cs, ags = _layers.route(self.predictions(f), routings or self.routings, self.routing, self.squash, trace)
+
+        def forward(self, f, routings=None, trace=False):  # the first release's head: û, then routing over it
+            v, cs, ags = _layers.route(
+                self.predictions(f), routings or self.routings, self.routing, self.squash, trace
+            )
             return _layers.safe_norm(v), cs, ags
+
         _layers.CapsuleHead.forward = forward
     spec = default_spec(head)
     tr = _trainer.TorchTrainer(spec, init_weights(spec, 0), OptimConfig())
@@ -59,7 +63,10 @@ def child(variant: str, head: str, batch: int, steps: int, warmup: int) -> dict[
     t, c = time.perf_counter(), time.process_time()
     for _ in range(steps):
         tr.step(x, y, 1e-3)
-    return {"wall_ms": (time.perf_counter() - t) / steps * 1e3, "cpu_ms": (time.process_time() - c) / steps * 1e3}
+    return {
+        "wall_ms": (time.perf_counter() - t) / steps * 1e3,
+        "cpu_ms": (time.process_time() - c) / steps * 1e3,
+    }
 
 
 def main() -> None:
@@ -86,19 +93,35 @@ def main() -> None:
             env = dict(os.environ)
             if v == "omp-active":
                 env["OMP_WAIT_POLICY"] = "ACTIVE"
-            cmd = [sys.executable, __file__, "--child", v, "--head", args.head, "--batch", str(args.batch),
-                   "--steps", str(args.steps), "--warmup", str(args.warmup)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--child",
+                v,
+                "--head",
+                args.head,
+                "--batch",
+                str(args.batch),
+                "--steps",
+                str(args.steps),
+                "--warmup",
+                str(args.warmup),
+            ]
             out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
             runs[v].append(json.loads(out.strip().splitlines()[-1]))
     base = statistics.median(r["wall_ms"] for r in runs[variants[0]])
-    print(f"head {args.head}, batch {args.batch}, {args.rounds} rounds x {args.steps} steps; "
-          f"load average {load0:.1f} -> {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    print(
+        f"head {args.head}, batch {args.batch}, {args.rounds} rounds x {args.steps} steps; "
+        f"load average {load0:.1f} -> {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+    )
     for v in variants:
         wall = statistics.median(r["wall_ms"] for r in runs[v])
         cpu = statistics.median(r["cpu_ms"] for r in runs[v])
         rounds = ", ".join(f"{r['wall_ms']:.0f}" for r in runs[v])
-        print(f"{v:12s} step {wall:7.1f} ms wall ({args.batch / wall * 1e3:6.0f} img/s), {cpu:7.1f} ms CPU, "
-              f"{wall / base:5.2f} x {variants[0]}   rounds: {rounds}")
+        print(
+            f"{v:12s} step {wall:7.1f} ms wall ({args.batch / wall * 1e3:6.0f} img/s), {cpu:7.1f} ms CPU, "
+            f"{wall / base:5.2f} x {variants[0]}   rounds: {rounds}"
+        )
 
 
 if __name__ == "__main__":

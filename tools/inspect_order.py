@@ -40,7 +40,9 @@ def main() -> None:
     runner = get_backend(args.backend).runner(spec, weights)
     test = datasets.load(args.dataset, args.data_dir).test()
     for layout in ("vertical", "horizontal"):
-        comp = make_composites(test.images, test.labels, digits=args.digits, layout=layout, seed=args.seed, limit=args.limit)
+        comp = make_composites(
+            test.images, test.labels, digits=args.digits, layout=layout, seed=args.seed, limit=args.limit
+        )
         scores, cs, ags = [], [], []
         for start in range(0, len(comp.images), args.batch_size):
             s, tr = runner.trace(comp.images[start : start + args.batch_size])

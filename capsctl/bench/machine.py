@@ -21,5 +21,9 @@ def cpu_name() -> str:
 
 def machine() -> dict[str, Any]:
     load = os.getloadavg() if hasattr(os, "getloadavg") else (math.nan,) * 3
-    return {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
-            "loadavg": [round(x, 2) for x in load]}
+    return {
+        "cpu": cpu_name(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "loadavg": [round(x, 2) for x in load],
+    }

@@ -52,11 +52,14 @@ class BenchConfig:
     routing: bool = True  # also time naive vs vectorised routing (capsule head)
 
     def validate(self) -> None:
-
         for name, value, lo, hi in (
-            ("--batch", self.batch, 1, 4096), ("--windows", self.windows, 1, 1000), ("--steps", self.steps, 1, 1000),
-            ("--warmup", self.warmup, 0, 1000), ("--infer-batch", self.infer_batch, 1, 65536),
-            ("--infer-batches", self.infer_batches, 1, 1000), ("--sgemm", self.sgemm, 16, 16384),
+            ("--batch", self.batch, 1, 4096),
+            ("--windows", self.windows, 1, 1000),
+            ("--steps", self.steps, 1, 1000),
+            ("--warmup", self.warmup, 0, 1000),
+            ("--infer-batch", self.infer_batch, 1, 65536),
+            ("--infer-batches", self.infer_batches, 1, 1000),
+            ("--sgemm", self.sgemm, 16, 16384),
         ):
             if not lo <= value <= hi:
                 raise CapsctlError(f"{name} must be in {lo}..{hi}, got {value}")
@@ -181,7 +184,8 @@ def measure_backend(name: str, cfg: BenchConfig) -> dict[str, Any]:
         ratio = median(ratios)
         result["capsule_step_ratio"] = ratio
         result["capsule_step_ratio_cpu"] = median(
-            [c / p for c, p in zip(cpu_s["capsule"], cpu_s["pool"], strict=True) if p > 0] or [float("nan")])
+            [c / p for c, p in zip(cpu_s["capsule"], cpu_s["pool"], strict=True) if p > 0] or [float("nan")]
+        )
         # the pool head is 0.05% of the FLOPs, so its step is the trunk's step
         result["capsule_head_share"] = 1.0 - 1.0 / ratio
         caps = flops.count(specs["capsule"], 28, 28)
@@ -211,7 +215,9 @@ def measure_backend(name: str, cfg: BenchConfig) -> dict[str, Any]:
     return result
 
 
-def _routing(kernels: BenchKernels, spec: ModelSpec, weights: dict[str, np.ndarray], cfg: BenchConfig) -> dict[str, Any]:
+def _routing(
+    kernels: BenchKernels, spec: ModelSpec, weights: dict[str, np.ndarray], cfg: BenchConfig
+) -> dict[str, Any]:
     """Training step (forward + backward) of the capsule head alone: a loop over input capsules vs ours."""
     fns = kernels.routing_fns(spec, weights["head.capsule.kernel"], cfg.batch)
     for fn in fns.values():
@@ -228,7 +234,9 @@ def _routing(kernels: BenchKernels, spec: ModelSpec, weights: dict[str, np.ndarr
 
 def _child_main(argv: list[str]) -> int:
     name, cfg_json, out = argv
-    fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(cfg_json).items()}
+    fields: dict[str, Any] = {
+        k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(cfg_json).items()
+    }
     cfg = BenchConfig(**fields)
     try:
         result = measure_backend(name, cfg)

@@ -33,7 +33,13 @@ class Composites:
 
 
 def make_composites(
-    x: np.ndarray, y: np.ndarray, *, digits: int = 2, layout: str = "vertical", seed: int = 0, limit: int | None = None
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    digits: int = 2,
+    layout: str = "vertical",
+    seed: int = 0,
+    limit: int | None = None,
 ) -> Composites:
     if layout not in LAYOUTS:
         raise CapsctlError(f"--layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")

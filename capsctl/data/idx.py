@@ -14,8 +14,14 @@ import numpy as np
 from capsctl._io import read_user_file
 from capsctl.errors import CapsctlError
 
-_TYPES: dict[int, np.dtype] = {0x08: np.dtype("u1"), 0x09: np.dtype("i1"), 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
-          0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+_TYPES: dict[int, np.dtype] = {
+    0x08: np.dtype("u1"),
+    0x09: np.dtype("i1"),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
 _MAX_BYTES = 1 << 31  # 2 GiB decompressed: far beyond any MNIST-style set, a guard against gzip bombs
 
 
@@ -48,7 +54,9 @@ def parse_idx(raw: bytes, source: str) -> np.ndarray:
         raise CapsctlError(f"{source}: too short for an IDX file ({len(data)} bytes)")
     zero, code, ndim = struct.unpack(">HBB", data[:4])
     if zero != 0 or code not in _TYPES:
-        raise CapsctlError(f"{source}: bad IDX magic {data[:4].hex()} (expected 0000 08 0n for unsigned bytes)")
+        raise CapsctlError(
+            f"{source}: bad IDX magic {data[:4].hex()} (expected 0000 08 0n for unsigned bytes)"
+        )
     if not 1 <= ndim <= 4:
         raise CapsctlError(f"{source}: IDX file claims {ndim} dimensions (expected 1 to 4)")
     head = 4 + 4 * ndim
@@ -60,7 +68,9 @@ def parse_idx(raw: bytes, source: str) -> np.ndarray:
     got = len(data) - head
     if got != expected:
         what = "truncated" if got < expected else "has trailing bytes"
-        raise CapsctlError(f"{source}: IDX data {what}: header says {list(dims)} ({expected} bytes), found {got} bytes")
+        raise CapsctlError(
+            f"{source}: IDX data {what}: header says {list(dims)} ({expected} bytes), found {got} bytes"
+        )
     return np.frombuffer(data, dtype=dtype, offset=head).reshape(dims)
 
 
@@ -72,7 +82,9 @@ def load_images(path: str | os.PathLike[str]) -> np.ndarray:
     """Images as float32 (N, H, W, 1) scaled to [0, 1]."""
     arr = read_idx(path)
     if arr.ndim != 3 or arr.dtype != np.uint8:
-        raise CapsctlError(f"{path}: expected unsigned-byte images of 3 dimensions (N, H, W), found {arr.ndim}-D {arr.dtype}")
+        raise CapsctlError(
+            f"{path}: expected unsigned-byte images of 3 dimensions (N, H, W), found {arr.ndim}-D {arr.dtype}"
+        )
     if arr.shape[0] == 0 or arr.shape[1] == 0 or arr.shape[2] == 0:
         raise CapsctlError(f"{path}: holds no images (shape {list(arr.shape)})")
     return (arr.astype(np.float32) / 255.0)[..., None]
@@ -81,7 +93,9 @@ def load_images(path: str | os.PathLike[str]) -> np.ndarray:
 def load_labels(path: str | os.PathLike[str], num_classes: int = 10) -> np.ndarray:
     arr = read_idx(path)
     if arr.ndim != 1 or arr.dtype != np.uint8:
-        raise CapsctlError(f"{path}: expected unsigned-byte labels of 1 dimension, found {arr.ndim}-D {arr.dtype}")
+        raise CapsctlError(
+            f"{path}: expected unsigned-byte labels of 1 dimension, found {arr.ndim}-D {arr.dtype}"
+        )
     if arr.size and int(arr.max()) >= num_classes:
         raise CapsctlError(f"{path}: label {int(arr.max())} is out of range 0..{num_classes - 1}")
     return arr.astype(np.int64)

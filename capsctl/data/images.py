@@ -27,12 +27,12 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from capsctl._io import read_user_file
 from capsctl.errors import CapsctlError
 
 if TYPE_CHECKING:
-    import numpy as np
-
     from capsctl.model.spec import ModelSpec
 
 MAX_PIXELS = 4096 * 4096  # far beyond what the model can route in memory; refuses decompression bombs
@@ -55,7 +55,6 @@ def load_image(
 
     With `spec`, also refuse an image too small for the model's trunk (after resizing).
     """
-    import numpy as np
 
     p = Path(path)
     if invert not in INVERT_CHOICES:
@@ -63,7 +62,9 @@ def load_image(
     if resize is not None:
         rh, rw = resize
         if not (1 <= rh <= MAX_SIDE and 1 <= rw <= MAX_SIDE) or rh * rw > max_pixels:
-            raise CapsctlError(f"--resize {rh}x{rw}: each side must be 1..{MAX_SIDE} and at most {max_pixels} pixels in all")
+            raise CapsctlError(
+                f"--resize {rh}x{rw}: each side must be 1..{MAX_SIDE} and at most {max_pixels} pixels in all"
+            )
     head = _read_head(p)
     try:
         if head.startswith(_NPY_MAGIC):
@@ -86,7 +87,9 @@ def load_image(
         try:
             spec.trunk_grid(*gray.shape)
         except CapsctlError as e:
-            raise CapsctlError(f"{p}: {e} (at least {spec.min_image_size()} pixels a side; try --resize)") from None
+            raise CapsctlError(
+                f"{p}: {e} (at least {spec.min_image_size()} pixels a side; try --resize)"
+            ) from None
     return np.ascontiguousarray(gray, dtype=np.float32)
 
 
@@ -106,6 +109,7 @@ def parse_size(text: str) -> tuple[int, int]:
 
 # -- reading ----------------------------------------------------------------------------------
 
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[0][:200] if text else "corrupt data"
@@ -123,14 +127,14 @@ def _check_budget(p: Path, h: int, w: int, max_pixels: int) -> None:
         raise CapsctlError(f"{p}: image has no pixels ({h}x{w})")
     if h * w > max_pixels or h > MAX_SIDE or w > MAX_SIDE:
         raise CapsctlError(
-            f"{p}: image is {h}x{w} = {h * w:,} pixels, over the limit of {max_pixels:,} (refused before decoding)"
+            f"{p}: image is {h}x{w} = {h * w:,} pixels, over the limit of {max_pixels:,} (refused before "
+            "decoding)"
         )
 
 
 def _load_pil(p: Path, max_pixels: int) -> np.ndarray:
     import warnings
 
-    import numpy as np
     from PIL import Image, UnidentifiedImageError
 
     with warnings.catch_warnings():
@@ -141,14 +145,18 @@ def _load_pil(p: Path, max_pixels: int) -> np.ndarray:
         try:
             im = Image.open(p, formats=list(PIL_FORMATS))
         except UnidentifiedImageError:
-            raise CapsctlError(f"{p}: not an image (PNG, JPEG, BMP, GIF, TIFF, WebP, PPM) nor a .npy array") from None
+            raise CapsctlError(
+                f"{p}: not an image (PNG, JPEG, BMP, GIF, TIFF, WebP, PPM) nor a .npy array"
+            ) from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             # Pillow's own check (from the header) fired first; say it in our words
             import re
 
             m = re.search(r"\((\d+) pixels\)", str(e))
             size = f"{int(m.group(1)):,} pixels" if m else "too many pixels"
-            raise CapsctlError(f"{p}: image has {size}, over the limit of {max_pixels:,} (refused before decoding)") from None
+            raise CapsctlError(
+                f"{p}: image has {size}, over the limit of {max_pixels:,} (refused before decoding)"
+            ) from None
         with im:
             w, h = im.size
             _check_budget(p, h, w, max_pixels)  # from the header: nothing is decoded yet
@@ -157,10 +165,10 @@ def _load_pil(p: Path, max_pixels: int) -> np.ndarray:
                 im.load()
             except (OSError, SyntaxError, ValueError, EOFError) as e:
                 raise CapsctlError(f"{p}: truncated or corrupt image ({_first_line(e)})") from None
-            return _pil_to_gray(im, p, np)
+            return _pil_to_gray(im, p)
 
 
-def _pil_to_gray(im: Any, p: Path, np: Any) -> np.ndarray:
+def _pil_to_gray(im: Any, p: Path) -> np.ndarray:
     mode = im.mode
     if mode in ("I;16", "I;16L", "I;16B", "I;16N"):
         return np.asarray(im, dtype=np.float64) / 65535.0
@@ -184,7 +192,6 @@ def _luma(rgb: np.ndarray) -> np.ndarray:
 
 def _composite(gray: np.ndarray, alpha: np.ndarray) -> np.ndarray:
     """Put a gray+alpha image on the background that contrasts with its ink (see module doc)."""
-    import numpy as np
 
     weight = float(alpha.sum())
     ink = float((gray * alpha).sum() / weight) if weight > 0 else 1.0
@@ -193,8 +200,6 @@ def _composite(gray: np.ndarray, alpha: np.ndarray) -> np.ndarray:
 
 
 def _load_npy(p: Path, max_pixels: int) -> np.ndarray:
-    import numpy as np
-
     fmt = np.lib.format
     try:
         with open(p, "rb") as f:
@@ -211,7 +216,9 @@ def _load_npy(p: Path, max_pixels: int) -> np.ndarray:
     except Exception as e:
         raise CapsctlError(f"{p}: not a valid .npy file ({_first_line(e)})") from None
     if dtype.hasobject:
-        raise CapsctlError(f"{p}: the array holds Python objects (dtype {dtype}); only numeric arrays are read")
+        raise CapsctlError(
+            f"{p}: the array holds Python objects (dtype {dtype}); only numeric arrays are read"
+        )
     if dtype.names is not None or dtype.subdtype is not None or dtype.kind not in "biuf":
         raise CapsctlError(f"{p}: dtype {dtype} is not a number type (expected uint8, uint16, bool or float)")
     h, w, channels = _npy_layout(p, tuple(shape))
@@ -249,15 +256,17 @@ def _npy_layout(p: Path, shape: tuple[int, ...]) -> tuple[int, int, int]:
         if shape[0] == 1:
             return shape[1], shape[2], 1
         raise CapsctlError(
-            f"{p}: a 3-D array of shape {shape} is not one image (expected (H, W), (H, W, C) with C = 1, 3 or 4, "
+            f"{p}: a 3-D array of shape {shape} is not one image (expected (H, W), (H, W, C) with C = 1, 3 "
+            "or 4, "
             f"or (1, H, W)); save a single image, e.g. np.save(path, stack[0])"
         )
-    raise CapsctlError(f"{p}: a {len(shape)}-D array of shape {shape} is not one image (expected (H, W) or (H, W, C))")
+    raise CapsctlError(
+        f"{p}: a {len(shape)}-D array of shape {shape} is not one image (expected (H, W) or (H, W, C))"
+    )
 
 
 def _scale_values(x: np.ndarray, p: Path, integer: bool) -> np.ndarray:
     """Bring integer or float pixel values to [0, 1] by the rules in the module doc."""
-    import numpy as np
 
     if x.size == 0:
         raise CapsctlError(f"{p}: image has no pixels")
@@ -278,9 +287,8 @@ def _scale_values(x: np.ndarray, p: Path, integer: bool) -> np.ndarray:
 
 # -- after reading ------------------------------------------------------------------------------
 
-def _finish(gray: np.ndarray, p: Path, invert: str, resize: tuple[int, int] | None) -> np.ndarray:
-    import numpy as np
 
+def _finish(gray: np.ndarray, p: Path, invert: str, resize: tuple[int, int] | None) -> np.ndarray:
     gray = np.clip(np.asarray(gray, dtype=np.float64), 0.0, 1.0)
     if gray.ndim != 2 or gray.size == 0:
         raise CapsctlError(f"{p}: image has no pixels")
@@ -293,7 +301,6 @@ def _finish(gray: np.ndarray, p: Path, invert: str, resize: tuple[int, int] | No
 
 def is_light_background(gray: np.ndarray) -> bool:
     """True when the image's border (the outer tenth, at least one pixel) is mostly light."""
-    import numpy as np
 
     h, w = gray.shape
     k = max(1, min(h, w) // 10)
@@ -302,7 +309,6 @@ def is_light_background(gray: np.ndarray) -> bool:
 
 
 def _resize(gray: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    import numpy as np
     from PIL import Image
 
     h, w = size

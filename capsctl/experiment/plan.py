@@ -50,7 +50,13 @@ class Overrides:
         for key, value in asdict(self).items():
             if value is None or key == "epochs":
                 continue
-            short = {"weight_decay": "wd", "schedule": "", "routing": "", "squash": "sq", "routings": "r"}.get(key, key)
+            short = {
+                "weight_decay": "wd",
+                "schedule": "",
+                "routing": "",
+                "squash": "sq",
+                "routings": "r",
+            }.get(key, key)
             parts.append(f"{short}{value:g}" if isinstance(value, float) else f"{short}{value}")
         return "-".join(parts)
 
@@ -62,28 +68,48 @@ class Overrides:
 class Job:
     head: str
     seed: int
-    spec: Any  # ModelSpec
-    config: Any  # TrainConfig
+    spec: ModelSpec
+    config: TrainConfig
     run: Path
 
 
 def make_job(
-    out: Path, backend: str, dataset: str, recipe: str, head: str, seed: int, limit: int | None,
-    ov: Overrides, name: str | None = None, holdout: int | None = None,
+    out: Path,
+    backend: str,
+    dataset: str,
+    recipe: str,
+    head: str,
+    seed: int,
+    limit: int | None,
+    ov: Overrides,
+    name: str | None = None,
+    holdout: int | None = None,
 ) -> Job:
 
     rec = get_recipe(recipe)
     spec = ModelSpec(head=head)
     if head == "capsule":
-        caps = {k: v for k, v in (("routing", ov.routing), ("squash", ov.squash), ("routings", ov.routings)) if v is not None}
+        caps = {
+            k: v
+            for k, v in (("routing", ov.routing), ("squash", ov.squash), ("routings", ov.routings))
+            if v is not None
+        }
         if caps:
             spec = spec.with_capsule(**caps)
-    settings = rec.settings(head, epochs=ov.epochs, lr=ov.lr, schedule=ov.schedule, shift=ov.shift, scale=ov.scale,
-                            weight_decay=ov.weight_decay)
+    settings = rec.settings(
+        head,
+        epochs=ov.epochs,
+        lr=ov.lr,
+        schedule=ov.schedule,
+        shift=ov.shift,
+        scale=ov.scale,
+        weight_decay=ov.weight_decay,
+    )
     cfg = TrainConfig(backend=backend, dataset=dataset, seed=seed, limit=limit, recipe=recipe, **settings)
     if name is None:
         tag = ov.tag()
-        name = f"{backend}-{recipe}-{head}{'-' + tag if tag else ''}{f'-holdout{holdout}' if holdout else ''}-s{seed}"
+        parts = [backend, recipe, head, tag, f"holdout{holdout}" if holdout else "", f"s{seed}"]
+        name = "-".join(p for p in parts if p)
     return Job(head, seed, spec, cfg, out / "runs" / name)
 
 

@@ -41,14 +41,35 @@ def curves_plot(r: dict[str, Any], path: Path) -> Path:
     for m in r["models"]:
         ep = [c["epoch"] for c in m["curve"]]
         label = f"{m['head']} s{m['seed']}"
-        ax_loss.plot(ep, [c["loss"] for c in m["curve"]], color=colors.get(m["head"]), alpha=0.7, label=label, marker=".")
+        ax_loss.plot(
+            ep,
+            [c["loss"] for c in m["curve"]],
+            color=colors.get(m["head"]),
+            alpha=0.7,
+            label=label,
+            marker=".",
+        )
         acc = [c["test_accuracy"] for c in m["curve"]]
         if all(a is not None for a in acc):
-            ax_acc.plot(ep, [100 * a for a in acc], color=colors.get(m["head"]), alpha=0.7, label=label, marker=".")
+            ax_acc.plot(
+                ep, [100 * a for a in acc], color=colors.get(m["head"]), alpha=0.7, label=label, marker="."
+            )
     ax_loss.set(xlabel="epoch", ylabel="margin loss", yscale="log", title="training loss")
-    ax_acc.set(xlabel="epoch", ylabel="%", title=f"{'held-out' if r.get('holdout') else 'test'} accuracy (first {r.get('curve_test_images', '')} images)")
-    lo = min([100 * c["test_accuracy"] for m in r["models"] for c in m["curve"][len(m["curve"]) // 2 :]
-              if c["test_accuracy"] is not None] or [0])
+    ax_acc.set(
+        xlabel="epoch",
+        ylabel="%",
+        title=f"{'held-out' if r.get('holdout') else 'test'} accuracy "
+        f"(first {r.get('curve_test_images', '')} images)",
+    )
+    lo = min(
+        [
+            100 * c["test_accuracy"]
+            for m in r["models"]
+            for c in m["curve"][len(m["curve"]) // 2 :]
+            if c["test_accuracy"] is not None
+        ]
+        or [0]
+    )
     ax_acc.set_ylim(max(0, lo - 2), 100)
     ax_acc.legend(fontsize=7, ncol=2)
     return _save(plt, fig, path)
@@ -60,11 +81,23 @@ def accuracy_plot(r: dict[str, Any], path: Path) -> Path:
     tests = r["tests"]
     heads = list(r["summary"])
     width = 0.8 / max(len(heads), 1)
-    for ax, key, title in zip(axes, ("accuracy", "confident_accuracy"), ("accuracy", "confident accuracy (k-th score > 0.5)"), strict=True):
+    for ax, key, title in zip(
+        axes,
+        ("accuracy", "confident_accuracy"),
+        ("accuracy", "confident accuracy (k-th score > 0.5)"),
+        strict=True,
+    ):
         for i, head in enumerate(heads):
             vals = [r["summary"][head]["tests"][t][key] for t in tests]
             xs = [j + (i - (len(heads) - 1) / 2) * width for j in range(len(tests))]
-            bars = ax.bar(xs, [100 * m for m, _ in vals], width, yerr=[100 * (s or 0.0) for _, s in vals], label=head, capsize=2)
+            bars = ax.bar(
+                xs,
+                [100 * m for m, _ in vals],
+                width,
+                yerr=[100 * (s or 0.0) for _, s in vals],
+                label=head,
+                capsize=2,
+            )
             ax.bar_label(bars, fmt="%.1f", fontsize=6, padding=1)
         ax.set_xticks(range(len(tests)), [test_title(r, t).replace(" ", "\n", 1) for t in tests], fontsize=7)
         ax.set(ylim=(0, 100), ylabel="%", title=title)
@@ -81,8 +114,12 @@ def ablate_plots(r: dict[str, Any], out: Path) -> list[Path]:
         tr = sorted((e["routings"], paired(e["tests"])) for e in v["trained"])
         ev = sorted((e["routings"], paired(e["tests"])) for e in v["evaluated"])
         line = ax_t.plot([a for a, _ in tr], [100 * b for _, b in tr], marker="o", label=label)[0]
-        ax_e.plot([a for a, _ in ev], [100 * b for _, b in ev], marker="o", color=line.get_color(), label=label)
-    ax_t.set(xlabel="routing iterations (trained and scored)", ylabel="paired accuracy %", title="trained at R")
+        ax_e.plot(
+            [a for a, _ in ev], [100 * b for _, b in ev], marker="o", color=line.get_color(), label=label
+        )
+    ax_t.set(
+        xlabel="routing iterations (trained and scored)", ylabel="paired accuracy %", title="trained at R"
+    )
     ax_e.set(xlabel="routing iterations (scored)", title=f"trained at {r['base_iterations']}, scored at R")
     for ax in (ax_t, ax_e):
         ax.grid(alpha=0.3)

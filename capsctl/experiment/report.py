@@ -15,6 +15,7 @@ from typing import Any
 
 from capsctl._io import atomic_write_bytes
 from capsctl.errors import CapsctlError
+from capsctl.experiment.results import load_results
 from capsctl.experiment.tables import (
     TEST_TITLES,
     ablate_markdown,
@@ -28,8 +29,10 @@ from capsctl.experiment.tables import (
     pct,
     table,
 )
+from capsctl.training.config import TrainConfig
+from capsctl.training.recipes import get_recipe
 
-# Reference numbers, quoted from issue 7 (the seed article, and the "anchor": the seed author's
+# Reference numbers, quoted from the project brief (the seed article, and the "anchor": the seed author's
 # own Keras layer with his script's protocol, run on the same data). Ranges are over two seeds.
 # Cells: (test, vertical acc, vertical conf, horizontal acc, horizontal conf).
 SEED_ARTICLE = {
@@ -50,9 +53,11 @@ PROBE_MNIST5K = {
     "capsule": ("98.7%", "95.2%", "95.2%", "95.7%", "95.7%"),
     "pool": ("97.3%", "43%", "13%", "55%", "20%"),
 }
-TARGETS = ("Targets for the default capsule recipe on mnist-5k (mean of 3 seeds): standard test ≥ 98.8%; "
-           "vertical and horizontal pairs ≥ 96% on both accuracies; 3-digit composites ≥ 85%. "
-           "On full Fashion-MNIST: the anchor's capsule figures + 5 points in both layouts.")
+TARGETS = (
+    "Targets for the default capsule recipe on mnist-5k (mean of 3 seeds): standard test ≥ 98.8%; "
+    "vertical and horizontal pairs ≥ 96% on both accuracies; 3-digit composites ≥ 85%. "
+    "On full Fashion-MNIST: the anchor's capsule figures + 5 points in both layouts."
+)
 
 
 def _comparison(r: dict[str, Any]) -> str:
@@ -61,20 +66,33 @@ def _comparison(r: dict[str, Any]) -> str:
     rows = []
     for head, s in r["summary"].items():
         t = s["tests"]
-        cell = [f"**capsctl {head}** ({r['recipe']}, {len(s['seeds'])} seed{'s' if len(s['seeds']) > 1 else ''})"]
+        cell = [
+            f"**capsctl {head}** ({r['recipe']}, {len(s['seeds'])} seed{'s' if len(s['seeds']) > 1 else ''})"
+        ]
         cell.append(pct(t["test"]["accuracy"]) if "test" in t else "")
         for lay in ("vertical", "horizontal"):
-            cell.append(f"{pct(t[lay]['accuracy'])} / {pct(t[lay]['confident_accuracy'])}" if lay in t else "")
+            cell.append(
+                f"{pct(t[lay]['accuracy'])} / {pct(t[lay]['confident_accuracy'])}" if lay in t else ""
+            )
         rows.append(cell)
     anchor = ANCHOR.get((r["dataset"], r["train_images"]))
     if anchor:
         for head in r["summary"]:
             a = anchor[head]
-            rows.append([f"anchor {head} (seed's layer and protocol)", a[0], f"{a[1]} / {a[2]}", f"{a[3]} / {a[4]}"])
+            rows.append(
+                [f"anchor {head} (seed's layer and protocol)", a[0], f"{a[1]} / {a[2]}", f"{a[3]} / {a[4]}"]
+            )
     if (r["dataset"], r["train_images"]) == ("mnist", 5000):
         for head in r["summary"]:
             p = PROBE_MNIST5K[head]
-            rows.append([f"probe {head} (issue 7's scratch PyTorch, 1 seed)", p[0], f"{p[1]} / {p[2]}", f"{p[3]} / {p[4]}"])
+            rows.append(
+                [
+                    f"probe {head} (a scratch PyTorch probe, 1 seed)",
+                    p[0],
+                    f"{p[1]} / {p[2]}",
+                    f"{p[3]} / {p[4]}",
+                ]
+            )
     if r["dataset"] == "mnist":
         for head in r["summary"]:
             a = SEED_ARTICLE[head]
@@ -102,18 +120,30 @@ def _wall(r: dict[str, Any]) -> str:
 def _timing(r: dict[str, Any]) -> str:
     m = r.get("machine", {})
     load = m.get("loadavg", ["?"])[0]
-    return (f"Time: {duration(r['compute_seconds'])} of training and scoring summed over its models (each model's own "
-            f"measured seconds, so it holds even when an invocation resumed or skipped models){_wall(r)}. Machine: {m.get('cores', '?')} cores ({m.get('cpu', '?')}), "
-            f"{r.get('backend_info', r['backend'])}, shared with other jobs (1-minute load average {load} at the start).")
+    return (
+        f"Time: {duration(r['compute_seconds'])} of training and scoring summed over its models (each "
+        "model's own "
+        f"measured seconds, so it holds even when an invocation resumed or skipped models){_wall(r)}. "
+        f"Machine: {m.get('cores', '?')} cores ({m.get('cpu', '?')}), "
+        f"{r.get('backend_info', r['backend'])}, shared with other jobs (1-minute load average {load} at the "
+        "start)."
+    )
 
 
 def _pairs_section(folder: Path, r: dict[str, Any], doc_dir: Path) -> str:
-    parts = [f"### {describe_pairs(r)}\n", *([missing_note(r).strip() + "\n"] if r.get("missing") else []), f"Command (result folder `{folder.name}`):\n\n```\n{r['command']}\n```\n",
-             _timing(r) + "\n"]
-    if not r.get("holdout"):  # reference numbers are test-set numbers: beside held-out scores they would mislead
+    parts = [
+        f"### {describe_pairs(r)}\n",
+        *([missing_note(r).strip() + "\n"] if r.get("missing") else []),
+        f"Command (result folder `{folder.name}`):\n\n```\n{r['command']}\n```\n",
+        _timing(r) + "\n",
+    ]
+    # reference numbers are test-set numbers: beside held-out scores they would mislead
+    if not r.get("holdout"):
         parts.append(_comparison(r))
-    parts.append("All tests (mean ± std over seeds; composites: pairing seed "
-                 f"{r['composite_seed']}{', first ' + str(r['eval_limit']) + ' per test' if r.get('eval_limit') else ''}):\n")
+    per_test = f", first {r['eval_limit']} per test" if r.get("eval_limit") else ""
+    parts.append(
+        f"All tests (mean ± std over seeds; composites: pairing seed {r['composite_seed']}{per_test}):\n"
+    )
     parts += [pairs_long(r), pairs_cost(r), "Per seed:\n", pairs_per_seed(r)]
     parts += _copy_plots(folder, doc_dir / "results" / folder.name, doc_dir)
     return "\n".join(parts) + "\n"
@@ -121,7 +151,12 @@ def _pairs_section(folder: Path, r: dict[str, Any], doc_dir: Path) -> str:
 
 def _ablate_section(folder: Path, r: dict[str, Any], doc_dir: Path) -> str:
     body = ablate_markdown(r).split("\n", 2)[2]  # drop the file's own title
-    parts = [f"### Routing ablation ({folder.name})\n", f"```\n{r['command']}\n```\n", _timing(r) + "\n", body]
+    parts = [
+        f"### Routing ablation ({folder.name})\n",
+        f"```\n{r['command']}\n```\n",
+        _timing(r) + "\n",
+        body,
+    ]
     parts += _copy_plots(folder, doc_dir / "results" / folder.name, doc_dir)
     return "\n".join(parts) + "\n"
 
@@ -137,20 +172,35 @@ def _overview(items: list[tuple[Path, dict[str, Any]]]) -> str:
             t = s["tests"]
             changed = [f"{k}={v}" for k, v in r["overrides"].items()]
             changed += [f"**holdout={r['holdout']}**"] if r.get("holdout") else []
-            rows.append([f"`{folder.name}`", head, r["recipe"], ", ".join(changed) or "–",
-                         str(len(s["seeds"])),
-                         *[(f"{pct(t[x]['accuracy'][0])} / {pct(t[x]['confident_accuracy'][0])}" if x in t else "") for x in tests]])
+            rows.append(
+                [
+                    f"`{folder.name}`",
+                    head,
+                    r["recipe"],
+                    ", ".join(changed) or "–",
+                    str(len(s["seeds"])),
+                    *[
+                        (
+                            f"{pct(t[x]['accuracy'][0])} / {pct(t[x]['confident_accuracy'][0])}"
+                            if x in t
+                            else ""
+                        )
+                        for x in tests
+                    ],
+                ]
+            )
     if not rows:
         return ""
-    return table(["result folder", "head", "recipe", "changed", "seeds", *[TEST_TITLES[x] for x in tests]], rows)
+    return table(
+        ["result folder", "head", "recipe", "changed", "seeds", *[TEST_TITLES[x] for x in tests]], rows
+    )
 
 
 def _is_default_recipe(config: dict[str, Any]) -> bool:
-    from capsctl.training.config import TrainConfig
-    from capsctl.training.recipes import get_recipe
-
     cfg = TrainConfig(**config)  # fields an older results file lacks take their defaults
-    return cfg.recipe == "default" and all(getattr(cfg, k) == v for k, v in get_recipe("default").settings("capsule").items())
+    return cfg.recipe == "default" and all(
+        getattr(cfg, k) == v for k, v in get_recipe("default").settings("capsule").items()
+    )
 
 
 def _choice(items: list[tuple[Path, dict[str, Any]]]) -> str:
@@ -164,54 +214,97 @@ def _choice(items: list[tuple[Path, dict[str, Any]]]) -> str:
             if m["head"] != "capsule":
                 continue
             c = m["config"]
-            mark = " **← default**" if _is_default_recipe(c) and m["spec"]["capsule"]["routing"] == "su" else ""
+            mark = (
+                " **← default**" if _is_default_recipe(c) and m["spec"]["capsule"]["routing"] == "su" else ""
+            )
             t = m["tests"]
-            rows.append([f"`{folder.name}`{mark}", str(c["epochs"]), f"±{c['shift']} px", f"{c.get('scale', 0.0):g}",
-                         str(m["seed"]),
-                         *[(f"{pct(t[x]['accuracy'])} / {pct(t[x]['confident_accuracy'])}" if x in t else "") for x in tests]])
+            rows.append(
+                [
+                    f"`{folder.name}`{mark}",
+                    str(c["epochs"]),
+                    f"±{c['shift']} px",
+                    f"{c.get('scale', 0.0):g}",
+                    str(m["seed"]),
+                    *[
+                        (f"{pct(t[x]['accuracy'])} / {pct(t[x]['confident_accuracy'])}" if x in t else "")
+                        for x in tests
+                    ],
+                ]
+            )
     if not rows:
         return ""
     n = next(r["holdout"] for _, r in items if r.get("holdout"))
-    return ("## How the default recipe was chosen\n\n"
-            f"Each candidate trained the capsule head without {n} training images (a fixed random draw) and was scored on "
-            "those images and on composites built from them; the test set played no part. The row marked "
-            "*default* has the `default` recipe's settings (one-cycle 3e-3, batch 128, `su` routing).\n\n"
-            + table(["result folder", "epochs", "shift", "zoom", "seed",
-                     *[held_out_title(x) for x in tests]], rows))
+    return (
+        "## How the default recipe was chosen\n\n"
+        f"Each candidate trained the capsule head without {n} training images (a fixed random draw) and was "
+        "scored on "
+        "those images and on composites built from them; the test set played no part. The row marked "
+        "*default* has the `default` recipe's settings (one-cycle 3e-3, batch 128, `su` routing).\n\n"
+        + table(
+            ["result folder", "epochs", "shift", "zoom", "seed", *[held_out_title(x) for x in tests]], rows
+        )
+    )
 
 
 def _full_grid(r: dict[str, Any]) -> bool:
-    # scoring on the first N images (--eval-limit) still counts: the grid is about training, and the table says N
+    # scoring on the first N images (--eval-limit) still counts: the grid is about training, and the
+    # table says N
     return len(r["variants"]) == 6 and set(r["iterations"]) >= {1, 2, 3, 5, 8} and not r.get("limit")
 
 
 def _not_run(items: list[tuple[Path, dict[str, Any]]]) -> str:
-    have = {(r["kind"], r["dataset"], r["backend"], r.get("recipe")) for _, r in items
-            if r["kind"] == "pairs" or _full_grid(r)}
+    have = {
+        (r["kind"], r["dataset"], r["backend"], r.get("recipe"))
+        for _, r in items
+        if r["kind"] == "pairs" or _full_grid(r)
+    }
     lines = []
     for folder, r in items:
-        if r["kind"] == "pairs" and (r.get("missing") or (not r["overrides"] and not r.get("holdout") and len(r["seeds"]) < 3)):
+        if r["kind"] == "pairs" and (
+            r.get("missing") or (not r["overrides"] and not r.get("holdout") and len(r["seeds"]) < 3)
+        ):
             cmd = [c for c in shlex.split(r["command"]) if c != "--no-train"]
             cmd[cmd.index("--seeds") + 1] = "0,1,2"
-            lines.append(f"- `{folder.name}` with all three seeds, both heads (finished models are skipped):\n\n"
-                         f"  ```\n  {shlex.join(cmd)}\n  ```")
+            lines.append(
+                f"- `{folder.name}` with all three seeds, both heads (finished models are skipped):\n\n"
+                f"  ```\n  {shlex.join(cmd)}\n  ```"
+            )
     wanted = [
-        (("pairs", "mnist", "keras", "default"), "mnist-5k on the Keras backend",
-         "capsctl experiment pairs --backend keras --data-dir ../shared/data/mnist-5k --seeds 0,1,2 --out out/mnist5k-keras"),
-        (("pairs", "mnist", "torch", "seed"), "mnist-5k, the seed's recipe",
-         "capsctl experiment pairs --backend torch --data-dir ../shared/data/mnist-5k --recipe seed --seeds 0,1,2 --out out/mnist5k-torch-seed"),
-        (("pairs", "fashion-mnist", "torch", "default"), "full Fashion-MNIST (60k images; about 15 min per model on an idle 2-core CPU)",
-         "capsctl experiment pairs --backend torch --dataset fashion-mnist --epochs 10 --seeds 0 --out out/fashion-torch"),
-        (("ablate", "mnist", "torch", "default"), "the full routing ablation (30 models)",
-         "capsctl experiment ablate --backend torch --data-dir ../shared/data/mnist-5k --epochs 10 --shift 3 "
-         "--eval-iterations 1,2,3,5,8 --eval-limit 1000 --out out/ablate-mnist5k"),
+        (
+            ("pairs", "mnist", "keras", "default"),
+            "mnist-5k on the Keras backend",
+            "capsctl experiment pairs --backend keras --data-dir ../shared/data/mnist-5k --seeds 0,1,2 --out "
+            "out/mnist5k-keras",
+        ),
+        (
+            ("pairs", "mnist", "torch", "seed"),
+            "mnist-5k, the seed's recipe",
+            "capsctl experiment pairs --backend torch --data-dir ../shared/data/mnist-5k --recipe seed "
+            "--seeds 0,1,2 --out out/mnist5k-torch-seed",
+        ),
+        (
+            ("pairs", "fashion-mnist", "torch", "default"),
+            "full Fashion-MNIST (60k images; about 15 min per model on an idle 2-core CPU)",
+            "capsctl experiment pairs --backend torch --dataset fashion-mnist --epochs 10 --seeds 0 --out "
+            "out/fashion-torch",
+        ),
+        (
+            ("ablate", "mnist", "torch", "default"),
+            "the full routing ablation (30 models)",
+            "capsctl experiment ablate --backend torch --data-dir ../shared/data/mnist-5k --epochs 10 "
+            "--shift 3 "
+            "--eval-iterations 1,2,3,5,8 --eval-limit 1000 --out out/ablate-mnist5k",
+        ),
     ]
     for key, what, command in wanted:
         if key not in have:
             lines.append(f"- {what}:\n\n  ```\n  {command}\n  ```")
-    lines.append("- full 60k MNIST (cannot be downloaded on this machine; where there is internet, capsctl downloads "
-                 "it on first use):\n\n  ```\n  capsctl experiment pairs --backend torch --dataset mnist --seeds 0,1,2 "
-                 "--out out/mnist-torch-default\n  ```")
+    lines.append(
+        "- full 60k MNIST (cannot be downloaded on this machine; where there is internet, capsctl downloads "
+        "it on first use):\n\n  ```\n  capsctl experiment pairs --backend torch --dataset mnist --seeds "
+        "0,1,2 "
+        "--out out/mnist-torch-default\n  ```"
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -221,21 +314,30 @@ def render(folders: Sequence[Path], doc: Path, results: Sequence[dict[str, Any]]
     cmd = shlex.join(["capsctl", "experiment", "report", *[str(f) for f in folders], "--out", str(doc)])
     out = [
         "# Results\n",
-        f"Generated by `{cmd}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} from the result folders' "
-        "results.json; do not edit by hand, rerun that command. Every number below was measured by the command shown "
-        "with it. Composites are test images the models never trained on (pairing seed 0, the contract's default; "
+        f"Generated by `{cmd}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} from the result "
+        "folders' "
+        "results.json; do not edit by hand, rerun that command. Every number below was measured by the "
+        "command shown "
+        "with it. Composites are test images the models never trained on (pairing seed 0, the contract's "
+        "default; "
         "nothing was tuned on them). Confident = the k-th highest score is above 0.5.\n",
         "## Reference numbers\n",
-        "From issue 7. *Seed article*: 60k MNIST, capsule head ≈270k parameters: >90% on stacked pairs, >90% "
-        "confident; global average pooling ~40% (~10% confident). *Anchor*: the seed author's own Keras layer "
-        "(= `su-unit` routing) with his script's protocol (Adam, batch 128, pool 20 / capsule 10 epochs), scored by "
-        "the pairing contract; ranges over two seeds. *Probe*: scratch PyTorch, one seed, `su` routing, 20 epochs "
+        "From the project brief. *Seed article*: 60k MNIST, capsule head ≈270k parameters: >90% on stacked "
+        "pairs, >90% "
+        "confident; global average pooling ~40% (~10% confident). *Anchor*: the seed author's own Keras "
+        "layer "
+        "(= `su-unit` routing) with his script's protocol (Adam, batch 128, pool 20 / capsule 10 epochs), "
+        "scored by "
+        "the pairing contract; ranges over two seeds. *Probe*: scratch PyTorch, one seed, `su` routing, 20 "
+        "epochs "
         "one-cycle 3e-3, ±3 px shifts.\n",
         TARGETS + "\n",
         "## At a glance\n",
-        "Mean over the seeds run; cells are accuracy / confident accuracy. A row whose *changed* column is not "
+        "Mean over the seeds run; cells are accuracy / confident accuracy. A row whose *changed* column is "
+        "not "
         "empty differs from its recipe in those settings only (recipe-choice comparisons). Rows marked "
-        "**holdout=N** were trained without N training images (a fixed random draw) and scored on those images "
+        "**holdout=N** were trained without N training images (a fixed random draw) and scored on those "
+        "images "
         "and on composites built from them: the recipe is chosen on these rows, never on the test set. Their "
         "columns hold held-out scores, not test scores.\n",
         _overview(items),
@@ -255,8 +357,6 @@ def render(folders: Sequence[Path], doc: Path, results: Sequence[dict[str, Any]]
 
 
 def write_report(folders: Sequence[Path], doc: Path) -> None:
-    from capsctl.experiment.results import load_results
-
     if not folders:
         raise CapsctlError("report: give at least one result folder")
     results = [load_results(f) for f in folders]

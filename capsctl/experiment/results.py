@@ -8,14 +8,14 @@ from typing import Any
 
 from capsctl._io import atomic_write_bytes
 from capsctl.errors import CapsctlError
+from capsctl.experiment import plots as _plots
+from capsctl.experiment import tables as _tables
 
 RESULTS_FORMAT = "capsctl-results/1"
 
 
 def write_results(out: Path, results: dict[str, Any]) -> None:
     """results.json, results.md and the PNG plots, each written atomically."""
-    from capsctl.experiment import plots as _plots
-    from capsctl.experiment import tables as _tables
 
     atomic_write_bytes(out / "results.json", (json.dumps(results, indent=1) + "\n").encode())
     if results["kind"] == "pairs":
@@ -33,7 +33,9 @@ def load_results(folder: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
-        raise CapsctlError(f"{path}: not found (run `capsctl experiment pairs/ablate --out {folder}` first)") from None
+        raise CapsctlError(
+            f"{path}: not found (run `capsctl experiment pairs/ablate --out {folder}` first)"
+        ) from None
     except (OSError, json.JSONDecodeError) as e:
         raise CapsctlError(f"{path}: unreadable ({e})") from None
     if not isinstance(data, dict) or data.get("format") != RESULTS_FORMAT:

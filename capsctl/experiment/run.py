@@ -1,4 +1,5 @@
-"""Running an experiment: train every job (skipping finished ones, resuming partial ones), score it, write results.
+"""Running an experiment: train every job (skipping finished ones, resuming partial ones), score it,
+write results.
 
 Each model trains in its own run folder under OUT/runs/, so a second invocation skips finished models and
 resumes unfinished ones. Scores are cached per run folder (eval.json, keyed on the model file), so
@@ -14,11 +15,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from rich.progress import Progress, TaskID, TextColumn
+
 from capsctl._console import err, progress
-from capsctl.backend import get_backend
+from capsctl.backend import Backend, get_backend
 from capsctl.bench.machine import machine
 from capsctl.data import datasets
-from capsctl.data.datasets import Split
+from capsctl.data.datasets import Split, hold_out
 from capsctl.errors import CapsctlError
 from capsctl.experiment.plan import (
     COMPOSITE_SEED,
@@ -47,7 +50,9 @@ def run_state(job: Job) -> str:
         diff = [k for k in mine if k != "backend" and mine[k] != theirs.get(k)]
         if diff or ck.spec != job.spec:
             what = diff[0] if diff else "model spec"
-            raise CapsctlError(f"{run}: holds a run with another {what} ({theirs.get(what, '')!s}); use another --out")
+            raise CapsctlError(
+                f"{run}: holds a run with another {what} ({theirs.get(what, '')!s}); use another --out"
+            )
     epochs = {r.get("epoch") for r in read_metrics(run)}
     if (run / MODEL_FILE).exists() and set(range(1, job.config.epochs + 1)) <= epochs:
         return "done"
@@ -57,22 +62,32 @@ def run_state(job: Job) -> str:
 Hook = Callable[[str, dict[str, Any]], None]
 
 
-def ensure_trained(backend: Any, job: Job, train_split: Any, curve_split: Any, hook: Hook | None = None) -> str:
+def ensure_trained(
+    backend: Backend, job: Job, train_split: Split, curve_split: Split, hook: Hook | None = None
+) -> str:
     """Train `job` unless finished; returns what happened: 'skipped', 'resumed' or 'trained'."""
 
     state = run_state(job)
     if state == "done":
         return "skipped"
     resume = state == "partial"
-    train(backend, job.spec, job.config, train_split, curve_split, job.run, resume=resume, show_progress=False, on_step=hook)
+    train(
+        backend,
+        job.spec,
+        job.config,
+        train_split,
+        curve_split,
+        job.run,
+        resume=resume,
+        show_progress=False,
+        on_step=hook,
+    )
     return "resumed" if resume else "trained"
 
 
 @contextmanager
-def progress_for(show: bool) -> Iterator[Any]:
+def progress_for(show: bool) -> Iterator[Progress]:
     """One bar for the whole experiment and one for the model being trained."""
-    from rich.progress import TextColumn
-
 
     bar = progress(TextColumn("{task.fields[note]}"))
     bar.disable = not show
@@ -83,19 +98,23 @@ def progress_for(show: bool) -> Iterator[Any]:
 class Tracker:
     """Turns training hooks into progress-bar updates (overall steps and the current model's)."""
 
-    def __init__(self, bar: Any, total_steps: int) -> None:
+    def __init__(self, bar: Progress, total_steps: int) -> None:
         self.bar = bar
         self.all = bar.add_task("experiment", total=max(total_steps, 1), note="")
-        self.model: Any = None
+        self.model: TaskID = bar.add_task("", total=1, note="", visible=False)  # the model being trained
         self.steps_per_epoch = 1
 
     def start(self, label: str, job: Job, n_train: int, done_steps: int) -> None:
-
         self.steps_per_epoch = steps_per_epoch(job.config, n_train)
         total = self.steps_per_epoch * job.config.epochs
-        if self.model is not None:
-            self.bar.remove_task(self.model)
-        self.model = self.bar.add_task(label, total=total, completed=min(done_steps, total), note="")
+        self.bar.reset(
+            self.model,
+            total=total,
+            completed=min(done_steps, total),
+            description=label,
+            note="",
+            visible=True,
+        )
         self.label = label
 
     def hook(self, kind: str, info: dict[str, Any]) -> None:
@@ -104,7 +123,9 @@ class Tracker:
             self.bar.advance(self.all)
         else:
             acc = info.get("test_accuracy")
-            note = f"epoch {info['epoch']}  loss {info['loss']:.4f}" + (f"  curve-test {acc:.2%}" if acc is not None else "")
+            note = f"epoch {info['epoch']}  loss {info['loss']:.4f}" + (
+                f"  curve-test {acc:.2%}" if acc is not None else ""
+            )
             self.bar.update(self.model, note=note)
 
     def skip(self, steps: int) -> None:
@@ -112,8 +133,6 @@ class Tracker:
 
 
 def steps_done(job: Job, n_train: int) -> int:
-    from capsctl.training.config import steps_per_epoch
-
     if not (job.run / CHECKPOINT_FILE).exists():
         return 0
     ck = load_checkpoint(job.run)
@@ -121,16 +140,20 @@ def steps_done(job: Job, n_train: int) -> int:
 
 
 def train_and_score(
-    backend: Any, jobs: Sequence[Job], train_split: Any, test_split: Any, scorer: Scorer, tests: Sequence[str],
-    show_progress: bool, eval_routings: Callable[[Job], Sequence[int | None]] | None = None,
+    backend: Backend,
+    jobs: Sequence[Job],
+    train_split: Split,
+    test_split: Split,
+    scorer: Scorer,
+    tests: Sequence[str],
+    show_progress: bool,
+    eval_routings: Callable[[Job], Sequence[int | None]] | None = None,
     train: bool = True,
 ) -> list[dict[str, Any]]:
     """Train (or skip / resume) every job, then score it; returns one record per job.
 
     With `train=False` only finished models are scored; the others are left out (and named).
     """
-    from capsctl.training.config import steps_per_epoch
-    from capsctl.training.run_folder import read_metrics
 
     limit = jobs[0].config.limit if jobs else None
     n_train = len(train_split.images) if limit is None else min(len(train_split.images), limit)
@@ -157,34 +180,47 @@ def train_and_score(
             scores = scorer.score(backend, job.run, tests)
             extra = {}
             if eval_routings is not None:
-                extra["eval_at"] = {str(r): scorer.score(backend, job.run, tests, routings=r) for r in eval_routings(job) if r}
+                extra["eval_at"] = {
+                    str(r): scorer.score(backend, job.run, tests, routings=r) for r in eval_routings(job) if r
+                }
             # the seconds each score took when it was computed (cached scores keep their cost)
             score_seconds = sum(t["seconds"] for t in scores.values())
-            score_seconds += sum(t["seconds"] for at in extra.get("eval_at", {}).values() for t in at.values())
+            score_seconds += sum(
+                t["seconds"] for at in extra.get("eval_at", {}).values() for t in at.values()
+            )
             train_seconds = sum(r["seconds"] for r in rows)
-            records.append({
-                "head": job.head,
-                "seed": job.seed,
-                "run": str(job.run),
-                "status": status,
-                "spec": job.spec.to_dict(),
-                "config": asdict(job.config),
-                "parameters": parameter_count(job.spec),
-                "epochs": job.config.epochs,
-                "train_seconds": train_seconds,
-                "images_per_s": sum(r["images_per_s"] for r in rows) / max(len(rows), 1),
-                "score_seconds": score_seconds,
-                "curve": [{k: r.get(k) for k in ("epoch", "loss", "train_accuracy", "test_accuracy", "lr")} for r in rows],
-                "tests": scores,
-                **extra,
-            })
-            summary = "  ".join(f"{t} {scores[t]['accuracy']:.2%}/{scores[t]['confident_accuracy']:.2%}" for t in tests)
+            records.append(
+                {
+                    "head": job.head,
+                    "seed": job.seed,
+                    "run": str(job.run),
+                    "status": status,
+                    "spec": job.spec.to_dict(),
+                    "config": asdict(job.config),
+                    "parameters": parameter_count(job.spec),
+                    "epochs": job.config.epochs,
+                    "train_seconds": train_seconds,
+                    "images_per_s": sum(r["images_per_s"] for r in rows) / max(len(rows), 1),
+                    "score_seconds": score_seconds,
+                    "curve": [
+                        {k: r.get(k) for k in ("epoch", "loss", "train_accuracy", "test_accuracy", "lr")}
+                        for r in rows
+                    ],
+                    "tests": scores,
+                    **extra,
+                }
+            )
+            summary = "  ".join(
+                f"{t} {scores[t]['accuracy']:.2%}/{scores[t]['confident_accuracy']:.2%}" for t in tests
+            )
             err.print(f"{label}: {status}; {summary}")
             bar.update(tracker.model, note="done")
     return records
 
 
-def _prepare(backend_name: str, dataset: str, data_dir: str | None, out: Path) -> tuple[Any, Any, Any]:
+def _prepare(
+    backend_name: str, dataset: str, data_dir: str | None, out: Path
+) -> tuple[Backend, Split, Split]:
     """The backend, the train and test splits, and the output folder: what every experiment starts from."""
 
     backend = get_backend(backend_name)
@@ -198,12 +234,14 @@ def _finish(
     results: dict[str, Any], models: list[dict[str, Any]], out: Path, t0: float, start_machine: dict[str, Any]
 ) -> dict[str, Any]:
     """Add the cost and machine fields every results.json carries, and write it."""
-    results.update({
-        "compute_seconds": sum(m["train_seconds"] + m["score_seconds"] for m in models),
-        "wall_seconds": time.time() - t0,
-        "machine": {**start_machine, "loadavg_end": machine()["loadavg"]},
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    })
+    results.update(
+        {
+            "compute_seconds": sum(m["train_seconds"] + m["score_seconds"] for m in models),
+            "wall_seconds": time.time() - t0,
+            "machine": {**start_machine, "loadavg_end": machine()["loadavg"]},
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+    )
     write_results(out, results)
     return results
 
@@ -213,14 +251,27 @@ def run_pairs(plan: PairsPlan, out: Path, show_progress: bool = True) -> dict[st
     start_machine = machine()
     backend, train_split, test_split = _prepare(plan.backend, plan.dataset, plan.data_dir, out)
     if plan.holdout:
-        from capsctl.data.datasets import hold_out
-
         # the official test set is not touched: choices made on these scores stay honest
         train_split, test_split = hold_out(train_split, plan.holdout)
-    jobs = [make_job(out, plan.backend, plan.dataset, plan.recipe, h, s, plan.limit, plan.overrides, holdout=plan.holdout)
-            for s in plan.seeds for h in plan.heads]
+    jobs = [
+        make_job(
+            out,
+            plan.backend,
+            plan.dataset,
+            plan.recipe,
+            h,
+            s,
+            plan.limit,
+            plan.overrides,
+            holdout=plan.holdout,
+        )
+        for s in plan.seeds
+        for h in plan.heads
+    ]
     scorer = Scorer(test_split, plan.eval_limit)
-    models = train_and_score(backend, jobs, train_split, test_split, scorer, plan.tests, show_progress, train=plan.train)
+    models = train_and_score(
+        backend, jobs, train_split, test_split, scorer, plan.tests, show_progress, train=plan.train
+    )
     if not models:
         raise CapsctlError(f"--out {out}: no finished model to report (--no-train)")
     finished = {m["run"] for m in models}
@@ -234,7 +285,9 @@ def run_pairs(plan: PairsPlan, out: Path, show_progress: bool = True) -> dict[st
         "backend": plan.backend,
         "backend_info": backend.describe(),
         "dataset": plan.dataset,
-        "train_images": len(train_split.images) if plan.limit is None else min(plan.limit, len(train_split.images)),
+        "train_images": len(train_split.images)
+        if plan.limit is None
+        else min(plan.limit, len(train_split.images)),
         "test_images": len(test_split.images),
         "recipe": plan.recipe,
         "overrides": plan.overrides.active(),
@@ -262,28 +315,58 @@ def run_ablate(plan: AblatePlan, out: Path, show_progress: bool = True) -> dict[
     for routing in plan.routings:
         for squash in plan.squashes:
             for r in counts:
-                ov = Overrides(epochs=plan.epochs, shift=plan.shift, routing=routing, squash=squash, routings=r)
+                ov = Overrides(
+                    epochs=plan.epochs, shift=plan.shift, routing=routing, squash=squash, routings=r
+                )
                 name = f"{plan.backend}-{plan.recipe}-capsule-{routing}-{squash}-r{r}-s{plan.seed}"
-                jobs.append(make_job(out, plan.backend, plan.dataset, plan.recipe, "capsule", plan.seed, plan.limit, ov, name))
+                jobs.append(
+                    make_job(
+                        out,
+                        plan.backend,
+                        plan.dataset,
+                        plan.recipe,
+                        "capsule",
+                        plan.seed,
+                        plan.limit,
+                        ov,
+                        name,
+                    )
+                )
     scorer = Scorer(test_split, plan.eval_limit)
 
     def eval_at(job: Job) -> Sequence[int | None]:
         return plan.eval_iterations if job.spec.capsule.routings == plan.base_iterations else ()
 
-    models = train_and_score(backend, jobs, train_split, test_split, scorer, plan.tests, show_progress, eval_at)
+    models = train_and_score(
+        backend, jobs, train_split, test_split, scorer, plan.tests, show_progress, eval_at
+    )
     variants = []
     for routing in plan.routings:
         for squash in plan.squashes:
-            mine = [m for m in models if m["spec"]["capsule"]["routing"] == routing and m["spec"]["capsule"]["squash"] == squash]
+            mine = [
+                m
+                for m in models
+                if m["spec"]["capsule"]["routing"] == routing and m["spec"]["capsule"]["squash"] == squash
+            ]
             base = next(m for m in mine if m["spec"]["capsule"]["routings"] == plan.base_iterations)
-            variants.append({
-                "routing": routing,
-                "squash": squash,
-                "trained": [{"routings": m["spec"]["capsule"]["routings"], "run": os.path.relpath(m["run"], out),
-                             "tests": m["tests"], "train_seconds": m["train_seconds"], "curve": m["curve"]}
-                            for m in mine if m["spec"]["capsule"]["routings"] in plan.iterations],
-                "evaluated": [{"routings": int(r), "tests": t} for r, t in base["eval_at"].items()],
-            })
+            variants.append(
+                {
+                    "routing": routing,
+                    "squash": squash,
+                    "trained": [
+                        {
+                            "routings": m["spec"]["capsule"]["routings"],
+                            "run": os.path.relpath(m["run"], out),
+                            "tests": m["tests"],
+                            "train_seconds": m["train_seconds"],
+                            "curve": m["curve"],
+                        }
+                        for m in mine
+                        if m["spec"]["capsule"]["routings"] in plan.iterations
+                    ],
+                    "evaluated": [{"routings": int(r), "tests": t} for r, t in base["eval_at"].items()],
+                }
+            )
     results = {
         "format": RESULTS_FORMAT,
         "kind": "ablate",
@@ -291,7 +374,9 @@ def run_ablate(plan: AblatePlan, out: Path, show_progress: bool = True) -> dict[
         "backend": plan.backend,
         "backend_info": backend.describe(),
         "dataset": plan.dataset,
-        "train_images": len(train_split.images) if plan.limit is None else min(plan.limit, len(train_split.images)),
+        "train_images": len(train_split.images)
+        if plan.limit is None
+        else min(plan.limit, len(train_split.images)),
         "recipe": plan.recipe,
         "seed": plan.seed,
         "epochs": jobs[0].config.epochs,

@@ -1,4 +1,5 @@
-"""Scoring finished models on the standard test and composites, cached per run folder, and summaries over seeds."""
+"""Scoring finished models on the standard test and composites, cached per run folder, and summaries
+over seeds."""
 
 from __future__ import annotations
 
@@ -10,8 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from capsctl._io import atomic_write_bytes
-from capsctl.data.composites import score_sets
+from capsctl.data.composites import make_composites, score_sets
+from capsctl.data.datasets import Split
 from capsctl.experiment.plan import COMPOSITE_SEED, COMPOSITE_TESTS
 from capsctl.model.weights import load_model
 from capsctl.training.run_folder import MODEL_FILE
@@ -30,28 +34,35 @@ def model_key(path: Path) -> str:
 class Scorer:
     """Scores models on the standard test and composites, building each composite set once."""
 
-    test: Any  # Split
+    test: Split
     eval_limit: int | None = None
     _sets: dict[str, Any] = field(default_factory=dict)
 
-    def data(self, name: str) -> tuple[Any, Any]:
+    def data(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         if name not in self._sets:
-            from capsctl.data.composites import make_composites
-
             if name == "test":
                 x, y = self.test.images, self.test.labels[:, None]
                 if self.eval_limit:
                     x, y = x[: self.eval_limit], y[: self.eval_limit]
             else:
                 layout, digits = COMPOSITE_TESTS[name]
-                c = make_composites(self.test.images, self.test.labels, digits=digits, layout=layout,
-                                    seed=COMPOSITE_SEED, limit=self.eval_limit)
+                c = make_composites(
+                    self.test.images,
+                    self.test.labels,
+                    digits=digits,
+                    layout=layout,
+                    seed=COMPOSITE_SEED,
+                    limit=self.eval_limit,
+                )
                 x, y = c.images, c.labels
             self._sets[name] = (x, y)
         return self._sets[name]
 
-    def score(self, backend: Any, run: Path, tests: Sequence[str], routings: int | None = None) -> dict[str, dict[str, Any]]:
-        """{test: {n, accuracy, confident_accuracy, seconds}} for the model in `run`, cached in run/eval.json."""
+    def score(
+        self, backend: Any, run: Path, tests: Sequence[str], routings: int | None = None
+    ) -> dict[str, dict[str, Any]]:
+        """{test: {n, accuracy, confident_accuracy, seconds}} for the model in `run`, cached in
+        run/eval.json."""
 
         model = run / MODEL_FILE
         cache_path = run / EVAL_FILE
@@ -78,8 +89,12 @@ class Scorer:
                 x, y = self.data(name)
                 t0 = time.perf_counter()
                 r = score_sets(runner.scores(x), y)
-                entries[ek] = {"n": r["pairs"], "accuracy": r["accuracy"], "confident_accuracy": r["confident_accuracy"],
-                               "seconds": time.perf_counter() - t0}
+                entries[ek] = {
+                    "n": r["pairs"],
+                    "accuracy": r["accuracy"],
+                    "confident_accuracy": r["confident_accuracy"],
+                    "seconds": time.perf_counter() - t0,
+                }
                 cache["model"] = key
                 atomic_write_bytes(cache_path, json.dumps(cache, indent=1).encode())
             results[name] = entries[ek]
@@ -112,6 +127,10 @@ def summarize(models: Sequence[dict[str, Any]], tests: Sequence[str]) -> dict[st
         for t in tests:
             acc = [m["tests"][t]["accuracy"] for m in ms]
             conf = [m["tests"][t]["confident_accuracy"] for m in ms]
-            entry["tests"][t] = {"n": ms[0]["tests"][t]["n"], "accuracy": mean_std(acc), "confident_accuracy": mean_std(conf)}
+            entry["tests"][t] = {
+                "n": ms[0]["tests"][t]["n"],
+                "accuracy": mean_std(acc),
+                "confident_accuracy": mean_std(conf),
+            }
         out[head] = entry
     return out

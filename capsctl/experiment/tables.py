@@ -50,10 +50,18 @@ def describe_pairs(r: dict[str, Any]) -> str:
     ov = r.get("overrides") or {}
     extra = ", ".join(f"{k}={v}" for k, v in ov.items())
     limit = " (--limit)" if r.get("limit") else ""
-    held = (f"; scored on {r['holdout']} training images held out from training (and composites built from "
-            "them), not on the test set") if r.get("holdout") else ""
-    return (f"{r['dataset']} ({r['train_images']} training images{limit}), {r['backend']}, recipe `{r['recipe']}`"
-            f"{' with ' + extra if extra else ''}, seeds {', '.join(map(str, r['seeds']))}{held}")
+    held = (
+        (
+            f"; scored on {r['holdout']} training images held out from training (and composites built from "
+            "them), not on the test set"
+        )
+        if r.get("holdout")
+        else ""
+    )
+    return (
+        f"{r['dataset']} ({r['train_images']} training images{limit}), {r['backend']}, recipe `{r['recipe']}`"
+        f"{' with ' + extra if extra else ''}, seeds {', '.join(map(str, r['seeds']))}{held}"
+    )
 
 
 def missing_note(r: dict[str, Any]) -> str:
@@ -81,7 +89,9 @@ def pairs_long(r: dict[str, Any]) -> str:
     for head, s in r["summary"].items():
         for t in r["tests"]:
             e = s["tests"][t]
-            rows.append([head, test_title(r, t), pct(e["accuracy"]), pct(e["confident_accuracy"]), f"{e['n']:,}"])
+            rows.append(
+                [head, test_title(r, t), pct(e["accuracy"]), pct(e["confident_accuracy"]), f"{e['n']:,}"]
+            )
     return table(["head", "test", "accuracy", "confident accuracy", "images"], rows)
 
 
@@ -92,24 +102,39 @@ def pairs_cost(r: dict[str, Any]) -> str:
         ips, _ = s["images_per_s"]
         spread = "" if sd is None else f" ± {duration(sd)}"
         rows.append([head, f"{s['parameters']:,}", str(s["epochs"]), duration(m) + spread, f"{ips:.0f}"])
-    return table(["head", "parameters", "epochs", "train time per model (optimiser steps)", "training images/s"], rows)
+    return table(
+        ["head", "parameters", "epochs", "train time per model (optimiser steps)", "training images/s"], rows
+    )
 
 
 def pairs_per_seed(r: dict[str, Any]) -> str:
     tests = r["tests"]
     rows = []
     for m in r["models"]:
-        rows.append([m["head"], str(m["seed"]), m["status"],
-                     *[f"{pct(m['tests'][t]['accuracy'])} / {pct(m['tests'][t]['confident_accuracy'])}" for t in tests]])
+        rows.append(
+            [
+                m["head"],
+                str(m["seed"]),
+                m["status"],
+                *[
+                    f"{pct(m['tests'][t]['accuracy'])} / {pct(m['tests'][t]['confident_accuracy'])}"
+                    for t in tests
+                ],
+            ]
+        )
     return table(["head", "seed", "run", *[test_title(r, t) for t in tests]], rows)
 
 
 def pairs_markdown(r: dict[str, Any]) -> str:
-    note = (f"Composites: pairing seed {r['composite_seed']}"
-            f"{', first ' + str(r['eval_limit']) + ' per test' if r.get('eval_limit') else ''}; "
-            "confident = the k-th highest score is above 0.5.")
-    return (f"# Paired-digit experiment\n\n{describe_pairs(r)}.{missing_note(r)}\n\n`{r['command']}`\n\n"
-            f"{pairs_headline(r)}\n{note}\n\n{pairs_long(r)}\n{pairs_cost(r)}\nPer seed:\n\n{pairs_per_seed(r)}")
+    note = (
+        f"Composites: pairing seed {r['composite_seed']}"
+        f"{', first ' + str(r['eval_limit']) + ' per test' if r.get('eval_limit') else ''}; "
+        "confident = the k-th highest score is above 0.5."
+    )
+    return (
+        f"# Paired-digit experiment\n\n{describe_pairs(r)}.{missing_note(r)}\n\n`{r['command']}`\n\n"
+        f"{pairs_headline(r)}\n{note}\n\n{pairs_long(r)}\n{pairs_cost(r)}\nPer seed:\n\n{pairs_per_seed(r)}"
+    )
 
 
 def paired(tests: dict[str, Any]) -> float:
@@ -120,8 +145,13 @@ def paired(tests: dict[str, Any]) -> float:
 
 def ablate_markdown(r: dict[str, Any]) -> str:
     tests = r["tests"]
-    header = ["routing", "squash", "iterations", *[f"trained at R: {TEST_TITLES[t]}" for t in tests],
-              *[f"trained at {r['base_iterations']}, scored at R: {TEST_TITLES[t]}" for t in tests]]
+    header = [
+        "routing",
+        "squash",
+        "iterations",
+        *[f"trained at R: {TEST_TITLES[t]}" for t in tests],
+        *[f"trained at {r['base_iterations']}, scored at R: {TEST_TITLES[t]}" for t in tests],
+    ]
     rows = []
     for v in r["variants"]:
         trained = {e["routings"]: e["tests"] for e in v["trained"]}
@@ -133,9 +163,13 @@ def ablate_markdown(r: dict[str, Any]) -> str:
                     e = src.get(it, {}).get(t)
                     cells.append(f"{pct(e['accuracy'])} / {pct(e['confident_accuracy'])}" if e else "")
             rows.append(cells)
-    limits = (f", first {r['limit']} training images" if r.get("limit") else "") + \
-             (f", first {r['eval_limit']} images/composites per test" if r.get("eval_limit") else "")
+    limits = (f", first {r['limit']} training images" if r.get("limit") else "") + (
+        f", first {r['eval_limit']} images/composites per test" if r.get("eval_limit") else ""
+    )
     shift = f", ±{r['shift']} px shifts" if "shift" in r else ""
-    return (f"# Routing ablation\n\n{r['dataset']}, {r['backend']}, recipe `{r['recipe']}`, {r['epochs']} epochs{shift}, "
-            f"seed {r['seed']}{limits}. Cells: accuracy / confident accuracy.\n\n`{r['command']}`\n\n"
-            + table(header, rows))
+    return (
+        f"# Routing ablation\n\n{r['dataset']}, {r['backend']}, recipe `{r['recipe']}`, {r['epochs']} "
+        f"epochs{shift}, "
+        f"seed {r['seed']}{limits}. Cells: accuracy / confident accuracy.\n\n`{r['command']}`\n\n"
+        + table(header, rows)
+    )

@@ -29,6 +29,7 @@ THRESHOLD = 0.5
 
 # -- per-iteration statistics ---------------------------------------------------------------
 
+
 def coupling_deltas(c: np.ndarray) -> list[float | None]:
     """Mean |c_r − c_{r−1}| over classes and inputs for each iteration r of c (R, J, N).
 
@@ -49,6 +50,7 @@ def coupling_entropy(c: np.ndarray) -> list[float]:
 
 # -- geometry ------------------------------------------------------------------------------
 
+
 def grid_geometry(spec: ModelSpec) -> tuple[float, float]:
     """(offset, stride) so that grid index g is centred on image pixel offset + g·stride."""
     offset, stride = 0.0, 1.0
@@ -66,7 +68,12 @@ def grid_extent(spec: ModelSpec, grid: tuple[int, int]) -> tuple[float, float, f
     offset, stride = grid_geometry(spec)
     gh, gw = grid
     half = stride / 2
-    return (offset - half, offset + (gw - 1) * stride + half, offset + (gh - 1) * stride + half, offset - half)
+    return (
+        offset - half,
+        offset + (gw - 1) * stride + half,
+        offset + (gh - 1) * stride + half,
+        offset - half,
+    )
 
 
 def heat_maps(x: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
@@ -122,11 +129,14 @@ def reading_order(classes: list[int], centres: np.ndarray, direction: str) -> li
     """
     axis = 0 if direction == "top-to-bottom" else 1
     keys = [centres[j, axis] for j in classes]
-    ranked = sorted(range(len(classes)), key=lambda i: (np.isnan(keys[i]), 0.0 if np.isnan(keys[i]) else keys[i], i))
+    ranked = sorted(
+        range(len(classes)), key=lambda i: (np.isnan(keys[i]), 0.0 if np.isnan(keys[i]) else keys[i], i)
+    )
     return [classes[i] for i in ranked]
 
 
 # -- one image -------------------------------------------------------------------------------
+
 
 def predicted_classes(scores: np.ndarray, threshold: float = THRESHOLD) -> list[int]:
     """Classes scoring above `threshold`, highest first."""
@@ -215,7 +225,9 @@ def inspect_one(
     grid = spec.trunk_grid(*image_shape)
     couplings, agreement = np.asarray(couplings), np.asarray(agreement)
     if couplings.shape != agreement.shape or couplings.ndim != 3 or couplings.shape[1] != len(scores):
-        raise CapsctlError(f"trace shapes {couplings.shape} / {agreement.shape} do not fit {len(scores)} classes")
+        raise CapsctlError(
+            f"trace shapes {couplings.shape} / {agreement.shape} do not fit {len(scores)} classes"
+        )
     heat_maps(couplings, grid)  # checks N against the grid
     result.couplings, result.agreement, result.grid = couplings, agreement, grid
     result.deltas = coupling_deltas(couplings)

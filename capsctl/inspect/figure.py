@@ -44,7 +44,9 @@ def shown_classes(res: Inspection) -> list[int]:
     return sorted(chosen, key=lambda j: -res.scores[j])[:MAX_CLASSES_SHOWN]
 
 
-def save_figure(path: Path, image: np.ndarray, res: Inspection, spec: ModelSpec, title: str, dpi: int = 100) -> None:
+def save_figure(
+    path: Path, image: np.ndarray, res: Inspection, spec: ModelSpec, title: str, dpi: int = 100
+) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -97,8 +99,12 @@ def save_figure(path: Path, image: np.ndarray, res: Inspection, spec: ModelSpec,
         amax = float(np.abs(a_maps[iters, j]).max()) or 1.0
         c_im = a_im = None
         for k, r in enumerate(iters):
-            c_im = _map(c_axes[k], c_maps[r, j], image, extent, "viridis", cmin, cmax, f"coupling c, iter {r + 1}")
-            a_im = _map(a_axes[k], a_maps[r, j], image, extent, "RdBu_r", -amax, amax, f"agreement û·v, iter {r + 1}")
+            c_im = _map(
+                c_axes[k], c_maps[r, j], image, extent, "viridis", cmin, cmax, f"coupling c, iter {r + 1}"
+            )
+            a_im = _map(
+                a_axes[k], a_maps[r, j], image, extent, "RdBu_r", -amax, amax, f"agreement û·v, iter {r + 1}"
+            )
         bar = sub.colorbar(c_im, ax=c_axes, shrink=0.9, label=f"c (line: 1/{n_classes})")
         if cmin <= 1.0 / n_classes <= cmax:
             bar.ax.axhline(1.0 / n_classes, color="white", linewidth=1.5)  # the uniform coupling
@@ -123,8 +129,14 @@ def _draw_overview(sub, image: np.ndarray, res: Inspection) -> None:
             ax_img.plot(q, r, "+", color="orange", markersize=12, markeredgewidth=2)
             # staggered so classes placed close together (often spurious ones) stay readable
             ax_img.annotate(
-                f"{rank}: {j}", (q, r), xytext=(5, 6 - 12 * ((rank - 1) % 3)), textcoords="offset points", color="orange",
-                fontsize=10, fontweight="bold", path_effects=[patheffects.withStroke(linewidth=2.5, foreground="black")],
+                f"{rank}: {j}",
+                (q, r),
+                xytext=(5, 6 - 12 * ((rank - 1) % 3)),
+                textcoords="offset points",
+                color="orange",
+                fontsize=10,
+                fontweight="bold",
+                path_effects=[patheffects.withStroke(linewidth=2.5, foreground="black")],
             )
     j_all = np.arange(len(res.scores))
     colours = ["tab:green" if j in res.predicted else "tab:gray" for j in j_all]
@@ -136,7 +148,9 @@ def _draw_overview(sub, image: np.ndarray, res: Inspection) -> None:
     kind = "capsule length ‖v_j‖" if res.couplings is not None else "class score (pooling head)"
     ax_bar.set_ylabel(kind)
     order = f" — reading order ({res.direction}): {', '.join(map(str, res.order))}" if res.order else ""
-    ax_bar.set_title(f"predicted (> 0.5, green): {', '.join(map(str, res.predicted)) or 'none'}{order}", fontsize=9)
+    ax_bar.set_title(
+        f"predicted (> 0.5, green): {', '.join(map(str, res.predicted)) or 'none'}{order}", fontsize=9
+    )
 
 
 def _map(ax, values, image, extent, cmap, vmin, vmax, title):
@@ -144,8 +158,16 @@ def _map(ax, values, image, extent, cmap, vmin, vmax, title):
     ax.set_facecolor("0.25")  # the image margin the trunk's grid does not cover
     im = ax.imshow(values, cmap=cmap, vmin=vmin, vmax=vmax, extent=extent, interpolation="nearest")
     if float(image.max()) > float(image.min()):  # the digit's outline, so the map reads against the image
-        outline = "white" if cmap == "viridis" else "0.35"  # visible on the dark and on the light (diverging) maps
-        ax.contour(image, levels=[0.5], colors=outline, linewidths=0.7, extent=(-0.5, w - 0.5, h - 0.5, -0.5), origin="upper")
+        # visible on the dark and on the light (diverging) maps
+        outline = "white" if cmap == "viridis" else "0.35"
+        ax.contour(
+            image,
+            levels=[0.5],
+            colors=outline,
+            linewidths=0.7,
+            extent=(-0.5, w - 0.5, h - 0.5, -0.5),
+            origin="upper",
+        )
     ax.set_xlim(-0.5, w - 0.5)
     ax.set_ylim(h - 0.5, -0.5)
     ax.set_xticks([])

@@ -31,8 +31,15 @@ class Recipe:
         """The TrainConfig fields this recipe sets for `head`; an override that is not None replaces one.
 
         The one place recipe values meet command-line overrides (train, experiment, the report)."""
-        base = {"epochs": self.epochs(head), "batch_size": self.batch_size, "lr": self.lr, "schedule": self.schedule,
-                "shift": self.shift, "scale": self.scale, "weight_decay": self.weight_decay}
+        base = {
+            "epochs": self.epochs(head),
+            "batch_size": self.batch_size,
+            "lr": self.lr,
+            "schedule": self.schedule,
+            "shift": self.shift,
+            "scale": self.scale,
+            "weight_decay": self.weight_decay,
+        }
         unknown = set(overrides) - set(base)
         if unknown:
             raise TypeError(f"not a recipe setting: {', '.join(sorted(unknown))}")
@@ -40,9 +47,13 @@ class Recipe:
 
 
 RECIPES = {
-    "seed": Recipe("seed", capsule_epochs=10, pool_epochs=20, lr=1e-3, schedule="constant", shift=0, weight_decay=0.0),
+    "seed": Recipe(
+        "seed", capsule_epochs=10, pool_epochs=20, lr=1e-3, schedule="constant", shift=0, weight_decay=0.0
+    ),
     # chosen on 1,000 held-out training digits and composites built from them (docs/RESULTS.md, holdout rows)
-    "default": Recipe("default", capsule_epochs=30, pool_epochs=30, lr=3e-3, schedule="onecycle", shift=4, weight_decay=0.0),
+    "default": Recipe(
+        "default", capsule_epochs=30, pool_epochs=30, lr=3e-3, schedule="onecycle", shift=4, weight_decay=0.0
+    ),
 }
 SCHEDULES = ("constant", "onecycle")
 
