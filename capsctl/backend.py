@@ -115,11 +115,12 @@ def _target(name: str) -> str:
 def get_backend(name: str) -> Backend:
     """Import and instantiate backend `name`; clear error if its framework is missing."""
     module_name, _, attr = _target(name).partition(":")
+    install = f"install it with: pip install '{EXTRAS.get(name, module_name)}'"
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise CapsctlError(f"backend {name!r} cannot be loaded ({e}); install it with: pip install '{EXTRAS.get(name, module_name)}'") from None
+        raise CapsctlError(f"backend {name!r} cannot be loaded ({e}); {install}") from None
     backend: Backend = getattr(module, attr)()
     if not backend.is_available():
-        raise CapsctlError(f"backend {name!r} is not installed; install it with: pip install '{EXTRAS.get(name, module_name)}'")
+        raise CapsctlError(f"backend {name!r} is not installed; {install}")
     return backend

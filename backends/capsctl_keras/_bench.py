@@ -54,7 +54,8 @@ def naive_scores(f: tf.Tensor, kernel: tf.Variable, spec: ModelSpec) -> tf.Tenso
     _, gh, gw, c = f.shape
     n = gh * gw
     u = tf.reshape(f, (-1, n, c))
-    u_hat = [tf.reshape(u[:, i] @ (kernel if len(kernel.shape) == 2 else kernel[i]), (-1, j, d)) for i in range(n)]
+    shared = len(kernel.shape) == 2
+    u_hat = [tf.reshape(u[:, i] @ (kernel if shared else kernel[i]), (-1, j, d)) for i in range(n)]
     b = [tf.zeros_like(u_hat[i][..., 0]) for i in range(n)]
     v = None
     for r in range(1, caps.routings + 1):

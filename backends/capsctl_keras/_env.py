@@ -56,10 +56,13 @@ with _quiet_stderr():
 tf.get_logger().addFilter(lambda record: "triggered tf.function retracing" not in record.getMessage())
 
 if keras.backend.backend() != BACKEND:  # e.g. a keras.json that overrides the variable
-    raise CapsctlError(f"keras runs on the {keras.backend.backend()!r} backend; capsctl's keras backend needs {BACKEND!r}")
+    raise CapsctlError(
+        f"keras runs on the {keras.backend.backend()!r} backend; capsctl's keras backend needs {BACKEND!r}"
+    )
 
 
 def describe() -> str:
     gpus = tf.config.list_logical_devices("GPU")
-    where = gpus[0].name if gpus else f"cpu, {tf.config.threading.get_intra_op_parallelism_threads() or os.cpu_count()} threads"
+    threads = tf.config.threading.get_intra_op_parallelism_threads() or os.cpu_count()
+    where = gpus[0].name if gpus else f"cpu, {threads} threads"
     return f"keras {keras.__version__} / tensorflow {tf.__version__} ({where})"

@@ -27,7 +27,9 @@ def safe_norm(s: Any) -> Any:
     return ops.sqrt(ops.sum(s * s, axis=-1) + EPS)
 
 
-def route(u_hat: Any, routings: int, routing: str, squash_kind: str, trace: bool = False) -> tuple[Any, list, list]:
+def route(
+    u_hat: Any, routings: int, routing: str, squash_kind: str, trace: bool = False
+) -> tuple[Any, list, list]:
     """Dynamic routing over û (B, J, N, D). Returns v (B, J, D) and, if `trace`, per-iteration
     couplings c and agreements û·squash(s), each (B, J, N). The loop is unrolled (R is small)."""
     b = ops.zeros_like(u_hat[..., 0])
@@ -136,8 +138,10 @@ class CapsuleHead(keras.layers.Layer):
 
     def get_config(self) -> dict[str, Any]:
         return {
-            **super().get_config(), "num_classes": self.num_classes, "dim": self.dim, "routings": self.routings,
-            "routing": self.routing, "squash": self.squash, "shared": self.shared, "num_inputs": self.num_inputs,
+            **super().get_config(),
+            "num_classes": self.num_classes, "dim": self.dim, "routings": self.routings,
+            "routing": self.routing, "squash": self.squash,
+            "shared": self.shared, "num_inputs": self.num_inputs,
         }
 
 
@@ -161,14 +165,18 @@ def PoolHead(spec: ModelSpec) -> list[keras.layers.Layer]:
     """Global average pool -> Dense(hidden) ReLU -> Dense(J) sigmoid."""
     return [
         keras.layers.GlobalAveragePooling2D(name="head_gap"),
-        keras.layers.Dense(spec.pool.hidden, activation="relu", name="head_dense0", kernel_initializer="zeros"),
-        keras.layers.Dense(spec.num_classes, activation="sigmoid", name="head_dense1", kernel_initializer="zeros"),
+        keras.layers.Dense(spec.pool.hidden, activation="relu", name="head_dense0",
+                           kernel_initializer="zeros"),
+        keras.layers.Dense(spec.num_classes, activation="sigmoid", name="head_dense1",
+                           kernel_initializer="zeros"),
     ]
 
 
 def capsule_head(spec: ModelSpec) -> CapsuleHead:
     c = spec.capsule
-    return CapsuleHead(spec.num_classes, c.dim, c.routings, c.routing, c.squash, c.shared, c.num_inputs, name="head_capsule")
+    return CapsuleHead(
+        spec.num_classes, c.dim, c.routings, c.routing, c.squash, c.shared, c.num_inputs, name="head_capsule"
+    )
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)

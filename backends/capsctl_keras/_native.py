@@ -45,7 +45,9 @@ def _check_archive(path: str) -> ModelSpec:
         with zipfile.ZipFile(path) as zf:
             names = set(zf.namelist())
             if "config.json" not in names or "model.weights.h5" not in names:
-                raise CapsctlError(f"{path}: not a Keras model archive (no config.json / model.weights.h5 inside)")
+                raise CapsctlError(
+                    f"{path}: not a Keras model archive (no config.json / model.weights.h5 inside)"
+                )
             config = json.loads(zf.read("config.json"))
     except FileNotFoundError:
         raise CapsctlError(f"{path}: no such file") from None
@@ -89,7 +91,9 @@ def import_native(path: str) -> tuple[ModelSpec, dict[str, np.ndarray]]:
     except Exception as e:  # Keras reports bad archives with many types (ValueError, KeyError, OSError...)
         text = _one_line(str(e)) or type(e).__name__
         if "could not be loaded" in text:  # a variable and its saved value differ in shape
-            raise CapsctlError(f"{path}: the archive's weights do not fit the spec in its config ({text})") from None
+            raise CapsctlError(
+                f"{path}: the archive's weights do not fit the spec in its config ({text})"
+            ) from None
         raise CapsctlError(f"{path}: cannot load the Keras model ({text})") from None
     # Keras only warns when part of the saved state finds no variable ("retain their freshly
     # initialized weights"); for an import that would be silent corruption, so it is an error.

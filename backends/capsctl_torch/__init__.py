@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -15,13 +15,13 @@ import numpy as np
 # needs, and a training step measured 3-5x slower (docs/PERFORMANCE.md). A user's own setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from capsctl.backend import BenchKernels, OptimConfig
+from capsctl.backend import Backend, BenchKernels, OptimConfig, Runner, Trainer
 from capsctl.model.spec import ModelSpec
 
 
 class TorchBackend:
     name = "torch"
-    export_formats = ("torch", "onnx")
+    export_formats: tuple[str, ...] = ("torch", "onnx")
 
     def is_available(self) -> bool:
         return importlib.util.find_spec("torch") is not None
@@ -31,12 +31,12 @@ class TorchBackend:
 
         return describe()
 
-    def runner(self, spec: ModelSpec, weights: Mapping[str, np.ndarray]) -> Any:
+    def runner(self, spec: ModelSpec, weights: Mapping[str, np.ndarray]) -> Runner:
         from ._runner import TorchRunner
 
         return TorchRunner(spec, weights)
 
-    def trainer(self, spec: ModelSpec, weights: Mapping[str, np.ndarray], optim: OptimConfig) -> Any:
+    def trainer(self, spec: ModelSpec, weights: Mapping[str, np.ndarray], optim: OptimConfig) -> Trainer:
         from ._trainer import TorchTrainer
 
         return TorchTrainer(spec, weights, optim)
@@ -55,3 +55,7 @@ class TorchBackend:
         from . import _bench
 
         return _bench
+
+
+if TYPE_CHECKING:  # mypy holds the class to the protocol; nothing runs
+    _: type[Backend] = TorchBackend

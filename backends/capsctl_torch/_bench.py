@@ -70,7 +70,8 @@ def routing_fns(spec: ModelSpec, kernel: np.ndarray, batch: int) -> dict[str, Ca
         head.kernel.copy_(torch.from_numpy(kernel))
     gh, gw = spec.trunk_grid(28, 28)
     gen = torch.Generator().manual_seed(0)
-    f = torch.rand(batch, spec.trunk_channels, gh, gw, generator=gen).to(device(), memory_format=torch.channels_last)
+    f = torch.rand(batch, spec.trunk_channels, gh, gw, generator=gen)
+    f = f.to(device(), memory_format=torch.channels_last)
     f.requires_grad_()  # as in training: the gradient flows on into the trunk
 
     def ours() -> None:

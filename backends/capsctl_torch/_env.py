@@ -39,5 +39,6 @@ def memory_format() -> torch.memory_format:
 
 def describe() -> str:
     dev = device()
-    where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    cuda = dev.type == "cuda"
+    where = torch.cuda.get_device_name(dev) if cuda else f"cpu, {torch.get_num_threads()} threads"
     return f"torch {torch.__version__} ({where})"

@@ -94,7 +94,7 @@ class Trunk(nn.Module):
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
         self.plan: list[tuple[str, int]] = []
-        convs = []
+        convs: list[nn.Conv2d] = []
         channels = spec.in_channels
         for layer in spec.trunk:
             if isinstance(layer, ConvLayer):
@@ -118,7 +118,11 @@ class CapsuleHead(nn.Module):
         self.j, self.d = spec.num_classes, caps.dim
         self.routings, self.routing, self.squash = caps.routings, caps.routing, caps.squash
         c = spec.trunk_channels
-        shape = (c, self.j * self.d) if caps.shared else (caps.num_inputs, c, self.j * self.d)
+        if caps.shared:
+            shape: tuple[int, ...] = (c, self.j * self.d)
+        else:
+            assert caps.num_inputs is not None  # validate() requires it for per-position weights
+            shape = (caps.num_inputs, c, self.j * self.d)
         self.kernel = nn.Parameter(torch.zeros(shape))
 
     def predictions(self, f: torch.Tensor) -> torch.Tensor:

@@ -58,15 +58,21 @@ def import_native(path: str) -> tuple[ModelSpec, dict[str, np.ndarray]]:
         raise CapsctlError(f"{path}: no such file") from None
     except pickle.UnpicklingError:
         # torch's message advises weights_only=False, i.e. running the file's code: not advice to pass on
-        raise CapsctlError(f"{path}: not a readable torch state_dict file (damaged, or it holds Python objects, "
-                           "which are never unpickled)") from None
+        raise CapsctlError(
+            f"{path}: not a readable torch state_dict file (damaged, or it holds Python objects, "
+            "which are never unpickled)"
+        ) from None
     except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CapsctlError(f"{path}: not a readable torch state_dict file ({first})") from None
     if not isinstance(state, Mapping):
         raise CapsctlError(f"{path}: holds a {type(state).__name__}, not a state_dict")
     meta = (getattr(state, "_metadata", None) or {}).get("", {})
-    if not isinstance(meta, Mapping) or meta.get(FORMAT_KEY) != MODEL_FORMAT or not isinstance(meta.get(SPEC_KEY), str):
+    if (
+        not isinstance(meta, Mapping)
+        or meta.get(FORMAT_KEY) != MODEL_FORMAT
+        or not isinstance(meta.get(SPEC_KEY), str)
+    ):
         raise CapsctlError(
             f"{path}: not a capsctl torch export (its state_dict carries no capsctl model spec); "
             "only files written by `capsctl export --format torch` can be imported"
@@ -100,7 +106,9 @@ def _canonical_checked(spec: ModelSpec, native: dict[str, np.ndarray], path: str
     for name, (key, perm) in table(spec).items():
         want = shapes[name] if not perm else tuple(shapes[name][i] for i in np.argsort(perm))
         if tuple(native[key].shape) != want:
-            raise CapsctlError(f"{path}: tensor {key!r} has shape {list(native[key].shape)}, the spec needs {list(want)}")
+            raise CapsctlError(
+                f"{path}: tensor {key!r} has shape {list(native[key].shape)}, the spec needs {list(want)}"
+            )
     canonical = to_canonical(spec, native)
     check_weights(spec, canonical, path)
     return canonical
@@ -182,6 +190,8 @@ def export_bytes(spec: ModelSpec, weights: Mapping[str, np.ndarray], format: str
     if format == "onnx":
         missing = [m for m in ("onnx", "onnxscript") if importlib.util.find_spec(m) is None]
         if missing:
-            raise CapsctlError(f"--format onnx needs {', '.join(missing)}; install it with: pip install 'capsctl[onnx]'")
+            raise CapsctlError(
+                f"--format onnx needs {', '.join(missing)}; install it with: pip install 'capsctl[onnx]'"
+            )
         return onnx_bytes(spec, weights)
     return state_dict_bytes(spec, weights)

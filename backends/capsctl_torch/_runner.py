@@ -19,7 +19,8 @@ def build(spec: ModelSpec, weights: Mapping[str, np.ndarray]) -> CapsNet:
     model = CapsNet(spec)
     state = {k: torch.from_numpy(v) for k, v in to_native(spec, weights).items()}
     model.load_state_dict(state, strict=True)
-    return model.to(device(), memory_format=memory_format())
+    # Module.to takes memory_format (torch.nn.Module.to's docs); torch's overloads leave it out
+    return model.to(device(), memory_format=memory_format())  # type: ignore[call-overload]
 
 
 def to_input(images: np.ndarray) -> torch.Tensor:

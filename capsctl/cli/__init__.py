@@ -1,9 +1,8 @@
 """The `capsctl` command line. Command modules import frameworks (and numpy) only when run,
 so `capsctl --help` stays fast and framework-free."""
 
-from __future__ import annotations
-
 import sys
+from typing import Annotated
 
 import typer
 
@@ -12,57 +11,103 @@ try:  # Typer >= 0.26 vendors Click; older releases depend on it
 except ImportError:  # pragma: no cover
     import click.exceptions as click_exc  # type: ignore[no-redef]
 
-from capsctl.cli import _data, _eval, _train
+from capsctl.cli import _bench, _data, _eval, _experiment, _export, _inspect, _train
 
 _EXIT = tuple({typer.Exit, getattr(click_exc, "Exit", typer.Exit)})
 _ABORT = tuple({typer.Abort, getattr(click_exc, "Abort", typer.Abort), KeyboardInterrupt})
+DEBUG = "--debug"
 
 app = typer.Typer(
     name="capsctl",
     help="Train, compare, export and look inside capsule networks, on PyTorch or Keras 3.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",  # docstring paragraphs are reflowed to the terminal width
     add_completion=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.command("train")(_train.train)
 app.command("eval")(_eval.eval_model)
 app.command("eval-pairs")(_eval.eval_pairs)
+app.command("export")(_export.export)
+app.command("import")(_export.import_)
+app.command("inspect")(_inspect.inspect)
+app.command("bench")(_bench.bench)
+app.add_typer(_experiment.app, name="experiment")
 app.add_typer(_data.app, name="data")
 
+# (backend, [(distribution, alternative distributions...)]): what `--version` reports for each backend
+_FRAMEWORKS: dict[str, list[tuple[str, ...]]] = {
+    "torch": [("torch",)],
+    "keras": [("keras",), ("tensorflow", "tensorflow-cpu")],
+}
 
-def _register_optional() -> None:
-    # Later-added commands live in their own modules; each is optional so a partial checkout runs.
-    import importlib
 
-    for module, name, attr, kind in (
-        ("_export", "export", "export", "command"),
-        ("_export", "import", "import_", "command"),
-        ("_inspect", "inspect", "inspect", "command"),
-        ("_bench", "bench", "bench", "command"),
-        ("_experiment", "experiment", "app", "group"),
-    ):
-        try:
-            mod = importlib.import_module(f"{__name__}.{module}")
-        except ModuleNotFoundError as e:
-            if e.name != f"{__name__}.{module}":
-                raise
-            continue
-        if kind == "command":
-            app.command(name)(getattr(mod, attr))
+def _version(value: bool) -> None:
+    """Print capsctl's version and each backend's framework versions, read from the installed
+    packages' metadata (no framework is imported)."""
+    if not value:
+        return
+    from importlib.metadata import PackageNotFoundError, entry_points, version
+
+    from capsctl import __version__
+
+    def installed(names: tuple[str, ...]) -> str | None:
+        for name in names:
+            try:
+                return f"{name} {version(name)}"
+            except PackageNotFoundError:
+                continue
+        return None
+
+    typer.echo(f"capsctl {__version__}")
+    backends = dict.fromkeys([*_FRAMEWORKS, *(ep.name for ep in entry_points(group="capsctl.backends"))])
+    for name in backends:
+        found = [installed(dists) for dists in _FRAMEWORKS.get(name, [])]
+        if found and all(found):
+            typer.echo(f"{name} backend: {', '.join(f for f in found if f)}")
+        elif found:
+            typer.echo(f"{name} backend: not installed (pip install 'capsctl[{name}]')")
         else:
-            app.add_typer(getattr(mod, attr), name=name)
+            typer.echo(f"{name} backend: registered (a plug-in)")
+    raise typer.Exit()
 
 
-_register_optional()
+@app.callback()
+def _global_options(
+    debug: Annotated[
+        bool,
+        typer.Option(
+            DEBUG,
+            help="On an error, show the full traceback instead of one line (may go anywhere on the line).",
+        ),
+    ] = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            callback=_version,
+            is_eager=True,
+            help="Print the versions of capsctl and of each backend's framework, and exit.",
+        ),
+    ] = False,
+) -> None:
+    # `main` has already read --debug (from anywhere on the command line); nothing else to do here
+    pass
+
+
+def _split_debug(args: list[str]) -> tuple[bool, list[str]]:
+    """Take --debug from anywhere before a `--`; it is put back first, where the global option reads it."""
+    end = args.index("--") if "--" in args else len(args)
+    debug = DEBUG in args[:end]
+    if not debug:
+        return False, args
+    return True, [DEBUG, *(a for a in args[:end] if a != DEBUG), *args[end:]]
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: runs the app, turning every expected failure into one line and an exit code."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in args
-    if debug:
-        args.remove("--debug")
+    debug, args = _split_debug(list(sys.argv[1:] if argv is None else argv))
     from capsctl.errors import CapsctlError
 
     try:
@@ -72,7 +117,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     except click_exc.UsageError as e:
         cmd = e.ctx.command_path if e.ctx else "capsctl"
-        typer.echo(f"error: {e.format_message()} (see `{cmd} --help`)", err=True)
+        message = e.format_message().replace("Value error, ", "")  # (Typer's wording of a bad choice)
+        typer.echo(f"error: {message} (see `{cmd} --help`)", err=True)
         sys.exit(2)
     except _EXIT as e:
         sys.exit(e.exit_code)
@@ -96,5 +142,6 @@ def main(argv: list[str] | None = None) -> None:
             raise
         where = f"{e.filename}: " if getattr(e, "filename", None) else ""
         typer.echo(f"error: {where}{e.strerror or e}", err=True)
-        sys.exit(2 if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)) else 1)
+        is_usage = isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError))
+        sys.exit(2 if is_usage else 1)
     sys.exit(rv if isinstance(rv, int) else 0)

@@ -1,29 +1,44 @@
 """`capsctl bench`."""
 
-from __future__ import annotations
-
 from typing import Annotated, Any
 
 import typer
 
-from capsctl.cli._options import JsonOpt
+from capsctl.choices import BUILTIN_BACKENDS, HEADS
+from capsctl.cli._options import Head, JsonOpt, backends_option, names_option, old_name, renamed
 
-
-def _split(value: str) -> tuple[str, ...]:
-    return tuple(x.strip() for x in value.split(",") if x.strip())
+_HEADS = list(HEADS)
+_BACKENDS = list(BUILTIN_BACKENDS)
 
 
 def bench(
-    backend: Annotated[str, typer.Option("--backend", "-b", help="Comma-separated backends to measure.")] = "torch,keras",
-    head: Annotated[str, typer.Option(help="Comma-separated heads: capsule, pool.")] = "capsule,pool",
-    batch: Annotated[int, typer.Option(help="Training images per step.")] = 128,
+    backends: Annotated[
+        list[str], backends_option("--backends", "-b", help="Backends to measure.")
+    ] = _BACKENDS,
+    backend: Annotated[list[str] | None, backends_option("--backend", help="", hidden=True)] = None,
+    heads: Annotated[list[str], names_option(Head, "--heads", help="Heads to measure.")] = _HEADS,
+    head: Annotated[list[str] | None, names_option(Head, "--head", help="", hidden=True)] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Training images per step.")] = 128,
+    batch: Annotated[int | None, old_name("--batch")] = None,
     windows: Annotated[int, typer.Option(help="Timed windows; every figure is the median over them.")] = 5,
     steps: Annotated[int, typer.Option(help="Training steps per head in each window.")] = 4,
     warmup: Annotated[int, typer.Option(help="Untimed training steps per head first.")] = 3,
-    infer_batch: Annotated[int, typer.Option(help="Images per inference batch.")] = 512,
-    infer_batches: Annotated[int, typer.Option(help="Inference batches per head, image size and window.")] = 2,
-    sgemm: Annotated[int, typer.Option(help="Side of the square float32 matmul that measures the machine's rate.")] = 2048,
-    routing: Annotated[bool, typer.Option("--routing/--no-routing", help="Also time a naive loop-over-capsules routing beside ours.")] = True,
+    infer_batch_size: Annotated[
+        int, typer.Option("--infer-batch-size", help="Images per inference batch.")
+    ] = 512,
+    infer_batch: Annotated[int | None, old_name("--infer-batch")] = None,
+    infer_batches: Annotated[
+        int, typer.Option(help="Inference batches per head, image size and window.")
+    ] = 2,
+    sgemm: Annotated[
+        int, typer.Option(help="Side of the square float32 matmul that measures the machine's rate.")
+    ] = 2048,
+    routing: Annotated[
+        bool,
+        typer.Option(
+            "--routing/--no-routing", help="Also time a naive loop-over-capsules routing beside ours."
+        ),
+    ] = True,
     json_out: JsonOpt = False,
 ) -> None:
     """Measure training and inference speed of each backend × head on this machine.
@@ -35,22 +50,37 @@ def bench(
     --windows; ratios compare measurements taken back to back. CPU time is measured too: on a
     machine busy with other work, compare the per-CPU-second figures. Takes a few minutes.
 
-    Example: capsctl bench --backend torch --head capsule,pool --json
+    Example: capsctl bench --backends torch --heads capsule,pool --json
     """
     import json
 
     from capsctl.bench.measure import BenchConfig
     from capsctl.bench.report import run
+    from capsctl.cli._options import check_range
 
+    batch_size = renamed("--batch-size", batch_size, "--batch", batch, 128)
+    infer_batch_size = renamed("--infer-batch-size", infer_batch_size, "--infer-batch", infer_batch, 512)
+    check_range("--batch-size", batch_size, 1, 4096)  # (BenchConfig checks the rest, by the same names)
+    check_range("--infer-batch-size", infer_batch_size, 1, 65536)
     cfg = BenchConfig(
-        backends=_split(backend), heads=_split(head), batch=batch, windows=windows, steps=steps, warmup=warmup,
-        infer_batch=infer_batch, infer_batches=infer_batches, sgemm=sgemm, routing=routing,
+        backends=tuple(renamed("--backends", backends, "--backend", backend, _BACKENDS)),
+        heads=tuple(renamed("--heads", heads, "--head", head, _HEADS)),
+        batch=batch_size,
+        windows=windows,
+        steps=steps,
+        warmup=warmup,
+        infer_batch=infer_batch_size,
+        infer_batches=infer_batches,
+        sgemm=sgemm,
+        routing=routing,
     )
     cfg.validate()
     from capsctl._console import err
 
     with err.status("measuring…") as status:
-        report = run(cfg, on_backend=lambda name: status.update(f"measuring {name} (one process per backend)…"))
+        report = run(
+            cfg, on_backend=lambda name: status.update(f"measuring {name} (one process per backend)…")
+        )
     if json_out:
         typer.echo(json.dumps(report))
         return
@@ -76,7 +106,8 @@ def _print(report: dict[str, Any]) -> None:
 
     m, cfg = report["machine"], report["config"]
     load = m.get("loadavg_before")
-    out.print(f"[bold]capsctl bench[/] — {m['cpu']}, {m['cores']} CPUs" + (f", load average {load[0]:.1f}" if load else ""))
+    load_text = f", load average {load[0]:.1f}" if load else ""
+    out.print(f"[bold]capsctl bench[/] — {m['cpu']}, {m['cores']} CPUs{load_text}")
     train = Table(title=f"training, batch {cfg['batch']}, 28×28")
     for col in ("backend", "head", "img/s", "step ms", "CPU ms", "GFLOP/s", "of sgemm", "per CPU-s"):
         train.add_column(col, justify="left" if col in ("backend", "head") else "right")
@@ -93,22 +124,38 @@ def _print(report: dict[str, Any]) -> None:
         for head, h in r["heads"].items():
             inf = h["infer_images_per_s"]
             train.add_row(
-                name, head, _fmt(h["train_images_per_s"]), _fmt(h["train_step_ms"]), _fmt(h["train_step_cpu_ms"]),
-                _fmt(h["achieved_gflops"]), _pct(h["sgemm_fraction"]), _pct(h.get("sgemm_fraction_cpu")),
+                name,
+                head,
+                _fmt(h["train_images_per_s"]),
+                _fmt(h["train_step_ms"]),
+                _fmt(h["train_step_cpu_ms"]),
+                _fmt(h["achieved_gflops"]),
+                _pct(h["sgemm_fraction"]),
+                _pct(h.get("sgemm_fraction_cpu")),
             )
             infer.add_row(name, head, _fmt(inf.get("28x28")), _fmt(inf.get("56x28")))
         sg = r["sgemm"]
-        line = [f"{name}: {r['describe']}",
-                f"sgemm {_fmt(sg['gflops'])} GFLOP/s (n={sg['n']}; {_fmt(sg.get('gflops_per_cpu_s'))} per CPU-second)"]
+        line = [
+            f"{name}: {r['describe']}",
+            f"sgemm {_fmt(sg['gflops'])} GFLOP/s "
+            f"(n={sg['n']}; {_fmt(sg.get('gflops_per_cpu_s'))} per CPU-second)",
+        ]
         if "capsule_step_ratio" in r:
-            line.append(f"capsule step = {r['capsule_step_ratio']:.3f} × pool step "
-                        f"({_fmt(r.get('capsule_step_ratio_cpu'), '.3f')} in CPU time): the head is "
-                        f"{r['capsule_head_share']:.1%} of the step, {r['capsule_head_flop_share']:.1%} of the FLOPs")
-        line.append(f"peak RSS: training {_fmt(r['train_peak_rss_mb'])} MB, inference {_fmt(r.get('infer_peak_rss_mb'))} MB")
+            line.append(
+                f"capsule step = {r['capsule_step_ratio']:.3f} × pool step "
+                f"({_fmt(r.get('capsule_step_ratio_cpu'), '.3f')} in CPU time): the head is "
+                f"{r['capsule_head_share']:.1%} of the step, {r['capsule_head_flop_share']:.1%} of the FLOPs"
+            )
+        line.append(
+            f"peak RSS: training {_fmt(r['train_peak_rss_mb'])} MB, "
+            f"inference {_fmt(r.get('infer_peak_rss_mb'))} MB"
+        )
         if "routing" in r:
             rt = r["routing"]
-            line.append(f"capsule head fwd+bwd, batch {rt['batch']}: naive loop {rt['naive_ms']:.1f} ms, "
-                        f"ours {rt['vectorised_ms']:.1f} ms ({rt['speedup']:.1f}× faster)")
+            line.append(
+                f"capsule head fwd+bwd, batch {rt['batch']}: naive loop {rt['naive_ms']:.1f} ms, "
+                f"ours {rt['vectorised_ms']:.1f} ms ({rt['speedup']:.1f}× faster)"
+            )
         notes.append("\n  ".join(line))
     out.print(train)
     out.print(infer)
@@ -119,6 +166,13 @@ def _print(report: dict[str, Any]) -> None:
         for col in ("target", "backend", "limit", "wall", "", "CPU-s", ""):
             checks.add_column(col)
         for c in report["checks"]:
-            checks.add_row(c["target"], c["backend"], f"{c['limit']:.4g}", f"{c['value']:.3g}", _met(c["met"]),
-                           _fmt(c.get("value_cpu"), ".3g"), _met(c.get("met_cpu")))
+            checks.add_row(
+                c["target"],
+                c["backend"],
+                f"{c['limit']:.4g}",
+                f"{c['value']:.3g}",
+                _met(c["met"]),
+                _fmt(c.get("value_cpu"), ".3g"),
+                _met(c.get("met_cpu")),
+            )
         out.print(checks)

@@ -1,30 +1,27 @@
 """`capsctl export` and `capsctl import`: the canonical model file <-> framework-native files."""
 
-from __future__ import annotations
-
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from capsctl.cli._options import ModelArg
+from capsctl.cli._options import Format, ModelArg
 
-FORMATS = ("torch", "keras", "onnx")
 # which backend writes each format
 _EXPORTED_BY = {"torch": "torch", "keras": "keras", "onnx": "torch"}
 _SUFFIXES = {".pt": "torch", ".pth": "torch", ".keras": "keras", ".onnx": "onnx"}
 
 
-def _format_for(out: Path, given: str | None) -> str:
+def _format_for(out: Path, given: Format | None) -> str:
+    from capsctl.choices import EXPORT_FORMATS
     from capsctl.errors import CapsctlError
 
     if given is not None:
-        if given not in FORMATS:
-            raise CapsctlError(f"--format must be one of {', '.join(FORMATS)}, got {given!r}")
-        return given
+        return str(given)
     guess = _SUFFIXES.get(out.suffix.lower())
     if guess is None:
-        raise CapsctlError(f"--out {out}: cannot tell the format from the suffix; pass --format {'|'.join(FORMATS)}")
+        choices = "|".join(EXPORT_FORMATS)
+        raise CapsctlError(f"--out {out}: cannot tell the format from the suffix; pass --format {choices}")
     return guess
 
 
@@ -43,7 +40,13 @@ def export(
     model: ModelArg,
     out: Annotated[Path, typer.Option(help="File to write (.pt/.pth, .keras or .onnx).")],
     format: Annotated[
-        str | None, typer.Option("--format", "-f", help="torch (state_dict), keras (.keras) or onnx (default: from --out's suffix).")
+        Format | None,
+        typer.Option(
+            "--format",
+            "-f",
+            help="torch (state_dict), keras (.keras) or onnx.",
+            show_default="from --out's suffix",
+        ),
     ] = None,
 ) -> None:
     """Write a model in a framework's own format.
@@ -52,7 +55,8 @@ def export(
 
     keras: a .keras archive for capsctl_keras.load_model(path) (keras safe_mode).
 
-    onnx: routing unrolled; input images (B, H, W, C), output scores (B, J); any batch, and any image size unless the capsule weights are per-position.
+    onnx: routing unrolled; input images (B, H, W, C), output scores (B, J); any batch, and any image
+    size unless the capsule weights are per-position.
 
     Example: capsctl export runs/caps/model.safetensors --out caps.onnx
     """
@@ -80,9 +84,14 @@ def _sniff(path: Path) -> str:
 
     head = read_user_file(path, "a torch or Keras export", limit=16)
     if path.suffix.lower() == ".onnx":
-        raise CapsctlError(f"{path}: ONNX graphs cannot be imported (export to ONNX is one-way); import the torch or Keras export")
+        raise CapsctlError(
+            f"{path}: ONNX graphs cannot be imported (export to ONNX is one-way); "
+            "import the torch or Keras export"
+        )
     if len(head) >= 9 and head[8:9] == b"{":
-        raise CapsctlError(f"{path}: is a .safetensors file, already the canonical format (nothing to import)")
+        raise CapsctlError(
+            f"{path}: is a .safetensors file, already the canonical format (nothing to import)"
+        )
     if head[:1] == b"\x80":  # a legacy (non-zip) torch.save pickle stream
         return "torch"
     if head[:2] != b"PK":
@@ -100,13 +109,24 @@ def _sniff(path: Path) -> str:
 
 
 def import_(
-    path: Annotated[Path, typer.Argument(help="A file written by `capsctl export --format torch|keras`.")],
+    path: Annotated[
+        Path, typer.Argument(metavar="PATH", help="A file written by `capsctl export --format torch|keras`.")
+    ],
     out: Annotated[Path, typer.Option(help="The canonical model file to write (.safetensors).")],
-    format: Annotated[str | None, typer.Option("--format", "-f", help="torch or keras (default: detected from the file).")] = None,
+    format: Annotated[
+        Format | None,
+        typer.Option(
+            "--format",
+            "-f",
+            help="torch or keras (onnx graphs cannot be imported).",
+            show_default="detected from the file",
+        ),
+    ] = None,
 ) -> None:
     """Turn a native torch or Keras export back into the canonical .safetensors model file.
 
-    The tensors come back bit for bit. A damaged file, a file that is not a capsctl export, or tensors that do not match the spec it carries are refused (exit 2).
+    The tensors come back bit for bit. A damaged file, a file that is not a capsctl export, or
+    tensors that do not match the spec it carries are refused (exit 2).
 
     Example: capsctl import caps.keras --out caps.safetensors
     """
@@ -114,10 +134,13 @@ def import_(
     from capsctl.errors import CapsctlError
     from capsctl.model.weights import save_model
 
-    if format is not None and format not in ("torch", "keras"):
-        raise CapsctlError(f"--format must be torch or keras, got {format!r} (ONNX files cannot be imported)")
+    if format is not None and format == "onnx":
+        raise CapsctlError(
+            "--format onnx: ONNX graphs cannot be imported (export to ONNX is one-way); "
+            "import the torch or Keras export"
+        )
     _check_out(out, path)
-    fmt = format or _sniff(path)
+    fmt = str(format) if format is not None else _sniff(path)
     spec, weights = get_backend(fmt).import_native(str(path))
     save_model(out, spec, weights)
     typer.echo(f"wrote {out} (from {fmt}, {spec.head} head)")

@@ -1,13 +1,11 @@
 """`capsctl inspect`: look at the routing of one image."""
 
-from __future__ import annotations
-
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from capsctl.cli._options import BackendOpt, JsonOpt
+from capsctl.cli._options import BackendOpt, Invert, JsonOpt, ModelArg, Order
 
 if TYPE_CHECKING:
     from capsctl.inspect.analysis import Inspection
@@ -15,15 +13,34 @@ if TYPE_CHECKING:
 
 
 def inspect(
-    image: Annotated[Path, typer.Argument(help="PNG, JPEG, BMP (GIF, TIFF, WebP, PPM) or a .npy array; any size.")],
-    model: Annotated[Path, typer.Option("--model", "-m", help="A capsctl model file (.safetensors).")],
+    ctx: typer.Context,
+    model: ModelArg,
+    image: Annotated[
+        Path | None,
+        typer.Argument(
+            metavar="IMAGE",
+            help="PNG, JPEG, BMP (GIF, TIFF, WebP, PPM) or a .npy array; any size.",
+            show_default=False,
+        ),
+    ] = None,
+    model_opt: Annotated[
+        Path | None, typer.Option("--model", "-m", hidden=True)
+    ] = None,  # old: IMAGE -m MODEL
     backend: BackendOpt = "torch",
-    invert: Annotated[str, typer.Option(help="auto (invert a light background), yes or no.")] = "auto",
-    resize: Annotated[str | None, typer.Option(help="Resize to HxW pixels first, e.g. 28x28 (default: keep its size).")] = None,
-    top: Annotated[int | None, typer.Option(help="Also list the top K classes, and read the order of those K.")] = None,
-    routings: Annotated[int | None, typer.Option(help="Routing iterations at inference (default: the model's).")] = None,
-    order: Annotated[str, typer.Option(help="Reading order: auto, top-to-bottom or left-to-right.")] = "auto",
-    out: Annotated[Path | None, typer.Option(help="Save a figure of the maps here (.png, .svg or .pdf).")] = None,
+    invert: Annotated[Invert, typer.Option(help="auto (invert a light background), yes or no.")] = "auto",
+    resize: Annotated[
+        str | None, typer.Option(help="Resize to HxW pixels first, e.g. 28x28.", show_default="keep its size")
+    ] = None,
+    top: Annotated[
+        int | None, typer.Option(help="Also list the top K classes, and read the order of those K.")
+    ] = None,
+    routings: Annotated[
+        int | None, typer.Option(help="Routing iterations at inference.", show_default="the model's")
+    ] = None,
+    order: Annotated[Order, typer.Option(help="Reading order of the classes found.")] = "auto",
+    out: Annotated[
+        Path | None, typer.Option(help="Save a figure of the maps here (.png, .svg or .pdf).")
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Show how a capsule model routes one image: lengths, routing, maps.
@@ -51,8 +68,11 @@ def inspect(
     and predictions only (--out draws the image and the scores;
     --routings is refused).
 
-    Example: capsctl inspect two.png -m runs/caps/model.safetensors --out maps.png
+    The older form `capsctl inspect IMAGE -m MODEL` still works.
+
+    Example: capsctl inspect runs/caps/model.safetensors two.png --top 2 --out maps.png
     """
+    model, image = _model_and_image(ctx, model, image, model_opt)
     import json
 
     from capsctl._console import err
@@ -72,20 +92,22 @@ def inspect(
     spec, weights = load_model(model)
     check_range("--top", top, 1, spec.num_classes)
     if spec.in_channels != 1:
-        raise CapsctlError(f"{model}: the model takes {spec.in_channels}-channel images; inspect reads gray images only")
+        raise CapsctlError(
+            f"{model}: the model takes {spec.in_channels}-channel images; inspect reads gray images only"
+        )
     if spec.head == "pool" and routings is not None:
         raise CapsctlError(f"--routings: {model} has a pooling head, which has no routing")
-    img = load_image(image, invert=invert, resize=size, spec=spec)
+    img = load_image(image, invert=str(invert), resize=size, spec=spec)
     _check_fixed_inputs(spec, img.shape, image, model)
     runner = get_backend(backend).runner(spec, weights)
     x = img[None, :, :, None]
     if spec.head == "capsule":
         scores, trace = runner.trace(x, routings)
         res = inspect_one(
-            spec, scores[0], img.shape, trace.couplings[0], trace.agreement[0], top=top, direction=order
+            spec, scores[0], img.shape, trace.couplings[0], trace.agreement[0], top=top, direction=str(order)
         )
     else:
-        res = inspect_one(spec, runner.scores(x)[0], img.shape, top=top, direction=order)
+        res = inspect_one(spec, runner.scores(x)[0], img.shape, top=top, direction=str(order))
 
     if out is not None:
         from capsctl.inspect.figure import save_figure
@@ -93,7 +115,12 @@ def inspect(
         save_figure(out, img, res, spec, _title(image, model, spec, res, backend))
         err.print(f"figure: {out}")
     if json_out:
-        d: dict[str, object] = {"image": str(image), "model": str(model), "backend": backend, "head": spec.head}
+        d: dict[str, object] = {
+            "image": str(image),
+            "model": str(model),
+            "backend": backend,
+            "head": spec.head,
+        }
         if spec.head == "capsule":
             d["routing"] = spec.capsule.routing
         d.update(res.to_json())
@@ -102,7 +129,26 @@ def inspect(
     _print_tables(image, spec, res, backend)
 
 
-def _check_fixed_inputs(spec: ModelSpec, shape: tuple[int, ...], image: Path, model: Path) -> None:
+def _model_and_image(
+    ctx: typer.Context, first: Path, second: Path | None, model_opt: Path | None
+) -> tuple[Path, Path]:
+    """MODEL IMAGE, or the older IMAGE -m MODEL."""
+    if model_opt is None:
+        if second is None:
+            raise typer.BadParameter(
+                "give the model file, then the image: capsctl inspect MODEL IMAGE",
+                ctx=ctx,
+                param_hint="'IMAGE'",
+            )
+        return first, second
+    if second is not None:
+        raise typer.BadParameter(
+            "give MODEL IMAGE, or the older IMAGE -m MODEL, not both", ctx=ctx, param_hint="'-m' / '--model'"
+        )
+    return model_opt, first
+
+
+def _check_fixed_inputs(spec: "ModelSpec", shape: tuple[int, ...], image: Path, model: Path) -> None:
     """Per-position capsule weights fit one grid size only; suggest the --resize that fits."""
     from capsctl.errors import CapsctlError
 
@@ -119,11 +165,12 @@ def _check_fixed_inputs(spec: ModelSpec, shape: tuple[int, ...], image: Path, mo
             hint = f"; try --resize {side}x{side}"
             break
     raise CapsctlError(
-        f"{image}: gives a {gh}x{gw} grid, but {model} has per-position capsule weights for {caps.num_inputs} inputs{hint}"
+        f"{image}: gives a {gh}x{gw} grid, but {model} has per-position capsule weights for "
+        f"{caps.num_inputs} inputs{hint}"
     )
 
 
-def _title(image: Path, model: Path, spec: ModelSpec, res: Inspection, backend: str) -> str:
+def _title(image: Path, model: Path, spec: "ModelSpec", res: "Inspection", backend: str) -> str:
     if spec.head != "capsule":
         return f"{image.name} — {model} (pooling head, no routing; {backend})"
     caps = spec.capsule
@@ -140,7 +187,7 @@ def _fmt(x: float | None, digits: int = 4) -> str:
     return f"{x:.{digits}f}" if x == 0 or abs(x) >= 10 ** -(digits - 1) else f"{x:.1e}"
 
 
-def _print_tables(image: Path, spec: ModelSpec, res: Inspection, backend: str) -> None:
+def _print_tables(image: Path, spec: "ModelSpec", res: "Inspection", backend: str) -> None:
     import math
 
     from rich.table import Table
@@ -176,18 +223,22 @@ def _print_tables(image: Path, spec: ModelSpec, res: Inspection, backend: str) -
             cells.append(f"#{res.top.index(j) + 1}" if j in res.top else "")
         if capsule:
             centre = res.centres[j] if res.centres is not None and j in res.selected else None
-            cells.append("" if centre is None or math.isnan(centre[0]) else f"{centre[0]:5.1f}, {centre[1]:5.1f}")
+            cells.append(
+                "" if centre is None or math.isnan(centre[0]) else f"{centre[0]:5.1f}, {centre[1]:5.1f}"
+            )
             cells.append(str(order[j]) if j in order else "")
         table.add_row(*cells, style="bold" if predicted else None)
     out.print(table)
     if capsule:
         it = Table(
-            title=f"routing '{spec.capsule.routing}', {res.routings} iterations — convergence", title_justify="left"
+            title=f"routing '{spec.capsule.routing}', {res.routings} iterations — convergence",
+            title_justify="left",
         )
         it.add_column("iteration", justify="right")
         it.add_column("mean |Δc|", justify="right")
         it.add_column("mean entropy of c", justify="right")
-        it.caption = f"entropy over classes in nats: {math.log(len(res.scores)):.2f} = uniform, 0 = one class per input"
+        uniform = math.log(len(res.scores))
+        it.caption = f"entropy over classes in nats: {uniform:.2f} = uniform, 0 = one class per input"
         it.caption_justify = "left"
         for r, (dlt, ent) in enumerate(zip(res.deltas, res.entropy, strict=True), start=1):
             it.add_row(str(r), _fmt(dlt), _fmt(ent, 3))

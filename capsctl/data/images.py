@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from capsctl._io import read_user_file
+from capsctl.choices import INVERT_CHOICES
 from capsctl.errors import CapsctlError
 
 if TYPE_CHECKING:
@@ -37,7 +38,6 @@ if TYPE_CHECKING:
 
 MAX_PIXELS = 4096 * 4096  # far beyond what the model can route in memory; refuses decompression bombs
 MAX_SIDE = 65535
-INVERT_CHOICES = ("auto", "yes", "no")
 PIL_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM")
 _NPY_MAGIC = b"\x93NUMPY"
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, as Pillow's convert('L')

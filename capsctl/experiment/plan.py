@@ -6,6 +6,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from capsctl.choices import ALL_TESTS
+from capsctl.choices import COMPOSITE_TESTS as COMPOSITE_TESTS  # (test name -> layout, digits)
 from capsctl.model.spec import HEADS, ROUTINGS, SQUASHES, ModelSpec
 from capsctl.training.config import TrainConfig
 from capsctl.training.recipes import get_recipe
@@ -18,16 +20,6 @@ CURVE_TEST_IMAGES = 2000
 COMPOSITE_SEED = 0  # the pairing contract's default seed; never tuned on
 
 
-# test name -> (layout, digits); "test" is the standard single-digit test set
-COMPOSITE_TESTS: dict[str, tuple[str, int]] = {
-    "vertical": ("vertical", 2),
-    "horizontal": ("horizontal", 2),
-    "vertical3": ("vertical", 3),
-    "overlap": ("overlap", 2),
-}
-
-
-ALL_TESTS = ("test", *COMPOSITE_TESTS)
 
 
 @dataclass(frozen=True)
@@ -105,7 +97,9 @@ def make_job(
         scale=ov.scale,
         weight_decay=ov.weight_decay,
     )
-    cfg = TrainConfig(backend=backend, dataset=dataset, seed=seed, limit=limit, recipe=recipe, **settings)
+    # the experiment passes its own curve split (CURVE_TEST_IMAGES) and scores every epoch on all of it
+    cfg = TrainConfig(backend=backend, dataset=dataset, seed=seed, limit=limit, recipe=recipe, curve_images=None,
+                      **settings)
     if name is None:
         tag = ov.tag()
         parts = [backend, recipe, head, tag, f"holdout{holdout}" if holdout else "", f"s{seed}"]

@@ -19,11 +19,10 @@ from typing import Any
 
 import numpy as np
 
+from capsctl.choices import DIRECTIONS, WEIGHTINGS
 from capsctl.errors import CapsctlError
 from capsctl.model.spec import ConvLayer, ModelSpec
 
-DIRECTIONS = ("auto", "top-to-bottom", "left-to-right")
-WEIGHTINGS = ("contribution", "coupling", "raw")
 THRESHOLD = 0.5
 
 

@@ -27,8 +27,10 @@ def check_fit(spec: ModelSpec, images: np.ndarray, labels: np.ndarray | None, so
     caps = spec.capsule
     if spec.head == "capsule" and not caps.shared and gh * gw != caps.num_inputs:
         raise CapsctlError(
-            f"{source}: the capsule weights are fixed to {caps.num_inputs} input positions but {h}x{w} {data} "
-            f"give {gh * gw}; use a model with shared capsule weights"
+            f"{source}: the capsule weights are fixed to {caps.num_inputs} input positions "
+            f"but {h}x{w} {data} give {gh * gw}; use a model with shared capsule weights"
         )
     if labels is not None and labels.size and int(labels.max()) >= spec.num_classes:
-        raise CapsctlError(f"{source}: {data} hold label {int(labels.max())}, the model has only {spec.num_classes} classes")
+        raise CapsctlError(
+            f"{source}: {data} hold label {int(labels.max())}, the model has only {spec.num_classes} classes"
+        )

@@ -59,7 +59,9 @@ class RoutingTrace:
     agreement: np.ndarray  # (B, R, J, N): û_j|i · squash(s_j) of iteration r
 
 
-def route(u_hat: np.ndarray, routings: int, routing: str, squash_kind: str) -> tuple[np.ndarray, RoutingTrace]:
+def route(
+    u_hat: np.ndarray, routings: int, routing: str, squash_kind: str
+) -> tuple[np.ndarray, RoutingTrace]:
     """Dynamic routing on û (B, N, J, D); returns v (B, J, D) and the per-iteration trace."""
     bsz, n, j, _ = u_hat.shape
     b = np.zeros((bsz, j, n), u_hat.dtype)

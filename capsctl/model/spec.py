@@ -10,11 +10,9 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
+from capsctl.choices import HEADS, ROUTINGS, SQUASHES
 from capsctl.errors import CapsctlError
 
-ROUTINGS = ("su", "sabour", "su-unit")
-SQUASHES = ("su", "sabour")
-HEADS = ("capsule", "pool")
 EPS = 1e-7  # inside every square root of squash, capsule norms and scores
 
 
@@ -83,7 +81,8 @@ class ModelSpec:
         if unknown:
             raise CapsctlError(f"model spec: unknown field {sorted(unknown)[0]!r}")
         try:
-            trunk = tuple(_layer_from_dict(x) for x in d.get("trunk", [_layer_dict(x) for x in _default_trunk()]))
+            trunk_dicts = d.get("trunk", [_layer_dict(x) for x in _default_trunk()])
+            trunk = tuple(_layer_from_dict(x) for x in trunk_dicts)
             caps = d.get("capsule", {})
             pool = d.get("pool", {})
             if not isinstance(caps, dict) or not isinstance(pool, dict):
@@ -186,9 +185,13 @@ def validate(spec: ModelSpec) -> None:
     _positive_int(c.dim, "capsule.dim", 1024)
     _positive_int(c.routings, "capsule.routings", 100)
     if c.routing not in ROUTINGS:
-        raise CapsctlError(f"model spec: capsule.routing must be one of {', '.join(ROUTINGS)}, got {c.routing!r}")
+        raise CapsctlError(
+            f"model spec: capsule.routing must be one of {', '.join(ROUTINGS)}, got {c.routing!r}"
+        )
     if c.squash not in SQUASHES:
-        raise CapsctlError(f"model spec: capsule.squash must be one of {', '.join(SQUASHES)}, got {c.squash!r}")
+        raise CapsctlError(
+            f"model spec: capsule.squash must be one of {', '.join(SQUASHES)}, got {c.squash!r}"
+        )
     if not isinstance(c.shared, bool):
         raise CapsctlError("model spec: capsule.shared must be true or false")
     if c.shared:

@@ -2,18 +2,19 @@
 
 Contract (shared by every backend and by other people's tools):
 - float32 tensors in channels-last layout;
-- metadata {"format": "capsctl/1", "spec": "<ModelSpec JSON>"};
+- metadata {"format": "capsctl/1", "spec": "<ModelSpec JSON>"}, optionally more entries (the shipped
+  model's "provenance": JSON naming the command, seed, commit and the numbers it reached);
 - names `trunk.{k}.kernel` [kh, kw, in, out], `trunk.{k}.bias` [out] for the k-th conv,
   `head.capsule.kernel` [C, J*D] (shared) or [N, C, J*D], `head.dense0.kernel` [C, hidden],
   `head.dense0.bias` [hidden], `head.dense1.kernel` [hidden, J], `head.dense1.bias` [J].
 
-The reader is our own strict parser (not the safetensors loader) so that every kind of broken
-file is refused with a message naming the problem, before any framework is imported.
+The container is read and written by the safetensors library; a damaged file is refused with one
+line naming it and the library's reason, before any framework is imported. On top of the container,
+capsctl checks what the format promises: the spec's names and shapes, float32, finite values, metadata.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import os
@@ -22,6 +23,8 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
+import safetensors
+import safetensors.numpy
 
 from capsctl._io import atomic_write_bytes, read_user_file
 from capsctl.errors import CapsctlError
@@ -29,9 +32,10 @@ from capsctl.model.spec import ModelSpec
 
 MODEL_FORMAT = "capsctl/1"
 CHECKPOINT_FORMAT = "capsctl-checkpoint/1"
-_MAX_HEADER = 100 * 1024 * 1024  # a header longer than this is not a capsctl file
-_DTYPES: dict[str, np.dtype] = {"F32": np.dtype("<f4"), "F64": np.dtype("<f8"), "I64": np.dtype("<i8"), "U8": np.dtype("u1")}
-_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+# the dtypes capsctl stores: float32 weights and optimiser slots, a float64 step (safetensors names)
+_DTYPES: dict[str, np.dtype] = {
+    "F32": np.dtype("<f4"), "F64": np.dtype("<f8"), "I64": np.dtype("<i8"), "U8": np.dtype("u1"),
+}
 
 Weights = dict[str, np.ndarray]
 
@@ -92,7 +96,9 @@ def check_weights(spec: ModelSpec, weights: Mapping[str, np.ndarray], source: st
             raise CapsctlError(f"{source}: tensor {name!r} is missing (the spec needs it)")
         arr = weights[name]
         if tuple(arr.shape) != shape:
-            raise CapsctlError(f"{source}: tensor {name!r} has shape {list(arr.shape)}, the spec needs {list(shape)}")
+            raise CapsctlError(
+                f"{source}: tensor {name!r} has shape {list(arr.shape)}, the spec needs {list(shape)}"
+            )
         if arr.dtype != np.float32:
             raise CapsctlError(f"{source}: tensor {name!r} is {arr.dtype}, expected float32")
         if not np.isfinite(arr).all():
@@ -105,87 +111,44 @@ def check_weights(spec: ModelSpec, weights: Mapping[str, np.ndarray], source: st
 # -- the safetensors container -----------------------------------------------------------
 
 def encode_safetensors(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> bytes:
-    """Serialise to the safetensors layout (8-byte header length, JSON header, raw data)."""
-    header: dict[str, object] = {"__metadata__": dict(metadata)}
-    blobs = []
-    offset = 0
-    for name in sorted(tensors):
-        arr = np.ascontiguousarray(tensors[name])
-        dtype = arr.dtype.newbyteorder("<") if arr.dtype.byteorder == ">" else arr.dtype
-        if dtype not in _DTYPE_NAMES:
+    """The safetensors bytes of `tensors` with string `metadata`, written by the safetensors library."""
+    arrays = {}
+    for name, tensor in tensors.items():
+        # the library reads raw memory: a non-contiguous view would be stored scrambled, without error
+        arr = np.ascontiguousarray(tensor)
+        if arr.dtype.newbyteorder("<") not in _DTYPES.values():
             raise CapsctlError(f"tensor {name!r}: dtype {arr.dtype} cannot be stored")
-        data = arr.astype(dtype, copy=False).tobytes()
-        header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(arr.shape), "data_offsets": [offset, offset + len(data)]}
-        blobs.append(data)
-        offset += len(data)
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)  # the format aligns the data to 8 bytes
-    return struct.pack("<Q", len(head)) + head + b"".join(blobs)
+        arrays[name] = arr
+    return bytes(safetensors.numpy.save(arrays, metadata=dict(metadata)))
 
 
 def decode_safetensors(data: bytes, source: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Parse and validate a safetensors byte string; CapsctlError on any defect."""
-    if len(data) < 8:
-        raise CapsctlError(f"{source}: not a safetensors file (only {len(data)} bytes)")
-    (n,) = struct.unpack("<Q", data[:8])
-    if n > _MAX_HEADER or 8 + n > len(data):
-        raise CapsctlError(f"{source}: header length {n} runs past the end of the file ({len(data)} bytes); truncated?")
+    """Tensors and metadata of a safetensors byte string; CapsctlError naming `source` on any defect.
+
+    The safetensors library checks the container (header length and JSON, dtypes, shapes that fit
+    their bytes, offsets that cover the data exactly: no hole, overlap, stray tail or truncation).
+    On top: the dtypes capsctl reads, and no name given twice (the library keeps the last silently).
+    """
     try:
-        header = json.loads(data[8 : 8 + n].decode("utf-8"), object_pairs_hook=_no_duplicates)
+        entries = safetensors.deserialize(data)
+    except safetensors.SafetensorError as e:
+        reason = " ".join(str(e).removeprefix("Error while deserializing:").split())
+        raise CapsctlError(f"{source}: damaged safetensors file ({reason})") from None
+    # The library has validated the header; it is read again only for __metadata__ and repeated names.
+    (n,) = struct.unpack_from("<Q", data)
+    try:
+        header = json.loads(data[8 : 8 + n], object_pairs_hook=_no_duplicates)
     except _DuplicateKey as e:
-        raise CapsctlError(f"{source}: the safetensors header names {e.args[0]!r} twice") from None
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-        raise CapsctlError(f"{source}: the safetensors header is not valid JSON") from None
-    if not isinstance(header, dict):
-        raise CapsctlError(f"{source}: the safetensors header is not a JSON object")
-    meta = header.pop("__metadata__", {}) or {}
-    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
-        raise CapsctlError(f"{source}: __metadata__ must map strings to strings")
-    body = memoryview(data)[8 + n :]
-    spans = []
+        raise CapsctlError(f"{source}: damaged safetensors file (header names {e.args[0]!r} twice)") from None
     tensors: dict[str, np.ndarray] = {}
-    for name, info in header.items():
-        if not isinstance(info, dict):
-            raise CapsctlError(f"{source}: entry {name!r} is not an object")
-        dtype_name, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if not isinstance(dtype_name, str) or dtype_name not in _DTYPES:  # (a list or dict is unhashable)
-            raise CapsctlError(f"{source}: tensor {name!r} has unsupported dtype {dtype_name!r}")
-        if (
-            not isinstance(shape, list)
-            or len(shape) > 8
-            or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 1 << 40 for s in shape)
-        ):
-            raise CapsctlError(f"{source}: tensor {name!r} has an invalid shape {shape!r}")
-        if (
-            not isinstance(offsets, list)
-            or len(offsets) != 2
-            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
-        ):
-            raise CapsctlError(f"{source}: tensor {name!r} has invalid data_offsets {offsets!r}")
-        start, stop = offsets
-        dtype = _DTYPES[dtype_name]
-        if start < 0 or stop < start:
-            raise CapsctlError(f"{source}: tensor {name!r} has negative or reversed offsets {offsets}")
-        if stop > len(body):
-            raise CapsctlError(f"{source}: tensor {name!r} ends at byte {stop}, past the data ({len(body)} bytes); truncated?")
-        if stop - start != math.prod(shape) * dtype.itemsize:
-            raise CapsctlError(f"{source}: tensor {name!r}: {stop - start} bytes do not fit shape {shape} of {dtype_name}")
-        spans.append((start, stop, name))
-        tensors[name] = np.frombuffer(body[start:stop], dtype=dtype).reshape(shape).copy()
-    spans.sort()
-    pairs = list(itertools.pairwise(spans))
-    for (_, stop_a, a), (start_b, _, b) in pairs:
-        if start_b < stop_a:
-            raise CapsctlError(f"{source}: tensors {a!r} and {b!r} overlap")
-    # The format requires the data to be covered exactly, without holes: a gap or a tail of stray
-    # bytes means a damaged or spliced file, not one any writer produced.
-    for (_, stop_a, a), (start_b, _, _) in pairs:
-        if start_b > stop_a:
-            raise CapsctlError(f"{source}: {start_b - stop_a} stray bytes after tensor {a!r} (damaged file?)")
-    end = spans[-1][1] if spans else 0
-    if (spans and spans[0][0] != 0) or end != len(body):
-        raise CapsctlError(f"{source}: the data section holds bytes no tensor uses (damaged or spliced file?)")
-    return tensors, meta
+    for name, info in entries:
+        dtype = _DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise CapsctlError(f"{source}: tensor {name!r} has unsupported dtype {info['dtype']!r}")
+        arr = np.frombuffer(info["data"], dtype=dtype).reshape(info["shape"])
+        # safetensors 0.8 hands each tensor a bytearray of its own (writable); copy only read-only bytes
+        tensors[name] = arr if arr.flags.writeable else arr.copy()
+    return tensors, dict(header.get("__metadata__") or {})
 
 
 class _DuplicateKey(Exception):
@@ -193,7 +156,7 @@ class _DuplicateKey(Exception):
 
 
 def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    # json.loads would keep the last of two equal keys silently; a header naming a tensor twice is damaged.
+    # json.loads, like the library, keeps the last of two equal keys: readers may disagree on such a file
     out: dict[str, object] = {}
     for key, value in pairs:
         if key in out:
@@ -220,9 +183,16 @@ def spec_from_metadata(meta: Mapping[str, str], source: str, expected_format: st
 
 # -- model files -------------------------------------------------------------------------
 
-def save_model(path: str | os.PathLike[str], spec: ModelSpec, weights: Mapping[str, np.ndarray]) -> None:
+def save_model(
+    path: str | os.PathLike[str],
+    spec: ModelSpec,
+    weights: Mapping[str, np.ndarray],
+    extra: Mapping[str, str] | None = None,
+) -> None:
+    """Write a model file; `extra` adds metadata entries (e.g. "provenance") beside format and spec."""
     check_weights(spec, weights, str(path))
-    atomic_write_bytes(path, encode_safetensors(weights, {"format": MODEL_FORMAT, "spec": spec.to_json()}))
+    meta = {**(extra or {}), "format": MODEL_FORMAT, "spec": spec.to_json()}
+    atomic_write_bytes(path, encode_safetensors(weights, meta))
 
 
 def load_model(path: str | os.PathLike[str]) -> tuple[ModelSpec, Weights]:

@@ -1,4 +1,7 @@
-"""What a training run is: its settings (`TrainConfig`), learning-rate schedule and batch order."""
+"""What a training run is: its settings (`TrainConfig`), learning-rate schedule and batch order.
+
+numpy is imported only where batches are drawn, so the command line can import this module (and
+the experiment plans built on it) without slowing `capsctl --help`."""
 
 from __future__ import annotations
 
@@ -6,27 +9,39 @@ import json
 import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from capsctl.errors import CapsctlError
-from capsctl.training.recipes import SCHEDULES
+from capsctl.training.recipes import RECIPES, SCHEDULES
+
+if TYPE_CHECKING:
+    import numpy as np
+
+_DEFAULT = RECIPES["default"]  # the defaults below are the default recipe's (capsule and pool epochs agree)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """Every setting that shapes a run. Stored as JSON in its checkpoint, so `--resume RUN` needs
+    nothing else; a field added later needs a default, so older checkpoints still load."""
+
     backend: str = "torch"  # framework that runs the steps
-    dataset: str = "mnist"  # data set name (see `capsctl data list`)
-    epochs: int = 20  # passes over the training images
-    batch_size: int = 128  # images per optimiser step
-    lr: float = 3e-3  # learning rate (the peak of the one-cycle schedule)
-    schedule: str = "onecycle"  # 'constant' or 'onecycle'
-    shift: int = 3  # random ±shift pixel translation of training images (0 = off)
-    scale: float = 0.0  # random zoom of training images by a factor in [1 - scale, 1 + scale] (0 = off)
-    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    dataset: str = "mnist-5k"  # data set name (see `capsctl data list`)
+    epochs: int = _DEFAULT.capsule_epochs  # passes over the training images
+    batch_size: int = _DEFAULT.batch_size  # images per optimiser step
+    lr: float = _DEFAULT.lr  # learning rate (the peak of the one-cycle schedule)
+    schedule: str = _DEFAULT.schedule  # 'constant' or 'onecycle'
+    shift: int = _DEFAULT.shift  # random ±shift pixel translation of training images (0 = off)
+    scale: float = _DEFAULT.scale  # random zoom by a factor in [1 - scale, 1 + scale] (0 = off)
+    weight_decay: float = _DEFAULT.weight_decay  # AdamW decoupled weight decay
     seed: int = 0  # initial weights, data order and augmentation
     limit: int | None = None  # train on the first N images only (smoke runs)
-    recipe: str = "default"  # the recipe these values came from (for the record)
+    recipe: str = _DEFAULT.name  # the recipe these values came from (for the record)
+    data_dir: str | None = None  # the --data-dir the data came from (absolute), None: the usual search
+    eval_limit: int | None = None  # score the final model on the first N test images only (None: all)
+    # epochs before the last are scored on the first N of those only (a curve for the log, ~10x cheaper
+    # than the full test set); None scores every epoch on all of them
+    curve_images: int | None = 1000
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -47,13 +62,20 @@ class TrainConfig:
             raise CapsctlError(f"--seed must be non-negative, got {self.seed}")
         if self.limit is not None and self.limit < 1:
             raise CapsctlError(f"--limit must be at least 1, got {self.limit}")
+        if self.eval_limit is not None and self.eval_limit < 1:
+            raise CapsctlError(f"--eval-limit must be at least 1, got {self.eval_limit}")
+        if self.curve_images is not None and self.curve_images < 1:
+            raise CapsctlError(f"--curve-images must be at least 1, got {self.curve_images}")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
 
     @classmethod
     def from_json(cls, text: str) -> TrainConfig:
-        return cls(**json.loads(text))
+        fields = json.loads(text)
+        # runs started before curve_images existed scored every epoch on the full test set: keep doing so
+        fields.setdefault("curve_images", None)
+        return cls(**fields)
 
 
 def lr_at(cfg: TrainConfig, step: int, total: int) -> float:
@@ -73,6 +95,8 @@ def lr_at(cfg: TrainConfig, step: int, total: int) -> float:
 
 
 def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    import numpy as np
+
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 

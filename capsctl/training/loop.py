@@ -47,12 +47,16 @@ class EpochReport:
     loss: float
     train_accuracy: float
     test_accuracy: float | None
+    test_images: int | None  # how many test images test_accuracy counts (see TrainConfig.curve_images)
     lr: float
     images_per_s: float
     seconds: float
 
 
 Hook = Callable[[str, dict[str, Any]], None]
+
+# TrainConfig fields a resumed run takes from the caller rather than from its checkpoint
+RESUMABLE_CHANGES = ("backend", "data_dir", "eval_limit")
 
 
 class _StopFlag:
@@ -101,15 +105,23 @@ def train(
     show_progress: bool = True,
     on_step: Hook | None = None,
 ) -> list[dict[str, Any]]:
-    """Train into folder `run` (model, checkpoint, metrics); returns the metrics rows."""
+    """Train into folder `run` (model, checkpoint, metrics); returns the metrics rows.
+
+    The last epoch is scored on the first `cfg.eval_limit` images of `test_split` (all by default), the
+    others on the first `cfg.curve_images` of those. With `resume`, `spec`
+    and `cfg` come from the run's checkpoint, except the fields in RESUMABLE_CHANGES, taken from `cfg`."""
     if not resume:  # refuse data the model cannot take before anything is created
         _check_data(spec, cfg, train_split, test_split)
     created = missing_folders(run)
     with run_lock(run):
         if not resume and ((run / CHECKPOINT_FILE).exists() or (run / MODEL_FILE).exists()):
-            raise CapsctlError(f"--out {run}: already holds a run; use --resume {run} to continue it, or another --out")
+            raise CapsctlError(
+                f"--out {run}: already holds a run; use --resume {run} to continue it, or another --out"
+            )
         try:
-            return _train_locked(backend, spec, cfg, train_split, test_split, run, resume, show_progress, on_step)
+            return _train_locked(
+                backend, spec, cfg, train_split, test_split, run, resume, show_progress, on_step
+            )
         except BaseException:
             # a fresh run that stops before any progress was saved leaves nothing behind
             if not resume and not (run / MODEL_FILE).exists() and nothing_trained(run):
@@ -121,6 +133,43 @@ def _check_data(spec: ModelSpec, cfg: TrainConfig, train_split: Split, test_spli
     check_fit(spec, train_split.images, train_split.labels, "model spec", f"{cfg.dataset} training images")
     if test_split is not None:
         check_fit(spec, test_split.images, test_split.labels, "model spec", f"{cfg.dataset} test images")
+
+
+@dataclass
+class _Start:
+    """Where a run (re)starts: the settings, the rows so far, and the position inside the schedule."""
+
+    spec: ModelSpec
+    cfg: TrainConfig
+    rows: list[dict[str, Any]]
+    epoch: int  # epochs fully done
+    step: int  # steps done within `epoch`
+    elapsed: float  # training seconds so far
+    partial: tuple[float, int, int]  # (loss sum, correct, images) of `epoch` so far
+    weights: dict[str, np.ndarray]
+    optimizer: dict[str, np.ndarray]
+
+
+def _start(run: Path, spec: ModelSpec, cfg: TrainConfig, resume: bool) -> _Start:
+    if not resume:  # train() has checked that the folder holds no run
+        return _Start(spec, cfg, [], 0, 0, 0.0, (0.0, 0, 0), init_weights(spec, cfg.seed), {})
+    ck = load_checkpoint(run)
+    # the checkpoint's settings, except those a resume may change: which framework runs the steps,
+    # where the data is found and how many test images are scored (never the weights)
+    cfg = replace(ck.config, **{k: getattr(cfg, k) for k in RESUMABLE_CHANGES})
+    rows = [r for r in read_metrics(run) if r.get("epoch", 0) <= ck.epoch]
+    return _Start(ck.spec, cfg, rows, ck.epoch, ck.step, ck.elapsed, ck.partial, ck.weights, ck.optimizer)
+
+
+def _scored_images(cfg: TrainConfig, test_split: Split | None, epoch: int) -> Split | None:
+    """What epoch `epoch` (0-based) is scored on: the last on the first `eval_limit` test images (all
+    by default), the others on the first `curve_images` of those only."""
+    if test_split is None:
+        return None
+    n = len(test_split.images) if cfg.eval_limit is None else min(cfg.eval_limit, len(test_split.images))
+    if epoch + 1 < cfg.epochs and cfg.curve_images is not None:
+        n = min(n, cfg.curve_images)
+    return Split(test_split.images[:n], test_split.labels[:n])
 
 
 def _train_locked(
@@ -136,18 +185,11 @@ def _train_locked(
 ) -> list[dict[str, Any]]:
     from capsctl._console import err
 
-    if resume:
-        ck = load_checkpoint(run)
-        spec, cfg = ck.spec, replace(ck.config, backend=cfg.backend) if cfg.backend != ck.config.backend else ck.config
-        rows = [r for r in read_metrics(run) if r.get("epoch", 0) <= ck.epoch]
-        start_epoch, start_step, elapsed, partial = ck.epoch, ck.step, ck.elapsed, ck.partial
-        weights, optim_state = ck.weights, ck.optimizer
-        if start_epoch >= cfg.epochs:
-            err.print(f"{run}: already trained for {cfg.epochs} epochs; nothing to do")
-            return rows
-    else:  # train() has checked that the folder holds no run
-        rows, start_epoch, start_step, elapsed, partial = [], 0, 0, 0.0, (0.0, 0, 0)
-        weights, optim_state = init_weights(spec, cfg.seed), {}
+    st = _start(run, spec, cfg, resume)
+    spec, cfg, rows = st.spec, st.cfg, st.rows
+    if resume and st.epoch >= cfg.epochs:
+        err.print(f"{run}: already trained for {cfg.epochs} epochs; nothing to do")
+        return rows
     for stale in stale_temp_files(run):
         stale.unlink(missing_ok=True)
 
@@ -159,43 +201,60 @@ def _train_locked(
     y_hot = one_hot(y_all, spec.num_classes)
     spe = steps_per_epoch(cfg, n)
     total = spe * cfg.epochs
-    if start_step >= spe:
-        raise CapsctlError(f"{run / CHECKPOINT_FILE}: step {start_step} is past the end of an epoch ({spe} steps); "
-                           "was the data changed since the run started?")
+    if st.step >= spe:
+        raise CapsctlError(
+            f"{run / CHECKPOINT_FILE}: step {st.step} is past the end of an epoch ({spe} steps); "
+            "was the data changed since the run started?"
+        )
     if resume:
-        err.print(f"resuming {run} at epoch {start_epoch + 1}, step {start_step}")
+        err.print(f"resuming {run} at epoch {st.epoch + 1}, step {st.step}")
 
-    trainer: Trainer = backend.trainer(spec, weights, OptimConfig(weight_decay=cfg.weight_decay))
-    if optim_state:
-        trainer.load_optimizer_state(optim_state)
+    trainer: Trainer = backend.trainer(spec, st.weights, OptimConfig(weight_decay=cfg.weight_decay))
+    if st.optimizer:
+        trainer.load_optimizer_state(st.optimizer)
     write_metrics(run, rows)
     if not resume:
         # a step-0 checkpoint at once: a run killed at any later moment can be resumed (and replays exactly)
-        save_checkpoint(run, Checkpoint(spec, cfg, weights, {}, 0, 0, 0.0))
+        save_checkpoint(run, Checkpoint(spec, cfg, st.weights, {}, 0, 0, 0.0))
+    elapsed = st.elapsed
 
     def good_weights(epoch: int) -> dict[str, np.ndarray]:
         # a step can turn the weights NaN while its own loss was still finite: never save such weights
         weights = trainer.weights()
         if not all(np.isfinite(w).all() for w in weights.values()):
-            raise TrainingStopped(f"the weights became NaN or infinite in epoch {epoch + 1}; {kept_note(run)} (lower --lr?)")
+            raise TrainingStopped(
+                f"the weights became NaN or infinite in epoch {epoch + 1}; {kept_note(run)} (lower --lr?)"
+            )
         return weights
 
-    def checkpoint(epoch: int, step: int, weights: dict[str, np.ndarray], part: tuple[float, int, int]) -> None:
-        save_checkpoint(run, Checkpoint(spec, cfg, weights, trainer.optimizer_state(), epoch, step, elapsed, part))
+    def checkpoint(
+        epoch: int, step: int, weights: dict[str, np.ndarray], part: tuple[float, int, int]
+    ) -> None:
+        state = trainer.optimizer_state()
+        save_checkpoint(run, Checkpoint(spec, cfg, weights, state, epoch, step, elapsed, part))
 
     from rich.progress import TextColumn
 
     from capsctl._console import progress
 
-    bar = progress(TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("acc {task.fields[acc]:.2%}"),
-                   TextColumn("{task.fields[ips]:.0f} img/s"))
+    bar = progress(
+        TextColumn("loss {task.fields[loss]:.4f}"),
+        TextColumn("acc {task.fields[acc]:.2%}"),
+        TextColumn("{task.fields[ips]:.0f} img/s"),
+    )
     bar.disable = not show_progress
     stop = _StopFlag()
     with bar, stop:
-        for epoch in range(start_epoch, cfg.epochs):
-            task = bar.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=spe, completed=0, loss=0.0, acc=0.0, ips=0.0)
-            first = start_step if epoch == start_epoch else 0
-            loss_sum, correct, seen = partial if first else (0.0, 0, 0)
+        # the whole run's bar: its time-remaining column is the run's ETA, from the measured step rate
+        whole = bar.add_task(
+            "run", total=total, completed=st.epoch * spe + st.step, loss=0.0, acc=0.0, ips=0.0
+        )
+        for epoch in range(st.epoch, cfg.epochs):
+            task = bar.add_task(
+                f"epoch {epoch + 1}/{cfg.epochs}", total=spe, completed=0, loss=0.0, acc=0.0, ips=0.0
+            )
+            first = st.step if epoch == st.epoch else 0
+            loss_sum, correct, seen = st.partial if first else (0.0, 0, 0)
             seen_before = seen  # images of this epoch done before a resume: not part of this run's speed
             t0 = time.perf_counter()
             bar.update(task, completed=first)
@@ -203,38 +262,59 @@ def _train_locked(
             for step, idx in batches(cfg, epoch, n):
                 if step < first:
                     continue
-                x = augment_batch(x_all[idx], cfg.shift, cfg.scale, np.random.default_rng([cfg.seed, epoch, step]))
+                x = augment_batch(
+                    x_all[idx], cfg.shift, cfg.scale, np.random.default_rng([cfg.seed, epoch, step])
+                )
                 lr = lr_at(cfg, epoch * spe + step, total)
                 loss, ok = trainer.step(x, y_hot[idx], lr)
                 if not math.isfinite(loss):
                     raise TrainingStopped(
-                        f"loss became {loss} at epoch {epoch + 1}, step {step + 1}; training stopped, {kept_note(run)} (lower --lr?)"
+                        f"loss became {loss} at epoch {epoch + 1}, step {step + 1}; training stopped, "
+                        f"{kept_note(run)} (lower --lr?)"
                     )
                 loss_sum += loss * len(idx)
                 correct += ok
                 seen += len(idx)
-                dt = time.perf_counter() - t0
-                bar.update(task, advance=1, loss=loss_sum / seen, acc=correct / seen, ips=(seen - seen_before) / max(dt, 1e-9))
+                ips = (seen - seen_before) / max(time.perf_counter() - t0, 1e-9)
+                bar.update(task, advance=1, loss=loss_sum / seen, acc=correct / seen, ips=ips)
+                bar.update(whole, advance=1, loss=loss_sum / seen, acc=correct / seen, ips=ips)
                 if on_step is not None:
                     on_step("step", {"epoch": epoch, "step": step})
                 if stop.requested and step + 1 < spe:
                     elapsed += time.perf_counter() - t0
                     checkpoint(epoch, step + 1, good_weights(epoch), (loss_sum, correct, seen))
                     bar.stop()
-                    err.print(f"interrupted: saved epoch {epoch + 1}, step {step + 1} to {run / CHECKPOINT_FILE}")
-                    raise TrainingStopped(f"interrupted; continue with: capsctl train --resume {run}", exit_code=130)
+                    err.print(
+                        f"interrupted: saved epoch {epoch + 1}, step {step + 1} to {run / CHECKPOINT_FILE}"
+                    )
+                    raise TrainingStopped(
+                        f"interrupted; continue with: capsctl train --resume {run}", exit_code=130
+                    )
             train_time = time.perf_counter() - t0
             elapsed += train_time
-            test_acc = None
-            if test_split is not None:
-                test_acc = single_accuracy(trainer.scores(test_split.images), test_split.labels)
-            row = asdict(EpochReport(epoch + 1, loss_sum / max(seen, 1), correct / max(seen, 1), test_acc, lr,
-                                     (seen - seen_before) / max(train_time, 1e-9), train_time))
+            scored = _scored_images(cfg, test_split, epoch)
+            test_acc = (
+                None if scored is None else single_accuracy(trainer.scores(scored.images), scored.labels)
+            )
+            row = asdict(
+                EpochReport(
+                    epoch + 1,
+                    loss_sum / max(seen, 1),
+                    correct / max(seen, 1),
+                    test_acc,
+                    None if scored is None else len(scored.images),
+                    lr,
+                    (seen - seen_before) / max(train_time, 1e-9),
+                    train_time,
+                )
+            )
             rows.append(row)
             bar.remove_task(task)
-            test_txt = f"  test {test_acc:.2%}" if test_acc is not None else ""
-            err.print(f"epoch {epoch + 1}/{cfg.epochs}  loss {row['loss']:.4f}  train {row['train_accuracy']:.2%}"
-                      f"{test_txt}  {row['images_per_s']:.0f} img/s")
+            test_txt = f"  test {test_acc:.2%} of {row['test_images']:,}" if test_acc is not None else ""
+            err.print(
+                f"epoch {epoch + 1}/{cfg.epochs}  loss {row['loss']:.4f}  train {row['train_accuracy']:.2%}"
+                f"{test_txt}  {row['images_per_s']:.0f} img/s"
+            )
             weights = good_weights(epoch)
             # model, metrics, then checkpoint: a kill between any two leaves a checkpoint that is at most
             # one epoch behind, and its resume rewrites the later rows, so no epoch's row is ever lost
@@ -245,5 +325,9 @@ def _train_locked(
                 on_step("epoch", row)
             if stop.requested and epoch + 1 < cfg.epochs:
                 bar.stop()
-                raise TrainingStopped(f"interrupted after epoch {epoch + 1} (saved); continue with: capsctl train --resume {run}", exit_code=130)
+                raise TrainingStopped(
+                    f"interrupted after epoch {epoch + 1} (saved); continue with: capsctl train --resume "
+                    f"{run}",
+                    exit_code=130,
+                )
     return rows

@@ -57,7 +57,9 @@ def run_lock(run: Path) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             other = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            raise CapsctlError(f"{run}: in use by another capsctl run (pid {other}); use another --out") from None
+            raise CapsctlError(
+                f"{run}: in use by another capsctl run (pid {other}); use another --out"
+            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         yield
@@ -116,7 +118,9 @@ def load_checkpoint(run: Path) -> Checkpoint:
     return Checkpoint(spec, config, weights, optim, epoch, step, elapsed, partial)
 
 
-def _check_optimizer_state(optim: dict[str, np.ndarray], shapes: dict[str, tuple[int, ...]], source: str) -> None:
+def _check_optimizer_state(
+    optim: dict[str, np.ndarray], shapes: dict[str, tuple[int, ...]], source: str
+) -> None:
     # A damaged slot would otherwise surface as a framework error (or NaN) deep inside the first step.
     if not optim:
         return  # saved before the first step: the optimiser starts fresh
