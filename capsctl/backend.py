@@ -32,6 +32,8 @@ class OptimConfig:
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-7  # Keras' default; used by both backends so they train alike
+    # weight of the decoder's reconstruction loss (spec.decoder set); None: default_recon_weight(spec)
+    recon_weight: float | None = None
 
 
 class Runner(Protocol):
@@ -43,10 +45,22 @@ class Runner(Protocol):
     def trace(self, images: np.ndarray, routings: int | None = None) -> tuple[np.ndarray, RoutingTrace]:
         """Scores and routing trace (capsule head only)."""
 
+    def capsules(self, images: np.ndarray) -> np.ndarray:
+        """Output capsules v (N, J, D) (capsule head only)."""
+
+    def decode(self, masked: np.ndarray) -> np.ndarray:
+        """The decoder (spec.decoder set) on capsules (N, J, D), already masked -> images (N, H, W, C)."""
+
+    def reconstruct(self, images: np.ndarray, classes: np.ndarray) -> np.ndarray:
+        """Reconstructions (N, H, W, C) from the capsule classes[n] alone (every other one zeroed)."""
+
 
 class Trainer(Protocol):
     def step(self, x: np.ndarray, y_onehot: np.ndarray, lr: float) -> tuple[float, int]:
-        """One optimiser step; returns (mean margin loss, correct predictions in the batch)."""
+        """One optimiser step; returns (mean loss, correct predictions in the batch).
+
+        The loss is the margin loss, plus recon_weight × Σ_pixels (reconstruction − x)² (mean over
+        the batch) when the spec has a decoder, the reconstruction drawn from the true class's capsule."""
 
     def scores(self, images: np.ndarray, batch_size: int = 512) -> np.ndarray: ...
 

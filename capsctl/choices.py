@@ -25,5 +25,5 @@ COMPOSITE_TESTS: dict[str, tuple[str, int]] = {
 ALL_TESTS = ("test", *COMPOSITE_TESTS)
 # The data sets of capsctl.data.datasets.DATASETS and the backends of capsctl.backend.BUILTIN, by name
 # (those modules import numpy; tests/test_cli_options.py checks that the names agree).
-DATASETS = ("mnist-5k", "mnist", "fashion-mnist")
+DATASETS = ("mnist-5k", "mnist", "fashion-mnist", "cifar10")
 BUILTIN_BACKENDS = ("torch", "keras")

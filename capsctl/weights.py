@@ -15,6 +15,14 @@ from capsctl.model.weights import (
 )
 
 __all__ = [
-    "CHECKPOINT_FORMAT", "MODEL_FORMAT", "Weights", "check_weights", "expected_shapes", "init_weights", "load_model",
-    "parameter_count", "read_safetensors", "save_model",
+    "CHECKPOINT_FORMAT",
+    "MODEL_FORMAT",
+    "Weights",
+    "check_weights",
+    "expected_shapes",
+    "init_weights",
+    "load_model",
+    "parameter_count",
+    "read_safetensors",
+    "save_model",
 ]

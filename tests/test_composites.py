@@ -72,7 +72,10 @@ def test_scoring_sets_and_confidence():
     assert correct.tolist() == [True, True, False] and confident.tolist() == [True, False, False]
 
 
-@pytest.mark.parametrize(("kwargs", "msg"), [({"layout": "diagonal"}, "layout"), ({"digits": 1}, "digits"), ({"limit": 0}, "limit")])
+@pytest.mark.parametrize(
+    ("kwargs", "msg"),
+    [({"layout": "diagonal"}, "layout"), ({"digits": 1}, "digits"), ({"limit": 0}, "limit")],
+)
 def test_bad_options(kwargs, msg):
     x, y = _toy()
     with pytest.raises(CapsctlError, match=msg):

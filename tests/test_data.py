@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import http.server
 import shutil
-import struct
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -16,30 +13,19 @@ import pytest
 from capsctl.data import datasets, idx
 from capsctl.errors import CapsctlError
 
-from .conftest import run_cli
+from ._helpers import assert_one_line_error, idx_bytes, run_cli, static_server, write_set
 
 
-def idx_bytes(arr: np.ndarray) -> bytes:
-    return struct.pack(">HBB", 0, 0x08, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape) + arr.astype(np.uint8).tobytes()
-
-
-def write_set(folder: Path, n: int = 20, seed: int = 0, gz: bool = True) -> dict[str, bytes]:
-    """A tiny MNIST-style data set; returns the bytes written per role."""
+def random_set(folder: Path, n: int = 20, seed: int = 0) -> dict[str, bytes]:
+    """A tiny MNIST-style data set of random pixels and labels; returns the bytes written per role."""
     rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
     arrays = {
         "train-images": rng.integers(0, 256, (n, 28, 28)),
         "train-labels": rng.integers(0, 10, n),
         "t10k-images": rng.integers(0, 256, (n // 2, 28, 28)),
         "t10k-labels": rng.integers(0, 10, n // 2),
     }
-    written = {}
-    for role, arr in arrays.items():
-        raw = idx_bytes(arr)
-        data = gzip.compress(raw, mtime=0) if gz else raw
-        (folder / (datasets.FILES[role] + (".gz" if gz else ""))).write_bytes(data)
-        written[role] = data
-    return written
+    return write_set(folder, arrays)
 
 
 def test_reads_the_real_mnist_5k(mnist):
@@ -78,7 +64,7 @@ def test_bad_idx_is_refused_with_a_reason(data, message):
 
 
 def test_images_labels_mismatch_is_refused(tmp_path):
-    write_set(tmp_path)
+    random_set(tmp_path)
     (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(idx_bytes(np.zeros(3))))
     with pytest.raises(CapsctlError, match="10 images but .* has 3 labels"):
         datasets.Dataset("mnist", tmp_path).test()
@@ -86,9 +72,9 @@ def test_images_labels_mismatch_is_refused(tmp_path):
 
 def test_search_order(tmp_path, monkeypatch):
     env_dir, cache_dir, explicit = tmp_path / "env", tmp_path / "cache", tmp_path / "explicit"
-    write_set(env_dir / "mnist")
-    write_set(cache_dir / "capsctl" / "mnist")
-    write_set(explicit)
+    random_set(env_dir / "mnist")
+    random_set(cache_dir / "capsctl" / "mnist")
+    random_set(explicit)
     monkeypatch.setenv("XDG_CACHE_HOME", str(cache_dir))
     assert datasets.locate("mnist") == cache_dir / "capsctl" / "mnist"
     monkeypatch.setenv("CAPSCTL_DATA_DIR", str(env_dir))
@@ -100,25 +86,6 @@ def test_search_order(tmp_path, monkeypatch):
         datasets.locate("cifar")
 
 
-class _Server:
-    """A static file server on 127.0.0.1 (an ephemeral port), torn down after the test."""
-
-    def __init__(self, root: Path) -> None:
-        handler = lambda *a, **k: http.server.SimpleHTTPRequestHandler(*a, directory=str(root), **k)  # noqa: E731
-        http.server.SimpleHTTPRequestHandler.log_message = lambda *a: None  # type: ignore[method-assign]
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def __enter__(self) -> _Server:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 def _info(files: dict[str, bytes]) -> datasets.DatasetInfo:
     return datasets.DatasetInfo(
         name="tiny", mirrors=(), sha256={r: hashlib.sha256(b).hexdigest() for r, b in files.items()},
@@ -127,10 +94,11 @@ def _info(files: dict[str, bytes]) -> datasets.DatasetInfo:
 
 
 def test_download_tries_mirrors_in_turn_and_verifies(tmp_path):
-    files = write_set(tmp_path / "srv" / "good")
+    files = random_set(tmp_path / "srv" / "good")
     (tmp_path / "srv" / "empty").mkdir()
-    with _Server(tmp_path / "srv") as srv:
-        dest = datasets.fetch(_info(files), tmp_path / "cache", mirrors=[f"{srv.url}/empty/", f"{srv.url}/good/"])
+    with static_server(tmp_path / "srv") as url:
+        mirrors = [f"{url}/empty/", f"{url}/good/"]
+        dest = datasets.fetch(_info(files), tmp_path / "cache", mirrors=mirrors)
     for role, data in files.items():
         assert (dest / (datasets.FILES[role] + ".gz")).read_bytes() == data
     assert not list(dest.glob("*.part"))
@@ -138,24 +106,25 @@ def test_download_tries_mirrors_in_turn_and_verifies(tmp_path):
 
 
 def test_download_refuses_a_checksum_mismatch_and_leaves_nothing(tmp_path):
-    files = write_set(tmp_path / "srv")
+    files = random_set(tmp_path / "srv")
     info = _info(files)
     info.sha256["train-labels"] = "0" * 64
-    with _Server(tmp_path / "srv") as srv, pytest.raises(CapsctlError, match="SHA-256 mismatch.*--data-dir"):
-        datasets.fetch(info, tmp_path / "cache", mirrors=[srv.url])
+    refused = pytest.raises(CapsctlError, match="SHA-256 mismatch.*--data-dir")
+    with static_server(tmp_path / "srv") as url, refused:
+        datasets.fetch(info, tmp_path / "cache", mirrors=[url])
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["train-images-idx3-ubyte.gz"]
 
 
 def test_content_digests_accept_a_regzipped_copy(tmp_path):
-    files = write_set(tmp_path / "srv")
+    files = random_set(tmp_path / "srv")
     info = datasets.DatasetInfo(
         name="tiny", mirrors=(), digest_of="content", classes=tuple("0123456789"),
         sha256={r: hashlib.sha256(gzip.decompress(b)).hexdigest() for r, b in files.items()},
     )
     for f in (tmp_path / "srv").iterdir():  # different gzip bytes, same content
         f.write_bytes(gzip.compress(gzip.decompress(f.read_bytes()), compresslevel=1, mtime=12345))
-    with _Server(tmp_path / "srv") as srv:
-        datasets.fetch(info, tmp_path / "cache", mirrors=[srv.url])
+    with static_server(tmp_path / "srv") as url:
+        datasets.fetch(info, tmp_path / "cache", mirrors=[url])
     assert datasets.is_complete(tmp_path / "cache")
 
 
@@ -163,23 +132,22 @@ def test_cli_download_failure_is_one_clear_line(tmp_path, monkeypatch, capsys):
     # Every mirror answers 404: the error names the way out.
     srv_root = tmp_path / "srv"
     srv_root.mkdir()
-    with _Server(srv_root) as srv:
-        monkeypatch.setenv("CAPSCTL_MIRRORS", f"{srv.url}/missing/,{srv.url}/gone/")
+    with static_server(srv_root) as url:
+        monkeypatch.setenv("CAPSCTL_MIRRORS", f"{url}/missing/,{url}/gone/")
         code, out, err = run_cli(["data", "fetch", "mnist"], capsys)
-    assert out == ""
-    assert "2 mirror(s) failed" in err
-    assert code == 2
-    assert err.startswith("error: could not download mnist") and "--data-dir" in err
-    assert err.count("\n") == 1 and "Traceback" not in err
+    assert_one_line_error(code, out, err, "2 mirror(s) failed", "--data-dir")
+    assert err.startswith("error: could not download mnist")
 
 
 def test_cli_real_mnist_checksum_rejects_other_files(tmp_path, monkeypatch, capsys, mnist_dir):
     srv_root = tmp_path / "srv"
     shutil.copytree(mnist_dir, srv_root)
-    with _Server(srv_root) as srv:
-        monkeypatch.setenv("CAPSCTL_MIRRORS", srv.url)
+    with static_server(srv_root) as url:
+        monkeypatch.setenv("CAPSCTL_MIRRORS", url)
         code, _, err = run_cli(["data", "fetch", "mnist"], capsys)
+    # (not the one-line contract: the download's progress line comes before the error)
     assert code == 2 and "SHA-256 mismatch" in err
+    assert err.splitlines()[-1].startswith("error: ") and "Traceback" not in err
     assert not list((datasets.cache_root() / "mnist").glob("train-images*"))
 
 
@@ -191,8 +159,8 @@ def test_cli_fetch_from_folder_and_list(tmp_path, capsys, mnist_dir):
     code, out, _ = run_cli(["data", "list"], capsys)
     assert code == 0 and "mnist" in out and "cache" in out
     bad = tmp_path / "bad"
-    write_set(bad)
+    random_set(bad)
     (bad / "train-images-idx3-ubyte.gz").write_bytes(b"\x1f\x8bnot really")
-    code, _, err = run_cli(["data", "fetch", "fashion-mnist", "--from", bad], capsys)
-    assert code == 2 and "corrupt gzip" in err
+    code, out, err = run_cli(["data", "fetch", "fashion-mnist", "--from", bad], capsys)
+    assert_one_line_error(code, out, err, "corrupt gzip")
     assert not (datasets.cache_root() / "fashion-mnist").exists()

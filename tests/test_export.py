@@ -12,9 +12,9 @@ import pytest
 
 from capsctl.model import reference
 from capsctl.model.spec import ModelSpec
-from capsctl.model.weights import init_weights, load_model, save_model
+from capsctl.model.weights import load_model, save_model
 
-from .conftest import run_cli
+from ._helpers import assert_one_line_error, routing_weights, run_cli
 
 SPECS = {
     "capsule": ModelSpec(),
@@ -23,24 +23,13 @@ SPECS = {
 }
 
 
-def _weights(spec: ModelSpec, seed: int = 2) -> dict[str, np.ndarray]:
-    w = init_weights(spec, seed)
-    rng = np.random.default_rng(seed)
-    for k, v in w.items():
-        if k.endswith(".bias"):
-            w[k] = rng.uniform(0, 0.05, v.shape).astype(np.float32)
-        elif v.ndim == 3:
-            w[k] = v * 8
-    return w
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("models")
     out = {}
     for name, spec in SPECS.items():
         out[name] = d / f"{name}.safetensors"
-        save_model(out[name], spec, _weights(spec))
+        save_model(out[name], spec, routing_weights(spec, seed=2))
     return out
 
 
@@ -52,10 +41,7 @@ def _ok(args, capsys) -> str:
 
 def _refused(args, capsys, *words: str) -> str:
     code, out, err = run_cli(args, capsys)
-    assert code == 2, (code, out, err)
-    assert err.startswith("error: ") and err.count("\n") == 1, err  # one line, no traceback
-    for w in words:
-        assert w in err, err
+    assert_one_line_error(code, out, err, *words)
     return err
 
 
@@ -65,7 +51,8 @@ def _same_model(a: Path, b: Path) -> None:
     assert sa == sb
     assert sorted(wa) == sorted(wb)
     for k in wa:
-        assert wa[k].dtype == wb[k].dtype and wa[k].shape == wb[k].shape and wa[k].tobytes() == wb[k].tobytes(), k
+        assert wa[k].dtype == wb[k].dtype and wa[k].shape == wb[k].shape, k
+        assert wa[k].tobytes() == wb[k].tobytes(), k
 
 
 # -- native round trips --------------------------------------------------------------------
@@ -174,6 +161,11 @@ def _torch_with(state_change, natives, dst: Path) -> Path:
     return dst
 
 
+def _edit_spec(state, change) -> None:
+    """Change the spec a torch export carries in its state_dict's metadata."""
+    state._metadata[""]["capsctl_spec"] = change(state._metadata[""]["capsctl_spec"])
+
+
 def _shrunk_spec(text: str) -> str:
     d = json.loads(text)
     d["trunk"][0]["filters"] = 32
@@ -220,13 +212,13 @@ def test_import_refuses_bad_files(tmp_path, capsys, models, natives, case, words
     elif case == "torch-code-pickle":
         torch.save({"x": Path("/etc")}, bad)  # a global weights_only refuses to rebuild
     elif case == "torch-spec-mismatch":
-        _torch_with(lambda s: s._metadata[""].update(capsctl_spec=_shrunk_spec(s._metadata[""]["capsctl_spec"])), natives, bad)
+        _torch_with(lambda s: _edit_spec(s, _shrunk_spec), natives, bad)
     elif case == "torch-extra-tensor":
         _torch_with(lambda s: s.update(extra=torch.zeros(2)), natives, bad)
     elif case == "torch-missing-tensor":
         _torch_with(lambda s: s.pop("head.kernel"), natives, bad)
     elif case == "torch-bad-spec":
-        _torch_with(lambda s: s._metadata[""].update(capsctl_spec=s._metadata[""]["capsctl_spec"].replace('"su"', '"x"', 1)), natives, bad)
+        _torch_with(lambda s: _edit_spec(s, lambda text: text.replace('"su"', '"x"', 1)), natives, bad)
     elif case == "keras-unrelated":
         import capsctl_keras._env  # noqa: F401  (pins tensorflow)
         import keras
@@ -254,7 +246,8 @@ def test_import_refuses_bad_files(tmp_path, capsys, models, natives, case, words
     elif case == "folder":
         bad = tmp_path
     out = tmp_path / "out.safetensors"
-    _refused(["import", bad if case != "missing" else tmp_path / "nope.pt", "--out", out, *args], capsys, *words)
+    src = bad if case != "missing" else tmp_path / "nope.pt"
+    _refused(["import", src, "--out", out, *args], capsys, *words)
     assert not out.exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp left behind
 
@@ -262,7 +255,7 @@ def test_import_refuses_bad_files(tmp_path, capsys, models, natives, case, words
 @pytest.mark.parametrize(
     ("args", "words"),
     [
-        (["--format", "tflite", "--out", "{d}/m.tflite"], ["--format must be one of"]),
+        (["--format", "tflite", "--out", "{d}/m.tflite"], ["--format", "'tflite' is not one of"]),
         (["--out", "{d}/m.bin"], ["cannot tell the format"]),
         (["--format", "keras", "--out", "{d}/m.h5"], [".keras"]),
         (["--out", "{d}/missing/m.pt"], ["does not exist"]),
@@ -279,9 +272,10 @@ def test_export_refuses_a_broken_model(tmp_path, capsys, models):
     broken = tmp_path / "broken.safetensors"
     data = models["pool"].read_bytes()
     broken.write_bytes(data[: len(data) - 100])
-    _refused(["export", broken, "--out", tmp_path / "m.pt"], capsys, "truncated")
+    _refused(["export", broken, "--out", tmp_path / "m.pt"], capsys, "damaged safetensors file")
     assert not (tmp_path / "m.pt").exists()
 
 
 def test_import_onnx_format_is_refused_by_name(tmp_path, capsys, models):
-    _refused(["import", models["capsule"], "--format", "onnx", "--out", tmp_path / "x.safetensors"], capsys, "ONNX")
+    _refused(["import", models["capsule"], "--format", "onnx", "--out", tmp_path / "x.safetensors"], capsys,
+             "ONNX")

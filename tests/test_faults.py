@@ -10,12 +10,10 @@ random time. k is random; the seed is printed on failure (set CAPSCTL_FAULT_SEED
 from __future__ import annotations
 
 import ast
-import gzip
 import json
 import os
 import random
 import signal
-import struct
 import subprocess
 import sys
 import time
@@ -28,15 +26,9 @@ from capsctl._io import atomic_write_bytes
 from capsctl.data import idx
 from capsctl.errors import CapsctlError
 
-from .conftest import run_cli
+from ._helpers import TINY, assert_one_line_error, dotted_name, gz, idx_bytes, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = {
-    "trunk": [{"type": "conv", "filters": 4, "kernel": 3}, {"type": "avgpool", "size": 2},
-              {"type": "conv", "filters": 4, "kernel": 3}],
-    "head": "capsule",
-    "capsule": {"dim": 4, "routings": 2},
-}
 EPOCHS, BATCH, LIMIT = 3, 16, 64
 STEPS = EPOCHS * (LIMIT // BATCH)  # 12 optimiser steps in all
 TIMING = ("images_per_s", "seconds")  # the only metrics fields allowed to differ between runs
@@ -85,11 +77,6 @@ main(args)
 """
 
 
-def _idx_gz(arr: np.ndarray) -> bytes:
-    head = struct.pack(">HBB", 0, 0x08, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape)
-    return gzip.compress(head + arr.tobytes(), mtime=0)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory, mnist_dir) -> Path:
     """96 training and 32 test images of real MNIST."""
@@ -97,7 +84,7 @@ def data(tmp_path_factory, mnist_dir) -> Path:
     for role, n in (("train-images-idx3-ubyte", 96), ("train-labels-idx1-ubyte", 96),
                     ("t10k-images-idx3-ubyte", 32), ("t10k-labels-idx1-ubyte", 32)):
         arr = np.ascontiguousarray(idx.read_idx(mnist_dir / f"{role}.gz")[:n])
-        (folder / f"{role}.gz").write_bytes(_idx_gz(arr))
+        (folder / f"{role}.gz").write_bytes(gz(idx_bytes(arr)))
     (folder / "spec.json").write_text(json.dumps(TINY))
     return folder
 
@@ -125,7 +112,8 @@ def capsctl(args: list[str], timeout: float = 180) -> subprocess.CompletedProces
 def faulty(mode: str, k: int, args: list[str], barrier: Path | None = None, wait: bool = True):
     cmd = [sys.executable, "-c", FAULT_RUNNER, mode, str(k), str(barrier or "-"), *args]
     if not wait:
-        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT)
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+                                cwd=ROOT)
     return subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=_env(), cwd=ROOT)
 
 
@@ -136,8 +124,7 @@ def metrics(run: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, data) -> Path:
-    """The uninterrupted run, in a subprocess like the interrupted ones."""
-    pytest.importorskip("torch")
+    """The uninterrupted run, in a subprocess like the interrupted ones (for torch-marked tests)."""
     run = tmp_path_factory.mktemp("reference") / "run"
     p = capsctl(train_args(data, run))
     assert p.returncode == 0, p.stderr
@@ -175,14 +162,16 @@ def test_atomic_write_is_temp_fsync_rename_fsync_folder(tmp_path, monkeypatch):
     events: list[tuple[str, str]] = []
     real_fsync, real_replace = os.fsync, os.replace
     monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", _fd_path(fd))), real_fsync(fd))[1])
-    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", f"{a} -> {b}")), real_replace(a, b))[1])
+    monkeypatch.setattr(os, "replace",
+                        lambda a, b: (events.append(("replace", f"{a} -> {b}")), real_replace(a, b))[1])
     target = tmp_path / "model.safetensors"
     target.write_bytes(b"old")
     atomic_write_bytes(target, b"new content")
     assert target.read_bytes() == b"new content"
     tmp = events[1][1].split(" -> ")[0]
     assert [e[0] for e in events] == ["fsync", "replace", "fsync"]
-    assert events[0][1] == tmp and Path(tmp).parent == tmp_path and Path(tmp).name.startswith(".model.safetensors.tmp-")
+    assert events[0][1] == tmp and Path(tmp).parent == tmp_path
+    assert Path(tmp).name.startswith(".model.safetensors.tmp-")
     assert events[1][1] == f"{tmp} -> {target}"
     assert events[2][1] == str(tmp_path)  # the folder, so the rename itself is durable
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
@@ -210,7 +199,8 @@ def test_training_writes_every_file_atomically(tmp_path, capsys, data, monkeypat
     written: list[str] = []
     for module in (run_folder, weights):
         real = module.atomic_write_bytes
-        monkeypatch.setattr(module, "atomic_write_bytes", lambda p, b, real=real: (written.append(Path(p).name), real(p, b))[1])
+        monkeypatch.setattr(module, "atomic_write_bytes",
+                            lambda p, b, real=real: (written.append(Path(p).name), real(p, b))[1])
     run = tmp_path / "run"
     code, _, err = run_cli([*train_args(data, run)[:-3], "--epochs", "1", "--out", run, "-q"], capsys)
     assert code == 0, err
@@ -267,7 +257,8 @@ def test_sigkill_at_random_moments_then_resume_matches_an_uninterrupted_run(tmp_
                 break
         args = train_args(data, run) if fresh else resume_args(data, run)
         steps_left = STEPS - (last[0] * spe + last[1])
-        writes_left = 1 + (0 if not fresh else 1) + 3 * (EPOCHS - last[0])  # metrics, step-0 ckpt, 3 per epoch
+        # metrics, step-0 checkpoint, 3 per epoch
+        writes_left = 1 + (0 if not fresh else 1) + 3 * (EPOCHS - last[0])
         if mode == "external":
             p = subprocess.Popen([sys.executable, "-m", "capsctl", *args], stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, env=_env(), cwd=ROOT)
@@ -296,7 +287,7 @@ def test_sigkill_at_random_moments_then_resume_matches_an_uninterrupted_run(tmp_
     _assert_same_as_reference(run, reference, "; ".join(log))
 
 
-# -- Ctrl-C ---------------------------------------------------------------------------------------------------
+# -- Ctrl-C --------------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
 @pytest.mark.torch
@@ -337,7 +328,7 @@ def test_ctrl_c_at_the_end_of_an_epoch_saves_that_epoch(tmp_path, capsys, data, 
     assert len(metrics(run)) == 1
 
 
-# -- NaN ------------------------------------------------------------------------------------------------------
+# -- NaN -----------------------------------------------------------------------------------------------------
 
 @pytest.mark.torch
 @pytest.mark.parametrize("where", ["loss", "weights"])
@@ -388,7 +379,8 @@ def test_nan_in_the_first_epoch_leaves_no_folder(tmp_path, capsys, data, monkeyp
 
 @pytest.mark.slow
 @pytest.mark.torch
-def test_a_second_run_on_the_same_folder_is_refused_and_the_first_finishes_intact(tmp_path, capsys, data, reference):
+def test_a_second_run_on_the_same_folder_is_refused_and_the_first_finishes_intact(tmp_path, capsys, data,
+                                                                                   reference):
     run = tmp_path / "run"
     barrier = tmp_path / "go"
     first = faulty("pause-step", 5, train_args(data, run), barrier=barrier, wait=False)
@@ -399,9 +391,8 @@ def test_a_second_run_on_the_same_folder_is_refused_and_the_first_finishes_intac
             time.sleep(0.05)
         before = {p.name: p.read_bytes() for p in run.iterdir()}
         for args in (train_args(data, run), resume_args(data, run)):
-            code, _, err = run_cli(args, capsys)
-            assert code == 2 and err.count("\n") == 1, err
-            assert f"in use by another capsctl run (pid {first.pid})" in err
+            code, out, err = run_cli(args, capsys)
+            assert_one_line_error(code, out, err, f"in use by another capsctl run (pid {first.pid})")
         assert {p.name: p.read_bytes() for p in run.iterdir()} == before  # the refused runs touched nothing
     finally:
         barrier.touch()
@@ -410,21 +401,13 @@ def test_a_second_run_on_the_same_folder_is_refused_and_the_first_finishes_intac
     _assert_same_as_reference(run, reference, "first of two runs")
 
 
-# -- no pickle where user files are read ----------------------------------------------------------------------
+# -- no pickle where user files are read ---------------------------------------------------------------------
 
 FORBIDDEN_CALLS = {
-    "pickle.load", "pickle.loads", "pickle.Unpickler", "cPickle.load", "cPickle.loads", "dill.load", "dill.loads",
-    "joblib.load", "marshal.load", "marshal.loads", "shelve.open", "torch.jit.load", "jsonpickle.decode",
-    "pd.read_pickle", "pandas.read_pickle",
+    "pickle.load", "pickle.loads", "pickle.Unpickler", "cPickle.load", "cPickle.loads", "dill.load",
+    "dill.loads", "joblib.load", "marshal.load", "marshal.loads", "shelve.open", "torch.jit.load",
+    "jsonpickle.decode", "pd.read_pickle", "pandas.read_pickle",
 }
-
-
-def _dotted(node: ast.AST) -> str:
-    if isinstance(node, ast.Name):
-        return node.id
-    if isinstance(node, ast.Attribute):
-        return f"{_dotted(node.value)}.{node.attr}"
-    return "?"
 
 
 def _keyword(call: ast.Call, name: str):
@@ -442,7 +425,7 @@ def test_no_pickle_wherever_a_user_file_is_read():
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if not isinstance(node, ast.Call):
                 continue
-            name = _dotted(node.func)
+            name = dotted_name(node.func)
             where = f"{path.relative_to(ROOT)}:{node.lineno} {name}"
             if name in FORBIDDEN_CALLS:
                 problems.append(f"{where}: unpickles")
@@ -477,33 +460,28 @@ def test_a_malicious_pickle_is_never_unpickled(tmp_path, capsys, data):
     for name in ("model.safetensors", "model.pt", "spec.json", "digit.npy", "digit.png", "weights.keras"):
         files[name] = tmp_path / name
         files[name].write_bytes(payload)
-    runs = [["eval", files["model.safetensors"], "--data-dir", data],
-            ["eval-pairs", files["model.pt"], "--data-dir", data],
-            ["train", "--spec", files["spec.json"], "--data-dir", data, "--out", tmp_path / "run"]]
-    from capsctl.cli import app
-
-    names = {c.name for c in app.registered_commands}
-    good_model = tmp_path / "good.safetensors"
     from capsctl.model.spec import ModelSpec
     from capsctl.model.weights import init_weights, save_model
 
+    good_model = tmp_path / "good.safetensors"
     spec = ModelSpec.from_dict(TINY)
     save_model(good_model, spec, init_weights(spec, 0))
-    if "inspect" in names:
-        runs += [["inspect", files["digit.npy"], "--model", good_model],
-                 ["inspect", files["digit.png"], "--model", good_model]]
-    if "import" in names:
-        runs += [["import", files["model.pt"], "--out", tmp_path / "imported.safetensors"],
-                 ["import", files["weights.keras"], "--out", tmp_path / "imported2.safetensors"]]
+    runs = [["eval", files["model.safetensors"], "--data-dir", data],
+            ["eval-pairs", files["model.pt"], "--data-dir", data],
+            ["train", "--spec", files["spec.json"], "--data-dir", data, "--out", tmp_path / "run"],
+            ["inspect", files["digit.npy"], "--model", good_model],
+            ["inspect", files["digit.png"], "--model", good_model],
+            ["import", files["model.pt"], "--out", tmp_path / "imported.safetensors"],
+            ["import", files["weights.keras"], "--out", tmp_path / "imported2.safetensors"]]
     for args in runs:
-        code, _, err = run_cli(args, capsys)
-        assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, (args, err)
+        code, out, err = run_cli(args, capsys)
+        assert_one_line_error(code, out, err)
         assert not sentinel.exists(), args
     with pytest.raises(CapsctlError):
         idx.parse_idx(payload, "labels.idx")
     assert not sentinel.exists()
-    if "import" in names:  # as a user sees it: one line, no warning from the unpickler on stderr
-        p = capsctl(["import", str(files["model.pt"]), "--out", str(tmp_path / "imported.safetensors")])
-        assert p.returncode == 2 and p.stderr.count("\n") == 1 and p.stderr.startswith("error: "), p.stderr
-        assert "weights_only" not in p.stderr  # torch's own hint (weights_only=False) would run the file's code
-        assert not sentinel.exists()
+    # as a user sees it: one line, no warning from the unpickler on stderr
+    p = capsctl(["import", str(files["model.pt"]), "--out", str(tmp_path / "imported.safetensors")])
+    assert_one_line_error(p.returncode, p.stdout, p.stderr)
+    assert "weights_only" not in p.stderr  # torch's own hint (weights_only=False) would run the file's code
+    assert not sentinel.exists()

@@ -9,7 +9,6 @@ thousands with the `slow` marker (CI runs both).
 from __future__ import annotations
 
 import contextlib
-import gzip
 import io
 import json
 import signal
@@ -34,8 +33,12 @@ from capsctl.model.weights import (
     load_model,
 )
 
+from ._helpers import gz, idx_bytes, join_safetensors, split_safetensors
+
 DEFAULT_EXAMPLES = 250  # per test below, in the default run
 SLOW_EXAMPLES = 2500  # per test, under the slow marker
+EXAMPLES = [pytest.param(DEFAULT_EXAMPLES, id="default"),
+            pytest.param(SLOW_EXAMPLES, id="slow", marks=pytest.mark.slow)]
 HANG_SECONDS = 20  # one input taking this long is a hang, whatever the machine's load
 
 
@@ -60,7 +63,8 @@ def no_hang(seconds: float = HANG_SECONDS):
 def fuzz_settings(n: int):
     # deadline: a generous per-example bound (the machine is shared); the alarm above catches real hangs
     return settings(max_examples=n, deadline=timedelta(seconds=5), print_blob=True,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                           HealthCheck.filter_too_much])
 
 
 def only_capsctl_errors(fn, *args, **kwargs):
@@ -75,12 +79,14 @@ def only_capsctl_errors(fn, *args, **kwargs):
 
 # -- mutations --------------------------------------------------------------------------------------------
 
-EDGE_INTS = [0, 1, 2, 3, 4, 8, 255, 256, 2**15, 2**16 - 1, 2**31 - 1, 2**31, 2**32 - 1, 2**63 - 1, 2**63, 2**64 - 1]
+EDGE_INTS = [0, 1, 2, 3, 4, 8, 255, 256, 2**15, 2**16 - 1, 2**31 - 1, 2**31, 2**32 - 1, 2**63 - 1, 2**63,
+             2**64 - 1]
 
 
 @st.composite
 def mutated(draw, base: bytes, fields: tuple[tuple[int, str], ...] = ()):
-    """`base` with 1-4 edits: byte flips, cuts, insertions, truncation, or an integer field set to an edge value."""
+    """`base` with 1-4 edits: byte flips, cuts, insertions, truncation, or an integer field set to an edge
+    value."""
     b = bytearray(base)
     for _ in range(draw(st.integers(1, 4))):
         op = draw(st.sampled_from(["flip", "delete", "insert", "truncate", "field"] if fields else
@@ -112,18 +118,10 @@ JSON_VALUES = st.recursive(
 
 # -- IDX --------------------------------------------------------------------------------------------------
 
-def _idx(arr: np.ndarray, code: int = 0x08) -> bytes:
-    return struct.pack(">HBB", 0, code, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape) + arr.tobytes()
-
-
 _IMAGES = np.random.default_rng(0).integers(0, 256, (6, 5, 4), dtype=np.uint8)
 _LABELS = np.arange(6, dtype=np.uint8)
-IDX_BASES = [_idx(_IMAGES), _idx(_LABELS), _idx(_IMAGES.astype(">f4"), 0x0D)]
+IDX_BASES = [idx_bytes(_IMAGES), idx_bytes(_LABELS), idx_bytes(_IMAGES.astype(">f4"), 0x0D)]
 IDX_FIELDS = ((0, ">H"), (2, ">B"), (3, ">B"), (4, ">I"), (8, ">I"), (12, ">I"))
-
-
-def _gzip(data: bytes) -> bytes:
-    return gzip.compress(data, mtime=0)
 
 
 @st.composite
@@ -139,8 +137,8 @@ def wellformed_idx(draw):
 IDX_INPUTS = st.one_of(
     wellformed_idx(),
     st.sampled_from(IDX_BASES).flatmap(lambda b: mutated(b, IDX_FIELDS)),
-    st.sampled_from(IDX_BASES).flatmap(lambda b: mutated(b, IDX_FIELDS)).map(_gzip),  # damaged IDX, good gzip
-    st.sampled_from(IDX_BASES).flatmap(lambda b: mutated(_gzip(b))),  # damaged gzip
+    st.sampled_from(IDX_BASES).flatmap(lambda b: mutated(b, IDX_FIELDS)).map(gz),  # damaged IDX, good gzip
+    st.sampled_from(IDX_BASES).flatmap(lambda b: mutated(gz(b))),  # damaged gzip
     st.binary(max_size=256),
     st.binary(max_size=64).map(lambda b: b"\x1f\x8b" + b),
 )
@@ -159,57 +157,38 @@ def _check_idx(tmp: Path, data: bytes) -> None:
         assert labels.dtype == np.int64 and labels.ndim == 1 and (labels < 10).all()
 
 
-def _idx_test(n: int):
-    @fuzz_settings(n)
-    @given(data=IDX_INPUTS)
-    def run(tmp: Path, data: bytes) -> None:
-        _check_idx(tmp, data)
-
-    return run
-
-
-def test_fuzz_idx(tmp_path_factory):
-    _idx_test(DEFAULT_EXAMPLES)(tmp_path_factory.mktemp("fuzz-idx") / "f-idx3-ubyte")
-
-
-@pytest.mark.slow
-def test_fuzz_idx_slow(tmp_path_factory):
-    _idx_test(SLOW_EXAMPLES)(tmp_path_factory.mktemp("fuzz-idx") / "f-idx3-ubyte")
+@pytest.mark.parametrize("examples", EXAMPLES)
+def test_fuzz_idx(tmp_path_factory, examples):
+    check = fuzz_settings(examples)(given(data=IDX_INPUTS)(_check_idx))
+    check(tmp_path_factory.mktemp("fuzz-idx") / "f-idx3-ubyte")
 
 
 def test_fuzz_idx_valid_bases_pass():
     # the mutations start from files the parser accepts (else the fuzzer only tests the first check)
     for base in IDX_BASES:
         assert idx.parse_idx(base, "x").size > 0
-        assert idx.parse_idx(_gzip(base), "x").size > 0
+        assert idx.parse_idx(gz(base), "x").size > 0
 
 
 # -- weight files ---------------------------------------------------------------------------------------
 
 _SPECS = [
-    ModelSpec.from_dict({"trunk": [{"type": "conv", "filters": 3, "kernel": 3}, {"type": "avgpool", "size": 2}],
+    ModelSpec.from_dict({"trunk": [{"type": "conv", "filters": 3, "kernel": 3},
+                                   {"type": "avgpool", "size": 2}],
                          "capsule": {"dim": 2, "routings": 2}}),
-    ModelSpec.from_dict({"trunk": [{"type": "conv", "filters": 2, "kernel": 2}], "head": "pool", "pool": {"hidden": 3}}),
+    ModelSpec.from_dict({"trunk": [{"type": "conv", "filters": 2, "kernel": 2}], "head": "pool",
+                         "pool": {"hidden": 3}}),
     ModelSpec.from_dict({"trunk": [{"type": "conv", "filters": 2, "kernel": 3}], "num_classes": 3,
                          "capsule": {"dim": 2, "shared": False, "num_inputs": 4}}),
 ]
-WEIGHT_BASES = [encode_safetensors(init_weights(s, 0), {"format": MODEL_FORMAT, "spec": s.to_json()}) for s in _SPECS]
-
-
-def _split(data: bytes) -> tuple[dict, bytes]:
-    (n,) = struct.unpack("<Q", data[:8])
-    return json.loads(data[8 : 8 + n]), data[8 + n :]
-
-
-def _join(header: dict, body: bytes) -> bytes:
-    head = json.dumps(header).encode()
-    return struct.pack("<Q", len(head)) + head + body
+WEIGHT_BASES = [encode_safetensors(init_weights(s, 0), {"format": MODEL_FORMAT, "spec": s.to_json()})
+                for s in _SPECS]
 
 
 @st.composite
 def header_edits(draw):
     """A valid model file whose JSON header has one field (tensor entry, metadata or spec) replaced."""
-    header, body = _split(draw(st.sampled_from(WEIGHT_BASES)))
+    header, body = split_safetensors(draw(st.sampled_from(WEIGHT_BASES)))
     name = draw(st.sampled_from(sorted(header)))
     value = draw(JSON_VALUES)
     where = draw(st.sampled_from(["entry", "field", "spec", "offsets"]))
@@ -217,9 +196,10 @@ def header_edits(draw):
         if where == "spec":
             spec = json.loads(header[name]["spec"])
             path = draw(st.sampled_from(["in_channels", "num_classes", "head", "trunk", "capsule", "pool",
-                                         "capsule.dim", "capsule.routings", "capsule.routing", "capsule.squash",
-                                         "capsule.shared", "capsule.num_inputs", "pool.hidden", "trunk.0",
-                                         "trunk.0.filters", "trunk.0.kernel", "trunk.0.type"]))
+                                         "capsule.dim", "capsule.routings", "capsule.routing",
+                                         "capsule.squash", "capsule.shared", "capsule.num_inputs",
+                                         "pool.hidden", "trunk.0", "trunk.0.filters", "trunk.0.kernel",
+                                         "trunk.0.type"]))
             target = spec
             *parents, last = path.split(".")
             for p in parents:
@@ -242,7 +222,7 @@ def header_edits(draw):
                                                             [start + delta, stop + delta]]))
     else:
         header[name] = value
-    return _join(header, body)
+    return join_safetensors(header, body)
 
 
 @st.composite
@@ -276,22 +256,10 @@ def _check_weights(tmp: Path, data: bytes) -> None:
         assert all(w.dtype == np.float32 and np.isfinite(w).all() for w in weights.values())
 
 
-def _weights_test(n: int):
-    @fuzz_settings(n)
-    @given(data=WEIGHT_INPUTS)
-    def run(tmp: Path, data: bytes) -> None:
-        _check_weights(tmp, data)
-
-    return run
-
-
-def test_fuzz_weight_files(tmp_path_factory):
-    _weights_test(DEFAULT_EXAMPLES)(tmp_path_factory.mktemp("fuzz-w") / "m.safetensors")
-
-
-@pytest.mark.slow
-def test_fuzz_weight_files_slow(tmp_path_factory):
-    _weights_test(SLOW_EXAMPLES)(tmp_path_factory.mktemp("fuzz-w") / "m.safetensors")
+@pytest.mark.parametrize("examples", EXAMPLES)
+def test_fuzz_weight_files(tmp_path_factory, examples):
+    check = fuzz_settings(examples)(given(data=WEIGHT_INPUTS)(_check_weights))
+    check(tmp_path_factory.mktemp("fuzz-w") / "m.safetensors")
 
 
 def test_fuzz_weight_valid_bases_pass(tmp_path):
@@ -325,7 +293,9 @@ def _image_bases() -> list[tuple[str, bytes]]:
     save("scan.tif", Image.fromarray(gray))
     save("web.webp", Image.fromarray(gray))
     save("net.ppm", Image.fromarray(np.dstack([gray, gray, gray]), "RGB"))
-    for name, arr in (("u8.npy", gray), ("f32.npy", gray.astype(np.float32) / 255), ("rgb.npy", np.dstack([gray] * 3))):
+    arrays = (("u8.npy", gray), ("f32.npy", gray.astype(np.float32) / 255),
+              ("rgb.npy", np.dstack([gray] * 3)))
+    for name, arr in arrays:
         buf = io.BytesIO()
         np.save(buf, arr, allow_pickle=False)
         out.append((name, buf.getvalue()))
@@ -334,7 +304,8 @@ def _image_bases() -> list[tuple[str, bytes]]:
 
 IMAGE_BASES = _image_bases()
 # PNG/BMP/GIF/TIFF keep the width and height at fixed places; set them to edge values to reach the size checks
-IMAGE_FIELDS = {".png": ((16, ">I"), (20, ">I")), ".bmp": ((18, "<I"), (22, "<I")), ".gif": ((6, "<H"), (8, "<H"))}
+IMAGE_FIELDS = {".png": ((16, ">I"), (20, ">I")), ".bmp": ((18, "<I"), (22, "<I")),
+                ".gif": ((6, "<H"), (8, "<H"))}
 
 
 @st.composite
@@ -378,23 +349,15 @@ def _check_image(folder: Path, name: str, data: bytes, invert: str, resize) -> N
             assert img.shape == resize
 
 
-def _images_test(n: int):
-    @fuzz_settings(n)
+@pytest.mark.parametrize("examples", EXAMPLES)
+def test_fuzz_images(tmp_path_factory, examples):
+    @fuzz_settings(examples)
     @given(case=image_inputs(), invert=st.sampled_from(["auto", "yes", "no"]),
            resize=st.none() | st.tuples(st.integers(1, 40), st.integers(1, 40)))
-    def run(folder: Path, case: tuple[str, bytes], invert: str, resize) -> None:
+    def check(folder: Path, case: tuple[str, bytes], invert: str, resize) -> None:
         _check_image(folder, case[0], case[1], invert, resize)
 
-    return run
-
-
-def test_fuzz_images(tmp_path_factory):
-    _images_test(DEFAULT_EXAMPLES)(tmp_path_factory.mktemp("fuzz-img"))
-
-
-@pytest.mark.slow
-def test_fuzz_images_slow(tmp_path_factory):
-    _images_test(SLOW_EXAMPLES)(tmp_path_factory.mktemp("fuzz-img"))
+    check(tmp_path_factory.mktemp("fuzz-img"))
 
 
 def test_fuzz_image_valid_bases_pass(tmp_path):

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import struct
-import zlib
-from pathlib import Path
-
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -16,6 +12,8 @@ from capsctl.data.images import MAX_PIXELS, is_light_background, load_image, par
 from capsctl.errors import CapsctlError
 from capsctl.model.spec import ModelSpec
 
+from ._helpers import huge_png
+
 
 def digit(h: int = 28, w: int = 28) -> np.ndarray:
     """A white bar on black, uint8, MNIST-like."""
@@ -23,19 +21,6 @@ def digit(h: int = 28, w: int = 28) -> np.ndarray:
     a[h // 4 : 3 * h // 4, w // 2 - 2 : w // 2 + 2] = 255
     a[h // 2, w // 4 : 3 * w // 4] = 128
     return a
-
-
-def png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-
-def huge_png(path: Path, side: int = 20000) -> None:
-    """A valid all-black 1-bit PNG of side×side pixels (a few kB on disk, 400 Mpixel decoded)."""
-    row = b"\x00" * (1 + (side + 7) // 8)
-    comp = zlib.compressobj(9)
-    body = b"".join(comp.compress(row * 1000) for _ in range(side // 1000)) + comp.flush()
-    ihdr = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", body) + png_chunk(b"IEND", b""))
 
 
 # -- accepted inputs ----------------------------------------------------------------------------
@@ -155,7 +140,8 @@ def test_npy_colour_and_alpha(tmp_path):
     rgb = np.zeros((6, 7, 3), np.uint8)
     rgb[2:4, 2:5] = (255, 255, 255)
     np.save(tmp_path / "rgb.npy", rgb)
-    np.testing.assert_allclose(load_image(tmp_path / "rgb.npy"), (rgb[..., 0] == 255).astype(float), atol=1e-6)
+    np.testing.assert_allclose(load_image(tmp_path / "rgb.npy"), (rgb[..., 0] == 255).astype(float),
+                               atol=1e-6)
     rgba = np.zeros((6, 7, 4), np.float32)
     rgba[2:4, 2:5, 3] = 1.0  # black ink where opaque, transparent elsewhere
     np.save(tmp_path / "rgba.npy", rgba)
@@ -191,9 +177,11 @@ def test_empty_and_missing_files_and_folders(tmp_path):
 def test_huge_image_refused_before_decoding(tmp_path):
     huge_png(tmp_path / "huge.png")
     assert (tmp_path / "huge.png").stat().st_size < 200_000
-    with pytest.raises(CapsctlError, match=r"huge\.png: image (is 20000x20000 = |has )400,000,000 pixels.*before decoding"):
+    with pytest.raises(CapsctlError,
+                       match=r"huge\.png: image (is 20000x20000 = |has )400,000,000 pixels.*before decoding"):
         load_image(tmp_path / "huge.png")
-    np.lib.format.open_memmap(tmp_path / "huge.npy", mode="w+", dtype=np.uint8, shape=(1, 1))  # header only below
+    # header only below
+    np.lib.format.open_memmap(tmp_path / "huge.npy", mode="w+", dtype=np.uint8, shape=(1, 1))
     header = {"descr": "|u1", "fortran_order": False, "shape": (20000, 20000)}
     with open(tmp_path / "huge.npy", "wb") as f:
         np.lib.format.write_array_header_1_0(f, header)
@@ -201,13 +189,15 @@ def test_huge_image_refused_before_decoding(tmp_path):
         load_image(tmp_path / "huge.npy")
     assert MAX_PIXELS < 20000 * 20000
     huge_png(tmp_path / "big.png", side=5000)  # under Pillow's own limit, over ours
-    with pytest.raises(CapsctlError, match=r"big\.png: image is 5000x5000 = 25,000,000 pixels, over the limit"):
+    with pytest.raises(CapsctlError,
+                       match=r"big\.png: image is 5000x5000 = 25,000,000 pixels, over the limit"):
         load_image(tmp_path / "big.png")
 
 
 def test_truncated_png_and_jpeg(tmp_path):
     rng = np.random.default_rng(0)
-    noisy = rng.integers(0, 256, (64, 64), dtype=np.uint8)  # incompressible, so half the file is half the data
+    # incompressible, so half the file is half the data
+    noisy = rng.integers(0, 256, (64, 64), dtype=np.uint8)
     Image.fromarray(noisy).save(tmp_path / "full.png")
     data = (tmp_path / "full.png").read_bytes()
     (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
@@ -274,7 +264,8 @@ def test_bad_options(tmp_path):
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
-    prefix=st.sampled_from([b"", b"\x89PNG\r\n\x1a\n", b"\x93NUMPY\x01\x00", b"\xff\xd8\xff", b"BM", b"GIF89a"]),
+    prefix=st.sampled_from(
+        [b"", b"\x89PNG\r\n\x1a\n", b"\x93NUMPY\x01\x00", b"\xff\xd8\xff", b"BM", b"GIF89a"]),
     body=st.binary(max_size=300),
     suffix=st.sampled_from([".png", ".npy", ".jpg", ".bin"]),
 )

@@ -43,7 +43,8 @@ def blob_trace(grid: tuple[int, int], spots: dict[int, tuple[int, int]], j: int 
 
 
 def test_deltas_and_entropy():
-    c = np.array([[[0.5, 0.5], [0.5, 0.5]], [[0.9, 0.1], [0.1, 0.9]], [[1.0, 0.0], [0.0, 1.0]]])  # (R=3, J=2, N=2)
+    # (R=3, J=2, N=2)
+    c = np.array([[[0.5, 0.5], [0.5, 0.5]], [[0.9, 0.1], [0.1, 0.9]], [[1.0, 0.0], [0.0, 1.0]]])
     d = coupling_deltas(c)
     assert d[0] is None
     assert d[1] == pytest.approx(0.4) and d[2] == pytest.approx(0.1)
@@ -157,34 +158,31 @@ def test_reference_trace_feeds_a_json_able_inspection():
     assert sorted(d["order"]) == sorted(d["top"]) and set(d["centres"]) == {str(j) for j in d["top"]}
 
 
-def _check_backend_against_reference(name: str, routing: str) -> None:
-    from capsctl.backend import get_backend
-
+@pytest.mark.parametrize("routing", ["su", "sabour", "su-unit"])
+def test_backend_trace_matches_reference(backend, routing):
     spec = ModelSpec(trunk=(ConvLayer(8), AvgPoolLayer(2), ConvLayer(16))).with_capsule(routing=routing)
     weights = sharp_weights(spec, seed=1)
     x = np.concatenate([composite(0), composite(1)])
     ref_scores, ref = reference.forward(spec, weights, x, routings=5)
-    scores, trace = get_backend(name).runner(spec, weights).trace(x, routings=5)
+    scores, trace = backend.runner(spec, weights).trace(x, routings=5)
     assert ref is not None and trace.couplings.shape == ref.couplings.shape == (2, 5, 10, 17 * 11)
     assert ref.couplings[:, -1].std() > 0.01  # the test means something: couplings are far from uniform
     np.testing.assert_allclose(scores, ref_scores, atol=1e-4)
     np.testing.assert_allclose(trace.couplings, ref.couplings, atol=1e-4)
-    np.testing.assert_allclose(trace.agreement, ref.agreement, atol=1e-4 * max(1.0, float(np.abs(ref.agreement).max())))
+    agreement_atol = 1e-4 * max(1.0, float(np.abs(ref.agreement).max()))
+    np.testing.assert_allclose(trace.agreement, ref.agreement, atol=agreement_atol)
     for i in range(2):
         a = inspect_one(spec, scores[i], (40, 28), trace.couplings[i], trace.agreement[i], top=2)
         b = inspect_one(spec, ref_scores[i], (40, 28), ref.couplings[i], ref.agreement[i], top=2)
-        assert a.order == b.order and a.top == b.top
         np.testing.assert_allclose(a.entropy, b.entropy, atol=1e-4)
-        np.testing.assert_allclose(a.centres[a.top], b.centres[b.top], atol=1e-2)
+        np.testing.assert_allclose(a.centres[b.top], b.centres[b.top], atol=1e-2)
+        # The same top-2 (in order) and reading order follow from the closeness above only away from
+        # ties: the reference's margins must exceed twice the backend's actual difference. (These
+        # saturated scores lie 1.6e-4 apart, inside the 1e-4 tolerance, but float32 is ~1e-7 off.)
+        ranked = np.sort(ref_scores[i])[::-1]
+        assert min(ranked[0] - ranked[1], ranked[1] - ranked[2]) > 2 * np.abs(scores[i] - ref_scores[i]).max()
+        axis = 0 if b.direction == "top-to-bottom" else 1
+        apart = abs(b.centres[b.top[0], axis] - b.centres[b.top[1], axis])
+        assert apart > 2 * np.abs(a.centres[b.top] - b.centres[b.top]).max(), b.centres[b.top]
+        assert a.order == b.order and a.top == b.top
 
-
-@pytest.mark.torch
-@pytest.mark.parametrize("routing", ["su", "sabour", "su-unit"])
-def test_torch_trace_matches_reference(routing):
-    _check_backend_against_reference("torch", routing)
-
-
-@pytest.mark.keras
-@pytest.mark.parametrize("routing", ["su", "sabour"])
-def test_keras_trace_matches_reference(routing):
-    _check_backend_against_reference("keras", routing)

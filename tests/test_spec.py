@@ -21,7 +21,8 @@ def test_defaults_are_the_seed_experiment():
             {"type": "conv", "filters": 128, "kernel": 3},
         ],
         "head": "capsule",
-        "capsule": {"dim": 16, "routings": 3, "routing": "su", "squash": "su", "shared": True, "num_inputs": None},
+        "capsule": {"dim": 16, "routings": 3, "routing": "su", "squash": "su", "shared": True,
+                    "num_inputs": None},
         "pool": {"hidden": 128},
     }
 
@@ -58,7 +59,8 @@ def test_shapes_and_grid():
     assert shapes["trunk.0.kernel"] == (3, 3, 1, 64)
     assert shapes["trunk.3.kernel"] == (3, 3, 128, 128)
     assert shapes["head.capsule.kernel"] == (128, 160)
-    assert expected_shapes(spec.with_capsule(shared=False, num_inputs=64))["head.capsule.kernel"] == (64, 128, 160)
+    shapes = expected_shapes(spec.with_capsule(shared=False, num_inputs=64))
+    assert shapes["head.capsule.kernel"] == (64, 128, 160)
     with pytest.raises(CapsctlError, match="too small"):
         spec.trunk_grid(13, 28)
 

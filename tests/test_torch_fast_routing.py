@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-torch = pytest.importorskip("torch")
+from capsctl.model.spec import default_spec
 
-from capsctl.model.spec import default_spec  # noqa: E402
+pytestmark = pytest.mark.torch  # torch is imported inside the tests: collecting needs no torch
 
 VARIANTS = [("su", "su"), ("sabour", "sabour"), ("su-unit", "su"), ("sabour", "su")]
 
 
-@pytest.mark.torch
 @pytest.mark.parametrize(("routing", "squash"), VARIANTS)
 @pytest.mark.parametrize("routings", [1, 3])
 def test_route_shared_matches_route_over_u_hat(routing, squash, routings):
+    import torch
     from capsctl_torch._layers import route, route_shared
 
     gen = torch.Generator().manual_seed(0)
@@ -36,8 +36,8 @@ def test_route_shared_matches_route_over_u_hat(routing, squash, routings):
     torch.testing.assert_close(w2.grad, w1.grad)
 
 
-@pytest.mark.torch
 def test_head_uses_the_shared_path_and_scores_match():
+    import torch
     from capsctl_torch._layers import CapsuleHead, route, safe_norm
 
     spec = default_spec("capsule")

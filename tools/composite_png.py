@@ -1,6 +1,6 @@
 """Save one test-set composite (the paired-digit protocol, capsctl.composites) as a PNG.
 
-    python bench/composite_png.py --data-dir ../shared/data/mnist-5k --index 3 --out two.png
+    python tools/composite_png.py --data-dir ../shared/data/mnist-5k --index 3 --out two.png
     capsctl inspect two.png --model RUN/model.safetensors --top 2 --out maps.png
 
 Prints the composite's labels in placement order (top to bottom / left to right).

@@ -1,12 +1,12 @@
 """Regenerate the model that ships inside capsctl (capsctl/model/capsule-mnist5k.safetensors).
 
-    python tools/make_shipped_model.py                 # train (default recipe, seed 0, embedded mnist-5k), score, write
-    python tools/make_shipped_model.py --run RUN       # package an existing `capsctl train` run folder instead
+    python tools/make_shipped_model.py            # train (default recipe, seed 0, mnist-5k), score, write
+    python tools/make_shipped_model.py --run RUN  # package an existing `capsctl train` run folder instead
 
-It trains the capsule head exactly as `capsctl train` does with no options, scores it on the full test set and on
-vertical and horizontal pairs (the README's headline), records a small `check` (scores of the first test images and
-pairs, which tests/test_shipped.py reproduces on every backend), and writes the model with its provenance in the
-file's metadata and in docs/SHIPPED-MODEL.md.
+It trains the capsule head exactly as `capsctl train` does with no options, scores it on the full test set
+and on vertical and horizontal pairs (the README's headline), records a small `check` (scores of the first
+test images and pairs, which tests/test_shipped.py reproduces on every backend), and writes the model with
+its provenance in the file's metadata and in docs/SHIPPED-MODEL.md.
 """
 
 from __future__ import annotations
@@ -39,9 +39,16 @@ CHECK_PAIRS = 200
 
 def _commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, check=True).stdout.strip()
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
         return out.stdout.strip() + ("+local changes" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -62,8 +69,13 @@ def main() -> int:
         tmp = Path(tempfile.mkdtemp(prefix="capsctl-shipped-"))
         run = tmp / "run"
         recipe = get_recipe("default")
-        cfg = TrainConfig(backend=args.backend, dataset="mnist-5k", seed=args.seed, recipe=recipe.name,
-                          **recipe.settings("capsule"))
+        cfg = TrainConfig(
+            backend=args.backend,
+            dataset="mnist-5k",
+            seed=args.seed,
+            recipe=recipe.name,
+            **recipe.settings("capsule"),
+        )
         from capsctl.model.spec import ModelSpec
 
         train(backend, ModelSpec(head="capsule"), cfg, ds.train(), None, run)
@@ -79,14 +91,18 @@ def main() -> int:
     for layout in ("vertical", "horizontal"):
         c = make_composites(test.images, test.labels, digits=2, layout=layout, seed=0)
         r = score_sets(runner.scores(c.images), c.labels)
-        pairs[layout] = {"n": r["pairs"], "accuracy": r["accuracy"], "confident_accuracy": r["confident_accuracy"]}
+        pairs[layout] = {
+            "n": r["pairs"],
+            "accuracy": r["accuracy"],
+            "confident_accuracy": r["confident_accuracy"],
+        }
     c = make_composites(test.images, test.labels, digits=2, layout="vertical", seed=0, limit=CHECK_PAIRS)
     check = {
         "test_images": CHECK_IMAGES,
         "test_correct": int((scores[:CHECK_IMAGES].argmax(1) == test.labels[:CHECK_IMAGES]).sum()),
         "test_scores_sum": float(scores[:CHECK_IMAGES].astype(np.float64).sum()),
         "vertical_pairs": CHECK_PAIRS,
-        "vertical_correct": int(round(score_sets(runner.scores(c.images), c.labels)["accuracy"] * CHECK_PAIRS)),
+        "vertical_correct": round(score_sets(runner.scores(c.images), c.labels)["accuracy"] * CHECK_PAIRS),
     }
     record = {
         "command": command,
@@ -94,7 +110,7 @@ def main() -> int:
         "config": json.loads(ck.config.to_json()),
         "seed": ck.config.seed,
         "commit": _commit(),
-        "dataset": "mnist-5k (embedded: 5,000 MNIST training digits; scored on the official 10,000 test digits)",
+        "dataset": "mnist-5k (embedded: 5,000 MNIST training digits; scored on the 10,000 test digits)",
         "backend": f"{args.backend} ({backend.describe()})",
         "capsctl_version": capsctl.__version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -110,7 +126,8 @@ def main() -> int:
     doc.write_text(
         "# The shipped model\n\n"
         f"`capsctl/model/{SHIPPED_MODEL.name}` ships inside the package, so `capsctl inspect image.png`, "
-        "`capsctl eval-pairs` and `capsctl predict` work right after install with no model given (they say so "
+        "`capsctl eval-pairs` and `capsctl predict` work right after install with no model given (they say "
+        "so "
         "in one line). It is the capsule head trained by the default recipe on the embedded mnist-5k set; "
         "the same record is in the file's metadata entry `provenance`.\n\n"
         "| field | value |\n|---|---|\n"
@@ -121,12 +138,16 @@ def main() -> int:
         f"| created | {record['created']} |\n"
         f"| test accuracy (10,000) | {test_acc:.2%} |\n"
         f"| vertical pairs (accuracy / confident) | {v['accuracy']:.2%} / {v['confident_accuracy']:.2%} |\n"
-        f"| horizontal pairs (accuracy / confident) | {h['accuracy']:.2%} / {h['confident_accuracy']:.2%} |\n\n"
+        f"| horizontal pairs (accuracy / confident) | {h['accuracy']:.2%} / {h['confident_accuracy']:.2%} "
+        "|\n\n"
         f"Check that tests reproduce on every backend: first {CHECK_IMAGES} test digits "
-        f"{check['test_correct']} right; first {CHECK_PAIRS} vertical pairs {check['vertical_correct']} right.\n"
+        f"{check['test_correct']} right; first {CHECK_PAIRS} vertical pairs {check['vertical_correct']} "
+        "right.\n"
     )
-    print(f"wrote {SHIPPED_MODEL} and {doc}: test {test_acc:.2%}, vertical {v['accuracy']:.2%} / "
-          f"{v['confident_accuracy']:.2%}, horizontal {h['accuracy']:.2%} / {h['confident_accuracy']:.2%}")
+    print(
+        f"wrote {SHIPPED_MODEL} and {doc}: test {test_acc:.2%}, vertical {v['accuracy']:.2%} / "
+        f"{v['confident_accuracy']:.2%}, horizontal {h['accuracy']:.2%} / {h['confident_accuracy']:.2%}"
+    )
     return 0
 
 

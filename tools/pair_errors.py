@@ -6,7 +6,7 @@ in the second group, the pair score is bounded by single-item accuracy (the reci
 not by the routing's handling of two objects. Also prints the bound an independent-errors model
 gives: (single accuracy)^k.
 
-    python bench/pair_errors.py MODEL --dataset fashion-mnist [--data-dir DIR] [--backend torch]
+    python tools/pair_errors.py MODEL --dataset fashion-mnist [--data-dir DIR] [--backend torch]
 """
 
 from __future__ import annotations

@@ -57,11 +57,12 @@ if TYPE_CHECKING:  # mypy holds the class to the protocol; nothing runs
 
 def load_model(path: str) -> Any:
     """Open a `capsctl export --format keras` file as a plain Keras model (safe_mode, no custom code
-    beyond this package's registered layers): `capsctl_keras.load_model("m.keras").predict(x)`."""
+    beyond this package's registered layers): `capsctl_keras.load_model("m.keras").predict(x)` gives
+    the scores, or [scores, reconstruction from the top capsule] for a model with a decoder."""
     from capsctl.errors import CapsctlError
 
     from ._env import keras
-    from ._layers import CapsNet  # registers capsctl>CapsNet and capsctl>CapsuleHead
+    from ._layers import CapsNet  # registers capsctl>CapsNet, CapsuleHead and CapsuleDecoder
 
     model = keras.saving.load_model(path, compile=False, safe_mode=True)
     if not isinstance(model, CapsNet):

@@ -96,11 +96,12 @@ class CapsuleHead(keras.layers.Layer):
 
     def __init__(
         self, num_classes: int, dim: int, routings: int, routing: str, squash: str, shared: bool = True,
-        num_inputs: int | None = None, **kwargs: Any,
+        num_inputs: int | None = None, with_capsules: bool = False, **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.num_classes, self.dim, self.routings = num_classes, dim, routings
         self.routing, self.squash, self.shared, self.num_inputs = routing, squash, shared, num_inputs
+        self.with_capsules = with_capsules  # call returns [scores, v (B, J, D)] (feeds the decoder)
 
     def build(self, input_shape: tuple) -> None:
         c, width = input_shape[-1], self.num_classes * self.dim
@@ -126,23 +127,77 @@ class CapsuleHead(keras.layers.Layer):
 
     def call(self, f: Any) -> Any:
         v, _, _ = self._route(f, self.routings, False)
-        return safe_norm(v)
+        return [safe_norm(v), v] if self.with_capsules else safe_norm(v)
+
+    def capsules(self, f: Any) -> Any:
+        """Output capsules v (B, J, D)."""
+        return self._route(f, self.routings, False)[0]
 
     def trace(self, f: Any, routings: int | None = None) -> tuple[Any, Any, Any]:
         """Scores (B, J) and the stacked trace: couplings and agreements (B, R, J, N)."""
         v, cs, ags = self._route(f, routings or self.routings, True)
         return safe_norm(v), ops.stack(cs, axis=1), ops.stack(ags, axis=1)
 
-    def compute_output_shape(self, input_shape: tuple) -> tuple:
-        return (input_shape[0], self.num_classes)
+    def compute_output_shape(self, input_shape: tuple) -> Any:
+        scores = (input_shape[0], self.num_classes)
+        return [scores, (input_shape[0], self.num_classes, self.dim)] if self.with_capsules else scores
 
     def get_config(self) -> dict[str, Any]:
         return {
             **super().get_config(),
             "num_classes": self.num_classes, "dim": self.dim, "routings": self.routings,
             "routing": self.routing, "squash": self.squash,
-            "shared": self.shared, "num_inputs": self.num_inputs,
+            "shared": self.shared, "num_inputs": self.num_inputs, "with_capsules": self.with_capsules,
         }
+
+
+def mask(v: Any, onehot: Any) -> Any:
+    """v (B, J, D) with every capsule but the one-hot's set to zero."""
+    return v * ops.expand_dims(ops.cast(onehot, v.dtype), -1)
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class CapsuleDecoder(keras.layers.Layer):
+    """[v (B, J, D), scores (B, J)] -> the reconstruction (B, H, W, C) from the top-scoring capsule.
+
+    `decode` takes capsules already masked: Dense+ReLU per hidden width, Dense(H·W·C)+sigmoid.
+    The dense layers are `decoder_dense{k}` (see _weights)."""
+
+    def __init__(self, hidden: list[int], image_shape: list[int], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.hidden, self.image_shape = [int(x) for x in hidden], [int(x) for x in image_shape]
+        widths = [*self.hidden, self.image_shape[0] * self.image_shape[1] * self.image_shape[2]]
+        self.dense = [
+            keras.layers.Dense(
+                width, activation="relu" if k < len(self.hidden) else "sigmoid", name=f"decoder_dense{k}",
+                kernel_initializer="zeros",
+            )
+            for k, width in enumerate(widths)
+        ]
+
+    def build(self, input_shapes: Any) -> None:
+        v_shape = input_shapes[0]
+        width = v_shape[1] * v_shape[2]
+        for layer in self.dense:
+            layer.build((None, width))
+            width = layer.units
+
+    def decode(self, masked: Any) -> Any:
+        shape = ops.shape(masked)
+        x = ops.reshape(masked, (shape[0], -1))
+        for layer in self.dense:
+            x = layer(x)
+        return ops.reshape(x, (shape[0], *self.image_shape))
+
+    def call(self, inputs: Any) -> Any:
+        v, scores = inputs
+        return self.decode(mask(v, ops.one_hot(ops.argmax(scores, axis=1), ops.shape(scores)[1])))
+
+    def compute_output_shape(self, input_shapes: Any) -> tuple:
+        return (input_shapes[0][0], *self.image_shape)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "hidden": self.hidden, "image_shape": self.image_shape}
 
 
 def Trunk(spec: ModelSpec) -> list[keras.layers.Layer]:
@@ -175,13 +230,15 @@ def PoolHead(spec: ModelSpec) -> list[keras.layers.Layer]:
 def capsule_head(spec: ModelSpec) -> CapsuleHead:
     c = spec.capsule
     return CapsuleHead(
-        spec.num_classes, c.dim, c.routings, c.routing, c.squash, c.shared, c.num_inputs, name="head_capsule"
+        spec.num_classes, c.dim, c.routings, c.routing, c.squash, c.shared, c.num_inputs,
+        with_capsules=spec.decoder is not None, name="head_capsule",
     )
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class CapsNet(keras.Model):
-    """Trunk + head as a functional graph on images (B, H, W, C) of any size -> scores (B, J).
+    """Trunk + head as a functional graph on images (B, H, W, C) of any size -> scores (B, J);
+    with a decoder, [scores (B, J), reconstruction (B, H, W, C) from the top-scoring capsule].
 
     Its config is just the ModelSpec, so a saved `.keras` file rebuilds from the spec alone and
     loads with `safe_mode=True` (no code is deserialised).
@@ -192,7 +249,13 @@ class CapsNet(keras.Model):
         x = inputs = keras.Input(shape=(None, None, spec.in_channels), name="images")
         for layer in Trunk(spec):
             x = layer(x)
-        if spec.head == "capsule":
+        if spec.head == "capsule" and spec.decoder is not None:
+            dec = spec.decoder
+            assert dec.image_shape is not None  # expected_shapes requires it
+            scores, v = capsule_head(spec)(x)
+            decoder = CapsuleDecoder(list(dec.hidden), list(dec.image_shape), name="decoder")
+            outputs = [scores, decoder([v, scores])]
+        elif spec.head == "capsule":
             outputs = capsule_head(spec)(x)
         else:
             for layer in PoolHead(spec):
@@ -208,6 +271,17 @@ class CapsNet(keras.Model):
     @classmethod
     def from_config(cls, config: dict[str, Any], custom_objects: Any = None) -> CapsNet:
         return cls(**config)
+
+
+def scores_of(out: Any) -> Any:
+    """The scores among a CapsNet's outputs (a decoder model also returns its reconstruction)."""
+    return out[0] if isinstance(out, (list, tuple)) else out
+
+
+def reconstruction_loss(recon: Any, x: Any) -> Any:
+    """Σ over pixels of (reconstruction − input)², mean over the batch."""
+    d = ops.reshape(recon - x, (ops.shape(x)[0], -1))
+    return ops.mean(ops.sum(d * d, axis=1))
 
 
 def margin_loss(p: Any, y: Any) -> Any:

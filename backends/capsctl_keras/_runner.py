@@ -10,7 +10,7 @@ from capsctl.model.reference import RoutingTrace
 from capsctl.model.spec import ModelSpec
 
 from ._env import keras, tf
-from ._layers import CapsNet, CapsuleHead
+from ._layers import CapsNet, CapsuleDecoder, CapsuleHead, mask, scores_of
 from ._weights import assign
 
 
@@ -26,7 +26,7 @@ def predict_fn(model: CapsNet) -> tf.types.experimental.PolymorphicFunction:
     Not jit_compiled: XLA compiles once per distinct input shape, and eval feeds several (the last
     partial batch, 28x28 and 56x28 images); graph mode alone removes the Python overhead."""
     sig = [tf.TensorSpec((None, None, None, model.spec.in_channels), tf.float32)]
-    return tf.function(lambda x: model(x, training=False), input_signature=sig)
+    return tf.function(lambda x: scores_of(model(x, training=False)), input_signature=sig)
 
 
 def batched_scores(fn: tf.types.experimental.PolymorphicFunction, images: np.ndarray, batch_size: int,
@@ -57,3 +57,30 @@ class KerasRunner:
         f = features(tf.constant(np.ascontiguousarray(images, dtype=np.float32)), training=False)
         lengths, cs, ags = head.trace(f, routings)
         return np.asarray(lengths), RoutingTrace(np.asarray(cs), np.asarray(ags))
+
+    def _head(self) -> tuple[keras.Model, CapsuleHead]:
+        head = self.model.get_layer("head_capsule") if self.spec.head == "capsule" else None
+        if not isinstance(head, CapsuleHead):
+            raise ValueError("the pooling head has no capsules")
+        return keras.Model(self.model.inputs, head.input), head  # the trunk, sharing the variables
+
+    def _decoder(self) -> CapsuleDecoder:
+        if self.spec.decoder is None:
+            raise ValueError("this model has no decoder")
+        decoder = self.model.get_layer("decoder")
+        assert isinstance(decoder, CapsuleDecoder)
+        return decoder
+
+    def capsules(self, images: np.ndarray) -> np.ndarray:
+        features, head = self._head()
+        f = features(tf.constant(np.ascontiguousarray(images, dtype=np.float32)), training=False)
+        return np.asarray(head.capsules(f))
+
+    def decode(self, masked: np.ndarray) -> np.ndarray:
+        return np.asarray(self._decoder().decode(tf.constant(np.ascontiguousarray(masked, dtype=np.float32))))
+
+    def reconstruct(self, images: np.ndarray, classes: np.ndarray) -> np.ndarray:
+        decoder = self._decoder()
+        v = tf.constant(self.capsules(images))
+        onehot = tf.one_hot(np.asarray(classes, np.int64), self.spec.num_classes, dtype=tf.float32)
+        return np.asarray(decoder.decode(mask(v, onehot)))

@@ -7,10 +7,10 @@ from collections.abc import Mapping
 import numpy as np
 
 from capsctl.backend import OptimConfig
-from capsctl.model.spec import ModelSpec
+from capsctl.model.spec import ModelSpec, default_recon_weight
 
 from ._env import keras, tf
-from ._layers import margin_loss
+from ._layers import CapsuleDecoder, margin_loss, mask, reconstruction_loss, safe_norm
 from ._runner import batched_scores, build, predict_fn
 from ._weights import read, table, variables
 
@@ -57,6 +57,13 @@ class KerasTrainer:
         self.trainable = list(self.model.trainable_variables)
         self.opt.build(self.trainable)  # create the slots now, outside the compiled step
         self._predict = predict_fn(self.model)
+        self.recon_weight = default_recon_weight(spec) if optim.recon_weight is None else optim.recon_weight
+        if spec.decoder is not None:  # the trunk + head's capsules, and the decoder, sharing the variables
+            head = self.model.get_layer("head_capsule")
+            self._capsules = keras.Model(self.model.inputs, head.output[1])
+            decoder = self.model.get_layer("decoder")
+            assert isinstance(decoder, CapsuleDecoder)
+            self._decoder = decoder
         sig = [
             tf.TensorSpec((None, None, None, spec.in_channels), tf.float32),
             tf.TensorSpec((None, spec.num_classes), tf.float32),
@@ -67,8 +74,14 @@ class KerasTrainer:
     def _train_step(self, x: tf.Tensor, y: tf.Tensor, lr: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         self.opt.learning_rate.assign(lr)
         with tf.GradientTape() as tape:
-            p = self.model(x, training=True)
-            loss = margin_loss(p, y)
+            if self.spec.decoder is None:
+                p = self.model(x, training=True)
+                loss = margin_loss(p, y)
+            else:  # the reconstruction is drawn from the true class's capsule alone
+                v = self._capsules(x, training=True)
+                p = safe_norm(v)
+                recon = self._decoder.decode(mask(v, y))
+                loss = margin_loss(p, y) + self.recon_weight * reconstruction_loss(recon, x)
         grads = tape.gradient(loss, self.trainable)
         self.opt.apply_gradients(zip(grads, self.trainable, strict=True))
         correct = tf.reduce_sum(tf.cast(tf.argmax(p, 1) == tf.argmax(y, 1), tf.int32))

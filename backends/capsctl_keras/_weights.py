@@ -27,6 +27,10 @@ def table(spec: ModelSpec) -> LayoutTable:
         for i in range(2):
             rows[f"head.dense{i}.kernel"] = (f"head_dense{i}/kernel", None)
             rows[f"head.dense{i}.bias"] = (f"head_dense{i}/bias", None)
+    if spec.decoder is not None:
+        for k in range(len(spec.decoder.hidden) + 1):
+            rows[f"decoder.dense{k}.kernel"] = (f"decoder/decoder_dense{k}/kernel", None)
+            rows[f"decoder.dense{k}.bias"] = (f"decoder/decoder_dense{k}/bias", None)
     return rows
 
 

@@ -6,6 +6,8 @@ Formulas follow the spec contract (capsctl.spec); tensors of the capsule head ar
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -135,14 +137,43 @@ class CapsuleHead(nn.Module):
             uh = torch.einsum("bnc,nck->bnk", u, self.kernel)
         return uh.view(bsz, -1, self.j, self.d).transpose(1, 2).contiguous()
 
-    def forward(self, f: torch.Tensor, routings: int | None = None, trace: bool = False):
+    def capsules(self, f: torch.Tensor, routings: int | None = None, trace: bool = False):
+        """Output capsules v (B, J, D) and, if `trace`, the per-iteration couplings and agreements."""
         r = routings or self.routings
         if self.kernel.dim() == 2:
             u = f.permute(0, 2, 3, 1).reshape(f.shape[0], -1, f.shape[1])  # (B, N, C)
-            v, cs, ags = route_shared(u, self.kernel, self.d, r, self.routing, self.squash, trace)
-        else:
-            v, cs, ags = route(self.predictions(f), r, self.routing, self.squash, trace)
+            return route_shared(u, self.kernel, self.d, r, self.routing, self.squash, trace)
+        return route(self.predictions(f), r, self.routing, self.squash, trace)
+
+    def forward(self, f: torch.Tensor, routings: int | None = None, trace: bool = False):
+        v, cs, ags = self.capsules(f, routings, trace)
         return safe_norm(v), cs, ags
+
+
+class Decoder(nn.Module):
+    """Masked capsules (B, J, D) -> Dense+ReLU per hidden width -> Dense(H·W·C)+sigmoid -> (B, C, H, W)."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        dec = spec.decoder
+        assert dec is not None and dec.image_shape is not None  # expected_shapes requires both
+        self.image_shape = dec.image_shape
+        h, w, c = dec.image_shape
+        widths = [spec.num_classes * spec.capsule.dim, *dec.hidden, h * w * c]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(widths))
+
+    def forward(self, masked: torch.Tensor) -> torch.Tensor:
+        x = masked.flatten(1)
+        for k, layer in enumerate(self.layers):
+            x = layer(x)
+            x = F.relu(x) if k < len(self.layers) - 1 else torch.sigmoid(x)
+        h, w, c = self.image_shape
+        return x.view(-1, h, w, c).permute(0, 3, 1, 2)  # channels-last order of the canonical file
+
+
+def mask(v: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
+    """v (B, J, D) with every capsule but the one-hot's set to zero."""
+    return v * onehot.unsqueeze(-1)
 
 
 class PoolHead(nn.Module):
@@ -163,12 +194,23 @@ class CapsNet(nn.Module):
         self.spec = spec
         self.trunk = Trunk(spec)
         self.head: nn.Module = CapsuleHead(spec) if spec.head == "capsule" else PoolHead(spec)
+        self.decoder = Decoder(spec) if spec.decoder is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self.trunk(x)
         if isinstance(self.head, CapsuleHead):
             return self.head(f)[0]
         return self.head(f)
+
+    def capsules(self, x: torch.Tensor) -> torch.Tensor:
+        """Output capsules v (B, J, D) of images (B, C, H, W) (capsule head only)."""
+        assert isinstance(self.head, CapsuleHead)
+        return self.head.capsules(self.trunk(x))[0]
+
+
+def reconstruction_loss(recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Σ over pixels of (reconstruction − input)², mean over the batch."""
+    return (recon - x).square().flatten(1).sum(1).mean()
 
 
 def margin_loss(p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ from capsctl.errors import CapsctlError
 from capsctl.model.spec import ModelSpec
 from capsctl.model.weights import MODEL_FORMAT, check_weights
 
-from ._layers import CapsNet
+from ._layers import CapsNet, mask, safe_norm
 from ._runner import build
 from ._weights import table, to_canonical
 
@@ -117,14 +117,21 @@ def _canonical_checked(spec: ModelSpec, native: dict[str, np.ndarray], path: str
 # -- ONNX ------------------------------------------------------------------------------------
 
 class _ChannelsLast(torch.nn.Module):
-    """The graph takes images (B, H, W, C) like every capsctl interface, and returns scores (B, J)."""
+    """The graph takes images (B, H, W, C) like every capsctl interface, and returns scores (B, J);
+    with a decoder also the reconstruction (B, H, W, C) from the top-scoring class's capsule."""
 
     def __init__(self, net: CapsNet) -> None:
         super().__init__()
         self.net = net
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.net(images.permute(0, 3, 1, 2))
+    def forward(self, images: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        x = images.permute(0, 3, 1, 2)
+        if self.net.decoder is None:
+            return self.net(x)
+        v = self.net.capsules(x)
+        scores = safe_norm(v)
+        onehot = torch.nn.functional.one_hot(scores.argmax(1), scores.shape[1]).to(v.dtype)
+        return scores, self.net.decoder(mask(v, onehot)).permute(0, 2, 3, 1)
 
 
 def _fixed_side(spec: ModelSpec) -> int:
@@ -157,7 +164,8 @@ def _quiet_exporter() -> Iterator[None]:
 
 
 def onnx_bytes(spec: ModelSpec, weights: Mapping[str, np.ndarray]) -> bytes:
-    """The model as ONNX: input `images` (B, H, W, C) float32, output `scores` (B, J).
+    """The model as ONNX: input `images` (B, H, W, C) float32, output `scores` (B, J); a model with
+    a decoder has a second output `reconstruction` (B, H, W, C) drawn from the argmax class's capsule.
 
     Routing is unrolled (R iterations of plain tensor ops). The batch is always dynamic; height
     and width are dynamic too unless the capsule weights are per-position (then fixed)."""
@@ -173,9 +181,12 @@ def onnx_bytes(spec: ModelSpec, weights: Mapping[str, np.ndarray]) -> bytes:
     else:
         side = _fixed_side(spec)
     example = torch.zeros(2, side, side, spec.in_channels)
+    if spec.decoder is not None and spec.decoder.image_shape is not None:  # traced at the training size
+        example = torch.zeros(2, *spec.decoder.image_shape)
     with _quiet_exporter():
         program = torch.onnx.export(
-            net, (example,), input_names=["images"], output_names=["scores"], dynamo=True,
+            net, (example,), input_names=["images"], dynamo=True,
+            output_names=["scores"] if spec.decoder is None else ["scores", "reconstruction"],
             dynamic_shapes={"images": dyn}, verbose=False,
         )
     assert program is not None  # dynamo=True always returns the program

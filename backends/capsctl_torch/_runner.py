@@ -11,7 +11,7 @@ from capsctl.model.reference import RoutingTrace
 from capsctl.model.spec import ModelSpec
 
 from ._env import device, memory_format
-from ._layers import CapsNet, CapsuleHead
+from ._layers import CapsNet, CapsuleHead, mask
 from ._weights import to_native
 
 
@@ -58,3 +58,26 @@ class TorchRunner:
         return lengths.cpu().numpy(), RoutingTrace(
             torch.stack(cs, 1).cpu().numpy(), torch.stack(ags, 1).cpu().numpy()
         )
+
+    def capsules(self, images: np.ndarray) -> np.ndarray:
+        if not isinstance(self.model.head, CapsuleHead):
+            raise ValueError("the pooling head has no capsules")
+        with torch.inference_mode():
+            return self.model.capsules(to_input(images)).float().cpu().numpy()
+
+    def decode(self, masked: np.ndarray) -> np.ndarray:
+        if self.model.decoder is None:
+            raise ValueError("this model has no decoder")
+        v = torch.from_numpy(np.ascontiguousarray(masked, dtype=np.float32)).to(device())
+        with torch.inference_mode():
+            return self.model.decoder(v).permute(0, 2, 3, 1).float().cpu().numpy()
+
+    def reconstruct(self, images: np.ndarray, classes: np.ndarray) -> np.ndarray:
+        if self.model.decoder is None:
+            raise ValueError("this model has no decoder")
+        with torch.inference_mode():
+            v = self.model.capsules(to_input(images))
+            onehot = torch.nn.functional.one_hot(
+                torch.as_tensor(np.asarray(classes, np.int64), device=v.device), v.shape[1]
+            ).to(v.dtype)
+            return self.model.decoder(mask(v, onehot)).permute(0, 2, 3, 1).float().cpu().numpy()

@@ -8,10 +8,10 @@ import numpy as np
 import torch
 
 from capsctl.backend import OptimConfig
-from capsctl.model.spec import ModelSpec
+from capsctl.model.spec import ModelSpec, default_recon_weight
 
 from ._env import tune_malloc
-from ._layers import margin_loss
+from ._layers import margin_loss, mask, reconstruction_loss, safe_norm
 from ._runner import batched_scores, build, to_input
 from ._weights import table, to_canonical, to_native
 
@@ -26,13 +26,21 @@ class TorchTrainer:
             self.model.parameters(), lr=1e-3, betas=(optim.beta1, optim.beta2), eps=optim.eps,
             weight_decay=optim.weight_decay,
         )
+        self.recon_weight = default_recon_weight(spec) if optim.recon_weight is None else optim.recon_weight
 
     def step(self, x: np.ndarray, y_onehot: np.ndarray, lr: float) -> tuple[float, int]:
         for group in self.opt.param_groups:
             group["lr"] = lr
         y = torch.from_numpy(y_onehot).to(self.params["trunk.convs.0.weight"].device)
-        p = self.model(to_input(x))
-        loss = margin_loss(p, y)
+        images = to_input(x)
+        if self.model.decoder is None:
+            p = self.model(images)
+            loss = margin_loss(p, y)
+        else:  # the reconstruction is drawn from the true class's capsule alone
+            v = self.model.capsules(images)
+            p = safe_norm(v)
+            recon = self.model.decoder(mask(v, y))
+            loss = margin_loss(p, y) + self.recon_weight * reconstruction_loss(recon, images)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()

@@ -27,6 +27,10 @@ def table(spec: ModelSpec) -> LayoutTable:
         rows["head.dense0.bias"] = ("head.dense0.bias", None)
         rows["head.dense1.kernel"] = ("head.dense1.weight", _DENSE_KERNEL)
         rows["head.dense1.bias"] = ("head.dense1.bias", None)
+    if spec.decoder is not None:
+        for k in range(len(spec.decoder.hidden) + 1):
+            rows[f"decoder.dense{k}.kernel"] = (f"decoder.layers.{k}.weight", _DENSE_KERNEL)
+            rows[f"decoder.dense{k}.bias"] = (f"decoder.layers.{k}.bias", None)
     return rows
 
 

@@ -11,7 +11,7 @@ try:  # Typer >= 0.26 vendors Click; older releases depend on it
 except ImportError:  # pragma: no cover
     import click.exceptions as click_exc  # type: ignore[no-redef]
 
-from capsctl.cli import _bench, _data, _eval, _experiment, _export, _inspect, _train
+from capsctl.cli import _bench, _data, _eval, _experiment, _export, _inspect, _predict, _train
 
 _EXIT = tuple({typer.Exit, getattr(click_exc, "Exit", typer.Exit)})
 _ABORT = tuple({typer.Abort, getattr(click_exc, "Abort", typer.Abort), KeyboardInterrupt})
@@ -32,6 +32,7 @@ app.command("eval-pairs")(_eval.eval_pairs)
 app.command("export")(_export.export)
 app.command("import")(_export.import_)
 app.command("inspect")(_inspect.inspect)
+app.command("predict")(_predict.predict)
 app.command("bench")(_bench.bench)
 app.add_typer(_experiment.app, name="experiment")
 app.add_typer(_data.app, name="data")

@@ -26,7 +26,7 @@ def list_datasets(data_dir: DataDirOpt = None, json_out: JsonOpt = False) -> Non
             (
                 c
                 for c in datasets.candidates(name, data_dir)
-                if c.folder is not None and datasets.is_complete(c.folder)
+                if c.folder is not None and datasets.has_files(info, c.folder)
             ),
             None,
         )
@@ -84,6 +84,6 @@ def fetch(
     dest = datasets.cache_root() / name
     if from_dir is not None:
         datasets.copy_from(info, from_dir, dest)
-    elif not datasets.is_complete(dest):
+    elif not datasets.has_files(info, dest):
         datasets.fetch(info, dest)
     typer.echo(f"{name}: {dest}")

@@ -1,6 +1,6 @@
 """`capsctl eval` and `capsctl eval-pairs`."""
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -10,12 +10,20 @@ from capsctl.cli._options import (
     DataDirOpt,
     DatasetOpt,
     EvalLimitOpt,
+    ImageSizeOpt,
     JsonOpt,
     Layout,
     ModelArg,
+    OptionalModelArg,
     eval_limit_option,
     old_name,
+    shipped_model_said,
 )
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from capsctl.data.composites import Composites
 
 OldLimitOpt = Annotated[int | None, old_name("--limit")]  # before --eval-limit
 
@@ -25,6 +33,7 @@ def eval_model(
     backend: BackendOpt = "torch",
     dataset: DatasetOpt = "mnist-5k",
     data_dir: DataDirOpt = None,
+    image_size: ImageSizeOpt = None,
     eval_limit: EvalLimitOpt = None,
     limit: OldLimitOpt = None,
     batch_size: BatchSizeOpt = 512,
@@ -48,7 +57,9 @@ def eval_model(
     check_range("--batch-size", batch_size, 1, 65536)
     spec, weights = load_model(model)
     dataset_name = str(dataset)
-    test = datasets.load(dataset_name, data_dir).test()
+    from capsctl.data.sources import parse_image_size
+
+    test = datasets.load(dataset_name, data_dir, parse_image_size(image_size)).test()
     x, y = (test.images[:limit], test.labels[:limit]) if limit else (test.images, test.labels)
     check_fit(spec, x, y, str(model), f"{dataset_name} test images")
     runner = get_backend(backend).runner(spec, weights)
@@ -61,10 +72,11 @@ def eval_model(
 
 
 def eval_pairs(
-    model: ModelArg,
+    model: OptionalModelArg = None,
     backend: BackendOpt = "torch",
     dataset: DatasetOpt = "mnist-5k",
     data_dir: DataDirOpt = None,
+    image_size: ImageSizeOpt = None,
     seed: Annotated[int, typer.Option(help="Seed of the composite pairing (numpy default_rng).")] = 0,
     layout: Annotated[
         Layout, typer.Option(help="vertical (stacked, the seed's), horizontal (side by side) or overlap.")
@@ -74,11 +86,28 @@ def eval_pairs(
     limit: OldLimitOpt = None,
     batch_size: BatchSizeOpt = 512,
     json_out: JsonOpt = False,
+    reconstruction: Annotated[
+        bool,
+        typer.Option(
+            "--reconstruction",
+            help="Also score the decoder: mean squared error per pixel of each digit reconstructed from its "
+            "own capsule, against that digit alone (models trained with --decoder).",
+        ),
+    ] = False,
 ) -> None:
     """Score a model on multi-digit composites of test images it never trained on.
 
     A composite counts as right when its k highest class scores are exactly its k digits
     (accuracy), and as confidently right when the k-th score is also above 0.5.
+
+    --reconstruction (decoder models): each digit of a composite is reconstructed from its own
+    class's capsule alone (every other capsule zeroed). The decoder draws a digit at the training
+    image size (28x28), so the reconstruction is compared with the source test digit alone (28x28),
+    not with the digit's place in the larger composite; the error is the mean squared error per
+    pixel (0..1 pixel values), per digit position and overall, beside the same error for each
+    digit reconstructed from its own single-digit image (the decoder's floor).
+
+    With no MODEL, the model that ships with capsctl is scored (trained on the embedded mnist-5k set).
 
     Example: capsctl eval-pairs runs/caps/model.safetensors --layout horizontal --digits 2 --json
     """
@@ -91,15 +120,22 @@ def eval_pairs(
     from capsctl.model.fit import check_fit
     from capsctl.model.weights import load_model
 
+    model = model if model is not None else shipped_model_said()
     limit = renamed("--eval-limit", eval_limit, "--limit", limit)
     check_range("--eval-limit" if eval_limit is not None else "--limit", limit, 1)
     check_range("--digits", digits, 2, 10)
     check_range("--batch-size", batch_size, 1, 65536)
     check_range("--seed", seed, 0)
     spec, weights = load_model(model)
+    if reconstruction:
+        from capsctl.inspect.reconstruction import check_decoder
+
+        check_decoder(spec, model, "--reconstruction")
     if digits > spec.num_classes:
         check_range("--digits", digits, 2, spec.num_classes)
-    test = datasets.load(str(dataset), data_dir).test()
+    from capsctl.data.sources import parse_image_size
+
+    test = datasets.load(str(dataset), data_dir, parse_image_size(image_size)).test()
     comp = make_composites(
         test.images, test.labels, digits=digits, layout=str(layout), seed=seed, limit=limit
     )
@@ -117,6 +153,23 @@ def eval_pairs(
     runner = get_backend(backend).runner(spec, weights)
     result: dict[str, object] = {**score_sets(runner.scores(comp.images, batch_size), comp.labels)}
     result.update({"seed": seed, "layout": str(layout), "digits": digits})
+    if reconstruction:
+        import numpy as np
+
+        from capsctl.data.composites import reconstruction_errors
+
+        errors = reconstruction_errors(runner, comp, test.images, batch_size)
+        assert comp.indices is not None
+        alone = np.stack(
+            [
+                reconstruction_errors(runner, _alone(comp, p, test.images), test.images, batch_size)[:, 0]
+                for p in range(digits)
+            ],
+            axis=1,
+        )
+        result["reconstruction_mse"] = float(errors.mean())
+        result["reconstruction_mse_by_position"] = [float(e) for e in errors.mean(axis=0)]
+        result["reconstruction_mse_alone"] = float(alone.mean())
     if json_out:
         typer.echo(json.dumps(result))
         return
@@ -128,5 +181,21 @@ def eval_pairs(
     table.add_column("composites", justify="right")
     table.add_column("accuracy", justify="right")
     table.add_column("confident (k-th score > 0.5)", justify="right")
-    table.add_row(str(result["pairs"]), f"{result['accuracy']:.2%}", f"{result['confident_accuracy']:.2%}")
+    cells = [str(result["pairs"]), f"{result['accuracy']:.2%}", f"{result['confident_accuracy']:.2%}"]
+    if reconstruction:
+        table.add_column("reconstruction MSE/pixel (by position)", justify="right")
+        table.add_column("same digits alone", justify="right")
+        by_pos = ", ".join(f"{e:.4f}" for e in result["reconstruction_mse_by_position"])  # type: ignore[attr-defined]
+        mse, alone_mse = result["reconstruction_mse"], result["reconstruction_mse_alone"]
+        cells += [f"{mse:.4f} ({by_pos})", f"{alone_mse:.4f}"]
+    table.add_row(*cells)
     out.print(table)
+
+
+def _alone(comp: "Composites", position: int, sources: "np.ndarray") -> "Composites":
+    """The digit at `position` of each composite, alone: a one-digit 'composite' of its source image."""
+    from capsctl.data.composites import Composites
+
+    assert comp.indices is not None
+    idx = comp.indices[:, position : position + 1]
+    return Composites(sources[idx[:, 0]], comp.labels[:, position : position + 1], "alone", comp.seed, idx)

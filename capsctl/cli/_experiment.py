@@ -12,7 +12,6 @@ from capsctl.cli._options import (
     MODEL,
     RECIPE,
     RUN,
-    Dataset,
     Head,
     Recipe,
     Routing,
@@ -38,7 +37,7 @@ app = typer.Typer(
 
 # options both experiments share, each in its help panel
 BackendOpt = Annotated[str, backend_option(RUN)]
-DatasetOpt = Annotated[Dataset, dataset_option(DATA)]
+DatasetOpt = Annotated[str, dataset_option(DATA)]
 DataDirOpt = Annotated[Path | None, data_dir_option(DATA)]
 TrainLimitOpt = Annotated[int | None, limit_option(DATA)]
 EvalLimitOpt = Annotated[int | None, eval_limit_option("test images / composites of each test", DATA)]

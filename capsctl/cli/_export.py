@@ -56,7 +56,8 @@ def export(
     keras: a .keras archive for capsctl_keras.load_model(path) (keras safe_mode).
 
     onnx: routing unrolled; input images (B, H, W, C), output scores (B, J); any batch, and any image
-    size unless the capsule weights are per-position.
+    size unless the capsule weights are per-position. A model with a decoder has a second output,
+    reconstruction (B, H, W, C), drawn from the top-scoring class's capsule.
 
     Example: capsctl export runs/caps/model.safetensors --out caps.onnx
     """

@@ -5,7 +5,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from capsctl.cli._options import BackendOpt, Invert, JsonOpt, ModelArg, Order
+from capsctl.cli._options import BackendOpt, Invert, JsonOpt, ModelArg, Order, shipped_model_said
 
 if TYPE_CHECKING:
     from capsctl.inspect.analysis import Inspection
@@ -42,6 +42,32 @@ def inspect(
         Path | None, typer.Option(help="Save a figure of the maps here (.png, .svg or .pdf).")
     ] = None,
     json_out: JsonOpt = False,
+    reconstruct: Annotated[
+        bool,
+        typer.Option(
+            "--reconstruct",
+            help="Redraw the input from each predicted capsule with the model's decoder; --out draws the "
+            "input, each reconstruction and their overlay in colours.",
+        ),
+    ] = False,
+    perturb: Annotated[
+        bool,
+        typer.Option(
+            "--perturb",
+            help="Redraw one capsule (--class) with each dimension moved from -RANGE to +RANGE; --out "
+            "draws the dimensions × steps grid.",
+        ),
+    ] = False,
+    cls: Annotated[
+        int | None,
+        typer.Option(
+            "--class", help="The capsule --reconstruct/--perturb uses.", show_default="the predicted ones"
+        ),
+    ] = None,
+    value_range: Annotated[
+        float, typer.Option("--range", help="--perturb: the largest offset added to a dimension.")
+    ] = 0.25,
+    steps: Annotated[int, typer.Option(help="--perturb: offsets from -RANGE to +RANGE.")] = 11,
 ) -> None:
     """Show how a capsule model routes one image: lengths, routing, maps.
 
@@ -68,12 +94,29 @@ def inspect(
     and predictions only (--out draws the image and the scores;
     --routings is refused).
 
+    With IMAGE alone, the model that ships with capsctl is used (a capsule
+    model trained on the embedded mnist-5k digits; docs/SHIPPED-MODEL.md).
     The older form `capsctl inspect IMAGE -m MODEL` still works.
 
     Example: capsctl inspect runs/caps/model.safetensors two.png --top 2 --out maps.png
+
+    Models trained with a decoder (capsctl train --decoder) can redraw the
+    input: --reconstruct reconstructs from each predicted capsule (or
+    --class C) alone, every other capsule zeroed, at the training image size;
+    on a larger input (a composite) each reconstruction is placed centred on
+    its class's evidence and overlaid in its own colour. --perturb redraws
+    capsule --class (default the highest-scoring) with each of its D
+    dimensions moved in --steps from -RANGE to +RANGE. --json adds the
+    reconstructions as nested lists [row][col][channel].
+
+    Example: capsctl inspect runs/dec/model.safetensors two.png --reconstruct --out recon.png
+
+    Example: capsctl inspect two.png   (the shipped model)
     """
     model, image = _model_and_image(ctx, model, image, model_opt)
     import json
+
+    import numpy as np
 
     from capsctl._console import err
     from capsctl.backend import get_backend
@@ -84,6 +127,12 @@ def inspect(
     from capsctl.model.weights import load_model
 
     check_range("--routings", routings, 1, 100)
+    if reconstruct and perturb:
+        raise CapsctlError("give --reconstruct or --perturb, not both")
+    if not perturb and (_given(ctx, "value_range") or _given(ctx, "steps")):
+        raise CapsctlError("--range and --steps go with --perturb")
+    if cls is not None and not (reconstruct or perturb):
+        raise CapsctlError("--class goes with --reconstruct or --perturb")
     if out is not None:
         from capsctl.inspect.figure import check_out_path
 
@@ -91,16 +140,26 @@ def inspect(
     size = parse_size(resize) if resize is not None else None
     spec, weights = load_model(model)
     check_range("--top", top, 1, spec.num_classes)
-    if spec.in_channels != 1:
+    if reconstruct or perturb:
+        from capsctl.inspect import reconstruction
+
+        reconstruction.check_decoder(spec, model, "--reconstruct" if reconstruct else "--perturb")
+        if perturb:
+            reconstruction.check_perturb(spec, cls, value_range, steps)
+        elif cls is not None:
+            check_range("--class", cls, 0, spec.num_classes - 1)
+    if spec.in_channels not in (1, 3):
         raise CapsctlError(
-            f"{model}: the model takes {spec.in_channels}-channel images; inspect reads gray images only"
+            f"{model}: the model takes {spec.in_channels}-channel images; inspect reads gray (1) or RGB (3)"
         )
     if spec.head == "pool" and routings is not None:
         raise CapsctlError(f"--routings: {model} has a pooling head, which has no routing")
-    img = load_image(image, invert=str(invert), resize=size, spec=spec)
+    # a colour model sees RGB (H, W, 3); the figures draw its mean over the channels
+    rgb = load_image(image, invert=str(invert), resize=size, spec=spec, channels=spec.in_channels)
+    img = rgb if rgb.ndim == 2 else rgb.mean(axis=2)
     _check_fixed_inputs(spec, img.shape, image, model)
     runner = get_backend(backend).runner(spec, weights)
-    x = img[None, :, :, None]
+    x = img[None, :, :, None] if rgb.ndim == 2 else rgb[None]
     if spec.head == "capsule":
         scores, trace = runner.trace(x, routings)
         res = inspect_one(
@@ -108,6 +167,40 @@ def inspect(
         )
     else:
         res = inspect_one(spec, runner.scores(x)[0], img.shape, top=top, direction=str(order))
+
+    extra: dict[str, object] = {}
+    if reconstruct:
+        from capsctl.inspect import reconstruction
+
+        chosen = reconstruction.reconstruct_classes(res, cls)
+        recons = runner.reconstruct(np.repeat(x, len(chosen), axis=0), np.asarray(chosen))
+        by_class = {j: recons[i] for i, j in enumerate(chosen)}
+        extra["reconstructions"] = {str(j): np.asarray(r, np.float64).tolist() for j, r in by_class.items()}
+        if out is not None:
+            title = f"{image.name} — {model}: reconstructions from capsules {', '.join(map(str, chosen))}"
+            reconstruction.save_reconstruct_figure(out, img, by_class, res, title)
+            err.print(f"figure: {out}")
+            out = None
+        else:
+            err.print(f"reconstructed from capsules: {', '.join(map(str, chosen))} (--out draws them)")
+    elif perturb:
+        from capsctl.inspect import reconstruction
+
+        chosen_cls = cls if cls is not None else int(np.argmax(res.scores))
+        grid = reconstruction.perturbations(runner, x, chosen_cls, value_range, steps)
+        extra["perturbation"] = {
+            "class": chosen_cls,
+            "offsets": [float(o) for o in np.linspace(-value_range, value_range, steps)],
+            "reconstructions": np.asarray(grid, np.float64).tolist(),  # [dimension][step][row][col][channel]
+        }
+        if out is not None:
+            title = f"{image.name} — {model}: capsule {chosen_cls}, each dimension ±{value_range:g}"
+            reconstruction.save_perturb_figure(out, grid, chosen_cls, value_range, title)
+            err.print(f"figure: {out}")
+            out = None
+        else:
+            dims = grid.shape[0]
+            err.print(f"perturbed capsule {chosen_cls}: {dims} dimensions × {steps} steps (--out draws them)")
 
     if out is not None:
         from capsctl.inspect.figure import save_figure
@@ -124,22 +217,31 @@ def inspect(
         if spec.head == "capsule":
             d["routing"] = spec.capsule.routing
         d.update(res.to_json())
+        d.update(extra)
         typer.echo(json.dumps(d))
         return
     _print_tables(image, spec, res, backend)
 
 
+def _given(ctx: typer.Context, name: str) -> bool:
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT", "PROMPT")
+
+
 def _model_and_image(
     ctx: typer.Context, first: Path, second: Path | None, model_opt: Path | None
 ) -> tuple[Path, Path]:
-    """MODEL IMAGE, or the older IMAGE -m MODEL."""
+    """MODEL IMAGE, the older IMAGE -m MODEL, or IMAGE alone (the shipped model)."""
     if model_opt is None:
         if second is None:
-            raise typer.BadParameter(
-                "give the model file, then the image: capsctl inspect MODEL IMAGE",
-                ctx=ctx,
-                param_hint="'IMAGE'",
-            )
+            if first.suffix == ".safetensors":  # a model file alone: the image was forgotten
+                raise typer.BadParameter(
+                    "give the image after the model: capsctl inspect MODEL IMAGE (or IMAGE alone, for the "
+                    "shipped model)",
+                    ctx=ctx,
+                    param_hint="'IMAGE'",
+                )
+            return shipped_model_said(), first
         return first, second
     if second is not None:
         raise typer.BadParameter(
@@ -190,11 +292,14 @@ def _fmt(x: float | None, digits: int = 4) -> str:
 def _print_tables(image: Path, spec: "ModelSpec", res: "Inspection", backend: str) -> None:
     import math
 
+    from rich.markup import escape
     from rich.table import Table
     from rich.text import Text
 
     from capsctl._console import out
+    from capsctl.model.spec import names_of
 
+    names = names_of(spec)  # the spec's class names, else "0".."J-1"
     h, w = res.image_shape
     capsule = res.couplings is not None
     what = "length" if capsule else "score"
@@ -218,7 +323,7 @@ def _print_tables(image: Path, spec: "ModelSpec", res: "Inspection", backend: st
     order = {j: i + 1 for i, j in enumerate(res.order or [])}
     for j, s in enumerate(res.scores):
         predicted = j in res.predicted
-        cells = [str(j), f"{s:.4f}", _bar(float(s)), "[bold green]yes[/]" if predicted else ""]
+        cells = [escape(names[j]), f"{s:.4f}", _bar(float(s)), "[bold green]yes[/]" if predicted else ""]
         if res.top:
             cells.append(f"#{res.top.index(j) + 1}" if j in res.top else "")
         if capsule:
@@ -243,15 +348,15 @@ def _print_tables(image: Path, spec: "ModelSpec", res: "Inspection", backend: st
         for r, (dlt, ent) in enumerate(zip(res.deltas, res.entropy, strict=True), start=1):
             it.add_row(str(r), _fmt(dlt), _fmt(ent, 3))
         out.print(it)
-    names = ", ".join(map(str, res.predicted)) or "none above 0.5"
-    line = f"predicted: {names}"
+    found = ", ".join(names[j] for j in res.predicted) or "none above 0.5"
+    line = f"predicted: {found}"
     if res.top:
-        line += f"; top {len(res.top)}: {', '.join(map(str, res.top))}"
+        line += f"; top {len(res.top)}: {', '.join(names[j] for j in res.top)}"
     if res.order:
-        line += f"; reading order ({res.direction}): {' → '.join(map(str, res.order))}"
+        line += f"; reading order ({res.direction}): {' → '.join(names[j] for j in res.order)}"
     elif not capsule:
         line += " (pooling head: no routing to show)"
-    out.print(line, soft_wrap=True)  # one line for grep; the terminal wraps it
+    out.print(line, soft_wrap=True, markup=False)  # one line for grep; the terminal wraps it
 
 
 def _bar(x: float, width: int = 10) -> str:

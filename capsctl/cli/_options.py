@@ -197,10 +197,35 @@ def backend_option(panel: str | None = None) -> Any:
     )
 
 
+def _check_dataset(given: str | None) -> str | None:
+    """A registry name, or a path that exists (what it holds is checked when the data is read)."""
+    if given is None or given in choices.DATASETS:
+        return given
+    if not Path(given).exists():
+        raise typer.BadParameter(
+            f"{given!r} is neither one of {', '.join(map(repr, choices.DATASETS))} nor an existing path"
+        )
+    return given
+
+
 def dataset_option(panel: str | None = None) -> Any:
     return typer.Option(
+        callback=_check_dataset,
+        metavar=f"<{'|'.join(choices.DATASETS)}|PATH>",
         help="Data set (see `capsctl data list`): mnist-5k is embedded in capsctl (5,000 training digits "
-        "and the 10,000 test digits, offline); mnist and fashion-mnist are the full sets.",
+        "and the 10,000 test digits, offline); mnist and fashion-mnist are the full sets. Or your own: "
+        "a folder DIR/train/CLASS/*.png + DIR/test/CLASS/…, an .npz (x_train, y_train, x_test, "
+        "y_test), or a folder of the four IDX files.",
+        rich_help_panel=panel,
+    )
+
+
+def image_size_option(panel: str | None = None) -> Any:
+    return typer.Option(
+        "--image-size",
+        metavar="HxW",
+        help="With --dataset PATH: scale every image to fit HxW pixels (aspect kept, padded with black); "
+        "needed when the images differ in size.",
         rich_help_panel=panel,
     )
 
@@ -230,11 +255,21 @@ def quiet_option(panel: str | None = None) -> Any:
 
 
 BackendOpt = Annotated[str, backend_option()]
-DatasetOpt = Annotated[Dataset, dataset_option()]
+DatasetOpt = Annotated[str, dataset_option()]
+ImageSizeOpt = Annotated[str | None, image_size_option()]
 DataDirOpt = Annotated[Path | None, data_dir_option()]
 ModelArg = Annotated[
     Path,
     typer.Argument(metavar="MODEL", help="A capsctl model file (.safetensors), e.g. RUN/model.safetensors."),
+]
+# MODEL on the commands that fall back to the shipped model (`shipped_model_said`) when it is left out
+OptionalModelArg = Annotated[
+    Path | None,
+    typer.Argument(
+        metavar="MODEL",
+        help="A capsctl model file (.safetensors); left out: the model that ships with capsctl.",
+        show_default=False,
+    ),
 ]
 JsonOpt = Annotated[bool, json_option()]
 LimitOpt = Annotated[int | None, limit_option()]
@@ -265,3 +300,16 @@ def check_range(
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         bounds = f"{lo if lo is not None else '-inf'}..{hi if hi is not None else 'inf'}"
         raise CapsctlError(f"{name} must be in {bounds}, got {value}")
+
+
+def shipped_model_said() -> Path:
+    """The model that ships with capsctl, for a command given no MODEL; says so in one line on stderr."""
+    from capsctl._console import err
+    from capsctl.model.shipped import shipped_model
+
+    path = shipped_model()
+    err.print(
+        f"no model given: using the shipped model {path.name} (trained on mnist-5k; docs/SHIPPED-MODEL.md)",
+        soft_wrap=True,
+    )
+    return path

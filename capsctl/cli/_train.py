@@ -10,7 +10,6 @@ from capsctl.cli._options import (
     MODEL,
     RECIPE,
     RUN,
-    Dataset,
     Head,
     Recipe,
     Routing,
@@ -20,6 +19,7 @@ from capsctl.cli._options import (
     data_dir_option,
     dataset_option,
     eval_limit_option,
+    image_size_option,
     json_option,
     limit_option,
     old_name,
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 # Options that shape a run. `--resume RUN` takes them from the run's checkpoint; giving one is refused
 # rather than ignored. (--backend, --data-dir and --eval-limit may be given: they replace the run's.)
 _FIXED_ON_RESUME = (
+    "image_size",
     "head",
     "routing",
     "squash",
@@ -50,6 +51,9 @@ _FIXED_ON_RESUME = (
     "weight_decay",
     "seed",
     "limit",
+    "curve_images",
+    "decoder",
+    "recon_weight",
 )
 _RECIPE_DEFAULT = "from --recipe"
 
@@ -89,15 +93,42 @@ def train(
             rich_help_panel=MODEL,
         ),
     ] = True,
+    decoder: Annotated[
+        bool | None,
+        typer.Option(
+            "--decoder/--no-decoder",
+            help="Add (remove) the reconstruction decoder: Dense 512-1024 ReLU, Dense H·W·C sigmoid on the "
+            "masked capsules (capsule head only).",
+            show_default="as --spec, else no decoder",
+            rich_help_panel=MODEL,
+        ),
+    ] = None,
+    recon_weight: Annotated[
+        float | None,
+        typer.Option(
+            help="Weight of the decoder's reconstruction loss Σ(pixel error)².",
+            show_default="0.0005·784/(H·W·C)",
+            rich_help_panel=RECIPE,
+        ),
+    ] = None,
     spec_file: Annotated[
         Path | None,
         typer.Option("--spec", help="A ModelSpec JSON file (overrides --head etc.).", rich_help_panel=MODEL),
     ] = None,
-    dataset: Annotated[Dataset, dataset_option(DATA)] = "mnist-5k",
+    dataset: Annotated[str, dataset_option(DATA)] = "mnist-5k",
+    image_size: Annotated[str | None, image_size_option(DATA)] = None,
     data_dir: Annotated[Path | None, data_dir_option(DATA)] = None,
     limit: Annotated[int | None, limit_option(DATA)] = None,
     eval_limit: Annotated[int | None, eval_limit_option("test images after each epoch", DATA)] = None,
     test_limit: Annotated[int | None, old_name("--test-limit")] = None,
+    curve_images: Annotated[
+        int,
+        typer.Option(
+            help="Score the epochs before the last on the first N test images only (0: all of them, as "
+            "the last epoch always is).",
+            rich_help_panel=DATA,
+        ),
+    ] = 1000,
     recipe: Annotated[
         Recipe,
         typer.Option(
@@ -178,11 +209,13 @@ def train(
 
     Example: capsctl train --head capsule --data-dir ../shared/data/mnist-5k --out runs/caps
     """
+    from capsctl import choices
     from capsctl.cli._options import check_range, renamed
     from capsctl.errors import CapsctlError
 
     eval_limit = renamed("--eval-limit", eval_limit, "--test-limit", test_limit)
     check_range("--eval-limit", eval_limit, 1)
+    check_range("--curve-images", curve_images, 0)
     folder = str(data_dir.absolute()) if data_dir is not None else None
     if resume is not None:
         if out is not None and out != resume:
@@ -208,7 +241,18 @@ def train(
         _run(cfg, ck.spec, resume, data_dir or cfg.data_dir, resume=True, quiet=quiet, json_out=json_out)
         return
 
+    from capsctl.data.sources import parse_image_size
+
+    parse_image_size(image_size)  # a bad --image-size is refused before anything runs
     spec = _spec(spec_file, head, routing, squash, routings, shared)
+    if decoder is not None and (decoder != (spec.decoder is not None)):
+        from capsctl.model.spec import DecoderSpec
+
+        if decoder and spec.head != "capsule":
+            raise CapsctlError(f"--decoder needs the capsule head (--head is {spec.head})")
+        spec = spec.replace(decoder=DecoderSpec() if decoder else None)
+    if recon_weight is not None and spec.decoder is None:
+        raise CapsctlError("--recon-weight needs a model with a decoder (--decoder)")
     from capsctl.training.config import TrainConfig
     from capsctl.training.recipes import get_recipe
 
@@ -224,12 +268,15 @@ def train(
     )
     cfg = TrainConfig(
         backend=backend or "torch",
-        dataset=str(dataset),
+        # a path to the user's data is recorded absolute, so --resume works from any folder
+        dataset=str(dataset) if dataset in choices.DATASETS else str(Path(dataset).absolute()),
+        image_size=image_size,
         seed=seed,
         limit=limit,
         recipe=str(recipe),
         data_dir=folder,
         eval_limit=eval_limit,
+        curve_images=curve_images or None,
         **settings,
     )
     _run(
@@ -240,6 +287,7 @@ def train(
         resume=False,
         quiet=quiet,
         json_out=json_out,
+        fixed=_fields_given(spec_file),
     )
 
 
@@ -255,6 +303,16 @@ def _given(ctx: typer.Context, name: str) -> bool:
 def _flag(ctx: typer.Context, name: str) -> str:
     param = next(p for p in ctx.command.params if p.name == name)
     return max(param.opts, key=len)
+
+
+def _fields_given(spec_file: Path | None) -> frozenset[str]:
+    """The top-level fields a --spec file sets: those stay as given, the data fills in the others."""
+    if spec_file is None:
+        return frozenset()
+    import json
+
+    d = json.loads(spec_file.read_text(encoding="utf-8"))  # (already read and checked by _spec)
+    return frozenset(d) if isinstance(d, dict) else frozenset()
 
 
 def _spec(
@@ -300,6 +358,7 @@ def _run(
     resume: bool,
     quiet: bool,
     json_out: bool,
+    fixed: frozenset[str] = frozenset(),  # spec fields the user set (--spec): not taken from the data
 ) -> None:
     import json
     import shlex
@@ -310,11 +369,33 @@ def _run(
     from capsctl.training.run_folder import CHECKPOINT_FILE, METRICS_FILE, MODEL_FILE
 
     be = get_backend(cfg.backend)
-    ds = datasets.load(cfg.dataset, data_dir)
+    from capsctl.data.sources import parse_image_size
+
+    ds = datasets.load(cfg.dataset, data_dir, parse_image_size(cfg.image_size))
     train_split = ds.train()
+    if not resume:  # the model follows the data: its channels, classes and their names
+        classes = tuple(ds.classes)
+        channels = int(train_split.images.shape[3])
+        follow: dict[str, Any] = {"in_channels": channels, "num_classes": len(classes)}
+        follow = {k: v for k, v in follow.items() if k not in fixed}
+        if "class_names" not in fixed and follow.get("num_classes", spec.num_classes) == len(classes):
+            follow["class_names"] = None if classes == tuple(str(j) for j in range(len(classes))) else classes
+        if any(getattr(spec, k) != v for k, v in follow.items()):
+            spec = spec.replace(**follow)
     if spec.head == "capsule" and not spec.capsule.shared and spec.capsule.num_inputs is None:
         gh, gw = spec.trunk_grid(*train_split.images.shape[1:3])
         spec = spec.with_capsule(num_inputs=gh * gw)
+    if spec.decoder is not None and spec.decoder.image_shape is None:  # the decoder redraws training images
+        from dataclasses import replace
+
+        h, w, c = (int(n) for n in train_split.images.shape[1:4])
+        spec = spec.replace(decoder=replace(spec.decoder, image_shape=(h, w, c)))
+    if spec.decoder is not None and cfg.recon_weight is None:  # recorded in the run's checkpoint
+        from dataclasses import replace
+
+        from capsctl.model.spec import default_recon_weight
+
+        cfg = replace(cfg, recon_weight=default_recon_weight(spec))
     rows = run_training(be, spec, cfg, train_split, ds.test(), run, resume=resume, show_progress=not quiet)
     if not json_out:
         model = run / MODEL_FILE
@@ -322,7 +403,9 @@ def _run(
         # the run's last line says what to try next with it
         data = f" --data-dir {shlex.quote(str(data_dir))}" if data_dir is not None else ""
         if cfg.dataset != "mnist-5k":
-            data += f" --dataset {cfg.dataset}"
+            data += f" --dataset {shlex.quote(cfg.dataset)}"
+        if cfg.image_size is not None:
+            data += f" --image-size {cfg.image_size}"
         typer.echo(f"next: capsctl eval-pairs {shlex.quote(str(model))}{data}")
         return
     last: dict[str, Any] = rows[-1] if rows else {"epoch": 0}

@@ -14,6 +14,7 @@ the digits are merged with a pixel-wise maximum.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -99,3 +100,30 @@ def score_sets(scores: np.ndarray, labels: np.ndarray) -> dict[str, float | int]
 
 def single_accuracy(scores: np.ndarray, labels: np.ndarray) -> float:
     return float((np.argmax(scores, axis=1) == labels).mean())
+
+
+def reconstruction_errors(
+    runner: Any, comp: Composites, sources: np.ndarray, batch_size: int = 256
+) -> np.ndarray:
+    """(M, k): mean squared error per pixel of each digit of each composite, reconstructed by the
+    model's decoder from that digit's own capsule (its label's) in the composite, against the source
+    test digit alone (`sources[comp.indices]`). The decoder draws a digit at the training image size
+    (28x28 for MNIST), so it is compared with the 28x28 source digit, not with the digit's place in
+    the larger composite: the score says how well one capsule of the composite holds that digit."""
+    if comp.indices is None:
+        raise CapsctlError("composites without their source indices cannot be scored for reconstruction")
+    m, k = comp.labels.shape
+    errors = np.zeros((m, k), np.float64)
+    for start in range(0, m, batch_size):
+        images = comp.images[start : start + batch_size]
+        for p in range(k):
+            recon = runner.reconstruct(images, comp.labels[start : start + batch_size, p])
+            target = sources[comp.indices[start : start + batch_size, p]]
+            if recon.shape[1:] != target.shape[1:]:
+                raise CapsctlError(
+                    f"the decoder draws {list(recon.shape[1:])} images, the source digits are "
+                    f"{list(target.shape[1:])}"
+                )
+            diff = np.asarray(recon, np.float64) - target
+            errors[start : start + len(images), p] = (diff * diff).reshape(len(diff), -1).mean(axis=1)
+    return errors

@@ -44,6 +44,8 @@ class DatasetInfo:
     system_dir: str | None = None  # a Debian package's folder, if one ships the set
     embedded: bool = False  # shipped inside this package (EMBEDDED_DIR / name); never downloaded
     note: str = ""
+    # one archive instead of the four IDX files (each mirror serves it; sha256 holds its digest as "archive")
+    archive: str | None = None
 
 
 EMBEDDED_DIR = Path(__file__).parent  # the embedded sets' folders sit beside this module
@@ -103,6 +105,17 @@ DATASETS: dict[str, DatasetInfo] = {
         system_dir="/usr/share/datasets/fashion-mnist",
         note="Debian: apt-get install dataset-fashion-mnist",
     ),
+    "cifar10": DatasetInfo(
+        name="cifar10",
+        mirrors=("https://www.cs.toronto.edu/~kriz/",),
+        # The MD5 the data set's page (https://www.cs.toronto.edu/~kriz/cifar.html) publishes for
+        # cifar-10-binary.tar.gz, the only digest it gives; not re-verified here (no download possible).
+        sha256={"archive": "c32a1d4ab5d03f1284b67883e8d87530"},
+        digest_of="md5",
+        classes=("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+        archive="cifar-10-binary.tar.gz",
+        note="CIFAR-10, official binary version (32x32 RGB, 50,000 + 10,000 images; 162 MB)",
+    ),
 }
 
 
@@ -128,6 +141,11 @@ def find_file(folder: Path, role: str) -> Path | None:
 
 def is_complete(folder: Path) -> bool:
     return folder.is_dir() and all(find_file(folder, r) for r in ROLES)
+
+
+def has_files(info: DatasetInfo, folder: Path) -> bool:
+    """Whether `folder` holds the data set's files: its archive, or the four IDX files."""
+    return (folder / info.archive).is_file() if info.archive else is_complete(folder)
 
 
 @dataclass
@@ -160,6 +178,10 @@ def locate(name: str, data_dir: str | os.PathLike[str] | None = None, download: 
         folder = Path(data_dir)
         if not folder.is_dir():
             raise CapsctlError(f"--data-dir {folder}: no such folder")
+        if info.archive:
+            if not has_files(info, folder):
+                raise CapsctlError(f"--data-dir {folder}: missing {info.archive}")
+            return folder
         missing = [FILES[r] for r in ROLES if not find_file(folder, r)]
         if missing:
             raise CapsctlError(
@@ -169,7 +191,7 @@ def locate(name: str, data_dir: str | os.PathLike[str] | None = None, download: 
     for cand in candidates(name):
         if cand.label == "embedded":
             return verify_embedded(info)
-        if cand.folder is not None and is_complete(cand.folder):
+        if cand.folder is not None and has_files(info, cand.folder):
             return cand.folder
     if not download:
         raise CapsctlError(
@@ -207,6 +229,8 @@ def mirrors_for(info: DatasetInfo) -> tuple[str, ...]:
 
 def file_digest(path: Path, digest_of: str) -> str:
     data = path.read_bytes()
+    if digest_of == "md5":
+        return hashlib.md5(data).hexdigest()
     if digest_of == "content":
         data = idx._decompress(data, str(path))
     return hashlib.sha256(data).hexdigest()
@@ -243,10 +267,10 @@ def fetch(info: DatasetInfo, dest: Path, mirrors: Sequence[str] | None = None) -
     """Download the four files into `dest`, trying each mirror in turn for each file."""
     mirrors = tuple(mirrors) if mirrors is not None else mirrors_for(info)
     dest.mkdir(parents=True, exist_ok=True)
-    for role in ROLES:
-        if find_file(dest, role):
+    wanted = [("archive", info.archive)] if info.archive else [(r, FILES[r] + ".gz") for r in ROLES]
+    for role, fname in wanted:
+        if (dest / fname).is_file() or (not info.archive and find_file(dest, role)):
             continue
-        fname = FILES[role] + ".gz"
         errors: list[str] = []
         for base in mirrors:
             url = base.rstrip("/") + "/" + fname
@@ -261,13 +285,20 @@ def fetch(info: DatasetInfo, dest: Path, mirrors: Sequence[str] | None = None) -
             last = errors[-1] if errors else "no mirrors configured"
             raise CapsctlError(
                 f"could not download {info.name} ({len(errors)} mirror(s) failed; last: {last}); "
-                f"pass --data-dir DIR pointing at a folder with the four IDX files"
+                f"pass --data-dir DIR pointing at a folder with {info.archive or 'the four IDX files'}"
             )
     return dest
 
 
 def copy_from(info: DatasetInfo, src: Path, dest: Path) -> Path:
-    """Fill the cache from a local folder, validating every file as IDX first."""
+    """Fill the cache from a local folder, validating every file as IDX (or the archive) first."""
+    if info.archive:
+        if not has_files(info, src):
+            raise CapsctlError(f"--from {src}: the folder must hold {info.archive}")
+        Dataset(info.name, src).train()  # read and checked whole before anything is copied
+        dest.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(dest / info.archive, (src / info.archive).read_bytes())
+        return dest
     if not is_complete(src):
         raise CapsctlError(f"--from {src}: the folder must hold the four IDX files of {info.name}")
     # Refuse a broken set before anything is copied: every file decoded and checked the way training
@@ -289,7 +320,7 @@ def copy_from(info: DatasetInfo, src: Path, dest: Path) -> Path:
 
 @dataclass
 class Split:
-    images: np.ndarray  # float32 (N, H, W, 1) in [0, 1]
+    images: np.ndarray  # float32 (N, H, W, C) in [0, 1]; C = 1 (gray) or 3 (RGB)
     labels: np.ndarray  # int64 (N,)
 
 
@@ -311,8 +342,19 @@ class Dataset:
     name: str
     folder: Path
     _cache: dict[str, Split] = field(default_factory=dict)
+    class_names: tuple[str, ...] | None = None  # None: the registry's classes of `name`
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.class_names if self.class_names is not None else get_info(self.name).classes
 
     def _split(self, prefix: str) -> Split:
+        archive = get_info(self.name).archive if prefix not in self._cache and self.name in DATASETS else None
+        if archive:
+            from capsctl.data import cifar
+
+            train, test = cifar.read_archive(self.folder / archive)
+            self._cache["train"], self._cache["t10k"] = Split(*train), Split(*test)
         if prefix not in self._cache:
             img_path = find_file(self.folder, f"{prefix}-images")
             lab_path = find_file(self.folder, f"{prefix}-labels")
@@ -333,5 +375,16 @@ class Dataset:
         return self._split("t10k")
 
 
-def load(name: str, data_dir: str | os.PathLike[str] | None = None) -> Dataset:
+def load(
+    name: str, data_dir: str | os.PathLike[str] | None = None, image_size: tuple[int, int] | None = None
+) -> Dataset:
+    """A registry data set by name, or the user's data at a path (capsctl.data.sources)."""
+    if name not in DATASETS:
+        from capsctl.data import sources
+
+        if data_dir is not None:
+            raise CapsctlError(f"--data-dir is for the named data sets; --dataset {name} is a path already")
+        return sources.load_path(name, image_size)
+    if image_size is not None:
+        raise CapsctlError(f"--image-size is for --dataset PATH (the user's own images), not {name}")
     return Dataset(name, locate(name, data_dir))

@@ -50,13 +50,19 @@ def load_image(
     *,
     spec: ModelSpec | None = None,
     max_pixels: int = MAX_PIXELS,
+    channels: int = 1,
 ) -> np.ndarray:
     """Float32 (H, W) in [0, 1], white on black; `resize` is (height, width).
+
+    `channels=3` keeps colour: float32 (H, W, 3) RGB (a gray image in all three; alpha composited
+    as for gray, on the background that contrasts with the ink's luma; inverted as a whole).
 
     With `spec`, also refuse an image too small for the model's trunk (after resizing).
     """
 
     p = Path(path)
+    if channels not in (1, 3):
+        raise CapsctlError(f"images are read with 1 (gray) or 3 (RGB) channels, not {channels}")
     if invert not in INVERT_CHOICES:
         raise CapsctlError(f"--invert must be one of {', '.join(INVERT_CHOICES)}, got {invert!r}")
     if resize is not None:
@@ -71,11 +77,11 @@ def load_image(
             with warnings.catch_warnings():
                 # numpy parses the header with Python's tokenizer: a damaged one can raise a SyntaxWarning
                 warnings.simplefilter("ignore")
-                gray = _load_npy(p, max_pixels)
+                gray = _load_npy(p, max_pixels, channels)
         elif p.suffix.lower() == ".npy":
             raise CapsctlError(f"{p}: not a .npy file (no NumPy header)")
         else:
-            gray = _load_pil(p, max_pixels)
+            gray = _load_pil(p, max_pixels, channels)
         gray = _finish(gray, p, invert, resize)
     except CapsctlError:
         raise
@@ -85,7 +91,7 @@ def load_image(
         raise CapsctlError(f"{p}: cannot read the image ({type(e).__name__}: {_first_line(e)})") from None
     if spec is not None:
         try:
-            spec.trunk_grid(*gray.shape)
+            spec.trunk_grid(*gray.shape[:2])
         except CapsctlError as e:
             raise CapsctlError(
                 f"{p}: {e} (at least {spec.min_image_size()} pixels a side; try --resize)"
@@ -132,7 +138,7 @@ def _check_budget(p: Path, h: int, w: int, max_pixels: int) -> None:
         )
 
 
-def _load_pil(p: Path, max_pixels: int) -> np.ndarray:
+def _load_pil(p: Path, max_pixels: int, channels: int = 1) -> np.ndarray:
     import warnings
 
     from PIL import Image, UnidentifiedImageError
@@ -165,7 +171,7 @@ def _load_pil(p: Path, max_pixels: int) -> np.ndarray:
                 im.load()
             except (OSError, SyntaxError, ValueError, EOFError) as e:
                 raise CapsctlError(f"{p}: truncated or corrupt image ({_first_line(e)})") from None
-            return _pil_to_gray(im, p)
+            return _pil_to_rgb(im, p) if channels == 3 else _pil_to_gray(im, p)
 
 
 def _pil_to_gray(im: Any, p: Path) -> np.ndarray:
@@ -185,6 +191,31 @@ def _pil_to_gray(im: Any, p: Path) -> np.ndarray:
     return _luma(np.asarray(im.convert("RGB"), dtype=np.float64) / 255.0)
 
 
+def _pil_to_rgb(im: Any, p: Path) -> np.ndarray:
+    mode = im.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F", "1", "L"):
+        return _gray_to_rgb(_pil_to_gray(im, p))
+    has_alpha = mode in ("LA", "La", "PA", "RGBA", "RGBa") or (mode == "P" and "transparency" in im.info)
+    if has_alpha:
+        rgba = np.asarray(im.convert("RGBA"), dtype=np.float64) / 255.0
+        return _composite_rgb(rgba[..., :3], rgba[..., 3])
+    return np.asarray(im.convert("RGB"), dtype=np.float64) / 255.0
+
+
+def _gray_to_rgb(gray: np.ndarray) -> np.ndarray:
+    return np.repeat(gray[..., None], 3, axis=2)
+
+
+def _composite_rgb(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """Put an RGB+alpha image on the background that contrasts with its ink's luma (as `_composite`)."""
+    gray = _luma(rgb)
+    weight = float(alpha.sum())
+    ink = float((gray * alpha).sum() / weight) if weight > 0 else 1.0
+    background = 1.0 if ink < 0.5 else 0.0
+    a = alpha[..., None]
+    return np.asarray(rgb * a + background * (1.0 - a))
+
+
 def _luma(rgb: np.ndarray) -> np.ndarray:
     r, g, b = _LUMA
     return rgb[..., 0] * r + rgb[..., 1] * g + rgb[..., 2] * b
@@ -199,7 +230,7 @@ def _composite(gray: np.ndarray, alpha: np.ndarray) -> np.ndarray:
     return np.asarray(gray * alpha + background * (1.0 - alpha))
 
 
-def _load_npy(p: Path, max_pixels: int) -> np.ndarray:
+def _load_npy(p: Path, max_pixels: int, channels: int = 1) -> np.ndarray:
     fmt = np.lib.format
     try:
         with open(p, "rb") as f:
@@ -221,6 +252,7 @@ def _load_npy(p: Path, max_pixels: int) -> np.ndarray:
         )
     if dtype.names is not None or dtype.subdtype is not None or dtype.kind not in "biuf":
         raise CapsctlError(f"{p}: dtype {dtype} is not a number type (expected uint8, uint16, bool or float)")
+    want = channels  # what the caller asked for; `channels` is now the file's
     h, w, channels = _npy_layout(p, tuple(shape))
     _check_budget(p, h, w, max_pixels)
     need = data_start + h * w * channels * dtype.itemsize
@@ -239,6 +271,10 @@ def _load_npy(p: Path, max_pixels: int) -> np.ndarray:
         x = arr.astype(np.float64) / 65535.0
     else:
         x = _scale_values(arr.astype(np.float64), p, integer=arr.dtype.kind in "iu")
+    if want == 3:
+        if channels == 1:
+            return _gray_to_rgb(x[..., 0])
+        return x if channels == 3 else _composite_rgb(x[..., :3], x[..., 3])
     if channels == 1:
         return x[..., 0]
     if channels == 3:
@@ -290,12 +326,16 @@ def _scale_values(x: np.ndarray, p: Path, integer: bool) -> np.ndarray:
 
 def _finish(gray: np.ndarray, p: Path, invert: str, resize: tuple[int, int] | None) -> np.ndarray:
     gray = np.clip(np.asarray(gray, dtype=np.float64), 0.0, 1.0)
-    if gray.ndim != 2 or gray.size == 0:
+    if gray.ndim not in (2, 3) or gray.size == 0:
         raise CapsctlError(f"{p}: image has no pixels")
-    if invert == "yes" or (invert == "auto" and is_light_background(gray)):
+    light = is_light_background(gray if gray.ndim == 2 else _luma(gray))
+    if invert == "yes" or (invert == "auto" and light):
         gray = 1.0 - gray
-    if resize is not None and resize != gray.shape:
-        gray = _resize(gray, resize)
+    if resize is not None and resize != gray.shape[:2]:
+        if gray.ndim == 2:
+            gray = _resize(gray, resize)
+        else:
+            gray = np.stack([_resize(gray[..., k], resize) for k in range(gray.shape[2])], axis=2)
     return gray.astype(np.float32)
 
 

@@ -98,7 +98,8 @@ def make_job(
         weight_decay=ov.weight_decay,
     )
     # the experiment passes its own curve split (CURVE_TEST_IMAGES) and scores every epoch on all of it
-    cfg = TrainConfig(backend=backend, dataset=dataset, seed=seed, limit=limit, recipe=recipe, curve_images=None,
+    cfg = TrainConfig(backend=backend, dataset=dataset, seed=seed, limit=limit, recipe=recipe,
+                      curve_images=None,
                       **settings)
     if name is None:
         tag = ov.tag()

@@ -9,7 +9,7 @@ iteration, and the classes are sorted by the centre of mass of that map — by r
 for an image taller than wide, else by column (left to right). The default map ('contribution')
 is max(c_ij · û_j|i·v_j, 0): how much input i pushed class j's output along its final direction.
 'coupling' uses the couplings above their mean over the inputs; 'raw' the couplings as they are.
-bench/inspect_order.py measures the three on composites.
+tools/inspect_order.py measures the three on composites.
 """
 
 from __future__ import annotations

@@ -19,7 +19,8 @@ def to_native(table: LayoutTable, weights: Mapping[str, np.ndarray]) -> dict[str
     out = {}
     for name, (native, perm) in table.items():
         arr = weights[name]
-        out[native] = np.ascontiguousarray(arr.transpose(np.argsort(perm)) if perm else arr)
+        # a copy, never a view: a framework may wrap it (torch.from_numpy) and update it in place
+        out[native] = np.array(arr.transpose(np.argsort(perm)) if perm else arr, order="C", copy=True)
     return out
 
 
@@ -28,5 +29,6 @@ def to_canonical(table: LayoutTable, native: Mapping[str, np.ndarray]) -> dict[s
     out = {}
     for name, (key, perm) in table.items():
         arr = native[key]
-        out[name] = np.ascontiguousarray(arr.transpose(perm) if perm else arr, dtype=np.float32)
+        # a copy, never a view of a live framework tensor that the next step changes in place
+        out[name] = np.array(arr.transpose(perm) if perm else arr, dtype=np.float32, order="C", copy=True)
     return out

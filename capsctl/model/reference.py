@@ -123,6 +123,47 @@ def forward(
     return norm(v)[..., 0], trace
 
 
+def capsules(spec: ModelSpec, weights: Mapping[str, np.ndarray], x: np.ndarray) -> np.ndarray:
+    """The output capsules v (B, J, D) of a capsule head (float64)."""
+    w64 = {k: np.asarray(v, np.float64) for k, v in weights.items()}
+    f = trunk(spec, w64, np.asarray(x, np.float64))
+    caps = spec.capsule
+    v, _ = route(predictions(spec, w64, capsule_inputs(f)), caps.routings, caps.routing, caps.squash)
+    return v
+
+
+def mask(v: np.ndarray, classes: np.ndarray) -> np.ndarray:
+    """v (B, J, D) with every capsule but classes[b] set to zero."""
+    keep = np.arange(v.shape[1])[None, :] == np.asarray(classes).reshape(-1, 1)
+    return v * keep[..., None]
+
+
+def decode(spec: ModelSpec, weights: Mapping[str, np.ndarray], masked: np.ndarray) -> np.ndarray:
+    """Decoder on masked capsules (B, J, D): Dense+ReLU per hidden width, Dense+sigmoid -> (B, H, W, C)."""
+    dec = spec.decoder
+    assert dec is not None and dec.image_shape is not None
+    h = np.asarray(masked, np.float64).reshape(len(masked), -1)
+    last = len(dec.hidden)
+    for k in range(last + 1):
+        z = h @ np.asarray(weights[f"decoder.dense{k}.kernel"], np.float64)
+        z = z + np.asarray(weights[f"decoder.dense{k}.bias"], np.float64)
+        h = np.maximum(z, 0.0) if k < last else 1.0 / (1.0 + np.exp(-z))
+    return h.reshape(len(h), *dec.image_shape)
+
+
+def reconstruct(
+    spec: ModelSpec, weights: Mapping[str, np.ndarray], x: np.ndarray, classes: np.ndarray
+) -> np.ndarray:
+    """Reconstructions (B, H, W, C) of images x from the capsule classes[b] alone."""
+    return decode(spec, weights, mask(capsules(spec, weights, x), classes))
+
+
+def reconstruction_loss(recon: np.ndarray, x: np.ndarray) -> float:
+    """Σ over pixels of (reconstruction − input)², mean over the batch."""
+    diff = np.asarray(recon, np.float64) - np.asarray(x, np.float64)
+    return float((diff * diff).reshape(len(diff), -1).sum(axis=1).mean())
+
+
 def margin_loss(p: np.ndarray, y_onehot: np.ndarray) -> float:
     per = y_onehot * np.maximum(0.9 - p, 0) ** 2 + 0.25 * (1 - y_onehot) * np.maximum(p - 0.1, 0) ** 2
     return float(per.mean(axis=1).mean())

@@ -47,6 +47,13 @@ class PoolSpec:
     hidden: int = 128  # width of the ReLU dense layer after global average pooling
 
 
+@dataclass(frozen=True)
+class DecoderSpec:
+    hidden: tuple[int, ...] = (512, 1024)  # widths of the ReLU dense layers; then Dense(H*W*C) sigmoid
+    # (H, W, C) of the training images the decoder redraws; filled in by `capsctl train` from the data
+    image_shape: tuple[int, int, int] | None = None
+
+
 def _default_trunk() -> tuple[TrunkLayer, ...]:
     return (ConvLayer(64), ConvLayer(64), AvgPoolLayer(2), ConvLayer(128), ConvLayer(128))
 
@@ -59,6 +66,10 @@ class ModelSpec:
     head: str = "capsule"  # 'capsule' or 'pool'
     capsule: CapsuleSpec = field(default_factory=CapsuleSpec)  # used when head == 'capsule'
     pool: PoolSpec = field(default_factory=PoolSpec)  # used when head == 'pool'
+    # reconstruction decoder on the masked output capsules (capsule head only); None: no decoder
+    decoder: DecoderSpec | None = None
+    # the classes' names, one per class (e.g. an image folder's sub-folders); None: "0".."J-1"
+    class_names: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         validate(self)
@@ -67,6 +78,14 @@ class ModelSpec:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["trunk"] = [_layer_dict(layer) for layer in self.trunk]
+        if self.decoder is None:
+            del d["decoder"]  # specs without a decoder keep their JSON (and files) byte for byte
+        else:
+            d["decoder"] = _decoder_dict(self.decoder)
+        if self.class_names is None:
+            del d["class_names"]  # files written before class names keep their JSON byte for byte
+        else:
+            d["class_names"] = list(self.class_names)
         return d
 
     def to_json(self) -> str:
@@ -76,7 +95,7 @@ class ModelSpec:
     def from_dict(cls, d: Any) -> ModelSpec:
         if not isinstance(d, dict):
             raise CapsctlError("model spec must be a JSON object")
-        known = {"in_channels", "num_classes", "trunk", "head", "capsule", "pool"}
+        known = {"in_channels", "num_classes", "trunk", "head", "capsule", "pool", "decoder", "class_names"}
         unknown = set(d) - known
         if unknown:
             raise CapsctlError(f"model spec: unknown field {sorted(unknown)[0]!r}")
@@ -94,6 +113,8 @@ class ModelSpec:
                 head=d.get("head", "capsule"),
                 capsule=CapsuleSpec(**caps),
                 pool=PoolSpec(**pool),
+                decoder=_decoder_from_dict(d.get("decoder")),
+                class_names=_names_from_json(d.get("class_names")),
             )
         except TypeError as e:  # unknown keyword in a nested object
             raise CapsctlError(f"model spec: {e}") from None
@@ -142,10 +163,46 @@ class ModelSpec:
         return side
 
 
+def _names_from_json(names: Any) -> tuple[str, ...] | None:
+    if names is None:
+        return None
+    if not isinstance(names, list):
+        raise CapsctlError("model spec: class_names must be null or a list of strings")
+    return tuple(names)
+
+
+def names_of(spec: ModelSpec) -> tuple[str, ...]:
+    """The classes' names: the spec's class_names, else "0".."J-1"."""
+    if spec.class_names is not None:
+        return spec.class_names
+    return tuple(str(j) for j in range(spec.num_classes))
+
+
 def _layer_dict(layer: TrunkLayer) -> dict[str, Any]:
     if isinstance(layer, ConvLayer):
         return {"type": "conv", "filters": layer.filters, "kernel": layer.kernel}
     return {"type": "avgpool", "size": layer.size}
+
+
+def _decoder_dict(dec: DecoderSpec) -> dict[str, Any]:
+    return {
+        "hidden": list(dec.hidden),
+        "image_shape": None if dec.image_shape is None else list(dec.image_shape),
+    }
+
+
+def _decoder_from_dict(d: Any) -> DecoderSpec | None:
+    if d is None:
+        return None
+    if not isinstance(d, dict):
+        raise CapsctlError("model spec: 'decoder' must be null or an object")
+    unknown = set(d) - {"hidden", "image_shape"}
+    if unknown:
+        raise CapsctlError(f"model spec: unknown field decoder.{sorted(unknown)[0]}")
+    hidden, shape = d.get("hidden", [512, 1024]), d.get("image_shape")
+    if not isinstance(hidden, list) or (shape is not None and not isinstance(shape, list)):
+        raise CapsctlError("model spec: decoder.hidden and decoder.image_shape must be lists")
+    return DecoderSpec(hidden=tuple(hidden), image_shape=None if shape is None else tuple(shape))
 
 
 def _layer_from_dict(d: Any) -> TrunkLayer:
@@ -202,6 +259,43 @@ def validate(spec: ModelSpec) -> None:
             raise CapsctlError("model spec: capsule.num_inputs is required when capsule.shared is false")
         _positive_int(c.num_inputs, "capsule.num_inputs", 1 << 20)
     _positive_int(spec.pool.hidden, "pool.hidden", 1 << 16)
+    names = spec.class_names
+    if names is not None:
+        if not isinstance(names, tuple) or not all(isinstance(n, str) and n for n in names):
+            raise CapsctlError("model spec: class_names must be a list of non-empty strings")
+        if len(names) != spec.num_classes:
+            raise CapsctlError(
+                f"model spec: class_names has {len(names)} names for num_classes {spec.num_classes}"
+            )
+        if len(set(names)) != len(names):
+            raise CapsctlError("model spec: class_names holds a name twice")
+    dec = spec.decoder
+    if dec is not None:
+        if spec.head != "capsule":
+            raise CapsctlError(f"model spec: only a capsule head can have a decoder (head is {spec.head!r})")
+        if not isinstance(dec, DecoderSpec) or not isinstance(dec.hidden, tuple):
+            raise CapsctlError("model spec: decoder must be an object with a list 'hidden'")
+        for k, width in enumerate(dec.hidden):
+            _positive_int(width, f"decoder.hidden[{k}]", 1 << 16)
+        if dec.image_shape is not None:
+            if not isinstance(dec.image_shape, tuple) or len(dec.image_shape) != 3:
+                raise CapsctlError("model spec: decoder.image_shape must be [H, W, C]")
+            for name, value in zip("HWC", dec.image_shape, strict=True):
+                _positive_int(value, f"decoder.image_shape {name}", 4096)
+            if dec.image_shape[2] != spec.in_channels:
+                raise CapsctlError(
+                    f"model spec: decoder.image_shape has {dec.image_shape[2]} channels, "
+                    f"in_channels is {spec.in_channels}"
+                )
+
+
+def default_recon_weight(spec: ModelSpec) -> float:
+    """The reconstruction loss weight: 0.0005 (Sabour et al.'s, for 28x28x1) scaled by 784 / (H·W·C)."""
+    dec = spec.decoder
+    if dec is None or dec.image_shape is None:
+        return 0.0005
+    h, w, c = dec.image_shape
+    return 0.0005 * 784 / (h * w * c)
 
 
 def default_spec(head: str = "capsule") -> ModelSpec:

@@ -6,7 +6,8 @@ Contract (shared by every backend and by other people's tools):
   model's "provenance": JSON naming the command, seed, commit and the numbers it reached);
 - names `trunk.{k}.kernel` [kh, kw, in, out], `trunk.{k}.bias` [out] for the k-th conv,
   `head.capsule.kernel` [C, J*D] (shared) or [N, C, J*D], `head.dense0.kernel` [C, hidden],
-  `head.dense0.bias` [hidden], `head.dense1.kernel` [hidden, J], `head.dense1.bias` [J].
+  `head.dense0.bias` [hidden], `head.dense1.kernel` [hidden, J], `head.dense1.bias` [J];
+  with a decoder, `decoder.dense{k}.kernel` [in, out] and `decoder.dense{k}.bias` [out], k = 0..len(hidden).
 
 The container is read and written by the safetensors library; a damaged file is refused with one
 line naming it and the library's reason, before any framework is imported. On top of the container,
@@ -63,6 +64,23 @@ def expected_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
         shapes["head.dense0.bias"] = (hidden,)
         shapes["head.dense1.kernel"] = (hidden, j)
         shapes["head.dense1.bias"] = (j,)
+    for name, shape in decoder_shapes(spec).items():
+        shapes[name] = shape
+    return shapes
+
+
+def decoder_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    """`decoder.dense{k}.kernel` [in, out] and `.bias` [out], k = 0..len(hidden): J·D -> ... -> H·W·C."""
+    dec = spec.decoder
+    if dec is None:
+        return {}
+    if dec.image_shape is None:
+        raise CapsctlError("model spec: decoder.image_shape is not set (the training image size [H, W, C])")
+    widths = [spec.num_classes * spec.capsule.dim, *dec.hidden, math.prod(dec.image_shape)]
+    shapes: dict[str, tuple[int, ...]] = {}
+    for k in range(len(widths) - 1):
+        shapes[f"decoder.dense{k}.kernel"] = (widths[k], widths[k + 1])
+        shapes[f"decoder.dense{k}.bias"] = (widths[k + 1],)
     return shapes
 
 
@@ -119,7 +137,17 @@ def encode_safetensors(tensors: Mapping[str, np.ndarray], metadata: Mapping[str,
         if arr.dtype.newbyteorder("<") not in _DTYPES.values():
             raise CapsctlError(f"tensor {name!r}: dtype {arr.dtype} cannot be stored")
         arrays[name] = arr
-    return bytes(safetensors.numpy.save(arrays, metadata=dict(metadata)))
+    raw = bytes(safetensors.numpy.save(arrays, metadata=dict(metadata)))
+    # The library writes the metadata in hash order (a Rust HashMap: it differs from one process to the
+    # next), so the same model would give different bytes. The header is rewritten with the metadata in
+    # sorted order; the data section and its offsets are untouched.
+    (n,) = struct.unpack_from("<Q", raw)
+    header = json.loads(raw[8 : 8 + n])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the format aligns the data to 8 bytes
+    return struct.pack("<Q", len(head)) + head + raw[8 + n :]
 
 
 def decode_safetensors(data: bytes, source: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:

@@ -26,7 +26,8 @@ class TrainConfig:
     nothing else; a field added later needs a default, so older checkpoints still load."""
 
     backend: str = "torch"  # framework that runs the steps
-    dataset: str = "mnist-5k"  # data set name (see `capsctl data list`)
+    dataset: str = "mnist-5k"  # data set name (see `capsctl data list`), or the path of the user's data
+    image_size: str | None = None  # 'HxW': --dataset PATH images scaled to fit this size (None: as they are)
     epochs: int = _DEFAULT.capsule_epochs  # passes over the training images
     batch_size: int = _DEFAULT.batch_size  # images per optimiser step
     lr: float = _DEFAULT.lr  # learning rate (the peak of the one-cycle schedule)
@@ -42,6 +43,8 @@ class TrainConfig:
     # epochs before the last are scored on the first N of those only (a curve for the log, ~10x cheaper
     # than the full test set); None scores every epoch on all of them
     curve_images: int | None = 1000
+    # weight of the decoder's reconstruction loss (models with a decoder); None: 0.0005 · 784 / (H·W·C)
+    recon_weight: float | None = None
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -64,6 +67,9 @@ class TrainConfig:
             raise CapsctlError(f"--limit must be at least 1, got {self.limit}")
         if self.eval_limit is not None and self.eval_limit < 1:
             raise CapsctlError(f"--eval-limit must be at least 1, got {self.eval_limit}")
+        rw = self.recon_weight
+        if rw is not None and not (math.isfinite(rw) and 0 <= rw <= 1e3):
+            raise CapsctlError(f"--recon-weight must be in [0, 1000], got {self.recon_weight}")
         if self.curve_images is not None and self.curve_images < 1:
             raise CapsctlError(f"--curve-images must be at least 1, got {self.curve_images}")
 

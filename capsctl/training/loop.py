@@ -131,6 +131,13 @@ def train(
 
 def _check_data(spec: ModelSpec, cfg: TrainConfig, train_split: Split, test_split: Split | None) -> None:
     check_fit(spec, train_split.images, train_split.labels, "model spec", f"{cfg.dataset} training images")
+    dec = spec.decoder
+    shape = tuple(train_split.images.shape[1:])
+    if dec is not None and dec.image_shape is not None and shape != dec.image_shape:
+        raise CapsctlError(
+            f"model spec: decoder.image_shape is {list(dec.image_shape)}, the {cfg.dataset} training images "
+            f"are {list(train_split.images.shape[1:])}"
+        )
     if test_split is not None:
         check_fit(spec, test_split.images, test_split.labels, "model spec", f"{cfg.dataset} test images")
 
@@ -209,7 +216,8 @@ def _train_locked(
     if resume:
         err.print(f"resuming {run} at epoch {st.epoch + 1}, step {st.step}")
 
-    trainer: Trainer = backend.trainer(spec, st.weights, OptimConfig(weight_decay=cfg.weight_decay))
+    optim = OptimConfig(weight_decay=cfg.weight_decay, recon_weight=cfg.recon_weight)
+    trainer: Trainer = backend.trainer(spec, st.weights, optim)
     if st.optimizer:
         trainer.load_optimizer_state(st.optimizer)
     write_metrics(run, rows)

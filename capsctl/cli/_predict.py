@@ -1,0 +1,341 @@
+"""`capsctl predict`: class scores for the user's own images (files, folders, or a list on stdin)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from capsctl.cli._options import BackendOpt, BatchSizeOpt, Invert, ModelArg, QuietOpt
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    import numpy as np
+
+    from capsctl.model.spec import ModelSpec
+
+# what a folder is searched for (files named on the command line or stdin are read whatever their name)
+IMAGE_SUFFIXES = frozenset(
+    {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".npy"}
+)
+
+
+def predict(
+    model: ModelArg,
+    inputs: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="INPUT...",
+            help="Image files, folders (searched recursively for images), or - to read paths from stdin "
+            "(one a line).",
+            show_default=False,
+        ),
+    ],
+    backend: BackendOpt = "torch",
+    top: Annotated[int, typer.Option(help="List the K highest-scoring classes of each image.")] = 3,
+    threshold: Annotated[
+        float,
+        typer.Option(help="Classes scoring above this are 'present' (the objects in a multi-object image)."),
+    ] = 0.5,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="One JSON object per image, one a line, as results come.")
+    ] = False,
+    csv_out: Annotated[bool, typer.Option("--csv", help="CSV with a header row, as results come.")] = False,
+    invert: Annotated[Invert, typer.Option(help="auto (invert a light background), yes or no.")] = "auto",
+    resize: Annotated[
+        str | None, typer.Option(help="Resize every image to HxW pixels first, e.g. 28x28.",
+                                 show_default="keep each image's size")
+    ] = None,
+    batch_size: BatchSizeOpt = 512,
+    quiet: QuietOpt = False,
+) -> None:
+    """Predict the classes of your own images: the top K classes with their scores and, for a
+    multi-object image, the set of classes scoring over --threshold.
+
+    Images are read like `capsctl inspect` reads them (PNG, JPEG, BMP, GIF, TIFF, WebP, PPM or
+    .npy; any size; a light background is inverted with --invert auto) and run in batches of
+    images of the same size. A folder is searched recursively; files in it that are not images by
+    their name are skipped and counted. A file that cannot be read is reported in the output with
+    its reason (an "error" column or key), every other file is still predicted, and the exit code
+    is 2 at the end.
+
+    Example: capsctl predict runs/caps/model.safetensors photos/ --top 2 --json
+    """
+    import sys
+
+    from capsctl._console import err
+    from capsctl.cli._options import check_range
+    from capsctl.data.images import parse_size
+    from capsctl.errors import CapsctlError
+    from capsctl.model.weights import load_model
+
+    if json_out and csv_out:
+        raise CapsctlError("--json and --csv: give one of them")
+    check_range("--threshold", threshold, 0.0, 1.0)
+    check_range("--batch-size", batch_size, 1, 65536)
+    size = parse_size(resize) if resize is not None else None
+    paths, skipped = collect_paths(inputs, sys.stdin)
+    spec, weights = load_model(model)
+    check_range("--top", top, 1, spec.num_classes)
+    if spec.in_channels not in (1, 3):
+        raise CapsctlError(
+            f"{model}: the model takes {spec.in_channels}-channel images; predict reads gray (1) or RGB (3)"
+        )
+    from capsctl.backend import get_backend
+
+    runner = get_backend(backend).runner(spec, weights)
+    names = class_names(spec)
+    fmt = "json" if json_out else "csv" if csv_out else "table"
+    writer = _Writer(fmt, top, names)
+    failed = 0
+    show_bar = not quiet and len(paths) > batch_size
+    with _maybe_progress(show_bar, len(paths)) as advance:
+        for result in run_predictions(
+            paths, runner.scores, spec, invert=str(invert), resize=size, batch_size=batch_size
+        ):
+            failed += "error" in result
+            writer.write(result, top, threshold)
+            advance(1)
+    writer.close(f"{model} ({backend})")
+    done = len(paths) - failed
+    note = f"; {skipped} non-image file(s) in the folders skipped" if skipped else ""
+    err.print(f"{done} image(s) predicted, {failed} could not be read{note}", highlight=False, soft_wrap=True)
+    if failed:
+        raise typer.Exit(2)
+
+
+# -- the inputs -----------------------------------------------------------------------------------------
+
+
+def collect_paths(inputs: list[str], stdin: Any) -> tuple[list[Path], int]:
+    """The files to predict, in order, and how many non-image files the folders held.
+
+    `-` reads paths from `stdin`, one a line (blank lines ignored); a folder is searched recursively
+    (sorted) for files with an image suffix. A folder with no image at all is an error."""
+    from capsctl.errors import CapsctlError
+
+    paths: list[Path] = []
+    skipped = 0
+    given: list[str] = []
+    for item in inputs:
+        if item == "-":
+            given.extend(line.strip() for line in stdin if line.strip())
+        else:
+            given.append(item)
+    if not given:
+        raise CapsctlError("no input: give image files, folders, or - with paths on stdin")
+    for item in given:
+        p = Path(item)
+        if not p.is_dir():
+            paths.append(p)  # a missing or unreadable file is reported in the output, with its reason
+            continue
+        images, others = [], 0
+        for f in sorted(p.rglob("*")):
+            if f.is_dir():
+                continue
+            if f.suffix.lower() in IMAGE_SUFFIXES:
+                images.append(f)
+            else:
+                others += 1
+        if not images:
+            more = f" ({others} other file(s))" if others else ""
+            raise CapsctlError(
+                f"{p}: no images in this folder{more}; expected {', '.join(sorted(IMAGE_SUFFIXES))} files"
+            )
+        paths.extend(images)
+        skipped += others
+    return paths, skipped
+
+
+# -- reading and scoring ----------------------------------------------------------------------------------
+
+
+def class_names(spec: ModelSpec) -> list[str]:
+    """The model's class names (its spec's `class_names` where it has them), else the indices."""
+    from capsctl.model.spec import names_of
+
+    return list(names_of(spec))
+
+
+def _read(path: Path, spec: ModelSpec, invert: str, resize: tuple[int, int] | None) -> np.ndarray:
+    """One image as float32 (H, W, C) for `spec`, or a CapsctlError naming the file."""
+    from capsctl.data.images import load_image
+    from capsctl.errors import CapsctlError
+
+    # a colour model gets RGB (a gray file in all three channels); a gray model gets luma
+    img = load_image(path, invert=invert, resize=resize, spec=spec, channels=spec.in_channels)
+    if img.ndim == 2:
+        img = img[:, :, None]
+    caps = spec.capsule
+    if spec.head == "capsule" and not caps.shared:
+        gh, gw = spec.trunk_grid(img.shape[0], img.shape[1])
+        if gh * gw != caps.num_inputs:
+            raise CapsctlError(
+                f"{path}: gives a {gh}x{gw} grid, but the model has per-position capsule weights for "
+                f"{caps.num_inputs} inputs (use --resize)"
+            )
+    return img
+
+
+def run_predictions(
+    paths: list[Path],
+    scores_fn: Any,
+    spec: ModelSpec,
+    *,
+    invert: str = "auto",
+    resize: tuple[int, int] | None = None,
+    batch_size: int = 512,
+) -> Iterator[dict[str, Any]]:
+    """Yield {"image", "scores"} or {"image", "error"} per path, in the order of `paths`.
+
+    Files are read `batch_size` at a time (the next chunk in a background thread while the framework
+    scores this one); the images of one chunk are grouped by size and each group is scored in one call
+    of `scores_fn(images (N, H, W, C), batch_size) -> (N, J)`."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    chunks = [paths[start : start + batch_size] for start in range(0, len(paths), batch_size)]
+    if not chunks:
+        return
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(_read_chunk, chunks[0], spec, invert, resize)
+        for k in range(len(chunks)):
+            results, groups = pending.result()
+            if k + 1 < len(chunks):
+                pending = pool.submit(_read_chunk, chunks[k + 1], spec, invert, resize)
+            for members in groups.values():
+                batch = np.stack([img for _, img in members])
+                out = np.asarray(scores_fn(batch, batch_size))
+                for (i, _), row in zip(members, out, strict=True):
+                    results[i]["scores"] = row
+            yield from results
+
+
+def _read_chunk(
+    chunk: list[Path], spec: ModelSpec, invert: str, resize: tuple[int, int] | None
+) -> tuple[list[dict[str, Any]], dict[tuple[int, ...], list[tuple[int, np.ndarray]]]]:
+    """The chunk's result slots (errors filled in) and its images by shape: {shape: [(slot, image)]}."""
+    from capsctl.errors import CapsctlError
+
+    results: list[dict[str, Any]] = [{"image": str(p)} for p in chunk]
+    groups: dict[tuple[int, ...], list[tuple[int, np.ndarray]]] = {}
+    for i, p in enumerate(chunk):
+        try:
+            img = _read(p, spec, invert, resize)
+        except CapsctlError as e:
+            results[i]["error"] = _reason(str(e), p)
+            continue
+        groups.setdefault(img.shape, []).append((i, img))
+    return results, groups
+
+
+def _reason(message: str, p: Path) -> str:
+    prefix = f"{p}: "
+    return message[len(prefix):] if message.startswith(prefix) else message
+
+
+# -- the output --------------------------------------------------------------------------------------------
+
+
+class _Writer:
+    """Writes results as a table (at the end), JSON lines or CSV rows (as they come)."""
+
+    def __init__(self, fmt: str, top: int, names: list[str]) -> None:
+        self.fmt, self.names = fmt, names
+        self.rows: list[list[str]] = []
+        self.csv: Any = None
+        if fmt == "csv":
+            import csv
+            import sys
+
+            self.csv = csv.writer(sys.stdout, lineterminator="\n")
+            head = ["image"]
+            for k in range(1, top + 1):
+                head += [f"top{k}", f"score{k}"]
+            self.csv.writerow([*head, "present", "error"])
+
+    def write(self, result: dict[str, Any], top: int, threshold: float) -> None:
+        import json
+
+        image = result["image"]
+        if "error" in result:
+            if self.fmt == "json":
+                typer.echo(json.dumps({"image": image, "error": result["error"]}))
+            elif self.fmt == "csv":
+                self.csv.writerow([image, *([""] * (2 * top)), "", result["error"]])
+            else:
+                self.rows.append([image, "", "", f"[red]{_escape(result['error'])}[/]"])
+            return
+        scores = result["scores"]
+        order = sorted(range(len(scores)), key=lambda j: -float(scores[j]))
+        best = order[:top]
+        present = [j for j in order if float(scores[j]) > threshold]
+        if self.fmt == "json":
+            typer.echo(json.dumps({
+                "image": image,
+                "top": [{"class": self.names[j], "index": j, "score": round(float(scores[j]), 6)}
+                        for j in best],
+                "present": [self.names[j] for j in present],
+            }))
+        elif self.fmt == "csv":
+            cells = [image]
+            for j in best:
+                cells += [self.names[j], f"{float(scores[j]):.6f}"]
+            self.csv.writerow([*cells, ";".join(self.names[j] for j in present), ""])
+        else:
+            topk = ", ".join(f"{_escape(self.names[j])} {float(scores[j]):.3f}" for j in best)
+            found = ", ".join(_escape(self.names[j]) for j in present) or "—"
+            self.rows.append([_escape(image), topk, found, ""])
+
+    def close(self, title: str) -> None:
+        import sys
+
+        if self.fmt != "table":
+            sys.stdout.flush()
+            return
+        from rich.table import Table
+
+        from capsctl._console import out
+
+        table = Table(title=_escape(title))
+        table.add_column("image", overflow="fold")
+        table.add_column("top (class score)")
+        table.add_column("present")
+        if any(r[3] for r in self.rows):
+            table.add_column("error", overflow="fold")
+        else:
+            self.rows = [r[:3] for r in self.rows]
+        for r in self.rows:
+            table.add_row(*r)
+        out.print(table)
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
+
+
+class _maybe_progress:
+    """A Rich progress bar on stderr when `show`, else nothing; yields advance(n)."""
+
+    def __init__(self, show: bool, total: int) -> None:
+        self.show, self.total = show, total
+        self.bar: Any = None
+
+    def __enter__(self) -> Any:
+        if not self.show:
+            return lambda n: None
+        from capsctl._console import progress
+
+        self.bar = progress()
+        self.bar.__enter__()
+        task = self.bar.add_task("predict", total=self.total)
+        return lambda n: self.bar.advance(task, n)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(*exc)

@@ -1,0 +1,91 @@
+"""`--dataset PATH`: the user's own data, recognised by what the path holds.
+
+- a folder with train/ (and test/): an ImageFolder layout (capsctl.data.folders);
+- a `.npz` file with x_train, y_train, x_test, y_test (capsctl.data.npz);
+- a folder of the four MNIST-style IDX files (capsctl.data.idx), as `--data-dir` takes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from capsctl.data import datasets, idx
+from capsctl.errors import CapsctlError
+
+MAX_SIDE = 4096
+
+
+def parse_image_size(text: str | None) -> tuple[int, int] | None:
+    """'HxW' -> (height, width); both sides 1..MAX_SIDE."""
+    if text is None:
+        return None
+    parts = text.lower().replace("×", "x").split("x")
+    try:
+        h, w = (int(p) for p in parts)
+    except ValueError:
+        raise CapsctlError(f"--image-size must be HxW, e.g. 28x28, got {text!r}") from None
+    if not (1 <= h <= MAX_SIDE and 1 <= w <= MAX_SIDE):
+        raise CapsctlError(f"--image-size {text}: each side must be 1..{MAX_SIDE}")
+    return h, w
+
+
+def is_path(name: str) -> bool:
+    """A --dataset value that is not a registry name: a path (it need not exist, for the message)."""
+    return name not in datasets.DATASETS
+
+
+def load_path(text: str, image_size: tuple[int, int] | None = None) -> datasets.Dataset:
+    p = Path(text)
+    if p.is_file():
+        if p.suffix.lower() != ".npz":
+            raise CapsctlError(
+                f"--dataset {p}: a file must be an .npz archive (x_train, y_train, x_test, y_test)"
+            )
+        from capsctl.data.npz import load_npz
+
+        train, test, classes = load_npz(p, image_size)
+    elif p.is_dir():
+        from capsctl.data import folders
+
+        if folders.is_image_folder(p):
+            train, test, classes = folders.load_image_folder(p, image_size)
+        elif datasets.is_complete(p):
+            train, test, classes = _idx_folder(p, image_size)
+        else:
+            raise CapsctlError(
+                f"--dataset {p}: not a data set (expected {p}/train/<class>/ image folders, "
+                "the four MNIST IDX files, or an .npz file)"
+            )
+    else:
+        known = ", ".join(datasets.DATASETS)
+        raise CapsctlError(f"--dataset {text}: neither a known data set ({known}) nor an existing path")
+    ds = datasets.Dataset(str(p), p, class_names=classes)
+    ds._cache["train"] = datasets.Split(*train)
+    ds._cache["t10k"] = datasets.Split(*test)
+    return ds
+
+
+def _idx_folder(
+    p: Path, image_size: tuple[int, int] | None
+) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray], tuple[str, ...]]:
+    out = []
+    for prefix in ("train", "t10k"):
+        img_path = datasets.find_file(p, f"{prefix}-images")
+        lab_path = datasets.find_file(p, f"{prefix}-labels")
+        assert img_path and lab_path
+        images = idx.load_images(img_path)
+        labels = idx.load_labels(lab_path, 256)
+        if len(images) != len(labels):
+            raise CapsctlError(
+                f"{img_path}: {len(images)} images but {lab_path.name} has {len(labels)} labels"
+            )
+        if image_size is not None and images.shape[1:3] != image_size:
+            from capsctl.data.npz import _resize
+
+            u8 = np.clip(images * 255 + 0.5, 0, 255).astype(np.uint8)
+            images = _resize(u8, image_size).astype(np.float32) / 255.0
+        out.append((images, labels))
+    top = int(max(out[0][1].max(initial=0), out[1][1].max(initial=0)))
+    return out[0], out[1], tuple(str(j) for j in range(top + 1))

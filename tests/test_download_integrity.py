@@ -1,0 +1,54 @@
+"""What the download code guarantees beyond tests/test_data.py, the properties docs/DESIGN-NOTES.md gives
+as the reasons it is not pooch: a content digest (of the decompressed IDX bytes) is checked before the
+file is published, so a mismatch leaves nothing; a killed earlier download's `.part` is reused, not
+accumulated. Against a static server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from capsctl.data import datasets
+from capsctl.errors import CapsctlError
+
+from ._helpers import idx_bytes, static_server, write_set
+
+
+def _serve_set(root: Path) -> dict[str, bytes]:
+    """A tiny MNIST-style set, gzipped, in `root`; returns each role's decompressed IDX bytes."""
+    rng = np.random.default_rng(0)
+    shapes = {"train-images": (6, 28, 28), "train-labels": (6,), "t10k-images": (3, 28, 28),
+              "t10k-labels": (3,)}
+    arrays = {role: rng.integers(0, 10, shape) for role, shape in shapes.items()}
+    write_set(root, arrays)
+    return {role: idx_bytes(arr) for role, arr in arrays.items()}
+
+
+def _content_info(raw: dict[str, bytes]) -> datasets.DatasetInfo:
+    return datasets.DatasetInfo(
+        name="tiny", mirrors=(), digest_of="content", classes=tuple("0123456789"),
+        sha256={role: hashlib.sha256(data).hexdigest() for role, data in raw.items()},
+    )
+
+
+def test_a_content_digest_mismatch_publishes_nothing(tmp_path):
+    info = _content_info(_serve_set(tmp_path / "srv"))
+    info.sha256["train-images"] = "0" * 64
+    with static_server(tmp_path / "srv") as url, pytest.raises(CapsctlError, match="SHA-256 mismatch"):
+        datasets.fetch(info, tmp_path / "cache", mirrors=[url])
+    assert list((tmp_path / "cache").iterdir()) == []  # no file under its final name, no temporary
+
+
+def test_a_killed_downloads_part_file_is_replaced_not_kept(tmp_path):
+    info = _content_info(_serve_set(tmp_path / "srv"))
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    stale = cache / (datasets.FILES["train-images"] + ".gz.part")
+    stale.write_bytes(b"\x1f\x8b half a download")
+    with static_server(tmp_path / "srv") as url:
+        datasets.fetch(info, cache, mirrors=[url])
+    assert sorted(p.name for p in cache.iterdir()) == sorted(f + ".gz" for f in datasets.FILES.values())
+    assert datasets.Dataset("mnist", cache).train().images.shape == (6, 28, 28, 1)

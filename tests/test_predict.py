@@ -1,0 +1,159 @@
+"""`capsctl predict` end to end with a tiny trained model: table, --json, --csv, stdin, folders searched
+recursively, an unreadable file among good ones, an empty folder, and --threshold on a real composite."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ._helpers import TINY, assert_one_line_error, run_cli
+
+
+def _png(path: Path, img: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray((np.asarray(img)[..., 0] * 255).round().astype(np.uint8)).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory, mnist_dir: Path) -> Path:
+    """A tiny capsule model trained for one epoch on 256 real digits (seconds)."""
+    from capsctl.cli import main
+
+    d = tmp_path_factory.mktemp("predict-model")
+    (d / "tiny.json").write_text(json.dumps(TINY))
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--spec", str(d / "tiny.json"), "--data-dir", str(mnist_dir), "--limit", "256",
+              "--epochs", "1", "--batch-size", "64", "--eval-limit", "64", "-q", "--out", str(d / "run")])
+    assert info.value.code in (0, None)
+    return d / "run" / "model.safetensors"
+
+
+@pytest.fixture(scope="module")
+def digits_dir(tmp_path_factory: pytest.TempPathFactory, mnist) -> Path:
+    """Six real test digits as PNGs: three at the top, two in a sub-folder, one in a sub-sub-folder,
+    and a README that is not an image."""
+    d = tmp_path_factory.mktemp("digits")
+    x = mnist.test().images
+    for i, rel in enumerate(["a.png", "b.png", "c.png", "sub/d.png", "sub/e.png", "sub/deeper/f.png"]):
+        _png(d / rel, x[i])
+    (d / "README.txt").write_text("not an image")
+    return d
+
+
+def _lines(out: str) -> list[dict]:
+    return [json.loads(line) for line in out.splitlines()]
+
+
+@pytest.mark.torch
+def test_json_csv_and_table_on_a_folder_searched_recursively(tiny_model, digits_dir, capsys):
+    code, out, err = run_cli(["predict", tiny_model, digits_dir, "--json", "--top", "2"], capsys)
+    assert code == 0, err
+    rows = _lines(out)
+    names = [Path(r["image"]).relative_to(digits_dir).as_posix() for r in rows]
+    assert names == ["a.png", "b.png", "c.png", "sub/d.png", "sub/deeper/f.png", "sub/e.png"]
+    for r in rows:
+        assert len(r["top"]) == 2 and r["top"][0]["score"] >= r["top"][1]["score"]
+        assert r["top"][0]["class"] == str(r["top"][0]["index"])
+        over = [t["class"] for t in r["top"] if t["score"] > 0.5]
+        assert r["present"][: len(over)] == over
+    assert "6 image(s) predicted" in err and "1 non-image file(s)" in err
+
+    code, out, err = run_cli(["predict", tiny_model, digits_dir, "--csv"], capsys)
+    assert code == 0, err
+    table = list(csv.reader(io.StringIO(out)))
+    assert table[0] == ["image", "top1", "score1", "top2", "score2", "top3", "score3", "present", "error"]
+    assert len(table) == 7 and all(row[-1] == "" for row in table[1:])
+    by_image = {r["image"]: r for r in rows}
+    for row in table[1:]:
+        assert row[1] == by_image[row[0]]["top"][0]["class"]
+        assert float(row[2]) == pytest.approx(by_image[row[0]]["top"][0]["score"], abs=1e-5)
+
+    code, out, err = run_cli(["predict", tiny_model, digits_dir / "a.png", digits_dir / "sub"], capsys)
+    assert code == 0, err
+    assert "a.png" in out and "d.png" in out and "f.png" in out and "top (class score)" in out
+    assert "error" not in out
+
+
+@pytest.mark.torch
+def test_paths_from_stdin(tiny_model, digits_dir, capsys, monkeypatch):
+    listing = f"{digits_dir / 'b.png'}\n\n{digits_dir / 'sub' / 'e.png'}\n"
+    monkeypatch.setattr(sys, "stdin", io.StringIO(listing))
+    code, out, err = run_cli(["predict", tiny_model, "-", digits_dir / "a.png", "--json"], capsys)
+    assert code == 0, err
+    assert [Path(r["image"]).name for r in _lines(out)] == ["b.png", "e.png", "a.png"]
+
+
+@pytest.mark.torch
+def test_an_unreadable_file_is_reported_and_the_others_still_predicted(tiny_model, digits_dir, tmp_path,
+                                                                      capsys):
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"junk" * 10)
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    good = [digits_dir / "a.png", digits_dir / "sub" / "d.png"]
+    args = ["predict", tiny_model, good[0], tmp_path / "broken.png", tmp_path / "missing.png", good[1],
+            tmp_path / "empty.jpg"]
+    code, out, err = run_cli([*args, "--json"], capsys)
+    assert code == 2
+    rows = _lines(out)
+    names = ["a.png", "broken.png", "missing.png", "d.png", "empty.jpg"]
+    assert [Path(r["image"]).name for r in rows] == names
+    assert "top" in rows[0] and "top" in rows[3]
+    assert "error" in rows[1] and rows[2]["error"] == "no such file" and rows[4]["error"] == "empty file"
+    assert "2 image(s) predicted, 3 could not be read" in err and "Traceback" not in err
+
+    code, out, _ = run_cli([*args, "--csv"], capsys)
+    assert code == 2
+    table = list(csv.reader(io.StringIO(out)))
+    assert [bool(row[-1]) for row in table[1:]] == [False, True, True, False, True]
+
+    code, out, _ = run_cli(args, capsys)
+    assert code == 2 and "no such file" in out and "error" in out
+
+
+@pytest.mark.torch
+def test_empty_folder_and_bad_options_are_one_line_errors(tiny_model, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    code, out, err = run_cli(["predict", tiny_model, tmp_path / "empty"], capsys)
+    assert_one_line_error(code, out, err, "no images in this folder")
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "notes.txt").write_text("x")
+    code, out, err = run_cli(["predict", tiny_model, tmp_path / "docs"], capsys)
+    assert_one_line_error(code, out, err, "no images", "1 other file")
+    png = _png(tmp_path / "x.png", np.zeros((28, 28, 1), np.float32))
+    for extra, fragment in [(["--json", "--csv"], "--json and --csv"), (["--top", "11"], "--top"),
+                            (["--threshold", "1.5"], "--threshold"), (["--resize", "0x5"], "--resize")]:
+        code, out, err = run_cli(["predict", tiny_model, png, *extra], capsys)
+        assert_one_line_error(code, out, err, fragment)
+
+
+@pytest.mark.parametrize("backend_name", [pytest.param("torch", marks=pytest.mark.torch),
+                                          pytest.param("keras", marks=pytest.mark.keras)])
+def test_threshold_on_a_real_two_digit_composite(tiny_model, mnist, tmp_path, capsys, backend_name):
+    """The PNG of a real vertical pair gives the scores the model gives the pair in memory, and
+    'present' is exactly the classes over --threshold, highest first."""
+    from capsctl.backend import get_backend
+    from capsctl.data.composites import make_composites
+    from capsctl.model.weights import load_model
+
+    test = mnist.test()
+    comp = make_composites(test.images[:50], test.labels[:50], digits=2, layout="vertical", seed=0, limit=2)
+    paths = [_png(tmp_path / f"pair{i}.png", comp.images[i]) for i in range(2)]
+    spec, weights = load_model(tiny_model)
+    expected = get_backend(backend_name).runner(spec, weights).scores(comp.images[:2])
+    for threshold in ("0.5", "0.1", "0.0"):
+        code, out, err = run_cli(["predict", tiny_model, *paths, "--json", "--top", "10",
+                                  "--threshold", threshold, "--backend", backend_name], capsys)
+        assert code == 0, err
+        for row, scores in zip(_lines(out), expected, strict=True):
+            got = {t["index"]: t["score"] for t in row["top"]}
+            np.testing.assert_allclose([got[j] for j in range(10)], scores, atol=1e-5)
+            want = [str(j) for j in np.argsort(-scores, kind="stable") if scores[j] > float(threshold)]
+            assert row["present"] == want
+    assert len(want) == 10  # threshold 0: every class is present

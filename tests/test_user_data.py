@@ -1,0 +1,256 @@
+"""`--dataset PATH`: the user's own data (an ImageFolder layout, an .npz, a folder of IDX files), the model
+following it (channels, classes, class names), RGB end to end, and every problem as one line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from capsctl.data import datasets
+from capsctl.data.folders import load_image_folder
+from capsctl.data.npz import load_npz
+from capsctl.errors import CapsctlError
+from capsctl.model import reference
+from capsctl.model.spec import ModelSpec
+from capsctl.model.weights import init_weights, load_model, save_model
+
+from ._helpers import BACKENDS, TINY, assert_one_line_error, run_cli, write_set
+
+CLASSES = ("cat", "dog", "eel")
+
+
+def _folder(root: Path, n: int = 4, size: tuple[int, int] = (20, 20), rgb: bool = True) -> Path:
+    """root/train/<class>/*.png and root/test/<class>/*.png, each class a different colour blob."""
+    rng = np.random.default_rng(0)
+    for split, count in (("train", n), ("test", 2)):
+        for k, name in enumerate(CLASSES):
+            d = root / split / name
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                img = rng.integers(0, 40, (*size, 3), dtype=np.uint8)
+                img[4:12, 4 + 2 * k : 10 + 2 * k, k] = 250
+                Image.fromarray(img if rgb else img.max(axis=2)).save(d / f"{i}.png")
+    return root
+
+
+# -- the readers --------------------------------------------------------------------------------------
+
+
+def test_image_folder_classes_shapes_and_skipped_files(tmp_path, capsys):
+    root = _folder(tmp_path / "ds")
+    (root / "train" / "cat" / "notes.txt").write_text("not an image")
+    (train, y_train), (test, y_test), classes = load_image_folder(root)
+    assert classes == CLASSES
+    assert train.shape == (12, 20, 20, 3) and train.dtype == np.float32
+    assert 0 <= train.min() <= train.max() <= 1
+    assert y_train.tolist() == [0] * 4 + [1] * 4 + [2] * 4 and y_train.dtype == np.int64
+    assert test.shape == (6, 20, 20, 3) and y_test.tolist() == [0, 0, 1, 1, 2, 2]
+    assert "1 non-image file(s) skipped" in capsys.readouterr().err
+
+
+def test_image_folder_mixed_sizes_need_image_size_which_pads(tmp_path):
+    root = _folder(tmp_path / "ds")
+    Image.fromarray(np.full((10, 30, 3), 255, np.uint8)).save(root / "test" / "dog" / "wide.png")
+    with pytest.raises(CapsctlError, match=r"differ in size: .*is 20x20, .*wide.png is 10x30.*--image-size"):
+        load_image_folder(root)
+    (train, _), (test, _), _ = load_image_folder(root, (16, 16))
+    assert train.shape[1:] == test.shape[1:] == (16, 16, 3)
+    wide = test[4]  # [cat 0, cat 1, dog 0, dog 1, dog wide, eel 0, eel 1]
+    rows = np.flatnonzero(wide.max(axis=(1, 2)) > 0.5)
+    assert rows.min() > 0 and rows.max() < 15  # aspect kept: 10x30 fits as about 5x16, padded above/below
+
+
+def test_image_folder_mixed_gray_and_colour_go_to_the_majority(tmp_path, capsys):
+    root = _folder(tmp_path / "ds", rgb=False)
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(root / "train" / "eel" / "colour.png")
+    (train, _), _, _ = load_image_folder(root)
+    assert train.shape[3] == 1
+    assert "1 of 19 images converted to gray" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("damage", "fragment"), [
+    (lambda r: (r / "test" / "fox").mkdir(), "test class 'fox' is not among the train/ classes"),
+    (lambda r: [f.unlink() for f in (r / "train" / "dog").iterdir()], "empty class folder"),
+    (lambda r: (r / "train" / "dog" / "0.png").write_bytes(b""), "0.png: empty file"),
+    (lambda r: (r / "train" / "dog" / "1.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"x" * 40), "1.png: "),
+    (lambda r: (r / "train" / "dog" / "1.png").write_bytes((r / "train" / "dog" / "1.png").read_bytes()[:60]),
+     "1.png: truncated or corrupt"),
+])
+def test_image_folder_problems_are_one_error_naming_the_file(tmp_path, damage, fragment):
+    root = _folder(tmp_path / "ds")
+    damage(root)
+    with pytest.raises(CapsctlError, match=None) as info:
+        load_image_folder(root)
+    assert fragment in str(info.value) and "\n" not in str(info.value)
+
+
+def _npz(path: Path, **override) -> Path:
+    rng = np.random.default_rng(0)
+    arrays = {"x_train": rng.integers(0, 256, (6, 12, 12), dtype=np.uint8), "y_train": np.arange(6) % 3,
+              "x_test": rng.integers(0, 256, (3, 12, 12), dtype=np.uint8), "y_test": np.arange(3),
+              "class_names": np.array(CLASSES)}
+    arrays.update(override)
+    np.savez(path, **{k: v for k, v in arrays.items() if v is not None})
+    return path
+
+
+def test_npz_reads_nhw_and_nhwc_with_class_names(tmp_path):
+    (x, y), (xt, _), classes = load_npz(_npz(tmp_path / "a.npz"))
+    assert x.shape == (6, 12, 12, 1) and xt.shape == (3, 12, 12, 1) and classes == CLASSES
+    assert y.dtype == np.int64 and y.tolist() == [0, 1, 2, 0, 1, 2]
+    rgb = np.zeros((4, 8, 8, 3), np.uint8)
+    (x, _), _, classes = load_npz(_npz(tmp_path / "b.npz", x_train=rgb, y_train=np.array([0, 1, 1, 0]),
+                                       x_test=rgb[:2], y_test=np.array([1, 0]), class_names=None))
+    assert x.shape == (4, 8, 8, 3) and classes == ("0", "1")
+
+
+@pytest.mark.parametrize(("override", "fragment"), [
+    ({"x_test": None}, "missing key 'x_test'"),
+    ({"x_train": np.zeros((6, 12, 12), np.float32)}, "x_train has dtype float32, expected uint8"),
+    ({"y_train": np.array([0, 1, 2, 3, 1, 2])}, "label 3 is out of range for 3 class_names"),
+    ({"y_test": np.array([0, 1])}, "x_test has 3 images but y_test has 2 labels"),
+    ({"y_train": np.array([0, 1, 2, -1, 1, 2])}, "y_train holds label -1"),
+])
+def test_npz_problems_are_one_line(tmp_path, override, fragment):
+    with pytest.raises(CapsctlError) as info:
+        load_npz(_npz(tmp_path / "bad.npz", **override))
+    assert fragment in str(info.value), str(info.value)
+
+
+def test_idx_folder_as_a_path_and_registry_names_still_work(tmp_path, mnist_dir):
+    rng = np.random.default_rng(0)
+    write_set(tmp_path / "idx", {"train-images": rng.integers(0, 256, (8, 28, 28)),
+                                 "train-labels": np.arange(8) % 4,
+                                 "t10k-images": rng.integers(0, 256, (4, 28, 28)),
+                                 "t10k-labels": np.arange(4)})
+    ds = datasets.load(str(tmp_path / "idx"))
+    assert ds.train().images.shape == (8, 28, 28, 1) and ds.classes == ("0", "1", "2", "3")
+    named = datasets.load("mnist", mnist_dir)
+    assert named.classes == tuple(str(d) for d in range(10)) and named.test().images.shape[1:] == (28, 28, 1)
+
+
+# -- the spec stores class names ------------------------------------------------------------------------
+
+
+def test_class_names_round_trip_and_old_specs_load():
+    spec = ModelSpec(num_classes=3, class_names=CLASSES)
+    assert ModelSpec.from_json(spec.to_json()) == spec
+    assert "class_names" not in ModelSpec().to_json()  # a spec without names keeps its old JSON
+    assert ModelSpec.from_json(ModelSpec().to_json()).class_names is None
+    with pytest.raises(CapsctlError, match="class_names has 2 names for num_classes 3"):
+        ModelSpec(num_classes=3, class_names=("a", "b"))
+    with pytest.raises(CapsctlError, match="twice"):
+        ModelSpec(num_classes=2, class_names=("a", "a"))
+
+
+# -- end to end ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.torch
+def test_train_on_an_rgb_image_folder_then_eval_and_predict_print_names(tmp_path, capsys):
+    root = _folder(tmp_path / "ds")
+    (tmp_path / "tiny.json").write_text(json.dumps(TINY))
+    run = tmp_path / "run"
+    code, out, err = run_cli(["train", "--spec", tmp_path / "tiny.json", "--dataset", root, "--epochs", "1",
+                              "--batch-size", "4", "-q", "--out", run], capsys)
+    assert code == 0, err
+    spec, _ = load_model(run / "model.safetensors")
+    assert (spec.in_channels, spec.num_classes, spec.class_names) == (3, 3, CLASSES)
+    code, out, err = run_cli(["eval", run / "model.safetensors", "--dataset", root, "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["images"] == 6
+    code, out, err = run_cli(["predict", run / "model.safetensors", root / "test", "--json", "--top", "3"],
+                             capsys)
+    assert code == 0, err
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert len(rows) == 6 and all(sorted(t["class"] for t in r["top"]) == list(CLASSES) for r in rows)
+    # a gray model refuses the colour data set with one line
+    gray = tmp_path / "gray.safetensors"
+    gray_spec = ModelSpec.from_dict({**TINY, "num_classes": 3})
+    save_model(gray, gray_spec, init_weights(gray_spec, 0))
+    code, out, err = run_cli(["eval", gray, "--dataset", root], capsys)
+    assert_one_line_error(code, out, err, "takes 1-channel images", "have 3")
+
+
+@pytest.mark.parametrize(("args", "fragment"), [
+    (["--dataset", "no/such/place"], "--dataset"),
+    (["--dataset", "{ds}", "--image-size", "0x5"], "--image-size"),
+    (["--dataset", "{mixed}"], "differ in size"),
+    (["--dataset", "{npz}"], "missing key 'y_test'"),
+])
+def test_train_refuses_bad_user_data_with_one_line_and_writes_nothing(tmp_path, capsys, args, fragment):
+    ds = _folder(tmp_path / "ds")
+    mixed = _folder(tmp_path / "mixed")
+    Image.fromarray(np.zeros((9, 9), np.uint8)).save(mixed / "train" / "cat" / "small.png")
+    npz = _npz(tmp_path / "bad.npz", y_test=None)
+    args = [a.format(ds=ds, mixed=mixed, npz=npz) for a in args]
+    code, out, err = run_cli(["train", *args, "--epochs", "1", "-q", "--out", tmp_path / "run"], capsys)
+    assert_one_line_error(code, out, err, fragment)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+def test_rgb_model_agrees_with_the_reference_on_each_backend(backend_name):
+    """Cross-backend parity on a 3-channel model: each backend within 1e-4 of the numpy reference."""
+    from capsctl.backend import get_backend
+
+    spec = ModelSpec(in_channels=3, num_classes=3, class_names=CLASSES)
+    weights = init_weights(spec, 1)
+    rng = np.random.default_rng(0)
+    for k, v in weights.items():
+        if k.endswith(".bias"):
+            weights[k] = rng.uniform(0, 0.05, v.shape).astype(np.float32)
+    x = rng.uniform(0, 1, (4, 28, 28, 3)).astype(np.float32)
+    want = reference.forward(spec, weights, x)[0]
+    got = get_backend(backend_name).runner(spec, weights).scores(x)
+    np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+@pytest.mark.torch
+def test_export_and_import_keep_three_channels_and_class_names(tmp_path, capsys):
+    spec = ModelSpec(in_channels=3, num_classes=3, class_names=CLASSES)
+    save_model(tmp_path / "rgb.safetensors", spec, init_weights(spec, 0))
+    code, _, err = run_cli(["export", tmp_path / "rgb.safetensors", "--out", tmp_path / "rgb.pt"], capsys)
+    assert code == 0, err
+    code, _, err = run_cli(["import", tmp_path / "rgb.pt", "--out", tmp_path / "back.safetensors"], capsys)
+    assert code == 0, err
+    back, weights = load_model(tmp_path / "back.safetensors")
+    assert back == spec and weights["trunk.0.kernel"].shape[2] == 3
+
+
+def test_loader_keeps_colour_with_three_channels(tmp_path):
+    from capsctl.data.images import load_image
+
+    rgb = np.zeros((8, 6, 3), np.uint8)
+    rgb[2:5, 1:4] = (200, 30, 90)
+    Image.fromarray(rgb).save(tmp_path / "c.png")
+    got = load_image(tmp_path / "c.png", channels=3)
+    assert got.shape == (8, 6, 3) and got.dtype == np.float32
+    np.testing.assert_allclose(got, rgb / 255.0, atol=1e-6)
+    assert load_image(tmp_path / "c.png").shape == (8, 6)  # the default stays gray
+    Image.fromarray(rgb[..., 0]).save(tmp_path / "g.png")
+    gray3 = load_image(tmp_path / "g.png", channels=3)
+    assert np.array_equal(gray3[..., 0], gray3[..., 2])
+    np.save(tmp_path / "c.npy", rgb)
+    np.testing.assert_allclose(load_image(tmp_path / "c.npy", channels=3), got, atol=1e-6)
+    with pytest.raises(CapsctlError, match="1 \\(gray\\) or 3 \\(RGB\\)"):
+        load_image(tmp_path / "c.png", channels=2)
+
+
+@pytest.mark.torch
+def test_inspect_and_predict_an_rgb_model_print_class_names(tmp_path, capsys):
+    spec = ModelSpec(in_channels=3, num_classes=3, class_names=CLASSES)
+    save_model(tmp_path / "rgb.safetensors", spec, init_weights(spec, 0))
+    root = _folder(tmp_path / "ds")
+    png = root / "test" / "dog" / "0.png"
+    code, out, err = run_cli(["inspect", tmp_path / "rgb.safetensors", png, "--top", "2"], capsys)
+    assert code == 0, err
+    assert "top 2: " in out and all(f" {name} │" in out for name in CLASSES)
+    code, out, err = run_cli(["predict", tmp_path / "rgb.safetensors", png, "--csv", "--top", "3"], capsys)
+    assert code == 0, err
+    row = out.splitlines()[1].split(",")
+    assert sorted(row[1:7:2]) == list(CLASSES)
