@@ -1,6 +1,6 @@
 """Save one test-set composite (the paired-digit protocol, capsctl.composites) as a PNG.
 
-    python tools/composite_png.py --data-dir ../shared/data/mnist-5k --index 3 --out two.png
+    python tools/composite_png.py --index 3 --out two.png
     capsctl inspect two.png --model RUN/model.safetensors --top 2 --out maps.png
 
 Prints the composite's labels in placement order (top to bottom / left to right).
@@ -20,7 +20,7 @@ from capsctl.data.composites import make_composites
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-dir", default=None)
-    ap.add_argument("--dataset", default="mnist")
+    ap.add_argument("--dataset", default="mnist-5k")
     ap.add_argument("--index", type=int, default=0, help="which kept composite (0-based)")
     ap.add_argument("--layout", default="vertical")
     ap.add_argument("--digits", type=int, default=2)
