@@ -72,3 +72,18 @@ def test_inspect_and_eval_pairs_use_it_when_no_model_is_given(tmp_path: Path, ca
     code, out, err = run_cli(["eval-pairs", "--eval-limit", "50", "--json"], capsys)
     assert code == 0, err
     assert "shipped model" in err and json.loads(out)["pairs"] == 50
+
+
+@pytest.mark.torch
+def test_predict_uses_it_when_no_model_is_given(tmp_path: Path, capsys) -> None:
+    from PIL import Image
+
+    test = datasets.load("mnist-5k").test()
+    for i in range(3):
+        Image.fromarray((test.images[i, :, :, 0] * 255).astype(np.uint8)).save(tmp_path / f"d{i}.png")
+    code, out, err = run_cli(["predict", tmp_path / "d0.png", tmp_path / "d1.png", tmp_path / "d2.png", "--json"],
+                             capsys)
+    assert code == 0, err
+    assert "shipped model" in err
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert len(rows) == 3 and all("error" not in r for r in rows)

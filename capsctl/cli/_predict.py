@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from capsctl.cli._options import BackendOpt, BatchSizeOpt, Invert, ModelArg, QuietOpt
+from capsctl.cli._options import BackendOpt, BatchSizeOpt, Invert, QuietOpt, shipped_model_said
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -23,16 +23,24 @@ IMAGE_SUFFIXES = frozenset(
 
 
 def predict(
-    model: ModelArg,
+    model: Annotated[
+        str,
+        typer.Argument(
+            metavar="[MODEL]",
+            help="A capsctl model file (.safetensors); left out (the first argument is not a .safetensors "
+            "file): the model that ships with capsctl.",
+            show_default=False,
+        ),
+    ],
     inputs: Annotated[
-        list[str],
+        list[str] | None,
         typer.Argument(
             metavar="INPUT...",
             help="Image files, folders (searched recursively for images), or - to read paths from stdin "
             "(one a line).",
             show_default=False,
         ),
-    ],
+    ] = None,
     backend: BackendOpt = "torch",
     top: Annotated[int, typer.Option(help="List the K highest-scoring classes of each image.")] = 3,
     threshold: Annotated[
@@ -62,6 +70,8 @@ def predict(
     is 2 at the end.
 
     Example: capsctl predict runs/caps/model.safetensors photos/ --top 2 --json
+
+    Example: capsctl predict scan.png   (the shipped model)
     """
     import sys
 
@@ -76,12 +86,22 @@ def predict(
     check_range("--threshold", threshold, 0.0, 1.0)
     check_range("--batch-size", batch_size, 1, 65536)
     size = parse_size(resize) if resize is not None else None
+    inputs = list(inputs or [])
+    if Path(model).suffix == ".safetensors":
+        model_path = Path(model)
+        if not inputs:
+            raise typer.BadParameter("give the images after the model: capsctl predict MODEL INPUT...",
+                                     param_hint="'INPUT...'")
+    else:  # no model given: every argument is an input
+        inputs.insert(0, model)
+        model_path = shipped_model_said()
     paths, skipped = collect_paths(inputs, sys.stdin)
-    spec, weights = load_model(model)
+    spec, weights = load_model(model_path)
     check_range("--top", top, 1, spec.num_classes)
     if spec.in_channels not in (1, 3):
         raise CapsctlError(
-            f"{model}: the model takes {spec.in_channels}-channel images; predict reads gray (1) or RGB (3)"
+            f"{model_path}: the model takes {spec.in_channels}-channel images; predict reads gray (1) or "
+            "RGB (3)"
         )
     from capsctl.backend import get_backend
 
@@ -98,7 +118,7 @@ def predict(
             failed += "error" in result
             writer.write(result, top, threshold)
             advance(1)
-    writer.close(f"{model} ({backend})")
+    writer.close(f"{model_path} ({backend})")
     done = len(paths) - failed
     note = f"; {skipped} non-image file(s) in the folders skipped" if skipped else ""
     err.print(f"{done} image(s) predicted, {failed} could not be read{note}", highlight=False, soft_wrap=True)
