@@ -81,8 +81,8 @@ def test_predict_uses_it_when_no_model_is_given(tmp_path: Path, capsys) -> None:
     test = datasets.load("mnist-5k").test()
     for i in range(3):
         Image.fromarray((test.images[i, :, :, 0] * 255).astype(np.uint8)).save(tmp_path / f"d{i}.png")
-    code, out, err = run_cli(["predict", tmp_path / "d0.png", tmp_path / "d1.png", tmp_path / "d2.png", "--json"],
-                             capsys)
+    images = [tmp_path / f"d{i}.png" for i in range(3)]
+    code, out, err = run_cli(["predict", *images, "--json"], capsys)
     assert code == 0, err
     assert "shipped model" in err
     rows = [json.loads(line) for line in out.splitlines()]
