@@ -26,6 +26,7 @@ from capsctl.backend import get_backend
 from capsctl.data import datasets
 from capsctl.data.composites import make_composites, score_sets
 from capsctl.model.shipped import PROVENANCE_KEY, SHIPPED_MODEL
+from capsctl.model.spec import ModelSpec
 from capsctl.model.weights import load_model, save_model
 from capsctl.training.config import TrainConfig
 from capsctl.training.loop import train
@@ -76,8 +77,6 @@ def main() -> int:
             recipe=recipe.name,
             **recipe.settings("capsule"),
         )
-        from capsctl.model.spec import ModelSpec
-
         train(backend, ModelSpec(head="capsule"), cfg, ds.train(), None, run)
     else:
         run = args.run

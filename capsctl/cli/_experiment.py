@@ -75,6 +75,12 @@ def _value(choice: str | None) -> str | None:
     return None if choice is None else str(choice)  # a plain str for an Enum member
 
 
+# the same override on both experiments
+ShiftOpt = Annotated[
+    int | None, typer.Option(help="Override the recipe's ±pixel shift augmentation.", rich_help_panel=RECIPE)
+]
+
+
 def pairs(
     dataset: DatasetOpt = "mnist-5k",
     data_dir: DataDirOpt = None,
@@ -101,10 +107,7 @@ def pairs(
     schedule: Annotated[
         Schedule | None, typer.Option(help="Override the recipe's schedule.", rich_help_panel=RECIPE)
     ] = None,
-    shift: Annotated[
-        int | None,
-        typer.Option(help="Override the recipe's ±pixel shift augmentation.", rich_help_panel=RECIPE),
-    ] = None,
+    shift: ShiftOpt = None,
     scale: Annotated[
         float | None,
         typer.Option(
@@ -241,10 +244,7 @@ def ablate(
     epochs: Annotated[
         int | None, typer.Option(help="Epochs per model.", show_default="recipe's", rich_help_panel=RECIPE)
     ] = None,
-    shift: Annotated[
-        int | None,
-        typer.Option(help="Override the recipe's ±pixel shift augmentation.", rich_help_panel=RECIPE),
-    ] = None,
+    shift: ShiftOpt = None,
     routing: Annotated[
         list[str], names_option(Routing, "--routing", help="Routing variants.", panel=MODEL)
     ] = _ROUTINGS,

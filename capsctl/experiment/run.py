@@ -231,19 +231,40 @@ def _prepare(
 
 
 def _finish(
-    results: dict[str, Any], models: list[dict[str, Any]], out: Path, t0: float, start_machine: dict[str, Any]
+    kind: str,
+    plan: PairsPlan | AblatePlan,
+    backend: Backend,
+    train_split: Split,
+    results: dict[str, Any],
+    models: list[dict[str, Any]],
+    out: Path,
+    t0: float,
+    start_machine: dict[str, Any],
 ) -> dict[str, Any]:
-    """Add the cost and machine fields every results.json carries, and write it."""
-    results.update(
-        {
-            "compute_seconds": sum(m["train_seconds"] + m["score_seconds"] for m in models),
-            "wall_seconds": time.time() - t0,
-            "machine": {**start_machine, "loadavg_end": machine()["loadavg"]},
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
-    )
-    write_results(out, results)
-    return results
+    """Write results.json: the fields every experiment's results carry (what was run, on what, at what
+    cost), then the experiment's own `results`."""
+    n_train = len(train_split.images)
+    full = {
+        "format": RESULTS_FORMAT,
+        "kind": kind,
+        "command": plan.command,
+        "backend": plan.backend,
+        "backend_info": backend.describe(),
+        "dataset": plan.dataset,
+        "train_images": n_train if plan.limit is None else min(plan.limit, n_train),
+        "recipe": plan.recipe,
+        "limit": plan.limit,
+        "eval_limit": plan.eval_limit,
+        "composite_seed": COMPOSITE_SEED,
+        "tests": list(plan.tests),
+        **results,
+        "compute_seconds": sum(m["train_seconds"] + m["score_seconds"] for m in models),
+        "wall_seconds": time.time() - t0,
+        "machine": {**start_machine, "loadavg_end": machine()["loadavg"]},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    write_results(out, full)
+    return full
 
 
 def run_pairs(plan: PairsPlan, out: Path, show_progress: bool = True) -> dict[str, Any]:
@@ -279,31 +300,17 @@ def run_pairs(plan: PairsPlan, out: Path, show_progress: bool = True) -> dict[st
     for m in models:
         m["run"] = os.path.relpath(m["run"], out)
     results = {
-        "format": RESULTS_FORMAT,
-        "kind": "pairs",
-        "command": plan.command,
-        "backend": plan.backend,
-        "backend_info": backend.describe(),
-        "dataset": plan.dataset,
-        "train_images": len(train_split.images)
-        if plan.limit is None
-        else min(plan.limit, len(train_split.images)),
         "test_images": len(test_split.images),
-        "recipe": plan.recipe,
         "overrides": plan.overrides.active(),
         "holdout": plan.holdout,
         "seeds": list(plan.seeds),
         "heads": list(plan.heads),
-        "limit": plan.limit,
-        "eval_limit": plan.eval_limit,
-        "composite_seed": COMPOSITE_SEED,
         "curve_test_images": min(CURVE_TEST_IMAGES, plan.eval_limit or CURVE_TEST_IMAGES),
-        "tests": list(plan.tests),
         "models": models,
         "missing": missing,
         "summary": summarize(models, plan.tests),
     }
-    return _finish(results, models, out, t0, start_machine)
+    return _finish("pairs", plan, backend, train_split, results, models, out, t0, start_machine)
 
 
 def run_ablate(plan: AblatePlan, out: Path, show_progress: bool = True) -> dict[str, Any]:
@@ -368,26 +375,12 @@ def run_ablate(plan: AblatePlan, out: Path, show_progress: bool = True) -> dict[
                 }
             )
     results = {
-        "format": RESULTS_FORMAT,
-        "kind": "ablate",
-        "command": plan.command,
-        "backend": plan.backend,
-        "backend_info": backend.describe(),
-        "dataset": plan.dataset,
-        "train_images": len(train_split.images)
-        if plan.limit is None
-        else min(plan.limit, len(train_split.images)),
-        "recipe": plan.recipe,
         "seed": plan.seed,
         "epochs": jobs[0].config.epochs,
         "shift": jobs[0].config.shift,
-        "limit": plan.limit,
-        "eval_limit": plan.eval_limit,
-        "composite_seed": COMPOSITE_SEED,
         "base_iterations": plan.base_iterations,
         "iterations": list(plan.iterations),
         "eval_iterations": list(plan.eval_iterations),
-        "tests": list(plan.tests),
         "variants": variants,
     }
-    return _finish(results, models, out, t0, start_machine)
+    return _finish("ablate", plan, backend, train_split, results, models, out, t0, start_machine)
