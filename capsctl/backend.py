@@ -12,13 +12,16 @@ import importlib.util
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from capsctl.errors import CapsctlError
 from capsctl.model.reference import RoutingTrace
 from capsctl.model.spec import ModelSpec
+
+if TYPE_CHECKING:
+    from capsctl.training.distributed import Engine
 
 Weights = dict[str, np.ndarray]
 
@@ -108,6 +111,9 @@ class Backend(Protocol):
 
     def bench_kernels(self) -> BenchKernels:
         """The kernels `capsctl bench` times (imports the framework)."""
+
+    def distributed(self) -> Engine:
+        """Data-parallel training with the framework's own engine (capsctl.training.distributed)."""
 
 
 def available_names() -> list[str]:

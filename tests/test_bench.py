@@ -9,8 +9,10 @@ import json
 
 import pytest
 
-from capsctl.bench.measure import BenchConfig, peak_rss_mb
+from capsctl.bench import DECODER
+from capsctl.bench.measure import BenchConfig, decoder_trained, peak_rss_mb, variant_spec, window_order
 from capsctl.bench.report import checks
+from capsctl.model import flops
 
 from ._helpers import assert_one_line_error, run_cli
 
@@ -22,18 +24,26 @@ def _check_backend(r: dict, name: str) -> None:
     assert r["backend"] == name and r["available"] is True and "error" not in r, r
     assert name in r["describe"]
     assert r["sgemm"]["n"] == 64 and r["sgemm"]["gflops"] > 0 and r["sgemm"]["gflops_per_cpu_s"] > 0
-    assert set(r["heads"]) == {"capsule", "pool"}
-    for head in r["heads"].values():
+    assert list(r["heads"]) == ["capsule", DECODER, "pool"]  # the decoder timed right beside its reference
+    for name_, head in r["heads"].items():
         assert head["train_images_per_s"] > 0 and head["train_step_ms"] > 0
         assert head["achieved_gflops"] > 0 and head["sgemm_fraction"] > 0
         assert head["train_step_cpu_ms"] > 0 and head["sgemm_fraction_cpu"] > 0
-        assert set(head["infer_images_per_s"]) == {"28x28", "56x28"}
+        assert set(head["infer_images_per_s"]) == (set() if name_ == DECODER else {"28x28", "56x28"})
         assert all(v > 0 for v in head["infer_images_per_s"].values())
+    _check_decoder(r)
     assert r["capsule_step_ratio"] > 0 and r["capsule_step_ratio_cpu"] > 0
     assert 0 < r["capsule_head_flop_share"] < 0.1  # the head is ~3.4% of the seed model's FLOPs
     assert 10 < r["train_peak_rss_mb"] < 100_000
     rt = r["routing"]
     assert rt["batch"] == 4 and rt["naive_ms"] > 0 and rt["vectorised_ms"] > 0 and rt["speedup"] > 0
+
+
+def _check_decoder(r: dict) -> None:
+    assert r["decoder_trained"] is True  # the decoder's loss reached its weights: it ran in the step
+    assert r["decoder_step_ratio"] > 0 and r["decoder_step_ratio_cpu"] > 0
+    assert r["decoder_flop_ratio"] == pytest.approx(1 + 2_818_048 / 79_597_408)
+    assert r["heads"][DECODER]["train_gflop_per_image"] > r["heads"]["capsule"]["train_gflop_per_image"]
 
 
 # one test for every backend (Keras' run is slow: it traces its training step for each head and size)
@@ -49,7 +59,28 @@ def test_bench_json(capsys, name):
     _check_backend(report["backends"][name], name)
     targets = {(c["target"], c["backend"]) for c in report["checks"]}
     assert ("capsule step / pool step", name) in targets
+    assert ("capsule+decoder step / capsule step", name) in targets
     assert all(isinstance(c["met"], bool) for c in report["checks"])
+
+
+@pytest.mark.torch
+def test_bench_decoder_only_torch(capsys):
+    """`--heads capsule+decoder`: only the decoder's training step and its plain capsule reference."""
+    code, out, _ = run_cli(["bench", "--backends", "torch", "--heads", DECODER, *TINY_ARGS, "--json"], capsys)
+    assert code == 0
+    report = json.loads(out)
+    assert report["config"]["heads"] == [DECODER]
+    assert report["flops_per_image"][DECODER]["decoder"] == 2_818_048
+    assert report["flops_per_image"]["capsule"]["decoder"] == 0
+    r = report["backends"]["torch"]
+    assert r["available"] is True and "error" not in r, r
+    assert list(r["heads"]) == ["capsule", DECODER]
+    assert all(h["infer_images_per_s"] == {} for h in r["heads"].values())  # no inference
+    assert r["infer_peak_rss_mb"] is None and "routing" not in r and "capsule_step_ratio" not in r
+    _check_decoder(r)
+    rows = {c["target"]: c for c in report["checks"]}
+    row = rows["capsule+decoder step / capsule step"]
+    assert row["value"] == r["decoder_step_ratio"] and row["limit"] == 1.15 and isinstance(row["met"], bool)
 
 
 @pytest.mark.torch
@@ -91,6 +122,49 @@ def test_checks_compare_backends_and_limits():
     assert both["value_cpu"] == pytest.approx(1.05) and both["met_cpu"] is True
     assert rows[("capsule step / pool step", "a")]["met_cpu"] is None  # no CPU-time figure given
     assert not any(r["backend"] == "c" for r in rows.values())
+
+
+def test_checks_decoder_ratio():
+    base = {"available": True, "heads": {}}
+    rows = checks({
+        "a": base | {"decoder_step_ratio": 1.10, "decoder_step_ratio_cpu": 1.2, "decoder_trained": True},
+        "b": base | {"decoder_step_ratio": 1.05, "decoder_step_ratio_cpu": 1.0, "decoder_trained": False},
+        "c": base,
+    })
+    by = {r["backend"]: r for r in rows if r["target"] == "capsule+decoder step / capsule step"}
+    assert set(by) == {"a", "b"}
+    assert by["a"]["met"] is True and by["a"]["met_cpu"] is False and by["a"]["limit"] == 1.15
+    assert by["b"]["met"] is False and by["b"]["met_cpu"] is False  # the decoder never trained: not valid
+
+
+def test_decoder_variant_order_and_spec():
+    assert BenchConfig().heads == ("capsule", "pool", DECODER)
+    assert BenchConfig().trained() == ("capsule", DECODER, "pool")
+    assert BenchConfig(heads=(DECODER,)).trained() == ("capsule", DECODER)  # its reference is added
+    assert BenchConfig(heads=("pool", DECODER)).trained() == ("pool", "capsule", DECODER)
+    assert BenchConfig(heads=("pool", "capsule")).trained() == ("pool", "capsule")
+    trained = ("capsule", DECODER, "pool")
+    assert [window_order(trained, w) for w in range(3)] == [
+        ["capsule", DECODER, "pool"], [DECODER, "capsule", "pool"], ["capsule", DECODER, "pool"]]
+    assert window_order(("capsule", "pool"), 1) == ["capsule", "pool"]  # unchanged without the decoder
+    spec = variant_spec(DECODER)
+    assert spec.replace(decoder=None) == variant_spec("capsule")
+    assert spec.decoder is not None and spec.decoder.hidden == (512, 1024)
+    assert spec.decoder.image_shape == (28, 28, 1)
+    assert flops.count(spec).decoder == 2_818_048
+
+
+def test_decoder_trained_looks_at_the_last_bias():
+    import numpy as np
+
+    from capsctl.model.weights import init_weights
+
+    spec = variant_spec(DECODER)
+    w = init_weights(spec, 0)
+    assert decoder_trained(w, spec) is False
+    w["decoder.dense2.bias"][3] = 1e-6
+    assert decoder_trained(w, spec) is True
+    assert np.all(init_weights(spec, 0)["decoder.dense2.bias"] == 0)
 
 
 def test_config_defaults_match_the_issue():

@@ -152,6 +152,26 @@ def test_only_the_chosen_capsule_reaches_the_decoder(mnist):
     assert np.array_equal(reference.decode(spec, w, reference.mask(other, np.array([3, 7]))), ref)
 
 
+@pytest.mark.parametrize("name", BACKENDS)
+def test_colour_non_square_reconstruction_shape_parity_and_loss(name):
+    # a 20x24 RGB input: the decoder draws (H, W, C) = (20, 24, 3), the same on the backend and the reference
+    from capsctl.backend import OptimConfig, get_backend
+
+    d = json.loads(json.dumps(TINY))
+    d.update(in_channels=3, num_classes=4, decoder={"hidden": [16, 32], "image_shape": [20, 24, 3]})
+    spec = ModelSpec.from_dict(d)
+    w = routing_weights(spec)
+    x = np.random.default_rng(0).uniform(0, 1, (3, 20, 24, 3)).astype(np.float32)
+    classes = np.array([0, 3, 1])
+    recon = get_backend(name).runner(spec, w).reconstruct(x, classes)
+    assert recon.shape == (3, 20, 24, 3)
+    np.testing.assert_allclose(recon, reference.reconstruct(spec, w, x, classes), atol=1e-4)
+    assert default_recon_weight(spec) == pytest.approx(0.0005 * 784 / (20 * 24 * 3))
+    y = np.eye(4, dtype=np.float32)[classes]
+    loss, _ = get_backend(name).trainer(spec, w, OptimConfig()).step(x, y, 1e-3)
+    assert loss == pytest.approx(_hand_loss(spec, w, x, y, default_recon_weight(spec)), rel=1e-4)
+
+
 def _hand_loss(spec, w, x, y_onehot, recon_weight):
     """The loss written out in numpy: margin loss + weight × Σ_pixels (recon − x)², mean over the batch."""
     v = reference.capsules(spec, w, x)

@@ -11,7 +11,7 @@ import pytest
 from capsctl.cli._options import parse_ints
 from capsctl.data.composites import OVERLAP_SHIFT, make_composites
 from capsctl.errors import CapsctlError
-from capsctl.experiment.plan import ALL_TESTS, Overrides, PairsPlan, make_job
+from capsctl.experiment.plan import ALL_TESTS, DECODER_HEAD, DataFacts, Overrides, PairsPlan, make_job
 from capsctl.experiment.run import ensure_trained, run_pairs, run_state
 
 from ._helpers import assert_one_line_error, run_cli
@@ -210,7 +210,7 @@ def test_ablate_and_report(tmp_path: Path, tiny_pairs: tuple[Path, dict], mnist_
 
 
 def test_bad_options_exit_2(tmp_path: Path, capsys) -> None:
-    for args, needle in (
+    for args, *needles in (
         (["experiment", "pairs", "--seeds", "x", "--out", tmp_path], "--seeds"),
         (["experiment", "pairs", "--heads", "dense", "--out", tmp_path], "--heads"),
         (["experiment", "pairs", "--recipe", "fast", "--out", tmp_path], "recipe"),
@@ -218,8 +218,180 @@ def test_bad_options_exit_2(tmp_path: Path, capsys) -> None:
         (["experiment", "ablate", "--shift", "20", "--out", tmp_path], "--shift"),
         (["experiment", "pairs", "--scale", "0.9", "--out", tmp_path], "--scale"),
         (["experiment", "pairs", "--holdout", "0", "--out", tmp_path], "--holdout"),
+        (["experiment", "pairs", "--image-size", "0x5", "--out", tmp_path], "--image-size"),
+        (["experiment", "pairs", "--image-size", "big", "--out", tmp_path], "--image-size", "HxW"),
+        (["experiment", "pairs", "--image-size", "32x24", "--out", tmp_path], "--image-size", "PATH"),
         (["experiment", "report", tmp_path / "nothing", "--out", tmp_path / "R.md"], "results.json"),
     ):
         code, out, err = run_cli(args, capsys)
-        assert_one_line_error(code, out, err, needle)
-    assert not (tmp_path / "R.md").exists()
+        assert_one_line_error(code, out, err, *needles)
+    assert not (tmp_path / "R.md").exists() and not any(tmp_path.iterdir())
+
+
+# -- --decoder: the capsule head with the reconstruction decoder as one more head variant ----------------
+
+MNIST_FACTS = DataFacts(tuple(str(d) for d in range(10)), (28, 28, 1))
+
+
+def test_decoder_job_is_configured_as_train_decoder(tmp_path: Path) -> None:
+    from capsctl.model.spec import DecoderSpec, ModelSpec
+
+    job = make_job(tmp_path, "torch", "mnist-5k", "default", DECODER_HEAD, 2, None, Overrides(),
+                   data=MNIST_FACTS)
+    assert job.run.name == "torch-default-capsule-decoder-s2" and job.head == "capsule+decoder"
+    assert job.spec == ModelSpec(decoder=DecoderSpec((512, 1024), (28, 28, 1)))
+    assert job.config.recon_weight == 0.0005 and job.config.seed == 2
+    plain = make_job(tmp_path, "torch", "mnist-5k", "default", "capsule", 2, None, Overrides(),
+                     data=MNIST_FACTS)
+    assert plain.spec == ModelSpec() and plain.config.recon_weight is None
+    other = {k: v for k, v in job.config.__dict__.items() if k != "recon_weight"}
+    assert other == {k: v for k, v in plain.config.__dict__.items() if k != "recon_weight"}
+    held = make_job(tmp_path, "torch", "seed", "seed", DECODER_HEAD, 1, None, Overrides(shift=0),
+                    holdout=500, data=MNIST_FACTS)
+    assert held.run.name == "torch-seed-capsule-decoder-shift0-holdout500-s1"
+    colour = DataFacts(("cat", "dog", "eel"), (32, 24, 3))
+    c = make_job(tmp_path, "torch", str(tmp_path), "default", DECODER_HEAD, 0, None, Overrides(),
+                 image_size="32x24", data=colour)
+    assert (c.spec.in_channels, c.spec.num_classes, c.spec.class_names) == (3, 3, ("cat", "dog", "eel"))
+    assert c.spec.decoder is not None and c.spec.decoder.image_shape == (32, 24, 3)
+    assert c.config.recon_weight == pytest.approx(0.0005 * 784 / (32 * 24 * 3))
+    assert c.config.image_size == "32x24" and c.config.dataset == str(tmp_path.absolute())
+
+
+def _effect_results(dec: list[float], cap: list[float]) -> dict:
+    from capsctl.experiment.scoring import summarize
+
+    def model(head: str, seed: int, acc: float) -> dict:
+        return {"head": head, "seed": seed, "parameters": 1, "epochs": 1, "train_seconds": 1.0,
+                "images_per_s": 1.0, "tests": {t: {"n": 100, "accuracy": acc, "confident_accuracy": acc}
+                                                for t in ("test", "vertical")}}
+
+    models = [model("capsule", i, a) for i, a in enumerate(cap)]
+    models += [model("capsule+decoder", i, a) for i, a in enumerate(dec)]
+    return {"tests": ["test", "vertical"], "summary": summarize(models, ["test", "vertical"])}
+
+
+def test_decoder_effect_is_phrased_from_the_numbers() -> None:
+    from capsctl.experiment.tables import decoder_effect
+
+    text = decoder_effect(_effect_results([0.95, 0.96, 0.97], [0.90, 0.91, 0.92]))
+    assert "the decoder helps standard and composite accuracy" in text
+    assert "+5.00 points (96.00 ± 1.00% with the decoder, 91.00 ± 1.00% without): **helps**" in text
+    text = decoder_effect(_effect_results([0.90, 0.91, 0.92], [0.95, 0.96, 0.97]))
+    assert "the decoder hurts standard and composite accuracy" in text
+    # a difference inside the seed spread is no difference
+    text = decoder_effect(_effect_results([0.90, 0.95, 0.99], [0.91, 0.96, 0.97]))
+    assert "the decoder makes no measurable difference to standard or composite accuracy." in text
+    text = decoder_effect(_effect_results([0.95], [0.90]))
+    assert "cannot be judged" in text and "one seed" in text
+    assert decoder_effect({"tests": ["test"], "summary": {"capsule": {}}}) == ""
+
+
+@pytest.mark.torch
+def test_pairs_decoder_rows_report_and_a_train_run_dropped_in(
+    tmp_path: Path, tiny_pairs: tuple[Path, dict], mnist_dir: Path, capsys
+) -> None:
+    import shutil
+
+    out = tmp_path / "pairs"
+    (out / "runs").mkdir(parents=True)
+    name = "torch-default-capsule-s0"
+    shutil.copytree(tiny_pairs[0] / "runs" / name, out / "runs" / name)
+    limits = ["--limit", LIMITS["limit"], "--eval-limit", LIMITS["eval_limit"]]
+    # the run `capsctl train --decoder` makes is the experiment's run: dropped in, it counts as finished
+    code, _, err = run_cli(["train", "--decoder", "--seed", "0", "--data-dir", mnist_dir, "--epochs", "1",
+                            *limits, "-q", "--out", out / "runs" / "torch-default-capsule-decoder-s0"],
+                           capsys)
+    assert code == 0, err
+    args = ["experiment", "pairs", "--data-dir", mnist_dir, "--epochs", "1", "--heads", "capsule",
+            "--decoder", *limits, "--out", out, "-q"]
+    code, _, err = run_cli([*args, "--seeds", "0,1"], capsys)
+    assert code == 0, err
+    r = json.loads((out / "results.json").read_text())
+    assert [(m["head"], m["seed"], m["status"]) for m in r["models"]] == [
+        ("capsule", 0, "skipped"), ("capsule+decoder", 0, "skipped"),
+        ("capsule", 1, "trained"), ("capsule+decoder", 1, "trained")]
+    assert r["heads"] == ["capsule", "capsule+decoder"] and r["decoder"] is True
+    assert "--decoder" in r["command"]
+    assert sorted(p.name for p in (out / "runs").iterdir()) == [
+        "torch-default-capsule-decoder-s0", "torch-default-capsule-decoder-s1",
+        "torch-default-capsule-s0", "torch-default-capsule-s1"]
+    for m in r["models"]:
+        # the decoder: 160·512+512 + 512·1024+1024 + 1024·784+784 = 1,411,344 parameters
+        assert m["parameters"] == (279_488 if m["head"] == "capsule" else 279_488 + 1_411_344)
+        recon = [t.get("reconstruction_mse") for t in m["tests"].values()]
+        assert all(0 < e < 1 for e in recon) if m["head"] == "capsule+decoder" else recon == [None] * 5
+        if m["head"] == "capsule+decoder":
+            assert m["config"]["recon_weight"] == 0.0005
+            assert 0 < m["tests"]["vertical"]["reconstruction_mse_alone"] < 1
+    dec = r["summary"]["capsule+decoder"]["tests"]
+    assert dec["vertical"]["reconstruction_mse"][1] is not None
+    # the same numbers as `eval-pairs --reconstruction` on the same composites
+    m = r["models"][1]
+    code, stdout, err = run_cli(["eval-pairs", out / m["run"] / "model.safetensors", "--data-dir", mnist_dir,
+                                 "--reconstruction", "--eval-limit", LIMITS["eval_limit"], "--json"], capsys)
+    assert code == 0, err
+    ep = json.loads(stdout)
+    assert ep["reconstruction_mse"] == pytest.approx(m["tests"]["vertical"]["reconstruction_mse"], rel=1e-5)
+    alone = m["tests"]["vertical"]["reconstruction_mse_alone"]
+    assert ep["reconstruction_mse_alone"] == pytest.approx(alone, rel=1e-5)
+    md = (out / "results.md").read_text()
+    assert "**Does the decoder help?**" in md and "2 seeds with, 2 without" in md
+    assert "| capsule+decoder | vertical pairs |" in md and "reconstruction MSE/pixel" in md
+    assert md.count("**helps**") + md.count("**hurts**") + md.count("**no measurable difference**") == 5
+    # --no-train re-tabulates the same numbers without training or rescoring
+    before = r["models"]
+    code, _, err = run_cli([*args, "--seeds", "0,1", "--no-train"], capsys)
+    assert code == 0, err
+    again = json.loads((out / "results.json").read_text())
+    assert [m["status"] for m in again["models"]] == ["skipped"] * 4
+    assert [m["tests"] for m in again["models"]] == [m["tests"] for m in before]
+    assert "**Does the decoder help?**" in (out / "results.md").read_text()
+    # and docs/RESULTS.md carries the rows and the sentence
+    doc = tmp_path / "docs" / "RESULTS.md"
+    code, _, err = run_cli(["experiment", "report", out, "--out", doc], capsys)
+    assert code == 0, err
+    text = doc.read_text()
+    assert "**capsctl capsule+decoder**" in text and "**Does the decoder help?**" in text
+
+
+def _image_folder(root: Path, size: tuple[int, int]) -> Path:
+    """root/{train,test}/<class>/*.png: three classes of colour blobs, HxW = `size`."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 4), ("test", 3)):
+        for k, name in enumerate(("cat", "dog", "eel")):
+            d = root / split / name
+            d.mkdir(parents=True)
+            for i in range(count):
+                img = rng.integers(0, 40, (*size, 3), dtype=np.uint8)
+                img[3:10, 2 + 3 * k : 7 + 3 * k, k] = 250
+                Image.fromarray(img).save(d / f"{i}.png")
+    return root
+
+
+@pytest.mark.torch
+def test_pairs_image_size_resizes_a_user_folder(tmp_path: Path, capsys) -> None:
+    from capsctl.model.weights import load_model
+
+    root = _image_folder(tmp_path / "ds", (20, 16))
+    out = tmp_path / "out"
+    code, _, err = run_cli(["experiment", "pairs", "--dataset", root, "--image-size", "32x24", "--seeds", "0",
+                            "--epochs", "1", "--heads", "capsule", "--decoder", "--tests", "test,vertical",
+                            "--out", out, "-q"], capsys)
+    assert code == 0, err
+    r = json.loads((out / "results.json").read_text())
+    assert r["image_size"] == "32x24" and "--image-size 32x24" in r["command"]
+    assert "scaled to fit 32x24" in (out / "results.md").read_text()
+    for m in r["models"]:
+        assert m["config"]["image_size"] == "32x24" and m["tests"]["test"]["n"] == 9
+        spec, _ = load_model(out / m["run"] / "model.safetensors")
+        assert (spec.in_channels, spec.num_classes, spec.class_names) == (3, 3, ("cat", "dog", "eel"))
+    spec, _ = load_model(out / "runs" / "torch-default-capsule-decoder-s0" / "model.safetensors")
+    assert spec.decoder is not None and spec.decoder.image_shape == (32, 24, 3)
+    # the same folder at another size is refused, not mixed
+    code, stdout, err = run_cli(["experiment", "pairs", "--dataset", root, "--image-size", "28x28", "--seeds",
+                                 "0", "--epochs", "1", "--heads", "capsule", "--tests", "test", "--out", out,
+                                 "-q"], capsys)
+    assert_one_line_error(code, stdout, err, "another")

@@ -62,3 +62,21 @@ def test_small_spec_and_too_small_image():
     assert f.dense == 2 * 8 * 128 + 2 * 128 * 4
     with pytest.raises(CapsctlError, match="too small"):
         flops.count(default_spec(), 8, 8)
+
+
+def test_decoder_dense_layers_by_hand():
+    from capsctl.model.spec import DecoderSpec
+
+    base = default_spec("capsule")
+    spec = base.replace(decoder=DecoderSpec(hidden=(512, 1024), image_shape=(28, 28, 1)))
+    plain, dec = flops.count(base), flops.count(spec)
+    # multiply-adds: J*D = 10*16 = 160 -> 512 -> 1024 -> 28*28*1 = 784
+    macs = 160 * 512 + 512 * 1024 + 1024 * 784
+    assert macs == 1_409_024
+    assert dec.decoder == 2 * macs == 2_818_048 and plain.decoder == 0
+    assert dec.forward - plain.forward == 2 * macs
+    assert dec.train_step - plain.train_step == 3 * 2 * macs
+    assert dec.head == plain.head and dec.trunk == plain.trunk  # class scores don't run the decoder
+    assert flops.decoder_flops(spec, 56, 28) == 2 * macs  # image_shape set: the decoder's own size
+    unsized = base.replace(decoder=DecoderSpec(hidden=(8,)))
+    assert flops.count(unsized, 56, 28).decoder == 2 * (160 * 8 + 8 * 56 * 28)  # else the counted size

@@ -42,6 +42,18 @@ def test_light_background_is_inverted_automatically(tmp_path):
     np.testing.assert_allclose(load_image(tmp_path / "d.png", invert="yes"), 1 - a / 255.0, atol=1e-6)
 
 
+def test_auto_never_inverts_a_colour_image(tmp_path):
+    # a photo on a light background, read for a colour model: kept as it is (auto is the gray MNIST rule)
+    rgb = np.full((20, 24, 3), 230, np.uint8)
+    rgb[5:15, 6:18] = (200, 30, 40)
+    Image.fromarray(rgb).save(tmp_path / "photo.png")
+    np.testing.assert_allclose(load_image(tmp_path / "photo.png", channels=3), rgb / 255.0, atol=1e-6)
+    np.testing.assert_allclose(load_image(tmp_path / "photo.png", channels=3, invert="yes"), 1 - rgb / 255.0,
+                               atol=1e-6)
+    # the same file for a gray model is still inverted by auto
+    assert load_image(tmp_path / "photo.png").mean() < 0.5
+
+
 def test_light_background_rule():
     assert is_light_background(np.ones((5, 7)))
     assert not is_light_background(np.zeros((5, 7)))

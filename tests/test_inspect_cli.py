@@ -202,3 +202,40 @@ def test_keras_json_agrees_with_torch(models, two_digits, capsys):
     centre_diff = max(np.abs(np.subtract(k["centres"][str(j)], t["centres"][str(j)])).max() for j in t["top"])
     assert abs(first[axis] - second[axis]) > 2 * centre_diff, t["centres"]
     assert k["order"] == t["order"]
+
+
+@pytest.mark.torch
+def test_rgb_model_figure_shows_the_input_in_colour_and_json_names_classes(tmp_path, capsys):
+    """A colour model's figure draws the input as the model sees it, in colour (the maps outline its
+    gray mean), and --json names every class it reports; a gray model of the same image is the control."""
+    names = ("cat", "dog", "eel")
+    rgb = ModelSpec(in_channels=3, num_classes=3, class_names=names)
+    save_model(tmp_path / "rgb.safetensors", rgb, init_weights(rgb, 0))
+    gray = ModelSpec(num_classes=3)
+    save_model(tmp_path / "gray.safetensors", gray, init_weights(gray, 0))
+    img = np.zeros((28, 28, 3), np.uint8)
+    img[:] = (255, 0, 255)  # magenta: no colour map, bar or marker of the figure uses it
+    img[6:22, 10:18] = (0, 255, 255)
+    Image.fromarray(img).save(tmp_path / "magenta.png")
+
+    def magenta_pixels(model: str) -> int:
+        fig = tmp_path / f"{model}.png"
+        code, out, err = run_cli(["inspect", tmp_path / f"{model}.safetensors", tmp_path / "magenta.png",
+                                  "--invert", "no", "--top", "2", "--out", fig, "--json"], capsys)
+        assert code == 0, err
+        d = json.loads(out)
+        want = list(names) if model == "rgb" else ["0", "1", "2"]
+        assert d["class_names"] == want and len(d["lengths"]) == 3
+        assert d["top_names"] == [want[j] for j in d["top"]]
+        assert d["predicted_names"] == [want[j] for j in d["predicted"]]
+        assert d["order_names"] == [want[j] for j in d["order"]]
+        with Image.open(fig) as im:
+            px = np.asarray(im.convert("RGB")).astype(int)
+        near = (np.abs(px - (255, 0, 255)).max(axis=2) < 40)
+        rows, cols = np.nonzero(near)
+        if len(rows):  # the input panel is the figure's top-left
+            assert rows.max() < px.shape[0] / 2 and cols.max() < px.shape[1] / 2
+        return len(rows)
+
+    assert magenta_pixels("rgb") > 2000
+    assert magenta_pixels("gray") == 0

@@ -47,8 +47,9 @@ def test_image_folder_classes_shapes_and_skipped_files(tmp_path, capsys):
     assert classes == CLASSES
     assert train.shape == (12, 20, 20, 3) and train.dtype == np.float32
     assert 0 <= train.min() <= train.max() <= 1
-    assert y_train.tolist() == [0] * 4 + [1] * 4 + [2] * 4 and y_train.dtype == np.int64
-    assert test.shape == (6, 20, 20, 3) and y_test.tolist() == [0, 0, 1, 1, 2, 2]
+    # sorted by file name across classes (0.png of each class, then 1.png, …), not class by class
+    assert y_train.tolist() == [0, 1, 2] * 4 and y_train.dtype == np.int64
+    assert test.shape == (6, 20, 20, 3) and y_test.tolist() == [0, 1, 2, 0, 1, 2]
     assert "1 non-image file(s) skipped" in capsys.readouterr().err
 
 
@@ -59,7 +60,7 @@ def test_image_folder_mixed_sizes_need_image_size_which_pads(tmp_path):
         load_image_folder(root)
     (train, _), (test, _), _ = load_image_folder(root, (16, 16))
     assert train.shape[1:] == test.shape[1:] == (16, 16, 3)
-    wide = test[4]  # [cat 0, cat 1, dog 0, dog 1, dog wide, eel 0, eel 1]
+    wide = test[6]  # [cat 0, dog 0, eel 0, cat 1, dog 1, eel 1, dog wide]
     rows = np.flatnonzero(wide.max(axis=(1, 2)) > 0.5)
     assert rows.min() > 0 and rows.max() < 15  # aspect kept: 10x30 fits as about 5x16, padded above/below
 
@@ -220,6 +221,17 @@ def test_export_and_import_keep_three_channels_and_class_names(tmp_path, capsys)
     assert code == 0, err
     back, weights = load_model(tmp_path / "back.safetensors")
     assert back == spec and weights["trunk.0.kernel"].shape[2] == 3
+    # ONNX: three input channels, the same scores as the reference on a colour image
+    import onnxruntime as ort
+
+    code, _, err = run_cli(["export", tmp_path / "rgb.safetensors", "--format", "onnx", "--out",
+                            tmp_path / "rgb.onnx"], capsys)
+    assert code == 0, err
+    session = ort.InferenceSession(str(tmp_path / "rgb.onnx"), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape[3] == 3
+    x = np.random.default_rng(1).uniform(0, 1, (2, 30, 26, 3)).astype(np.float32)
+    (got,) = session.run(["scores"], {"images": x})
+    np.testing.assert_allclose(got, reference.forward(spec, weights, x)[0], atol=1e-4)
 
 
 def test_loader_keeps_colour_with_three_channels(tmp_path):
@@ -239,6 +251,30 @@ def test_loader_keeps_colour_with_three_channels(tmp_path):
     np.testing.assert_allclose(load_image(tmp_path / "c.npy", channels=3), got, atol=1e-6)
     with pytest.raises(CapsctlError, match="1 \\(gray\\) or 3 \\(RGB\\)"):
         load_image(tmp_path / "c.png", channels=2)
+
+
+@pytest.mark.torch
+def test_eval_and_eval_pairs_name_the_classes_of_a_model_with_names(tmp_path, capsys):
+    spec = ModelSpec.from_dict({**TINY, "in_channels": 3, "num_classes": 3, "class_names": list(CLASSES)})
+    save_model(tmp_path / "rgb.safetensors", spec, init_weights(spec, 0))
+    root = _folder(tmp_path / "ds")
+    code, out, err = run_cli(["eval", tmp_path / "rgb.safetensors", "--dataset", root, "--json"], capsys)
+    assert code == 0, err
+    d = json.loads(out)
+    assert list(d["per_class"]) == list(CLASSES) and all(0 <= v <= 1 for v in d["per_class"].values())
+    assert sum(d["per_class"].values()) / 3 == pytest.approx(d["accuracy"])  # 2 test images a class
+    code, out, err = run_cli(["eval", tmp_path / "rgb.safetensors", "--dataset", root], capsys)
+    assert code == 0, err
+    assert "per class: cat " in out and ", dog " in out and ", eel " in out
+    for extra in (["--json"], []):
+        code, out, err = run_cli(["eval-pairs", tmp_path / "rgb.safetensors", "--dataset", root, *extra],
+                                 capsys)
+        assert code == 0, err
+        if extra:
+            per_class = json.loads(out)["per_class"]
+            assert list(per_class) == list(CLASSES) and all(0 <= v <= 1 for v in per_class.values())
+        else:
+            assert "per class: cat " in out and ", eel " in out
 
 
 @pytest.mark.torch

@@ -12,6 +12,9 @@ import numpy as np
 from capsctl.backend import Backend, BenchKernels, OptimConfig, Runner, Trainer
 from capsctl.model.spec import ModelSpec
 
+if TYPE_CHECKING:
+    from capsctl.training.distributed import Engine
+
 
 class KerasBackend:
     name = "keras"
@@ -50,8 +53,16 @@ class KerasBackend:
 
         return _bench
 
+    def distributed(self) -> Engine:
+        from . import _distributed
+
+        return _distributed
+
 
 if TYPE_CHECKING:  # mypy holds the class to the protocol; nothing runs
+    from . import _distributed
+
+    _engine: Engine = _distributed  # the module is the engine
     _: type[Backend] = KerasBackend
 
 

@@ -18,6 +18,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from capsctl.backend import Backend, BenchKernels, OptimConfig, Runner, Trainer
 from capsctl.model.spec import ModelSpec
 
+if TYPE_CHECKING:
+    from capsctl.training.distributed import Engine
+
 
 class TorchBackend:
     name = "torch"
@@ -56,6 +59,14 @@ class TorchBackend:
 
         return _bench
 
+    def distributed(self) -> Engine:
+        from . import _distributed
+
+        return _distributed
+
 
 if TYPE_CHECKING:  # mypy holds the class to the protocol; nothing runs
+    from . import _distributed
+
+    _engine: Engine = _distributed  # the module is the engine
     _: type[Backend] = TorchBackend

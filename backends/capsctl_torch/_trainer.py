@@ -33,19 +33,23 @@ class TorchTrainer:
             group["lr"] = lr
         y = torch.from_numpy(y_onehot).to(self.params["trunk.convs.0.weight"].device)
         images = to_input(x)
-        if self.model.decoder is None:
-            p = self.model(images)
-            loss = margin_loss(p, y)
-        else:  # the reconstruction is drawn from the true class's capsule alone
-            v = self.model.capsules(images)
-            p = safe_norm(v)
-            recon = self.model.decoder(mask(v, y))
-            loss = margin_loss(p, y) + self.recon_weight * reconstruction_loss(recon, images)
+        loss, p = self.loss(images, y)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
         correct = int((p.detach().argmax(1) == y.argmax(1)).sum())
         return float(loss.detach()), correct
+
+    def loss(self, images: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean loss over the batch, class scores): the forward pass a step differentiates."""
+        if self.model.decoder is None:
+            p = self.model(images)
+            return margin_loss(p, y), p
+        # the reconstruction is drawn from the true class's capsule alone
+        v = self.model.capsules(images)
+        p = safe_norm(v)
+        recon = self.model.decoder(mask(v, y))
+        return margin_loss(p, y) + self.recon_weight * reconstruction_loss(recon, images), p
 
     def scores(self, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
         return batched_scores(self.model, images, batch_size)

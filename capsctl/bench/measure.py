@@ -9,7 +9,14 @@ Timing: after warm-up, `windows` timed windows; within a window every head runs 
 of steps back to back, and the sgemm runs `SGEMM_REPS` times, so ratios (capsule / pool step,
 achieved rate / sgemm rate) compare measurements taken seconds apart. Every figure is the median
 over windows; a ratio is the median of the per-window ratios. Process CPU time is kept beside wall
-time (`*_cpu`): under load the CPU-time ratios are the ones to compare."""
+time (`*_cpu`): under load the CPU-time ratios are the ones to compare.
+
+The variant `capsule+decoder` (capsctl.bench.DECODER) is the capsule head with the reconstruction
+decoder and its loss, trained through the same `trainer.step` as `capsctl train --decoder`. It is
+timed right beside the plain capsule head (its reference, measured even when not asked for), the
+two swapping places every other window (A B, then B A), so drift and noise hit both alike; its
+ratio to the plain step is the median of the per-window ratios. It has no inference figures: the
+decoder takes no part in class scores."""
 
 from __future__ import annotations
 
@@ -26,9 +33,10 @@ from typing import Any
 import numpy as np
 
 from capsctl.backend import BenchKernels, OptimConfig, get_backend
+from capsctl.bench import DECODER, VARIANTS
 from capsctl.errors import CapsctlError
 from capsctl.model import flops
-from capsctl.model.spec import HEADS, ModelSpec, default_spec
+from capsctl.model.spec import HEADS, DecoderSpec, ModelSpec, default_spec
 from capsctl.model.weights import init_weights
 from capsctl.training.loop import one_hot
 
@@ -38,10 +46,21 @@ INFER_SIZES = ((28, 28), (56, 28))  # single digits, and the vertical pairs of e
 SGEMM_REPS = 3  # matmuls per window
 
 
+DECODER_HIDDEN = (512, 1024)  # the paper's decoder, as `capsctl train --decoder` adds it
+
+
+def variant_spec(name: str) -> ModelSpec:
+    """The seed model of a head, or of `capsule+decoder`: the capsule head with the decoder on 28×28×1."""
+    if name == DECODER:
+        dec = DecoderSpec(hidden=DECODER_HIDDEN, image_shape=(28, 28, 1))
+        return default_spec("capsule").replace(decoder=dec)
+    return default_spec(name)
+
+
 @dataclass(frozen=True)
 class BenchConfig:
     backends: tuple[str, ...] = ("torch", "keras")
-    heads: tuple[str, ...] = ("capsule", "pool")
+    heads: tuple[str, ...] = VARIANTS  # heads, and the variant capsule+decoder
     batch: int = 128  # training images per step
     windows: int = 5  # timed windows (medians are taken over these)
     steps: int = 4  # training steps per head per window
@@ -68,8 +87,35 @@ class BenchConfig:
         if not self.heads:
             raise CapsctlError("--head: give at least one head")
         for head in self.heads:
-            if head not in HEADS:
-                raise CapsctlError(f"--head: unknown head {head!r} (expected {', '.join(HEADS)})")
+            if head not in VARIANTS:
+                raise CapsctlError(f"--head: unknown head {head!r} (expected {', '.join(VARIANTS)})")
+
+    def trained(self) -> tuple[str, ...]:
+        """The variants whose training steps are timed, in window order: capsule+decoder right after
+        the plain capsule head, which is added as its reference if not asked for."""
+        order = [h for h in self.heads if h != DECODER]
+        if DECODER in self.heads:
+            if "capsule" not in order:
+                order.append("capsule")
+            order.insert(order.index("capsule") + 1, DECODER)
+        return tuple(order)
+
+
+def window_order(trained: tuple[str, ...], window: int) -> list[str]:
+    """The order of the variants in timed window `window`: capsule and capsule+decoder swap places every
+    other window (A B, B A, ...); without the decoder variant, the order of `trained` every time."""
+    order = list(trained)
+    if window % 2 and DECODER in order and "capsule" in order:
+        a, b = order.index("capsule"), order.index(DECODER)
+        order[a], order[b] = order[b], order[a]
+    return order
+
+
+def decoder_trained(weights: dict[str, np.ndarray], spec: ModelSpec) -> bool:
+    """Whether the decoder's loss reached its weights: the last layer's bias starts at zero and moves
+    only by a gradient (weight decay leaves a zero at zero)."""
+    assert spec.decoder is not None
+    return bool(np.any(weights[f"decoder.dense{len(spec.decoder.hidden)}.bias"] != 0))
 
 
 def median(values: list[float]) -> float:
@@ -126,7 +172,8 @@ def measure_backend(name: str, cfg: BenchConfig) -> dict[str, Any]:
     kernels = backend.bench_kernels()
     result["threads"] = kernels.threads()
     rng = np.random.default_rng(0)
-    specs = {head: default_spec(head) for head in cfg.heads}
+    trained = cfg.trained()
+    specs = {head: variant_spec(head) for head in trained}  # (the decoder's weights are drawn last)
     weights = {head: init_weights(spec, 0) for head, spec in specs.items()}
     x = rng.random((cfg.batch, 28, 28, 1), dtype=np.float32)  # synthetic images, fed from memory
     y = one_hot(rng.integers(0, 10, cfg.batch), 10)
@@ -140,13 +187,13 @@ def measure_backend(name: str, cfg: BenchConfig) -> dict[str, Any]:
             trainer.step(x, y, 1e-3)
     gemm = kernels.sgemm(cfg.sgemm)
     gemm()
-    step_s: dict[str, list[float]] = {head: [] for head in cfg.heads}
+    step_s: dict[str, list[float]] = {head: [] for head in trained}
     gemm_s: list[float] = []
     gemm_cpu: list[float] = []
-    cpu_s: dict[str, list[float]] = {head: [] for head in cfg.heads}
-    for _ in range(cfg.windows):
-        for head, trainer in trainers.items():
-            wall, cpu = _timed2(partial(trainer.step, x, y, 1e-3), cfg.steps)
+    cpu_s: dict[str, list[float]] = {head: [] for head in trained}
+    for window in range(cfg.windows):
+        for head in window_order(trained, window):
+            wall, cpu = _timed2(partial(trainers[head].step, x, y, 1e-3), cfg.steps)
             step_s[head].append(wall)
             cpu_s[head].append(cpu)
         wall, cpu = _timed2(gemm, SGEMM_REPS)
@@ -154,6 +201,8 @@ def measure_backend(name: str, cfg: BenchConfig) -> dict[str, Any]:
         gemm_cpu.append(cpu)
     result["train_peak_rss_mb"] = peak_rss_mb()
     result["rss_before_train_mb"] = rss_start
+    if DECODER in trainers:
+        result["decoder_trained"] = decoder_trained(trainers[DECODER].weights(), specs[DECODER])
     del trainers
     gc.collect()
     sgemm_flops = 2.0 * cfg.sgemm**3
@@ -190,27 +239,41 @@ def measure_backend(name: str, cfg: BenchConfig) -> dict[str, Any]:
         result["capsule_head_share"] = 1.0 - 1.0 / ratio
         caps = flops.count(specs["capsule"], 28, 28)
         result["capsule_head_flop_share"] = caps.head / caps.forward
+    if DECODER in specs:
+        result["decoder_step_ratio"] = median(
+            [d / c for d, c in zip(step_s[DECODER], step_s["capsule"], strict=True)]
+        )
+        result["decoder_step_ratio_cpu"] = median(
+            [d / c for d, c in zip(cpu_s[DECODER], cpu_s["capsule"], strict=True) if c > 0] or [float("nan")]
+        )
+        result["decoder_flop_ratio"] = (
+            flops.count(specs[DECODER], 28, 28).train_step / flops.count(specs["capsule"], 28, 28).train_step
+        )
 
-    # inference at batch infer_batch, each size; heads interleaved
-    reset_peak_rss()
-    runners = {head: backend.runner(spec, weights[head]) for head, spec in specs.items()}
-    n_img = cfg.infer_batch * cfg.infer_batches
-    for h, w in INFER_SIZES:
-        images = rng.random((n_img, h, w, 1), dtype=np.float32)
-        times: dict[str, list[float]] = {head: [] for head in specs}
-        for runner in runners.values():
-            runner.scores(images[: cfg.infer_batch], cfg.infer_batch)  # warm-up (and tracing, per shape)
-        for _ in range(cfg.windows):
-            for head, runner in runners.items():
-                times[head].append(_timed(partial(runner.scores, images, cfg.infer_batch), 1))
-        for head in specs:
-            heads[head]["infer_images_per_s"][f"{h}x{w}"] = n_img / median(times[head])
-    result["infer_peak_rss_mb"] = peak_rss_mb()
-    del runners
-    gc.collect()
+    # inference at batch infer_batch, each size; heads interleaved (the heads asked for: the decoder
+    # takes no part in class scores, and the capsule head added as its reference is not measured)
+    inferred = [head for head in cfg.heads if head in HEADS]
+    result["infer_peak_rss_mb"] = None
+    if inferred:
+        reset_peak_rss()
+        runners = {head: backend.runner(specs[head], weights[head]) for head in inferred}
+        n_img = cfg.infer_batch * cfg.infer_batches
+        for h, w in INFER_SIZES:
+            images = rng.random((n_img, h, w, 1), dtype=np.float32)
+            times: dict[str, list[float]] = {head: [] for head in runners}
+            for runner in runners.values():
+                runner.scores(images[: cfg.infer_batch], cfg.infer_batch)  # warm-up (and tracing, per shape)
+            for _ in range(cfg.windows):
+                for head, runner in runners.items():
+                    times[head].append(_timed(partial(runner.scores, images, cfg.infer_batch), 1))
+            for head in runners:
+                heads[head]["infer_images_per_s"][f"{h}x{w}"] = n_img / median(times[head])
+        result["infer_peak_rss_mb"] = peak_rss_mb()
+        del runners
+        gc.collect()
     result["heads"] = heads
 
-    if cfg.routing and "capsule" in specs:
+    if cfg.routing and "capsule" in cfg.heads:
         result["routing"] = _routing(kernels, specs["capsule"], weights["capsule"], cfg)
     return result
 

@@ -16,6 +16,7 @@ from capsctl.cli import _bench, _data, _eval, _experiment, _export, _inspect, _p
 _EXIT = tuple({typer.Exit, getattr(click_exc, "Exit", typer.Exit)})
 _ABORT = tuple({typer.Abort, getattr(click_exc, "Abort", typer.Abort), KeyboardInterrupt})
 DEBUG = "--debug"
+ARGS: list[str] = []  # the arguments main() runs (`train --nproc N` starts each rank with them)
 
 app = typer.Typer(
     name="capsctl",
@@ -109,6 +110,7 @@ def _split_debug(args: list[str]) -> tuple[bool, list[str]]:
 def main(argv: list[str] | None = None) -> None:
     """Entry point: runs the app, turning every expected failure into one line and an exit code."""
     debug, args = _split_debug(list(sys.argv[1:] if argv is None else argv))
+    ARGS[:] = args
     from capsctl.errors import CapsctlError
 
     try:

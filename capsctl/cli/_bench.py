@@ -4,10 +4,12 @@ from typing import Annotated, Any
 
 import typer
 
-from capsctl.choices import BUILTIN_BACKENDS, HEADS
-from capsctl.cli._options import Head, JsonOpt, backends_option, names_option, old_name, renamed
+from capsctl.bench import DECODER, VARIANTS
+from capsctl.choices import BUILTIN_BACKENDS
+from capsctl.cli._options import JsonOpt, _choice, backends_option, names_option, old_name, renamed
 
-_HEADS = list(HEADS)
+Variant = _choice("Variant", VARIANTS)  # the heads, and capsule+decoder
+_HEADS = list(VARIANTS)
 _BACKENDS = list(BUILTIN_BACKENDS)
 
 
@@ -16,8 +18,16 @@ def bench(
         list[str], backends_option("--backends", "-b", help="Backends to measure.")
     ] = _BACKENDS,
     backend: Annotated[list[str] | None, backends_option("--backend", help="", hidden=True)] = None,
-    heads: Annotated[list[str], names_option(Head, "--heads", help="Heads to measure.")] = _HEADS,
-    head: Annotated[list[str] | None, names_option(Head, "--head", help="", hidden=True)] = None,
+    heads: Annotated[
+        list[str],
+        names_option(
+            Variant,
+            "--heads",
+            help=f"Heads to measure; {DECODER}: the capsule head with the reconstruction decoder, "
+            "timed beside the plain capsule head (training only).",
+        ),
+    ] = _HEADS,
+    head: Annotated[list[str] | None, names_option(Variant, "--head", help="", hidden=True)] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Training images per step.")] = 128,
     batch: Annotated[int | None, old_name("--batch")] = None,
     windows: Annotated[int, typer.Option(help="Timed windows; every figure is the median over them.")] = 5,
@@ -49,6 +59,11 @@ def bench(
     measured in the same run. Each backend runs in its own process. Figures are medians over
     --windows; ratios compare measurements taken back to back. CPU time is measured too: on a
     machine busy with other work, compare the per-CPU-second figures. Takes a few minutes.
+
+    capsule+decoder: the training step of the capsule head with the reconstruction decoder (hidden
+    512, 1024) and its loss, as `capsctl train --decoder` runs it, against the plain capsule step
+    (interleaved, median of per-window ratios; target ≤ 1.15×). `--heads capsule+decoder` runs only
+    that comparison.
 
     Example: capsctl bench --backends torch --heads capsule,pool --json
     """
@@ -122,7 +137,7 @@ def _print(report: dict[str, Any]) -> None:
             notes.append(f"{name}: {why}")
             continue
         for head, h in r["heads"].items():
-            inf = h["infer_images_per_s"]
+            inf = h["infer_images_per_s"]  # (none for capsule+decoder, nor for capsule as its reference)
             train.add_row(
                 name,
                 head,
@@ -133,7 +148,8 @@ def _print(report: dict[str, Any]) -> None:
                 _pct(h["sgemm_fraction"]),
                 _pct(h.get("sgemm_fraction_cpu")),
             )
-            infer.add_row(name, head, _fmt(inf.get("28x28")), _fmt(inf.get("56x28")))
+            if inf:
+                infer.add_row(name, head, _fmt(inf.get("28x28")), _fmt(inf.get("56x28")))
         sg = r["sgemm"]
         line = [
             f"{name}: {r['describe']}",
@@ -145,6 +161,13 @@ def _print(report: dict[str, Any]) -> None:
                 f"capsule step = {r['capsule_step_ratio']:.3f} × pool step "
                 f"({_fmt(r.get('capsule_step_ratio_cpu'), '.3f')} in CPU time): the head is "
                 f"{r['capsule_head_share']:.1%} of the step, {r['capsule_head_flop_share']:.1%} of the FLOPs"
+            )
+        if "decoder_step_ratio" in r:
+            trained = "" if r.get("decoder_trained") else " [red](the decoder's weights did not move!)[/]"
+            line.append(
+                f"{DECODER} step = {r['decoder_step_ratio']:.3f} × capsule step "
+                f"({_fmt(r.get('decoder_step_ratio_cpu'), '.3f')} in CPU time; "
+                f"{r['decoder_flop_ratio']:.3f} × the FLOPs){trained}"
             )
         line.append(
             f"peak RSS: training {_fmt(r['train_peak_rss_mb'])} MB, "
@@ -158,7 +181,8 @@ def _print(report: dict[str, Any]) -> None:
             )
         notes.append("\n  ".join(line))
     out.print(train)
-    out.print(infer)
+    if infer.row_count:  # (none when only capsule+decoder was asked for)
+        out.print(infer)
     for note in notes:
         out.print(note)
     if report["checks"]:

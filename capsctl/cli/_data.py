@@ -1,4 +1,4 @@
-"""`capsctl data list` and `capsctl data fetch`."""
+"""`capsctl data list`, `capsctl data fetch` and `capsctl data forget`."""
 
 from pathlib import Path
 from typing import Annotated, Any
@@ -12,7 +12,8 @@ app = typer.Typer(help="Find and fetch data sets.", no_args_is_help=True, rich_m
 
 @app.command("list")
 def list_datasets(data_dir: DataDirOpt = None, json_out: JsonOpt = False) -> None:
-    """Show each data set and where it was found (or that it would be downloaded).
+    """Show each data set and where it was found (or that it would be downloaded), then the user's image
+    folders decoded and cached by earlier runs (`capsctl data forget KEY` removes one).
 
     Example: capsctl data list --data-dir ../shared/data --json
     """
@@ -40,8 +41,11 @@ def list_datasets(data_dir: DataDirOpt = None, json_out: JsonOpt = False) -> Non
                 "note": info.note,
             }
         )
+    from capsctl.data import _folder_cache
+
+    cached = [_cached_row(e) for e in _folder_cache.entries()]
     if json_out:
-        typer.echo(json.dumps({"datasets": rows}))
+        typer.echo(json.dumps({"datasets": rows, "user_sets": cached}))
         return
     from rich.table import Table
 
@@ -61,6 +65,33 @@ def list_datasets(data_dir: DataDirOpt = None, json_out: JsonOpt = False) -> Non
                 f"downloads on first use ({r['mirrors']} mirrors) {r['note']}",
             )
     out.print(table)
+    if not cached:
+        return
+    from rich.markup import escape
+
+    table = Table(title=f"cached user sets ({escape(str(_folder_cache.root()))})")
+    table.add_column("key")
+    table.add_column("source")
+    table.add_column("images (train + test)", justify="right")
+    table.add_column("HxWxC")
+    table.add_column("on disk", justify="right")
+    for c in cached:
+        gone = "" if Path(c["source"]).is_dir() else " [yellow](gone)[/]"
+        images = f"{c['train_images']:,}" + (f" + {c['test_images']:,}" if c["test_images"] else "")
+        table.add_row(
+            c["key"],
+            escape(c["source"]) + gone,
+            images,
+            "x".join(map(str, c["shape"])),
+            _folder_cache.human_bytes(c["bytes"]),
+        )
+    out.print(table)
+
+
+def _cached_row(e: Any) -> dict[str, Any]:
+    m = e.manifest
+    keys = ("source", "train_images", "test_images", "shape", "image_size", "classes", "created")
+    return {"key": e.key, **{k: m.get(k) for k in keys}, "bytes": e.disk_bytes()}
 
 
 @app.command("fetch")
@@ -87,3 +118,20 @@ def fetch(
     elif not datasets.has_files(info, dest):
         datasets.fetch(info, dest)
     typer.echo(f"{name}: {dest}")
+
+
+@app.command("forget")
+def forget(
+    what: Annotated[
+        str,
+        typer.Argument(metavar="KEY|PATH", help="A cached set's key (or its start), or its source folder."),
+    ],
+) -> None:
+    """Remove a user image folder's decoded cache (see `capsctl data list`); the next run decodes it again.
+
+    Example: capsctl data forget ~/photos/pets
+    """
+    from capsctl.data import _folder_cache
+
+    for e in _folder_cache.forget(what):
+        typer.echo(f"forgot {e.key} ({e.source})")

@@ -21,6 +21,8 @@ from capsctl.cli._options import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     import numpy as np
 
     from capsctl.data.composites import Composites
@@ -39,17 +41,23 @@ def eval_model(
     batch_size: BatchSizeOpt = 512,
     json_out: JsonOpt = False,
 ) -> None:
-    """Accuracy of a model on the standard (single-digit) test set.
+    """Accuracy of a model on the standard (single-digit) test set, overall and per class.
+
+    Classes are named by the model's class names (digits for a model without them); --json gives
+    the per-class accuracies as "per_class": {name: accuracy}, null for a class with no test image.
 
     Example: capsctl eval runs/caps/model.safetensors --data-dir ../shared/data/mnist-5k --json
     """
     import json
+
+    import numpy as np
 
     from capsctl.backend import get_backend
     from capsctl.cli._options import check_range, renamed
     from capsctl.data import datasets
     from capsctl.data.composites import single_accuracy
     from capsctl.model.fit import check_fit
+    from capsctl.model.spec import names_of
     from capsctl.model.weights import load_model
 
     limit = renamed("--eval-limit", eval_limit, "--limit", limit)
@@ -63,12 +71,21 @@ def eval_model(
     x, y = (test.images[:limit], test.labels[:limit]) if limit else (test.images, test.labels)
     check_fit(spec, x, y, str(model), f"{dataset_name} test images")
     runner = get_backend(backend).runner(spec, weights)
-    acc = single_accuracy(runner.scores(x, batch_size), y)
-    result = {"images": len(y), "accuracy": acc, "dataset": dataset_name, "backend": backend}
+    scores = runner.scores(x, batch_size)
+    acc = single_accuracy(scores, y)
+    per_class = _per_class(names_of(spec), y[:, None], np.argmax(scores, axis=1)[:, None] == y[:, None])
+    result = {
+        "images": len(y),
+        "accuracy": acc,
+        "dataset": dataset_name,
+        "backend": backend,
+        "per_class": per_class,
+    }
     if json_out:
         typer.echo(json.dumps(result))
     else:
         typer.echo(f"{model}: test accuracy {acc:.2%} on {len(y)} {dataset_name} images ({backend})")
+        typer.echo(f"per class: {_per_class_line(per_class)}")
 
 
 def eval_pairs(
@@ -98,7 +115,9 @@ def eval_pairs(
     """Score a model on multi-digit composites of test images it never trained on.
 
     A composite counts as right when its k highest class scores are exactly its k digits
-    (accuracy), and as confidently right when the k-th score is also above 0.5.
+    (accuracy), and as confidently right when the k-th score is also above 0.5. Per class (named by
+    the model's class names): the share of the composites holding that class in which it is among
+    the k highest scores (--json: "per_class": {name: share}).
 
     --reconstruction (decoder models): each digit of a composite is reconstructed from its own
     class's capsule alone (every other capsule zeroed). The decoder draws a digit at the training
@@ -113,11 +132,14 @@ def eval_pairs(
     """
     import json
 
+    import numpy as np
+
     from capsctl.backend import get_backend
     from capsctl.cli._options import check_range, renamed
     from capsctl.data import datasets
     from capsctl.data.composites import make_composites, score_sets
     from capsctl.model.fit import check_fit
+    from capsctl.model.spec import names_of
     from capsctl.model.weights import load_model
 
     model = model if model is not None else shipped_model_said()
@@ -151,11 +173,13 @@ def eval_pairs(
             )
     check_fit(spec, comp.images, comp.labels, str(model), f"{dataset} {layout} composites")
     runner = get_backend(backend).runner(spec, weights)
-    result: dict[str, object] = {**score_sets(runner.scores(comp.images, batch_size), comp.labels)}
+    scores = runner.scores(comp.images, batch_size)
+    result: dict[str, object] = {**score_sets(scores, comp.labels)}
     result.update({"seed": seed, "layout": str(layout), "digits": digits})
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :digits]  # as score_sets ranks them
+    found = (comp.labels[:, :, None] == top[:, None, :]).any(axis=2)  # (M, k): each digit in the top k
+    result["per_class"] = _per_class(names_of(spec), comp.labels, found)
     if reconstruction:
-        import numpy as np
-
         from capsctl.data.composites import reconstruction_errors
 
         errors = reconstruction_errors(runner, comp, test.images, batch_size)
@@ -190,6 +214,26 @@ def eval_pairs(
         cells += [f"{mse:.4f} ({by_pos})", f"{alone_mse:.4f}"]
     table.add_row(*cells)
     out.print(table)
+    per_class = result["per_class"]
+    assert isinstance(per_class, dict)
+    line = f"found in the top {digits}, per class: {_per_class_line(per_class)}"
+    out.print(line, soft_wrap=True, markup=False, highlight=False)
+
+
+def _per_class(names: "Sequence[str]", labels: "np.ndarray", hit: "np.ndarray") -> "dict[str, float | None]":
+    """{class name: share of the items of that class that `hit` marks}; labels and hit alike shaped
+    (N, k), k items per image; None for a class with no item."""
+    import numpy as np
+
+    out: dict[str, float | None] = {}
+    for j, name in enumerate(names):
+        mine = labels == j
+        out[name] = float(hit[mine].mean()) if np.any(mine) else None
+    return out
+
+
+def _per_class_line(per_class: dict[str, float | None]) -> str:
+    return ", ".join(f"{name} {'—' if v is None else f'{v:.2%}'}" for name, v in per_class.items())
 
 
 def _alone(comp: "Composites", position: int, sources: "np.ndarray") -> "Composites":

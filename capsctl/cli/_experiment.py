@@ -22,11 +22,13 @@ from capsctl.cli._options import (
     data_dir_option,
     dataset_option,
     eval_limit_option,
+    image_size_option,
     ints_option,
     limit_option,
     names_option,
     quiet_option,
     renamed,
+    val_fraction_option,
 )
 
 app = typer.Typer(
@@ -83,6 +85,7 @@ ShiftOpt = Annotated[
 
 def pairs(
     dataset: DatasetOpt = "mnist-5k",
+    image_size: Annotated[str | None, image_size_option(DATA)] = None,
     data_dir: DataDirOpt = None,
     limit: TrainLimitOpt = None,
     eval_limit: EvalLimitOpt = None,
@@ -90,10 +93,12 @@ def pairs(
         int | None,
         typer.Option(
             help="Hold out N training images (a fixed random draw) and score on them and on composites "
-            "built from them instead of the test set: choose a recipe here, never on the test set.",
+            "built from them instead of the test set: choose a recipe here, never on the test set. A "
+            "--dataset folder without test/ needs this or --val-fraction.",
             rich_help_panel=DATA,
         ),
     ] = None,
+    val_fraction: Annotated[float | None, val_fraction_option(DATA)] = None,
     tests: Annotated[list[str], names_option(Test, "--tests", help=_TESTS_HELP, panel=DATA)] = _PAIRS_TESTS,
     recipe: RecipeOpt = "default",
     seeds: Annotated[list[str], ints_option("--seeds", help="Training seeds.", panel=RECIPE)] = _SEEDS,
@@ -118,6 +123,15 @@ def pairs(
         float | None, typer.Option(help="Override the recipe's weight decay.", rich_help_panel=RECIPE)
     ] = None,
     heads: Annotated[list[str], names_option(Head, "--heads", help="Heads to train.", panel=MODEL)] = _HEADS,
+    decoder: Annotated[
+        bool,
+        typer.Option(
+            "--decoder",
+            help="Also train the capsule head with the reconstruction decoder (rows capsule+decoder, "
+            "as `capsctl train --decoder`) and say whether it helps or hurts.",
+            rich_help_panel=MODEL,
+        ),
+    ] = False,
     routing: Annotated[
         Routing | None, typer.Option(help="Capsule routing.", show_default="su", rich_help_panel=MODEL)
     ] = None,
@@ -146,6 +160,10 @@ def pairs(
     seeds, parameters, train time) and PNG plots. Options such as --shift override one recipe
     setting, for recipe-choice comparisons (the run folder names then say so).
 
+    --decoder adds the capsule head with the reconstruction decoder (HEAD capsule-decoder, configured
+    as `capsctl train --decoder`, so a run folder that command made counts as finished), its
+    reconstruction error per test, and whether the decoder helps or hurts each test's accuracy.
+
     Example: capsctl experiment pairs --data-dir ../shared/data/mnist-5k --seeds 0,1,2 --out out/pairs
     """
     from capsctl._console import out as console
@@ -158,7 +176,16 @@ def pairs(
     check_range("--eval-limit", eval_limit, 1)
     check_range("--limit", limit, 1)
     check_range("--holdout", holdout, 1)
+    from capsctl.data.sources import check_val_fraction
+    from capsctl.errors import CapsctlError
+
+    check_val_fraction(val_fraction)
+    if holdout is not None and val_fraction is not None:
+        raise CapsctlError("give --holdout N or --val-fraction F, not both")
     check_range("--routings", routings, 1, 100)
+    from capsctl.data.sources import parse_image_size
+
+    parse_image_size(image_size)  # a bad --image-size is refused before anything runs
     plan = PairsPlan(
         backend=backend,
         dataset=str(dataset),
@@ -181,7 +208,10 @@ def pairs(
             routings=routings,
         ),
         holdout=holdout,
+        val_fraction=val_fraction,
         train=train,
+        decoder=decoder,
+        image_size=image_size,
     )
     plan = PairsPlan(
         **{
@@ -191,11 +221,13 @@ def pairs(
                 {
                     "backend": backend,
                     "dataset": str(dataset),
+                    "image_size": image_size,
                     "data_dir": data_dir,
                     "recipe": str(recipe),
                     "epochs": epochs,
                     "seeds": seed_list,
                     "heads": heads if heads != _HEADS else None,
+                    "decoder": decoder,
                     "tests": tests if tests != _PAIRS_TESTS else None,
                     "limit": limit,
                     "eval_limit": eval_limit,
@@ -208,6 +240,7 @@ def pairs(
                     "squash": _value(squash),
                     "routings": routings,
                     "holdout": holdout,
+                    "val_fraction": val_fraction,
                     "out": out,
                 },
             ),

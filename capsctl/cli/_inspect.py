@@ -82,9 +82,12 @@ def inspect(
     wide, else left to right (--order to choose).
 
     Input: white digits on black as in MNIST; a light background is
-    inverted (--invert auto). Colour becomes gray; 8- and 16-bit images are
-    read; a transparent image is put on the background that contrasts with
-    its ink. A .npy file holds one image: (H, W), channels-last (H, W, C)
+    inverted (--invert auto; --invert no for photos). Colour becomes gray
+    for a gray model; a colour model sees RGB, which --out draws in colour.
+    8- and 16-bit images are read; a transparent image is put on the
+    background that contrasts with its ink. Classes are shown by the model's
+    class names (--json: class_names, predicted_names, top_names,
+    order_names beside the indices). A .npy file holds one image: (H, W), channels-last (H, W, C)
     with C = 1, 3 or 4, or (1, H, W); floats in 0..1 or 0..255. A stack of
     images is refused. Shared capsule weights take any image size, but
     digits should be about MNIST-sized (20 px tall): --resize a big image.
@@ -124,6 +127,7 @@ def inspect(
     from capsctl.data.images import load_image, parse_size
     from capsctl.errors import CapsctlError
     from capsctl.inspect.analysis import inspect_one
+    from capsctl.model.spec import names_of
     from capsctl.model.weights import load_model
 
     check_range("--routings", routings, 1, 100)
@@ -139,6 +143,7 @@ def inspect(
         check_out_path(out)
     size = parse_size(resize) if resize is not None else None
     spec, weights = load_model(model)
+    names = names_of(spec)  # the spec's class names, else "0".."J-1"
     check_range("--top", top, 1, spec.num_classes)
     if reconstruct or perturb:
         from capsctl.inspect import reconstruction
@@ -154,7 +159,8 @@ def inspect(
         )
     if spec.head == "pool" and routings is not None:
         raise CapsctlError(f"--routings: {model} has a pooling head, which has no routing")
-    # a colour model sees RGB (H, W, 3); the figures draw its mean over the channels
+    # a colour model sees RGB (H, W, 3): the analysis and the maps' outlines use its mean over the
+    # channels, the figures' input panels the colour image itself
     rgb = load_image(image, invert=str(invert), resize=size, spec=spec, channels=spec.in_channels)
     img = rgb if rgb.ndim == 2 else rgb.mean(axis=2)
     _check_fixed_inputs(spec, img.shape, image, model)
@@ -177,12 +183,16 @@ def inspect(
         by_class = {j: recons[i] for i, j in enumerate(chosen)}
         extra["reconstructions"] = {str(j): np.asarray(r, np.float64).tolist() for j, r in by_class.items()}
         if out is not None:
-            title = f"{image.name} — {model}: reconstructions from capsules {', '.join(map(str, chosen))}"
-            reconstruction.save_reconstruct_figure(out, img, by_class, res, title)
+            title = (
+                f"{image.name} — {model}: reconstructions from capsules {', '.join(names[j] for j in chosen)}"
+            )
+            reconstruction.save_reconstruct_figure(out, rgb, by_class, res, title, names)
             err.print(f"figure: {out}")
             out = None
         else:
-            err.print(f"reconstructed from capsules: {', '.join(map(str, chosen))} (--out draws them)")
+            err.print(
+                f"reconstructed from capsules: {', '.join(names[j] for j in chosen)} (--out draws them)"
+            )
     elif perturb:
         from capsctl.inspect import reconstruction
 
@@ -190,22 +200,25 @@ def inspect(
         grid = reconstruction.perturbations(runner, x, chosen_cls, value_range, steps)
         extra["perturbation"] = {
             "class": chosen_cls,
+            "class_name": names[chosen_cls],
             "offsets": [float(o) for o in np.linspace(-value_range, value_range, steps)],
             "reconstructions": np.asarray(grid, np.float64).tolist(),  # [dimension][step][row][col][channel]
         }
         if out is not None:
-            title = f"{image.name} — {model}: capsule {chosen_cls}, each dimension ±{value_range:g}"
-            reconstruction.save_perturb_figure(out, grid, chosen_cls, value_range, title)
+            title = f"{image.name} — {model}: capsule {names[chosen_cls]}, each dimension ±{value_range:g}"
+            reconstruction.save_perturb_figure(out, grid, chosen_cls, value_range, title, names[chosen_cls])
             err.print(f"figure: {out}")
             out = None
         else:
             dims = grid.shape[0]
-            err.print(f"perturbed capsule {chosen_cls}: {dims} dimensions × {steps} steps (--out draws them)")
+            err.print(
+                f"perturbed capsule {names[chosen_cls]}: {dims} dimensions × {steps} steps (--out draws them)"
+            )
 
     if out is not None:
         from capsctl.inspect.figure import save_figure
 
-        save_figure(out, img, res, spec, _title(image, model, spec, res, backend))
+        save_figure(out, rgb, res, spec, _title(image, model, spec, res, backend))
         err.print(f"figure: {out}")
     if json_out:
         d: dict[str, object] = {
@@ -216,7 +229,7 @@ def inspect(
         }
         if spec.head == "capsule":
             d["routing"] = spec.capsule.routing
-        d.update(res.to_json())
+        d.update(res.to_json(names))
         d.update(extra)
         typer.echo(json.dumps(d))
         return

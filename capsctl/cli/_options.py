@@ -214,8 +214,9 @@ def dataset_option(panel: str | None = None) -> Any:
         metavar=f"<{'|'.join(choices.DATASETS)}|PATH>",
         help="Data set (see `capsctl data list`): mnist-5k is embedded in capsctl (5,000 training digits "
         "and the 10,000 test digits, offline); mnist and fashion-mnist are the full sets. Or your own: "
-        "a folder DIR/train/CLASS/*.png + DIR/test/CLASS/…, an .npz (x_train, y_train, x_test, "
-        "y_test), or a folder of the four IDX files.",
+        "a folder DIR/train/CLASS/*.png + DIR/test/CLASS/… (sorted by file name across classes, so "
+        "CLASS/00042.png files keep an exported set's order; decoded once, then cached), an .npz (x_train, "
+        "y_train, x_test, y_test), or a folder of the four IDX files.",
         rich_help_panel=panel,
     )
 
@@ -240,6 +241,25 @@ def data_dir_option(panel: str | None = None) -> Any:
 
 def limit_option(panel: str | None = None) -> Any:
     return typer.Option("--limit", help="Train on the first N training images only.", rich_help_panel=panel)
+
+
+def holdout_option(panel: str | None = None) -> Any:
+    return typer.Option(
+        "--holdout",
+        help="Hold out N training images (a fixed random draw) and score on them instead of the test set "
+        "(choose a recipe here, never on the test set); a --dataset folder without test/ needs this or "
+        "--val-fraction.",
+        rich_help_panel=panel,
+    )
+
+
+def val_fraction_option(panel: str | None = None) -> Any:
+    return typer.Option(
+        "--val-fraction",
+        metavar="F",
+        help="As --holdout, with a fraction 0 < F < 1 of the training images.",
+        rich_help_panel=panel,
+    )
 
 
 def eval_limit_option(what: str = "test images", panel: str | None = None) -> Any:

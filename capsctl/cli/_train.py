@@ -19,16 +19,20 @@ from capsctl.cli._options import (
     data_dir_option,
     dataset_option,
     eval_limit_option,
+    holdout_option,
     image_size_option,
     json_option,
     limit_option,
     old_name,
     quiet_option,
+    val_fraction_option,
 )
 
 if TYPE_CHECKING:
+    from capsctl.backend import Backend
     from capsctl.model.spec import ModelSpec
     from capsctl.training.config import TrainConfig
+    from capsctl.training.distributed import World
 
 # Options that shape a run. `--resume RUN` takes them from the run's checkpoint; giving one is refused
 # rather than ignored. (--backend, --data-dir and --eval-limit may be given: they replace the run's.)
@@ -54,6 +58,8 @@ _FIXED_ON_RESUME = (
     "curve_images",
     "decoder",
     "recon_weight",
+    "holdout",
+    "val_fraction",
 )
 _RECIPE_DEFAULT = "from --recipe"
 
@@ -121,6 +127,8 @@ def train(
     limit: Annotated[int | None, limit_option(DATA)] = None,
     eval_limit: Annotated[int | None, eval_limit_option("test images after each epoch", DATA)] = None,
     test_limit: Annotated[int | None, old_name("--test-limit")] = None,
+    holdout: Annotated[int | None, holdout_option(DATA)] = None,
+    val_fraction: Annotated[float | None, val_fraction_option(DATA)] = None,
     curve_images: Annotated[
         int,
         typer.Option(
@@ -198,6 +206,21 @@ def train(
     ] = None,
     quiet: Annotated[bool, quiet_option(RUN)] = False,
     json_out: Annotated[bool, json_option(RUN)] = False,
+    nproc: Annotated[
+        int | None,
+        typer.Option(
+            help="Train on N processes on this machine (data-parallel, through torchrun's launcher; "
+            "--batch-size stays the global batch). On several machines run torchrun itself: "
+            "docs/DISTRIBUTED.md.",
+            rich_help_panel=RUN,
+        ),
+    ] = None,
+    port: Annotated[
+        int | None,
+        typer.Option(
+            help="Rendezvous port on 127.0.0.1 for --nproc.", show_default="a free one", rich_help_panel=RUN
+        ),
+    ] = None,
 ) -> None:
     """Train a capsule or pooling model on single digits.
 
@@ -213,6 +236,7 @@ def train(
     from capsctl.cli._options import check_range, renamed
     from capsctl.errors import CapsctlError
 
+    _check_launch(nproc, port)
     eval_limit = renamed("--eval-limit", eval_limit, "--test-limit", test_limit)
     check_range("--eval-limit", eval_limit, 1)
     check_range("--curve-images", curve_images, 0)
@@ -238,7 +262,17 @@ def train(
             data_dir=folder or old.data_dir,
             eval_limit=eval_limit if eval_limit is not None else old.eval_limit,
         )
-        _run(cfg, ck.spec, resume, data_dir or cfg.data_dir, resume=True, quiet=quiet, json_out=json_out)
+        _run(
+            cfg,
+            ck.spec,
+            resume,
+            data_dir or cfg.data_dir,
+            resume=True,
+            quiet=quiet,
+            json_out=json_out,
+            nproc=nproc,
+            port=port,
+        )
         return
 
     from capsctl.data.sources import parse_image_size
@@ -277,6 +311,8 @@ def train(
         data_dir=folder,
         eval_limit=eval_limit,
         curve_images=curve_images or None,
+        holdout=holdout,
+        val_fraction=val_fraction,
         **settings,
     )
     _run(
@@ -288,7 +324,42 @@ def train(
         quiet=quiet,
         json_out=json_out,
         fixed=_fields_given(spec_file),
+        nproc=nproc,
+        port=port,
     )
+
+
+def _check_launch(nproc: int | None, port: int | None) -> None:
+    """--nproc and --port are refused before anything runs; a rank started by torchrun takes neither."""
+    from capsctl.errors import CapsctlError
+    from capsctl.training import distributed
+
+    if nproc is None:
+        if port is not None:
+            raise CapsctlError("--port needs --nproc N")
+        return
+    if distributed.launched():
+        raise CapsctlError("--nproc: this process is already a rank of a torchrun job; leave --nproc out")
+    distributed.check_nproc(nproc)
+    if port is not None:
+        distributed.check_port(port)
+
+
+def _launch(be: "Backend", nproc: int, port: int | None, run: Path, resume: bool) -> None:
+    """`--nproc N`: this process starts N ranks running this same command line, and waits."""
+    from capsctl.cli import ARGS
+    from capsctl.errors import TrainingStopped
+    from capsctl.training import distributed
+    from capsctl.training.loop import refuse_existing
+
+    if not resume:
+        refuse_existing(run)  # said once here, not by every rank
+    failed = be.distributed().launch(nproc, distributed.worker_argv(ARGS), port)
+    code, message = distributed.job_outcome(failed, f"capsctl train --resume {run} --nproc {nproc}")
+    if message is not None:
+        raise TrainingStopped(message, exit_code=code)
+    if code:  # a rank said why (`error: ...`): its status is the job's
+        raise typer.Exit(code)
 
 
 def _str(choice: str | None) -> str | None:
@@ -359,20 +430,63 @@ def _run(
     quiet: bool,
     json_out: bool,
     fixed: frozenset[str] = frozenset(),  # spec fields the user set (--spec): not taken from the data
+    nproc: int | None = None,  # start this many ranks (`--nproc`) instead of training here
+    port: int | None = None,
+) -> None:
+    from capsctl.backend import get_backend
+
+    be = get_backend(cfg.backend)
+    if nproc is not None:
+        _launch(be, nproc, port, run, resume)
+        return
+    from capsctl.training import distributed
+
+    # a rank of a torchrun job (or of --nproc) joins it before loading data; rank 0 alone writes `run`
+    world = be.distributed().join() if distributed.launched() else None
+    try:
+        _run_rank(
+            cfg, spec, run, data_dir, be, world, resume=resume, quiet=quiet, json_out=json_out, fixed=fixed
+        )
+    finally:
+        if world is not None:
+            world.close()
+
+
+def _run_rank(
+    cfg: "TrainConfig",
+    spec: "ModelSpec",
+    run: Path,
+    data_dir: Path | str | None,
+    be: "Backend",
+    world: "World | None",
+    *,
+    resume: bool,
+    quiet: bool,
+    json_out: bool,
+    fixed: frozenset[str],
 ) -> None:
     import json
     import shlex
 
-    from capsctl.backend import get_backend
     from capsctl.data import datasets
     from capsctl.training.loop import train as run_training
     from capsctl.training.run_folder import CHECKPOINT_FILE, METRICS_FILE, MODEL_FILE
 
-    be = get_backend(cfg.backend)
+    if world is not None:
+        from capsctl.training.distributed import prefix_stderr
+
+        prefix_stderr(world.rank)
+        quiet = quiet or world.rank != 0  # one progress bar: rank 0's
     from capsctl.data.sources import parse_image_size
 
     ds = datasets.load(cfg.dataset, data_dir, parse_image_size(cfg.image_size))
     train_split = ds.train()
+    if cfg.holdout is not None or cfg.val_fraction is not None:
+        from capsctl.data.sources import held_out
+
+        train_split, test_split = held_out(train_split, cfg.holdout, cfg.val_fraction)
+    else:
+        test_split = ds.test()  # (a folder without test/ is refused here, naming both options)
     if not resume:  # the model follows the data: its channels, classes and their names
         classes = tuple(ds.classes)
         channels = int(train_split.images.shape[3])
@@ -396,7 +510,11 @@ def _run(
         from capsctl.model.spec import default_recon_weight
 
         cfg = replace(cfg, recon_weight=default_recon_weight(spec))
-    rows = run_training(be, spec, cfg, train_split, ds.test(), run, resume=resume, show_progress=not quiet)
+    rows = run_training(
+        be, spec, cfg, train_split, test_split, run, resume=resume, show_progress=not quiet, world=world
+    )
+    if world is not None and world.rank != 0:
+        return  # rank 0 reports the job
     if not json_out:
         model = run / MODEL_FILE
         typer.echo(f"model: {model}")
@@ -406,7 +524,12 @@ def _run(
             data += f" --dataset {shlex.quote(cfg.dataset)}"
         if cfg.image_size is not None:
             data += f" --image-size {cfg.image_size}"
-        typer.echo(f"next: capsctl eval-pairs {shlex.quote(str(model))}{data}")
+        train_dir = Path(cfg.dataset) / "train"
+        if train_dir.is_dir() and not (Path(cfg.dataset) / "test").is_dir():
+            # a folder without test/ (trained on a split of train/): eval and eval-pairs need a test set
+            typer.echo(f"next: capsctl predict {shlex.quote(str(model))} {shlex.quote(str(train_dir))}")
+        else:
+            typer.echo(f"next: capsctl eval-pairs {shlex.quote(str(model))}{data}")
         return
     last: dict[str, Any] = rows[-1] if rows else {"epoch": 0}
     result = {

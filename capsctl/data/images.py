@@ -14,7 +14,9 @@ The result is float32 (H, W) in [0, 1], white digits on black as in MNIST. Rules
   leading axis). Other 3-D shapes, e.g. a stack (N, H, W), are refused. uint8 is /255, uint16
   /65535, bool is 0/1, other integers must lie in 0..255 (/255) or 0..65535 (/65535); floats must be
   finite, in [0, 1] (used as is) or in [0, 255] (divided by 255).
-- invert: 'auto' inverts when the image's border is light (median > 0.5), 'yes' always, 'no' never.
+- invert: 'auto' inverts a gray image whose border is light (median > 0.5) and never a colour one
+  (a colour model learned its images as they are: photos on light backgrounds stay as they are);
+  'yes' always, 'no' never.
 - Images over MAX_PIXELS pixels are refused from their header, before anything is decoded.
 
 Every problem is a CapsctlError naming the file; nothing else escapes (the loader is fuzzed).
@@ -328,7 +330,8 @@ def _finish(gray: np.ndarray, p: Path, invert: str, resize: tuple[int, int] | No
     gray = np.clip(np.asarray(gray, dtype=np.float64), 0.0, 1.0)
     if gray.ndim not in (2, 3) or gray.size == 0:
         raise CapsctlError(f"{p}: image has no pixels")
-    light = is_light_background(gray if gray.ndim == 2 else _luma(gray))
+    # 'auto' is the MNIST convention (white ink on black) and so applies to gray images only
+    light = gray.ndim == 2 and is_light_background(gray)
     if invert == "yes" or (invert == "auto" and light):
         gray = 1.0 - gray
     if resize is not None and resize != gray.shape[:2]:

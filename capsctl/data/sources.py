@@ -1,6 +1,7 @@
 """`--dataset PATH`: the user's own data, recognised by what the path holds.
 
-- a folder with train/ (and test/): an ImageFolder layout (capsctl.data.folders);
+- a folder with train/ (and test/): an ImageFolder layout (capsctl.data.folders); without test/ the
+  commands score on held-out training images (`held_out`: --holdout N or --val-fraction F);
 - a `.npz` file with x_train, y_train, x_test, y_test (capsctl.data.npz);
 - a folder of the four MNIST-style IDX files (capsctl.data.idx), as `--data-dir` takes.
 """
@@ -36,8 +37,45 @@ def is_path(name: str) -> bool:
     return name not in datasets.DATASETS
 
 
+class _NoTest(datasets.Dataset):
+    """An image folder with train/ and no test/: its test split must be held out of the training images."""
+
+    def test(self) -> datasets.Split:
+        raise CapsctlError(
+            f"{self.folder}: has train/ but no test/ folder; give --holdout N or --val-fraction F to score "
+            "on training images held out instead"
+        )
+
+
+def held_out(
+    train: datasets.Split, holdout: int | None, val_fraction: float | None
+) -> tuple[datasets.Split, datasets.Split]:
+    """(the rest, the held-out images) for --holdout N or --val-fraction F: the fixed seeded draw of
+    datasets.hold_out, so every run and recipe is scored on the same images."""
+    if holdout is not None and val_fraction is not None:
+        raise CapsctlError("give --holdout N or --val-fraction F, not both")
+    n_train = len(train.images)
+    if val_fraction is None:
+        assert holdout is not None, "held_out needs --holdout or --val-fraction"
+        return datasets.hold_out(train, holdout)
+    check_val_fraction(val_fraction)
+    n = round(val_fraction * n_train)
+    if not 1 <= n < n_train:
+        raise CapsctlError(
+            f"--val-fraction {val_fraction} of {n_train} training images holds out {n}; "
+            f"it must hold out 1..{n_train - 1}"
+        )
+    return datasets.hold_out(train, n)
+
+
+def check_val_fraction(value: float | None) -> None:
+    if value is not None and not 0 < value < 1:  # (also refuses NaN)
+        raise CapsctlError(f"--val-fraction must be between 0 and 1 (exclusive), got {value}")
+
+
 def load_path(text: str, image_size: tuple[int, int] | None = None) -> datasets.Dataset:
     p = Path(text)
+    test: tuple[np.ndarray, np.ndarray] | None
     if p.is_file():
         if p.suffix.lower() != ".npz":
             raise CapsctlError(
@@ -61,9 +99,10 @@ def load_path(text: str, image_size: tuple[int, int] | None = None) -> datasets.
     else:
         known = ", ".join(datasets.DATASETS)
         raise CapsctlError(f"--dataset {text}: neither a known data set ({known}) nor an existing path")
-    ds = datasets.Dataset(str(p), p, class_names=classes)
+    ds = datasets.Dataset(str(p), p, class_names=classes) if test else _NoTest(str(p), p, class_names=classes)
     ds._cache["train"] = datasets.Split(*train)
-    ds._cache["t10k"] = datasets.Split(*test)
+    if test:
+        ds._cache["t10k"] = datasets.Split(*test)
     return ds
 
 

@@ -6,9 +6,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from capsctl.choices import ALL_TESTS
+from capsctl.choices import ALL_TESTS, DATASETS
 from capsctl.choices import COMPOSITE_TESTS as COMPOSITE_TESTS  # (test name -> layout, digits)
-from capsctl.model.spec import HEADS, ROUTINGS, SQUASHES, ModelSpec
+from capsctl.model.spec import HEADS, ROUTINGS, SQUASHES, DecoderSpec, ModelSpec, default_recon_weight
 from capsctl.training.config import TrainConfig
 from capsctl.training.recipes import get_recipe
 
@@ -19,7 +19,30 @@ CURVE_TEST_IMAGES = 2000
 
 COMPOSITE_SEED = 0  # the pairing contract's default seed; never tuned on
 
+# `experiment pairs --decoder`: the capsule head with the reconstruction decoder, as one more head variant
+# (results rows "capsule+decoder", run folders BACKEND-RECIPE-capsule-decoder-sSEED)
+DECODER_HEAD = "capsule+decoder"
 
+
+@dataclass(frozen=True)
+class DataFacts:
+    """What the model takes from the data, as `capsctl train` does: classes and the image shape."""
+
+    classes: tuple[str, ...]
+    shape: tuple[int, int, int]  # (H, W, C) of the training images
+
+    def follow(self, spec: ModelSpec) -> ModelSpec:
+        """`spec` with the channels, class count and names, and the decoder's image shape of the data
+        (as `capsctl train` sets them, so a run it made is the same run)."""
+        names = None if self.classes == tuple(str(j) for j in range(len(self.classes))) else self.classes
+        changes: dict[str, Any] = {
+            "in_channels": self.shape[2],
+            "num_classes": len(self.classes),
+            "class_names": names,
+        }
+        if spec.decoder is not None and spec.decoder.image_shape is None:
+            changes["decoder"] = DecoderSpec(spec.decoder.hidden, self.shape)
+        return spec.replace(**changes)
 
 
 @dataclass(frozen=True)
@@ -76,11 +99,18 @@ def make_job(
     ov: Overrides,
     name: str | None = None,
     holdout: int | None = None,
+    image_size: str | None = None,
+    data: DataFacts | None = None,
 ) -> Job:
+    """One model of an experiment, configured as `capsctl train` with the same options configures it
+    (head DECODER_HEAD: `capsctl train --decoder`), so either can finish the other's run."""
 
     rec = get_recipe(recipe)
-    spec = ModelSpec(head=head)
-    if head == "capsule":
+    decoder = head == DECODER_HEAD
+    spec = ModelSpec(head="capsule" if decoder else head, decoder=DecoderSpec() if decoder else None)
+    if data is not None:
+        spec = data.follow(spec)
+    if spec.head == "capsule":
         caps = {
             k: v
             for k, v in (("routing", ov.routing), ("squash", ov.squash), ("routings", ov.routings))
@@ -89,7 +119,7 @@ def make_job(
         if caps:
             spec = spec.with_capsule(**caps)
     settings = rec.settings(
-        head,
+        spec.head,
         epochs=ov.epochs,
         lr=ov.lr,
         schedule=ov.schedule,
@@ -98,12 +128,22 @@ def make_job(
         weight_decay=ov.weight_decay,
     )
     # the experiment passes its own curve split (CURVE_TEST_IMAGES) and scores every epoch on all of it
-    cfg = TrainConfig(backend=backend, dataset=dataset, seed=seed, limit=limit, recipe=recipe,
-                      curve_images=None,
-                      **settings)
+    cfg = TrainConfig(
+        backend=backend,
+        # a path to the user's data is recorded absolute, as `capsctl train` records it
+        dataset=dataset if dataset in DATASETS else str(Path(dataset).absolute()),
+        image_size=image_size,
+        seed=seed,
+        limit=limit,
+        recipe=recipe,
+        curve_images=None,
+        recon_weight=default_recon_weight(spec) if spec.decoder is not None else None,
+        **settings,
+    )
     if name is None:
         tag = ov.tag()
-        parts = [backend, recipe, head, tag, f"holdout{holdout}" if holdout else "", f"s{seed}"]
+        label = head.replace("+", "-")
+        parts = [backend, recipe, label, tag, f"holdout{holdout}" if holdout else "", f"s{seed}"]
         name = "-".join(p for p in parts if p)
     return Job(head, seed, spec, cfg, out / "runs" / name)
 
@@ -121,8 +161,16 @@ class PairsPlan:
     tests: tuple[str, ...] = ALL_TESTS
     overrides: Overrides = Overrides()
     holdout: int | None = None  # score on N held-out training images (recipe choice), not the test set
+    val_fraction: float | None = None  # as holdout, with this fraction of the training images
     command: str = ""
     train: bool = True  # False: score and tabulate finished models only
+    decoder: bool = False  # also the capsule head with the reconstruction decoder (DECODER_HEAD)
+    image_size: str | None = None  # 'HxW': --dataset PATH images scaled to fit (as `capsctl train`)
+
+    @property
+    def variants(self) -> tuple[str, ...]:
+        """The heads trained for each seed: --heads, then DECODER_HEAD with --decoder."""
+        return (*self.heads, DECODER_HEAD) if self.decoder else self.heads
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ def pairs_plots(r: dict[str, Any], out: Path) -> list[Path]:
 def curves_plot(r: dict[str, Any], path: Path) -> Path:
     """Training loss and per-epoch test accuracy (first N test images), one line per model."""
     plt, (fig, (ax_loss, ax_acc)) = _figure(8, 3)
-    colors = {"capsule": "tab:blue", "pool": "tab:orange"}
+    colors = {"capsule": "tab:blue", "pool": "tab:orange", "capsule+decoder": "tab:green"}
     for m in r["models"]:
         ep = [c["epoch"] for c in m["curve"]]
         label = f"{m['head']} s{m['seed']}"

@@ -19,6 +19,7 @@ from capsctl.experiment.results import load_results
 from capsctl.experiment.tables import (
     TEST_TITLES,
     ablate_markdown,
+    decoder_effect,
     describe_pairs,
     duration,
     held_out_title,
@@ -39,6 +40,8 @@ SEED_ARTICLE = {
     "capsule": ("", ">90%", ">90%", "", ""),
     "pool": ("", "~40%", "~10%", "", ""),
 }
+
+
 def _mnist(r: dict[str, Any]) -> str:
     """The data set a result's reference numbers are looked up under: the embedded mnist-5k set holds the
     same digits as `mnist` read from ../shared/data/mnist-5k (a folder of 5,000 training images)."""
@@ -83,13 +86,13 @@ def _comparison(r: dict[str, Any]) -> str:
         rows.append(cell)
     anchor = ANCHOR.get((_mnist(r), r["train_images"]))
     if anchor:
-        for head in r["summary"]:
+        for head in (h for h in r["summary"] if h in anchor):  # (none for capsule+decoder)
             a = anchor[head]
             rows.append(
                 [f"anchor {head} (seed's layer and protocol)", a[0], f"{a[1]} / {a[2]}", f"{a[3]} / {a[4]}"]
             )
     if (_mnist(r), r["train_images"]) == ("mnist", 5000):
-        for head in r["summary"]:
+        for head in (h for h in r["summary"] if h in PROBE_MNIST5K):
             p = PROBE_MNIST5K[head]
             rows.append(
                 [
@@ -100,7 +103,7 @@ def _comparison(r: dict[str, Any]) -> str:
                 ]
             )
     if _mnist(r) == "mnist":
-        for head in r["summary"]:
+        for head in (h for h in r["summary"] if h in SEED_ARTICLE):
             a = SEED_ARTICLE[head]
             rows.append([f"seed article {head} (60k MNIST)", "–", f"{a[1]} / {a[2]}", "–"])
     return table(header, rows)
@@ -150,7 +153,8 @@ def _pairs_section(folder: Path, r: dict[str, Any], doc_dir: Path) -> str:
     parts.append(
         f"All tests (mean ± std over seeds; composites: pairing seed {r['composite_seed']}{per_test}):\n"
     )
-    parts += [pairs_long(r), pairs_cost(r), "Per seed:\n", pairs_per_seed(r)]
+    effect = decoder_effect(r)
+    parts += [*([effect] if effect else []), pairs_long(r), pairs_cost(r), "Per seed:\n", pairs_per_seed(r)]
     parts += _copy_plots(folder, doc_dir / "results" / folder.name, doc_dir)
     return "\n".join(parts) + "\n"
 

@@ -21,12 +21,14 @@ from capsctl._console import err, progress
 from capsctl.backend import Backend, get_backend
 from capsctl.bench.machine import machine
 from capsctl.data import datasets
-from capsctl.data.datasets import Split, hold_out
+from capsctl.data.datasets import Split
+from capsctl.data.sources import held_out, parse_image_size
 from capsctl.errors import CapsctlError
 from capsctl.experiment.plan import (
     COMPOSITE_SEED,
     CURVE_TEST_IMAGES,
     AblatePlan,
+    DataFacts,
     Job,
     Overrides,
     PairsPlan,
@@ -39,15 +41,35 @@ from capsctl.training.config import steps_per_epoch
 from capsctl.training.loop import train
 from capsctl.training.run_folder import CHECKPOINT_FILE, MODEL_FILE, load_checkpoint, read_metrics
 
+# TrainConfig fields that do not change the trained weights: where the data was found, which framework ran
+# the steps, and how many test images the log scored (a run made by `capsctl train`, which scores its
+# curve on 1,000 images, is the experiment's run when everything else agrees)
+_NOT_COMPARED = ("backend", "data_dir", "eval_limit", "curve_images")
+
+
+def _same_setting(key: str, mine: Any, theirs: Any) -> bool:
+    if mine == theirs:
+        return True
+    if key == "dataset" and isinstance(theirs, str) and mine not in datasets.DATASETS:
+        return bool(Path(str(mine)).absolute() == Path(theirs).absolute())  # a path, relative or not
+    if key == "image_size" and mine is not None and theirs is not None:
+        try:
+            return parse_image_size(mine) == parse_image_size(theirs)
+        except CapsctlError:
+            return False
+    return False
+
 
 def run_state(job: Job) -> str:
-    """'done' (model + a metrics row for every epoch), 'partial' (a checkpoint to resume) or 'new'."""
+    """'done' (model + a metrics row for every epoch), 'partial' (a checkpoint to resume) or 'new'.
+
+    A run folder holding a run with other settings (those that shape the weights) is refused."""
 
     run = job.run
     if (run / CHECKPOINT_FILE).exists():
         ck = load_checkpoint(run)
         mine, theirs = asdict(job.config), asdict(ck.config)
-        diff = [k for k in mine if k != "backend" and mine[k] != theirs.get(k)]
+        diff = [k for k in mine if k not in _NOT_COMPARED and not _same_setting(k, mine[k], theirs.get(k))]
         if diff or ck.spec != job.spec:
             what = diff[0] if diff else "model spec"
             raise CapsctlError(
@@ -177,14 +199,14 @@ def train_and_score(
                 tracker.skip(steps_per_epoch(job.config, n_train) * job.config.epochs - done)
             rows = read_metrics(job.run)[: job.config.epochs]
             bar.update(tracker.model, note="scoring")
-            scores = scorer.score(backend, job.run, tests)
+            scores = scorer.score(backend, job.run, tests, reconstruction=job.spec.decoder is not None)
             extra = {}
             if eval_routings is not None:
                 extra["eval_at"] = {
                     str(r): scorer.score(backend, job.run, tests, routings=r) for r in eval_routings(job) if r
                 }
             # the seconds each score took when it was computed (cached scores keep their cost)
-            score_seconds = sum(t["seconds"] for t in scores.values())
+            score_seconds = sum(t["seconds"] + t.get("reconstruction_seconds", 0.0) for t in scores.values())
             score_seconds += sum(
                 t["seconds"] for at in extra.get("eval_at", {}).values() for t in at.values()
             )
@@ -219,15 +241,30 @@ def train_and_score(
 
 
 def _prepare(
-    backend_name: str, dataset: str, data_dir: str | None, out: Path
-) -> tuple[Backend, Split, Split]:
-    """The backend, the train and test splits, and the output folder: what every experiment starts from."""
+    backend_name: str,
+    dataset: str,
+    data_dir: str | None,
+    out: Path,
+    image_size: str | None = None,
+    holdout: int | None = None,
+    val_fraction: float | None = None,
+) -> tuple[Backend, Split, Split, DataFacts]:
+    """The backend, the train and test splits, what the model takes from the data, and the output
+    folder: what every experiment starts from. With `holdout` or `val_fraction` the test split is
+    that many training images held out (datasets.hold_out's fixed draw) and the test set is not read."""
 
     backend = get_backend(backend_name)
-    ds = datasets.load(dataset, data_dir)
-    train_split, test_split = ds.train(), ds.test()  # refuse broken data before creating anything
+    ds = datasets.load(dataset, data_dir, parse_image_size(image_size))
+    train_split = ds.train()  # refuse broken data before creating anything
+    if holdout is not None or val_fraction is not None:
+        # the official test set is not touched (a --dataset folder may have none): choices made on these
+        # scores stay honest
+        train_split, test_split = held_out(train_split, holdout, val_fraction)
+    else:
+        test_split = ds.test()
+    h, w, c = (int(n) for n in train_split.images.shape[1:4])
     out.mkdir(parents=True, exist_ok=True)
-    return backend, train_split, test_split
+    return backend, train_split, test_split, DataFacts(tuple(ds.classes), (h, w, c))
 
 
 def _finish(
@@ -270,10 +307,11 @@ def _finish(
 def run_pairs(plan: PairsPlan, out: Path, show_progress: bool = True) -> dict[str, Any]:
     t0 = time.time()
     start_machine = machine()
-    backend, train_split, test_split = _prepare(plan.backend, plan.dataset, plan.data_dir, out)
-    if plan.holdout:
-        # the official test set is not touched: choices made on these scores stay honest
-        train_split, test_split = hold_out(train_split, plan.holdout)
+    backend, train_split, test_split, facts = _prepare(
+        plan.backend, plan.dataset, plan.data_dir, out, plan.image_size, plan.holdout, plan.val_fraction
+    )
+    # --val-fraction is recorded (run folder names, results) as the count it held out
+    holdout = len(test_split.images) if plan.holdout or plan.val_fraction else None
     jobs = [
         make_job(
             out,
@@ -284,10 +322,12 @@ def run_pairs(plan: PairsPlan, out: Path, show_progress: bool = True) -> dict[st
             s,
             plan.limit,
             plan.overrides,
-            holdout=plan.holdout,
+            holdout=holdout,
+            image_size=plan.image_size,
+            data=facts,
         )
         for s in plan.seeds
-        for h in plan.heads
+        for h in plan.variants
     ]
     scorer = Scorer(test_split, plan.eval_limit)
     models = train_and_score(
@@ -302,9 +342,11 @@ def run_pairs(plan: PairsPlan, out: Path, show_progress: bool = True) -> dict[st
     results = {
         "test_images": len(test_split.images),
         "overrides": plan.overrides.active(),
-        "holdout": plan.holdout,
+        "holdout": holdout,
         "seeds": list(plan.seeds),
-        "heads": list(plan.heads),
+        "heads": list(plan.variants),
+        "decoder": plan.decoder,
+        "image_size": plan.image_size,
         "curve_test_images": min(CURVE_TEST_IMAGES, plan.eval_limit or CURVE_TEST_IMAGES),
         "models": models,
         "missing": missing,
@@ -316,7 +358,7 @@ def run_pairs(plan: PairsPlan, out: Path, show_progress: bool = True) -> dict[st
 def run_ablate(plan: AblatePlan, out: Path, show_progress: bool = True) -> dict[str, Any]:
     t0 = time.time()
     start_machine = machine()
-    backend, train_split, test_split = _prepare(plan.backend, plan.dataset, plan.data_dir, out)
+    backend, train_split, test_split, facts = _prepare(plan.backend, plan.dataset, plan.data_dir, out)
     counts = sorted(set(plan.iterations) | {plan.base_iterations})
     jobs = []
     for routing in plan.routings:
@@ -337,6 +379,7 @@ def run_ablate(plan: AblatePlan, out: Path, show_progress: bool = True) -> dict[
                         plan.limit,
                         ov,
                         name,
+                        data=facts,
                     )
                 )
     scorer = Scorer(test_split, plan.eval_limit)

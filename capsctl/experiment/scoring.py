@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from capsctl._io import atomic_write_bytes
-from capsctl.data.composites import make_composites, score_sets
+from capsctl.data.composites import Composites, make_composites, reconstruction_errors, score_sets
 from capsctl.data.datasets import Split
 from capsctl.experiment.plan import COMPOSITE_SEED, COMPOSITE_TESTS
 from capsctl.model.weights import load_model
@@ -39,11 +39,17 @@ class Scorer:
     _sets: dict[str, Any] = field(default_factory=dict)
 
     def data(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        c = self.composites(name)
+        return c.images, c.labels
+
+    def composites(self, name: str) -> Composites:
+        """The test's images, labels and source test images (the standard test: one 'digit' each)."""
         if name not in self._sets:
             if name == "test":
                 x, y = self.test.images, self.test.labels[:, None]
                 if self.eval_limit:
                     x, y = x[: self.eval_limit], y[: self.eval_limit]
+                c = Composites(x, y, "alone", COMPOSITE_SEED, np.arange(len(x), dtype=np.int64)[:, None])
             else:
                 layout, digits = COMPOSITE_TESTS[name]
                 c = make_composites(
@@ -54,15 +60,43 @@ class Scorer:
                     seed=COMPOSITE_SEED,
                     limit=self.eval_limit,
                 )
-                x, y = c.images, c.labels
-            self._sets[name] = (x, y)
-        return self._sets[name]
+            self._sets[name] = c
+        result: Composites = self._sets[name]
+        return result
+
+    def reconstruction(self, runner: Any, name: str, floor: np.ndarray) -> dict[str, float]:
+        """The decoder's segmentation score on test `name` (as `eval-pairs --reconstruction`): mean
+        squared error per pixel of each digit reconstructed from its own capsule against that digit
+        alone, and the same for each digit reconstructed from its own single-digit image (the floor).
+
+        `floor` holds each test digit's own error (NaN: not computed yet), shared by one model's tests."""
+        c = self.composites(name)
+        assert c.indices is not None
+        t0 = time.perf_counter()
+        errors = reconstruction_errors(runner, c, self.test.images)
+        used = np.unique(c.indices)
+        todo = used[np.isnan(floor[used])]  # each source digit once, reconstructed from its image alone
+        if len(todo):
+            alone = Composites(
+                self.test.images[todo], self.test.labels[todo][:, None], "alone", c.seed, todo[:, None]
+            )
+            floor[todo] = reconstruction_errors(runner, alone, self.test.images)[:, 0]
+        return {
+            "reconstruction_mse": float(errors.mean()),
+            "reconstruction_mse_alone": float(floor[c.indices].mean()),
+            "reconstruction_seconds": time.perf_counter() - t0,
+        }
 
     def score(
-        self, backend: Any, run: Path, tests: Sequence[str], routings: int | None = None
+        self,
+        backend: Any,
+        run: Path,
+        tests: Sequence[str],
+        routings: int | None = None,
+        reconstruction: bool = False,
     ) -> dict[str, dict[str, Any]]:
         """{test: {n, accuracy, confident_accuracy, seconds}} for the model in `run`, cached in
-        run/eval.json."""
+        run/eval.json; with `reconstruction` (a decoder model) also the reconstruction errors."""
 
         model = run / MODEL_FILE
         cache_path = run / EVAL_FILE
@@ -78,23 +112,28 @@ class Scorer:
         entries = cache.setdefault("scores", {})
         results: dict[str, dict[str, Any]] = {}
         runner = None
+        floor = np.full(len(self.test.images), np.nan)  # the decoder's error on each test digit alone
         for name in tests:
             ek = f"{name}|r={routings or ''}|limit={self.eval_limit or ''}|seed={COMPOSITE_SEED}"
-            if ek not in entries:
+            redo = ek not in entries
+            if redo or (reconstruction and "reconstruction_mse" not in entries[ek]):
                 if runner is None:
                     spec, weights = load_model(model)
                     if routings is not None and spec.head == "capsule":
                         spec = spec.with_capsule(routings=routings)
                     runner = backend.runner(spec, weights)
-                x, y = self.data(name)
-                t0 = time.perf_counter()
-                r = score_sets(runner.scores(x), y)
-                entries[ek] = {
-                    "n": r["pairs"],
-                    "accuracy": r["accuracy"],
-                    "confident_accuracy": r["confident_accuracy"],
-                    "seconds": time.perf_counter() - t0,
-                }
+                if redo:
+                    x, y = self.data(name)
+                    t0 = time.perf_counter()
+                    r = score_sets(runner.scores(x), y)
+                    entries[ek] = {
+                        "n": r["pairs"],
+                        "accuracy": r["accuracy"],
+                        "confident_accuracy": r["confident_accuracy"],
+                        "seconds": time.perf_counter() - t0,
+                    }
+                if reconstruction:
+                    entries[ek].update(self.reconstruction(runner, name, floor))
                 cache["model"] = key
                 atomic_write_bytes(cache_path, json.dumps(cache, indent=1).encode())
             results[name] = entries[ek]
@@ -132,5 +171,8 @@ def summarize(models: Sequence[dict[str, Any]], tests: Sequence[str]) -> dict[st
                 "accuracy": mean_std(acc),
                 "confident_accuracy": mean_std(conf),
             }
+            for k in ("reconstruction_mse", "reconstruction_mse_alone"):  # decoder models
+                if all(k in m["tests"][t] for m in ms):
+                    entry["tests"][t][k] = mean_std([m["tests"][t][k] for m in ms])
         out[head] = entry
     return out

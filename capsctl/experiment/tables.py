@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 TEST_TITLES = {
@@ -58,9 +59,10 @@ def describe_pairs(r: dict[str, Any]) -> str:
         if r.get("holdout")
         else ""
     )
+    size = f" scaled to fit {r['image_size']}" if r.get("image_size") else ""
     return (
-        f"{r['dataset']} ({r['train_images']} training images{limit}), {r['backend']}, recipe `{r['recipe']}`"
-        f"{' with ' + extra if extra else ''}, seeds {', '.join(map(str, r['seeds']))}{held}"
+        f"{r['dataset']} ({r['train_images']} training images{size}{limit}), {r['backend']}, recipe "
+        f"`{r['recipe']}`{' with ' + extra if extra else ''}, seeds {', '.join(map(str, r['seeds']))}{held}"
     )
 
 
@@ -83,16 +85,116 @@ def pairs_headline(r: dict[str, Any]) -> str:
     return table(header, rows)
 
 
+def _mse(ms: Any) -> str:
+    m, s = ms
+    return f"{m:.4f}" if s is None else f"{m:.4f} ± {s:.4f}"
+
+
 def pairs_long(r: dict[str, Any]) -> str:
-    """head x test -> accuracy, confident accuracy (mean ± std over seeds), images scored."""
+    """head x test -> accuracy, confident accuracy (mean ± std over seeds), images scored; for decoder
+    models also the reconstruction error of each digit against the digit alone."""
+    recon = any("reconstruction_mse" in e for s in r["summary"].values() for e in s["tests"].values())
     rows = []
     for head, s in r["summary"].items():
         for t in r["tests"]:
             e = s["tests"][t]
-            rows.append(
-                [head, test_title(r, t), pct(e["accuracy"]), pct(e["confident_accuracy"]), f"{e['n']:,}"]
+            cells = [head, test_title(r, t), pct(e["accuracy"]), pct(e["confident_accuracy"]), f"{e['n']:,}"]
+            if recon:
+                mse = e.get("reconstruction_mse")
+                alone = e.get("reconstruction_mse_alone")
+                if mse is None or alone is None:
+                    cells.append("")
+                elif t == "test":
+                    cells.append(_mse(mse))
+                else:
+                    cells.append(f"{_mse(mse)} (alone {alone[0]:.4f})")
+            rows.append(cells)
+    header = ["head", "test", "accuracy", "confident accuracy", "images"]
+    if recon:
+        header.append("reconstruction MSE/pixel vs the digit alone")
+    return table(header, rows) + (RECON_NOTE if recon else "")
+
+
+RECON_NOTE = (
+    "\nReconstruction (decoder rows; lower is better): each digit of a composite redrawn by the decoder from "
+    "its own class's capsule alone, against that test digit by itself (mean squared error per pixel, "
+    "0..1 pixels, as `capsctl eval-pairs --reconstruction`); *alone*: the same digits redrawn from their "
+    "single-digit images (the decoder's floor).\n"
+)
+
+
+def decoder_effect(r: dict[str, Any]) -> str:
+    """Whether the decoder helps or hurts: capsule+decoder against capsule, per test, from the numbers.
+
+    A difference of the mean accuracies counts as measurable when it exceeds twice its standard error
+    over seeds, sqrt(s1²/n1 + s2²/n2); within that it is no measurable difference. '' without both rows."""
+    summary = r["summary"]
+    if "capsule+decoder" not in summary or "capsule" not in summary:
+        return ""
+    dec, cap = summary["capsule+decoder"], summary["capsule"]
+    n_dec, n_cap = len(dec["seeds"]), len(cap["seeds"])
+    lines, verdicts = [], {}
+    for t in r["tests"]:
+        if t not in dec["tests"] or t not in cap["tests"]:
+            continue
+        (md, sd), (mc, sc) = dec["tests"][t]["accuracy"], cap["tests"][t]["accuracy"]
+        d = md - mc
+        if sd is None or sc is None:
+            verdict = "unknown (one seed: no spread to judge by)"
+        else:
+            se = math.sqrt(sd**2 / n_dec + sc**2 / n_cap)
+            if abs(d) > 2 * se:
+                verdict = "helps" if d > 0 else "hurts"
+            else:
+                verdict = "no measurable difference"
+        verdicts[t] = verdict
+        lines.append(
+            f"- {test_title(r, t)}: {100 * d:+.2f} points ({pct(dec['tests'][t]['accuracy'])} with the "
+            f"decoder, {pct(cap['tests'][t]['accuracy'])} without): **{verdict}**"
+        )
+    if not lines:
+        return ""
+    phrase = {
+        "helps": "helps {} accuracy",
+        "hurts": "hurts {} accuracy",
+        "no measurable difference": "makes no measurable difference to {} accuracy",
+        "unknown": "cannot be judged on {} accuracy from one seed",
+    }
+    said = []
+    groups = [{verdicts[t].split(" (")[0] for t in verdicts if (t == "test") == std} for std in (True, False)]
+    if len(groups[0]) == 1 and groups[0] == groups[1]:  # one verdict for both: said once
+        (kind,) = groups[0]
+        both = (
+            "standard or composite"
+            if kind in ("no measurable difference", "unknown")
+            else "standard and composite"
+        )
+        said.append(phrase[kind].format(both))
+    for group, names in (
+        []
+        if said
+        else (
+            ("standard", [t for t in verdicts if t == "test"]),
+            ("composite", [t for t in verdicts if t != "test"]),
+        )
+    ):
+        kinds = list(dict.fromkeys(verdicts[t].split(" (")[0] for t in names))
+        if len(kinds) == 1:
+            said.append(phrase[kinds[0]].format(group))
+        elif kinds:
+            said.append(
+                f"is mixed on {group} accuracy ("
+                + ", ".join(f"{verdicts[t].split(' (')[0]} on {test_title(r, t)}" for t in names)
+                + ")"
             )
-    return table(["head", "test", "accuracy", "confident accuracy", "images"], rows)
+    seeds = f"{n_dec} seed{'s' if n_dec != 1 else ''} with, {n_cap} without"
+    return (
+        f"**Does the decoder help?** The capsule head with the reconstruction decoder against the same "
+        f"head without it ({seeds}; accuracy, mean ± std over seeds; a difference counts when it exceeds "
+        f"twice its standard error over seeds): the decoder {' and '.join(said)}.\n\n"
+        + "\n".join(lines)
+        + "\n"
+    )
 
 
 def pairs_cost(r: dict[str, Any]) -> str:
@@ -133,8 +235,13 @@ def pairs_markdown(r: dict[str, Any]) -> str:
     )
     return (
         f"# Paired-digit experiment\n\n{describe_pairs(r)}.{missing_note(r)}\n\n`{r['command']}`\n\n"
-        f"{pairs_headline(r)}\n{note}\n\n{pairs_long(r)}\n{pairs_cost(r)}\nPer seed:\n\n{pairs_per_seed(r)}"
+        f"{pairs_headline(r)}\n{note}\n\n{_then(decoder_effect(r))}{pairs_long(r)}\n{pairs_cost(r)}\n"
+        f"Per seed:\n\n{pairs_per_seed(r)}"
     )
+
+
+def _then(text: str) -> str:
+    return text + "\n" if text else ""
 
 
 def paired(tests: dict[str, Any]) -> float:

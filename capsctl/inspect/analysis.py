@@ -14,6 +14,7 @@ tools/inspect_order.py measures the three on composites.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -170,15 +171,26 @@ class Inspection:
     def routings(self) -> int:
         return 0 if self.couplings is None else int(self.couplings.shape[0])
 
-    def to_json(self) -> dict[str, Any]:
-        """A JSON-able dict: plain lists and floats, couplings as [iterations][classes][inputs]."""
+    def to_json(self, names: Sequence[str] | None = None) -> dict[str, Any]:
+        """A JSON-able dict: plain lists and floats, couplings as [iterations][classes][inputs].
+
+        Classes are indices (as before) with their names beside them: `class_names[j]` names
+        `lengths[j]`, and `predicted_names`, `top_names`, `order_names` spell out those lists.
+        `names`: the model's class names (names_of(spec)); "0".."J-1" when not given."""
+        names = [str(j) for j in range(len(self.scores))] if names is None else list(names)
+        if len(names) != len(self.scores):
+            raise CapsctlError(f"{len(names)} class names for {len(self.scores)} class scores")
         d: dict[str, Any] = {
             "image_shape": list(self.image_shape),
+            "class_names": names,
             "lengths": [float(x) for x in self.scores],
             "threshold": THRESHOLD,
             "predicted": self.predicted,
+            "predicted_names": [names[j] for j in self.predicted],
             "top": self.top,
+            "top_names": [names[j] for j in self.top],
             "order": self.order,
+            "order_names": None if self.order is None else [names[j] for j in self.order],
             "direction": self.direction,
             "grid": list(self.grid) if self.grid else None,
             "routings": self.routings,

@@ -12,7 +12,7 @@ import numpy as np
 from capsctl._io import atomic_write_bytes
 from capsctl.errors import CapsctlError
 from capsctl.inspect.analysis import Inspection, grid_extent, heat_maps
-from capsctl.model.spec import ModelSpec
+from capsctl.model.spec import ModelSpec, names_of
 
 FORMATS = {".png": "png", ".svg": "svg", ".pdf": "pdf"}
 MAX_ITERATIONS_SHOWN = 4  # with --routings 50, show 4 evenly spaced iterations, first and last included
@@ -47,11 +47,15 @@ def shown_classes(res: Inspection) -> list[int]:
 def save_figure(
     path: Path, image: np.ndarray, res: Inspection, spec: ModelSpec, title: str, dpi: int = 100
 ) -> None:
+    """`image`: as the model sees it, gray (H, W) or RGB (H, W, 3) in 0..1; the input panel shows it
+    as it is (in colour), the maps outline its gray mean."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fmt = check_out_path(path)
-    h, w = image.shape
+    gray = image if image.ndim == 2 else image.mean(axis=2)
+    names = names_of(spec)
+    h, w = gray.shape
     classes = shown_classes(res) if res.couplings is not None else []
     iters = shown_iterations(res.routings) if res.couplings is not None else []
     n_it = max(len(iters), 1)
@@ -75,7 +79,7 @@ def save_figure(
     rows = 1 + len(classes)
     top = fig.subfigures(rows, 1, height_ratios=[2.6] + [class_h] * len(classes), squeeze=False)[:, 0]
 
-    _draw_overview(top[0], image, res)
+    _draw_overview(top[0], image, res, names)
     if res.couplings is None or res.agreement is None or res.grid is None:
         _write(fig, path, fmt)
         return
@@ -92,7 +96,9 @@ def save_figure(
     for row, j in enumerate(classes, start=1):
         sub = top[row]
         mark = "predicted" if j in res.predicted else "not above 0.5"
-        sub.suptitle(f"class {j} — length {res.scores[j]:.3f} ({mark})", fontsize=10, fontweight="bold")
+        sub.suptitle(
+            f"class {names[j]} — length {res.scores[j]:.3f} ({mark})", fontsize=10, fontweight="bold"
+        )
         axes = sub.subplots(kind_rows, ncols, squeeze=False)
         c_axes = list(axes[0, :n_it]) if not wide else list(axes[0])
         a_axes = list(axes[0, n_it:]) if not wide else list(axes[1])
@@ -100,10 +106,10 @@ def save_figure(
         c_im = a_im = None
         for k, r in enumerate(iters):
             c_im = _map(
-                c_axes[k], c_maps[r, j], image, extent, "viridis", cmin, cmax, f"coupling c, iter {r + 1}"
+                c_axes[k], c_maps[r, j], gray, extent, "viridis", cmin, cmax, f"coupling c, iter {r + 1}"
             )
             a_im = _map(
-                a_axes[k], a_maps[r, j], image, extent, "RdBu_r", -amax, amax, f"agreement û·v, iter {r + 1}"
+                a_axes[k], a_maps[r, j], gray, extent, "RdBu_r", -amax, amax, f"agreement û·v, iter {r + 1}"
             )
         bar = sub.colorbar(c_im, ax=c_axes, shrink=0.9, label=f"c (line: 1/{n_classes})")
         if cmin <= 1.0 / n_classes <= cmax:
@@ -112,12 +118,15 @@ def save_figure(
     _write(fig, path, fmt)
 
 
-def _draw_overview(sub, image: np.ndarray, res: Inspection) -> None:
+def _draw_overview(sub, image: np.ndarray, res: Inspection, names: tuple[str, ...]) -> None:
     from matplotlib import patheffects
 
     ax_img, ax_bar = sub.subplots(1, 2, width_ratios=[1, 2.2])
-    h, w = image.shape
-    ax_img.imshow(image, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    h, w = image.shape[:2]
+    if image.ndim == 3:  # RGB: drawn as it is (imshow ignores cmap for 3 channels); clipped for safety
+        ax_img.imshow(np.clip(image, 0.0, 1.0), interpolation="nearest")
+    else:
+        ax_img.imshow(image, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
     ax_img.set_title(f"input {h}×{w}\n(as the model sees it)", fontsize=9)
     ax_img.set_xticks([])
     ax_img.set_yticks([])
@@ -129,7 +138,7 @@ def _draw_overview(sub, image: np.ndarray, res: Inspection) -> None:
             ax_img.plot(q, r, "+", color="orange", markersize=12, markeredgewidth=2)
             # staggered so classes placed close together (often spurious ones) stay readable
             ax_img.annotate(
-                f"{rank}: {j}",
+                f"{rank}: {names[j]}",
                 (q, r),
                 xytext=(5, 6 - 12 * ((rank - 1) % 3)),
                 textcoords="offset points",
@@ -143,13 +152,19 @@ def _draw_overview(sub, image: np.ndarray, res: Inspection) -> None:
     ax_bar.bar(j_all, res.scores, color=colours)
     ax_bar.axhline(0.5, color="black", linewidth=0.8, linestyle="--")
     ax_bar.set_ylim(0, 1.05)
-    ax_bar.set_xticks(j_all)
+    # digit names fit under their bars; longer names (cifar10's 'automobile') are turned
+    if max(len(n) for n in names) > 2:
+        ax_bar.set_xticks(j_all, names, rotation=45, ha="right", fontsize=8)
+    else:
+        ax_bar.set_xticks(j_all, names)
     ax_bar.set_xlabel("class")
     kind = "capsule length ‖v_j‖" if res.couplings is not None else "class score (pooling head)"
     ax_bar.set_ylabel(kind)
-    order = f" — reading order ({res.direction}): {', '.join(map(str, res.order))}" if res.order else ""
+    order = (
+        f" — reading order ({res.direction}): {', '.join(names[j] for j in res.order)}" if res.order else ""
+    )
     ax_bar.set_title(
-        f"predicted (> 0.5, green): {', '.join(map(str, res.predicted)) or 'none'}{order}", fontsize=9
+        f"predicted (> 0.5, green): {', '.join(names[j] for j in res.predicted) or 'none'}{order}", fontsize=9
     )
 
 

@@ -9,6 +9,7 @@ dimension of one capsule from -range to +range and redraws (their fig. 4).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -79,20 +80,39 @@ def placement(res: Inspection, cls: int, shape: tuple[int, int]) -> tuple[int, i
 
 
 def overlay(image: np.ndarray, recons: dict[int, np.ndarray], res: Inspection) -> np.ndarray:
-    """RGB (H, W, 3): the input in dim gray, each class's reconstruction added in its own colour."""
-    rgb = np.repeat(0.35 * image[..., None], 3, axis=-1)
+    """RGB (H, W, 3): the input in dim gray, each class's reconstruction added in its own colour.
+
+    A colour input and colour reconstructions enter as their gray mean: the overlay's colours name
+    the classes, so the input's own colours would only confuse them."""
+    gray = image if image.ndim == 2 else image.mean(axis=2)
+    rgb = np.repeat(0.35 * gray[..., None], 3, axis=-1)
     for i, (j, rec) in enumerate(recons.items()):
-        r = rec[..., 0]
-        h, w = min(r.shape[0], image.shape[0]), min(r.shape[1], image.shape[1])
+        r = rec.mean(axis=-1)
+        h, w = min(r.shape[0], gray.shape[0]), min(r.shape[1], gray.shape[1])
         top, left = placement(res, j, (h, w))
         colour = np.asarray(OVERLAY_COLOURS[i % len(OVERLAY_COLOURS)])
         rgb[top : top + h, left : left + w] += r[:h, :w, None] * colour
     return np.clip(rgb, 0.0, 1.0)
 
 
+def _show(ax: Any, image: np.ndarray) -> None:
+    """A gray (H, W) or (H, W, 1) image, or an RGB (H, W, 3) one in colour, values 0..1."""
+    if image.ndim == 3 and image.shape[2] == 3:
+        ax.imshow(np.clip(image, 0.0, 1.0), interpolation="nearest")
+    else:
+        gray = image if image.ndim == 2 else image[..., 0]
+        ax.imshow(gray, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+
+
 def save_reconstruct_figure(
-    path: Path, image: np.ndarray, recons: dict[int, np.ndarray], res: Inspection, title: str
+    path: Path,
+    image: np.ndarray,
+    recons: dict[int, np.ndarray],
+    res: Inspection,
+    title: str,
+    names: Sequence[str] | None = None,
 ) -> None:
+    """`image` gray (H, W) or RGB (H, W, 3); `recons` (h, w, C) per class; `names` the class names."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -103,14 +123,15 @@ def save_reconstruct_figure(
     fig = Figure(figsize=(2.2 * n, 3.0), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, n, squeeze=False)[0]
-    axes[0].imshow(image, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    label = {j: str(j) if names is None else names[j] for j in recons}
+    _show(axes[0], image)
     axes[0].set_title(f"input {image.shape[0]}×{image.shape[1]}", fontsize=9)
     for i, (j, rec) in enumerate(recons.items(), start=1):
-        axes[i].imshow(rec[..., 0], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-        axes[i].set_title(f"from capsule {j}\n(length {res.scores[j]:.2f})", fontsize=9)
+        _show(axes[i], rec)
+        axes[i].set_title(f"from capsule {label[j]}\n(length {res.scores[j]:.2f})", fontsize=9)
     axes[-1].imshow(overlay(image, recons, res), interpolation="nearest")
-    names = ", ".join(f"{OVERLAY_NAMES[i % len(OVERLAY_NAMES)]} {j}" for i, j in enumerate(recons))
-    axes[-1].set_title(f"overlay on input\n({names})", fontsize=9)
+    key = ", ".join(f"{OVERLAY_NAMES[i % len(OVERLAY_NAMES)]} {label[j]}" for i, j in enumerate(recons))
+    axes[-1].set_title(f"overlay on input\n({key})", fontsize=9)
     for ax in axes:
         ax.set_xticks([])
         ax.set_yticks([])
@@ -119,8 +140,9 @@ def save_reconstruct_figure(
 
 
 def save_perturb_figure(
-    path: Path, grid: np.ndarray, cls: int, value_range: float, title: str
+    path: Path, grid: np.ndarray, cls: int, value_range: float, title: str, name: str | None = None
 ) -> None:
+    """`grid` (D, steps, h, w, C) from perturbations(); C = 3 is drawn in colour; `name` the class's."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -129,21 +151,23 @@ def save_perturb_figure(
     fmt = check_out_path(path)
     d, steps = grid.shape[:2]
     h, w = grid.shape[2:4]
+    channels = 3 if grid.shape[4] == 3 else 1  # colour reconstructions are drawn in colour
     # one image: rows = dimensions, columns = offsets, 1-pixel gray gaps
-    canvas = np.full((d * (h + 1) - 1, steps * (w + 1) - 1), 0.5)
+    canvas = np.full((d * (h + 1) - 1, steps * (w + 1) - 1, channels), 0.5)
     for k in range(d):
         for t in range(steps):
-            canvas[k * (h + 1) : k * (h + 1) + h, t * (w + 1) : t * (w + 1) + w] = grid[k, t, :, :, 0]
+            cell = grid[k, t, :, :, :channels]
+            canvas[k * (h + 1) : k * (h + 1) + h, t * (w + 1) : t * (w + 1) + w] = cell
     fig = Figure(figsize=(0.5 * steps + 1.2, 0.5 * d + 1.0), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.subplots()
-    ax.imshow(canvas, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    _show(ax, canvas)
     offsets = np.linspace(-value_range, value_range, steps)
     ax.set_xticks(
         [t * (w + 1) + (w - 1) / 2 for t in range(steps)], [f"{o:+.2f}" for o in offsets], fontsize=7
     )
     ax.set_yticks([k * (h + 1) + (h - 1) / 2 for k in range(d)], [str(k) for k in range(d)], fontsize=7)
     ax.set_xlabel("offset added to the dimension")
-    ax.set_ylabel(f"dimension of capsule {cls}")
+    ax.set_ylabel(f"dimension of capsule {name if name is not None else cls}")
     fig.suptitle(title, fontsize=9)
     _write(fig, path, fmt)

@@ -9,7 +9,11 @@ counted (per image, forward):
   s = Σ_i c_ij û_j|i 2·J·N·D, squash 3·J·D (‖s‖² then scale), and for r < R the agreement
   û·v 2·J·N·D (`sabour` adds J·N for accumulating the logits; `su-unit` scales s to unit length,
   3·J·D, and squashes only after the last iteration); then the scores ‖v_j‖ 2·J·D;
-- pool head: the two dense layers 2·C·hidden + 2·hidden·J.
+- pool head: the two dense layers 2·C·hidden + 2·hidden·J;
+- reconstruction decoder (spec.decoder set): its dense layers on the J·D masked capsules,
+  2·in·out each (J·D -> hidden... -> H·W·C; the masked capsules are multiplied in full, as the
+  layers do; mask, ReLU, sigmoid and the loss are not counted). It runs in training (and for
+  reconstructions), not for class scores: `head` leaves it out, `forward` and `train_step` count it.
 
 A training step is counted as 3 × forward (backward ≈ 2 × forward: gradients of inputs and of
 weights), the usual convention; the optimiser update is not counted.
@@ -17,6 +21,7 @@ weights), the usual convention; the optimiser update is not counted.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 from capsctl.model.spec import ConvLayer, ModelSpec
@@ -30,6 +35,7 @@ class Flops:
     predictions: int  # capsule û (0 for the pool head)
     routing: int  # all routing iterations plus the output norms (0 for the pool head)
     dense: int  # pool head dense layers (0 for the capsule head)
+    decoder: int = 0  # reconstruction decoder's dense layers (0 without a decoder)
 
     @property
     def trunk(self) -> int:
@@ -41,7 +47,8 @@ class Flops:
 
     @property
     def forward(self) -> int:
-        return self.trunk + self.head
+        """The training forward pass: trunk, head and (if any) decoder."""
+        return self.trunk + self.head + self.decoder
 
     @property
     def train_step(self) -> int:
@@ -71,6 +78,17 @@ def routing_flops(spec: ModelSpec, n: int) -> int:
     return total + 2 * j * d  # scores ‖v_j‖
 
 
+def decoder_flops(spec: ModelSpec, height: int, width: int) -> int:
+    """FLOPs of the decoder's dense layers (0 without one): J·D -> hidden... -> H·W·C, 2·in·out each.
+    H, W, C: decoder.image_shape, else the image size counted at with in_channels."""
+    dec = spec.decoder
+    if dec is None:
+        return 0
+    h, w, c = dec.image_shape or (height, width, spec.in_channels)
+    widths = [spec.num_classes * spec.capsule.dim, *dec.hidden, h * w * c]
+    return sum(2 * a * b for a, b in itertools.pairwise(widths))
+
+
 def count(spec: ModelSpec, height: int = 28, width: int = 28) -> Flops:
     """FLOPs of one image's forward pass at this image size."""
     spec.trunk_grid(height, width)  # raises a clear error if the image is too small
@@ -87,6 +105,6 @@ def count(spec: ModelSpec, height: int = 28, width: int = 28) -> Flops:
     if spec.head == "capsule":
         n = h * w
         pred = 2 * n * c * j * spec.capsule.dim
-        return Flops(tuple(convs), pred, routing_flops(spec, n), 0)
+        return Flops(tuple(convs), pred, routing_flops(spec, n), 0, decoder_flops(spec, height, width))
     hidden = spec.pool.hidden
     return Flops(tuple(convs), 0, 0, 2 * c * hidden + 2 * hidden * j)

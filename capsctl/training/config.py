@@ -45,6 +45,10 @@ class TrainConfig:
     curve_images: int | None = 1000
     # weight of the decoder's reconstruction loss (models with a decoder); None: 0.0005 · 784 / (H·W·C)
     recon_weight: float | None = None
+    # score on N (or this fraction of the) training images held out by a fixed draw, not the test set:
+    # what a --dataset folder without test/ needs
+    holdout: int | None = None
+    val_fraction: float | None = None
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -72,6 +76,12 @@ class TrainConfig:
             raise CapsctlError(f"--recon-weight must be in [0, 1000], got {self.recon_weight}")
         if self.curve_images is not None and self.curve_images < 1:
             raise CapsctlError(f"--curve-images must be at least 1, got {self.curve_images}")
+        if self.holdout is not None and self.holdout < 1:
+            raise CapsctlError(f"--holdout must be at least 1, got {self.holdout}")
+        if self.val_fraction is not None and not 0 < self.val_fraction < 1:
+            raise CapsctlError(f"--val-fraction must be between 0 and 1 (exclusive), got {self.val_fraction}")
+        if self.holdout is not None and self.val_fraction is not None:
+            raise CapsctlError("give --holdout N or --val-fraction F, not both")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

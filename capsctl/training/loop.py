@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -40,6 +40,9 @@ from capsctl.training.run_folder import (
     write_metrics,
 )
 
+if TYPE_CHECKING:
+    from capsctl.training.distributed import World
+
 
 @dataclass
 class EpochReport:
@@ -63,9 +66,10 @@ class _StopFlag:
     """Turns the first Ctrl-C into a request honoured between steps (weights never half-updated);
     a second Ctrl-C aborts at once, leaving the last checkpoint as it was."""
 
-    def __init__(self) -> None:
+    def __init__(self, enabled: bool = True) -> None:
         self.requested = False
         self._old: Any = None
+        self._enabled = enabled  # off in a distributed job: Ctrl-C stops every rank at once
 
     def _handler(self, signum: int, frame: Any) -> None:
         if self.requested:
@@ -76,7 +80,7 @@ class _StopFlag:
         import signal
         import threading
 
-        if threading.current_thread() is threading.main_thread():
+        if self._enabled and threading.current_thread() is threading.main_thread():
             self._old = signal.signal(signal.SIGINT, self._handler)
         return self
 
@@ -104,29 +108,41 @@ def train(
     resume: bool = False,
     show_progress: bool = True,
     on_step: Hook | None = None,
+    world: World | None = None,
 ) -> list[dict[str, Any]]:
     """Train into folder `run` (model, checkpoint, metrics); returns the metrics rows.
 
     The last epoch is scored on the first `cfg.eval_limit` images of `test_split` (all by default), the
     others on the first `cfg.curve_images` of those. With `resume`, `spec`
-    and `cfg` come from the run's checkpoint, except the fields in RESUMABLE_CHANGES, taken from `cfg`."""
+    and `cfg` come from the run's checkpoint, except the fields in RESUMABLE_CHANGES, taken from `cfg`.
+
+    In a distributed job (`world`, capsctl.training.distributed) rank 0 does all of the above and hands
+    its start to the other ranks, which never touch `run`."""
     if not resume:  # refuse data the model cannot take before anything is created
         _check_data(spec, cfg, train_split, test_split)
+    if world is not None and world.rank != 0:
+        return _train_locked(backend, spec, cfg, train_split, test_split, run, resume, False, on_step, world)
     created = missing_folders(run)
     with run_lock(run):
-        if not resume and ((run / CHECKPOINT_FILE).exists() or (run / MODEL_FILE).exists()):
-            raise CapsctlError(
-                f"--out {run}: already holds a run; use --resume {run} to continue it, or another --out"
-            )
+        if not resume:
+            refuse_existing(run)
         try:
             return _train_locked(
-                backend, spec, cfg, train_split, test_split, run, resume, show_progress, on_step
+                backend, spec, cfg, train_split, test_split, run, resume, show_progress, on_step, world
             )
         except BaseException:
             # a fresh run that stops before any progress was saved leaves nothing behind
             if not resume and not (run / MODEL_FILE).exists() and nothing_trained(run):
                 discard_empty_run(run, created)
             raise
+
+
+def refuse_existing(run: Path) -> None:
+    """A new run (no --resume) refuses a folder that holds one."""
+    if (run / CHECKPOINT_FILE).exists() or (run / MODEL_FILE).exists():
+        raise CapsctlError(
+            f"--out {run}: already holds a run; use --resume {run} to continue it, or another --out"
+        )
 
 
 def _check_data(spec: ModelSpec, cfg: TrainConfig, train_split: Split, test_split: Split | None) -> None:
@@ -168,6 +184,36 @@ def _start(run: Path, spec: ModelSpec, cfg: TrainConfig, resume: bool) -> _Start
     return _Start(ck.spec, cfg, rows, ck.epoch, ck.step, ck.elapsed, ck.partial, ck.weights, ck.optimizer)
 
 
+def _share_start(world: World, st: _Start | None) -> _Start:
+    """Rank 0's start on every rank, as a checkpoint would carry it (safetensors + JSON, no pickle)."""
+    import json
+
+    from capsctl.training.distributed import share_tensors
+
+    tensors = meta = None
+    if st is not None:  # rank 0
+        tensors = {**st.weights, **{f"optim.{k}": v for k, v in st.optimizer.items()}}
+        meta = {
+            "spec": st.spec.to_json(),
+            "config": st.cfg.to_json(),
+            "rows": json.dumps(st.rows),
+            "position": json.dumps([st.epoch, st.step, st.elapsed, list(st.partial)]),
+        }
+    tensors, meta = share_tensors(world, tensors, meta)
+    epoch, step, elapsed, (loss_sum, correct, seen) = json.loads(meta["position"])
+    return _Start(
+        ModelSpec.from_json(meta["spec"]),
+        TrainConfig.from_json(meta["config"]),
+        json.loads(meta["rows"]),
+        int(epoch),
+        int(step),
+        float(elapsed),
+        (float(loss_sum), int(correct), int(seen)),
+        {k: v for k, v in tensors.items() if not k.startswith("optim.")},
+        {k[len("optim.") :]: v for k, v in tensors.items() if k.startswith("optim.")},
+    )
+
+
 def _scored_images(cfg: TrainConfig, test_split: Split | None, epoch: int) -> Split | None:
     """What epoch `epoch` (0-based) is scored on: the last on the first `eval_limit` test images (all
     by default), the others on the first `curve_images` of those only."""
@@ -189,21 +235,32 @@ def _train_locked(
     resume: bool,
     show_progress: bool,
     on_step: Hook | None,
+    world: World | None = None,
 ) -> list[dict[str, Any]]:
     from capsctl._console import err
 
-    st = _start(run, spec, cfg, resume)
+    writer = world is None or world.rank == 0  # the one process that reads and writes `run`
+    if world is None:
+        st = _start(run, spec, cfg, resume)
+    else:
+        from capsctl.training.distributed import check_same_data
+
+        st = _share_start(world, _start(run, spec, cfg, resume) if writer else None)
     spec, cfg, rows = st.spec, st.cfg, st.rows
     if resume and st.epoch >= cfg.epochs:
-        err.print(f"{run}: already trained for {cfg.epochs} epochs; nothing to do")
+        if writer:
+            err.print(f"{run}: already trained for {cfg.epochs} epochs; nothing to do")
         return rows
-    for stale in stale_temp_files(run):
-        stale.unlink(missing_ok=True)
+    if writer:
+        for stale in stale_temp_files(run):
+            stale.unlink(missing_ok=True)
 
     x_all, y_all = train_split.images, train_split.labels
     if cfg.limit is not None:
         x_all, y_all = x_all[: cfg.limit], y_all[: cfg.limit]
     n = len(x_all)
+    if world is not None:  # every rank walks the same global batches: they must hold the same images
+        check_same_data(world, x_all, y_all)
     _check_data(spec, cfg, train_split, test_split)  # again: on --resume the spec comes from the checkpoint
     y_hot = one_hot(y_all, spec.num_classes)
     spe = steps_per_epoch(cfg, n)
@@ -213,15 +270,18 @@ def _train_locked(
             f"{run / CHECKPOINT_FILE}: step {st.step} is past the end of an epoch ({spe} steps); "
             "was the data changed since the run started?"
         )
-    if resume:
+    if resume and writer:
         err.print(f"resuming {run} at epoch {st.epoch + 1}, step {st.step}")
 
     optim = OptimConfig(weight_decay=cfg.weight_decay, recon_weight=cfg.recon_weight)
-    trainer: Trainer = backend.trainer(spec, st.weights, optim)
+    trainer: Trainer = (
+        backend.trainer(spec, st.weights, optim) if world is None else world.trainer(spec, st.weights, optim)
+    )
     if st.optimizer:
         trainer.load_optimizer_state(st.optimizer)
-    write_metrics(run, rows)
-    if not resume:
+    if writer:
+        write_metrics(run, rows)
+    if not resume and writer:
         # a step-0 checkpoint at once: a run killed at any later moment can be resumed (and replays exactly)
         save_checkpoint(run, Checkpoint(spec, cfg, st.weights, {}, 0, 0, 0.0))
     elapsed = st.elapsed
@@ -238,6 +298,8 @@ def _train_locked(
     def checkpoint(
         epoch: int, step: int, weights: dict[str, np.ndarray], part: tuple[float, int, int]
     ) -> None:
+        if not writer:
+            return
         state = trainer.optimizer_state()
         save_checkpoint(run, Checkpoint(spec, cfg, weights, state, epoch, step, elapsed, part))
 
@@ -251,7 +313,7 @@ def _train_locked(
         TextColumn("{task.fields[ips]:.0f} img/s"),
     )
     bar.disable = not show_progress
-    stop = _StopFlag()
+    stop = _StopFlag(enabled=world is None)
     with bar, stop:
         # the whole run's bar: its time-remaining column is the run's ETA, from the measured step rate
         whole = bar.add_task(
@@ -319,15 +381,17 @@ def _train_locked(
             rows.append(row)
             bar.remove_task(task)
             test_txt = f"  test {test_acc:.2%} of {row['test_images']:,}" if test_acc is not None else ""
-            err.print(
-                f"epoch {epoch + 1}/{cfg.epochs}  loss {row['loss']:.4f}  train {row['train_accuracy']:.2%}"
-                f"{test_txt}  {row['images_per_s']:.0f} img/s"
-            )
+            if writer:
+                err.print(
+                    f"epoch {epoch + 1}/{cfg.epochs}  loss {row['loss']:.4f}  "
+                    f"train {row['train_accuracy']:.2%}{test_txt}  {row['images_per_s']:.0f} img/s"
+                )
             weights = good_weights(epoch)
             # model, metrics, then checkpoint: a kill between any two leaves a checkpoint that is at most
             # one epoch behind, and its resume rewrites the later rows, so no epoch's row is ever lost
-            save_model(run / MODEL_FILE, spec, weights)
-            write_metrics(run, rows)
+            if writer:
+                save_model(run / MODEL_FILE, spec, weights)
+                write_metrics(run, rows)
             checkpoint(epoch + 1, 0, weights, (0.0, 0, 0))
             if on_step is not None:
                 on_step("epoch", row)

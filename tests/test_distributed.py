@@ -1,0 +1,261 @@
+"""Data-parallel training (issue 15), torch part: `capsctl train --nproc N` starts N ranks through torch's
+elastic launcher (what torchrun runs) on 127.0.0.1; the job makes the updates one process makes.
+
+The jobs run as subprocesses with one thread per rank, on a few hundred mnist-5k images and a tiny model."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from capsctl.training.distributed import LOST_EXIT, TIMEOUT_EXIT, job_outcome, rank_slice, worker_argv
+
+from ._helpers import TINY, assert_one_line_error, run_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# -- the rules, without a framework ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5])
+def test_rank_slices_cover_every_global_batch_in_order(size):
+    for n in range(0, 23):
+        parts = [rank_slice(n, r, size) for r in range(size)]
+        assert [i for p in parts for i in range(p.start, p.stop)] == list(range(n))
+        lengths = [p.stop - p.start for p in parts]
+        assert max(lengths) - min(lengths) <= 1 and lengths == sorted(lengths, reverse=True)
+
+
+def test_worker_argv_drops_the_launcher_options():
+    argv = ["train", "--nproc", "2", "--port=29511", "--out", "r", "--nproc=3", "--port", "1", "-q"]
+    assert worker_argv(argv) == ["train", "--out", "r", "-q"]
+
+
+def test_the_launcher_names_the_cause_of_a_failed_job():
+    again = "capsctl train --resume r --nproc 2"
+    assert job_outcome({}, again) == (0, None)
+    code, line = job_outcome({0: LOST_EXIT, 1: -9}, again)  # rank 0 only lost rank 1, which was killed
+    assert line is not None and line.startswith("rank 1 was killed by SIGKILL")
+    code, line = job_outcome({0: -15, 1: -9}, again)  # the launcher stopped rank 0: rank 1 is the cause
+    assert code == 1 and line is not None and again in line
+    assert line.startswith("rank 1 was killed by SIGKILL")
+    assert job_outcome({0: 2, 1: LOST_EXIT}, again) == (2, None)  # rank 0 said why itself
+    code, line = job_outcome({0: LOST_EXIT, 1: LOST_EXIT}, again)
+    assert code == 1 and line is not None and "lost contact" in line
+    code, line = job_outcome({0: TIMEOUT_EXIT, 1: -9}, again)  # rank 1 hung: the launcher killed it
+    assert code == 1 and line is not None and "did not answer within CAPSCTL_DIST_TIMEOUT" in line
+
+
+def test_other_ranks_lines_on_stderr_carry_their_rank():
+    import io
+
+    from capsctl.training.distributed import _RankPrefixed
+
+    sink = io.StringIO()
+    stream = _RankPrefixed(sink, 3)
+    stream.write("UserWarning: slow\n  warnings.warn(")
+    stream.write("...)\n\nerror: gone\n")
+    stream.write(b"bytes too\n")  # type: ignore[arg-type]  # (click's echo may write bytes)
+    assert sink.getvalue().splitlines() == [
+        "[rank 3] UserWarning: slow", "[rank 3]   warnings.warn(...)", "", "[rank 3] error: gone",
+        "[rank 3] bytes too"]
+
+
+@pytest.mark.parametrize("nproc", ["0", "-1", "65"])
+def test_a_wrong_nproc_is_one_line(nproc, tmp_path, capsys):
+    code, out, err = run_cli(["train", "--nproc", nproc, "--out", tmp_path / "r"], capsys)
+    assert_one_line_error(code, out, err, "--nproc must be in 1..64")
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_port_in_use_is_one_line(tmp_path, capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, out, err = run_cli(["train", "--nproc", "2", "--port", port, "--out", tmp_path / "r"], capsys)
+    assert_one_line_error(code, out, err, f"--port {port}", "give another --port")
+    code, out, err = run_cli(["train", "--port", "29500", "--out", tmp_path / "r"], capsys)
+    assert_one_line_error(code, out, err, "--port needs --nproc")
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.keras
+def test_keras_says_it_is_not_supported_yet(tmp_path, capsys):
+    code, out, err = run_cli(["train", "--backend", "keras", "--nproc", "2", "--out", tmp_path / "r"], capsys)
+    assert_one_line_error(code, out, err, "not supported yet on keras", "docs/DISTRIBUTED.md")
+    assert not (tmp_path / "r").exists()
+
+
+# -- jobs of 2 ranks ------------------------------------------------------------------------------------
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", CAPSCTL_DIST_TIMEOUT="60", PYTHONPATH=str(ROOT))
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
+        env.pop(name, None)
+    return env
+
+
+def _train(args: list, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "capsctl", "train", *(str(a) for a in args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env())
+
+
+def _weights(run: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    return load_file(str(run / "model.safetensors"))
+
+
+def _relative_gap(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
+    assert a.keys() == b.keys()
+    return max(float(np.abs(a[k] - b[k]).max() / max(np.abs(a[k]).max(), 1e-12)) for k in a)
+
+
+@pytest.fixture()
+def tiny(tmp_path: Path) -> list:
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps(TINY))
+    # 249 images at batch 31: every global batch splits 16 + 15, the last (1 image) 1 + 0; shifts on
+    return ["--spec", path, "--limit", "249", "--batch-size", "31", "--lr", "0.01", "--shift", "2",
+            "--eval-limit", "100", "--curve-images", "50", "-q"]
+
+
+@pytest.mark.torch
+@pytest.mark.slow
+def test_two_ranks_make_the_updates_of_one_process(tiny, tmp_path):
+    one = _train([*tiny, "--epochs", "2", "--out", tmp_path / "one"])
+    assert one.returncode == 0, one.stderr
+    two = _train([*tiny, "--epochs", "2", "--out", tmp_path / "two", "--nproc", "2", "--json"])
+    assert two.returncode == 0, two.stderr
+    # rank 0 reports the job: one JSON line on stdout, its epoch lines on stderr, nothing from rank 1
+    result = json.loads(two.stdout)
+    assert result["epoch"] == 2
+    assert two.stderr.count("epoch 2/2") == 1 and "[rank 1]" not in two.stderr, two.stderr
+    gap = _relative_gap(_weights(tmp_path / "one"), _weights(tmp_path / "two"))
+    assert gap < 1e-5, gap
+    rows = [[json.loads(line) for line in (tmp_path / r / "metrics.jsonl").read_text().splitlines()]
+            for r in ("one", "two")]
+    for a, b in zip(*rows, strict=True):
+        assert a["train_accuracy"] == b["train_accuracy"] and a["test_accuracy"] == b["test_accuracy"]
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+
+
+def _rank_pid(parent: int, rank: int) -> int | None:
+    """The pid of rank `rank` among the processes below `parent` (the launcher)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in environ and b"TORCHELASTIC_RUN_ID" in b"\0".join(environ):
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            if ppid == parent or _is_below(ppid, parent):
+                return int(entry.name)
+    return None
+
+
+def _is_below(pid: int, ancestor: int) -> bool:
+    while pid > 1:
+        if pid == ancestor:
+            return True
+        try:
+            pid = int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except OSError:
+            return False
+    return False
+
+
+@pytest.mark.torch
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the rank's process in /proc")
+def test_a_killed_rank_stops_the_job_and_resume_continues_exactly(tiny, tmp_path):
+    args = [*tiny, "--limit", "400", "--batch-size", "16", "--epochs", "4"]
+    whole = _train([*args, "--out", tmp_path / "whole", "--nproc", "2"])
+    assert whole.returncode == 0, whole.stderr
+
+    run = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "capsctl", "train", *(str(a) for a in args), "--out", str(run),
+           "--nproc", "2"]
+    job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    try:
+        deadline = time.monotonic() + 180
+        metrics = run / "metrics.jsonl"
+        # once epoch 1 is written (the checkpoint follows it): kill rank 1 in epoch 2
+        while not (metrics.exists() and metrics.read_text().count("\n") >= 1):
+            assert job.poll() is None and time.monotonic() < deadline, job.communicate()
+            time.sleep(0.01)
+        victim = _rank_pid(job.pid, 1)
+        assert victim is not None
+        os.kill(victim, signal.SIGKILL)
+        killed_at = time.monotonic()
+        _, err = job.communicate(timeout=60)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert time.monotonic() - killed_at < 30  # the others stopped, no hang
+    assert job.returncode == 1, err
+    # one line: rank 0's own "lost contact" is left to the launcher, which names the cause (epoch lines
+    # before it are rank 0's progress)
+    errors = [line for line in err.splitlines() if not line.startswith("epoch ")]
+    assert len(errors) == 1 and errors[0].startswith("error: rank 1 was killed by SIGKILL"), err
+    assert "Traceback" not in err, err
+    assert f"capsctl train --resume {run} --nproc 2" in err
+    from capsctl.training.run_folder import load_checkpoint
+
+    # no partial checkpoint: the one there is whole (writes are atomic; a temporary left by the kill is
+    # removed by the resume) and is epoch 1's, or the step-0 one if the kill came before it was replaced
+    ck = load_checkpoint(run)
+    assert ck.epoch in (0, 1) and ck.step == 0
+
+    # a copy resumed on one process: the same updates up to float summation order
+    import shutil
+
+    shutil.copytree(run, tmp_path / "one")
+    resumed = _train(["--resume", run, "--nproc", "2", "-q"])
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = _weights(tmp_path / "whole"), _weights(run)
+    assert all(np.array_equal(a[k], b[k]) for k in a), _relative_gap(a, b)  # bit-identical with the same N
+    assert (run / "metrics.jsonl").read_text().count("\n") == 4
+    alone = _train(["--resume", tmp_path / "one", "-q"])
+    assert alone.returncode == 0, alone.stderr
+    gap = _relative_gap(a, _weights(tmp_path / "one"))
+    assert gap < 1e-5, gap
+
+
+@pytest.mark.torch
+def test_ranks_started_by_hand_refuse_other_data_with_a_prefixed_line(tiny, tmp_path):
+    """Two ranks started with torchrun's environment by hand (what each machine of a multi-node job
+    sees): rank 1 holds out 100 images, so its training images differ; it says so, prefixed."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base = [sys.executable, "-m", "capsctl", "train", *(str(a) for a in tiny), "--epochs", "1",
+            "--out", str(tmp_path / "r")]
+    jobs = []
+    for rank, extra in ((0, []), (1, ["--holdout", "100"])):
+        env = dict(_env(), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port))
+        jobs.append(subprocess.Popen([*base, *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, env=env))
+    (_, err0), (_, err1) = (job.communicate(timeout=120) for job in jobs)
+    assert jobs[1].returncode == 2, err1
+    assert err1.count("\n") == 1, err1
+    assert err1.startswith("[rank 1] error: rank 1 loaded other training data"), err1
+    assert jobs[0].returncode == 1 and "lost contact with another rank" in err0, err0
+    assert err0.count("\n") == 1 and "Traceback" not in err0, err0
+    assert not (tmp_path / "r" / "checkpoint.safetensors").exists()

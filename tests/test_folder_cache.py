@@ -1,0 +1,257 @@
+"""ImageFolder data sets: the decoded-folder cache (`data list`, `data forget`), folders without test/
+(--holdout / --val-fraction) and the sample order (by file name across classes, as an exported IDX set)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from capsctl.data import _folder_cache, datasets, folders
+from capsctl.data.folders import load_image_folder
+from capsctl.data.sources import held_out, load_path
+from capsctl.errors import CapsctlError
+
+from ._helpers import TINY, assert_one_line_error, run_cli, write_set
+
+CLASSES = ("ant", "bee", "cow")
+
+
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path, monkeypatch):
+    # one cache per test: entries of other tests never count here
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+
+
+def _export(root: Path, split: str, images: np.ndarray, labels: np.ndarray, name: str = "{:05d}.png") -> None:
+    """An IDX-like array as ROOT/SPLIT/<class>/<index>.png (what tools/ exporters write)."""
+    for i, (img, y) in enumerate(zip(images, labels, strict=True)):
+        d = root / split / CLASSES[y]
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(d / name.format(i))
+
+
+def _arrays(n: int, seed: int = 0, size: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, len(CLASSES), n)
+    labels[: len(CLASSES)] = np.arange(len(CLASSES))  # every class present
+    return rng.integers(0, 256, (n, size, size), dtype=np.uint8), labels.astype(np.int64)
+
+
+def _set(root: Path, n_train: int = 30, n_test: int | None = 9) -> Path:
+    _export(root, "train", *_arrays(n_train))
+    if n_test is not None:
+        _export(root, "test", *_arrays(n_test, seed=1))
+    return root
+
+
+# -- sample order ------------------------------------------------------------------------------------------
+
+
+def test_an_exported_idx_set_loads_in_its_original_order(tmp_path):
+    x, y = _arrays(40)
+    xt, yt = _arrays(12, seed=1)
+    idx_dir = tmp_path / "idx"
+    write_set(idx_dir, {"train-images": x, "train-labels": y, "t10k-images": xt, "t10k-labels": yt})
+    root = tmp_path / "png"
+    _export(root, "train", x, y)
+    _export(root, "test", xt, yt)
+    (train, y_train), test, classes = load_image_folder(root)
+    assert test is not None and classes == CLASSES
+    np.testing.assert_array_equal(train[..., 0], x.astype(np.float32) / 255)
+    assert y_train.tolist() == y.tolist() and test[1].tolist() == yt.tolist()
+    # exactly what the IDX path gives: the same seed then draws the same batches
+    ref = load_path(str(idx_dir))
+    np.testing.assert_array_equal(train, ref.train().images)
+    np.testing.assert_array_equal(test[0], ref.test().images)
+    np.testing.assert_array_equal(y_train, ref.train().labels)
+
+
+def test_digits_in_names_sort_as_numbers(tmp_path):
+    x, y = _arrays(12)
+    _export(tmp_path / "ds", "train", x, y, name="img{}.png")  # img2 before img10, unpadded
+    (train, labels), test, _ = load_image_folder(tmp_path / "ds")
+    assert test is None
+    np.testing.assert_array_equal(train[..., 0], x.astype(np.float32) / 255)
+    assert labels.tolist() == y.tolist()
+    assert folders.natural_key("a2.png") < folders.natural_key("a10.png")
+
+
+# -- the cache -----------------------------------------------------------------------------------------------
+
+
+def _entries() -> list[_folder_cache.Entry]:
+    return _folder_cache.entries()
+
+
+def test_second_load_is_a_memory_mapped_cache_hit_opening_no_image(tmp_path, monkeypatch):
+    root = _set(tmp_path / "ds")
+    first = load_image_folder(root)
+    (entry,) = _entries()
+    m = entry.manifest
+    assert m["source"] == str(root.resolve()) and m["classes"] == list(CLASSES)
+    assert (m["train_images"], m["test_images"], m["shape"]) == (30, 9, [8, 8, 1])
+    assert {p.name for p in entry.folder.iterdir()} == {
+        "manifest.json", "train-images.npy", "train-labels.npy", "test-images.npy", "test-labels.npy"
+    }
+    assert not [p for p in entry.folder.parent.iterdir() if p.name.startswith(".")]  # no temporary left
+
+    def no_open(*a, **k):
+        raise AssertionError("an image was opened on a cache hit")
+
+    monkeypatch.setattr(folders, "_open", no_open)
+    monkeypatch.setattr("PIL.Image.open", no_open)
+    loads = []
+    real_load = np.load
+
+    def spy_load(*a, **k):
+        loads.append(k.get("mmap_mode"))
+        return real_load(*a, **k)
+
+    monkeypatch.setattr(np, "load", spy_load)
+    second = load_image_folder(root)
+    assert loads == ["r"] * 4
+    assert first[1] is not None and second[1] is not None
+    for a, b in zip((*first[0], *first[1]), (*second[0], *second[1]), strict=True):
+        np.testing.assert_array_equal(a, b)
+        assert a.dtype == b.dtype
+    assert second[2] == CLASSES
+
+
+def test_a_changed_file_or_request_is_decoded_again(tmp_path):
+    root = _set(tmp_path / "ds")
+    load_image_folder(root)
+    (old,) = _entries()
+    f = next((root / "train").rglob("00001.png"))
+    st = f.stat()
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # touched: same bytes, new mtime
+    load_image_folder(root)
+    (new,) = _entries()  # re-decoded under a new key; the stale entry is pruned
+    assert new.key != old.key and not old.folder.exists()
+    # new content of another size
+    Image.fromarray(np.full((8, 8), 7, np.uint8)).save(f)
+    (train, _), _, _ = load_image_folder(root)
+    assert train[1].max() == pytest.approx(7 / 255)
+    # a different --image-size is another entry beside it
+    load_image_folder(root, (12, 12))
+    assert sorted(e.manifest["image_size"] is None for e in _entries()) == [False, True]
+
+
+def test_a_damaged_entry_is_decoded_again(tmp_path):
+    root = _set(tmp_path / "ds")
+    load_image_folder(root)
+    (entry,) = _entries()
+    (entry.folder / "train-images.npy").write_bytes(b"garbage")
+    (train, _), _, _ = load_image_folder(root)
+    assert train.shape == (30, 8, 8, 1)
+    (entry,) = _entries()
+    assert np.load(entry.folder / "train-images.npy").shape == (30, 8, 8, 1)
+
+
+def test_an_interrupted_write_leaves_no_entry(tmp_path, monkeypatch, capsys):
+    root = _set(tmp_path / "ds")
+
+    def full_disk(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(_folder_cache, "atomic_write_bytes", full_disk)
+    (train, _), _, _ = load_image_folder(root)  # the data is still loaded
+    assert train.shape == (30, 8, 8, 1)
+    assert "could not cache" in capsys.readouterr().err
+    assert _entries() == [] and list(_folder_cache.root().iterdir()) == []
+
+
+def test_data_list_shows_and_forget_removes_cached_sets(tmp_path, capsys):
+    root = _set(tmp_path / "ds")
+    load_image_folder(root)
+    load_image_folder(_set(tmp_path / "other", n_train=6, n_test=None))
+    code, out, err = run_cli(["data", "list", "--json"], capsys)
+    assert code == 0, err
+    rows = {r["source"]: r for r in json.loads(out)["user_sets"]}
+    row = rows[str(root.resolve())]
+    assert (row["train_images"], row["test_images"], row["shape"]) == (30, 9, [8, 8, 1]) and row["bytes"] > 0
+    code, out, err = run_cli(["data", "list"], capsys)
+    assert code == 0 and "cached user sets" in out and row["key"] in out and "8x8x1" in out
+    code, out, err = run_cli(["data", "forget", row["key"]], capsys)
+    assert code == 0 and row["key"] in out
+    assert [e.source for e in _entries()] == [str((tmp_path / "other").resolve())]
+    code, out, err = run_cli(["data", "forget", str(tmp_path / "other")], capsys)  # by path
+    assert code == 0 and _entries() == []
+    code, out, err = run_cli(["data", "forget", "0123456789abcdef"], capsys)
+    assert_one_line_error(code, out, err, "0123456789abcdef", "no cached user set")
+
+
+# -- no test/: --holdout or --val-fraction ------------------------------------------------------------------
+
+
+def test_a_folder_without_test_needs_holdout_or_val_fraction(tmp_path):
+    ds = load_path(str(_set(tmp_path / "ds", n_test=None)))
+    assert len(ds.train().images) == 30
+    with pytest.raises(CapsctlError, match=r"no test/ folder; give --holdout N or --val-fraction F"):
+        ds.test()
+    rest, held = held_out(ds.train(), None, 0.2)
+    assert (len(rest.images), len(held.images)) == (24, 6)
+    rest2, held2 = held_out(ds.train(), 6, None)  # the same fixed draw
+    np.testing.assert_array_equal(held.images, held2.images)
+    np.testing.assert_array_equal(rest.labels, rest2.labels)
+    ref_rest, _ = datasets.hold_out(ds.train(), 6)
+    np.testing.assert_array_equal(rest.images, ref_rest.images)
+    for args, fragment in (((6, 0.2), "not both"), ((None, 1.0), "--val-fraction must be between 0 and 1"),
+                           ((None, 0.001), "holds out 0")):
+        with pytest.raises(CapsctlError, match=fragment):
+            held_out(ds.train(), *args)
+
+
+@pytest.mark.torch
+def test_train_on_a_folder_without_test(tmp_path, capsys):
+    root = _set(tmp_path / "ds", n_test=None)
+    (tmp_path / "tiny.json").write_text(json.dumps(TINY))
+    base = ["train", "--spec", tmp_path / "tiny.json", "--dataset", root, "--epochs", "1",
+            "--batch-size", "8", "-q", "--json"]
+    code, out, err = run_cli([*base, "--out", tmp_path / "a"], capsys)
+    assert_one_line_error(code, out, err, "no test/ folder", "--holdout N", "--val-fraction F")
+    assert not (tmp_path / "a").exists()
+    both = ["--holdout", "5", "--val-fraction", "0.2"]
+    code, out, err = run_cli([*base, *both, "--out", tmp_path / "b"], capsys)
+    assert_one_line_error(code, out, err, "not both")
+    code, out, err = run_cli([*base, "--val-fraction", "1.5", "--out", tmp_path / "b"], capsys)
+    assert_one_line_error(code, out, err, "--val-fraction must be between 0 and 1")
+    assert not (tmp_path / "b").exists()
+    code, out, err = run_cli([*base, "--val-fraction", "0.2", "--out", tmp_path / "c"], capsys)
+    assert code == 0, err
+    assert 0 <= json.loads(out)["test_accuracy"] <= 1
+    from capsctl.training.run_folder import load_checkpoint
+
+    assert load_checkpoint(tmp_path / "c").config.val_fraction == 0.2
+    code, out, err = run_cli(["train", "--resume", tmp_path / "c", "--json"], capsys)  # keeps the split
+    assert code == 0, err
+    # without --json the last line suggests predict on train/ (eval and eval-pairs would need a test/)
+    code, out, err = run_cli([*base[:-1], "--val-fraction", "0.2", "--out", tmp_path / "d"], capsys)
+    assert code == 0, err
+    assert out.strip().splitlines()[-1].startswith("next: capsctl predict ")
+    assert out.strip().endswith(str(root / "train"))
+
+
+def test_experiment_pairs_on_a_folder_without_test_refuses_without_a_split(tmp_path, capsys):
+    root = _set(tmp_path / "ds", n_test=None)
+    code, out, err = run_cli(["experiment", "pairs", "--dataset", root, "--out", tmp_path / "o",
+                              "--holdout", "5", "--val-fraction", "0.2"], capsys)
+    assert_one_line_error(code, out, err, "not both")
+    code, out, err = run_cli(["experiment", "pairs", "--dataset", root, "--out", tmp_path / "o",
+                              "--val-fraction", "0"], capsys)
+    assert_one_line_error(code, out, err, "--val-fraction must be between 0 and 1")
+
+
+@pytest.mark.torch
+def test_experiment_data_without_test_is_held_out(tmp_path, capsys):
+    from capsctl.experiment.run import _prepare
+
+    root = _set(tmp_path / "ds", n_test=None)
+    with pytest.raises(CapsctlError, match="no test/ folder"):
+        _prepare("torch", str(root), None, tmp_path / "o")
+    _, train, test, _ = _prepare("torch", str(root), None, tmp_path / "o", val_fraction=0.3)
+    assert (len(train.images), len(test.images)) == (21, 9)

@@ -1,0 +1,141 @@
+"""The data-making scripts under tools/: IDX -> ImageFolder of PNGs (pixel-exact, IDX order), and the
+colour digit set (.npz, seeded, foreground and background apart)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+from PIL import Image
+
+from capsctl.data import datasets
+
+from ._helpers import write_set
+
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+
+
+def _tool(name: str) -> ModuleType:
+    # tools/ is a folder of scripts, not a package: load the file itself
+    spec = importlib.util.spec_from_file_location(f"_tool_{name}", TOOLS / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _tiny_idx(folder: Path) -> dict[str, np.ndarray]:
+    """Seven 6x5 training and four test images of 3 classes, random bytes."""
+    rng = np.random.default_rng(0)
+    arrays = {
+        "train-images": rng.integers(0, 256, (7, 6, 5)).astype(np.uint8),
+        "train-labels": np.array([2, 0, 1, 1, 0, 2, 0], np.uint8),
+        "t10k-images": rng.integers(0, 256, (4, 6, 5)).astype(np.uint8),
+        "t10k-labels": np.array([1, 2, 0, 2], np.uint8),
+    }
+    for key in ("train-images", "t10k-images"):
+        arrays[key][:, 0, :2] = (0, 255)  # pure paper and pure ink in every image
+    write_set(folder, arrays)
+    return arrays
+
+
+def test_export_imagefolder_is_pixel_exact_and_sorts_in_idx_order(tmp_path, capsys):
+    tool = _tool("export_imagefolder")
+    arrays = _tiny_idx(tmp_path / "idx")
+    out = tmp_path / "folder"
+    assert tool.main([str(tmp_path / "idx"), str(out), "-q"]) == 0
+    assert "11 PNG files (7 train, 4 test)" in capsys.readouterr().out
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        files = sorted((out / split).glob("*/*.png"), key=lambda p: p.name)
+        # names sort in IDX order across the class folders, and each lies in its label's folder
+        assert [p.name for p in files] == [f"{i:05d}.png" for i in range(len(arrays[f"{prefix}-labels"]))]
+        assert [int(p.parent.name) for p in files] == arrays[f"{prefix}-labels"].tolist()
+        for i, p in enumerate(files):
+            with Image.open(p) as im:
+                assert im.mode == "L"
+                assert np.array_equal(np.asarray(im), arrays[f"{prefix}-images"][i])
+    # capsctl reads the tree as the IDX set itself: the same arrays, in the same order (the folder loader
+    # orders images by file name across classes), so both paths train alike
+    ds, ref = datasets.load(str(out)), datasets.load(str(tmp_path / "idx"))
+    assert ds.classes == ("0", "1", "2")
+    for got, want in ((ds.train(), ref.train()), (ds.test(), ref.test())):
+        assert np.array_equal(got.images, want.images) and np.array_equal(got.labels, want.labels)
+
+
+def test_export_imagefolder_folder_names_keep_the_label_order(tmp_path, capsys):
+    tool = _tool("export_imagefolder")
+    arrays = _tiny_idx(tmp_path / "idx")
+    # a registry name with --data-dir: fashion-mnist's names, which sort out of label order
+    assert tool.main(["fashion-mnist", str(tmp_path / "f"), "--data-dir", str(tmp_path / "idx"), "-q"]) == 0
+    assert "classes 0-T-shirt, 1-Trouser, 2-Pullover" in capsys.readouterr().out
+    ds = datasets.load(str(tmp_path / "f"))
+    assert ds.classes == ("0-T-shirt", "1-Trouser", "2-Pullover")
+    assert np.array_equal(ds.train().labels, arrays["train-labels"])
+    assert tool.folder_names(("0", "1", "2")) == ["0", "1", "2"]
+    fashion = datasets.get_info("fashion-mnist").classes
+    names = tool.folder_names(fashion)
+    assert names[0] == "0-T-shirt" and names[9] == "9-Boot" and names == sorted(names)
+    assert tool.folder_names(fashion, plain=True) == list(fashion)
+
+
+def test_export_imagefolder_refuses_with_one_line_and_leaves_nothing(tmp_path, capsys):
+    tool = _tool("export_imagefolder")
+    _tiny_idx(tmp_path / "idx")
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "x").write_text("")
+    for args, fragment in (
+        ([str(tmp_path / "idx"), str(tmp_path / "taken")], "not an empty folder"),
+        ([str(tmp_path / "nowhere"), str(tmp_path / "o")], "neither a known IDX data set"),
+        (["cifar10", str(tmp_path / "o")], "not an IDX data set"),
+    ):
+        assert tool.main([*args, "-q"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and fragment in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["idx", "taken"]
+
+
+def test_make_colour_digits_colours_each_digit_apart_and_is_seeded(tmp_path, capsys):
+    tool = _tool("make_colour_digits")
+    arrays = _tiny_idx(tmp_path / "idx")
+    a, b, c = tmp_path / "a.npz", tmp_path / "b.npz", tmp_path / "c.npz"
+    assert tool.main([str(a), "--dataset", str(tmp_path / "idx"), "--min-distance", "200"]) == 0
+    assert tool.main([str(b), "--dataset", str(tmp_path / "idx"), "--min-distance", "200"]) == 0
+    assert tool.main([str(c), "--dataset", str(tmp_path / "idx"), "--seed", "1"]) == 0
+    capsys.readouterr()
+    with np.load(a) as za, np.load(b) as zb, np.load(c) as zc:
+        assert za["x_train"].shape == (7, 6, 5, 3) and za["x_test"].dtype == np.uint8
+        assert za["class_names"].tolist() == ["0", "1", "2"]
+        assert np.array_equal(za["y_train"], arrays["train-labels"])
+        assert np.array_equal(za["x_train"], zb["x_train"]) and not np.array_equal(
+            za["x_train"], zc["x_train"]
+        )
+        for key, idx_key in (("x_train", "train-images"), ("x_test", "t10k-images")):
+            x, grey = za[key].astype(np.int64), arrays[idx_key]
+            for img, g in zip(x, grey, strict=True):
+                ink, paper = img[g == 255], img[g == 0]
+                # pure ink is the foreground, pure paper the background, and the two stand apart
+                assert (ink == ink[0]).all() and (paper == paper[0]).all()
+                assert np.linalg.norm(ink[0] - paper[0]) >= 200
+    ds = datasets.load(str(a))  # capsctl reads it as an RGB set
+    assert ds.train().images.shape == (7, 6, 5, 3) and ds.classes == ("0", "1", "2")
+    assert (
+        tool.main([str(tmp_path / "d.npz"), "--dataset", str(tmp_path / "idx"), "--min-distance", "999"]) == 2
+    )
+    assert "--min-distance" in capsys.readouterr().err and not (tmp_path / "d.npz").exists()
+
+
+def test_make_colour_digits_black_background_colours_only_the_ink(tmp_path, capsys):
+    tool = _tool("make_colour_digits")
+    arrays = _tiny_idx(tmp_path / "idx")
+    out = tmp_path / "k.npz"
+    assert tool.main([str(out), "--dataset", str(tmp_path / "idx"), "--background", "black"]) == 0
+    capsys.readouterr()
+    with np.load(out) as z:
+        x, grey = z["x_train"].astype(np.int64), arrays["train-images"]
+        assert (x[grey == 0] == 0).all()  # every background pixel black
+        inks = {tuple(img[g == 255][0]) for img, g in zip(x, grey, strict=True)}
+        assert len(inks) > 1 and all(np.linalg.norm(ink) >= 150 for ink in inks)
