@@ -51,7 +51,9 @@ def predict(
         bool, typer.Option("--json", help="One JSON object per image, one a line, as results come.")
     ] = False,
     csv_out: Annotated[bool, typer.Option("--csv", help="CSV with a header row, as results come.")] = False,
-    invert: Annotated[Invert, typer.Option(help="auto (invert gray on light; colour never), yes, no.")] = "auto",
+    invert: Annotated[
+        Invert, typer.Option(help="auto (invert a gray image on a light background; colour never), yes or no.")
+    ] = "auto",
     resize: Annotated[
         str | None, typer.Option(help="Resize every image to HxW pixels first, e.g. 28x28.",
                                  show_default="keep each image's size")
