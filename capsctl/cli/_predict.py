@@ -52,7 +52,7 @@ def predict(
     ] = False,
     csv_out: Annotated[bool, typer.Option("--csv", help="CSV with a header row, as results come.")] = False,
     invert: Annotated[
-        Invert, typer.Option(help="auto (invert a gray image on a light background; colour never), yes or no.")
+        Invert, typer.Option(help="auto (invert a gray image on a light background; colour: never), yes, no.")
     ] = "auto",
     resize: Annotated[
         str | None, typer.Option(help="Resize every image to HxW pixels first, e.g. 28x28.",
