@@ -15,6 +15,19 @@ from rich.progress import (
 err = Console(stderr=True)
 out = Console()
 
+# set by a command's -q (and by every rank but 0 of a job): progress drawn deep inside, such as an image
+# folder's first decoding, then stays quiet too, without a flag passed through every loader
+_quiet = False
+
+
+def set_quiet(flag: bool) -> None:
+    global _quiet
+    _quiet = flag
+
+
+def quiet() -> bool:
+    return _quiet
+
 
 def progress(*extra: TextColumn) -> Progress:
     """A progress bar in the house style; `extra` columns show live fields such as loss."""

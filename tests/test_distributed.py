@@ -50,6 +50,10 @@ def test_the_launcher_names_the_cause_of_a_failed_job():
     assert code == 1 and line is not None and again in line
     assert line.startswith("rank 1 was killed by SIGKILL")
     assert job_outcome({0: 2, 1: LOST_EXIT}, again) == (2, None)  # rank 0 said why itself
+    # bad input: rank 1 said why (exit 2) and the launcher stopped rank 0 with SIGTERM: exit 2, no extra line
+    assert job_outcome({0: -15, 1: 2}, again) == (2, None)
+    code, line = job_outcome({0: -15, 1: -9}, None)  # killed before the first checkpoint: no --resume offered
+    assert line is not None and "--resume" not in line and "run the same command again" in line
     code, line = job_outcome({0: LOST_EXIT, 1: LOST_EXIT}, again)
     assert code == 1 and line is not None and "lost contact" in line
     code, line = job_outcome({0: TIMEOUT_EXIT, 1: -9}, again)  # rank 1 hung: the launcher killed it

@@ -152,6 +152,22 @@ def test_a_damaged_entry_is_decoded_again(tmp_path):
     assert np.load(entry.folder / "train-images.npy").shape == (30, 8, 8, 1)
 
 
+@pytest.mark.parametrize("edit", [lambda m: m.pop("shape"), lambda m: m.update(classes=None),
+                                  lambda m: m.update(train_images="30")])
+def test_a_hand_edited_manifest_is_decoded_again_and_left_out_of_data_list(tmp_path, capsys, edit):
+    root = _set(tmp_path / "ds")
+    load_image_folder(root)
+    (entry,) = _entries()
+    m = json.loads((entry.folder / "manifest.json").read_text())
+    edit(m)
+    (entry.folder / "manifest.json").write_text(json.dumps(m))
+    assert _entries() == []
+    code, out, err = run_cli(["data", "list", "--json"], capsys)
+    assert code == 0, err
+    (train, _), _, _ = load_image_folder(root)
+    assert train.shape == (30, 8, 8, 1) and len(_entries()) == 1
+
+
 def test_an_interrupted_write_leaves_no_entry(tmp_path, monkeypatch, capsys):
     root = _set(tmp_path / "ds")
 
@@ -234,6 +250,16 @@ def test_train_on_a_folder_without_test(tmp_path, capsys):
     assert code == 0, err
     assert out.strip().splitlines()[-1].startswith("next: capsctl predict ")
     assert out.strip().endswith(str(root / "train"))
+    # eval and eval-pairs score the same held-out images: the training run's last test accuracy comes back
+    model = tmp_path / "c" / "model.safetensors"
+    code, out, err = run_cli(["eval", model, "--dataset", root, "--val-fraction", "0.2", "--json"], capsys)
+    assert code == 0, err
+    last = json.loads((tmp_path / "c" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert json.loads(out)["images"] == 6 and json.loads(out)["accuracy"] == last["test_accuracy"]
+    code, out, err = run_cli(["eval", model, "--dataset", root, "--json"], capsys)
+    assert_one_line_error(code, out, err, "no test/ folder", "--holdout N", "eval")
+    code, out, err = run_cli(["eval-pairs", model, "--dataset", root, "--holdout", "6", "--json"], capsys)
+    assert code == 0, err
 
 
 def test_experiment_pairs_on_a_folder_without_test_refuses_without_a_split(tmp_path, capsys):
@@ -255,3 +281,20 @@ def test_experiment_data_without_test_is_held_out(tmp_path, capsys):
         _prepare("torch", str(root), None, tmp_path / "o")
     _, train, test, _ = _prepare("torch", str(root), None, tmp_path / "o", val_fraction=0.3)
     assert (len(train.images), len(test.images)) == (21, 9)
+
+
+@pytest.mark.torch
+def test_quiet_silences_the_first_decoding_bar(tmp_path, capsys, monkeypatch):
+    from capsctl.data import folders
+
+    monkeypatch.setattr(folders, "PROGRESS_MIN", 1)  # a bar even for this tiny folder
+    root = _set(tmp_path / "ds")
+    (tmp_path / "tiny.json").write_text(json.dumps(TINY))
+    base = ["train", "--spec", tmp_path / "tiny.json", "--dataset", root, "--epochs", "1", "--batch-size", "8"]
+    code, out, err = run_cli([*base, "-q", "--json", "--out", tmp_path / "a"], capsys)
+    assert code == 0, err
+    assert "decoding" not in err
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "fresh-cache"))  # decode again, now not quiet
+    code, out, err = run_cli([*base, "--json", "--out", tmp_path / "b"], capsys)
+    assert code == 0, err
+    assert "decoding" in err

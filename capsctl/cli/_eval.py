@@ -1,5 +1,6 @@
 """`capsctl eval` and `capsctl eval-pairs`."""
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -16,8 +17,10 @@ from capsctl.cli._options import (
     ModelArg,
     OptionalModelArg,
     eval_limit_option,
+    holdout_option,
     old_name,
     shipped_model_said,
+    val_fraction_option,
 )
 
 if TYPE_CHECKING:
@@ -26,8 +29,29 @@ if TYPE_CHECKING:
     import numpy as np
 
     from capsctl.data.composites import Composites
+    from capsctl.data.datasets import Split
 
 OldLimitOpt = Annotated[int | None, old_name("--limit")]  # before --eval-limit
+# the held-out split `capsctl train --holdout/--val-fraction` trained beside (the same fixed draw)
+HoldoutOpt = Annotated[int | None, holdout_option()]
+ValFractionOpt = Annotated[float | None, val_fraction_option()]
+
+
+def _test_split(
+    dataset: str,
+    data_dir: Path | None,
+    image_size: str | None,
+    holdout: int | None,
+    val_fraction: float | None,
+) -> "Split":
+    """The test split, or with --holdout/--val-fraction the training images `capsctl train` held out."""
+    from capsctl.data import datasets
+    from capsctl.data.sources import held_out, parse_image_size
+
+    ds = datasets.load(dataset, data_dir, parse_image_size(image_size))
+    if holdout is None and val_fraction is None:
+        return ds.test()
+    return held_out(ds.train(), holdout, val_fraction)[1]
 
 
 def eval_model(
@@ -36,6 +60,8 @@ def eval_model(
     dataset: DatasetOpt = "mnist-5k",
     data_dir: DataDirOpt = None,
     image_size: ImageSizeOpt = None,
+    holdout: HoldoutOpt = None,
+    val_fraction: ValFractionOpt = None,
     eval_limit: EvalLimitOpt = None,
     limit: OldLimitOpt = None,
     batch_size: BatchSizeOpt = 512,
@@ -54,7 +80,6 @@ def eval_model(
 
     from capsctl.backend import get_backend
     from capsctl.cli._options import check_range, renamed
-    from capsctl.data import datasets
     from capsctl.data.composites import single_accuracy
     from capsctl.model.fit import check_fit
     from capsctl.model.spec import names_of
@@ -65,9 +90,7 @@ def eval_model(
     check_range("--batch-size", batch_size, 1, 65536)
     spec, weights = load_model(model)
     dataset_name = str(dataset)
-    from capsctl.data.sources import parse_image_size
-
-    test = datasets.load(dataset_name, data_dir, parse_image_size(image_size)).test()
+    test = _test_split(dataset_name, data_dir, image_size, holdout, val_fraction)
     x, y = (test.images[:limit], test.labels[:limit]) if limit else (test.images, test.labels)
     check_fit(spec, x, y, str(model), f"{dataset_name} test images")
     runner = get_backend(backend).runner(spec, weights)
@@ -94,6 +117,8 @@ def eval_pairs(
     dataset: DatasetOpt = "mnist-5k",
     data_dir: DataDirOpt = None,
     image_size: ImageSizeOpt = None,
+    holdout: HoldoutOpt = None,
+    val_fraction: ValFractionOpt = None,
     seed: Annotated[int, typer.Option(help="Seed of the composite pairing (numpy default_rng).")] = 0,
     layout: Annotated[
         Layout, typer.Option(help="vertical (stacked, the seed's), horizontal (side by side) or overlap.")
@@ -136,7 +161,6 @@ def eval_pairs(
 
     from capsctl.backend import get_backend
     from capsctl.cli._options import check_range, renamed
-    from capsctl.data import datasets
     from capsctl.data.composites import make_composites, score_sets
     from capsctl.model.fit import check_fit
     from capsctl.model.spec import names_of
@@ -155,9 +179,7 @@ def eval_pairs(
         check_decoder(spec, model, "--reconstruction")
     if digits > spec.num_classes:
         check_range("--digits", digits, 2, spec.num_classes)
-    from capsctl.data.sources import parse_image_size
-
-    test = datasets.load(str(dataset), data_dir, parse_image_size(image_size)).test()
+    test = _test_split(str(dataset), data_dir, image_size, holdout, val_fraction)
     comp = make_composites(
         test.images, test.labels, digits=digits, layout=str(layout), seed=seed, limit=limit
     )

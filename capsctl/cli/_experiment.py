@@ -261,6 +261,9 @@ def pairs(
             weight_decay=weight_decay,
         )
     )
+    from capsctl._console import set_quiet
+
+    set_quiet(quiet)  # (the data loaders' own bars too)
     run_pairs(plan, out, show_progress=not quiet)
     console.print((out / "results.md").read_text().split("\n![")[0], markup=False, highlight=False)
     typer.echo(f"results: {out / 'results.json'}")
@@ -374,6 +377,9 @@ def ablate(
 
     rec = get_recipe(str(recipe))
     TrainConfig(**rec.settings("capsule", epochs=epochs, shift=shift))  # check before loading any data
+    from capsctl._console import set_quiet
+
+    set_quiet(quiet)  # (the data loaders' own bars too)
     run_ablate(plan, out, show_progress=not quiet)
     console.print((out / "results.md").read_text().split("\n![")[0], markup=False, highlight=False)
     typer.echo(f"results: {out / 'results.json'}")

@@ -355,7 +355,10 @@ def _launch(be: "Backend", nproc: int, port: int | None, run: Path, resume: bool
     if not resume:
         refuse_existing(run)  # said once here, not by every rank
     failed = be.distributed().launch(nproc, distributed.worker_argv(ARGS), port)
-    code, message = distributed.job_outcome(failed, f"capsctl train --resume {run} --nproc {nproc}")
+    from capsctl.training.run_folder import CHECKPOINT_FILE
+
+    again = f"capsctl train --resume {run} --nproc {nproc}" if (run / CHECKPOINT_FILE).exists() else None
+    code, message = distributed.job_outcome(failed, again)
     if message is not None:
         raise TrainingStopped(message, exit_code=code)
     if code:  # a rank said why (`error: ...`): its status is the job's
@@ -477,7 +480,10 @@ def _run_rank(
 
         prefix_stderr(world.rank)
         quiet = quiet or world.rank != 0  # one progress bar: rank 0's
+    from capsctl._console import set_quiet
     from capsctl.data.sources import parse_image_size
+
+    set_quiet(quiet)  # (the data loaders' own bars too)
 
     ds = datasets.load(cfg.dataset, data_dir, parse_image_size(cfg.image_size))
     train_split = ds.train()

@@ -72,7 +72,22 @@ def _read_manifest(folder: Path) -> dict[str, Any] | None:
         m = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    return m if isinstance(m, dict) and m.get("format") == FORMAT else None
+    return m if isinstance(m, dict) and m.get("format") == FORMAT and _well_formed(m) else None
+
+
+def _well_formed(m: dict[str, Any]) -> bool:
+    """The fields load() and `data list` read, of the types they expect (a hand-edited manifest is not)."""
+    shape, classes, n_test = m.get("shape"), m.get("classes"), m.get("test_images")
+    return (
+        isinstance(m.get("source"), str)
+        and isinstance(shape, list)
+        and len(shape) == 3
+        and all(isinstance(v, int) and v > 0 for v in shape)
+        and isinstance(m.get("train_images"), int)
+        and (n_test is None or isinstance(n_test, int))
+        and isinstance(classes, list)
+        and all(isinstance(c, str) for c in classes)
+    )
 
 
 def entries() -> list[Entry]:
@@ -105,7 +120,7 @@ def load(key: str) -> tuple[dict[str, Any], dict[str, np.ndarray]] | None:
             if (folder / f"{part}.npy").is_file():
                 arrays[part] = np.load(folder / f"{part}.npy", mmap_mode="r", allow_pickle=False)
         _check(m, arrays)
-    except (OSError, ValueError, EOFError):
+    except (OSError, ValueError, EOFError, KeyError, TypeError):
         _remove(folder)  # damaged outside capsctl (a full disk, a hand edit): decode again
         return None
     assert m is not None

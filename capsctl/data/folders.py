@@ -243,9 +243,9 @@ class _Bar:
         self._task: Any = None
 
     def __enter__(self) -> _Bar:
-        if self.total >= PROGRESS_MIN:
-            from capsctl._console import progress
+        from capsctl._console import progress, quiet
 
+        if self.total >= PROGRESS_MIN and not quiet():
             self._progress = progress()
             self._progress.__enter__()
             self.start("reading headers")

@@ -43,7 +43,7 @@ class _NoTest(datasets.Dataset):
     def test(self) -> datasets.Split:
         raise CapsctlError(
             f"{self.folder}: has train/ but no test/ folder; give --holdout N or --val-fraction F to score "
-            "on training images held out instead"
+            "on training images held out instead (train, eval, eval-pairs, experiment pairs)"
         )
 
 

@@ -101,9 +101,12 @@ def make_job(
     holdout: int | None = None,
     image_size: str | None = None,
     data: DataFacts | None = None,
+    split: tuple[int | None, float | None] = (None, None),
 ) -> Job:
     """One model of an experiment, configured as `capsctl train` with the same options configures it
-    (head DECODER_HEAD: `capsctl train --decoder`), so either can finish the other's run."""
+    (head DECODER_HEAD: `capsctl train --decoder`), so either can finish the other's run. `holdout` is
+    the count of held-out images (the folder name); `split` the user's (--holdout, --val-fraction), recorded
+    so that `capsctl train --resume` holds out the same images."""
 
     rec = get_recipe(recipe)
     decoder = head == DECODER_HEAD
@@ -137,6 +140,8 @@ def make_job(
         limit=limit,
         recipe=recipe,
         curve_images=None,
+        holdout=split[0],
+        val_fraction=split[1],
         recon_weight=default_recon_weight(spec) if spec.decoder is not None else None,
         **settings,
     )

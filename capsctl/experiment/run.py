@@ -50,6 +50,8 @@ _NOT_COMPARED = ("backend", "data_dir", "eval_limit", "curve_images")
 def _same_setting(key: str, mine: Any, theirs: Any) -> bool:
     if mine == theirs:
         return True
+    if key in ("holdout", "val_fraction") and theirs is None:
+        return True  # a run folder from before the split was recorded (its name says holdoutN)
     if key == "dataset" and isinstance(theirs, str) and mine not in datasets.DATASETS:
         return bool(Path(str(mine)).absolute() == Path(theirs).absolute())  # a path, relative or not
     if key == "image_size" and mine is not None and theirs is not None:
@@ -325,6 +327,7 @@ def run_pairs(plan: PairsPlan, out: Path, show_progress: bool = True) -> dict[st
             holdout=holdout,
             image_size=plan.image_size,
             data=facts,
+            split=(plan.holdout, plan.val_fraction),
         )
         for s in plan.seeds
         for h in plan.variants

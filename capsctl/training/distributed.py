@@ -135,7 +135,14 @@ def data_fingerprint(labels: np.ndarray, images: np.ndarray) -> tuple[int, int]:
     return len(labels), crc
 
 
-def job_outcome(failed: dict[int, int], resume: str) -> tuple[int, str | None]:
+def _then(resume: str | None) -> str:
+    """How a failed job's line ends: the command that continues it, or (no checkpoint yet) what to do."""
+    if resume is None:
+        return "no checkpoint was written yet; run the same command again"
+    return f"the last checkpoint is kept; continue with: {resume}"
+
+
+def job_outcome(failed: dict[int, int], resume: str | None) -> tuple[int, str | None]:
     """(exit status, the launcher's one line or None) for a job whose failed ranks are `failed`.
 
     A rank killed by a signal is the cause; else a rank that failed with its own message (it said
@@ -146,18 +153,22 @@ def job_outcome(failed: dict[int, int], resume: str) -> tuple[int, str | None]:
     if TIMEOUT_EXIT in failed.values():  # a rank hung: the launcher killed it, the others timed out
         return 1, (
             f"a rank did not answer within CAPSCTL_DIST_TIMEOUT={timeout_s():.0f} s (hung or starved); "
-            f"every rank was stopped and the last checkpoint is kept; continue with: {resume}"
+            f"every rank was stopped; {_then(resume)}"
         )
-    killed = sorted((r for r, code in failed.items() if code < 0), key=lambda r: (failed[r] == -15, r))
+    told = sorted(r for r, code in failed.items() if code >= 0 and code != LOST_EXIT)
+    # SIGTERM is how the launcher stops the other ranks once one failed: a cause only when nothing else is
+    killed = sorted(
+        (r for r, code in failed.items() if code < 0 and not (code == -15 and told)),
+        key=lambda r: (failed[r] == -15, r),
+    )
     if killed:
         return 1, failure_message(killed[0], failed[killed[0]], resume)
-    told = sorted(r for r, code in failed.items() if code != LOST_EXIT)
-    if told:
+    if told:  # a rank said why (a one-line error, exit 2 for bad input): nothing to add
         return failed[told[0]], None
-    return 1, f"the ranks lost contact with each other; the last checkpoint is kept; continue with: {resume}"
+    return 1, f"the ranks lost contact with each other; {_then(resume)}"
 
 
-def failure_message(rank: int, code: int, resume: str) -> str:
+def failure_message(rank: int, code: int, resume: str | None) -> str:
     """The launcher's one line for a rank that failed without saying why (killed by a signal)."""
     if code < 0:
         import signal
@@ -168,10 +179,7 @@ def failure_message(rank: int, code: int, resume: str) -> str:
             how = f"was killed by signal {-code}"
     else:
         how = f"exited with status {code}"
-    return (
-        f"rank {rank} {how}; the other ranks were stopped and the last checkpoint is kept; continue with: "
-        f"{resume}"
-    )
+    return f"rank {rank} {how}; the other ranks were stopped; {_then(resume)}"
 
 
 class _RankPrefixed:
