@@ -164,6 +164,7 @@ def test_a_hand_edited_manifest_is_decoded_again_and_left_out_of_data_list(tmp_p
     assert _entries() == []
     code, out, err = run_cli(["data", "list", "--json"], capsys)
     assert code == 0, err
+    assert json.loads(out)["user_sets"] == []
     (train, _), _, _ = load_image_folder(root)
     assert train.shape == (30, 8, 8, 1) and len(_entries()) == 1
 
@@ -290,11 +291,12 @@ def test_quiet_silences_the_first_decoding_bar(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(folders, "PROGRESS_MIN", 1)  # a bar even for this tiny folder
     root = _set(tmp_path / "ds")
     (tmp_path / "tiny.json").write_text(json.dumps(TINY))
-    base = ["train", "--spec", tmp_path / "tiny.json", "--dataset", root, "--epochs", "1", "--batch-size", "8"]
-    code, out, err = run_cli([*base, "-q", "--json", "--out", tmp_path / "a"], capsys)
+    base = ["train", "--spec", tmp_path / "tiny.json", "--dataset", root, "--epochs", "1",
+            "--batch-size", "8"]
+    code, _, err = run_cli([*base, "-q", "--json", "--out", tmp_path / "a"], capsys)
     assert code == 0, err
     assert "decoding" not in err
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "fresh-cache"))  # decode again, now not quiet
-    code, out, err = run_cli([*base, "--json", "--out", tmp_path / "b"], capsys)
+    code, _, err = run_cli([*base, "--json", "--out", tmp_path / "b"], capsys)
     assert code == 0, err
     assert "decoding" in err
