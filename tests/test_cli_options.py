@@ -203,6 +203,8 @@ def test_data_list_json(capsys, mnist_dir):
     for row in json.loads(out)["datasets"]:
         if row["name"] == "mnist-5k":  # shipped inside the package: always found, never downloaded
             assert row["found_in"] == "embedded" and row["mirrors"] == 0
+        elif row["found"]:  # only from a system package (Debian's dataset-fashion-mnist, where installed)
+            assert row["found_in"] == "system package" and row["folder"].startswith("/usr/share/datasets/")
         else:
             assert row["found"] is False and row["folder"] is None and row["mirrors"] >= 1
 
