@@ -46,12 +46,12 @@ def _test_split(
 ) -> "Split":
     """The test split, or with --holdout/--val-fraction the training images `capsctl train` held out."""
     from capsctl.data import datasets
-    from capsctl.data.sources import held_out, parse_image_size
+    from capsctl.data.sources import parse_image_size, splits
 
     ds = datasets.load(dataset, data_dir, parse_image_size(image_size))
     if holdout is None and val_fraction is None:
-        return ds.test()
-    return held_out(ds.train(), holdout, val_fraction)[1]
+        return ds.test()  # (the training images are not read)
+    return splits(ds, holdout, val_fraction)[1]
 
 
 def eval_model(

@@ -481,18 +481,13 @@ def _run_rank(
         prefix_stderr(world.rank)
         quiet = quiet or world.rank != 0  # one progress bar: rank 0's
     from capsctl._console import set_quiet
-    from capsctl.data.sources import parse_image_size
+    from capsctl.data.sources import parse_image_size, splits
 
     set_quiet(quiet)  # (the data loaders' own bars too)
 
     ds = datasets.load(cfg.dataset, data_dir, parse_image_size(cfg.image_size))
-    train_split = ds.train()
-    if cfg.holdout is not None or cfg.val_fraction is not None:
-        from capsctl.data.sources import held_out
-
-        train_split, test_split = held_out(train_split, cfg.holdout, cfg.val_fraction)
-    else:
-        test_split = ds.test()  # (a folder without test/ is refused here, naming both options)
+    # (a folder without test/ and neither option is refused here, naming both)
+    train_split, test_split = splits(ds, cfg.holdout, cfg.val_fraction)
     if not resume:  # the model follows the data: its channels, classes and their names
         classes = tuple(ds.classes)
         channels = int(train_split.images.shape[3])

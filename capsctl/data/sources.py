@@ -68,6 +68,18 @@ def held_out(
     return datasets.hold_out(train, n)
 
 
+def splits(
+    ds: datasets.Dataset, holdout: int | None, val_fraction: float | None
+) -> tuple[datasets.Split, datasets.Split]:
+    """(train, test) of a data set: with --holdout/--val-fraction the test split is the held-out training
+    images and the official test set is never read (a folder may have none; choices made on these scores
+    stay honest); else the data set's own test split. Every command that scores goes through here, so
+    train, eval, eval-pairs and the experiments hold out the same images."""
+    if holdout is None and val_fraction is None:
+        return ds.train(), ds.test()
+    return held_out(ds.train(), holdout, val_fraction)
+
+
 def check_val_fraction(value: float | None) -> None:
     if value is not None and not 0 < value < 1:  # (also refuses NaN)
         raise CapsctlError(f"--val-fraction must be between 0 and 1 (exclusive), got {value}")

@@ -22,7 +22,7 @@ from capsctl.backend import Backend, get_backend
 from capsctl.bench.machine import machine
 from capsctl.data import datasets
 from capsctl.data.datasets import Split
-from capsctl.data.sources import held_out, parse_image_size
+from capsctl.data.sources import parse_image_size, splits
 from capsctl.errors import CapsctlError
 from capsctl.experiment.plan import (
     COMPOSITE_SEED,
@@ -257,13 +257,7 @@ def _prepare(
 
     backend = get_backend(backend_name)
     ds = datasets.load(dataset, data_dir, parse_image_size(image_size))
-    train_split = ds.train()  # refuse broken data before creating anything
-    if holdout is not None or val_fraction is not None:
-        # the official test set is not touched (a --dataset folder may have none): choices made on these
-        # scores stay honest
-        train_split, test_split = held_out(train_split, holdout, val_fraction)
-    else:
-        test_split = ds.test()
+    train_split, test_split = splits(ds, holdout, val_fraction)  # broken data refused before anything is made
     h, w, c = (int(n) for n in train_split.images.shape[1:4])
     out.mkdir(parents=True, exist_ok=True)
     return backend, train_split, test_split, DataFacts(tuple(ds.classes), (h, w, c))
