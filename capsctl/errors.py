@@ -17,3 +17,10 @@ class TrainingStopped(CapsctlError):
     def __init__(self, message: str, exit_code: int = 1) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+def first_line(e: BaseException, fallback: str | None = None) -> str:
+    """A library error's first line (at most 200 characters), to quote inside a one-line message;
+    `fallback` (else the error's type name) when it has no text."""
+    text = str(e).strip().splitlines()
+    return text[0][:200] if text else fallback or type(e).__name__

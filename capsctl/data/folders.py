@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from capsctl.data import _folder_cache
-from capsctl.errors import CapsctlError
+from capsctl.errors import CapsctlError, first_line
 
 SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp"})
 _FORMATS = ["PNG", "JPEG", "BMP", "WEBP"]
@@ -64,10 +64,6 @@ class _Entry:
     gray: bool
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:200] if text else type(e).__name__
-
 
 def _open(path: Path) -> Any:
     from PIL import Image
@@ -75,7 +71,7 @@ def _open(path: Path) -> Any:
     try:
         return Image.open(path, formats=_FORMATS)
     except Exception as e:
-        raise CapsctlError(f"{path}: not a readable image ({_first_line(e)})") from None
+        raise CapsctlError(f"{path}: not a readable image ({first_line(e)})") from None
 
 
 def natural_key(name: str) -> tuple[str | int, ...]:
@@ -296,7 +292,7 @@ def _read_all(
                 else:
                     conv = im.convert(mode)
             except Exception as ex:
-                raise CapsctlError(f"{e.path}: truncated or corrupt image ({_first_line(ex)})") from None
+                raise CapsctlError(f"{e.path}: truncated or corrupt image ({first_line(ex)})") from None
         if image_size is not None:
             conv = fit_pad(conv, image_size)
         x[i] = np.asarray(conv, dtype=np.uint8).reshape(x.shape[1:])

@@ -33,7 +33,7 @@ import numpy as np
 
 from capsctl._io import read_user_file
 from capsctl.choices import INVERT_CHOICES
-from capsctl.errors import CapsctlError
+from capsctl.errors import CapsctlError, first_line
 
 if TYPE_CHECKING:
     from capsctl.model.spec import ModelSpec
@@ -42,6 +42,7 @@ MAX_PIXELS = 4096 * 4096  # far beyond what the model can route in memory; refus
 MAX_SIDE = 65535
 PIL_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM")
 _NPY_MAGIC = b"\x93NUMPY"
+_CORRUPT = "corrupt data"  # what a decoder error without text is called
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, as Pillow's convert('L')
 
 
@@ -90,7 +91,8 @@ def load_image(
     except MemoryError:
         raise CapsctlError(f"{p}: out of memory while reading the image") from None
     except Exception as e:  # a decoder's own error on a corrupt file: one line, never a traceback
-        raise CapsctlError(f"{p}: cannot read the image ({type(e).__name__}: {_first_line(e)})") from None
+        reason = f"{type(e).__name__}: {first_line(e, _CORRUPT)}"
+        raise CapsctlError(f"{p}: cannot read the image ({reason})") from None
     if spec is not None:
         try:
             spec.trunk_grid(*gray.shape[:2])
@@ -117,10 +119,6 @@ def parse_size(text: str) -> tuple[int, int]:
 
 # -- reading ----------------------------------------------------------------------------------
 
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:200] if text else "corrupt data"
 
 
 def _read_head(p: Path) -> bytes:
@@ -172,7 +170,7 @@ def _load_pil(p: Path, max_pixels: int, channels: int = 1) -> np.ndarray:
                 im.seek(0)
                 im.load()
             except (OSError, SyntaxError, ValueError, EOFError) as e:
-                raise CapsctlError(f"{p}: truncated or corrupt image ({_first_line(e)})") from None
+                raise CapsctlError(f"{p}: truncated or corrupt image ({first_line(e, _CORRUPT)})") from None
             return _pil_to_rgb(im, p) if channels == 3 else _pil_to_gray(im, p)
 
 
@@ -247,7 +245,7 @@ def _load_npy(p: Path, max_pixels: int, channels: int = 1) -> np.ndarray:
     except CapsctlError:
         raise
     except Exception as e:
-        raise CapsctlError(f"{p}: not a valid .npy file ({_first_line(e)})") from None
+        raise CapsctlError(f"{p}: not a valid .npy file ({first_line(e, _CORRUPT)})") from None
     if dtype.hasobject:
         raise CapsctlError(
             f"{p}: the array holds Python objects (dtype {dtype}); only numeric arrays are read"
@@ -263,7 +261,7 @@ def _load_npy(p: Path, max_pixels: int, channels: int = 1) -> np.ndarray:
     try:
         arr = np.load(p, allow_pickle=False)
     except ValueError as e:  # a data section shorter than the header says
-        raise CapsctlError(f"{p}: truncated or corrupt .npy file ({_first_line(e)})") from None
+        raise CapsctlError(f"{p}: truncated or corrupt .npy file ({first_line(e, _CORRUPT)})") from None
     arr = np.asarray(arr).reshape(h, w, channels)
     if arr.dtype.kind == "b":
         x = arr.astype(np.float64)
