@@ -1,7 +1,8 @@
-"""Data-parallel training (issue 15), torch part: `capsctl train --nproc N` starts N ranks through torch's
-elastic launcher (what torchrun runs) on 127.0.0.1; the job makes the updates one process makes.
+"""Data-parallel training (issue 15): `capsctl train --nproc N` starts N ranks on 127.0.0.1 through the
+framework's own engine (torch: the elastic launcher torchrun runs; keras: tf.distribute workers with
+local TF_CONFIGs); the job makes the updates one process makes. The job tests run on every backend.
 
-The jobs run as subprocesses with one thread per rank, on a few hundred mnist-5k images and a tiny model."""
+The jobs run as subprocesses, on a few hundred mnist-5k images and a tiny model."""
 
 from __future__ import annotations
 
@@ -17,9 +18,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from capsctl.training.distributed import LOST_EXIT, TIMEOUT_EXIT, job_outcome, rank_slice, worker_argv
+from capsctl.training.distributed import (
+    LOST_EXIT,
+    TIMEOUT_EXIT,
+    UNRESPONSIVE_EXIT,
+    job_outcome,
+    rank_slice,
+    worker_argv,
+)
 
-from ._helpers import TINY, assert_one_line_error, run_cli
+from ._helpers import BACKENDS, TINY, assert_one_line_error, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,6 +64,8 @@ def test_the_launcher_names_the_cause_of_a_failed_job():
     assert line is not None and "--resume" not in line and "run the same command again" in line
     code, line = job_outcome({0: LOST_EXIT, 1: LOST_EXIT}, again)
     assert code == 1 and line is not None and "lost contact" in line
+    code, line = job_outcome({0: LOST_EXIT, 1: UNRESPONSIVE_EXIT}, again)  # keras: rank 1 ignored SIGTERM
+    assert code == 1 and line is not None and line.startswith("rank 1 stopped answering") and again in line
     code, line = job_outcome({0: TIMEOUT_EXIT, 1: -9}, again)  # rank 1 hung: the launcher killed it
     assert code == 1 and line is not None and "did not answer within CAPSCTL_DIST_TIMEOUT" in line
 
@@ -94,11 +104,37 @@ def test_a_port_in_use_is_one_line(tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("{not json", "does not parse as JSON"),
+        ('{"task": {"type": "worker", "index": 0}}', 'needs a "cluster" object'),
+        ('{"cluster": {"ps": ["a:1"], "worker": ["b:2"]}, "task": {"type": "worker", "index": 0}}',
+         "chief and worker tasks only, not ps"),
+        ('{"cluster": {"worker": ["nohost"]}, "task": {"type": "worker", "index": 0}}',
+         '"host:port" strings'),
+        ('{"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 2}}', "must be 0..1"),
+        ('{"cluster": {"worker": ["a:1"]}, "task": {"type": "chief", "index": 0}}', 'needs a "task"'),
+    ],
+)
 @pytest.mark.keras
-def test_keras_says_it_is_not_supported_yet(tmp_path, capsys):
-    code, out, err = run_cli(["train", "--backend", "keras", "--nproc", "2", "--out", tmp_path / "r"], capsys)
-    assert_one_line_error(code, out, err, "not supported yet on keras", "docs/DISTRIBUTED.md")
+def test_a_tf_config_that_does_not_parse_is_one_line(raw, expected, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TF_CONFIG", raw)
+    code, out, err = run_cli(["train", "--backend", "keras", "--out", tmp_path / "r"], capsys)
+    assert_one_line_error(code, out, err, expected)
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.keras
+def test_tf_config_ranks_follow_tf_order():
+    from capsctl.training.distributed import parse_tf_config, tf_configs
+
+    cluster = {"chief": ["c:1"], "worker": ["a:1", "b:2"]}
+    assert parse_tf_config(json.dumps({"cluster": cluster, "task": {"type": "chief", "index": 0}})) == (0, 3)
+    assert parse_tf_config(json.dumps({"cluster": cluster, "task": {"type": "worker", "index": 1}})) == (2, 3)
+    configs = [json.loads(c) for c in tf_configs([5001, 5002])]
+    assert [parse_tf_config(json.dumps(c)) for c in configs] == [(0, 2), (1, 2)]
+    assert configs[1]["cluster"]["worker"] == ["127.0.0.1:5001", "127.0.0.1:5002"]
 
 
 # -- jobs of 2 ranks ------------------------------------------------------------------------------------
@@ -106,7 +142,7 @@ def test_keras_says_it_is_not_supported_yet(tmp_path, capsys):
 
 def _env() -> dict[str, str]:
     env = dict(os.environ, OMP_NUM_THREADS="1", CAPSCTL_DIST_TIMEOUT="60", PYTHONPATH=str(ROOT))
-    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "TF_CONFIG"):
         env.pop(name, None)
     return env
 
@@ -136,9 +172,15 @@ def tiny(tmp_path: Path) -> list:
             "--eval-limit", "100", "--curve-images", "50", "-q"]
 
 
-@pytest.mark.torch
+@pytest.fixture(params=BACKENDS)
+def tiny_on(request: pytest.FixtureRequest, tiny: list) -> list:
+    """The tiny job's options on each backend in turn."""
+    return [*tiny, "--backend", request.param]
+
+
 @pytest.mark.slow
-def test_two_ranks_make_the_updates_of_one_process(tiny, tmp_path):
+def test_two_ranks_make_the_updates_of_one_process(tiny_on, tmp_path):
+    tiny = tiny_on
     one = _train([*tiny, "--epochs", "2", "--out", tmp_path / "one"])
     assert one.returncode == 0, one.stderr
     two = _train([*tiny, "--epochs", "2", "--out", tmp_path / "two", "--nproc", "2", "--json"])
@@ -157,7 +199,8 @@ def test_two_ranks_make_the_updates_of_one_process(tiny, tmp_path):
 
 
 def _rank_pid(parent: int, rank: int) -> int | None:
-    """The pid of rank `rank` among the processes below `parent` (the launcher)."""
+    """The pid of rank `rank` among the processes below `parent` (the launcher): torchrun's RANK, or the
+    task index in a worker's TF_CONFIG."""
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -166,7 +209,10 @@ def _rank_pid(parent: int, rank: int) -> int | None:
             stat = (entry / "stat").read_text()
         except OSError:
             continue
-        if f"RANK={rank}".encode() in environ and b"TORCHELASTIC_RUN_ID" in b"\0".join(environ):
+        torch_rank = f"RANK={rank}".encode() in environ and b"TORCHELASTIC_RUN_ID" in b"\0".join(environ)
+        tf_config = [v for v in environ if v.startswith(b"TF_CONFIG=")]
+        tf_rank = bool(tf_config) and json.loads(tf_config[0][len(b"TF_CONFIG="):])["task"]["index"] == rank
+        if torch_rank or tf_rank:
             ppid = int(stat.rsplit(")", 1)[1].split()[1])
             if ppid == parent or _is_below(ppid, parent):
                 return int(entry.name)
@@ -184,10 +230,10 @@ def _is_below(pid: int, ancestor: int) -> bool:
     return False
 
 
-@pytest.mark.torch
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the rank's process in /proc")
-def test_a_killed_rank_stops_the_job_and_resume_continues_exactly(tiny, tmp_path):
+def test_a_killed_rank_stops_the_job_and_resume_continues_exactly(tiny_on, tmp_path):
+    tiny = tiny_on
     args = [*tiny, "--limit", "400", "--batch-size", "16", "--epochs", "4"]
     whole = _train([*args, "--out", tmp_path / "whole", "--nproc", "2"])
     assert whole.returncode == 0, whole.stderr
@@ -241,25 +287,33 @@ def test_a_killed_rank_stops_the_job_and_resume_continues_exactly(tiny, tmp_path
     assert gap < 1e-5, gap
 
 
-@pytest.mark.torch
-def test_ranks_started_by_hand_refuse_other_data_with_a_prefixed_line(tiny, tmp_path):
-    """Two ranks started with torchrun's environment by hand (what each machine of a multi-node job
-    sees): rank 1 holds out 100 images, so its training images differ; it says so, prefixed."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ranks_started_by_hand_refuse_other_data_with_a_prefixed_line(backend, tiny, tmp_path):
+    """Two ranks started by hand with the launcher's environment (what each machine of a multi-node job
+    sees: torchrun's variables, or TF_CONFIG): rank 1 holds out 100 images, so its training images
+    differ; it says so, prefixed, and rank 0 stops with one line."""
+    from capsctl.training.distributed import tf_configs
+
+    ports = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
     base = [sys.executable, "-m", "capsctl", "train", *(str(a) for a in tiny), "--epochs", "1",
-            "--out", str(tmp_path / "r")]
+            "--out", str(tmp_path / "r"), "--backend", backend]
     jobs = []
     for rank, extra in ((0, []), (1, ["--holdout", "100"])):
-        env = dict(_env(), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port))
+        if backend == "torch":
+            env = dict(_env(), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                       MASTER_PORT=str(ports[0]))
+        else:
+            env = dict(_env(), TF_CONFIG=tf_configs(ports)[rank])
         jobs.append(subprocess.Popen([*base, *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True, env=env))
     (_, err0), (_, err1) = (job.communicate(timeout=120) for job in jobs)
     assert jobs[1].returncode == 2, err1
     assert err1.count("\n") == 1, err1
     assert err1.startswith("[rank 1] error: rank 1 loaded other training data"), err1
-    assert jobs[0].returncode == 1 and "lost contact with another rank" in err0, err0
+    assert jobs[0].returncode == 1 and "lost contact with another" in err0, err0
     assert err0.count("\n") == 1 and "Traceback" not in err0, err0
     assert not (tmp_path / "r" / "checkpoint.safetensors").exists()

@@ -1,17 +1,287 @@
-"""Data-parallel training on Keras/TensorFlow (tf.distribute.MultiWorkerMirroredStrategy from TF_CONFIG):
-not supported yet; the torch backend has it (docs/DISTRIBUTED.md)."""
+"""Data-parallel training on TensorFlow: tf.distribute.MultiWorkerMirroredStrategy, configured from
+TF_CONFIG (what TF's own launchers and cluster resolvers set), one worker process per rank. The rules are
+capsctl.training.distributed's; `capsctl train --backend keras --nproc N` writes N local TF_CONFIGs and
+starts the workers.
+
+How the Keras 3 pieces run under the strategy (docs/DISTRIBUTED.md):
+- the model and the optimiser are built inside `strategy.scope()`, so their variables are mirrored;
+- the step is our own `tf.function` calling `strategy.run`, not `model.fit` (capsctl's loop owns the
+  batch order, the schedule and the checkpoints); inside it, Keras' TF optimiser all-reduces (sums) the
+  replicas' gradients before its update, so rank r's mean loss is weighted by n_r / B;
+- bytes (the start handed out by rank 0) and scores cross between workers as tensors through the same
+  strategy's all-reduce: rank 0 contributes the data, the others zeros, and x + 0 is exact."""
 
 from __future__ import annotations
 
-from capsctl.errors import CapsctlError
-from capsctl.training.distributed import World
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
-_NOT_YET = "distributed training is not supported yet on keras; use --backend torch (docs/DISTRIBUTED.md)"
+import numpy as np
+
+from capsctl.backend import OptimConfig, Trainer
+from capsctl.errors import CapsctlError, TrainingStopped, first_line
+from capsctl.model.spec import ModelSpec
+from capsctl.training.distributed import (
+    LOST_EXIT,
+    NPROC_JOB_ENV,
+    TIMEOUT_EXIT,
+    UNRESPONSIVE_EXIT,
+    World,
+    check_port,
+    parse_tf_config,
+    rank_slice,
+    tf_configs,
+    timeout_s,
+)
+
+from ._env import tf
+from ._trainer import KerasTrainer
+
+T = TypeVar("T")
+def _lost(e: BaseException) -> BaseException:
+    timed_out = isinstance(e, tf.errors.DeadlineExceededError) or "timed out" in str(e).lower()
+    if NPROC_JOB_ENV in os.environ:  # `capsctl train --nproc` tells the cause in one line
+        return SystemExit(TIMEOUT_EXIT if timed_out else LOST_EXIT)
+    return TrainingStopped(
+        f"lost contact with another worker ({_gist(e)}); this rank stops, the last checkpoint is kept"
+    )
+
+
+def _collective(fn: Callable[[], T]) -> T:
+    """Run something that talks to the other workers; a worker that died or timed out is one line."""
+    try:
+        return fn()
+    except (tf.errors.OpError, RuntimeError) as e:  # Unavailable, DeadlineExceeded, Cancelled, Aborted, …
+        raise _lost(e) from None
+
+
+class KerasWorld:
+    def __init__(self, strategy: Any, rank: int, size: int) -> None:
+        self.strategy, self.rank, self.size = strategy, rank, size
+        self._sums: dict[np.dtype[Any], Any] = {}  # one compiled all-reduce per dtype (any length)
+
+    def all_sum(self, value: np.ndarray) -> np.ndarray:
+        """The sum of every worker's `value` (same shape and dtype on all), on every worker."""
+        flat = np.ascontiguousarray(value).reshape(-1)
+        fn = self._sums.get(flat.dtype)
+        if fn is None:  # compiled: the strategy run eagerly is slow and says so on every call
+            def summed(t: Any) -> Any:
+                mine = self.strategy.run(tf.identity, args=(t,))
+                return self.strategy.reduce(tf.distribute.ReduceOp.SUM, mine, axis=None)
+
+            fn = tf.function(summed, input_signature=[tf.TensorSpec((None,), tf.as_dtype(flat.dtype))])
+            self._sums[flat.dtype] = fn
+        return np.asarray(_collective(lambda: fn(tf.constant(flat)))).reshape(value.shape)
+
+    def broadcast_bytes(self, data: bytes | None) -> bytes:
+        n = int(self.all_sum(np.array([len(data) if self.rank == 0 and data else 0], np.int64))[0])
+        buf = np.zeros(-(-n // 8), np.int64)  # eight bytes an element: int64 all-reduces are exact
+        if self.rank == 0 and data:
+            buf.view(np.uint8)[:n] = np.frombuffer(data, np.uint8)
+        return self.all_sum(buf).view(np.uint8)[:n].tobytes() if n else b""
+
+    def trainer(self, spec: ModelSpec, weights: Mapping[str, np.ndarray], optim: OptimConfig) -> Trainer:
+        return DistributedKerasTrainer(spec, weights, optim, self)
+
+    def close(self) -> None:
+        pass  # the strategy's servers end with the process
+
+
+# A C++ log record (absl: "E1129 00:12:03.123456  1612 file.cc:252] …"; lines without that head
+# continue the record before them); fatal ones ("F…") are kept, and so is a crash report of Python's own
+_RECORD = re.compile(rb"^[IWEF]\d{4} [\d:.]+\s+\d+ \S+\] ")
+_KEEP = re.compile(rb"^(?:F\d{4} |Fatal Python error)")
+
+
+def _filter_cpp_log() -> None:
+    """Route fd 2 through a filter that drops TensorFlow's C++ log, so a worker that lost the others
+    says one line (the launcher's, with `--nproc`), not a dozen about the broken gRPC call. After this,
+    only C/C++ code writes to fd 2: Python's sys.stderr writes to the original stream (a terminal stays a
+    terminal for the progress bars). Set TF_CPP_MIN_LOG_LEVEL=0 to see TensorFlow's whole log."""
+    import io
+    import threading
+
+    sys.stderr.flush()
+    original = os.dup(2)
+    read, write = os.pipe()
+    os.dup2(write, 2)
+    os.close(write)
+    encoding = getattr(sys.stderr, "encoding", None) or "utf-8"
+    sink = io.FileIO(original, "w", closefd=False)
+    sys.stderr = io.TextIOWrapper(sink, encoding=encoding, errors="backslashreplace", line_buffering=True)
+
+    def forward() -> None:
+        keep = False
+        with io.FileIO(read, "r") as pipe:
+            for line in io.BufferedReader(pipe):
+                if _RECORD.match(line) or _KEEP.match(line):
+                    keep = bool(_KEEP.match(line))
+                if keep:
+                    os.write(original, line)
+
+    threading.Thread(target=forward, name="capsctl-tf-log-filter", daemon=True).start()
+
+
+def _gist(e: BaseException) -> str:
+    """A TensorFlow error's message without its graph-function prefix, first line, at most 160 chars."""
+    text = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", getattr(e, "message", None) or str(e))
+    return first_line(Exception(text), type(e).__name__)[:160].rstrip(" :")
 
 
 def join() -> World:
-    raise CapsctlError(_NOT_YET)
+    rank, size = parse_tf_config(os.environ.get("TF_CONFIG"))
+    if os.environ.get("TF_CPP_MIN_LOG_LEVEL") != "0":  # (0, set by the user: TensorFlow's whole log)
+        _filter_cpp_log()
+    options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=timeout_s())
+    try:
+        strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+    except (RuntimeError, ValueError, tf.errors.OpError) as e:
+        raise CapsctlError(f"cannot join the job as rank {rank} of {size} ({_gist(e)})") from None
+    if strategy.num_replicas_in_sync != size:
+        raise CapsctlError(
+            f"each worker must have one device; this job has {strategy.num_replicas_in_sync} replicas on "
+            f"{size} workers (show each worker one GPU with CUDA_VISIBLE_DEVICES, or none)"
+        )
+    return KerasWorld(strategy, rank, size)
+
+
+class DistributedKerasTrainer:
+    """A KerasTrainer whose variables are mirrored: each worker trains on its slice of the global batch."""
+
+    def __init__(
+        self, spec: ModelSpec, weights: Mapping[str, np.ndarray], optim: OptimConfig, world: KerasWorld
+    ) -> None:
+        self.world = world
+        with world.strategy.scope():  # (making the variables broadcasts worker 0's initial values)
+            self.inner = _collective(lambda: KerasTrainer(spec, weights, optim))
+        sig = [
+            tf.TensorSpec((None, None, None, spec.in_channels), tf.float32),
+            tf.TensorSpec((None, spec.num_classes), tf.float32),
+            tf.TensorSpec((), tf.float32),  # learning rate
+            tf.TensorSpec((), tf.float32),  # this worker's images in the global batch (0 or more)
+            tf.TensorSpec((), tf.float32),  # the global batch
+        ]
+        self._step = tf.function(self._global_step, input_signature=sig)
+
+    def _global_step(self, x: Any, y: Any, lr: Any, n: Any, b: Any) -> Any:
+        inner, strategy = self.inner, self.world.strategy
+        inner.opt.learning_rate.assign(lr)
+
+        def replica(x: Any, y: Any) -> Any:
+            # the optimiser sums the workers' gradients: weighting each mean loss by n_r / B makes the
+            # sum the gradient of the global batch's mean loss (0, on one dummy image, for an empty slice)
+            loss, p = inner.descend(x, y, n / b)
+            right = tf.reduce_sum(tf.cast(tf.argmax(p, 1) == tf.argmax(y, 1), tf.float64))
+            has = tf.cast(n > 0, tf.float64)
+            return tf.stack([tf.cast(loss, tf.float64) * tf.cast(n, tf.float64), right * has])
+
+        stats = strategy.run(replica, args=(x, y))
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, stats, axis=None)
+
+    def step(self, x: np.ndarray, y_onehot: np.ndarray, lr: float) -> tuple[float, int]:
+        world = self.world
+        b = len(x)
+        part = rank_slice(b, world.rank, world.size)
+        n = part.stop - part.start
+        xs, ys = (x[part], y_onehot[part]) if n else (x[:1], y_onehot[:1])
+        stats = _collective(
+            lambda: self._step(
+                tf.constant(np.ascontiguousarray(xs, dtype=np.float32)),
+                tf.constant(np.ascontiguousarray(ys, dtype=np.float32)),
+                tf.constant(lr, tf.float32),
+                tf.constant(float(n), tf.float32),
+                tf.constant(float(b), tf.float32),
+            )
+        )
+        total = np.asarray(stats)
+        return float(total[0]) / b, round(float(total[1]))
+
+    def scores(self, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
+        """Every worker scores its share of `images`; all get all the scores."""
+        world = self.world
+        part = rank_slice(len(images), world.rank, world.size)
+        padded = np.zeros((len(images), self.inner.spec.num_classes), np.float32)
+        padded[part] = self.inner.scores(images[part], batch_size)
+        return world.all_sum(padded)
+
+    def weights(self) -> dict[str, np.ndarray]:
+        return self.inner.weights()
+
+    def optimizer_state(self) -> dict[str, np.ndarray]:
+        return self.inner.optimizer_state()
+
+    def load_optimizer_state(self, state: Mapping[str, np.ndarray]) -> None:
+        self.inner.load_optimizer_state(state)
+
+
+def _ports(nproc: int, port: int | None) -> list[int]:
+    """One port a worker: PORT, PORT+1, … when given (each checked free), else free ones."""
+    import socket
+
+    if port is not None:
+        for p in range(port, port + nproc):
+            check_port(p)
+        return list(range(port, port + nproc))
+    held = []
+    try:
+        for _ in range(nproc):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            held.append(s)
+        return [s.getsockname()[1] for s in held]
+    finally:
+        for s in held:
+            s.close()
 
 
 def launch(nproc: int, argv: list[str], port: int | None) -> dict[int, int]:
-    raise CapsctlError(_NOT_YET)
+    """Start `nproc` workers running `python -m capsctl *argv`, each with its TF_CONFIG; wait. When one
+    fails, stop the others (SIGTERM, then SIGKILL after 5 s) and return every failed rank's exit code."""
+    env = dict(os.environ, **{NPROC_JOB_ENV: "1"})
+    workers: list[subprocess.Popen[bytes]] = []
+    try:
+        for config in tf_configs(_ports(nproc, port)):
+            # a session of its own: Ctrl-C reaches this launcher, which stops the workers
+            workers.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "capsctl", *argv], env=dict(env, TF_CONFIG=config),
+                    start_new_session=True,
+                )
+            )
+        while True:
+            codes = [w.poll() for w in workers]
+            if any(c not in (None, 0) for c in codes) or all(c == 0 for c in codes):
+                break
+            time.sleep(0.1)
+    except KeyboardInterrupt:
+        _stop(workers)
+        raise TrainingStopped(
+            "stopped by SIGINT; every rank was stopped and the last checkpoint is kept", exit_code=130
+        ) from None
+    stuck = _stop(workers)
+    exits = {r: UNRESPONSIVE_EXIT if r in stuck else int(w.returncode) for r, w in enumerate(workers)}
+    return {rank: code for rank, code in exits.items() if code != 0}
+
+
+def _stop(workers: list[subprocess.Popen[bytes]], grace_s: float = 5.0) -> set[int]:
+    """SIGTERM to the workers still running; SIGKILL after `grace_s` to those that ignored it (a stopped
+    or hung worker), whose ranks are returned."""
+    for w in workers:
+        if w.poll() is None:
+            w.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    stuck = set()
+    for rank, w in enumerate(workers):
+        try:
+            w.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            w.kill()
+            w.wait()
+            stuck.add(rank)
+    return stuck

@@ -73,19 +73,30 @@ class KerasTrainer:
 
     def _train_step(self, x: tf.Tensor, y: tf.Tensor, lr: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         self.opt.learning_rate.assign(lr)
-        with tf.GradientTape() as tape:
-            if self.spec.decoder is None:
-                p = self.model(x, training=True)
-                loss = margin_loss(p, y)
-            else:  # the reconstruction is drawn from the true class's capsule alone
-                v = self._capsules(x, training=True)
-                p = safe_norm(v)
-                recon = self._decoder.decode(mask(v, y))
-                loss = margin_loss(p, y) + self.recon_weight * reconstruction_loss(recon, x)
-        grads = tape.gradient(loss, self.trainable)
-        self.opt.apply_gradients(zip(grads, self.trainable, strict=True))
+        loss, p = self.descend(x, y, tf.constant(1.0))
         correct = tf.reduce_sum(tf.cast(tf.argmax(p, 1) == tf.argmax(y, 1), tf.int32))
         return loss, correct
+
+    def descend(self, x: tf.Tensor, y: tf.Tensor, weight: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """One optimiser step on `weight` × the batch's mean loss; (mean loss, class scores). Under a
+        tf.distribute strategy the optimiser sums the replicas' gradients (Keras' TF optimiser)."""
+        with tf.GradientTape() as tape:
+            loss, p = self.loss(x, y)
+            weighted = loss * weight
+        grads = tape.gradient(weighted, self.trainable)
+        self.opt.apply_gradients(zip(grads, self.trainable, strict=True))
+        return loss, p
+
+    def loss(self, x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """(mean loss over the batch, class scores): the forward pass a step differentiates."""
+        if self.spec.decoder is None:
+            p = self.model(x, training=True)
+            return margin_loss(p, y), p
+        # the reconstruction is drawn from the true class's capsule alone
+        v = self._capsules(x, training=True)
+        p = safe_norm(v)
+        recon = self._decoder.decode(mask(v, y))
+        return margin_loss(p, y) + self.recon_weight * reconstruction_loss(recon, x), p
 
     def step(self, x: np.ndarray, y_onehot: np.ndarray, lr: float) -> tuple[float, int]:
         loss, correct = self._step(

@@ -209,16 +209,17 @@ def train(
     nproc: Annotated[
         int | None,
         typer.Option(
-            help="Train on N processes on this machine (data-parallel, through torchrun's launcher; "
-            "--batch-size stays the global batch). On several machines run torchrun itself: "
-            "docs/DISTRIBUTED.md.",
+            help="Train on N processes on this machine (data-parallel: torchrun's launcher for torch, "
+            "tf.distribute workers with local TF_CONFIGs for keras; --batch-size stays the global batch). "
+            "On several machines: docs/DISTRIBUTED.md.",
             rich_help_panel=RUN,
         ),
     ] = None,
     port: Annotated[
         int | None,
         typer.Option(
-            help="Rendezvous port on 127.0.0.1 for --nproc.", show_default="a free one", rich_help_panel=RUN
+            help="Rendezvous port on 127.0.0.1 for --nproc (keras: worker i listens on PORT+i).",
+            show_default="a free one", rich_help_panel=RUN,
         ),
     ] = None,
 ) -> None:
@@ -339,7 +340,10 @@ def _check_launch(nproc: int | None, port: int | None) -> None:
             raise CapsctlError("--port needs --nproc N")
         return
     if distributed.launched():
-        raise CapsctlError("--nproc: this process is already a rank of a torchrun job; leave --nproc out")
+        raise CapsctlError(
+            "--nproc: this process is already a rank of a job (torchrun's variables or TF_CONFIG are set); "
+            "leave --nproc out"
+        )
     distributed.check_nproc(nproc)
     if port is not None:
         distributed.check_port(port)
@@ -444,8 +448,9 @@ def _run(
         return
     from capsctl.training import distributed
 
-    # a rank of a torchrun job (or of --nproc) joins it before loading data; rank 0 alone writes `run`
-    world = be.distributed().join() if distributed.launched() else None
+    # a rank of a torchrun / tf.distribute job (or of --nproc) joins it before loading data (and before
+    # TensorFlow runs anything: its strategy must be made first); rank 0 alone writes `run`
+    world = be.distributed().join() if distributed.launched(cfg.backend) else None
     try:
         _run_rank(
             cfg, spec, run, data_dir, be, world, resume=resume, quiet=quiet, json_out=json_out, fixed=fixed

@@ -1,17 +1,19 @@
 """Data-parallel training, the framework-free half: who this process is in a job, and the rules every
 backend follows (docs/DISTRIBUTED.md).
 
-A job is N processes (ranks) started by the framework's own launcher (`torchrun`, or `capsctl train
---nproc N`, which starts the same thing). Every rank walks the single-process batch order
-(`config.batches`) and takes its slice (`rank_slice`) of every global batch; augmentation is drawn for
-the whole global batch from the same seeds, so it does not depend on N; the backend averages gradients
-so that N ranks at global batch B make the updates one process makes at batch B. Rank 0 alone reads
-the checkpoint (and hands it to the others) and writes the run folder.
+A job is N processes (ranks) started by the framework's own launcher (`torchrun`; TF_CONFIG for
+tf.distribute; or `capsctl train --nproc N`, which starts the same thing). Every rank walks the
+single-process batch order (`config.batches`) and takes its slice (`rank_slice`) of every global
+batch; augmentation is drawn for the whole global batch from the same seeds, so it does not depend on
+N; the backend averages gradients so that N ranks at global batch B make the updates one process
+makes at batch B. Rank 0 alone reads the checkpoint (and hands it to the others) and writes the run
+folder.
 
 The backend side is `Backend.distributed()`, an `Engine`; nothing here imports a framework."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sys
@@ -24,16 +26,20 @@ from capsctl.backend import OptimConfig, Trainer
 from capsctl.errors import CapsctlError
 from capsctl.model.spec import ModelSpec
 
+TF_TASK_TYPES = ("chief", "worker")  # what MultiWorkerMirroredStrategy runs; no parameter servers here
 MAX_NPROC = 64  # `capsctl train --nproc` starts processes on this machine: more is a typo, not a plan
 # seconds a collective waits for the other ranks before the job stops (env CAPSCTL_DIST_TIMEOUT)
 DEFAULT_TIMEOUT_S = 300
-# what torchrun (and the elastic agent behind `--nproc`) sets in every worker
-LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+# what each framework's launcher sets in every worker: torchrun (and the elastic agent behind `--nproc`);
+# TF_CONFIG for tf.distribute (TF's cluster resolvers, or `capsctl train --backend keras --nproc`)
+LAUNCHER_ENV = {"torch": ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"), "keras": ("TF_CONFIG",)}
 # set by `capsctl train --nproc` in its ranks: a rank that lost contact with the others exits quietly
 # with LOST_EXIT, and the launcher says in one line which rank failed (under torchrun each rank says it)
 NPROC_JOB_ENV = "CAPSCTL_NPROC_JOB"
 LOST_EXIT = 3  # another rank went away (its connection closed)
 TIMEOUT_EXIT = 4  # another rank did not answer within timeout_s() (it hung)
+# reported by a launcher for a rank it had to kill because it ignored SIGTERM (stopped or hung)
+UNRESPONSIVE_EXIT = 5
 
 
 class World(Protocol):
@@ -65,9 +71,10 @@ class Engine(Protocol):
         ({} when every rank succeeded), a negative code being the signal that killed the rank."""
 
 
-def launched() -> bool:
-    """Whether this process was started as one rank of a job (torchrun's environment)."""
-    return all(name in os.environ for name in LAUNCHER_ENV)
+def launched(backend: str | None = None) -> bool:
+    """Whether this process was started as one rank of a job by `backend`'s launcher (any, if None)."""
+    kinds = LAUNCHER_ENV.values() if backend is None else [LAUNCHER_ENV.get(backend, ())]
+    return any(names and all(name in os.environ for name in names) for names in kinds)
 
 
 def timeout_s() -> float:
@@ -117,6 +124,57 @@ def worker_argv(argv: list[str]) -> list[str]:
     return out
 
 
+def parse_tf_config(raw: str | None) -> tuple[int, int]:
+    """(rank, size) from a TF_CONFIG; anything MultiWorkerMirroredStrategy could not run is one line.
+
+    Ranks follow TF's own order: the chief (if the cluster names one) is rank 0, worker i is rank i
+    (or i + 1 after a chief)."""
+    if raw is None:
+        raise CapsctlError("TF_CONFIG is not set: not a tf.distribute worker")
+    try:
+        config = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise CapsctlError(f"TF_CONFIG does not parse as JSON ({e.msg} at character {e.pos})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("cluster"), dict):
+        raise CapsctlError(
+            'TF_CONFIG needs a "cluster" object, e.g. {"cluster": {"worker": ["host:port", …]}, "task": …}'
+        )
+    cluster, task = config["cluster"], config.get("task")
+    other = sorted(set(cluster) - set(TF_TASK_TYPES))
+    if other:
+        raise CapsctlError(
+            f"TF_CONFIG: MultiWorkerMirroredStrategy runs chief and worker tasks only, not {', '.join(other)}"
+        )
+    for kind, addresses in cluster.items():
+        ok = isinstance(addresses, list) and all(
+            isinstance(a, str) and a.rpartition(":")[2].isdigit() and a.rpartition(":")[0] for a in addresses
+        )
+        if not ok or not addresses:
+            raise CapsctlError(f'TF_CONFIG: cluster "{kind}" must be a list of "host:port" strings')
+    if len(cluster.get("chief", [])) > 1:
+        raise CapsctlError("TF_CONFIG: a cluster has at most one chief")
+    if not isinstance(task, dict) or task.get("type") not in cluster:
+        kinds = ", ".join(cluster)
+        raise CapsctlError(f'TF_CONFIG needs a "task" with a "type" among the cluster\'s ({kinds})')
+    index = task.get("index")
+    if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(cluster[task["type"]]):
+        raise CapsctlError(
+            f'TF_CONFIG: task "index" must be 0..{len(cluster[task["type"]]) - 1} for type {task["type"]!r}'
+        )
+    chiefs = len(cluster.get("chief", []))
+    rank = 0 if task["type"] == "chief" else chiefs + index
+    return rank, chiefs + len(cluster.get("worker", []))
+
+
+def tf_configs(ports: list[int]) -> list[str]:
+    """The local TF_CONFIG of each worker: one cluster of workers on 127.0.0.1, worker 0 the chief."""
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    return [
+        json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})
+        for i in range(len(ports))
+    ]
+
+
 def rank_slice(n: int, rank: int, size: int) -> slice:
     """Rank `rank`'s part of a global batch of `n`: contiguous, sizes differing by at most one, the first
     `n % size` ranks one larger (numpy.array_split's rule). A rank may get none (n < size)."""
@@ -150,6 +208,12 @@ def job_outcome(failed: dict[int, int], resume: str | None) -> tuple[int, str | 
     if not failed:
         return 0, None
     # the launcher stops the other ranks with SIGTERM: a rank killed by another signal is the cause
+    stuck = sorted(r for r, code in failed.items() if code == UNRESPONSIVE_EXIT)
+    if stuck:  # the others noticed it had stopped answering; the launcher killed it
+        return 1, (
+            f"rank {stuck[0]} stopped answering (hung or stopped) and was killed; every rank was stopped; "
+            f"{_then(resume)}"
+        )
     if TIMEOUT_EXIT in failed.values():  # a rank hung: the launcher killed it, the others timed out
         return 1, (
             f"a rank did not answer within CAPSCTL_DIST_TIMEOUT={timeout_s():.0f} s (hung or starved); "
