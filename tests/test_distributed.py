@@ -317,3 +317,22 @@ def test_ranks_started_by_hand_refuse_other_data_with_a_prefixed_line(backend, t
     assert jobs[0].returncode == 1 and "lost contact with another" in err0, err0
     assert err0.count("\n") == 1 and "Traceback" not in err0, err0
     assert not (tmp_path / "r" / "checkpoint.safetensors").exists()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_rank_failing_alike_is_one_line(backend, tmp_path):
+    """Bad input every rank meets after starting (a folder without test/ and no --holdout): the job says
+    it once, as one process would, not once per rank."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        (tmp_path / "set" / "train" / name).mkdir(parents=True)
+        for i in range(2):
+            pixels = rng.integers(0, 256, (28, 28), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "set" / "train" / name / f"{i}.png")
+    job = _train(["--dataset", tmp_path / "set", "--out", tmp_path / "r", "--nproc", "2", "-q",
+                  "--backend", backend], timeout=180)
+    assert job.returncode == 2, job.stderr
+    assert job.stderr.count("\n") == 1 and job.stderr.startswith("error: "), job.stderr
+    assert "no test/ folder" in job.stderr and "[rank" not in job.stderr, job.stderr

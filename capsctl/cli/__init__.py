@@ -107,6 +107,15 @@ def _split_debug(args: list[str]) -> tuple[bool, list[str]]:
     return True, [DEBUG, *(a for a in args[:end] if a != DEBUG), *args[end:]]
 
 
+def _say(line: str) -> None:
+    """An error line on stderr; a rank of a `--nproc` job other than 0 leaves it to the launcher, which
+    prints it unless rank 0 said the same (every rank failing alike is one line, not N)."""
+    from capsctl.errors import leave_to_launcher
+
+    if not leave_to_launcher(line):
+        typer.echo(line, err=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: runs the app, turning every expected failure into one line and an exit code."""
     debug, args = _split_debug(list(sys.argv[1:] if argv is None else argv))
@@ -131,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     except CapsctlError as e:
         if debug:
             raise
-        typer.echo(f"error: {e}", err=True)
+        _say(f"error: {e}")
         sys.exit(e.exit_code)
     except BrokenPipeError:
         sys.exit(1)
@@ -144,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             raise
         where = f"{e.filename}: " if getattr(e, "filename", None) else ""
-        typer.echo(f"error: {where}{e.strerror or e}", err=True)
+        _say(f"error: {where}{e.strerror or e}")
         is_usage = isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError))
         sys.exit(2 if is_usage else 1)
     sys.exit(rv if isinstance(rv, int) else 0)

@@ -358,7 +358,20 @@ def _launch(be: "Backend", nproc: int, port: int | None, run: Path, resume: bool
 
     if not resume:
         refuse_existing(run)  # said once here, not by every rank
-    failed = be.distributed().launch(nproc, distributed.worker_argv(ARGS), port)
+    import os
+    import tempfile
+
+    from capsctl.errors import RANK_ERRORS_ENV
+
+    # the ranks leave their error lines here: every rank failing alike is told once (rank 0's line)
+    with tempfile.TemporaryDirectory(prefix="capsctl-ranks-") as told:
+        os.environ[RANK_ERRORS_ENV] = told
+        try:
+            failed = be.distributed().launch(nproc, distributed.worker_argv(ARGS), port)
+        finally:
+            del os.environ[RANK_ERRORS_ENV]
+            for line in distributed.told_errors(told, nproc):
+                typer.echo(line, err=True)
     from capsctl.training.run_folder import CHECKPOINT_FILE
 
     again = f"capsctl train --resume {run} --nproc {nproc}" if (run / CHECKPOINT_FILE).exists() else None

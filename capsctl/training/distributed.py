@@ -281,8 +281,25 @@ class _RankPrefixed:
 def prefix_stderr(rank: int) -> None:
     """Prefix this rank's stderr lines (Python warnings, messages, errors) with its rank; rank 0 keeps
     its output as a single-process run's."""
+    from capsctl.errors import set_rank
+
+    set_rank(rank)
     if rank > 0 and not isinstance(sys.stderr, _RankPrefixed):
         sys.stderr = _RankPrefixed(sys.stderr, rank)
+
+
+def told_errors(folder: str, nproc: int) -> list[str]:
+    """The error lines the ranks left for the launcher (capsctl.errors.leave_to_launcher) that it must
+    print: each rank's but 0's (which rank 0 printed itself), unless it is rank 0's line again."""
+    lines: dict[int, str] = {}
+    for rank in range(nproc):
+        try:
+            with open(os.path.join(folder, f"rank-{rank}.txt"), encoding="utf-8") as f:
+                lines[rank] = f.read().strip()
+        except OSError:
+            continue
+    first = lines.get(0)
+    return [f"[rank {r}] {line}" for r, line in sorted(lines.items()) if r > 0 and line != first]
 
 
 def share_tensors(
