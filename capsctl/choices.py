@@ -7,10 +7,18 @@ fast (no numpy, no dataclasses to build)."""
 
 from __future__ import annotations
 
+# named architectures (capsctl.model.presets): the seed article's, Sabour et al. 2017's, Mazzia et al. 2021's
+ARCHS = ("seed", "sabour2017", "efficient")
 HEADS = ("capsule", "pool")  # capsule: dynamic routing; pool: global average pooling
-ROUTINGS = ("su", "sabour", "su-unit")
-SQUASHES = ("su", "sabour")
+ROUTINGS = ("su", "sabour", "su-unit", "attention")  # attention: Efficient-CapsNet's, not iterative
+SQUASHES = ("su", "sabour", "efficient")
+# what `experiment ablate` compares by default: the dynamic routings and their squashes, each of which
+# runs on the seed's shared-weight layer (attention needs a weight per input: --arch efficient)
+ABLATE_ROUTINGS = ("su", "sabour", "su-unit")
+ABLATE_SQUASHES = ("su", "sabour")
+PRIMARY_KINDS = ("conv", "depthwise")  # how primary capsules are made from the trunk's output
 LAYOUTS = ("vertical", "horizontal", "overlap")  # how the digits of a composite are placed
+COMPOSE = ("overlap",)  # what `capsctl train --compose` trains on: composites of two training digits
 DIRECTIONS = ("auto", "top-to-bottom", "left-to-right")  # reading order of the classes `inspect` finds
 WEIGHTINGS = ("contribution", "coupling", "raw")  # what `inspect` weighs a class's routing evidence by
 INVERT_CHOICES = ("auto", "yes", "no")  # whether an image's light background is inverted

@@ -184,8 +184,10 @@ def test_optimizer_state_round_trips_between_trainers(backend, mnist):
         assert value.tobytes() == a.weights()[name].tobytes(), name
 
 
-def test_cli_train_resumes_exactly(backend, tmp_path, capsys, mnist_dir):
-    """Two epochs straight == one epoch, stop, --resume: bit-identical weights.
+@pytest.mark.parametrize("arch", ["seed", "efficient"])
+def test_cli_train_resumes_exactly(backend, tmp_path, capsys, mnist_dir, arch):
+    """Two epochs straight == one epoch, stop, --resume: bit-identical weights (efficient: with batch
+    norms, whose running statistics are weights without optimiser slots).
 
     The 'stopped' run is made by training one epoch and raising the stored epoch count to two,
     which is what a run killed after its first epoch's checkpoint looks like. The constant
@@ -194,7 +196,7 @@ def test_cli_train_resumes_exactly(backend, tmp_path, capsys, mnist_dir):
     from capsctl.training.run_folder import load_checkpoint, save_checkpoint
 
     args = ["train", "--backend", backend.name, "--data-dir", mnist_dir, "--limit", "192",
-            "--batch-size", "64", "-q", "--schedule", "constant", "--test-limit", "100"]
+            "--batch-size", "64", "-q", "--schedule", "constant", "--test-limit", "100", "--arch", arch]
     code, _, err = run_cli([*args, "--epochs", "2", "--out", tmp_path / "straight"], capsys)
     assert code == 0, err
     code, _, err = run_cli([*args, "--epochs", "1", "--out", tmp_path / "split"], capsys)

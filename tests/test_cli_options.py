@@ -56,7 +56,7 @@ def test_every_command_module_is_registered():
 
 
 @pytest.mark.parametrize(("command", "shown"), [
-    (["train"], ["<capsule|pool>", "<su|sabour|su-unit>", "<seed|default>", "<constant|onecycle>",
+    (["train"], ["<capsule|pool>", "<su|sabour|su-unit|attention>", "<seed|default>", "<constant|onecycle>",
                  "<mnist-5k|mnist|fashion-mnist|cifar10|PATH>", "<torch|keras>", "Model", "Data", "Recipe",
                  "Run", "--eval-limit", "--json"]),
     (["eval-pairs"], ["<vertical|horizontal|overlap>", "--eval-limit", "--batch-size"]),
@@ -64,8 +64,8 @@ def test_every_command_module_is_registered():
     (["export"], ["<torch|keras|onnx>"]),
     (["bench"], ["--backends", "--heads", "<capsule|pool|capsule+decoder>,...", "--batch-size",
                  "--infer-batch-size"]),
-    (["experiment", "ablate"], ["--routings", "--eval-routings", "<su|sabour|su-unit>,..."]),
-    (["experiment", "pairs"], ["--heads", "--seeds", "--tests", "<su|sabour|su-unit>"]),
+    (["experiment", "ablate"], ["--routings", "--eval-routings", "<su|sabour|su-unit|attention>,..."]),
+    (["experiment", "pairs"], ["--heads", "--seeds", "--tests", "<su|sabour|su-unit|attention>"]),
     (["data", "list"], ["--json"]),
 ])
 def test_help_lists_the_choices_and_hides_old_names(capsys, monkeypatch, command, shown):

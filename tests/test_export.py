@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from capsctl.model import reference
-from capsctl.model.spec import ModelSpec
+from capsctl.model.presets import preset
+from capsctl.model.spec import DecoderSpec, ModelSpec
 from capsctl.model.weights import load_model, save_model
 
 from ._helpers import assert_one_line_error, routing_weights, run_cli
@@ -20,6 +21,12 @@ SPECS = {
     "capsule": ModelSpec(),
     "pool": ModelSpec(head="pool"),
     "non-shared": ModelSpec().with_capsule(shared=False, num_inputs=64, routing="sabour", squash="sabour"),
+    # the Sabour et al. 2017 preset (8.2M parameters: strided primary capsules, decoder), as trained at 28x28
+    "sabour2017": preset("sabour2017").with_capsule(num_inputs=1152).replace(
+        decoder=DecoderSpec(hidden=(512, 1024), image_shape=(28, 28, 1))
+    ),
+    # Efficient-CapsNet: batch norms (running statistics in the file), depthwise primary capsules, attention
+    "efficient": preset("efficient").with_capsule(num_inputs=16),
 }
 
 
@@ -89,7 +96,9 @@ def test_keras_export_loads_in_plain_keras_and_round_trips(tmp_path, capsys, mod
     model = capsctl_keras.load_model(str(native))  # keras.saving.load_model, safe_mode=True
     spec, weights = load_model(models[name])
     x = mnist.test().images[:3]
-    np.testing.assert_allclose(np.asarray(model(x)), reference.forward(spec, weights, x)[0], atol=1e-4)
+    out = model(x)
+    scores = out[0] if isinstance(out, (list, tuple)) else out  # a decoder model also reconstructs
+    np.testing.assert_allclose(np.asarray(scores), reference.forward(spec, weights, x)[0], atol=1e-4)
     back = tmp_path / "back.safetensors"
     _ok(["import", native, "--out", back], capsys)
     _same_model(models[name], back)
@@ -101,7 +110,7 @@ def test_keras_export_loads_in_plain_keras_and_round_trips(tmp_path, capsys, mod
 @pytest.mark.parametrize(
     ("name", "sizes"),
     [("capsule", [(28, 28), (56, 28), (40, 33)]), ("pool", [(28, 28), (28, 56)]),
-     ("non-shared", [(28, 28)])],
+     ("non-shared", [(28, 28)]), ("sabour2017", [(28, 28)]), ("efficient", [(28, 28)])],
 )
 def test_onnx_runs_in_onnxruntime_and_matches(tmp_path, capsys, models, mnist, name, sizes):
     import onnx
@@ -114,7 +123,7 @@ def test_onnx_runs_in_onnxruntime_and_matches(tmp_path, capsys, models, mnist, n
     proto = onnx.load(path)
     dims = [d.dim_param or d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]
     assert isinstance(dims[0], str) and dims[3] == 1  # dynamic batch, channels-last input
-    assert all(isinstance(d, str) for d in dims[1:3]) == (name != "non-shared")
+    assert all(isinstance(d, str) for d in dims[1:3]) == (name in ("capsule", "pool"))
     meta = {p.key: p.value for p in proto.metadata_props}
     spec, weights = load_model(models[name])
     assert ModelSpec.from_json(meta["capsctl_spec"]) == spec

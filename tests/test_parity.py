@@ -17,10 +17,12 @@ import numpy as np
 import pytest
 
 from capsctl.backend import OptimConfig, get_backend
+from capsctl.choices import ARCHS
 from capsctl.data.composites import make_composites, score_sets, single_accuracy
 from capsctl.model import reference
 from capsctl.model.spec import ModelSpec
 from capsctl.model.weights import init_weights, load_model
+from capsctl.model.weights import trained as is_trained
 from capsctl.training.config import TrainConfig
 from capsctl.training.loop import train
 
@@ -195,15 +197,18 @@ def _assert_same_total_update(start: dict, a: dict, b: dict, note: str) -> None:
         assert rel_diff(da, db) < TOTAL_RTOL, (note, name, rel_diff(da, db))
 
 
-def test_training_steps_match_across_backends(mnist):
+@pytest.mark.parametrize("arch", ARCHS)
+def test_training_steps_match_across_backends(mnist, arch):
     """Same start, same batch: the two trainers compute the same gradients and take the same AdamW
-    steps (with decoupled decay), and their slots use the same canonical keys."""
-    spec = ModelSpec()
+    steps (with decoupled decay), and their slots use the same canonical keys; on every preset (batch
+    norms included: the same running statistics after the step)."""
+    spec = _filled(arch)
     x, y = mnist.train().images[:32], mnist.train().labels[:32]
     y1 = np.eye(10, dtype=np.float32)[y]
-    w0 = init_weights(spec, 0)
+    everything = init_weights(spec, 0)
+    w0 = {name: a for name, a in everything.items() if is_trained(name)}
     optim, lr = OptimConfig(weight_decay=0.05), 1e-3
-    run = {name: _train(get_backend(name).trainer(spec, w0, optim), x, y1, 3, lr) for name in NAMES}
+    run = {name: _train(get_backend(name).trainer(spec, everything, optim), x, y1, 3, lr) for name in NAMES}
     (t_losses, t_weights, t_states), (k_losses, k_weights, k_states) = run["torch"], run["keras"]
 
     assert k_losses[0] == pytest.approx(t_losses[0], rel=1e-5)  # the same forward pass from the same weights
@@ -211,19 +216,45 @@ def test_training_steps_match_across_backends(mnist):
     assert t_losses[2] < t_losses[0]
 
     # step 1: the same gradient, and the same update wherever the gradient is not float noise
-    _assert_same_slots(k_states[0], t_states[0], w0, GRAD_RTOL, "step 1")
-    for name in w0:
-        g = np.abs(t_states[0][f"m.{name}"]) / (1 - optim.beta1)
-        significant = g >= max(SIGNIFICANT * g.max(), SIGNIFICANT_EPS * optim.eps)
-        assert significant.mean() > 0.25, name  # the element-wise check covers much of every tensor
-        dk, dt = k_weights[0][name] - w0[name], t_weights[0][name] - w0[name]
-        np.testing.assert_allclose(dk[significant], dt[significant], rtol=0, atol=UPDATE_ATOL * lr,
-                                   err_msg=name)
+    if arch != "seed":
+        # The other presets start with tiny gradients (capsules squashed twice from Glorot scale; conv
+        # biases whose gradient a batch norm nearly cancels): many elements are within a few Adam epsilons,
+        # where float noise decides the update. Their gradients are compared per tensor, looser.
+        _assert_same_slots(k_states[0], t_states[0], w0, LATER_RTOL, "step 1")
+    else:
+        _assert_same_slots(k_states[0], t_states[0], w0, GRAD_RTOL, "step 1")
+        for name in w0:
+            g = np.abs(t_states[0][f"m.{name}"]) / (1 - optim.beta1)
+            significant = g >= max(SIGNIFICANT * g.max(), SIGNIFICANT_EPS * optim.eps)
+            assert significant.mean() > 0.25, name  # the element-wise check covers much of every tensor
+            dk, dt = k_weights[0][name] - w0[name], t_weights[0][name] - w0[name]
+            np.testing.assert_allclose(dk[significant], dt[significant], rtol=0, atol=UPDATE_ATOL * lr,
+                                       err_msg=name)
 
-    # three steps: the slots and the total update agree relative to their size
-    _assert_same_slots(k_states[2], t_states[2], w0, LATER_RTOL, "step 3")
+    # the running statistics of step 1's batch (the forward pass from the same weights)
+    for name in set(everything) - set(w0):
+        np.testing.assert_allclose(k_weights[0][name], t_weights[0][name], rtol=1e-4, err_msg=name)
+
+    # three steps: the slots and the total update agree relative to their size (the seed's model; on the
+    # others the near-epsilon elements of steps 1 and 2 have already moved the weights apart by then)
+    if arch == "seed":
+        _assert_same_slots(k_states[2], t_states[2], w0, LATER_RTOL, "step 3")
     assert k_states[2]["step"][0] == 3
     _assert_same_total_update(w0, k_weights[2], t_weights[2], "3 steps")
+
+
+def _filled(arch: str) -> ModelSpec:
+    """The preset as `capsctl train` completes it for 28x28 digits."""
+    from dataclasses import replace
+
+    from capsctl.model.presets import preset
+
+    spec = preset(arch)
+    if not spec.capsule.shared:
+        spec = spec.with_capsule(num_inputs=spec.capsule_count(28, 28))
+    if spec.decoder is not None:
+        spec = spec.replace(decoder=replace(spec.decoder, image_shape=(28, 28, 1)))
+    return spec
 
 
 @pytest.mark.parametrize("first", ["torch", "keras"])

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from capsctl.errors import CapsctlError
-from capsctl.model.spec import AvgPoolLayer, ConvLayer, ModelSpec
+from capsctl.model.spec import AvgPoolLayer, CapsuleSpec, ConvLayer, ModelSpec
 from capsctl.model.weights import expected_shapes, parameter_count
 
 
@@ -73,7 +73,13 @@ def test_shapes_and_grid():
         ('{"capsule": {"squash": "x"}}', "capsule.squash"),
         ('{"capsule": {"routings": 0}}', "capsule.routings"),
         ('{"capsule": {"dim": -1}}', "capsule.dim"),
-        ('{"capsule": {"shared": false}}', "num_inputs is required"),
+        ('{"capsule": {"num_inputs": 0}}', "capsule.num_inputs"),
+        ('{"trunk": [{"type": "conv", "filters": 8, "padding": "full"}]}', "padding must be one of"),
+        ('{"trunk": [{"type": "conv", "filters": 8, "stride": 2, "padding": "same"}]}', "needs stride 1"),
+        ('{"trunk": [{"type": "conv", "filters": 8, "stride": 0}]}', "trunk\\[0\\].stride"),
+        ('{"capsule": {"primary": {"kind": "em"}}}', "capsule.primary.kind"),
+        ('{"capsule": {"primary": {"types": 0}}}', "capsule.primary.types"),
+        ('{"capsule": {"primary": 3}}', "capsule.primary must be null or an object"),
         ('{"capsule": {"colour": 1}}', "colour"),
         ('{"trunk": [{"type": "maxpool", "size": 2}]}', "unknown trunk layer type"),
         ('{"trunk": [{"type": "conv", "filters": 0, "kernel": 3}]}', "trunk\\[0\\].filters"),
@@ -86,6 +92,30 @@ def test_shapes_and_grid():
 def test_validation_names_the_bad_field(text, message):
     with pytest.raises(CapsctlError, match=message):
         ModelSpec.from_json(text)
+
+
+def test_unshared_weights_need_their_input_count_before_weights_exist():
+    spec = ModelSpec.from_json('{"capsule": {"shared": false}}')  # `capsctl train` fills num_inputs in
+    with pytest.raises(CapsctlError, match="num_inputs is not set"):
+        expected_shapes(spec)
+    assert expected_shapes(spec.with_capsule(num_inputs=64))["head.capsule.kernel"] == (64, 128, 160)
+
+
+def test_strides_padding_and_primary_capsules_set_the_capsule_count():
+    from capsctl.model.spec import ConvLayer, PrimarySpec
+
+    # Sabour et al. 2017: Conv 256 9x9 -> 20x20; primary capsules 9x9 stride 2 -> 6x6 x 32 types = 1,152
+    spec = ModelSpec(trunk=(ConvLayer(256, 9),), capsule=CapsuleSpec(primary=PrimarySpec()))
+    assert spec.capsule_grid(28, 28) == (6, 6, 32) and spec.capsule_count(28, 28) == 1152
+    assert spec.capsule_input_dim == 8 and spec.min_image_size() == 17
+    assert spec.capsule_count(17, 17) == 32
+    with pytest.raises(CapsctlError, match="too small for this model's primary capsules"):
+        spec.capsule_count(16, 28)
+    strided = ModelSpec(trunk=(ConvLayer(8, 3, stride=2), ConvLayer(8, 3, padding="same")))
+    assert strided.trunk_grid(28, 28) == (13, 13) and strided.min_image_size() == 3
+    assert ModelSpec.from_json(spec.to_json()) == spec and ModelSpec.from_json(strided.to_json()) == strided
+    # the defaults are not written: older specs keep their JSON byte for byte
+    assert "stride" not in ModelSpec().to_json() and "primary" not in ModelSpec().to_json()
 
 
 def test_spec_is_frozen():

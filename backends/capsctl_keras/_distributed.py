@@ -41,7 +41,7 @@ from capsctl.training.distributed import (
 )
 
 from ._env import tf
-from ._trainer import KerasTrainer
+from ._trainer import KerasTrainer, correct_rows
 
 T = TypeVar("T")
 def _lost(e: BaseException) -> BaseException:
@@ -177,7 +177,7 @@ class DistributedKerasTrainer:
             # the optimiser sums the workers' gradients: weighting each mean loss by n_r / B makes the
             # sum the gradient of the global batch's mean loss (0, on one dummy image, for an empty slice)
             loss, p = inner.descend(x, y, n / b)
-            right = tf.reduce_sum(tf.cast(tf.argmax(p, 1) == tf.argmax(y, 1), tf.float64))
+            right = tf.reduce_sum(tf.cast(correct_rows(p, y), tf.float64))
             has = tf.cast(n > 0, tf.float64)
             return tf.stack([tf.cast(loss, tf.float64) * tf.cast(n, tf.float64), right * has])
 
@@ -203,8 +203,13 @@ class DistributedKerasTrainer:
         return float(total[0]) / b, round(float(total[1]))
 
     def scores(self, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
-        """Every worker scores its share of `images`; all get all the scores."""
+        """Every worker scores its share of `images`; all get all the scores. With batch norms, every worker
+        first takes rank 0's moving statistics (the ones rank 0 saves: each worker updated its own copy
+        from its slice, TensorFlow does not merge them), so the scores are the saved model's."""
         world = self.world
+        for var in self.inner.model.non_trainable_variables:
+            mine = np.asarray(var.numpy(), np.float32)
+            var.assign(world.all_sum(mine if world.rank == 0 else np.zeros_like(mine)))
         part = rank_slice(len(images), world.rank, world.size)
         padded = np.zeros((len(images), self.inner.spec.num_classes), np.float32)
         padded[part] = self.inner.scores(images[part], batch_size)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from capsctl.model.spec import EPS, ConvLayer, ModelSpec
+from capsctl.model.spec import BN_EPS, BN_MOMENTUM, EPS, ConvLayer, ModelSpec
 
 from ._env import keras
 
@@ -20,7 +20,24 @@ PACKAGE = "capsctl"
 
 def squash(s: Any, kind: str) -> Any:
     n2 = ops.sum(s * s, axis=-1, keepdims=True) + EPS
+    if kind == "efficient":  # Efficient-CapsNet: (1 - e^-|s|)·s/|s|
+        n = ops.sqrt(n2)
+        return (1.0 - ops.exp(-n)) * s / n
     return s * ops.sqrt(n2) / ((0.5 if kind == "su" else 1.0) + n2)
+
+
+def route_attention(u_hat: Any, bias: Any, squash_kind: str, trace: bool = False) -> tuple[Any, list, list]:
+    """Efficient-CapsNet's self-attention routing, one pass, over û (B, J, N, D) with the log prior b
+    (N, J): a_ij = û_j|i·(Σ_k û_j|k) / sqrt(D), c = softmax over j, s_j = Σ_i (c_ij + b_ij) û_j|i,
+    v = squash(s); mirrors the torch backend's `route_attention`."""
+    d = ops.shape(u_hat)[-1]
+    a = ops.einsum("bjnd,bjd->bjn", u_hat, ops.sum(u_hat, axis=2)) / (float(d) ** 0.5)
+    c = ops.softmax(a, axis=1)
+    s = ops.einsum("bjn,bjnd->bjd", c + ops.transpose(bias), u_hat)
+    v = squash(s, squash_kind)
+    if not trace:
+        return v, [], []
+    return v, [c], [ops.einsum("bjnd,bjd->bjn", u_hat, v)]
 
 
 def safe_norm(s: Any) -> Any:
@@ -96,32 +113,58 @@ class CapsuleHead(keras.layers.Layer):
 
     def __init__(
         self, num_classes: int, dim: int, routings: int, routing: str, squash: str, shared: bool = True,
-        num_inputs: int | None = None, with_capsules: bool = False, **kwargs: Any,
+        num_inputs: int | None = None, with_capsules: bool = False, primary: dict[str, Any] | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.num_classes, self.dim, self.routings = num_classes, dim, routings
         self.routing, self.squash, self.shared, self.num_inputs = routing, squash, shared, num_inputs
         self.with_capsules = with_capsules  # call returns [scores, v (B, J, D)] (feeds the decoder)
+        # primary capsules (capsctl.model.spec.PrimarySpec as a dict): kind, types, dim, kernel, stride
+        self.primary = dict(primary) if primary is not None else None
 
     def build(self, input_shape: tuple) -> None:
         c, width = input_shape[-1], self.num_classes * self.dim
-        shape = (c, width) if self.shared else (self.num_inputs, c, width)
         # zeros: the values always come from capsctl.weights (identical start in every backend)
+        p = self.primary
+        if p is not None:
+            channels = p["types"] * p["dim"]
+            out = 1 if p["kind"] == "depthwise" else channels  # depthwise: one filter per channel
+            self.primary_kernel = self.add_weight(
+                name="primary_kernel", shape=(p["kernel"], p["kernel"], c, out), initializer="zeros"
+            )
+            self.primary_bias = self.add_weight(name="primary_bias", shape=(channels,), initializer="zeros")
+            c = p["dim"]
+        shape = (c, width) if self.shared else (self.num_inputs, c, width)
         self.kernel = self.add_weight(name="kernel", shape=shape, initializer="zeros")
+        if self.routing == "attention":  # its log prior b (N, J)
+            shape = (self.num_inputs, self.num_classes)
+            self.bias = self.add_weight(name="bias", shape=shape, initializer="zeros")
+
+    def inputs(self, f: Any) -> Any:
+        """Features (B, H, W, C) -> the routing's input capsules u (B, N, C'): the positions, row-major
+        over (H, W), or the squashed primary capsules, row-major over (row, column, type)."""
+        p = self.primary
+        if p is None:
+            shape = ops.shape(f)
+            return ops.reshape(f, (shape[0], -1, shape[3]))
+        conv = ops.depthwise_conv if p["kind"] == "depthwise" else ops.conv
+        z = conv(f, self.primary_kernel, strides=p["stride"], padding="valid") + self.primary_bias
+        return squash(ops.reshape(z, (ops.shape(z)[0], -1, p["dim"])), self.squash)
 
     def predictions(self, f: Any) -> Any:
         """Features (B, H, W, C) -> û (B, J, N, D)."""
-        shape = ops.shape(f)
-        u = ops.reshape(f, (shape[0], -1, shape[3]))  # (B, N, C), row-major over (H, W)
+        u = self.inputs(f)
         j, d = self.num_classes, self.dim
         if self.shared:
             return ops.einsum("bnc,cjd->bjnd", u, ops.reshape(self.kernel, (-1, j, d)))
         return ops.einsum("bnc,ncjd->bjnd", u, ops.reshape(self.kernel, (self.num_inputs, -1, j, d)))
 
     def _route(self, f: Any, routings: int, trace: bool) -> tuple[Any, list, list]:
+        if self.routing == "attention":
+            return route_attention(self.predictions(f), self.bias, self.squash, trace)
         if self.shared:
-            shape = ops.shape(f)
-            u = ops.reshape(f, (shape[0], -1, shape[3]))  # (B, N, C), row-major over (H, W)
+            u = self.inputs(f)
             return route_shared(u, self.kernel, self.dim, routings, self.routing, self.squash, trace)
         return route(self.predictions(f), routings, self.routing, self.squash, trace)
 
@@ -148,6 +191,7 @@ class CapsuleHead(keras.layers.Layer):
             "num_classes": self.num_classes, "dim": self.dim, "routings": self.routings,
             "routing": self.routing, "squash": self.squash,
             "shared": self.shared, "num_inputs": self.num_inputs, "with_capsules": self.with_capsules,
+            "primary": self.primary,
         }
 
 
@@ -201,15 +245,20 @@ class CapsuleDecoder(keras.layers.Layer):
 
 
 def Trunk(spec: ModelSpec) -> list[keras.layers.Layer]:
-    """The conv/pool stack as Keras layers; conv k is named `trunk_conv{k}` (see _weights)."""
+    """The conv/pool stack as Keras layers; conv k is named `trunk_conv{k}`, its batch norm `trunk_bn{k}`
+    (see _weights)."""
     layers: list[keras.layers.Layer] = []
     k = 0
     for i, layer in enumerate(spec.trunk):
         if isinstance(layer, ConvLayer):
             layers.append(keras.layers.Conv2D(
-                layer.filters, layer.kernel, padding="valid", activation="relu", name=f"trunk_conv{k}",
-                kernel_initializer="zeros",
+                layer.filters, layer.kernel, strides=layer.stride, padding=layer.padding, activation="relu",
+                name=f"trunk_conv{k}", kernel_initializer="zeros",
             ))
+            if layer.batchnorm:  # after the ReLU (Efficient-CapsNet's order); the spec's constants
+                layers.append(keras.layers.BatchNormalization(
+                    momentum=BN_MOMENTUM, epsilon=BN_EPS, name=f"trunk_bn{k}"
+                ))
             k += 1
         else:
             layers.append(keras.layers.AveragePooling2D(layer.size, name=f"trunk_pool{i}"))
@@ -228,10 +277,13 @@ def PoolHead(spec: ModelSpec) -> list[keras.layers.Layer]:
 
 
 def capsule_head(spec: ModelSpec) -> CapsuleHead:
+    from dataclasses import asdict
+
     c = spec.capsule
     return CapsuleHead(
         spec.num_classes, c.dim, c.routings, c.routing, c.squash, c.shared, c.num_inputs,
-        with_capsules=spec.decoder is not None, name="head_capsule",
+        with_capsules=spec.decoder is not None, primary=asdict(c.primary) if c.primary else None,
+        name="head_capsule",
     )
 
 

@@ -19,6 +19,20 @@ from ._weights import read, table, variables
 JIT_COMPILE = False
 
 
+def correct_rows(p: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+    """Per row, whether its k highest scores `p` are exactly its k targets (k = the 1s in `y`): argmax ==
+    argmax for a one-hot row (as always), the top-2 set == the label set for a two-hot one (--compose);
+    equal scores rank the lower class first, as capsctl.data.composites.set_matches (eval-pairs) does."""
+    pos = y > 0.5
+    j = tf.range(tf.shape(p)[1])
+    pi, pj = p[:, :, None], p[:, None, :]
+    above = (pi > pj) | ((pi == pj) & (j[:, None] < j[None, :]))  # class i ranks above class j
+    target_over_other = pos[:, :, None] & ~pos[:, None, :]
+    sets = tf.reduce_all(above | ~target_over_other, axis=[1, 2])
+    k = tf.reduce_sum(tf.cast(pos, tf.int32), 1)
+    return tf.where(k == 1, tf.argmax(p, 1) == tf.argmax(y, 1), sets)
+
+
 class TorchStyleAdamW(keras.optimizers.AdamW):
     """Keras' AdamW with epsilon where torch (and the Adam paper's Algorithm 1) puts it.
 
@@ -74,7 +88,7 @@ class KerasTrainer:
     def _train_step(self, x: tf.Tensor, y: tf.Tensor, lr: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         self.opt.learning_rate.assign(lr)
         loss, p = self.descend(x, y, tf.constant(1.0))
-        correct = tf.reduce_sum(tf.cast(tf.argmax(p, 1) == tf.argmax(y, 1), tf.int32))
+        correct = tf.reduce_sum(tf.cast(correct_rows(p, y), tf.int32))
         return loss, correct
 
     def descend(self, x: tf.Tensor, y: tf.Tensor, weight: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
@@ -124,7 +138,7 @@ class KerasTrainer:
         if step == 0:
             return {}
         out: dict[str, np.ndarray] = {}
-        for name, (native, _perm) in table(self.spec).items():
+        for name, (native, _perm) in table(self.spec, trained_only=True).items():
             m, v = self._slots(native)
             out[f"m.{name}"] = np.asarray(m.numpy(), np.float32)  # type: ignore[attr-defined]
             out[f"v.{name}"] = np.asarray(v.numpy(), np.float32)  # type: ignore[attr-defined]
@@ -132,7 +146,7 @@ class KerasTrainer:
         return out
 
     def load_optimizer_state(self, state: Mapping[str, np.ndarray]) -> None:
-        for name, (native, _perm) in table(self.spec).items():  # identity permutations
+        for name, (native, _perm) in table(self.spec, trained_only=True).items():  # identity permutations
             m, v = self._slots(native)
             m.assign(state[f"m.{name}"])  # type: ignore[attr-defined]
             v.assign(state[f"v.{name}"])  # type: ignore[attr-defined]

@@ -14,15 +14,28 @@ import numpy as np
 from capsctl.model import layout
 from capsctl.model.layout import LayoutTable
 from capsctl.model.spec import ModelSpec
+from capsctl.model.weights import trained
+
+_BATCHNORM = {"gamma": "gamma", "beta": "beta", "mean": "moving_mean", "var": "moving_variance"}
 
 
-def table(spec: ModelSpec) -> LayoutTable:
+def table(spec: ModelSpec, trained_only: bool = False) -> LayoutTable:
+    """Every canonical tensor's Keras variable path; `trained_only`: without the running statistics
+    (the optimiser's slots)."""
     rows: LayoutTable = {}
-    for k in range(len(spec.conv_layers)):
+    for k, conv in enumerate(spec.conv_layers):
         rows[f"trunk.{k}.kernel"] = (f"trunk_conv{k}/kernel", None)
         rows[f"trunk.{k}.bias"] = (f"trunk_conv{k}/bias", None)
+        if conv.batchnorm:
+            for stat, native in _BATCHNORM.items():
+                rows[f"trunk.{k}.bn.{stat}"] = (f"trunk_bn{k}/{native}", None)
     if spec.head == "capsule":
+        if spec.capsule.primary is not None:
+            rows["head.primary.kernel"] = ("head_capsule/primary_kernel", None)
+            rows["head.primary.bias"] = ("head_capsule/primary_bias", None)
         rows["head.capsule.kernel"] = ("head_capsule/kernel", None)
+        if spec.capsule.routing == "attention":
+            rows["head.capsule.bias"] = ("head_capsule/bias", None)
     else:
         for i in range(2):
             rows[f"head.dense{i}.kernel"] = (f"head_dense{i}/kernel", None)
@@ -31,6 +44,8 @@ def table(spec: ModelSpec) -> LayoutTable:
         for k in range(len(spec.decoder.hidden) + 1):
             rows[f"decoder.dense{k}.kernel"] = (f"decoder/decoder_dense{k}/kernel", None)
             rows[f"decoder.dense{k}.bias"] = (f"decoder/decoder_dense{k}/bias", None)
+    if trained_only:
+        rows = {name: row for name, row in rows.items() if trained(name)}
     return rows
 
 

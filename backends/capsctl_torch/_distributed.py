@@ -11,6 +11,7 @@ import sys
 import uuid
 from collections.abc import Callable, Mapping
 from datetime import timedelta
+from functools import partial
 from typing import Any, TypeVar
 
 import numpy as np
@@ -32,7 +33,7 @@ from capsctl.training.distributed import (
 
 from ._env import device
 from ._runner import batched_scores, to_input
-from ._trainer import TorchTrainer
+from ._trainer import TorchTrainer, correct_rows
 
 T = TypeVar("T")
 
@@ -166,14 +167,18 @@ class DistributedTorchTrainer:
         weight = n * world.size / b
         _collective(lambda: (loss * weight if weight != 1 else loss).backward())
         inner.opt.step()
-        correct = int((p.detach().argmax(1) == y.argmax(1)).sum()) if n else 0
+        correct = int(correct_rows(p.detach(), y).sum()) if n else 0
         stats = torch.tensor([float(loss.detach()) * n, correct], dtype=torch.float64)
         _collective(lambda: dist.all_reduce(stats))
         return float(stats[0]) / b, round(float(stats[1]))
 
     def scores(self, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
-        """Every rank scores its share of `images`; all get all the scores."""
+        """Every rank scores its share of `images`; all get all the scores. With batch norms, every rank
+        first takes rank 0's running statistics (the ones rank 0 saves), so the scores are the saved
+        model's (each rank updated its own from its slice)."""
         world = self.world
+        for buffer in self.inner.model.buffers():
+            _collective(partial(dist.broadcast, buffer, src=0))
         parts = [rank_slice(len(images), r, world.size) for r in range(world.size)]
         local = batched_scores(self.inner.model, images[parts[world.rank]], batch_size)
         rows = max(p.stop - p.start for p in parts)

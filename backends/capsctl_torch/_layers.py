@@ -7,17 +7,64 @@ Formulas follow the spec contract (capsctl.spec); tensors of the capsule head ar
 from __future__ import annotations
 
 import itertools
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from capsctl.model.spec import EPS, ConvLayer, ModelSpec
+from capsctl.model.spec import BN_EPS, BN_MOMENTUM, EPS, ConvLayer, ModelSpec
 
 
 def squash(s: torch.Tensor, kind: str) -> torch.Tensor:
     n2 = (s * s).sum(-1, keepdim=True) + EPS
+    if kind == "efficient":  # Efficient-CapsNet: (1 - e^-|s|)·s/|s|
+        n = n2.sqrt()
+        return (1.0 - torch.exp(-n)) * s / n
     return s * n2.sqrt() / ((0.5 if kind == "su" else 1.0) + n2)
+
+
+def route_attention(
+    u_hat: torch.Tensor, bias: torch.Tensor, squash_kind: str, trace: bool = False
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """Efficient-CapsNet's self-attention routing, one pass, over û (B, J, N, D) with the log prior b
+    (N, J): a_ij = Σ_k û_j|i·û_j|k / sqrt(D) = û_j|i·(Σ_k û_j|k) / sqrt(D), c = softmax over j,
+    s_j = Σ_i (c_ij + b_ij) û_j|i, v = squash(s). Trace: c and û·v (one iteration)."""
+    total = u_hat.sum(2, keepdim=True)  # (B, J, 1, D): Σ_k û_j|k
+    a = (u_hat @ total.transpose(2, 3)).squeeze(-1) / math.sqrt(u_hat.shape[-1])  # (B, J, N)
+    c = torch.softmax(a, dim=1)
+    s = ((c + bias.t()).unsqueeze(2) @ u_hat).squeeze(2)  # (B, J, D)
+    v = squash(s, squash_kind)
+    if not trace:
+        return v, [], []
+    return v, [c], [(u_hat @ v.unsqueeze(-1)).squeeze(-1)]
+
+
+class BatchNorm(nn.Module):
+    """Batch normalisation as the spec states it (capsctl.model.spec.BN_EPS, BN_MOMENTUM): the running
+    variance is updated with the batch's biased variance, as Keras does (torch's BatchNorm2d uses the
+    unbiased one), so both backends keep the same statistics. Parameters `weight` (γ) and `bias` (β),
+    buffers `running_mean`, `running_var`."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.running_mean: torch.Tensor
+        self.running_var: torch.Tensor
+        self.register_buffer("running_mean", torch.zeros(channels))
+        self.register_buffer("running_var", torch.ones(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            mean, var = self.running_mean, self.running_var
+            return F.batch_norm(x, mean, var, self.weight, self.bias, False, 0.0, BN_EPS)
+        var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
+        with torch.no_grad():
+            self.running_mean.mul_(BN_MOMENTUM).add_(mean, alpha=1 - BN_MOMENTUM)
+            self.running_var.mul_(BN_MOMENTUM).add_(var, alpha=1 - BN_MOMENTUM)
+        scale = self.weight * torch.rsqrt(var + BN_EPS)
+        return x * scale[None, :, None, None] + (self.bias - mean * scale)[None, :, None, None]
 
 
 def safe_norm(s: torch.Tensor) -> torch.Tensor:
@@ -97,19 +144,29 @@ class Trunk(nn.Module):
         super().__init__()
         self.plan: list[tuple[str, int]] = []
         convs: list[nn.Conv2d] = []
+        bns: dict[str, BatchNorm] = {}  # by conv index (str: ModuleDict keys)
         channels = spec.in_channels
         for layer in spec.trunk:
             if isinstance(layer, ConvLayer):
                 self.plan.append(("conv", len(convs)))
-                convs.append(nn.Conv2d(channels, layer.filters, layer.kernel))
+                if layer.batchnorm:
+                    bns[str(len(convs))] = BatchNorm(layer.filters)
+                conv = nn.Conv2d(channels, layer.filters, layer.kernel, layer.stride, padding=layer.padding)
+                convs.append(conv)
                 channels = layer.filters
             else:
                 self.plan.append(("pool", layer.size))
         self.convs = nn.ModuleList(convs)
+        self.bns = nn.ModuleDict(bns)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for kind, arg in self.plan:
-            x = F.relu(self.convs[arg](x)) if kind == "conv" else F.avg_pool2d(x, arg)
+            if kind == "pool":
+                x = F.avg_pool2d(x, arg)
+                continue
+            x = F.relu(self.convs[arg](x))
+            if str(arg) in self.bns:  # after the ReLU (Efficient-CapsNet's order)
+                x = self.bns[str(arg)](x)
         return x
 
 
@@ -119,18 +176,38 @@ class CapsuleHead(nn.Module):
         caps = spec.capsule
         self.j, self.d = spec.num_classes, caps.dim
         self.routings, self.routing, self.squash = caps.routings, caps.routing, caps.squash
-        c = spec.trunk_channels
+        p = caps.primary
+        # primary capsules: a convolution whose TYPES·DIM channels are TYPES capsules of DIM at each place
+        c_trunk = spec.trunk_channels
+        groups = c_trunk if p is not None and p.kind == "depthwise" else 1  # depthwise: a filter a channel
+        self.primary = (
+            None if p is None else nn.Conv2d(c_trunk, p.types * p.dim, p.kernel, p.stride, groups=groups)
+        )
+        self.primary_dim = p.dim if p is not None else 0
+        c = spec.capsule_input_dim
         if caps.shared:
             shape: tuple[int, ...] = (c, self.j * self.d)
         else:
             assert caps.num_inputs is not None  # validate() requires it for per-position weights
             shape = (caps.num_inputs, c, self.j * self.d)
         self.kernel = nn.Parameter(torch.zeros(shape))
+        # attention routing's log prior b (N, J); None for the iterative routings
+        attention = caps.routing == "attention"
+        self.bias = nn.Parameter(torch.zeros(caps.num_inputs or 0, self.j)) if attention else None
+
+    def inputs(self, f: torch.Tensor) -> torch.Tensor:
+        """Trunk features (B, C, H, W) -> the routing's input capsules u (B, N, C'): the positions,
+        row-major over (H, W), or the squashed primary capsules, row-major over (row, column, type)."""
+        bsz = f.shape[0]
+        if self.primary is None:
+            return f.permute(0, 2, 3, 1).reshape(bsz, -1, f.shape[1])  # free for channels_last
+        z = self.primary(f).permute(0, 2, 3, 1)  # (B, H', W', TYPES·DIM)
+        return squash(z.reshape(bsz, -1, self.primary_dim), self.squash)
 
     def predictions(self, f: torch.Tensor) -> torch.Tensor:
-        """Trunk features (B, C, H, W) -> û (B, J, N, D), inputs row-major over (H, W)."""
+        """Trunk features (B, C, H, W) -> û (B, J, N, D)."""
         bsz = f.shape[0]
-        u = f.permute(0, 2, 3, 1).reshape(bsz, -1, f.shape[1])  # (B, N, C); free for channels_last
+        u = self.inputs(f)
         if self.kernel.dim() == 2:
             uh = u @ self.kernel
         else:
@@ -140,9 +217,10 @@ class CapsuleHead(nn.Module):
     def capsules(self, f: torch.Tensor, routings: int | None = None, trace: bool = False):
         """Output capsules v (B, J, D) and, if `trace`, the per-iteration couplings and agreements."""
         r = routings or self.routings
+        if self.bias is not None:
+            return route_attention(self.predictions(f), self.bias, self.squash, trace)
         if self.kernel.dim() == 2:
-            u = f.permute(0, 2, 3, 1).reshape(f.shape[0], -1, f.shape[1])  # (B, N, C)
-            return route_shared(u, self.kernel, self.d, r, self.routing, self.squash, trace)
+            return route_shared(self.inputs(f), self.kernel, self.d, r, self.routing, self.squash, trace)
         return route(self.predictions(f), r, self.routing, self.squash, trace)
 
     def forward(self, f: torch.Tensor, routings: int | None = None, trace: bool = False):

@@ -135,16 +135,11 @@ class _ChannelsLast(torch.nn.Module):
 
 
 def _fixed_side(spec: ModelSpec) -> int:
-    """Non-shared capsule weights fix N = H'·W': the square image side that gives it."""
+    """Non-shared capsule weights fix N (H'·W', or H'·W'·types): the square image side that gives it."""
     n = spec.capsule.num_inputs
-    side = spec.min_image_size()
-    while side <= 4096:
-        gh, gw = spec.trunk_grid(side, side)
-        if gh * gw == n:
-            return side
-        if gh * gw > (n or 0):
-            break
-        side += 1
+    found = spec.side_for(n) if n is not None else None
+    if found is not None:
+        return found
     raise CapsctlError(f"no square image size gives this model's {n} capsule inputs; ONNX export needs one")
 
 

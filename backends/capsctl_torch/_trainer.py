@@ -8,12 +8,26 @@ import numpy as np
 import torch
 
 from capsctl.backend import OptimConfig
+from capsctl.model import layout
 from capsctl.model.spec import ModelSpec, default_recon_weight
 
 from ._env import tune_malloc
 from ._layers import margin_loss, mask, reconstruction_loss, safe_norm
 from ._runner import batched_scores, build, to_input
-from ._weights import table, to_canonical, to_native
+from ._weights import table, to_canonical
+
+
+def correct_rows(p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per row, whether its k highest scores `p` are exactly its k targets (k = the 1s in `y`): argmax ==
+    argmax for a one-hot row (as always), the top-2 set == the label set for a two-hot one (--compose);
+    equal scores rank the lower class first, as capsctl.data.composites.set_matches (eval-pairs) does."""
+    pos = y > 0.5
+    j = torch.arange(p.shape[1], device=p.device)
+    pi, pj = p[:, :, None], p[:, None, :]
+    above = (pi > pj) | ((pi == pj) & (j[:, None] < j[None, :]))  # class i ranks above class j
+    target_over_other = pos[:, :, None] & ~pos[:, None, :]
+    sets = (above | ~target_over_other).flatten(1).all(1)
+    return torch.where(pos.sum(1) == 1, p.argmax(1) == y.argmax(1), sets)
 
 
 class TorchTrainer:
@@ -37,7 +51,7 @@ class TorchTrainer:
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
-        correct = int((p.detach().argmax(1) == y.argmax(1)).sum())
+        correct = int(correct_rows(p.detach(), y).sum())
         return float(loss.detach()), correct
 
     def loss(self, images: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,7 +69,9 @@ class TorchTrainer:
         return batched_scores(self.model, images, batch_size)
 
     def weights(self) -> dict[str, np.ndarray]:
-        return to_canonical(self.spec, {k: v.detach().cpu().numpy() for k, v in self.params.items()})
+        # the state dict: parameters and the batch norms' running statistics
+        state = self.model.state_dict()
+        return to_canonical(self.spec, {k: v.detach().cpu().numpy() for k, v in state.items()})
 
     def optimizer_state(self) -> dict[str, np.ndarray]:
         out: dict[str, np.ndarray] = {}
@@ -68,16 +84,17 @@ class TorchTrainer:
             m[key] = st["exp_avg"].cpu().numpy()
             v[key] = st["exp_avg_sq"].cpu().numpy()
             step = float(st["step"])
-        out.update({f"m.{k}": a for k, a in to_canonical(self.spec, m).items()})
-        out.update({f"v.{k}": a for k, a in to_canonical(self.spec, v).items()})
+        slots = table(self.spec, trained_only=True)  # (running statistics have no Adam slots)
+        out.update({f"m.{k}": a for k, a in layout.to_canonical(slots, m).items()})
+        out.update({f"v.{k}": a for k, a in layout.to_canonical(slots, v).items()})
         out["step"] = np.array([step], np.float64)
         return out
 
     def load_optimizer_state(self, state: Mapping[str, np.ndarray]) -> None:
         step = float(state["step"][0])
-        names = table(self.spec)
-        m = to_native(self.spec, {name: state[f"m.{name}"] for name in names})
-        v = to_native(self.spec, {name: state[f"v.{name}"] for name in names})
+        slots = table(self.spec, trained_only=True)
+        m = layout.to_native(slots, {name: state[f"m.{name}"] for name in slots})
+        v = layout.to_native(slots, {name: state[f"v.{name}"] for name in slots})
         for key, param in self.params.items():
             self.opt.state[param] = {
                 "step": torch.tensor(step, dtype=torch.float32),

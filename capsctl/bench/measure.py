@@ -34,10 +34,11 @@ import numpy as np
 
 from capsctl.backend import BenchKernels, OptimConfig, get_backend
 from capsctl.bench import DECODER, VARIANTS
+from capsctl.choices import ARCHS
 from capsctl.errors import CapsctlError
 from capsctl.model import flops
 from capsctl.model.spec import HEADS, DecoderSpec, ModelSpec, default_spec
-from capsctl.model.weights import init_weights
+from capsctl.model.weights import init_weights, parameter_count
 from capsctl.training.loop import one_hot
 
 INFER_SIZES = ((28, 28), (56, 28))  # single digits, and the vertical pairs of eval-pairs
@@ -49,11 +50,28 @@ SGEMM_REPS = 3  # matmuls per window
 DECODER_HIDDEN = (512, 1024)  # the paper's decoder, as `capsctl train --decoder` adds it
 
 
+# `--arch A` measures the preset's capsule model as the variant "arch:A" (training only: the non-shared
+# presets see 28x28 images alone)
+ARCH_PREFIX = "arch:"
+
+
 def variant_spec(name: str) -> ModelSpec:
-    """The seed model of a head, or of `capsule+decoder`: the capsule head with the decoder on 28×28×1."""
+    """The seed model of a head, or of `capsule+decoder`: the capsule head with the decoder on 28×28×1;
+    or `arch:NAME`: that preset as `capsctl train --arch NAME` completes it for 28×28×1 digits."""
     if name == DECODER:
         dec = DecoderSpec(hidden=DECODER_HIDDEN, image_shape=(28, 28, 1))
         return default_spec("capsule").replace(decoder=dec)
+    if name.startswith(ARCH_PREFIX):
+        from dataclasses import replace
+
+        from capsctl.model.presets import preset
+
+        spec = preset(name[len(ARCH_PREFIX) :])
+        if not spec.capsule.shared:
+            spec = spec.with_capsule(num_inputs=spec.capsule_count(28, 28))
+        if spec.decoder is not None:
+            spec = spec.replace(decoder=replace(spec.decoder, image_shape=(28, 28, 1)))
+        return spec
     return default_spec(name)
 
 
@@ -87,6 +105,8 @@ class BenchConfig:
         if not self.heads:
             raise CapsctlError("--head: give at least one head")
         for head in self.heads:
+            if head.startswith(ARCH_PREFIX) and head[len(ARCH_PREFIX) :] in ARCHS:
+                continue
             if head not in VARIANTS:
                 raise CapsctlError(f"--head: unknown head {head!r} (expected {', '.join(VARIANTS)})")
 
@@ -218,6 +238,7 @@ def measure_backend(name: str, cfg: BenchConfig) -> dict[str, Any]:
         achieved = count.train_step * cfg.batch / step / 1e9
         achieved_cpu = count.train_step * cfg.batch / cpu / 1e9 if cpu > 0 else None
         heads[head] = {
+            "parameters": parameter_count(spec),
             "train_images_per_s": cfg.batch / step,
             "train_step_ms": step * 1e3,
             "train_step_cpu_ms": cpu * 1e3,

@@ -6,7 +6,7 @@ import typer
 
 from capsctl.bench import DECODER, VARIANTS
 from capsctl.choices import BUILTIN_BACKENDS
-from capsctl.cli._options import JsonOpt, _choice, backends_option, names_option, old_name, renamed
+from capsctl.cli._options import Arch, JsonOpt, _choice, backends_option, names_option, old_name, renamed
 
 Variant = _choice("Variant", VARIANTS)  # the heads, and capsule+decoder
 _HEADS = list(VARIANTS)
@@ -28,6 +28,15 @@ def bench(
         ),
     ] = _HEADS,
     head: Annotated[list[str] | None, names_option(Variant, "--head", help="", hidden=True)] = None,
+    arch: Annotated[
+        list[str] | None,
+        names_option(
+            Arch,
+            "--arch",
+            help="Architectures to measure (training: parameters, images/s, FLOP rate): seed, sabour2017, "
+            "efficient; measured instead of --heads unless --heads is given too.",
+        ),
+    ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Training images per step.")] = 128,
     batch: Annotated[int | None, old_name("--batch")] = None,
     windows: Annotated[int, typer.Option(help="Timed windows; every figure is the median over them.")] = 5,
@@ -65,6 +74,9 @@ def bench(
     (interleaved, median of per-window ratios; target ≤ 1.15×). `--heads capsule+decoder` runs only
     that comparison.
 
+    --arch sabour2017,efficient measures those architectures' training steps (parameters, images/s,
+    FLOP rate against the sgemm).
+
     Example: capsctl bench --backends torch --heads capsule,pool --json
     """
     import json
@@ -79,7 +91,7 @@ def bench(
     check_range("--infer-batch-size", infer_batch_size, 1, 65536)
     cfg = BenchConfig(
         backends=tuple(renamed("--backends", backends, "--backend", backend, _BACKENDS)),
-        heads=tuple(renamed("--heads", heads, "--head", head, _HEADS)),
+        heads=_variants(renamed("--heads", heads, "--head", head, _HEADS), heads != _HEADS, arch),
         batch=batch_size,
         windows=windows,
         steps=steps,
@@ -100,6 +112,18 @@ def bench(
         typer.echo(json.dumps(report))
         return
     _print(report)
+
+
+def _variants(heads: list[str], heads_given: bool, archs: list[str] | None) -> tuple[str, ...]:
+    """--heads, and each --arch as the variant `arch:NAME` (seed: the capsule head); --arch alone
+    measures the architectures only."""
+    from capsctl.bench.measure import ARCH_PREFIX
+
+    if not archs:
+        return tuple(heads)
+    extra = ["capsule" if a == "seed" else f"{ARCH_PREFIX}{a}" for a in archs]
+    base = heads if heads_given else []
+    return tuple(dict.fromkeys([*base, *extra]))
 
 
 def _fmt(value: Any, spec: str = ".0f", suffix: str = "") -> str:
@@ -124,8 +148,10 @@ def _print(report: dict[str, Any]) -> None:
     load_text = f", load average {load[0]:.1f}" if load else ""
     out.print(f"[bold]capsctl bench[/] — {m['cpu']}, {m['cores']} CPUs{load_text}")
     train = Table(title=f"training, batch {cfg['batch']}, 28×28")
-    for col in ("backend", "head", "img/s", "step ms", "CPU ms", "GFLOP/s", "of sgemm", "per CPU-s"):
-        train.add_column(col, justify="left" if col in ("backend", "head") else "right")
+    columns = ("backend", "head", "params", "img/s", "step ms", "CPU ms", "GFLOP/s", "of sgemm", "per CPU-s")
+    for col in columns:
+        left = col in ("backend", "head")
+        train.add_column(col, justify="left" if left else "right", no_wrap=col == "head")
     infer = Table(title=f"inference, batch {cfg['infer_batch']}, img/s")
     for col in ("backend", "head", "28×28", "56×28"):
         infer.add_column(col, justify="left" if col in ("backend", "head") else "right")
@@ -140,7 +166,8 @@ def _print(report: dict[str, Any]) -> None:
             inf = h["infer_images_per_s"]  # (none for capsule+decoder, nor for capsule as its reference)
             train.add_row(
                 name,
-                head,
+                head.removeprefix("arch:"),  # (an --arch variant is named by its architecture)
+                _fmt(h.get("parameters"), ","),
                 _fmt(h["train_images_per_s"]),
                 _fmt(h["train_step_ms"]),
                 _fmt(h["train_step_cpu_ms"]),

@@ -183,16 +183,15 @@ def eval_pairs(
     comp = make_composites(
         test.images, test.labels, digits=digits, layout=str(layout), seed=seed, limit=limit
     )
-    if spec.head == "capsule" and not spec.capsule.shared:
-        gh, gw = spec.trunk_grid(*comp.images.shape[1:3])
-        if gh * gw != spec.capsule.num_inputs:
-            from capsctl.errors import CapsctlError
+    fixed = spec.head == "capsule" and not spec.capsule.shared
+    if fixed and spec.capsule_count(*comp.images.shape[1:3]) != spec.capsule.num_inputs:
+        from capsctl.errors import CapsctlError
 
-            raise CapsctlError(
-                f"{model}: this model's capsule weights are not shared "
-                f"(fixed to {spec.capsule.num_inputs} inputs); "
-                f"{comp.images.shape[1]}x{comp.images.shape[2]} composites need a shared-weight model"
-            )
+        raise CapsctlError(
+            f"{model}: this model's capsule weights are not shared "
+            f"(fixed to {spec.capsule.num_inputs} inputs); "
+            f"{comp.images.shape[1]}x{comp.images.shape[2]} composites need a shared-weight model"
+        )
     check_fit(spec, comp.images, comp.labels, str(model), f"{dataset} {layout} composites")
     runner = get_backend(backend).runner(spec, weights)
     scores = runner.scores(comp.images, batch_size)

@@ -12,6 +12,7 @@ from capsctl.cli._options import (
     MODEL,
     RECIPE,
     RUN,
+    Arch,
     Head,
     Recipe,
     Routing,
@@ -53,10 +54,19 @@ RecipeOpt = Annotated[
     ),
 ]
 QuietOpt = Annotated[bool, quiet_option(RUN)]
+ArchOpt = Annotated[
+    Arch,
+    typer.Option(
+        help="Architecture of the capsule models (capsctl train --arch): seed, sabour2017 or efficient. The "
+        "last two fix the image size (non-shared capsule weights): composite tests are left out for them.",
+        rich_help_panel=MODEL,
+    ),
+]
 _TESTS_HELP = "Tests to score: the standard test set and composites (vertical3: three digits stacked)."
 _PAIRS_TESTS = list(choices.ALL_TESTS)
 _ABLATE_TESTS = ["test", "vertical", "horizontal"]
-_HEADS, _ROUTINGS, _SQUASHES = list(choices.HEADS), list(choices.ROUTINGS), list(choices.SQUASHES)
+_HEADS = list(choices.HEADS)
+_ROUTINGS, _SQUASHES = list(choices.ABLATE_ROUTINGS), list(choices.ABLATE_SQUASHES)
 _SEEDS, _TRAINED_AT, _SCORED_AT = ["0,1,2"], ["1,2,3,5,8"], ["1-8"]
 
 
@@ -123,6 +133,7 @@ def pairs(
         float | None, typer.Option(help="Override the recipe's weight decay.", rich_help_panel=RECIPE)
     ] = None,
     heads: Annotated[list[str], names_option(Head, "--heads", help="Heads to train.", panel=MODEL)] = _HEADS,
+    arch: ArchOpt = "seed",
     decoder: Annotated[
         bool,
         typer.Option(
@@ -186,11 +197,13 @@ def pairs(
     from capsctl.data.sources import parse_image_size
 
     parse_image_size(image_size)  # a bad --image-size is refused before anything runs
+    heads, tests = _for_arch(str(arch), heads, tests)
     plan = PairsPlan(
         backend=backend,
         dataset=str(dataset),
         data_dir=str(data_dir) if data_dir is not None else None,
         recipe=str(recipe),
+        arch=str(arch),
         seeds=tuple(seed_list),
         heads=tuple(heads),
         limit=limit,
@@ -224,6 +237,7 @@ def pairs(
                     "image_size": image_size,
                     "data_dir": data_dir,
                     "recipe": str(recipe),
+                    "arch": str(arch) if str(arch) != "seed" else None,
                     "epochs": epochs,
                     "seeds": seed_list,
                     "heads": heads if heads != _HEADS else None,
@@ -287,6 +301,7 @@ def ablate(
     squash: Annotated[
         list[str], names_option(Squash, "--squash", help="Squash variants.", panel=MODEL)
     ] = _SQUASHES,
+    arch: ArchOpt = "seed",
     routings: Annotated[
         list[str],
         ints_option("--routings", help="Routing iterations to train at.", lo=1, hi=100, panel=MODEL),
@@ -336,11 +351,13 @@ def ablate(
     check_range("--seed", seed, 0)
     check_range("--eval-limit", eval_limit, 1)
     check_range("--limit", limit, 1)
+    _, tests = _for_arch(str(arch), ["capsule"], tests)
     plan = AblatePlan(
         backend=backend,
         dataset=str(dataset),
         data_dir=str(data_dir) if data_dir is not None else None,
         recipe=str(recipe),
+        arch=str(arch),
         seed=seed,
         routings=tuple(routing),
         squashes=tuple(squash),
@@ -358,6 +375,7 @@ def ablate(
                 "dataset": str(dataset),
                 "data_dir": data_dir,
                 "recipe": str(recipe),
+                "arch": str(arch) if str(arch) != "seed" else None,
                 "routing": routing,
                 "squash": squash,
                 "routings": trained_at,
@@ -409,3 +427,29 @@ def report(
 app.command("pairs")(pairs)
 app.command("ablate")(ablate)
 app.command("report")(report)
+
+
+def _for_arch(arch: str, heads: list[str], tests: list[str]) -> tuple[list[str], list[str]]:
+    """The heads and tests an experiment on `arch` runs: its capsule model beside the seed's pool model
+    (seed only), and only the tests its capsule weights can see (non-shared: the training size only)."""
+    from capsctl.errors import CapsctlError
+    from capsctl.model.presets import preset
+
+    if arch == "seed":
+        return heads, tests
+    if heads == _HEADS:  # (the default): the preset's capsule model
+        heads = ["capsule"]
+    if "pool" in heads:
+        raise CapsctlError(f"--arch {arch} has a capsule head only: leave pool out of --heads")
+    if not preset(arch).capsule.shared:
+        dropped = [t for t in tests if t != "test"]
+        if dropped:
+            typer.echo(
+                f"note: --arch {arch} has non-shared capsule weights (it sees training-size images only): "
+                f"leaving out {', '.join(dropped)}",
+                err=True,
+            )
+        tests = [t for t in tests if t == "test"]
+        if not tests:
+            raise CapsctlError(f"--arch {arch}: of --tests, it can score only test (the standard test set)")
+    return heads, tests

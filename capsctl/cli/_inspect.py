@@ -270,17 +270,15 @@ def _check_fixed_inputs(spec: "ModelSpec", shape: tuple[int, ...], image: Path, 
     caps = spec.capsule
     if spec.head != "capsule" or caps.shared:
         return
-    gh, gw = spec.trunk_grid(shape[0], shape[1])
-    if gh * gw == caps.num_inputs:
+    n = spec.capsule_count(shape[0], shape[1])
+    if n == caps.num_inputs:
         return
     hint = ""
-    for side in range(spec.min_image_size(), 1025):
-        sh, sw = spec.trunk_grid(side, side)
-        if sh * sw == caps.num_inputs:
-            hint = f"; try --resize {side}x{side}"
-            break
+    side = spec.side_for(caps.num_inputs, 1024) if caps.num_inputs is not None else None
+    if side is not None:
+        hint = f"; try --resize {side}x{side}"
     raise CapsctlError(
-        f"{image}: gives a {gh}x{gw} grid, but {model} has per-position capsule weights for "
+        f"{image}: gives {n} input capsules, but {model} has per-position capsule weights for "
         f"{caps.num_inputs} inputs{hint}"
     )
 

@@ -30,6 +30,7 @@ def _choice(name: str, values: Sequence[str]) -> type[Choice]:
 
 
 if TYPE_CHECKING:  # to the type checker a choice is a str (which a member is; str(member) is its value)
+    Arch = str
     Head = str
     Routing = str
     Squash = str
@@ -37,11 +38,13 @@ if TYPE_CHECKING:  # to the type checker a choice is a str (which a member is; s
     Schedule = str
     Dataset = str
     Layout = str
+    Compose = str
     Order = str
     Invert = str
     Format = str
     Test = str
 else:
+    Arch = _choice("Arch", choices.ARCHS)
     Head = _choice("Head", choices.HEADS)
     Routing = _choice("Routing", choices.ROUTINGS)
     Squash = _choice("Squash", choices.SQUASHES)
@@ -49,6 +52,7 @@ else:
     Schedule = _choice("Schedule", SCHEDULES)
     Dataset = _choice("Dataset", choices.DATASETS)
     Layout = _choice("Layout", choices.LAYOUTS)
+    Compose = _choice("Compose", choices.COMPOSE)
     Order = _choice("Order", choices.DIRECTIONS)
     Invert = _choice("Invert", choices.INVERT_CHOICES)
     Format = _choice("Format", choices.EXPORT_FORMATS)

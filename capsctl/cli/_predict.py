@@ -192,10 +192,10 @@ def _read(path: Path, spec: ModelSpec, invert: str, resize: tuple[int, int] | No
         img = img[:, :, None]
     caps = spec.capsule
     if spec.head == "capsule" and not caps.shared:
-        gh, gw = spec.trunk_grid(img.shape[0], img.shape[1])
-        if gh * gw != caps.num_inputs:
+        n = spec.capsule_count(img.shape[0], img.shape[1])
+        if n != caps.num_inputs:
             raise CapsctlError(
-                f"{path}: gives a {gh}x{gw} grid, but the model has per-position capsule weights for "
+                f"{path}: gives {n} input capsules, but the model has per-position capsule weights for "
                 f"{caps.num_inputs} inputs (use --resize)"
             )
     return img

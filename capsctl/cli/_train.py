@@ -10,6 +10,8 @@ from capsctl.cli._options import (
     MODEL,
     RECIPE,
     RUN,
+    Arch,
+    Compose,
     Head,
     Recipe,
     Routing,
@@ -37,6 +39,7 @@ if TYPE_CHECKING:
 # Options that shape a run. `--resume RUN` takes them from the run's checkpoint; giving one is refused
 # rather than ignored. (--backend, --data-dir and --eval-limit may be given: they replace the run's.)
 _FIXED_ON_RESUME = (
+    "arch",
     "image_size",
     "head",
     "routing",
@@ -60,12 +63,25 @@ _FIXED_ON_RESUME = (
     "recon_weight",
     "holdout",
     "val_fraction",
+    "compose",
 )
 _RECIPE_DEFAULT = "from --recipe"
 
 
 def train(
     ctx: typer.Context,
+    arch: Annotated[
+        Arch | None,
+        typer.Option(
+            help="Architecture: seed (the seed article's trunk and shared-weight capsule layer), "
+            "sabour2017 (Sabour et al. 2017: Conv256 9x9, 32x8 primary capsules, non-shared DigitCaps, "
+            "decoder; 8.2M parameters) or efficient (Efficient-CapsNet: batch-normed convs, depthwise "
+            "primary capsules, self-attention routing; 162k). The last two take their training image size "
+            "only. A --spec file's fields replace the preset's. docs/ARCHITECTURES.md",
+            show_default="seed",
+            rich_help_panel=MODEL,
+        ),
+    ] = None,
     head: Annotated[
         Head,
         typer.Option(
@@ -177,6 +193,18 @@ def train(
             rich_help_panel=RECIPE,
         ),
     ] = None,
+    compose: Annotated[
+        Compose | None,
+        typer.Option(
+            help="Train on composites instead of single digits. overlap (MultiMNIST, Sabour et al. 2017): "
+            "every epoch pairs each training digit with a random one of another class, shifts both by up "
+            "to ±4 px in a (H+8)x(W+8) canvas and merges them by pixel-wise maximum; the target is both "
+            "labels, and the epochs are scored on overlap pairs of test digits (as eval-pairs --layout "
+            "overlap). Replaces --shift/--scale; no --decoder.",
+            show_default="single digits",
+            rich_help_panel=RECIPE,
+        ),
+    ] = None,
     weight_decay: Annotated[
         float | None,
         typer.Option(
@@ -223,7 +251,7 @@ def train(
         ),
     ] = None,
 ) -> None:
-    """Train a capsule or pooling model on single digits.
+    """Train a capsule or pooling model on single digits (--compose overlap: on pairs of overlapping digits).
 
     Writes RUN/model.safetensors (the model, readable by every backend), RUN/metrics.jsonl (one
     line per epoch) and RUN/checkpoint.safetensors. Ctrl-C saves and exits; a second Ctrl-C aborts
@@ -279,7 +307,7 @@ def train(
     from capsctl.data.sources import parse_image_size
 
     parse_image_size(image_size)  # a bad --image-size is refused before anything runs
-    spec = _spec(spec_file, head, routing, squash, routings, shared)
+    spec = _spec(spec_file, head, routing, squash, routings, shared, _str(arch))
     if decoder is not None and (decoder != (spec.decoder is not None)):
         from capsctl.model.spec import DecoderSpec
 
@@ -297,8 +325,9 @@ def train(
         batch_size=batch_size,
         lr=lr,
         schedule=_str(schedule),
-        shift=shift,
-        scale=scale,
+        # composites shift their digits themselves: no --shift/--scale on top unless given (then refused)
+        shift=0 if compose is not None and shift is None else shift,
+        scale=0.0 if compose is not None and scale is None else scale,
         weight_decay=weight_decay,
     )
     cfg = TrainConfig(
@@ -314,6 +343,7 @@ def train(
         curve_images=curve_images or None,
         holdout=holdout,
         val_fraction=val_fraction,
+        compose=_str(compose),
         **settings,
     )
     _run(
@@ -413,14 +443,34 @@ def _spec(
     squash: Squash | None,
     routings: int | None,
     shared: bool,
+    arch: str | None = None,
 ) -> "ModelSpec":
     from capsctl.cli._options import check_range
     from capsctl.errors import CapsctlError
     from capsctl.model.spec import ModelSpec
 
-    if spec_file is not None:
+    if arch is not None and arch != "seed" and head != "capsule":
+        raise CapsctlError(f"--arch {arch} has a capsule head; --head {head} goes with --arch seed")
+    if arch is not None and spec_file is None:
+        from capsctl.model.presets import preset
+
+        spec = preset(arch)
+        spec = spec if head == "capsule" else spec.replace(head=str(head))
+    elif spec_file is not None:
         try:
-            spec = ModelSpec.from_json(spec_file.read_text(encoding="utf-8"))
+            text = spec_file.read_text(encoding="utf-8")
+            if arch is not None:  # the file's top-level fields replace the preset's
+                import json
+
+                from capsctl.model.presets import preset
+
+                try:
+                    given = json.loads(text)
+                except ValueError:  # (ModelSpec.from_json says what is wrong with it)
+                    given = None
+                if isinstance(given, dict):
+                    text = json.dumps({**preset(arch).to_dict(), **given})
+            spec = ModelSpec.from_json(text)
         except OSError as e:
             raise CapsctlError(f"--spec {spec_file}: cannot read ({e.strerror})") from None
         except UnicodeDecodeError:
@@ -515,9 +565,13 @@ def _run_rank(
             follow["class_names"] = None if classes == tuple(str(j) for j in range(len(classes))) else classes
         if any(getattr(spec, k) != v for k, v in follow.items()):
             spec = spec.replace(**follow)
+    size = tuple(int(n) for n in train_split.images.shape[1:3])
+    if cfg.compose is not None:  # the model takes composites of the training images
+        from capsctl.training.compose import canvas
+
+        size = canvas(*size)
     if spec.head == "capsule" and not spec.capsule.shared and spec.capsule.num_inputs is None:
-        gh, gw = spec.trunk_grid(*train_split.images.shape[1:3])
-        spec = spec.with_capsule(num_inputs=gh * gw)
+        spec = spec.with_capsule(num_inputs=spec.capsule_count(*size))
     if spec.decoder is not None and spec.decoder.image_shape is None:  # the decoder redraws training images
         from dataclasses import replace
 
@@ -548,7 +602,8 @@ def _run_rank(
             # a folder without test/ (trained on a split of train/): eval and eval-pairs need a test set
             typer.echo(f"next: capsctl predict {shlex.quote(str(model))} {shlex.quote(str(train_dir))}")
         else:
-            typer.echo(f"next: capsctl eval-pairs {shlex.quote(str(model))}{data}")
+            layout = " --layout overlap" if cfg.compose == "overlap" else ""
+            typer.echo(f"next: capsctl eval-pairs {shlex.quote(str(model))}{data}{layout}")
         return
     last: dict[str, Any] = rows[-1] if rows else {"epoch": 0}
     result = {
@@ -559,6 +614,7 @@ def _run_rank(
         "head": spec.head,
         "backend": cfg.backend,
         "epochs": cfg.epochs,
+        "compose": cfg.compose,
         **last,
     }
     typer.echo(json.dumps(result))

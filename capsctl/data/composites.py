@@ -68,16 +68,23 @@ def make_composites(
         images = np.concatenate(list(parts.transpose(1, 0, 2, 3, 4)), axis=2)
     else:
         assert offsets is not None
-        offsets = offsets[keep_idx]
-        m, _, h, w, c = parts.shape
-        s = OVERLAP_SHIFT
-        images = np.zeros((m, h + 2 * s, w + 2 * s, c), np.float32)
-        rows = np.arange(m)[:, None, None]
-        for j in range(digits):
-            r = offsets[:, j, 0][:, None, None] + np.arange(h)[None, :, None]
-            q = offsets[:, j, 1][:, None, None] + np.arange(w)[None, None, :]
-            images[rows, r, q] = np.maximum(images[rows, r, q], parts[:, j])
+        images = overlay(parts, offsets[keep_idx])
     return Composites(np.ascontiguousarray(images, dtype=np.float32), labels, layout, seed, idx)
+
+
+def overlay(parts: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """The 'overlap' layout: digits `parts` (M, k, H, W, C), digit j of composite m placed with its top
+    left corner at `offsets[m, j]` = (row, col) in 0..2*OVERLAP_SHIFT of a zero (H+2s, W+2s) canvas,
+    merged by pixel-wise maximum; float32 (M, H+2s, W+2s, C), s = OVERLAP_SHIFT."""
+    m, k, h, w, c = parts.shape
+    s = OVERLAP_SHIFT
+    images = np.zeros((m, h + 2 * s, w + 2 * s, c), np.float32)
+    rows = np.arange(m)[:, None, None]
+    for j in range(k):
+        r = offsets[:, j, 0][:, None, None] + np.arange(h)[None, :, None]
+        q = offsets[:, j, 1][:, None, None] + np.arange(w)[None, None, :]
+        images[rows, r, q] = np.maximum(images[rows, r, q], parts[:, j])
+    return images
 
 
 def set_matches(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

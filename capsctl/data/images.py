@@ -96,6 +96,8 @@ def load_image(
     if spec is not None:
         try:
             spec.trunk_grid(*gray.shape[:2])
+            if spec.head == "capsule":
+                spec.capsule_grid(*gray.shape[:2])  # (primary capsules need their kernel's window too)
         except CapsctlError as e:
             raise CapsctlError(
                 f"{p}: {e} (at least {spec.min_image_size()} pixels a side; try --resize)"

@@ -6,9 +6,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from capsctl.choices import ALL_TESTS, DATASETS
+from capsctl.choices import ABLATE_ROUTINGS, ABLATE_SQUASHES, ALL_TESTS, DATASETS
 from capsctl.choices import COMPOSITE_TESTS as COMPOSITE_TESTS  # (test name -> layout, digits)
-from capsctl.model.spec import HEADS, ROUTINGS, SQUASHES, DecoderSpec, ModelSpec, default_recon_weight
+from capsctl.model.spec import HEADS, DecoderSpec, ModelSpec, default_recon_weight
 from capsctl.training.config import TrainConfig
 from capsctl.training.recipes import get_recipe
 
@@ -102,6 +102,7 @@ def make_job(
     image_size: str | None = None,
     data: DataFacts | None = None,
     split: tuple[int | None, float | None] = (None, None),
+    arch: str = "seed",
 ) -> Job:
     """One model of an experiment, configured as `capsctl train` with the same options configures it
     (head DECODER_HEAD: `capsctl train --decoder`), so either can finish the other's run. `holdout` is
@@ -110,9 +111,18 @@ def make_job(
 
     rec = get_recipe(recipe)
     decoder = head == DECODER_HEAD
-    spec = ModelSpec(head="capsule" if decoder else head, decoder=DecoderSpec() if decoder else None)
+    if arch == "seed" or head == "pool":
+        spec = ModelSpec(head="capsule" if decoder else head, decoder=DecoderSpec() if decoder else None)
+    else:  # as `capsctl train --arch ARCH [--decoder]`
+        from capsctl.model.presets import preset
+
+        spec = preset(arch)
+        if decoder and spec.decoder is None:
+            spec = spec.replace(decoder=DecoderSpec())
     if data is not None:
         spec = data.follow(spec)
+        if spec.head == "capsule" and not spec.capsule.shared and spec.capsule.num_inputs is None:
+            spec = spec.with_capsule(num_inputs=spec.capsule_count(*data.shape[:2]))
     if spec.head == "capsule":
         caps = {
             k: v
@@ -148,7 +158,8 @@ def make_job(
     if name is None:
         tag = ov.tag()
         label = head.replace("+", "-")
-        parts = [backend, recipe, label, tag, f"holdout{holdout}" if holdout else "", f"s{seed}"]
+        kind = "" if arch == "seed" or head == "pool" else arch
+        parts = [backend, recipe, kind, label, tag, f"holdout{holdout}" if holdout else "", f"s{seed}"]
         name = "-".join(p for p in parts if p)
     return Job(head, seed, spec, cfg, out / "runs" / name)
 
@@ -161,6 +172,7 @@ class PairsPlan:
     recipe: str
     seeds: tuple[int, ...]
     heads: tuple[str, ...] = HEADS
+    arch: str = "seed"  # the capsule models' architecture (capsctl.model.presets)
     limit: int | None = None
     eval_limit: int | None = None
     tests: tuple[str, ...] = ALL_TESTS
@@ -185,8 +197,9 @@ class AblatePlan:
     data_dir: str | None
     recipe: str
     seed: int
-    routings: tuple[str, ...] = ROUTINGS
-    squashes: tuple[str, ...] = SQUASHES
+    arch: str = "seed"  # the capsule models' architecture (capsctl.model.presets)
+    routings: tuple[str, ...] = ABLATE_ROUTINGS
+    squashes: tuple[str, ...] = ABLATE_SQUASHES
     iterations: tuple[int, ...] = (1, 2, 3, 5, 8)
     eval_iterations: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8)
     base_iterations: int = 3  # the model evaluated at every eval_iterations count

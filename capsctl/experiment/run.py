@@ -322,6 +322,7 @@ def run_pairs(plan: PairsPlan, out: Path, show_progress: bool = True) -> dict[st
             image_size=plan.image_size,
             data=facts,
             split=(plan.holdout, plan.val_fraction),
+            arch=plan.arch,
         )
         for s in plan.seeds
         for h in plan.variants
@@ -364,7 +365,8 @@ def run_ablate(plan: AblatePlan, out: Path, show_progress: bool = True) -> dict[
                 ov = Overrides(
                     epochs=plan.epochs, shift=plan.shift, routing=routing, squash=squash, routings=r
                 )
-                name = f"{plan.backend}-{plan.recipe}-capsule-{routing}-{squash}-r{r}-s{plan.seed}"
+                kind = "" if plan.arch == "seed" else f"{plan.arch}-"
+                name = f"{plan.backend}-{plan.recipe}-{kind}capsule-{routing}-{squash}-r{r}-s{plan.seed}"
                 jobs.append(
                     make_job(
                         out,
@@ -377,6 +379,7 @@ def run_ablate(plan: AblatePlan, out: Path, show_progress: bool = True) -> dict[
                         ov,
                         name,
                         data=facts,
+                        arch=plan.arch,
                     )
                 )
     scorer = Scorer(test_split, plan.eval_limit)

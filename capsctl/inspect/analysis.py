@@ -56,10 +56,16 @@ def grid_geometry(spec: ModelSpec) -> tuple[float, float]:
     offset, stride = 0.0, 1.0
     for layer in spec.trunk:
         if isinstance(layer, ConvLayer):
-            offset += (layer.kernel - 1) / 2 * stride  # 'valid' conv: the output sits at the kernel's centre
+            if layer.padding == "valid":  # the output sits at the kernel's centre ('same' keeps it)
+                offset += (layer.kernel - 1) / 2 * stride
+            stride *= layer.stride
         else:
             offset += (layer.size - 1) / 2 * stride
             stride *= layer.size
+    primary = spec.capsule.primary if spec.head == "capsule" else None
+    if primary is not None:  # the routing's grid is the primary capsules' ('valid')
+        offset += (primary.kernel - 1) / 2 * stride
+        stride *= primary.stride
     return offset, stride
 
 
@@ -233,8 +239,19 @@ def inspect_one(
     result = Inspection(scores, tuple(image_shape), predicted, tops, selected, weighting=weighting)  # type: ignore[arg-type]
     if couplings is None or agreement is None:
         return result
-    grid = spec.trunk_grid(*image_shape)
+    gh, gw, types = spec.capsule_grid(*image_shape)
+    grid = (gh, gw)
     couplings, agreement = np.asarray(couplings), np.asarray(agreement)
+    place_evidence = None
+    if types > 1 and couplings.ndim == 3 and couplings.shape == agreement.shape:
+        # primary capsules: TYPES input capsules at each place (row-major over row, column, type). The
+        # evidence is summed over a place's types; the maps show its mean over them (couplings still sum
+        # to 1 over the classes)
+        r, j = couplings.shape[:2]
+        per_capsule = evidence(couplings, agreement, weighting)  # (J, N·TYPES)
+        place_evidence = per_capsule.reshape(j, gh * gw, types).sum(axis=2)
+        couplings = couplings.reshape(r, j, gh * gw, types).mean(axis=3)
+        agreement = agreement.reshape(r, j, gh * gw, types).mean(axis=3)
     if couplings.shape != agreement.shape or couplings.ndim != 3 or couplings.shape[1] != len(scores):
         raise CapsctlError(
             f"trace shapes {couplings.shape} / {agreement.shape} do not fit {len(scores)} classes"
@@ -243,7 +260,9 @@ def inspect_one(
     result.couplings, result.agreement, result.grid = couplings, agreement, grid
     result.deltas = coupling_deltas(couplings)
     result.entropy = coupling_entropy(couplings)
-    result.centres = centres_of_mass(evidence(couplings, agreement, weighting), grid, spec)
+    if place_evidence is None:
+        place_evidence = evidence(couplings, agreement, weighting)
+    result.centres = centres_of_mass(place_evidence, grid, spec)
     result.direction = resolve_direction(direction, image_shape)
     result.order = reading_order(selected, result.centres, result.direction)
     return result

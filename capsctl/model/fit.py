@@ -18,17 +18,18 @@ def check_fit(spec: ModelSpec, images: np.ndarray, labels: np.ndarray | None, so
     if c != spec.in_channels:
         raise CapsctlError(f"{source}: the model takes {spec.in_channels}-channel images, {data} have {c}")
     try:
-        gh, gw = spec.trunk_grid(h, w)
+        spec.trunk_grid(h, w)
+        n = spec.capsule_count(h, w) if spec.head == "capsule" else 0
     except CapsctlError:
         side = spec.min_image_size()
         raise CapsctlError(
-            f"{source}: {data} are {h}x{w}, too small for the model's trunk (it needs at least {side}x{side})"
+            f"{source}: {data} are {h}x{w}, too small for the model (it needs at least {side}x{side})"
         ) from None
     caps = spec.capsule
-    if spec.head == "capsule" and not caps.shared and gh * gw != caps.num_inputs:
+    if spec.head == "capsule" and not caps.shared and n != caps.num_inputs:
         raise CapsctlError(
-            f"{source}: the capsule weights are fixed to {caps.num_inputs} input positions "
-            f"but {h}x{w} {data} give {gh * gw}; use a model with shared capsule weights"
+            f"{source}: the capsule weights are fixed to {caps.num_inputs} input capsules "
+            f"but {h}x{w} {data} give {n}; use a model with shared capsule weights"
         )
     if labels is not None and labels.size and int(labels.max()) >= spec.num_classes:
         raise CapsctlError(

@@ -4,6 +4,7 @@ Backend-neutral and exact for the formulas we count; a multiply-add is 2 FLOPs. 
 counted (per image, forward):
 - conv layer: 2·k·k·Cin·Cout·H'·W' (H', W' the output size; bias, ReLU and average pooling are
   not counted: they are memory-bound and < 1% of the total);
+- primary capsules (if any): their convolution, as a conv layer (the squash is not counted);
 - capsule predictions û = u·W: 2·N·C·J·D;
 - each routing iteration r = 1..R: softmax over the J outputs 3·J·N (exp, sum, divide),
   s = Σ_i c_ij û_j|i 2·J·N·D, squash 3·J·D (‖s‖² then scale), and for r < R the agreement
@@ -36,6 +37,7 @@ class Flops:
     routing: int  # all routing iterations plus the output norms (0 for the pool head)
     dense: int  # pool head dense layers (0 for the capsule head)
     decoder: int = 0  # reconstruction decoder's dense layers (0 without a decoder)
+    primary: int = 0  # the primary capsules' convolution (0 without one)
 
     @property
     def trunk(self) -> int:
@@ -43,7 +45,7 @@ class Flops:
 
     @property
     def head(self) -> int:
-        return self.predictions + self.routing + self.dense
+        return self.primary + self.predictions + self.routing + self.dense
 
     @property
     def forward(self) -> int:
@@ -96,15 +98,22 @@ def count(spec: ModelSpec, height: int = 28, width: int = 28) -> Flops:
     convs = []
     for layer in spec.trunk:
         if isinstance(layer, ConvLayer):
-            h, w = h - layer.kernel + 1, w - layer.kernel + 1
+            h, w = layer.out_size(h), layer.out_size(w)
             convs.append(2 * layer.kernel * layer.kernel * cin * layer.filters * h * w)
             cin = layer.filters
         else:
             h, w = h // layer.size, w // layer.size
     c, j = spec.trunk_channels, spec.num_classes
     if spec.head == "capsule":
-        n = h * w
+        p = spec.capsule.primary
+        primary = 0
+        if p is not None:
+            ph, pw = p.out_size(h), p.out_size(w)
+            out = 1 if p.kind == "depthwise" else p.types * p.dim  # depthwise: one filter per channel
+            primary = 2 * p.kernel * p.kernel * c * out * ph * pw
+        n, c = spec.capsule_count(height, width), spec.capsule_input_dim
         pred = 2 * n * c * j * spec.capsule.dim
-        return Flops(tuple(convs), pred, routing_flops(spec, n), 0, decoder_flops(spec, height, width))
+        routing = routing_flops(spec, n)
+        return Flops(tuple(convs), pred, routing, 0, decoder_flops(spec, height, width), primary)
     hidden = spec.pool.hidden
     return Flops(tuple(convs), 0, 0, 2 * c * hidden + 2 * hidden * j)

@@ -12,12 +12,18 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from capsctl.model.spec import EPS, ConvLayer, ModelSpec
+from capsctl.model.spec import BN_EPS, EPS, ConvLayer, ModelSpec
 
 
-def conv2d_valid(x: np.ndarray, kernel: np.ndarray, bias: np.ndarray) -> np.ndarray:
+def conv2d_valid(
+    x: np.ndarray, kernel: np.ndarray, bias: np.ndarray, stride: int = 1, padding: str = "valid"
+) -> np.ndarray:
+    """Convolution (cross-correlation, as every framework computes it) of channels-last x with a
+    [kh, kw, in, out] kernel; 'same' pads (k-1)/2 zeros each side (odd kernels, stride 1)."""
     kh, kw = kernel.shape[:2]
-    win = sliding_window_view(x, (kh, kw), axis=(1, 2))  # (B, H', W', C, kh, kw)
+    if padding == "same":
+        x = np.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
+    win = sliding_window_view(x, (kh, kw), axis=(1, 2))[:, ::stride, ::stride]  # (B, H', W', C, kh, kw)
     return np.einsum("bhwcij,ijco->bhwo", win, kernel, optimize=True) + bias
 
 
@@ -32,7 +38,13 @@ def trunk(spec: ModelSpec, weights: Mapping[str, np.ndarray], x: np.ndarray) -> 
     k = 0
     for layer in spec.trunk:
         if isinstance(layer, ConvLayer):
-            x = np.maximum(conv2d_valid(x, weights[f"trunk.{k}.kernel"], weights[f"trunk.{k}.bias"]), 0.0)
+            z = conv2d_valid(
+                x, weights[f"trunk.{k}.kernel"], weights[f"trunk.{k}.bias"], layer.stride, layer.padding
+            )
+            x = np.maximum(z, 0.0)
+            if layer.batchnorm:  # inference: the running statistics
+                bn = {stat: weights[f"trunk.{k}.bn.{stat}"] for stat in ("gamma", "beta", "mean", "var")}
+                x = bn["gamma"] * (x - bn["mean"]) / np.sqrt(bn["var"] + BN_EPS) + bn["beta"]
             k += 1
         else:
             x = avgpool(x, layer.size)
@@ -45,6 +57,9 @@ def norm(s: np.ndarray, axis: int = -1) -> np.ndarray:
 
 def squash(s: np.ndarray, kind: str) -> np.ndarray:
     n2 = np.sum(s * s, axis=-1, keepdims=True) + EPS
+    if kind == "efficient":  # Efficient-CapsNet: (1 - e^-|s|)·s/|s|
+        n = np.sqrt(n2)
+        return (1.0 - np.exp(-n)) * s / n
     return s * np.sqrt(n2) / ((0.5 if kind == "su" else 1.0) + n2)
 
 
@@ -57,6 +72,21 @@ def softmax(b: np.ndarray, axis: int) -> np.ndarray:
 class RoutingTrace:
     couplings: np.ndarray  # (B, R, J, N): c_ij used in iteration r, sums to 1 over j
     agreement: np.ndarray  # (B, R, J, N): û_j|i · squash(s_j) of iteration r
+
+
+def route_attention(
+    u_hat: np.ndarray, bias: np.ndarray, squash_kind: str
+) -> tuple[np.ndarray, RoutingTrace]:
+    """Efficient-CapsNet's self-attention routing, one pass, on û (B, N, J, D) and the log prior b (N, J):
+    a_ij = Σ_k û_j|i·û_j|k / sqrt(D), c_ij = softmax over j of a_ij, s_j = Σ_i (c_ij + b_ij) û_j|i,
+    v_j = squash(s_j). The trace holds c (sums to 1 over j) and the agreement û_j|i·v_j (R = 1)."""
+    d = u_hat.shape[-1]
+    a = np.einsum("bnjd,bjd->bjn", u_hat, u_hat.sum(axis=1)) / np.sqrt(d)  # Σ_k û_j|i·û_j|k
+    c = softmax(a, axis=1)
+    s = np.einsum("bjn,bnjd->bjd", c + bias.T[None], u_hat)
+    v = squash(s, squash_kind)
+    agree = np.einsum("bnjd,bjd->bjn", u_hat, v)
+    return v, RoutingTrace(c[:, None], agree[:, None])
 
 
 def route(
@@ -86,10 +116,26 @@ def route(
     return v, RoutingTrace(np.stack(cs, 1), np.stack(ags, 1))
 
 
-def capsule_inputs(features: np.ndarray) -> np.ndarray:
-    """Trunk output (B, H, W, C) -> input capsules (B, N=H*W, C), row-major over (H, W)."""
+def capsule_inputs(
+    features: np.ndarray, spec: ModelSpec | None = None, weights: Mapping[str, np.ndarray] | None = None
+) -> np.ndarray:
+    """Trunk output (B, H, W, C) -> the routing's input capsules (B, N, C'): the positions, row-major over
+    (H, W); with primary capsules (spec.capsule.primary), the primary convolution's output read as
+    (B, H'·W'·TYPES, DIM), row-major over (row, column, type), each capsule squashed."""
     b, h, w, c = features.shape
-    return features.reshape(b, h * w, c)
+    primary = spec.capsule.primary if spec is not None else None
+    if primary is None:
+        return features.reshape(b, h * w, c)
+    assert spec is not None and weights is not None
+    kernel, bias = weights["head.primary.kernel"], weights["head.primary.bias"]
+    if primary.kind == "depthwise":  # channel c convolved with its own filter only
+        step = primary.stride
+        win = sliding_window_view(features, kernel.shape[:2], axis=(1, 2))[:, ::step, ::step]
+        z = np.einsum("bhwcij,ijc->bhwc", win, kernel[..., 0], optimize=True) + bias
+    else:
+        z = conv2d_valid(features, kernel, bias, primary.stride)
+    caps = z.reshape(b, z.shape[1] * z.shape[2] * primary.types, primary.dim)
+    return squash(caps, spec.capsule.squash)
 
 
 def predictions(
@@ -117,18 +163,26 @@ def forward(
         h = np.maximum(g @ w64["head.dense0.kernel"] + w64["head.dense0.bias"], 0.0)
         z = h @ w64["head.dense1.kernel"] + w64["head.dense1.bias"]
         return 1.0 / (1.0 + np.exp(-z)), None
-    caps = spec.capsule
-    u_hat = predictions(spec, w64, capsule_inputs(f))
-    v, trace = route(u_hat, routings or caps.routings, caps.routing, caps.squash)
+    u_hat = predictions(spec, w64, capsule_inputs(f, spec, w64))
+    v, trace = _route(spec, w64, u_hat, routings)
     return norm(v)[..., 0], trace
+
+
+def _route(
+    spec: ModelSpec, w64: Mapping[str, np.ndarray], u_hat: np.ndarray, routings: int | None = None
+) -> tuple[np.ndarray, RoutingTrace]:
+    caps = spec.capsule
+    if caps.routing == "attention":
+        return route_attention(u_hat, w64["head.capsule.bias"], caps.squash)
+    return route(u_hat, routings or caps.routings, caps.routing, caps.squash)
 
 
 def capsules(spec: ModelSpec, weights: Mapping[str, np.ndarray], x: np.ndarray) -> np.ndarray:
     """The output capsules v (B, J, D) of a capsule head (float64)."""
     w64 = {k: np.asarray(v, np.float64) for k, v in weights.items()}
     f = trunk(spec, w64, np.asarray(x, np.float64))
-    caps = spec.capsule
-    v, _ = route(predictions(spec, w64, capsule_inputs(f)), caps.routings, caps.routing, caps.squash)
+    u_hat = predictions(spec, w64, capsule_inputs(f, spec, w64))
+    v, _ = _route(spec, w64, u_hat)
     return v
 
 

@@ -10,17 +10,57 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
-from capsctl.choices import HEADS, ROUTINGS, SQUASHES
+from capsctl.choices import HEADS, PRIMARY_KINDS, ROUTINGS, SQUASHES
 from capsctl.errors import CapsctlError
 
 EPS = 1e-7  # inside every square root of squash, capsule norms and scores
+# batch normalisation (trunk layers with batchnorm): y = γ·(x − μ)/sqrt(σ² + BN_EPS) + β, with the
+# batch's μ, σ² (biased) in training and the running ones at inference, updated after each training
+# batch as running = BN_MOMENTUM·running + (1 − BN_MOMENTUM)·batch (Keras' convention and defaults)
+BN_EPS = 1e-3
+BN_MOMENTUM = 0.99
+
+
+PADDINGS = ("valid", "same")
 
 
 @dataclass(frozen=True)
 class ConvLayer:
-    filters: int  # output channels; stride 1, 'valid' padding, bias, ReLU
+    filters: int  # output channels; bias, ReLU
     kernel: int = 3  # square kernel size
     type: Literal["conv"] = "conv"
+    stride: int = 1  # the same in both directions
+    # 'valid': no padding; 'same': (kernel-1)/2 zeros each side (odd kernels, stride 1: size kept)
+    padding: str = "valid"
+    # batch normalisation after the ReLU (Efficient-CapsNet's order); weights trunk.{k}.bn.{gamma, beta,
+    # mean, var}, the last two running statistics (not trained, saved with the model)
+    batchnorm: bool = False
+
+    def out_size(self, side: int) -> int:
+        """The output's side for an input side (either direction)."""
+        if self.padding == "same":
+            return side
+        return (side - self.kernel) // self.stride + 1 if side >= self.kernel else 0
+
+
+@dataclass(frozen=True)
+class PrimarySpec:
+    """Primary capsules: a convolution over the trunk's output whose TYPES·DIM channels at each position
+    are read as TYPES capsules of DIM dimensions (channel t·DIM + d is dimension d of type t), each
+    squashed with the head's squash. The input capsules of the routing are then row-major over (row,
+    column, type): N = H'·W'·TYPES, each DIM wide. No ReLU before the squash.
+    - 'conv' (Sabour et al. 2017): a full convolution with bias, [k, k, C, TYPES·DIM];
+    - 'depthwise' (Mazzia et al. 2021, Efficient-CapsNet): one k×k filter per input channel with bias,
+      [k, k, C, 1], so TYPES·DIM must equal the trunk's channels C."""
+
+    kind: str = "conv"  # 'conv' or 'depthwise'
+    types: int = 32  # capsule types (channels / DIM)
+    dim: int = 8  # dimensions of each primary capsule
+    kernel: int = 9  # square kernel size, 'valid' padding
+    stride: int = 2
+
+    def out_size(self, side: int) -> int:
+        return (side - self.kernel) // self.stride + 1 if side >= self.kernel else 0
 
 
 @dataclass(frozen=True)
@@ -36,10 +76,18 @@ TrunkLayer = ConvLayer | AvgPoolLayer
 class CapsuleSpec:
     dim: int = 16  # D: dimensions of each output capsule
     routings: int = 3  # R: routing iterations
-    routing: str = "su"  # 'su' (replace logits), 'sabour' (accumulate), 'su-unit' (unit s_j, squash last)
-    squash: str = "su"  # 'su': s*|s|/(0.5+|s|^2); 'sabour': s*|s|/(1+|s|^2)
+    # 'su' (replace logits), 'sabour' (accumulate), 'su-unit' (unit s_j, squash last), 'attention'
+    # (Efficient-CapsNet, one pass: c_ij = softmax_j(Σ_k û_j|i·û_j|k / sqrt(D)), s_j = Σ_i (c_ij + b_ij) û_j|i
+    # with a trained log prior b [N, J] = head.capsule.bias; routings is not used; needs shared false)
+    routing: str = "su"
+    # 'su': s*|s|/(0.5+|s|^2); 'sabour': s*|s|/(1+|s|^2); 'efficient': (1 - exp(-|s|))*s/|s|
+    squash: str = "su"
     shared: bool = True  # one W [C, J*D] for every position (any image size)
-    num_inputs: int | None = None  # N, required when shared is False (W is [N, C, J*D])
+    # N, the input capsules, when shared is False (W is [N, C, J*D]); set by `capsctl train` from the data
+    num_inputs: int | None = None
+    # primary capsules between the trunk and the routing; None: each trunk position is an input
+    # capsule of C (the trunk's channels) dimensions, unsquashed (the seed's design)
+    primary: PrimarySpec | None = None
 
 
 @dataclass(frozen=True)
@@ -78,6 +126,8 @@ class ModelSpec:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["trunk"] = [_layer_dict(layer) for layer in self.trunk]
+        if self.capsule.primary is None:
+            del d["capsule"]["primary"]  # specs without primary capsules keep their JSON byte for byte
         if self.decoder is None:
             del d["decoder"]  # specs without a decoder keep their JSON (and files) byte for byte
         else:
@@ -111,7 +161,7 @@ class ModelSpec:
                 num_classes=d.get("num_classes", 10),
                 trunk=trunk,
                 head=d.get("head", "capsule"),
-                capsule=CapsuleSpec(**caps),
+                capsule=_capsule_from_dict(caps),
                 pool=PoolSpec(**pool),
                 decoder=_decoder_from_dict(d.get("decoder")),
                 class_names=_names_from_json(d.get("class_names")),
@@ -143,23 +193,72 @@ class ModelSpec:
         convs = self.conv_layers
         return convs[-1].filters if convs else self.in_channels
 
+    @property
+    def capsule_input_dim(self) -> int:
+        """C: the width of each input capsule of the routing (the primary capsules' DIM, else the
+        trunk's channels)."""
+        primary = self.capsule.primary if self.head == "capsule" else None
+        return primary.dim if primary is not None else self.trunk_channels
+
     def trunk_grid(self, height: int, width: int) -> tuple[int, int]:
         """The trunk output's (height, width) for an input image of this size."""
         h, w = height, width
         for layer in self.trunk:
             if isinstance(layer, ConvLayer):
-                h, w = h - layer.kernel + 1, w - layer.kernel + 1
+                h, w = layer.out_size(h), layer.out_size(w)
             else:
                 h, w = h // layer.size, w // layer.size
             if h < 1 or w < 1:
                 raise CapsctlError(f"image {height}x{width} is too small for this model's trunk")
         return h, w
 
+    def capsule_grid(self, height: int, width: int) -> tuple[int, int, int]:
+        """(rows, columns, capsules per position) of the routing's input capsules for an image of
+        this size: the trunk's grid and 1, or the primary capsules' grid and types."""
+        h, w = self.trunk_grid(height, width)
+        primary = self.capsule.primary if self.head == "capsule" else None
+        if primary is None:
+            return h, w, 1
+        ph, pw = primary.out_size(h), primary.out_size(w)
+        if ph < 1 or pw < 1:
+            raise CapsctlError(
+                f"image {height}x{width} is too small for this model's primary capsules (the trunk gives "
+                f"{h}x{w}, the primary capsules' kernel is {primary.kernel})"
+            )
+        return ph, pw, primary.types
+
+    def capsule_count(self, height: int, width: int) -> int:
+        """N: the routing's input capsules for an image of this size."""
+        h, w, t = self.capsule_grid(height, width)
+        return h * w * t
+
+    def side_for(self, n: int, largest: int = 4096) -> int | None:
+        """A square image side that gives N input capsules (non-shared weights fix N): 28 when it does
+        (MNIST's; strided layers map several sides to one N, e.g. 27 and 28 for `efficient`), else the
+        smallest; None if none up to `largest`. (The spec does not record the training size.)"""
+        side = self.min_image_size()
+        if side <= 28 <= largest and self.capsule_count(28, 28) == n:
+            return 28
+        while side <= largest:
+            count = self.capsule_count(side, side)
+            if count == n:
+                return side
+            if count > n:
+                return None
+            side += 1
+        return None
+
     def min_image_size(self) -> int:
-        """The smallest square image side the trunk accepts."""
+        """The smallest square image side the model accepts."""
         side = 1
+        primary = self.capsule.primary if self.head == "capsule" else None
+        if primary is not None:
+            side = primary.kernel
         for layer in reversed(self.trunk):
-            side = side + layer.kernel - 1 if isinstance(layer, ConvLayer) else side * layer.size
+            if isinstance(layer, ConvLayer):
+                side = side if layer.padding == "same" else (side - 1) * layer.stride + layer.kernel
+            else:
+                side = side * layer.size
         return side
 
 
@@ -180,8 +279,25 @@ def names_of(spec: ModelSpec) -> tuple[str, ...]:
 
 def _layer_dict(layer: TrunkLayer) -> dict[str, Any]:
     if isinstance(layer, ConvLayer):
-        return {"type": "conv", "filters": layer.filters, "kernel": layer.kernel}
+        d: dict[str, Any] = {"type": "conv", "filters": layer.filters, "kernel": layer.kernel}
+        # written only when they differ from the defaults: older specs keep their JSON byte for byte
+        if layer.stride != 1:
+            d["stride"] = layer.stride
+        if layer.padding != "valid":
+            d["padding"] = layer.padding
+        if layer.batchnorm:
+            d["batchnorm"] = True
+        return d
     return {"type": "avgpool", "size": layer.size}
+
+
+def _capsule_from_dict(d: dict[str, Any]) -> CapsuleSpec:
+    primary = d.get("primary")
+    if primary is None:
+        return CapsuleSpec(**d)
+    if not isinstance(primary, dict):
+        raise CapsctlError("model spec: capsule.primary must be null or an object")
+    return CapsuleSpec(**{**d, "primary": PrimarySpec(**primary)})
 
 
 def _decoder_dict(dec: DecoderSpec) -> dict[str, Any]:
@@ -232,6 +348,14 @@ def validate(spec: ModelSpec) -> None:
         if isinstance(layer, ConvLayer):
             _positive_int(layer.filters, f"trunk[{i}].filters", 4096)
             _positive_int(layer.kernel, f"trunk[{i}].kernel", 15)
+            _positive_int(layer.stride, f"trunk[{i}].stride", 8)
+            if layer.padding not in PADDINGS:
+                kinds, got = ", ".join(PADDINGS), layer.padding
+                raise CapsctlError(f"model spec: trunk[{i}].padding must be one of {kinds}, got {got!r}")
+            if layer.padding == "same" and (layer.stride != 1 or layer.kernel % 2 == 0):
+                raise CapsctlError(f"model spec: trunk[{i}].padding 'same' needs stride 1 and an odd kernel")
+            if not isinstance(layer.batchnorm, bool):
+                raise CapsctlError(f"model spec: trunk[{i}].batchnorm must be true or false")
         elif isinstance(layer, AvgPoolLayer):
             _positive_int(layer.size, f"trunk[{i}].size", 16)
         else:
@@ -251,13 +375,33 @@ def validate(spec: ModelSpec) -> None:
         )
     if not isinstance(c.shared, bool):
         raise CapsctlError("model spec: capsule.shared must be true or false")
-    if c.shared:
-        if c.num_inputs is not None:
-            _positive_int(c.num_inputs, "capsule.num_inputs", 1 << 20)
-    else:
-        if c.num_inputs is None:
-            raise CapsctlError("model spec: capsule.num_inputs is required when capsule.shared is false")
+    # (unset with shared false: `capsctl train` fills it in from the training images, as
+    # decoder.image_shape; a model's weights need it, see capsctl.model.weights.expected_shapes)
+    if c.num_inputs is not None:
         _positive_int(c.num_inputs, "capsule.num_inputs", 1 << 20)
+    primary = c.primary
+    if primary is not None:
+        if not isinstance(primary, PrimarySpec):
+            raise CapsctlError("model spec: capsule.primary must be an object")
+        if primary.kind not in PRIMARY_KINDS:
+            raise CapsctlError(
+                f"model spec: capsule.primary.kind must be one of {', '.join(PRIMARY_KINDS)}, "
+                f"got {primary.kind!r}"
+            )
+        _positive_int(primary.types, "capsule.primary.types", 4096)
+        _positive_int(primary.dim, "capsule.primary.dim", 1024)
+        _positive_int(primary.kernel, "capsule.primary.kernel", 32)
+        _positive_int(primary.stride, "capsule.primary.stride", 8)
+        if primary.kind == "depthwise" and primary.types * primary.dim != spec.trunk_channels:
+            c_trunk = spec.trunk_channels
+            raise CapsctlError(
+                f"model spec: depthwise primary capsules keep the trunk's {c_trunk} channels: "
+                f"capsule.primary.types x dim must be {c_trunk}, got {primary.types} x {primary.dim}"
+            )
+    if c.routing == "attention" and c.shared:
+        raise CapsctlError(
+            "model spec: capsule.routing 'attention' needs capsule.shared false (a W and b per input)"
+        )
     _positive_int(spec.pool.hidden, "pool.hidden", 1 << 16)
     names = spec.class_names
     if names is not None:

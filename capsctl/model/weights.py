@@ -5,8 +5,12 @@ Contract (shared by every backend and by other people's tools):
 - metadata {"format": "capsctl/1", "spec": "<ModelSpec JSON>"}, optionally more entries (the shipped
   model's "provenance": JSON naming the command, seed, commit and the numbers it reached);
 - names `trunk.{k}.kernel` [kh, kw, in, out], `trunk.{k}.bias` [out] for the k-th conv,
-  `head.capsule.kernel` [C, J*D] (shared) or [N, C, J*D], `head.dense0.kernel` [C, hidden],
-  `head.dense0.bias` [hidden], `head.dense1.kernel` [hidden, J], `head.dense1.bias` [J];
+  with batch normalisation `trunk.{k}.bn.gamma`, `.beta`, `.mean`, `.var` [out] (the last two running
+  statistics); with primary capsules `head.primary.kernel` [k, k, C_trunk, TYPES*DIM] ('depthwise':
+  [k, k, C_trunk, 1]) and `head.primary.bias` [TYPES*DIM] (then C = DIM below);
+  `head.capsule.kernel` [C, J*D] (shared) or [N, C, J*D]; with 'attention' routing `head.capsule.bias` [N, J];
+  `head.dense0.kernel` [C, hidden], `head.dense0.bias` [hidden], `head.dense1.kernel` [hidden, J],
+  `head.dense1.bias` [J];
   with a decoder, `decoder.dense{k}.kernel` [in, out] and `decoder.dense{k}.bias` [out], k = 0..len(hidden).
 
 The container is read and written by the safetensors library; a damaged file is refused with one
@@ -48,16 +52,31 @@ def expected_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
     for k, conv in enumerate(spec.conv_layers):
         shapes[f"trunk.{k}.kernel"] = (conv.kernel, conv.kernel, channels, conv.filters)
         shapes[f"trunk.{k}.bias"] = (conv.filters,)
+        if conv.batchnorm:
+            for stat in BN_TENSORS:
+                shapes[f"trunk.{k}.bn.{stat}"] = (conv.filters,)
         channels = conv.filters
     j = spec.num_classes
     if spec.head == "capsule":
         caps = spec.capsule
         width = j * caps.dim
+        if caps.primary is not None:
+            p = caps.primary
+            out = 1 if p.kind == "depthwise" else p.types * p.dim  # depthwise: one filter per channel
+            shapes["head.primary.kernel"] = (p.kernel, p.kernel, channels, out)
+            shapes["head.primary.bias"] = (p.types * p.dim,)
+            channels = p.dim
         if caps.shared:
             shapes["head.capsule.kernel"] = (channels, width)
         else:
-            assert caps.num_inputs is not None
+            if caps.num_inputs is None:
+                raise CapsctlError(
+                    "model spec: capsule.num_inputs is not set (needed when capsule.shared is false; "
+                    "`capsctl train` sets it from the training images)"
+                )
             shapes["head.capsule.kernel"] = (caps.num_inputs, channels, width)
+            if caps.routing == "attention":  # its log prior b_ij, one per input-output pair
+                shapes["head.capsule.bias"] = (caps.num_inputs, j)
     else:
         hidden = spec.pool.hidden
         shapes["head.dense0.kernel"] = (channels, hidden)
@@ -84,8 +103,19 @@ def decoder_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+# a batch-normalised conv's tensors: scale γ, shift β (trained) and running mean μ and variance σ²
+BN_TENSORS = ("gamma", "beta", "mean", "var")
+RUNNING_STATS = (".bn.mean", ".bn.var")  # tensors that are updated from the data, not by the optimiser
+
+
+def trained(name: str) -> bool:
+    """Whether the optimiser trains tensor `name` (running statistics are saved, not trained)."""
+    return not name.endswith(RUNNING_STATS)
+
+
 def parameter_count(spec: ModelSpec) -> int:
-    return sum(math.prod(s) for s in expected_shapes(spec).values())
+    """Trained parameters (the papers' count): every tensor but the batch norms' running statistics."""
+    return sum(math.prod(s) for name, s in expected_shapes(spec).items() if trained(name))
 
 
 def init_weights(spec: ModelSpec, seed: int) -> Weights:
@@ -96,8 +126,11 @@ def init_weights(spec: ModelSpec, seed: int) -> Weights:
     rng = np.random.default_rng(seed)
     out: Weights = {}
     for name, shape in expected_shapes(spec).items():
-        if name.endswith(".bias"):
+        if name.endswith((".bias", ".bn.beta", ".bn.mean")):
             out[name] = np.zeros(shape, np.float32)
+            continue
+        if name.endswith((".bn.gamma", ".bn.var")):
+            out[name] = np.ones(shape, np.float32)
             continue
         receptive = math.prod(shape[:-2]) if len(shape) > 2 else 1
         fan_in, fan_out = shape[-2] * receptive, shape[-1] * receptive

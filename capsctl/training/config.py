@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
+from capsctl.choices import COMPOSE
 from capsctl.errors import CapsctlError
 from capsctl.training.recipes import RECIPES, SCHEDULES
 
@@ -49,6 +50,10 @@ class TrainConfig:
     # what a --dataset folder without test/ needs
     holdout: int | None = None
     val_fraction: float | None = None
+    # train on composites instead of single digits: 'overlap' pairs each training image with one of another
+    # class, each shifted within (H+8)x(W+8) and merged by pixel-wise maximum (Sabour et al. 2017's
+    # MultiMNIST), re-drawn every epoch (capsctl.training.compose); None: single digits
+    compose: str | None = None
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -82,6 +87,14 @@ class TrainConfig:
             raise CapsctlError(f"--val-fraction must be between 0 and 1 (exclusive), got {self.val_fraction}")
         if self.holdout is not None and self.val_fraction is not None:
             raise CapsctlError("give --holdout N or --val-fraction F, not both")
+        if self.compose is not None:
+            if self.compose not in COMPOSE:
+                raise CapsctlError(f"--compose must be one of {', '.join(COMPOSE)}, got {self.compose!r}")
+            if self.shift or self.scale:
+                raise CapsctlError(
+                    f"--compose {self.compose} already shifts each digit at random inside its canvas; "
+                    "leave out --shift and --scale"
+                )
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

@@ -16,13 +16,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from capsctl.backend import Backend, OptimConfig, Trainer
-from capsctl.data.composites import single_accuracy
+from capsctl.data.composites import set_matches, single_accuracy
 from capsctl.data.datasets import Split
 from capsctl.errors import CapsctlError, TrainingStopped
 from capsctl.model.fit import check_fit
 from capsctl.model.spec import ModelSpec
 from capsctl.model.weights import init_weights, save_model
 from capsctl.training.augment import augment_batch
+from capsctl.training.compose import canvas, check_classes, compose_batch, draw_pairs, scoring_pairs
 from capsctl.training.config import TrainConfig, batches, lr_at, steps_per_epoch
 from capsctl.training.run_folder import (
     CHECKPOINT_FILE,
@@ -113,7 +114,9 @@ def train(
     """Train into folder `run` (model, checkpoint, metrics); returns the metrics rows.
 
     The last epoch is scored on the first `cfg.eval_limit` images of `test_split` (all by default), the
-    others on the first `cfg.curve_images` of those. With `resume`, `spec`
+    others on the first `cfg.curve_images` of those. With `cfg.compose` the model trains on composites
+    (capsctl.training.compose) and is scored the same way on overlap pairs of the test digits, those
+    `capsctl eval-pairs --layout overlap` scores (images and limits then count pairs). With `resume`, `spec`
     and `cfg` come from the run's checkpoint, except the fields in RESUMABLE_CHANGES, taken from `cfg`.
 
     In a distributed job (`world`, capsctl.training.distributed) rank 0 does all of the above and hands
@@ -146,6 +149,9 @@ def refuse_existing(run: Path) -> None:
 
 
 def _check_data(spec: ModelSpec, cfg: TrainConfig, train_split: Split, test_split: Split | None) -> None:
+    if cfg.compose is not None:
+        _check_compose(spec, cfg, train_split, test_split)
+        return
     check_fit(spec, train_split.images, train_split.labels, "model spec", f"{cfg.dataset} training images")
     dec = spec.decoder
     shape = tuple(train_split.images.shape[1:])
@@ -156,6 +162,35 @@ def _check_data(spec: ModelSpec, cfg: TrainConfig, train_split: Split, test_spli
         )
     if test_split is not None:
         check_fit(spec, test_split.images, test_split.labels, "model spec", f"{cfg.dataset} test images")
+
+
+def _check_compose(spec: ModelSpec, cfg: TrainConfig, train_split: Split, test_split: Split | None) -> None:
+    """--compose: the model takes the composites (of training and of test digits), and each side holds
+    two classes to pair."""
+    if spec.decoder is not None:
+        raise CapsctlError(
+            f"--compose {cfg.compose} does not train a decoder yet (each digit would be redrawn from its own "
+            "capsule against that digit alone); the model has one (from --decoder, --spec or --arch): add "
+            "--no-decoder"
+        )
+    for split, what in ((train_split, "training"), (test_split, "test")):
+        if split is None:
+            continue
+        h, w, c = split.images.shape[1:]
+        shape = (0, *canvas(h, w), c)  # (check_fit reads only the shape of the images)
+        name = f"{cfg.dataset} {what} composites"
+        check_fit(spec, np.zeros(shape, np.float32), split.labels, "model spec", name)
+    limited = "" if cfg.limit is None else f" (the first {cfg.limit})"
+    check_classes(train_split.labels[: cfg.limit], f"{cfg.dataset} training images{limited}")
+    if test_split is not None:
+        check_classes(test_split.labels, f"{cfg.dataset} test images")
+
+
+def accuracy(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Single digits (labels (N,)): argmax == label; composites (labels (N, k)): top-k set == label set."""
+    if labels.ndim == 1:
+        return single_accuracy(scores, labels)
+    return float(set_matches(scores, labels)[0].mean())
 
 
 @dataclass
@@ -263,6 +298,9 @@ def _train_locked(
         check_same_data(world, x_all, y_all)
     _check_data(spec, cfg, train_split, test_split)  # again: on --resume the spec comes from the checkpoint
     y_hot = one_hot(y_all, spec.num_classes)
+    if cfg.compose is not None and test_split is not None:
+        # scored on overlap pairs of test digits: the last epoch on what `eval-pairs --layout overlap` scores
+        test_split = scoring_pairs(test_split, cfg.eval_limit)
     spe = steps_per_epoch(cfg, n)
     total = spe * cfg.epochs
     if st.step >= spe:
@@ -329,14 +367,19 @@ def _train_locked(
             t0 = time.perf_counter()
             bar.update(task, completed=first)
             lr = cfg.lr
+            pairs = None if cfg.compose is None else draw_pairs(y_all, cfg.seed, epoch)
             for step, idx in batches(cfg, epoch, n):
                 if step < first:
                     continue
-                x = augment_batch(
-                    x_all[idx], cfg.shift, cfg.scale, np.random.default_rng([cfg.seed, epoch, step])
-                )
+                if pairs is not None:  # composites (their digits already shifted) and both labels
+                    x, target = compose_batch(x_all, y_all, pairs, idx, spec.num_classes)
+                else:
+                    x = augment_batch(
+                        x_all[idx], cfg.shift, cfg.scale, np.random.default_rng([cfg.seed, epoch, step])
+                    )
+                    target = y_hot[idx]
                 lr = lr_at(cfg, epoch * spe + step, total)
-                loss, ok = trainer.step(x, y_hot[idx], lr)
+                loss, ok = trainer.step(x, target, lr)
                 if not math.isfinite(loss):
                     raise TrainingStopped(
                         f"loss became {loss} at epoch {epoch + 1}, step {step + 1}; training stopped, "
@@ -363,9 +406,7 @@ def _train_locked(
             train_time = time.perf_counter() - t0
             elapsed += train_time
             scored = _scored_images(cfg, test_split, epoch)
-            test_acc = (
-                None if scored is None else single_accuracy(trainer.scores(scored.images), scored.labels)
-            )
+            test_acc = None if scored is None else accuracy(trainer.scores(scored.images), scored.labels)
             row = asdict(
                 EpochReport(
                     epoch + 1,
@@ -378,9 +419,14 @@ def _train_locked(
                     train_time,
                 )
             )
+            if cfg.compose is not None:  # test_accuracy and test_images are of composites: say so
+                row["compose"] = cfg.compose
             rows.append(row)
             bar.remove_task(task)
-            test_txt = f"  test {test_acc:.2%} of {row['test_images']:,}" if test_acc is not None else ""
+            test_txt = ""
+            if test_acc is not None:
+                of = f"{row['test_images']:,}" + (" pairs" if cfg.compose is not None else "")
+                test_txt = f"  test {test_acc:.2%} of {of}"
             if writer:
                 err.print(
                     f"epoch {epoch + 1}/{cfg.epochs}  loss {row['loss']:.4f}  "

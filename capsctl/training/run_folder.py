@@ -25,6 +25,7 @@ from capsctl.model.weights import (
     expected_shapes,
     read_safetensors,
     spec_from_metadata,
+    trained,
 )
 from capsctl.training.config import TrainConfig
 
@@ -125,6 +126,8 @@ def _check_optimizer_state(
     if not optim:
         return  # saved before the first step: the optimiser starts fresh
     for name, shape in shapes.items():
+        if not trained(name):  # running statistics have no optimiser slots
+            continue
         for slot in ("m", "v"):
             arr = optim.get(f"{slot}.{name}")
             if arr is None or arr.shape != shape or arr.dtype != np.float32 or not np.isfinite(arr).all():

@@ -1,0 +1,188 @@
+"""Named architectures (`--arch`, capsctl.model.presets): their parameter counts against the papers, the
+numpy reference and every backend agreeing on each, and their refusals of what they cannot run."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from capsctl.choices import ARCHS
+from capsctl.model import reference
+from capsctl.model.presets import preset
+from capsctl.model.spec import ModelSpec
+from capsctl.model.weights import parameter_count, save_model
+
+from ._helpers import assert_one_line_error, real_digits, routing_weights, run_cli
+
+
+def filled(name: str) -> ModelSpec:
+    """The preset as `capsctl train` completes it for 28x28 grey digits and 10 classes."""
+    spec = preset(name)
+    if spec.head == "capsule" and not spec.capsule.shared:
+        spec = spec.with_capsule(num_inputs=spec.capsule_count(28, 28))
+    if spec.decoder is not None:
+        spec = spec.replace(decoder=replace(spec.decoder, image_shape=(28, 28, 1)))
+    return spec
+
+
+def test_parameter_counts_are_the_papers():
+    assert parameter_count(filled("seed")) == 279_488
+    sabour = filled("sabour2017")
+    # Sabour et al. 2017 on 28x28 MNIST: 1,152 primary capsules; ~8.2M parameters with the decoder
+    assert sabour.capsule.num_inputs == 1152
+    assert parameter_count(sabour) == 20_992 + 5_308_672 + 1_474_560 + 1_411_344 == 8_215_568
+    assert parameter_count(sabour.replace(decoder=None)) == 6_804_224
+    # Mazzia et al. 2021: 161,824 trained parameters (the file also holds 576 running statistics)
+    from capsctl.model.weights import expected_shapes
+
+    efficient = filled("efficient")
+    assert parameter_count(efficient) == 161_824
+    assert sum(int(np.prod(s)) for s in expected_shapes(efficient).values()) == 161_824 + 576
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_every_preset_round_trips_as_json(name):
+    spec = filled(name)
+    assert ModelSpec.from_json(spec.to_json()) == spec
+
+
+def preset_weights(spec: ModelSpec, seed: int = 3) -> dict[str, np.ndarray]:
+    """routing_weights, with the primary capsules scaled up: at Glorot scale the squashed primary
+    capsules of 8.2M-parameter Sabour model are so short that every class scores ~sqrt(EPS)."""
+    w = routing_weights(spec, seed)
+    if "head.primary.kernel" in w:
+        w["head.primary.kernel"] = w["head.primary.kernel"] * 10
+        w["head.capsule.kernel"] = w["head.capsule.kernel"] * 4
+    return w
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_backends_agree_with_the_reference_on_every_preset(name, backend, mnist):
+    spec = filled(name)
+    weights = preset_weights(spec)
+    x = real_digits(mnist, 3)
+    want, _ = reference.forward(spec, weights, x)
+    # non-trivial scores: the agreement below would be empty if every capsule were near zero
+    assert want.max() > 0.05 and np.ptp(want, axis=1).min() > 1e-3, want
+    got = backend.runner(spec, weights).scores(x)
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+    if spec.decoder is not None:  # the reconstruction from the true class's capsule too
+        classes = np.asarray(mnist.test().labels[:3])
+        recon = backend.runner(spec, weights).reconstruct(x, classes)
+        np.testing.assert_allclose(recon, reference.reconstruct(spec, weights, x, classes), atol=1e-4)
+
+
+def test_an_unknown_arch_is_one_line(tmp_path, capsys):
+    code, out, err = run_cli(["train", "--arch", "capsnet9000", "--out", tmp_path / "r"], capsys)
+    assert_one_line_error(code, out, err, "capsnet9000")
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_preset_with_the_wrong_head_is_one_line(tmp_path, capsys):
+    args = ["train", "--arch", "sabour2017", "--head", "pool", "--out", tmp_path / "r"]
+    code, out, err = run_cli(args, capsys)
+    assert_one_line_error(code, out, err, "--arch sabour2017 has a capsule head")
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_primary_capsules_that_do_not_fit_the_image_are_one_line(shared, tmp_path, capsys):
+    spec = preset("sabour2017").to_dict()
+    spec["capsule"]["primary"]["kernel"] = 25  # 28x28 -> 20x20 after the first conv: no 25x25 window
+    spec["capsule"]["shared"] = shared
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(spec))
+    code, out, err = run_cli(
+        ["train", "--spec", path, "--limit", "20", "--epochs", "1", "--out", tmp_path / "r"], capsys
+    )
+    assert_one_line_error(code, out, err, "28x28", "too small for")
+    assert not (tmp_path / "r" / "model.safetensors").exists()
+
+
+def test_a_spec_file_refines_a_preset(tmp_path, capsys, monkeypatch):
+    """--arch with --spec: the file's top-level fields replace the preset's (here, a smaller capsule)."""
+    from capsctl.cli import _train
+
+    path = tmp_path / "spec.json"
+    caps = preset("sabour2017").to_dict()["capsule"]
+    path.write_text(json.dumps({"capsule": {**caps, "dim": 4}}))
+    spec = _train._spec(path, "capsule", None, None, None, True, "sabour2017")
+    assert spec.capsule.dim == 4 and spec.capsule.primary == preset("sabour2017").capsule.primary
+    assert spec.trunk == preset("sabour2017").trunk and spec.decoder == preset("sabour2017").decoder
+
+
+@pytest.mark.torch
+def test_eval_pairs_refuses_a_non_shared_preset_in_one_line(tmp_path, capsys, mnist_dir):
+    spec = filled("sabour2017").replace(decoder=None)
+    model = tmp_path / "m.safetensors"
+    save_model(model, spec, routing_weights(spec, seed=0))
+    code, out, err = run_cli(["eval-pairs", model, "--data-dir", mnist_dir, "--limit", "10"], capsys)
+    assert_one_line_error(code, out, err, "not shared", "56x28 composites need a shared-weight model")
+
+
+def test_flops_count_the_strided_convolutions_and_the_primary_capsules():
+    from capsctl.model.flops import count
+
+    f = count(filled("sabour2017"))
+    assert f.convs == (2 * 9 * 9 * 1 * 256 * 20 * 20,)  # Conv 256 9x9 on 28x28 -> 20x20
+    assert f.primary == 2 * 9 * 9 * 256 * 256 * 6 * 6  # 9x9 stride 2 -> 6x6, 32 types x 8 dims
+    assert f.predictions == 2 * 1152 * 8 * 10 * 16  # û = W u for every input-output pair
+    assert f.head == f.primary + f.predictions + f.routing
+    # depthwise primary capsules: one 9x9 filter per channel, 128 channels, 1x1 output
+    assert count(filled("efficient")).primary == 2 * 9 * 9 * 128 * 1 * 1 * 1
+
+
+def test_experiments_build_the_preset_as_train_does(tmp_path):
+    from capsctl.experiment.plan import DataFacts, Overrides, make_job
+
+    facts = DataFacts(classes=tuple("0123456789"), shape=(28, 28, 1))
+    job = make_job(tmp_path, "torch", "mnist-5k", "default", "capsule", 1, None, Overrides(), data=facts,
+                   arch="efficient")
+    assert job.spec == filled("efficient") and job.run.name == "torch-default-efficient-capsule-s1"
+    seed = make_job(tmp_path, "torch", "mnist-5k", "default", "capsule", 1, None, Overrides(), data=facts)
+    assert seed.spec == filled("seed") and seed.run.name == "torch-default-capsule-s1"  # unchanged names
+    decoder = make_job(tmp_path, "torch", "mnist-5k", "default", "capsule+decoder", 0, None, Overrides(),
+                       data=facts, arch="sabour2017")
+    assert decoder.spec == filled("sabour2017")
+
+
+def test_experiments_on_a_fixed_size_preset_score_the_standard_test_only(tmp_path, capsys):
+    from capsctl.cli._experiment import _for_arch
+
+    heads, tests = _for_arch("sabour2017", ["capsule", "pool"], ["test", "vertical", "overlap"])
+    assert heads == ["capsule"] and tests == ["test"]
+    assert "leaving out vertical, overlap" in capsys.readouterr().err
+    assert _for_arch("seed", ["capsule", "pool"], ["vertical"]) == (["capsule", "pool"], ["vertical"])
+    code, out, err = run_cli(["experiment", "pairs", "--arch", "efficient", "--heads", "pool",
+                              "--out", tmp_path / "x"], capsys)
+    assert_one_line_error(code, out, err, "--arch efficient has a capsule head only")
+    code, out, err = run_cli(["experiment", "ablate", "--arch", "efficient", "--tests", "vertical",
+                              "--out", tmp_path / "x"], capsys)
+    assert code == 2 and "it can score only test" in err and "Traceback" not in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_bench_measures_a_preset_as_a_variant():
+    from capsctl.bench.measure import BenchConfig, variant_spec
+    from capsctl.cli._bench import _variants
+    from capsctl.errors import CapsctlError
+
+    assert variant_spec("arch:sabour2017") == filled("sabour2017")
+    assert _variants(["capsule", "pool"], False, ["efficient", "seed"]) == ("arch:efficient", "capsule")
+    assert _variants(["pool"], True, ["efficient"]) == ("pool", "arch:efficient")
+    BenchConfig(heads=("arch:efficient",)).validate()
+    with pytest.raises(CapsctlError, match="unknown head"):
+        BenchConfig(heads=("arch:resnet",)).validate()
+
+
+def test_routing_maps_sit_over_the_pixels_the_capsules_see():
+    from capsctl.inspect.analysis import grid_geometry
+
+    # sabour2017: Conv 9x9 (centre 4), then 9x9 stride 2 primary capsules: grid g at pixel 8 + 2g
+    assert grid_geometry(filled("sabour2017")) == (8.0, 2.0)
+    # efficient: 5x5, 3x3, 3x3, 3x3 stride 2, then the 9x9 depthwise window: one place at pixel 13
+    assert grid_geometry(filled("efficient")) == (13.0, 2.0)
+    assert grid_geometry(filled("seed")) == (6.5, 2.0)  # unchanged
