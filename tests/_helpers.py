@@ -183,8 +183,6 @@ def routing_weights(spec, seed: int = 1) -> dict[str, np.ndarray]:
     for k, v in w.items():
         if k.endswith(".bias"):
             w[k] = rng.uniform(0, 0.05, v.shape).astype(np.float32)
-        elif k == "head.capsule.kernel" and v.ndim == 3:
-            w[k] = v * 8  # per-position Glorot fans are 64x larger; restore scores of a useful size
     return w
 
 

@@ -50,12 +50,11 @@ def test_every_preset_round_trips_as_json(name):
 
 
 def preset_weights(spec: ModelSpec, seed: int = 3) -> dict[str, np.ndarray]:
-    """routing_weights, with the primary capsules scaled up: at Glorot scale the squashed primary
-    capsules of 8.2M-parameter Sabour model are so short that every class scores ~sqrt(EPS)."""
+    """routing_weights, with the primary capsules' kernel x3: scores spread over 0.08-0.41 for sabour2017
+    (0.004-0.014 at Glorot scale, where 3 images barely tell the classes apart)."""
     w = routing_weights(spec, seed)
     if "head.primary.kernel" in w:
-        w["head.primary.kernel"] = w["head.primary.kernel"] * 10
-        w["head.capsule.kernel"] = w["head.capsule.kernel"] * 4
+        w["head.primary.kernel"] = w["head.primary.kernel"] * 3
     return w
 
 
@@ -66,7 +65,7 @@ def test_backends_agree_with_the_reference_on_every_preset(name, backend, mnist)
     x = real_digits(mnist, 3)
     want, _ = reference.forward(spec, weights, x)
     # non-trivial scores: the agreement below would be empty if every capsule were near zero
-    assert want.max() > 0.05 and np.ptp(want, axis=1).min() > 1e-3, want
+    assert want.max() > 0.05 and np.ptp(want, axis=1).min() > 1e-2, want
     got = backend.runner(spec, weights).scores(x)
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
     if spec.decoder is not None:  # the reconstruction from the true class's capsule too

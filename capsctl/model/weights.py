@@ -121,7 +121,8 @@ def parameter_count(spec: ModelSpec) -> int:
 def init_weights(spec: ModelSpec, seed: int) -> Weights:
     """Glorot-uniform kernels and zero biases, drawn in numpy so every backend starts identical.
 
-    Fans follow Keras' rule: the last two axes are (in, out), earlier axes multiply both.
+    Fans follow Keras' rule: the last two axes are (in, out), earlier axes multiply both; except per-input
+    capsule weights, whose fans are those of one C -> D map.
     """
     rng = np.random.default_rng(seed)
     out: Weights = {}
@@ -134,6 +135,11 @@ def init_weights(spec: ModelSpec, seed: int) -> Weights:
             continue
         receptive = math.prod(shape[:-2]) if len(shape) > 2 else 1
         fan_in, fan_out = shape[-2] * receptive, shape[-1] * receptive
+        if name == "head.capsule.kernel" and len(shape) == 3:
+            # per-input weights [N, C, J·D] are N·J separate C -> D maps (û_j|i = u_i W_ij): their fans are
+            # (C, D). Keras' rule would multiply both by N (1,152 for sabour2017), which leaves the capsules
+            # so short that their lengths are all sqrt(EPS) and no gradient reaches past Adam's epsilon.
+            fan_in, fan_out = shape[1], spec.capsule.dim
         limit = math.sqrt(6.0 / (fan_in + fan_out))
         out[name] = rng.uniform(-limit, limit, size=shape).astype(np.float32)
     return out
