@@ -196,3 +196,32 @@ def rel_diff(a: np.ndarray, b: np.ndarray) -> float:
     """|a - b| / |b| (Frobenius norms, in float64): a difference measured against the size of b."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+# -- interrupted runs -----------------------------------------------------------------------------------
+
+TIMING = ("images_per_s", "seconds")  # the only metrics fields allowed to differ between runs
+
+
+def stop_after_first_epoch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C right after epoch 1 is saved, the way a user stops a run."""
+    import signal
+
+    from capsctl.training import loop
+
+    real = loop.train
+
+    def interrupted(*args, **kwargs):
+        def hook(kind: str, info: dict) -> None:
+            if kind == "epoch" and info["epoch"] == 1:
+                signal.raise_signal(signal.SIGINT)
+
+        return real(*args, on_step=hook, **kwargs)
+
+    monkeypatch.setattr(loop, "train", interrupted)
+
+
+def metrics_rows(run: Path) -> list[dict]:
+    """A run's metrics.jsonl rows without the timing fields."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]

@@ -9,15 +9,20 @@ from __future__ import annotations
 
 import importlib
 import json
-import signal
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from ._helpers import BACKENDS, TINY, assert_one_line_error, run_cli, write_set
-
-TIMING = ("images_per_s", "seconds")  # the only metrics fields allowed to differ between runs
+from ._helpers import (
+    BACKENDS,
+    TINY,
+    assert_one_line_error,
+    metrics_rows,
+    run_cli,
+    stop_after_first_epoch,
+    write_set,
+)
 
 
 @pytest.fixture(scope="module")
@@ -165,27 +170,6 @@ def test_the_loop_trains_on_the_pairs_and_scores_overlap_pairs_of_test_digits(tm
 # -- training and resuming on each backend ---------------------------------------------------------------
 
 
-def _stop_after_first_epoch(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Ctrl-C right after epoch 1 is saved, the way a user stops a run."""
-    from capsctl.training import loop
-
-    real = loop.train
-
-    def interrupted(*args, **kwargs):
-        def hook(kind: str, info: dict) -> None:
-            if kind == "epoch" and info["epoch"] == 1:
-                signal.raise_signal(signal.SIGINT)
-
-        return real(*args, on_step=hook, **kwargs)
-
-    monkeypatch.setattr(loop, "train", interrupted)
-
-
-def _rows(run: Path) -> list[dict]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
-
-
 @pytest.mark.parametrize("backend_name", BACKENDS)
 def test_an_interrupted_compose_run_resumes_exactly(tmp_path, capsys, monkeypatch, mnist_dir, backend_name):
     """Stopped after epoch 1 and resumed (which keeps --compose), a run ends with the uninterrupted run's
@@ -201,10 +185,10 @@ def test_an_interrupted_compose_run_resumes_exactly(tmp_path, capsys, monkeypatc
     result = json.loads(out)
     assert result["compose"] == "overlap" and result["test_images"] == 40
     with monkeypatch.context() as m:
-        _stop_after_first_epoch(m)
+        stop_after_first_epoch(m)
         code, _, err = run_cli([*args, "--out", tmp_path / "split"], capsys)
     assert code == 130, err
-    assert len(_rows(tmp_path / "split")) == 1
+    assert len(metrics_rows(tmp_path / "split")) == 1
 
     code, out, err = run_cli(["train", "--resume", tmp_path / "split", "--compose", "overlap"], capsys)
     assert_one_line_error(code, out, err, "--compose")
@@ -212,8 +196,8 @@ def test_an_interrupted_compose_run_resumes_exactly(tmp_path, capsys, monkeypatc
     assert code == 0, err
     ck = load_checkpoint(tmp_path / "split")
     assert (ck.config.compose, ck.config.shift, ck.config.scale) == ("overlap", 0, 0.0)
-    assert _rows(tmp_path / "split") == _rows(tmp_path / "straight")
-    assert [r["compose"] for r in _rows(tmp_path / "split")] == ["overlap", "overlap"]
+    assert metrics_rows(tmp_path / "split") == metrics_rows(tmp_path / "straight")
+    assert [r["compose"] for r in metrics_rows(tmp_path / "split")] == ["overlap", "overlap"]
     _, straight = load_model(tmp_path / "straight" / "model.safetensors")
     _, resumed = load_model(tmp_path / "split" / "model.safetensors")
     for k in straight:
@@ -237,7 +221,7 @@ def test_two_ranks_train_on_the_composites_of_one_process(tmp_path, backend_name
     assert two.returncode == 0, two.stderr
     gap = _relative_gap(_weights(tmp_path / "one"), _weights(tmp_path / "two"))
     assert gap < 1e-5, gap
-    for a, b in zip(_rows(tmp_path / "one"), _rows(tmp_path / "two"), strict=True):
+    for a, b in zip(metrics_rows(tmp_path / "one"), metrics_rows(tmp_path / "two"), strict=True):
         assert a["train_accuracy"] == b["train_accuracy"] and a["test_accuracy"] == b["test_accuracy"]
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
 
@@ -259,7 +243,7 @@ HAND_MADE = [
 ]
 
 
-def _correct_rows(backend_name: str, scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
+def _correctmetrics_rows(backend_name: str, scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
     fn = importlib.import_module(f"capsctl_{backend_name}._trainer").correct_rows
     if backend_name == "torch":
         import torch
@@ -279,7 +263,7 @@ def test_correct_means_the_top_k_set_is_the_label_set(backend_name):
     for row, (_, labels, _) in enumerate(HAND_MADE):
         targets[row, labels] = 1.0
     expected = np.array([ok for _, _, ok in HAND_MADE])
-    got = _correct_rows(backend_name, scores, targets)
+    got = _correctmetrics_rows(backend_name, scores, targets)
     np.testing.assert_array_equal(got, expected)
     assert int(got.sum()) == 5
     # the two-hot rows agree with eval-pairs' rule
@@ -292,7 +276,7 @@ def test_correct_means_the_top_k_set_is_the_label_set(backend_name):
     labels = rng.integers(0, 10, 200)
     one_hot = np.eye(10, dtype=np.float32)[labels]
     np.testing.assert_array_equal(
-        _correct_rows(backend_name, scores, one_hot), scores.argmax(1) == labels
+        _correctmetrics_rows(backend_name, scores, one_hot), scores.argmax(1) == labels
     )
 
 

@@ -26,12 +26,11 @@ from capsctl._io import atomic_write_bytes
 from capsctl.data import idx
 from capsctl.errors import CapsctlError
 
-from ._helpers import TINY, assert_one_line_error, dotted_name, gz, idx_bytes, run_cli
+from ._helpers import TINY, assert_one_line_error, dotted_name, gz, idx_bytes, metrics_rows, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 EPOCHS, BATCH, LIMIT = 3, 16, 64
 STEPS = EPOCHS * (LIMIT // BATCH)  # 12 optimiser steps in all
-TIMING = ("images_per_s", "seconds")  # the only metrics fields allowed to differ between runs
 
 # Runs capsctl with one fault: argv = mode k barrier capsctl-args...
 #   kill-step / int-step: SIGKILL / SIGINT to itself right after the k-th optimiser step
@@ -117,9 +116,7 @@ def faulty(mode: str, k: int, args: list[str], barrier: Path | None = None, wait
     return subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=_env(), cwd=ROOT)
 
 
-def metrics(run: Path) -> list[dict]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+metrics = metrics_rows  # (the run's metrics rows without timings)
 
 
 @pytest.fixture(scope="module")

@@ -245,16 +245,9 @@ def test_training_steps_match_across_backends(mnist, arch):
 
 def _filled(arch: str) -> ModelSpec:
     """The preset as `capsctl train` completes it for 28x28 digits."""
-    from dataclasses import replace
+    from capsctl.model.presets import for_images
 
-    from capsctl.model.presets import preset
-
-    spec = preset(arch)
-    if not spec.capsule.shared:
-        spec = spec.with_capsule(num_inputs=spec.capsule_count(28, 28))
-    if spec.decoder is not None:
-        spec = spec.replace(decoder=replace(spec.decoder, image_shape=(28, 28, 1)))
-    return spec
+    return for_images(arch)
 
 
 @pytest.mark.parametrize("first", ["torch", "keras"])

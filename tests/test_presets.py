@@ -4,14 +4,13 @@ numpy reference and every backend agreeing on each, and their refusals of what t
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from capsctl.choices import ARCHS
 from capsctl.model import reference
-from capsctl.model.presets import preset
+from capsctl.model.presets import for_images, preset
 from capsctl.model.spec import ModelSpec
 from capsctl.model.weights import parameter_count, save_model
 
@@ -20,12 +19,7 @@ from ._helpers import assert_one_line_error, real_digits, routing_weights, run_c
 
 def filled(name: str) -> ModelSpec:
     """The preset as `capsctl train` completes it for 28x28 grey digits and 10 classes."""
-    spec = preset(name)
-    if spec.head == "capsule" and not spec.capsule.shared:
-        spec = spec.with_capsule(num_inputs=spec.capsule_count(28, 28))
-    if spec.decoder is not None:
-        spec = spec.replace(decoder=replace(spec.decoder, image_shape=(28, 28, 1)))
-    return spec
+    return for_images(name)
 
 
 def test_parameter_counts_are_the_papers():

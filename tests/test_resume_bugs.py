@@ -4,43 +4,19 @@
 from __future__ import annotations
 
 import json
-import signal
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from ._helpers import TINY, assert_one_line_error, run_cli
-
-TIMING = ("images_per_s", "seconds")  # the only metrics fields allowed to differ between runs
+from ._helpers import TINY, assert_one_line_error, metrics_rows, run_cli, stop_after_first_epoch
 
 
 def _spec(tmp_path: Path) -> Path:
     path = tmp_path / "spec.json"
     path.write_text(json.dumps(TINY))
     return path
-
-
-def _stop_after_first_epoch(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Ctrl-C right after epoch 1 is saved, the way a user stops a run."""
-    from capsctl.training import loop
-
-    real = loop.train
-
-    def interrupted(*args, **kwargs):
-        def hook(kind: str, info: dict) -> None:
-            if kind == "epoch" and info["epoch"] == 1:
-                signal.raise_signal(signal.SIGINT)
-
-        return real(*args, on_step=hook, **kwargs)
-
-    monkeypatch.setattr(loop, "train", interrupted)
-
-
-def _rows(run: Path) -> list[dict]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
 
 
 @pytest.mark.torch
@@ -56,17 +32,17 @@ def test_resume_needs_only_the_run_folder(tmp_path, capsys, monkeypatch, mnist_d
     code, _, err = run_cli([*args, "--out", tmp_path / "straight"], capsys)
     assert code == 0, err
     with monkeypatch.context() as m:
-        _stop_after_first_epoch(m)
+        stop_after_first_epoch(m)
         code, _, err = run_cli([*args, "--out", tmp_path / "split"], capsys)
     assert code == 130, err
-    assert len(_rows(tmp_path / "split")) == 1
+    assert len(metrics_rows(tmp_path / "split")) == 1
 
     # elsewhere, with no --data-dir (the isolated cache is empty and downloads are blocked)
     monkeypatch.chdir(tmp_path)
     again = ["--data-dir", mnist_dir] if give_data_dir else []
     code, _, err = run_cli(["train", "--resume", "split", "-q", *again], capsys)
     assert code == 0, err
-    assert _rows(tmp_path / "split") == _rows(tmp_path / "straight")
+    assert metrics_rows(tmp_path / "split") == metrics_rows(tmp_path / "straight")
     _, straight = load_model(tmp_path / "straight" / "model.safetensors")
     _, resumed = load_model(tmp_path / "split" / "model.safetensors")
     for k in straight:
@@ -109,7 +85,7 @@ def test_resume_honours_an_explicit_backend(tmp_path, capsys, monkeypatch, mnist
     assert code == 0, err
     assert asked == ["torch"]
     assert load_checkpoint(run).config.backend == "torch"  # what ran is what the run records
-    assert len(_rows(run)) == 2
+    assert len(metrics_rows(run)) == 2
 
 
 def test_pairs_routing_takes_one_value_and_creates_nothing(tmp_path, capsys, mnist_dir):

@@ -28,12 +28,11 @@ from capsctl.backend import OptimConfig, Trainer
 from capsctl.errors import CapsctlError, TrainingStopped, first_line
 from capsctl.model.spec import ModelSpec
 from capsctl.training.distributed import (
-    LOST_EXIT,
     NPROC_JOB_ENV,
-    TIMEOUT_EXIT,
     UNRESPONSIVE_EXIT,
     World,
     check_port,
+    lost_contact,
     parse_tf_config,
     rank_slice,
     tf_configs,
@@ -46,11 +45,7 @@ from ._trainer import KerasTrainer, correct_rows
 T = TypeVar("T")
 def _lost(e: BaseException) -> BaseException:
     timed_out = isinstance(e, tf.errors.DeadlineExceededError) or "timed out" in str(e).lower()
-    if NPROC_JOB_ENV in os.environ:  # `capsctl train --nproc` tells the cause in one line
-        return SystemExit(TIMEOUT_EXIT if timed_out else LOST_EXIT)
-    return TrainingStopped(
-        f"lost contact with another worker ({_gist(e)}); this rank stops, the last checkpoint is kept"
-    )
+    return lost_contact(_gist(e), timed_out, "worker")
 
 
 def _collective(fn: Callable[[], T]) -> T:

@@ -23,10 +23,9 @@ from capsctl.backend import OptimConfig, Trainer
 from capsctl.errors import CapsctlError, TrainingStopped
 from capsctl.model.spec import ModelSpec
 from capsctl.training.distributed import (
-    LOST_EXIT,
     NPROC_JOB_ENV,
-    TIMEOUT_EXIT,
     World,
+    lost_contact,
     rank_slice,
     timeout_s,
 )
@@ -49,12 +48,7 @@ def _first_line(e: BaseException) -> str:
 
 def _lost(e: BaseException) -> BaseException:
     timed_out = "timed out" in str(e).lower() or "timeout" in str(e).lower()
-    if NPROC_JOB_ENV in os.environ:  # `capsctl train --nproc` tells the cause in one line
-        return SystemExit(TIMEOUT_EXIT if timed_out else LOST_EXIT)
-    first = _first_line(e)
-    return TrainingStopped(
-        f"lost contact with another rank ({first}); this rank stops, the last checkpoint is kept"
-    )
+    return lost_contact(_first_line(e), timed_out)
 
 
 def _collective(fn: Callable[[], T]) -> T:

@@ -62,16 +62,9 @@ def variant_spec(name: str) -> ModelSpec:
         dec = DecoderSpec(hidden=DECODER_HIDDEN, image_shape=(28, 28, 1))
         return default_spec("capsule").replace(decoder=dec)
     if name.startswith(ARCH_PREFIX):
-        from dataclasses import replace
+        from capsctl.model.presets import for_images
 
-        from capsctl.model.presets import preset
-
-        spec = preset(name[len(ARCH_PREFIX) :])
-        if not spec.capsule.shared:
-            spec = spec.with_capsule(num_inputs=spec.capsule_count(28, 28))
-        if spec.decoder is not None:
-            spec = spec.replace(decoder=replace(spec.decoder, image_shape=(28, 28, 1)))
-        return spec
+        return for_images(name[len(ARCH_PREFIX) :])
     return default_spec(name)
 
 

@@ -57,3 +57,16 @@ def preset(name: str) -> ModelSpec:
             ),
         )
     raise CapsctlError(f"--arch must be one of {', '.join(ARCHS)}, got {name!r}")
+
+
+def for_images(name: str, height: int = 28, width: int = 28) -> ModelSpec:
+    """Preset `name` completed for images of this size, as `capsctl train` completes it: the input capsule
+    count of non-shared weights, and the decoder's image shape (grey images; channels follow the data)."""
+    from dataclasses import replace
+
+    spec = preset(name)
+    if spec.head == "capsule" and not spec.capsule.shared:
+        spec = spec.with_capsule(num_inputs=spec.capsule_count(height, width))
+    if spec.decoder is not None:
+        spec = spec.replace(decoder=replace(spec.decoder, image_shape=(height, width, spec.in_channels)))
+    return spec

@@ -77,6 +77,19 @@ def launched(backend: str | None = None) -> bool:
     return any(names and all(name in os.environ for name in names) for names in kinds)
 
 
+def lost_contact(gist: str, timed_out: bool, peer: str = "rank") -> BaseException:
+    """What a rank raises when a collective failed because another rank died or hung: under `capsctl train
+    --nproc` a quiet exit (LOST_EXIT / TIMEOUT_EXIT; the launcher tells the cause in one line), else one
+    line of its own quoting the engine's `gist`."""
+    from capsctl.errors import TrainingStopped
+
+    if NPROC_JOB_ENV in os.environ:
+        return SystemExit(TIMEOUT_EXIT if timed_out else LOST_EXIT)
+    return TrainingStopped(
+        f"lost contact with another {peer} ({gist}); this rank stops, the last checkpoint is kept"
+    )
+
+
 def timeout_s() -> float:
     raw = os.environ.get("CAPSCTL_DIST_TIMEOUT", str(DEFAULT_TIMEOUT_S))
     try:
