@@ -135,7 +135,7 @@ def test_the_default_recipe_is_recognised_in_a_run_config() -> None:
                       recipe="default")
     assert _is_default_recipe(asdict(cfg))
     changes = ({"scale": 0.1}, {"epochs": rec.capsule_epochs + 1}, {"shift": rec.shift - 1},
-               {"recipe": "seed"})
+               {"recipe": "seed"}, {"batch_size": rec.batch_size * 2}, {"recipe": "default-2026-11"})
     for change in changes:
         assert not _is_default_recipe({**asdict(cfg), **change}), change
 

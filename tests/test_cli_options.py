@@ -56,7 +56,8 @@ def test_every_command_module_is_registered():
 
 
 @pytest.mark.parametrize(("command", "shown"), [
-    (["train"], ["<capsule|pool>", "<su|sabour|su-unit|attention>", "<seed|default>", "<constant|onecycle>",
+    (["train"], ["<capsule|pool>", "<su|sabour|su-unit|attention>", "<seed|default|default-2026-11>",
+                 "<constant|onecycle>",
                  "<mnist-5k|mnist|fashion-mnist|cifar10|PATH>", "<torch|keras>", "Model", "Data", "Recipe",
                  "Run", "--eval-limit", "--json"]),
     (["eval-pairs"], ["<vertical|horizontal|overlap>", "--eval-limit", "--batch-size"]),
@@ -166,7 +167,22 @@ def test_inspect_takes_model_then_image_and_the_old_form(tmp_path, capsys, tiny_
 # -- --json on train and data list -----------------------------------------------------------------------
 
 @pytest.mark.torch
+def test_the_previous_default_recipe_runs_by_name(tmp_path, capsys, mnist_dir):
+    from capsctl.training.run_folder import load_checkpoint
+
+    run = tmp_path / "run"
+    code, _, err = run_cli(["train", "--recipe", "default-2026-11", "--data-dir", mnist_dir, "--limit", "64",
+                            "--eval-limit", "20", "--epochs", "1", "-q", "--out", run], capsys)
+    assert code == 0, err
+    cfg = load_checkpoint(run).config
+    # the settings the default had until 2026-11-29 (batch 128, ±4 px, peak 3e-3), recorded under that name
+    assert (cfg.recipe, cfg.batch_size, cfg.shift, cfg.lr, cfg.schedule) == (
+        "default-2026-11", 128, 4, 3e-3, "onecycle")
+
+
+@pytest.mark.torch
 def test_train_json_and_resume_refuses_settings_it_would_ignore(tmp_path, capsys, mnist_dir):
+    from capsctl.training.recipes import get_recipe
     from capsctl.training.run_folder import load_checkpoint
 
     spec = tmp_path / "spec.json"
@@ -181,7 +197,8 @@ def test_train_json_and_resume_refuses_settings_it_would_ignore(tmp_path, capsys
     assert 0 <= result["test_accuracy"] <= 1 and result["backend"] == "torch" and result["head"] == "capsule"
     cfg = load_checkpoint(run).config
     assert cfg.data_dir == str(mnist_dir.absolute()) and cfg.eval_limit == 20
-    assert (cfg.epochs, cfg.shift, cfg.recipe) == (1, 4, "default")
+    default = get_recipe("default")
+    assert (cfg.epochs, cfg.shift, cfg.batch_size, cfg.recipe) == (1, default.shift, 32, "default")
 
     before = {p.name: p.read_bytes() for p in run.iterdir()}
     code, out, err = run_cli(["train", "--resume", run, "--epochs", "3", "--lr", "0.1"], capsys)

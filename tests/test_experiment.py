@@ -209,6 +209,32 @@ def test_ablate_and_report(tmp_path: Path, tiny_pairs: tuple[Path, dict], mnist_
     assert f"results/{out.name}/ablation.png" in text
 
 
+@pytest.mark.torch
+def test_report_section_replaces_its_own_section_only(tmp_path: Path, tiny_pairs: tuple[Path, dict],
+                                                      capsys) -> None:
+    doc = tmp_path / "RESULTS.md"
+    kept = "# Results\n\nHand-kept intro.\n\n## Older results\n\n| a | b |\n|---|---|\n| 1 | 2 |\n"
+    doc.write_text(kept)
+    args = ["experiment", "report", tiny_pairs[0], "--out", doc, "--section", "New default"]
+    code, _, err = run_cli(args, capsys)
+    assert code == 0, err
+    text = doc.read_text()
+    # the section sits before the first heading, with its own regeneration command; the rest is untouched
+    assert text.index("## New default") < text.index("## Older results")
+    assert text.startswith("# Results\n\nHand-kept intro.\n")
+    assert text.endswith("## Older results\n\n| a | b |\n|---|---|\n| 1 | 2 |\n")
+    assert "--section 'New default'" in text and f"`{tiny_pairs[0].name}`" in text
+    # rerun: the section is replaced in place, not added twice
+    code, _, err = run_cli(args, capsys)
+    assert code == 0, err
+    again = doc.read_text()
+    assert again.count("## New default") == 1 and again.count("## Older results") == 1
+    code, out, err = run_cli(["experiment", "report", tiny_pairs[0], "--out", doc, "--section", "a -- b"],
+                             capsys)
+    assert_one_line_error(code, out, err, "--section")
+    assert doc.read_text() == again
+
+
 def test_bad_options_exit_2(tmp_path: Path, capsys) -> None:
     for args, *needles in (
         (["experiment", "pairs", "--seeds", "x", "--out", tmp_path], "--seeds"),

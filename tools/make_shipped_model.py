@@ -1,7 +1,7 @@
 """Regenerate the model that ships inside capsctl (capsctl/model/capsule-mnist5k.safetensors).
 
     python tools/make_shipped_model.py            # train (default recipe, seed 0, mnist-5k), score, write
-    python tools/make_shipped_model.py --run RUN  # package an existing `capsctl train` run folder instead
+    python tools/make_shipped_model.py --run RUN  # package a finished run of the same recipe and seed instead
 
 It trains the capsule head exactly as `capsctl train` does with no options, scores it on the full test set
 and on vertical and horizontal pairs (the README's headline), records a small `check` (scores of the first
@@ -55,6 +55,20 @@ def _commit() -> str:
         return "unknown"
 
 
+def _check_same_recipe(cfg: TrainConfig, seed: int) -> None:
+    """A --run must hold what the plain command would train: the default recipe's settings, that seed,
+    all of mnist-5k (thread counts may still change the last bits of the weights)."""
+    want = get_recipe("default").settings("capsule")
+    got = {k: getattr(cfg, k) for k in want}
+    problems = [f"{k} {got[k]} (want {v})" for k, v in want.items() if got[k] != v]
+    if cfg.seed != seed:
+        problems.append(f"seed {cfg.seed} (want {seed})")
+    if cfg.dataset != "mnist-5k" or cfg.limit is not None or cfg.holdout or cfg.val_fraction:
+        problems.append("not all of mnist-5k")
+    if problems:
+        sys.exit(f"--run: not a default-recipe run: {', '.join(problems)}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", type=Path, help="an existing run folder to package (default: train one)")
@@ -65,7 +79,8 @@ def main() -> int:
     ds = datasets.load("mnist-5k")
     test = ds.test()
     backend = get_backend(args.backend)
-    command = "python tools/make_shipped_model.py" + (f" --run {args.run}" if args.run else "")
+    # the command that regenerates the file; --run only saves retraining what such a run already trained
+    command = "python tools/make_shipped_model.py" + (f" --seed {args.seed}" if args.seed else "")
     if args.run is None:
         tmp = Path(tempfile.mkdtemp(prefix="capsctl-shipped-"))
         run = tmp / "run"
@@ -81,6 +96,8 @@ def main() -> int:
     else:
         run = args.run
     ck = load_checkpoint(run)
+    if args.run is not None:
+        _check_same_recipe(ck.config, args.seed)
     spec, weights = load_model(run / MODEL_FILE)
     runner = backend.runner(spec, weights)
     t0 = time.perf_counter()
@@ -119,6 +136,10 @@ def main() -> int:
         "check": check,
         "score_seconds": time.perf_counter() - t0,
     }
+    if args.run is not None:
+        record["packaged_from"] = (
+            f"{args.run} ({ck.config.backend}, {ck.config.epochs} epochs, seed {ck.config.seed})"
+        )
     save_model(SHIPPED_MODEL, spec, weights, extra={PROVENANCE_KEY: json.dumps(record)})
     doc = ROOT / "docs" / "SHIPPED-MODEL.md"
     v, h = pairs["vertical"], pairs["horizontal"]
@@ -131,7 +152,8 @@ def main() -> int:
         "the same record is in the file's metadata entry `provenance`.\n\n"
         "| field | value |\n|---|---|\n"
         f"| regenerate with | `{command}` |\n"
-        f"| recipe, seed | `{record['recipe']}`, {record['seed']} |\n"
+        + (f"| packaged from | `{record['packaged_from']}` |\n" if "packaged_from" in record else "")
+        + f"| recipe, seed | `{record['recipe']}`, {record['seed']} |\n"
         f"| commit | `{record['commit']}` |\n"
         f"| backend | {record['backend']} |\n"
         f"| created | {record['created']} |\n"

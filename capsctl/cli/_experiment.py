@@ -50,7 +50,9 @@ OutOpt = Annotated[
 RecipeOpt = Annotated[
     Recipe,
     typer.Option(
-        help="Training recipe: default (measured best) or seed (the seed article's).", rich_help_panel=RECIPE
+        help="Training recipe: default (measured best), default-2026-11 (the default until 2026-11-29) or "
+        "seed (the seed article's).",
+        rich_help_panel=RECIPE,
     ),
 ]
 QuietOpt = Annotated[bool, quiet_option(RUN)]
@@ -91,6 +93,9 @@ def _value(choice: str | None) -> str | None:
 ShiftOpt = Annotated[
     int | None, typer.Option(help="Override the recipe's ±pixel shift augmentation.", rich_help_panel=RECIPE)
 ]
+BatchSizeOverrideOpt = Annotated[
+    int | None, typer.Option(help="Override the recipe's images per step.", rich_help_panel=RECIPE)
+]
 
 
 def pairs(
@@ -116,6 +121,7 @@ def pairs(
         int | None,
         typer.Option(help="Epochs for both heads.", show_default="recipe's", rich_help_panel=RECIPE),
     ] = None,
+    batch_size: BatchSizeOverrideOpt = None,
     lr: Annotated[
         float | None, typer.Option(help="Override the recipe's (peak) learning rate.", rich_help_panel=RECIPE)
     ] = None,
@@ -184,6 +190,7 @@ def pairs(
 
     seed_list = cast("list[int]", seeds)  # the option's callback made them ints
     check_range("--epochs", epochs, 1, 10000)
+    check_range("--batch-size", batch_size, 1)
     check_range("--eval-limit", eval_limit, 1)
     check_range("--limit", limit, 1)
     check_range("--holdout", holdout, 1)
@@ -211,6 +218,7 @@ def pairs(
         tests=tuple(tests),
         overrides=Overrides(
             epochs=epochs,
+            batch_size=batch_size,
             lr=lr,
             schedule=_value(schedule),
             shift=shift,
@@ -239,6 +247,7 @@ def pairs(
                     "recipe": str(recipe),
                     "arch": str(arch) if str(arch) != "seed" else None,
                     "epochs": epochs,
+                    "batch_size": batch_size,
                     "seeds": seed_list,
                     "heads": heads if heads != _HEADS else None,
                     "decoder": decoder,
@@ -268,6 +277,7 @@ def pairs(
         **rec.settings(
             "capsule",
             epochs=epochs,
+            batch_size=batch_size,
             lr=lr,
             schedule=_value(schedule),
             shift=shift,
@@ -410,17 +420,25 @@ def report(
     out: Annotated[Path, typer.Option(help="The Markdown file to write; plots are copied beside it.")] = Path(
         "docs/RESULTS.md"
     ),
+    section: Annotated[
+        str | None,
+        typer.Option(
+            help="Rewrite only the section with this title (between its markers; added before the first "
+            "heading if OUT has none) and leave the rest of OUT as it is."
+        ),
+    ] = None,
 ) -> None:
     """Regenerate docs/RESULTS.md from result folders (tables, plots, commands, times, reference numbers).
 
     Reads each FOLDER/results.json (no training, no scoring), copies its PNG plots to
     OUT's folder/results/, and writes OUT with every table beside the command that produced it.
+    --section TITLE rewrites one generated section only: results whose folders are gone stay in OUT.
 
     Example: capsctl experiment report out/pairs out/ablate --out docs/RESULTS.md
     """
     from capsctl.experiment.report import write_report
 
-    write_report(folders, out)
+    write_report(folders, out, section)
     typer.echo(f"wrote {out}")
 
 

@@ -50,6 +50,7 @@ class Overrides:
     """Changes to the recipe or the capsule spec, for recipe-choice comparisons; None = recipe's."""
 
     epochs: int | None = None
+    batch_size: int | None = None
     lr: float | None = None
     schedule: str | None = None
     shift: int | None = None
@@ -67,6 +68,7 @@ class Overrides:
                 continue
             short = {
                 "weight_decay": "wd",
+                "batch_size": "b",
                 "schedule": "",
                 "routing": "",
                 "squash": "sq",
@@ -134,6 +136,7 @@ def make_job(
     settings = rec.settings(
         spec.head,
         epochs=ov.epochs,
+        batch_size=ov.batch_size,
         lr=ov.lr,
         schedule=ov.schedule,
         shift=ov.shift,
