@@ -39,6 +39,14 @@ class OptimConfig:
     recon_weight: float | None = None
 
 
+@dataclass(frozen=True)
+class DigitTargets:
+    """What a decoder redraws from an image of several digits: each digit alone, at its place."""
+
+    images: np.ndarray  # float32 (B, k, H, W, C): digit k of each image with nothing else on its canvas
+    onehots: np.ndarray  # float32 (B, k, J): digit k's class, one-hot (the capsule it is drawn from)
+
+
 class Runner(Protocol):
     """A model ready for inference."""
 
@@ -59,11 +67,16 @@ class Runner(Protocol):
 
 
 class Trainer(Protocol):
-    def step(self, x: np.ndarray, y_onehot: np.ndarray, lr: float) -> tuple[float, int]:
+    def step(
+        self, x: np.ndarray, y_onehot: np.ndarray, lr: float, digits: DigitTargets | None = None
+    ) -> tuple[float, int]:
         """One optimiser step; returns (mean loss, correct predictions in the batch).
 
         The loss is the margin loss, plus recon_weight × Σ_pixels (reconstruction − x)² (mean over
-        the batch) when the spec has a decoder, the reconstruction drawn from the true class's capsule."""
+        the batch) when the spec has a decoder, the reconstruction drawn from the true class's capsule.
+        With `digits` (images holding several digits, `capsctl train --compose`), each digit k is drawn
+        from its own class's capsule alone against that digit alone: recon_weight × Σ_k Σ_pixels
+        (reconstruction_k − digits.images[:, k])², mean over the batch."""
 
     def scores(self, images: np.ndarray, batch_size: int = 512) -> np.ndarray: ...
 

@@ -186,6 +186,18 @@ def routing_weights(spec, seed: int = 1) -> dict[str, np.ndarray]:
     return w
 
 
+def reference_loss_with_decoder(spec, w, x, y_onehot, recon_weight):
+    """The loss written out in numpy: margin loss + weight × Σ_pixels (recon − x)², mean over the batch."""
+    from capsctl.model import reference
+
+    v = reference.capsules(spec, w, x)
+    p = np.sqrt((v * v).sum(-1) + 1e-7)
+    margin = y_onehot * np.maximum(0.9 - p, 0) ** 2 + 0.25 * (1 - y_onehot) * np.maximum(p - 0.1, 0) ** 2
+    recon = reference.decode(spec, w, v * y_onehot[..., None])
+    sq = ((recon - x) ** 2).reshape(len(x), -1).sum(1)
+    return margin.mean(1).mean() + recon_weight * sq.mean()
+
+
 def snapshot(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Copies of a trainer's weights() or optimizer_state(): the torch trainer returns arrays that
     share memory with its live tensors, which its next step changes in place."""

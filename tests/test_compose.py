@@ -101,6 +101,137 @@ def test_pairs_are_redrawn_each_epoch_and_the_same_for_the_same_seed_and_epoch(t
         np.testing.assert_array_equal(t, target[part])
 
 
+def test_digit_targets_are_each_digit_alone_at_its_place_in_the_composite(train_digits):
+    """What the decoder redraws (--compose with a decoder): each digit alone on the canvas, at the place it
+    has in the composite, with its own class; together, by maximum, they are the composite."""
+    from capsctl.training.compose import compose_batch, digit_targets, draw_pairs
+
+    x, y = train_digits
+    pairs = draw_pairs(y, 2, 1)
+    idx = np.arange(7, 40)
+    images, target = compose_batch(x, y, pairs, idx, 10)
+    digits = digit_targets(x, y, pairs, idx, 10)
+    assert digits.images.shape == (len(idx), 2, 36, 36, 1) and digits.images.dtype == np.float32
+    np.testing.assert_array_equal(digits.images.max(axis=1), images)
+    np.testing.assert_array_equal(digits.onehots.sum(axis=1), target)  # the two classes, one each
+    for b, i in enumerate(idx):
+        for k, (digit, (r, c)) in enumerate(zip((x[i], x[pairs.partners[i]]), pairs.offsets[i], strict=True)):
+            alone = np.zeros((36, 36, 1), np.float32)
+            alone[r : r + 28, c : c + 28] = digit
+            np.testing.assert_array_equal(digits.images[b, k], alone)
+        assert digits.onehots[b, 0].argmax() == y[i] and digits.onehots[b, 1].argmax() == y[pairs.partners[i]]
+
+
+def _decoder_spec():
+    from capsctl.model.spec import ModelSpec
+
+    d = json.loads(json.dumps(TINY))
+    d["decoder"] = {"hidden": [16, 32], "image_shape": [36, 36, 1]}
+    return ModelSpec.from_dict(d)
+
+
+def _two_digit_loss(spec, w, x, y, digits, recon_weight):
+    """The --compose loss with a decoder, in numpy: margin loss on the two-hot target + weight × Σ_k
+    Σ_pixels (digit k redrawn from its capsule alone − digit k alone)², mean over the batch."""
+    from capsctl.model import reference
+
+    v = reference.capsules(spec, w, x)
+    p = np.sqrt((v * v).sum(-1) + 1e-7)
+    margin = y * np.maximum(0.9 - p, 0) ** 2 + 0.25 * (1 - y) * np.maximum(p - 0.1, 0) ** 2
+    sq = sum(
+        ((reference.decode(spec, w, v * digits.onehots[:, k, :, None]) - digits.images[:, k]) ** 2)
+        .reshape(len(x), -1).sum(1)
+        for k in range(digits.images.shape[1])
+    )
+    return margin.mean(1).mean() + recon_weight * sq.mean()
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+def test_a_decoder_redraws_each_digit_of_a_composite_from_its_own_capsule(backend_name, train_digits):
+    from capsctl.backend import OptimConfig, get_backend
+    from capsctl.model.spec import default_recon_weight
+    from capsctl.training.compose import compose_batch, digit_targets, draw_pairs
+
+    from ._helpers import routing_weights
+
+    x, y = train_digits
+    pairs = draw_pairs(y, 0, 0)
+    idx = np.arange(6)
+    images, target = compose_batch(x, y, pairs, idx, 10)
+    digits = digit_targets(x, y, pairs, idx, 10)
+    spec = _decoder_spec()
+    w = routing_weights(spec)
+    weight = default_recon_weight(spec)
+    want = _two_digit_loss(spec, w, images, target, digits, weight)
+    # not the single-digit loss (the composite redrawn from both capsules together): the test can tell
+    from ._helpers import reference_loss_with_decoder
+
+    whole = reference_loss_with_decoder(spec, w, images, target, weight)
+    assert abs(want - whole) > 1e-3 * want
+    loss, _ = get_backend(backend_name).trainer(spec, w, OptimConfig()).step(images, target, 1e-3, digits)
+    assert loss == pytest.approx(want, rel=1e-4)
+
+
+@pytest.mark.torch
+@pytest.mark.keras
+def test_a_step_with_digit_targets_is_the_same_on_both_backends(train_digits):
+    from capsctl.backend import OptimConfig, get_backend
+    from capsctl.model.weights import init_weights
+    from capsctl.training.compose import compose_batch, digit_targets, draw_pairs
+
+    from ._helpers import snapshot
+
+    x, y = train_digits
+    pairs = draw_pairs(y, 1, 0)
+    idx = np.arange(16)
+    images, target = compose_batch(x, y, pairs, idx, 10)
+    digits = digit_targets(x, y, pairs, idx, 10)
+    spec = _decoder_spec()
+    start = init_weights(spec, 0)
+    trainers = [get_backend(n).trainer(spec, snapshot(start), OptimConfig()) for n in ("torch", "keras")]
+    for _ in range(3):
+        losses = [t.step(images, target, 1e-3, digits)[0] for t in trainers]
+        assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    wt, wk = (t.weights() for t in trainers)
+    assert max(float(np.abs(wt[k] - wk[k]).max()) for k in wt) < 1e-5
+    # and the decoder did learn from the digits: its last layer moved
+    assert float(np.abs(wt["decoder.dense2.kernel"] - start["decoder.dense2.kernel"]).max()) > 0
+
+
+def test_eval_pairs_reconstruction_compares_each_digit_at_its_place(tmp_path, capsys, mnist_dir, mnist):
+    """A decoder trained with --compose overlap draws the canvas: eval-pairs --reconstruction compares each
+    digit's redraw with that digit alone at its place (and the floor redraws it from that image)."""
+    from capsctl.data.composites import make_composites, overlay
+    from capsctl.model import reference
+    from capsctl.model.weights import save_model
+
+    from ._helpers import routing_weights
+
+    spec = _decoder_spec()
+    w = routing_weights(spec)
+    save_model(tmp_path / "m.safetensors", spec, w)
+    code, out, err = run_cli(["eval-pairs", tmp_path / "m.safetensors", "--layout", "overlap", "--data-dir",
+                              mnist_dir, "--eval-limit", "12", "--reconstruction", "--json"], capsys)
+    assert code == 0, err
+    got = json.loads(out)
+    test = mnist.test()
+    comp = make_composites(test.images, test.labels, layout="overlap", seed=0, limit=12)
+    v = reference.capsules(spec, w, comp.images)
+    errors, floor = np.zeros((12, 2)), np.zeros((12, 2))
+
+    def mse(capsules, hot, target):
+        return ((reference.decode(spec, w, capsules * hot[..., None]) - target) ** 2).reshape(12, -1).mean(1)
+
+    for k in range(2):
+        alone = overlay(test.images[comp.indices[:, k : k + 1]], comp.offsets[:, k : k + 1])
+        hot = np.eye(10, dtype=np.float32)[comp.labels[:, k]]
+        errors[:, k] = mse(v, hot, alone)
+        floor[:, k] = mse(reference.capsules(spec, w, alone), hot, alone)
+    assert got["reconstruction_mse"] == pytest.approx(errors.mean(), rel=1e-4)
+    assert got["reconstruction_mse_by_position"] == pytest.approx(list(errors.mean(0)), rel=1e-4)
+    assert got["reconstruction_mse_alone"] == pytest.approx(floor.mean(), rel=1e-4)
+
+
 class _Recorder:
     """A trainer that records what the loop gives it, and trains nothing."""
 
@@ -170,16 +301,20 @@ def test_the_loop_trains_on_the_pairs_and_scores_overlap_pairs_of_test_digits(tm
 # -- training and resuming on each backend ---------------------------------------------------------------
 
 
+@pytest.mark.parametrize("decoder", [False, True], ids=["", "decoder"])
 @pytest.mark.parametrize("backend_name", BACKENDS)
-def test_an_interrupted_compose_run_resumes_exactly(tmp_path, capsys, monkeypatch, mnist_dir, backend_name):
+def test_an_interrupted_compose_run_resumes_exactly(
+    tmp_path, capsys, monkeypatch, mnist_dir, backend_name, decoder
+):
     """Stopped after epoch 1 and resumed (which keeps --compose), a run ends with the uninterrupted run's
-    weights, bit for bit, and its metrics rows; --compose on a resume is refused."""
+    weights, bit for bit, and its metrics rows; --compose on a resume is refused. With --decoder, the
+    decoder draws the 36x36 canvas (each digit alone)."""
     from capsctl.model.weights import load_model
     from capsctl.training.run_folder import load_checkpoint
 
     args = ["train", "--compose", "overlap", "--spec", _spec(tmp_path), "--data-dir", mnist_dir,
             "--backend", backend_name, "--limit", "96", "--batch-size", "32", "--eval-limit", "40",
-            "--epochs", "2", "--seed", "3", "-q"]
+            "--epochs", "2", "--seed", "3", "-q", *(["--decoder"] if decoder else [])]
     code, out, err = run_cli([*args, "--out", tmp_path / "straight", "--json"], capsys)
     assert code == 0, err
     result = json.loads(out)
@@ -198,23 +333,29 @@ def test_an_interrupted_compose_run_resumes_exactly(tmp_path, capsys, monkeypatc
     assert (ck.config.compose, ck.config.shift, ck.config.scale) == ("overlap", 0, 0.0)
     assert metrics_rows(tmp_path / "split") == metrics_rows(tmp_path / "straight")
     assert [r["compose"] for r in metrics_rows(tmp_path / "split")] == ["overlap", "overlap"]
-    _, straight = load_model(tmp_path / "straight" / "model.safetensors")
+    spec, straight = load_model(tmp_path / "straight" / "model.safetensors")
     _, resumed = load_model(tmp_path / "split" / "model.safetensors")
+    if decoder:  # the decoder draws the canvas
+        assert spec.decoder is not None and spec.decoder.image_shape == (36, 36, 1)
+    else:
+        assert spec.decoder is None
     for k in straight:
         np.testing.assert_array_equal(resumed[k], straight[k], err_msg=k)
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("decoder", [False, True], ids=["", "decoder"])
 @pytest.mark.parametrize("backend_name", BACKENDS)
-def test_two_ranks_train_on_the_composites_of_one_process(tmp_path, backend_name):
+def test_two_ranks_train_on_the_composites_of_one_process(tmp_path, backend_name, decoder):
     """--nproc 2 composes each global batch before the ranks slice it: the job makes one process's
-    updates (as tests/test_distributed.py checks for single digits) and counts the same correct pairs."""
+    updates (as tests/test_distributed.py checks for single digits) and counts the same correct pairs.
+    With --decoder, each rank takes its slice of the digits to redraw too."""
     from .test_distributed import _relative_gap, _train, _weights
 
     # 249 images at batch 31: every global batch splits 16 + 15, the last (1 image) 1 + 0
     args = ["--compose", "overlap", "--spec", _spec(tmp_path), "--limit", "249", "--batch-size", "31",
             "--lr", "0.01", "--eval-limit", "100", "--curve-images", "50", "--epochs", "2", "-q",
-            "--backend", backend_name]
+            "--backend", backend_name, *(["--decoder"] if decoder else [])]
     one = _train([*args, "--out", tmp_path / "one"])
     assert one.returncode == 0, one.stderr
     two = _train([*args, "--out", tmp_path / "two", "--nproc", "2"])
@@ -319,17 +460,27 @@ def test_a_limit_leaving_one_class_is_refused_and_writes_nothing(tmp_path, capsy
     "extra, fragments",
     [
         (["--compose", "stacked"], ["--compose", "'stacked' is not one of 'overlap'"]),
-        (["--compose", "overlap", "--decoder"], ["--compose overlap", "--decoder"]),
         (["--compose", "overlap", "--shift", "2"], ["--compose overlap", "--shift"]),
         (["--compose", "overlap", "--scale", "0.1"], ["--compose overlap", "--scale"]),
     ],
-    ids=["unknown-value", "decoder", "shift", "scale"],
+    ids=["unknown-value", "shift", "scale"],
 )
 def test_bad_compose_settings_are_refused_and_write_nothing(tmp_path, capsys, mnist_dir, extra, fragments):
     run = tmp_path / "runs" / "r"
     code, out, err = run_cli(["train", *extra, "--data-dir", mnist_dir, "--limit", "32", "--epochs", "1",
                               "--out", run, "-q"], capsys)
     assert_one_line_error(code, out, err, *fragments)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_decoder_drawing_another_size_than_the_canvas_is_refused(tmp_path, capsys, mnist_dir):
+    spec = json.loads(json.dumps(TINY))
+    spec["decoder"] = {"hidden": [8], "image_shape": [28, 28, 1]}  # the digits' size, not the 36x36 canvas
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    run = tmp_path / "runs" / "r"
+    code, out, err = run_cli(["train", "--compose", "overlap", "--spec", tmp_path / "spec.json", "--data-dir",
+                              mnist_dir, "--limit", "32", "--epochs", "1", "--out", run, "-q"], capsys)
+    assert_one_line_error(code, out, err, "decoder.image_shape is [28, 28, 1]", "[36, 36, 1] canvas")
     assert not (tmp_path / "runs").exists()
 
 

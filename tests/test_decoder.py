@@ -15,7 +15,15 @@ from capsctl.model import reference
 from capsctl.model.spec import DecoderSpec, ModelSpec, default_recon_weight
 from capsctl.model.weights import expected_shapes, init_weights, load_model, save_model
 
-from ._helpers import BACKENDS, TINY, assert_one_line_error, real_digits, routing_weights, run_cli
+from ._helpers import (
+    BACKENDS,
+    TINY,
+    assert_one_line_error,
+    real_digits,
+    reference_loss_with_decoder,
+    routing_weights,
+    run_cli,
+)
 
 DEC = {"hidden": [16, 32], "image_shape": [28, 28, 1]}
 
@@ -169,17 +177,8 @@ def test_colour_non_square_reconstruction_shape_parity_and_loss(name):
     assert default_recon_weight(spec) == pytest.approx(0.0005 * 784 / (20 * 24 * 3))
     y = np.eye(4, dtype=np.float32)[classes]
     loss, _ = get_backend(name).trainer(spec, w, OptimConfig()).step(x, y, 1e-3)
-    assert loss == pytest.approx(_hand_loss(spec, w, x, y, default_recon_weight(spec)), rel=1e-4)
-
-
-def _hand_loss(spec, w, x, y_onehot, recon_weight):
-    """The loss written out in numpy: margin loss + weight × Σ_pixels (recon − x)², mean over the batch."""
-    v = reference.capsules(spec, w, x)
-    p = np.sqrt((v * v).sum(-1) + 1e-7)
-    margin = y_onehot * np.maximum(0.9 - p, 0) ** 2 + 0.25 * (1 - y_onehot) * np.maximum(p - 0.1, 0) ** 2
-    recon = reference.decode(spec, w, v * y_onehot[..., None])
-    sq = ((recon - x) ** 2).reshape(len(x), -1).sum(1)
-    return margin.mean(1).mean() + recon_weight * sq.mean()
+    want = reference_loss_with_decoder(spec, w, x, y, default_recon_weight(spec))
+    assert loss == pytest.approx(want, rel=1e-4)
 
 
 @pytest.mark.parametrize("name", BACKENDS)
@@ -191,12 +190,12 @@ def test_trainer_loss_is_margin_plus_weighted_reconstruction(name, mnist):
     x = real_digits(mnist, 6)
     labels = mnist.test().labels[:6]
     y = np.eye(10, dtype=np.float32)[labels]
-    want = _hand_loss(spec, w, x, y, 0.0005)
+    want = reference_loss_with_decoder(spec, w, x, y, 0.0005)
     assert want > reference.margin_loss(reference.forward(spec, w, x)[0], y) + 1e-3  # the term counts
     loss, _ = get_backend(name).trainer(spec, w, OptimConfig()).step(x, y, 1e-3)
     assert loss == pytest.approx(want, rel=1e-4)
     loss2, _ = get_backend(name).trainer(spec, w, OptimConfig(recon_weight=0.01)).step(x, y, 1e-3)
-    assert loss2 == pytest.approx(_hand_loss(spec, w, x, y, 0.01), rel=1e-4)
+    assert loss2 == pytest.approx(reference_loss_with_decoder(spec, w, x, y, 0.01), rel=1e-4)
 
 
 @pytest.mark.parametrize("name", BACKENDS)

@@ -233,6 +233,15 @@ def test_report_section_replaces_its_own_section_only(tmp_path: Path, tiny_pairs
                              capsys)
     assert_one_line_error(code, out, err, "--section")
     assert doc.read_text() == again
+    # a second new section goes before the first one (the first heading is inside it), not into it
+    newer = ["experiment", "report", tiny_pairs[0], "--out", doc, "--section", "Newer"]
+    code, _, err = run_cli(newer, capsys)
+    assert code == 0, err
+    third = doc.read_text()
+    newer_end = third.index("<!-- end of capsctl report section: Newer -->")
+    assert newer_end < third.index("<!-- capsctl report section: New default -->")
+    assert third.count("## New default") == third.count("## Newer") == 1
+    assert third.endswith(again[again.index("<!-- capsctl report section: New default -->"):])
 
 
 def test_bad_options_exit_2(tmp_path: Path, capsys) -> None:
@@ -379,6 +388,70 @@ def test_pairs_decoder_rows_report_and_a_train_run_dropped_in(
     assert code == 0, err
     text = doc.read_text()
     assert "**capsctl capsule+decoder**" in text and "**Does the decoder help?**" in text
+
+
+def test_compose_job_is_configured_as_train_compose(tmp_path: Path) -> None:
+    job = make_job(tmp_path, "torch", "mnist-5k", "default", DECODER_HEAD, 1, None, Overrides(epochs=3),
+                   data=MNIST_FACTS, compose="overlap")
+    assert job.run.name == "torch-default-capsule-decoder-compose-overlap-s1"
+    cfg = job.config
+    assert (cfg.compose, cfg.shift, cfg.scale, cfg.epochs) == ("overlap", 0, 0.0, 3)
+    assert job.spec.decoder is not None and job.spec.decoder.image_shape == (36, 36, 1)  # the canvas
+    assert job.config.recon_weight == pytest.approx(0.0005 * 784 / (36 * 36))
+    eff = make_job(tmp_path, "torch", "mnist-5k", "default", "capsule", 0, None, Overrides(),
+                   data=MNIST_FACTS, arch="efficient", compose="overlap")
+    assert eff.run.name == "torch-default-efficient-capsule-compose-overlap-s0"
+    assert eff.spec.capsule.num_inputs == eff.spec.capsule_count(36, 36) != eff.spec.capsule_count(28, 28)
+
+
+def test_pairs_compose_trains_on_overlap_pairs_with_a_train_run_dropped_in(
+    tmp_path: Path, mnist_dir: Path, capsys
+) -> None:
+    """experiment pairs --compose overlap: each model trains as `capsctl train --compose overlap` (whose run
+    counts as finished when dropped in), is scored on the overlap pairs as eval-pairs scores them, and a
+    decoder model's redraws are scored on the overlap pairs only (its canvas)."""
+    out = tmp_path / "mm"
+    limits = ["--limit", LIMITS["limit"], "--eval-limit", LIMITS["eval_limit"]]
+    dropped = out / "runs" / "torch-default-capsule-decoder-compose-overlap-s0"
+    code, _, err = run_cli(["train", "--compose", "overlap", "--decoder", "--seed", "0", "--data-dir",
+                            mnist_dir, "--epochs", "1", *limits, "-q", "--out", dropped], capsys)
+    assert code == 0, err
+    args = ["experiment", "pairs", "--compose", "overlap", "--data-dir", mnist_dir, "--epochs", "1",
+            "--heads", "pool", "--decoder", "--tests", "overlap,test", *limits, "--seeds", "0", "--out", out,
+            "-q"]
+    code, _, err = run_cli(args, capsys)
+    assert code == 0, err
+    r = json.loads((out / "results.json").read_text())
+    statuses = [(m["head"], m["status"]) for m in r["models"]]
+    assert statuses == [("pool", "trained"), ("capsule+decoder", "skipped")]
+    assert r["compose"] == "overlap" and "--compose overlap" in r["command"]
+    for m in r["models"]:
+        assert m["config"]["compose"] == "overlap" and m["config"]["shift"] == 0
+        redraw = ["--reconstruction"] if m["head"] != "pool" else []
+        code, stdout, err = run_cli(["eval-pairs", out / m["run"] / "model.safetensors", "--data-dir",
+                                     mnist_dir, "--layout", "overlap", "--eval-limit", LIMITS["eval_limit"],
+                                     "--json", *redraw], capsys)
+        assert code == 0, err
+        ep = json.loads(stdout)
+        assert ep["accuracy"] == m["tests"]["overlap"]["accuracy"]
+        if m["head"] != "pool":
+            scored = m["tests"]["overlap"]
+            for key in ("reconstruction_mse", "reconstruction_mse_alone"):
+                assert ep[key] == pytest.approx(scored[key], rel=1e-5), key
+            assert "reconstruction_mse" not in m["tests"]["test"]  # single digits have no place on its canvas
+    assert "trained on overlap pairs of them (--compose overlap)" in (out / "results.md").read_text()
+
+
+def test_pairs_compose_on_a_non_shared_preset_scores_overlap_pairs_only(tmp_path: Path, capsys) -> None:
+    from capsctl.cli._experiment import _for_arch
+
+    heads, tests = _for_arch("efficient", ["capsule"], ["test", "vertical", "overlap"], "overlap")
+    assert (heads, tests) == (["capsule"], ["overlap"])
+    assert "leaving out test, vertical" in capsys.readouterr().err
+    code, out, err = run_cli(["experiment", "pairs", "--arch", "efficient", "--compose", "overlap", "--tests",
+                              "test", "--out", tmp_path / "x"], capsys)
+    assert_one_line_error(code, out, err, "--arch efficient", "only overlap")
+    assert not (tmp_path / "x").exists()
 
 
 def _image_folder(root: Path, size: tuple[int, int]) -> Path:

@@ -9,6 +9,7 @@ from pathlib import Path
 from types import ModuleType
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from capsctl.data import datasets
@@ -139,3 +140,49 @@ def test_make_colour_digits_black_background_colours_only_the_ink(tmp_path, caps
         assert (x[grey == 0] == 0).all()  # every background pixel black
         inks = {tuple(img[g == 255][0]) for img, g in zip(x, grey, strict=True)}
         assert len(inks) > 1 and all(np.linalg.norm(ink) >= 150 for ink in inks)
+
+
+def test_overlap_share_counts_the_fainter_digits_covered_ink():
+    mm = _tool("multimnist_errors")
+    parts = np.zeros((1, 2, 28, 28, 1), np.float32)
+    parts[0, 0, 0:4, 0:4] = 1.0  # 16 ink pixels at (0, 0)
+    parts[0, 1, 0:2, 0:8] = 1.0  # 16 ink pixels; placed at (2, 2): rows 2-3, cols 2-9
+    offsets = np.array([[[0, 0], [2, 2]]])
+    # the second covers rows 2-3, cols 2-3 of the first: 4 of 16
+    assert mm.overlap_share(parts, offsets)[0] == pytest.approx(4 / 16)
+    assert mm.overlap_share(parts, np.array([[[0, 0], [8, 8]]]))[0] == 0.0
+
+
+@pytest.mark.torch
+def test_multimnist_errors_splits_the_error_eval_pairs_reports(tmp_path, capsys, monkeypatch, mnist_dir):
+    import json
+
+    from capsctl.model.spec import ModelSpec
+    from capsctl.model.weights import save_model
+
+    from ._helpers import TINY, routing_weights, run_cli
+
+    mm = _tool("multimnist_errors")
+    spec = ModelSpec.from_dict(TINY)
+    run = tmp_path / "run"
+    run.mkdir()
+    save_model(run / "model.safetensors", spec, routing_weights(spec))
+    rows = [{"epoch": e, "test_accuracy": 0.1 * e, "test_images": 100, "images_per_s": 50.0,
+             "seconds": 2.0} for e in (1, 2)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code, out, err = run_cli(["eval-pairs", run / "model.safetensors", "--layout", "overlap",
+                              "--data-dir", mnist_dir, "--json"], capsys)
+    assert code == 0, err
+    want = json.loads(out)
+    argv = [str(run / "model.safetensors"), "--dataset", "mnist", "--data-dir", str(mnist_dir), "--json",
+            str(tmp_path / "r.json")]
+    monkeypatch.setattr(sys, "argv", ["multimnist_errors.py", *argv])
+    mm.main()
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["pairs"] == want["pairs"] and r["error"] == pytest.approx(1 - want["accuracy"])
+    split = r["by_digits_missed_alone"]
+    assert sum(v["pairs"] for v in split.values()) == r["pairs"]
+    assert sum(v["share_of_all_errors"] for v in split.values()) == pytest.approx(1.0)
+    assert sum(b["pairs"] for b in r["by_overlap"]) == r["pairs"]
+    assert [(c["epoch"], c["composites"]) for c in r["curve"][str(run)]] == [(1, 100), (2, 200)]
+    assert r["curve"][str(run)][1]["error"] == pytest.approx(0.8)

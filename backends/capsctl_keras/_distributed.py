@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from capsctl.backend import OptimConfig, Trainer
+from capsctl.backend import DigitTargets, OptimConfig, Trainer
 from capsctl.errors import CapsctlError, TrainingStopped, first_line
 from capsctl.model.spec import ModelSpec
 from capsctl.training.distributed import (
@@ -40,7 +40,7 @@ from capsctl.training.distributed import (
 )
 
 from ._env import tf
-from ._trainer import KerasTrainer, correct_rows
+from ._trainer import KerasTrainer, correct_rows, digit_constants, digit_signature
 
 T = TypeVar("T")
 def _lost(e: BaseException) -> BaseException:
@@ -163,37 +163,47 @@ class DistributedKerasTrainer:
             tf.TensorSpec((), tf.float32),  # the global batch
         ]
         self._step = tf.function(self._global_step, input_signature=sig)
+        # (traced only when a step brings DigitTargets: --compose with a decoder)
+        self._step_digits = tf.function(self._global_step, input_signature=[*sig, *digit_signature(spec)])
 
-    def _global_step(self, x: Any, y: Any, lr: Any, n: Any, b: Any) -> Any:
+    def _global_step(
+        self, x: Any, y: Any, lr: Any, n: Any, b: Any, parts: Any = None, part_hot: Any = None
+    ) -> Any:
         inner, strategy = self.inner, self.world.strategy
         inner.opt.learning_rate.assign(lr)
 
-        def replica(x: Any, y: Any) -> Any:
+        def replica(x: Any, y: Any, *digits: Any) -> Any:
             # the optimiser sums the workers' gradients: weighting each mean loss by n_r / B makes the
             # sum the gradient of the global batch's mean loss (0, on one dummy image, for an empty slice)
-            loss, p = inner.descend(x, y, n / b)
+            loss, p = inner.descend(x, y, n / b, *digits)
             right = tf.reduce_sum(tf.cast(correct_rows(p, y), tf.float64))
             has = tf.cast(n > 0, tf.float64)
             return tf.stack([tf.cast(loss, tf.float64) * tf.cast(n, tf.float64), right * has])
 
-        stats = strategy.run(replica, args=(x, y))
+        args = (x, y) if parts is None else (x, y, parts, part_hot)
+        stats = strategy.run(replica, args=args)
         return strategy.reduce(tf.distribute.ReduceOp.SUM, stats, axis=None)
 
-    def step(self, x: np.ndarray, y_onehot: np.ndarray, lr: float) -> tuple[float, int]:
+    def step(
+        self, x: np.ndarray, y_onehot: np.ndarray, lr: float, digits: DigitTargets | None = None
+    ) -> tuple[float, int]:
         world = self.world
         b = len(x)
         part = rank_slice(b, world.rank, world.size)
         n = part.stop - part.start
-        xs, ys = (x[part], y_onehot[part]) if n else (x[:1], y_onehot[:1])
-        stats = _collective(
-            lambda: self._step(
-                tf.constant(np.ascontiguousarray(xs, dtype=np.float32)),
-                tf.constant(np.ascontiguousarray(ys, dtype=np.float32)),
-                tf.constant(lr, tf.float32),
-                tf.constant(float(n), tf.float32),
-                tf.constant(float(b), tf.float32),
-            )
-        )
+        mine = part if n else slice(0, 1)
+        args = [
+            tf.constant(np.ascontiguousarray(x[mine], dtype=np.float32)),
+            tf.constant(np.ascontiguousarray(y_onehot[mine], dtype=np.float32)),
+            tf.constant(lr, tf.float32),
+            tf.constant(float(n), tf.float32),
+            tf.constant(float(b), tf.float32),
+        ]
+        if digits is None:
+            stats = _collective(lambda: self._step(*args))
+        else:
+            local = DigitTargets(digits.images[mine], digits.onehots[mine])
+            stats = _collective(lambda: self._step_digits(*args, *digit_constants(local)))
         total = np.asarray(stats)
         return float(total[0]) / b, round(float(total[1]))
 

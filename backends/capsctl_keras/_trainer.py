@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from capsctl.backend import OptimConfig
+from capsctl.backend import DigitTargets, OptimConfig
 from capsctl.model.spec import ModelSpec, default_recon_weight
 
 from ._env import keras, tf
@@ -31,6 +31,21 @@ def correct_rows(p: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
     sets = tf.reduce_all(above | ~target_over_other, axis=[1, 2])
     k = tf.reduce_sum(tf.cast(pos, tf.int32), 1)
     return tf.where(k == 1, tf.argmax(p, 1) == tf.argmax(y, 1), sets)
+
+
+def digit_signature(spec: ModelSpec) -> list[tf.TensorSpec]:
+    """The input signature of DigitTargets in a compiled step: parts (B, k, H, W, C), part_hot (B, k, J)."""
+    return [
+        tf.TensorSpec((None, None, None, None, spec.in_channels), tf.float32),
+        tf.TensorSpec((None, None, spec.num_classes), tf.float32),
+    ]
+
+
+def digit_constants(digits: DigitTargets) -> tuple[tf.Tensor, tf.Tensor]:
+    return (
+        tf.constant(np.ascontiguousarray(digits.images, dtype=np.float32)),
+        tf.constant(np.ascontiguousarray(digits.onehots, dtype=np.float32)),
+    )
 
 
 class TorchStyleAdamW(keras.optimizers.AdamW):
@@ -84,40 +99,67 @@ class KerasTrainer:
             tf.TensorSpec((), tf.float32),
         ]
         self._step = tf.function(self._train_step, input_signature=sig, jit_compile=JIT_COMPILE)
+        # (a second graph, traced only when a step brings DigitTargets: --compose with a decoder)
+        self._step_digits = tf.function(
+            self._train_step, input_signature=[*sig, *digit_signature(spec)], jit_compile=JIT_COMPILE
+        )
 
-    def _train_step(self, x: tf.Tensor, y: tf.Tensor, lr: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    def _train_step(
+        self, x: tf.Tensor, y: tf.Tensor, lr: tf.Tensor, parts: tf.Tensor | None = None,
+        part_hot: tf.Tensor | None = None,
+    ) -> tuple[tf.Tensor, tf.Tensor]:
         self.opt.learning_rate.assign(lr)
-        loss, p = self.descend(x, y, tf.constant(1.0))
+        loss, p = self.descend(x, y, tf.constant(1.0), parts, part_hot)
         correct = tf.reduce_sum(tf.cast(correct_rows(p, y), tf.int32))
         return loss, correct
 
-    def descend(self, x: tf.Tensor, y: tf.Tensor, weight: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    def descend(
+        self, x: tf.Tensor, y: tf.Tensor, weight: tf.Tensor, parts: tf.Tensor | None = None,
+        part_hot: tf.Tensor | None = None,
+    ) -> tuple[tf.Tensor, tf.Tensor]:
         """One optimiser step on `weight` × the batch's mean loss; (mean loss, class scores). Under a
         tf.distribute strategy the optimiser sums the replicas' gradients (Keras' TF optimiser)."""
         with tf.GradientTape() as tape:
-            loss, p = self.loss(x, y)
+            loss, p = self.loss(x, y, parts, part_hot)
             weighted = loss * weight
         grads = tape.gradient(weighted, self.trainable)
         self.opt.apply_gradients(zip(grads, self.trainable, strict=True))
         return loss, p
 
-    def loss(self, x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        """(mean loss over the batch, class scores): the forward pass a step differentiates."""
+    def loss(
+        self, x: tf.Tensor, y: tf.Tensor, parts: tf.Tensor | None = None, part_hot: tf.Tensor | None = None
+    ) -> tuple[tf.Tensor, tf.Tensor]:
+        """(mean loss over the batch, class scores): the forward pass a step differentiates. `parts`
+        (B, k, H, W, C) and `part_hot` (B, k, J): the digits of a composite, each redrawn apart."""
         if self.spec.decoder is None:
             p = self.model(x, training=True)
             return margin_loss(p, y), p
-        # the reconstruction is drawn from the true class's capsule alone
         v = self._capsules(x, training=True)
         p = safe_norm(v)
-        recon = self._decoder.decode(mask(v, y))
-        return margin_loss(p, y) + self.recon_weight * reconstruction_loss(recon, x), p
+        if parts is None or part_hot is None:  # the reconstruction is drawn from the true class's capsule
+            recon = self._decoder.decode(mask(v, y))
+            return margin_loss(p, y) + self.recon_weight * reconstruction_loss(recon, x), p
+        # each digit from its own capsule alone, against that digit alone (Sabour et al.'s MultiMNIST):
+        # the k masked copies of v go through the decoder as one batch
+        shape = tf.shape(part_hot)
+        masked = v[:, None] * part_hot[..., None]  # (B, k, J, D)
+        recon = self._decoder.decode(tf.reshape(masked, (shape[0] * shape[1], *v.shape[1:])))
+        flat = (shape[0], -1)  # Σ over k and pixels
+        redraw = reconstruction_loss(tf.reshape(recon, flat), tf.reshape(parts, flat))
+        return margin_loss(p, y) + self.recon_weight * redraw, p
 
-    def step(self, x: np.ndarray, y_onehot: np.ndarray, lr: float) -> tuple[float, int]:
-        loss, correct = self._step(
+    def step(
+        self, x: np.ndarray, y_onehot: np.ndarray, lr: float, digits: DigitTargets | None = None
+    ) -> tuple[float, int]:
+        args = [
             tf.constant(np.ascontiguousarray(x, dtype=np.float32)),
             tf.constant(np.ascontiguousarray(y_onehot, dtype=np.float32)),
             tf.constant(lr, tf.float32),
-        )
+        ]
+        if digits is None:
+            loss, correct = self._step(*args)
+        else:
+            loss, correct = self._step_digits(*args, *digit_constants(digits))
         return float(loss), int(correct)
 
     def scores(self, images: np.ndarray, batch_size: int = 512) -> np.ndarray:

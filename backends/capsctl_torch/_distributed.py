@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from capsctl.backend import OptimConfig, Trainer
+from capsctl.backend import DigitTargets, OptimConfig, Trainer
 from capsctl.errors import CapsctlError, TrainingStopped
 from capsctl.model.spec import ModelSpec
 from capsctl.training.distributed import (
@@ -32,7 +32,7 @@ from capsctl.training.distributed import (
 
 from ._env import device
 from ._runner import batched_scores, to_input
-from ._trainer import TorchTrainer, correct_rows
+from ._trainer import TorchTrainer, correct_rows, digit_tensors
 
 T = TypeVar("T")
 
@@ -125,8 +125,14 @@ class _Loss(torch.nn.Module):
         self.model = inner.model
         self._loss = inner.loss
 
-    def forward(self, images: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._loss(images, y)
+    def forward(
+        self,
+        images: torch.Tensor,
+        y: torch.Tensor,
+        parts: torch.Tensor | None = None,
+        part_hot: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._loss(images, y, parts, part_hot)
 
 
 class DistributedTorchTrainer:
@@ -144,17 +150,22 @@ class DistributedTorchTrainer:
             lambda: DistributedDataParallel(_Loss(self.inner), device_ids=ids, process_group=world.grad_group)
         )
 
-    def step(self, x: np.ndarray, y_onehot: np.ndarray, lr: float) -> tuple[float, int]:
+    def step(
+        self, x: np.ndarray, y_onehot: np.ndarray, lr: float, digits: DigitTargets | None = None
+    ) -> tuple[float, int]:
         inner, world = self.inner, self.world
         b = len(x)
         part = rank_slice(b, world.rank, world.size)
         n = part.stop - part.start
         # a rank with no images in a short last batch still takes part, with one image weighted 0
-        xs, ys = (x[part], y_onehot[part]) if n else (x[:1], y_onehot[:1])
+        mine = part if n else slice(0, 1)
+        xs, ys = x[mine], y_onehot[mine]
+        if digits is not None:
+            digits = DigitTargets(digits.images[mine], digits.onehots[mine])
         for group in inner.opt.param_groups:
             group["lr"] = lr
         y = torch.from_numpy(ys).to(device())
-        loss, p = self.ddp(to_input(xs), y)
+        loss, p = self.ddp(to_input(xs), y, *digit_tensors(digits))
         inner.opt.zero_grad(set_to_none=True)
         # DDP averages the ranks' gradients of their mean losses: weighting rank r's by n_r·N/B makes that
         # the gradient of the global batch's mean loss (weight exactly 1 when the slices are equal)

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from capsctl.backend import OptimConfig
+from capsctl.backend import DigitTargets, OptimConfig
 from capsctl.model import layout
 from capsctl.model.spec import ModelSpec, default_recon_weight
 
@@ -30,6 +30,16 @@ def correct_rows(p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.where(pos.sum(1) == 1, p.argmax(1) == y.argmax(1), sets)
 
 
+def digit_tensors(digits: DigitTargets | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The loss's `parts` (B, k, C, H, W) and `part_hot` (B, k, J) of DigitTargets, or (None, None)."""
+    if digits is None:
+        return None, None
+    b, k = digits.images.shape[:2]
+    parts = to_input(digits.images.reshape(b * k, *digits.images.shape[2:]))
+    hot = torch.from_numpy(np.ascontiguousarray(digits.onehots, dtype=np.float32)).to(parts.device)
+    return parts.reshape(b, k, *parts.shape[1:]), hot
+
+
 class TorchTrainer:
     def __init__(self, spec: ModelSpec, weights: Mapping[str, np.ndarray], optim: OptimConfig) -> None:
         tune_malloc()
@@ -42,28 +52,43 @@ class TorchTrainer:
         )
         self.recon_weight = default_recon_weight(spec) if optim.recon_weight is None else optim.recon_weight
 
-    def step(self, x: np.ndarray, y_onehot: np.ndarray, lr: float) -> tuple[float, int]:
+    def step(
+        self, x: np.ndarray, y_onehot: np.ndarray, lr: float, digits: DigitTargets | None = None
+    ) -> tuple[float, int]:
         for group in self.opt.param_groups:
             group["lr"] = lr
         y = torch.from_numpy(y_onehot).to(self.params["trunk.convs.0.weight"].device)
         images = to_input(x)
-        loss, p = self.loss(images, y)
+        loss, p = self.loss(images, y, *digit_tensors(digits))
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
         correct = int(correct_rows(p.detach(), y).sum())
         return float(loss.detach()), correct
 
-    def loss(self, images: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean loss over the batch, class scores): the forward pass a step differentiates."""
+    def loss(
+        self,
+        images: torch.Tensor,
+        y: torch.Tensor,
+        parts: torch.Tensor | None = None,
+        part_hot: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean loss over the batch, class scores): the forward pass a step differentiates. `parts`
+        (B, k, C, H, W) and `part_hot` (B, k, J): the digits of a composite, each redrawn apart."""
         if self.model.decoder is None:
             p = self.model(images)
             return margin_loss(p, y), p
-        # the reconstruction is drawn from the true class's capsule alone
         v = self.model.capsules(images)
         p = safe_norm(v)
-        recon = self.model.decoder(mask(v, y))
-        return margin_loss(p, y) + self.recon_weight * reconstruction_loss(recon, images), p
+        if parts is None or part_hot is None:  # the reconstruction is drawn from the true class's capsule
+            recon = self.model.decoder(mask(v, y))
+            return margin_loss(p, y) + self.recon_weight * reconstruction_loss(recon, images), p
+        # each digit from its own capsule alone, against that digit alone (Sabour et al.'s MultiMNIST):
+        # the k masked copies of v go through the decoder as one batch
+        b = part_hot.shape[0]
+        recon = self.model.decoder((v.unsqueeze(1) * part_hot.unsqueeze(-1)).flatten(0, 1))
+        redraw = reconstruction_loss(recon.reshape(b, -1), parts.reshape(b, -1))  # Σ over k and pixels
+        return margin_loss(p, y) + self.recon_weight * redraw, p
 
     def scores(self, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
         return batched_scores(self.model, images, batch_size)

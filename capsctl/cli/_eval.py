@@ -28,7 +28,6 @@ if TYPE_CHECKING:
 
     import numpy as np
 
-    from capsctl.data.composites import Composites
     from capsctl.data.datasets import Split
 
 OldLimitOpt = Annotated[int | None, old_name("--limit")]  # before --eval-limit
@@ -145,11 +144,13 @@ def eval_pairs(
     the k highest scores (--json: "per_class": {name: share}).
 
     --reconstruction (decoder models): each digit of a composite is reconstructed from its own
-    class's capsule alone (every other capsule zeroed). The decoder draws a digit at the training
-    image size (28x28), so the reconstruction is compared with the source test digit alone (28x28),
-    not with the digit's place in the larger composite; the error is the mean squared error per
-    pixel (0..1 pixel values), per digit position and overall, beside the same error for each
-    digit reconstructed from its own single-digit image (the decoder's floor).
+    class's capsule alone (every other capsule zeroed). A decoder trained on single digits draws a
+    digit at the training image size (28x28), so the reconstruction is compared with the source test
+    digit alone (28x28), not with the digit's place in the larger composite; one trained with
+    `train --compose overlap` draws the canvas, and is compared with the digit alone at its place.
+    The error is the mean squared error per pixel (0..1 pixel values), per digit position and
+    overall, beside the same error for each digit reconstructed from its own single-digit image (the
+    decoder's floor).
 
     With no MODEL, the model that ships with capsctl is scored (trained on the embedded mnist-5k set).
 
@@ -201,13 +202,18 @@ def eval_pairs(
     found = (comp.labels[:, :, None] == top[:, None, :]).any(axis=2)  # (M, k): each digit in the top k
     result["per_class"] = _per_class(names_of(spec), comp.labels, found)
     if reconstruction:
+        from capsctl.data.composites import alone as digit_alone
         from capsctl.data.composites import reconstruction_errors
 
         errors = reconstruction_errors(runner, comp, test.images, batch_size)
-        assert comp.indices is not None
+        # a decoder trained on overlap pairs draws their canvas: its floor is each digit alone at its place
+        assert spec.decoder is not None
+        in_canvas = comp.offsets is not None and spec.decoder.image_shape == comp.images.shape[1:]
         alone = np.stack(
             [
-                reconstruction_errors(runner, _alone(comp, p, test.images), test.images, batch_size)[:, 0]
+                reconstruction_errors(
+                    runner, digit_alone(comp, p, test.images, in_canvas), test.images, batch_size
+                )[:, 0]
                 for p in range(digits)
             ],
             axis=1,
@@ -255,12 +261,3 @@ def _per_class(names: "Sequence[str]", labels: "np.ndarray", hit: "np.ndarray") 
 
 def _per_class_line(per_class: dict[str, float | None]) -> str:
     return ", ".join(f"{name} {'—' if v is None else f'{v:.2%}'}" for name, v in per_class.items())
-
-
-def _alone(comp: "Composites", position: int, sources: "np.ndarray") -> "Composites":
-    """The digit at `position` of each composite, alone: a one-digit 'composite' of its source image."""
-    from capsctl.data.composites import Composites
-
-    assert comp.indices is not None
-    idx = comp.indices[:, position : position + 1]
-    return Composites(sources[idx[:, 0]], comp.labels[:, position : position + 1], "alone", comp.seed, idx)

@@ -13,6 +13,7 @@ from capsctl.cli._options import (
     RECIPE,
     RUN,
     Arch,
+    Compose,
     Head,
     Recipe,
     Routing,
@@ -140,6 +141,16 @@ def pairs(
     ] = None,
     heads: Annotated[list[str], names_option(Head, "--heads", help="Heads to train.", panel=MODEL)] = _HEADS,
     arch: ArchOpt = "seed",
+    compose: Annotated[
+        Compose | None,
+        typer.Option(
+            help="Train every model on composites, as `capsctl train --compose`: overlap (MultiMNIST) pairs "
+            "each training digit with one of another class in a (H+8)x(W+8) canvas, re-drawn every epoch. "
+            "A model with non-shared capsule weights is then scored on overlap pairs only.",
+            show_default="single digits",
+            rich_help_panel=RECIPE,
+        ),
+    ] = None,
     decoder: Annotated[
         bool,
         typer.Option(
@@ -204,7 +215,8 @@ def pairs(
     from capsctl.data.sources import parse_image_size
 
     parse_image_size(image_size)  # a bad --image-size is refused before anything runs
-    heads, tests = _for_arch(str(arch), heads, tests)
+    composed = _value(compose)
+    heads, tests = _for_arch(str(arch), heads, tests, composed)
     plan = PairsPlan(
         backend=backend,
         dataset=str(dataset),
@@ -233,6 +245,7 @@ def pairs(
         train=train,
         decoder=decoder,
         image_size=image_size,
+        compose=composed,
     )
     plan = PairsPlan(
         **{
@@ -250,6 +263,7 @@ def pairs(
                     "batch_size": batch_size,
                     "seeds": seed_list,
                     "heads": heads if heads != _HEADS else None,
+                    "compose": composed,
                     "decoder": decoder,
                     "tests": tests if tests != _PAIRS_TESTS else None,
                     "limit": limit,
@@ -447,9 +461,12 @@ app.command("ablate")(ablate)
 app.command("report")(report)
 
 
-def _for_arch(arch: str, heads: list[str], tests: list[str]) -> tuple[list[str], list[str]]:
+def _for_arch(
+    arch: str, heads: list[str], tests: list[str], compose: str | None = None
+) -> tuple[list[str], list[str]]:
     """The heads and tests an experiment on `arch` runs: its capsule model beside the seed's pool model
-    (seed only), and only the tests its capsule weights can see (non-shared: the training size only)."""
+    (seed only), and only the tests its capsule weights can see (non-shared: the training size only,
+    which with --compose overlap is the overlap pairs' canvas)."""
     from capsctl.errors import CapsctlError
     from capsctl.model.presets import preset
 
@@ -460,14 +477,16 @@ def _for_arch(arch: str, heads: list[str], tests: list[str]) -> tuple[list[str],
     if "pool" in heads:
         raise CapsctlError(f"--arch {arch} has a capsule head only: leave pool out of --heads")
     if not preset(arch).capsule.shared:
-        dropped = [t for t in tests if t != "test"]
+        seen = compose or "test"  # the one test of the training images' size
+        kept, dropped = [t for t in tests if t == seen], [t for t in tests if t != seen]
+        if not kept:  # (one line: the refusal, without the note)
+            what = "overlap (the overlap pairs)" if compose else "test (the standard test set)"
+            raise CapsctlError(f"--arch {arch}: of --tests, it can score only {what}")
         if dropped:
             typer.echo(
                 f"note: --arch {arch} has non-shared capsule weights (it sees training-size images only): "
                 f"leaving out {', '.join(dropped)}",
                 err=True,
             )
-        tests = [t for t in tests if t == "test"]
-        if not tests:
-            raise CapsctlError(f"--arch {arch}: of --tests, it can score only test (the standard test set)")
+        tests = kept
     return heads, tests

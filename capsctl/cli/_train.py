@@ -202,7 +202,8 @@ def train(
             "every epoch pairs each training digit with a random one of another class, shifts both by up "
             "to ±4 px in a (H+8)x(W+8) canvas and merges them by pixel-wise maximum; the target is both "
             "labels, and the epochs are scored on overlap pairs of test digits (as eval-pairs --layout "
-            "overlap). Replaces --shift/--scale; no --decoder.",
+            "overlap). Replaces --shift/--scale. With --decoder, each digit is redrawn from its own capsule "
+            "against that digit alone on the canvas.",
             show_default="single digits",
             rich_help_panel=RECIPE,
         ),
@@ -577,8 +578,9 @@ def _run_rank(
     if spec.decoder is not None and spec.decoder.image_shape is None:  # the decoder redraws training images
         from dataclasses import replace
 
-        h, w, c = (int(n) for n in train_split.images.shape[1:4])
-        spec = spec.replace(decoder=replace(spec.decoder, image_shape=(h, w, c)))
+        # (with --compose: each digit alone, on the composites' canvas)
+        shape = (size[0], size[1], int(train_split.images.shape[3]))
+        spec = spec.replace(decoder=replace(spec.decoder, image_shape=shape))
     if spec.decoder is not None and cfg.recon_weight is None:  # recorded in the run's checkpoint
         from dataclasses import replace
 

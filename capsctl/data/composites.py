@@ -31,6 +31,8 @@ class Composites:
     layout: str
     seed: int
     indices: np.ndarray | None = None  # int64 (M, k): the source images of each composite, in placement order
+    # int64 (M, k, 2), 'overlap' only: each digit's (row, col) in the canvas (its top left corner)
+    offsets: np.ndarray | None = None
 
 
 def make_composites(
@@ -68,8 +70,9 @@ def make_composites(
         images = np.concatenate(list(parts.transpose(1, 0, 2, 3, 4)), axis=2)
     else:
         assert offsets is not None
-        images = overlay(parts, offsets[keep_idx])
-    return Composites(np.ascontiguousarray(images, dtype=np.float32), labels, layout, seed, idx)
+        offsets = offsets[keep_idx]
+        images = overlay(parts, offsets)
+    return Composites(np.ascontiguousarray(images, dtype=np.float32), labels, layout, seed, idx, offsets)
 
 
 def overlay(parts: np.ndarray, offsets: np.ndarray) -> np.ndarray:
@@ -109,14 +112,30 @@ def single_accuracy(scores: np.ndarray, labels: np.ndarray) -> float:
     return float((np.argmax(scores, axis=1) == labels).mean())
 
 
+def alone(comp: Composites, position: int, sources: np.ndarray, in_canvas: bool = False) -> Composites:
+    """The digit at `position` of each composite alone, as a one-digit 'composite': its source image,
+    or with `in_canvas` (an overlap composite, for a decoder that draws the canvas) that image at its
+    place in the canvas."""
+    assert comp.indices is not None
+    idx = comp.indices[:, position : position + 1]
+    labels = comp.labels[:, position : position + 1]
+    if not in_canvas:
+        return Composites(sources[idx[:, 0]], labels, "alone", comp.seed, idx)
+    assert comp.offsets is not None
+    offsets = comp.offsets[:, position : position + 1]
+    return Composites(overlay(sources[idx], offsets), labels, "alone", comp.seed, idx, offsets)
+
+
 def reconstruction_errors(
     runner: Any, comp: Composites, sources: np.ndarray, batch_size: int = 256
 ) -> np.ndarray:
     """(M, k): mean squared error per pixel of each digit of each composite, reconstructed by the
     model's decoder from that digit's own capsule (its label's) in the composite, against the source
-    test digit alone (`sources[comp.indices]`). The decoder draws a digit at the training image size
-    (28x28 for MNIST), so it is compared with the 28x28 source digit, not with the digit's place in
-    the larger composite: the score says how well one capsule of the composite holds that digit."""
+    test digit alone (`sources[comp.indices]`). A decoder trained on single digits draws a digit at
+    the training image size (28x28 for MNIST), so it is compared with the 28x28 source digit, not with
+    the digit's place in the larger composite: the score says how well one capsule of the composite
+    holds that digit. A decoder trained on overlap composites (`train --compose overlap`) draws the
+    whole canvas: its digit is compared with the source digit alone at its place in the canvas."""
     if comp.indices is None:
         raise CapsctlError("composites without their source indices cannot be scored for reconstruction")
     m, k = comp.labels.shape
@@ -126,6 +145,8 @@ def reconstruction_errors(
         for p in range(k):
             recon = runner.reconstruct(images, comp.labels[start : start + batch_size, p])
             target = sources[comp.indices[start : start + batch_size, p]]
+            if comp.offsets is not None and recon.shape[1:] == images.shape[1:]:  # it draws the canvas
+                target = overlay(target[:, None], comp.offsets[start : start + batch_size, p : p + 1])
             if recon.shape[1:] != target.shape[1:]:
                 raise CapsctlError(
                     f"the decoder draws {list(recon.shape[1:])} images, the source digits are "

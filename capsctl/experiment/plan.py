@@ -105,11 +105,13 @@ def make_job(
     data: DataFacts | None = None,
     split: tuple[int | None, float | None] = (None, None),
     arch: str = "seed",
+    compose: str | None = None,
 ) -> Job:
     """One model of an experiment, configured as `capsctl train` with the same options configures it
     (head DECODER_HEAD: `capsctl train --decoder`), so either can finish the other's run. `holdout` is
     the count of held-out images (the folder name); `split` the user's (--holdout, --val-fraction), recorded
-    so that `capsctl train --resume` holds out the same images."""
+    so that `capsctl train --resume` holds out the same images. `compose`: trained on composites, as
+    `capsctl train --compose` (the model takes the composites' canvas)."""
 
     rec = get_recipe(recipe)
     decoder = head == DECODER_HEAD
@@ -122,6 +124,10 @@ def make_job(
         if decoder and spec.decoder is None:
             spec = spec.replace(decoder=DecoderSpec())
     if data is not None:
+        if compose is not None:  # the model sees (and its decoder draws) the composites' canvas
+            from capsctl.training.compose import canvas
+
+            data = DataFacts(data.classes, (*canvas(*data.shape[:2]), data.shape[2]))
         spec = data.follow(spec)
         if spec.head == "capsule" and not spec.capsule.shared and spec.capsule.num_inputs is None:
             spec = spec.with_capsule(num_inputs=spec.capsule_count(*data.shape[:2]))
@@ -139,8 +145,9 @@ def make_job(
         batch_size=ov.batch_size,
         lr=ov.lr,
         schedule=ov.schedule,
-        shift=ov.shift,
-        scale=ov.scale,
+        # composites shift their digits themselves (as `capsctl train --compose`)
+        shift=0 if compose is not None and ov.shift is None else ov.shift,
+        scale=0.0 if compose is not None and ov.scale is None else ov.scale,
         weight_decay=ov.weight_decay,
     )
     # the experiment passes its own curve split (CURVE_TEST_IMAGES) and scores every epoch on all of it
@@ -156,13 +163,16 @@ def make_job(
         holdout=split[0],
         val_fraction=split[1],
         recon_weight=default_recon_weight(spec) if spec.decoder is not None else None,
+        compose=compose,
         **settings,
     )
     if name is None:
         tag = ov.tag()
         label = head.replace("+", "-")
         kind = "" if arch == "seed" or head == "pool" else arch
-        parts = [backend, recipe, kind, label, tag, f"holdout{holdout}" if holdout else "", f"s{seed}"]
+        composed = f"compose-{compose}" if compose is not None else ""
+        held = f"holdout{holdout}" if holdout else ""
+        parts = [backend, recipe, kind, label, tag, composed, held, f"s{seed}"]
         name = "-".join(p for p in parts if p)
     return Job(head, seed, spec, cfg, out / "runs" / name)
 
@@ -186,6 +196,7 @@ class PairsPlan:
     train: bool = True  # False: score and tabulate finished models only
     decoder: bool = False  # also the capsule head with the reconstruction decoder (DECODER_HEAD)
     image_size: str | None = None  # 'HxW': --dataset PATH images scaled to fit (as `capsctl train`)
+    compose: str | None = None  # train on composites ('overlap': `capsctl train --compose overlap`)
 
     @property
     def variants(self) -> tuple[str, ...]:

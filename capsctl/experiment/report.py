@@ -182,6 +182,7 @@ def _overview(items: list[tuple[Path, dict[str, Any]]]) -> str:
             t = s["tests"]
             changed = [f"{k}={v}" for k, v in r["overrides"].items()]
             changed += [f"**holdout={r['holdout']}**"] if r.get("holdout") else []
+            changed += [f"**compose={r['compose']}**"] if r.get("compose") else []
             rows.append(
                 [
                     f"`{folder.name}`",
@@ -413,14 +414,16 @@ def _section_marks(title: str) -> tuple[str, str]:
 
 def _replace_section(text: str, title: str, section: str) -> str:
     """`text` with the section `title` replaced by `section`, or `section` put before its first `## `
-    heading (at the end if it has none) when it has no such section yet."""
+    heading or other generated section, whichever comes first (at the end if it has neither), when it
+    has no such section yet: never inside another section."""
     start, end = _section_marks(title)
     if start in text and end in text:
         a, b = text.index(start), text.index(end) + len(end)
         return text[:a] + section + text[b:]
-    at = text.find("\n## ")
-    if at < 0:
+    found = [i for i in (text.find("\n## "), text.find("\n" + _section_marks("")[0][:-5])) if i >= 0]
+    if not found:
         return text.rstrip("\n") + "\n\n" + section
+    at = min(found)
     return text[: at + 1] + section + "\n" + text[at + 1 :]
 
 

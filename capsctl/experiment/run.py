@@ -323,6 +323,7 @@ def run_pairs(plan: PairsPlan, out: Path, show_progress: bool = True) -> dict[st
             data=facts,
             split=(plan.holdout, plan.val_fraction),
             arch=plan.arch,
+            compose=plan.compose,
         )
         for s in plan.seeds
         for h in plan.variants
@@ -345,6 +346,7 @@ def run_pairs(plan: PairsPlan, out: Path, show_progress: bool = True) -> dict[st
         "heads": list(plan.variants),
         "decoder": plan.decoder,
         "image_size": plan.image_size,
+        "compose": plan.compose,
         "curve_test_images": min(CURVE_TEST_IMAGES, plan.eval_limit or CURVE_TEST_IMAGES),
         "models": models,
         "missing": missing,

@@ -11,7 +11,10 @@ order (capsctl.training.config.epoch_order makes the same generator; its draw is
 partners are not made from the same random numbers as the order), then one partner per image, then
 the offsets (N, 2, 2). They depend only on (seed, epoch) and the labels, so a resumed run and an
 uninterrupted one see the same composites, and a distributed job composes the global batch before its
-ranks slice it, so the composites do not depend on the number of ranks."""
+ranks slice it, so the composites do not depend on the number of ranks.
+
+With a decoder, each digit is redrawn from its own class's capsule alone against that digit alone, at
+its place in the canvas (`digit_targets`); the decoder draws canvas-sized images."""
 
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from capsctl.backend import DigitTargets
 from capsctl.data.composites import OVERLAP_SHIFT, make_composites, overlay
 from capsctl.data.datasets import Split
 from capsctl.errors import CapsctlError
@@ -78,6 +82,18 @@ def compose_batch(
     target[rows, y[idx]] = 1.0
     target[rows, y[second]] = 1.0
     return images, target
+
+
+def digit_targets(
+    x: np.ndarray, y: np.ndarray, pairs: EpochPairs, idx: np.ndarray, num_classes: int
+) -> DigitTargets:
+    """What a decoder redraws from the composites `compose_batch` makes of `idx`: each digit alone at its
+    place in the canvas (the paper's target: one digit, not the composite), with its class."""
+    digits = np.stack([idx, pairs.partners[idx]], axis=1)  # (B, 2)
+    offsets = pairs.offsets[idx]
+    images = np.stack([overlay(x[digits[:, k : k + 1]], offsets[:, k : k + 1]) for k in range(2)], axis=1)
+    onehots = np.eye(num_classes, dtype=np.float32)[y[digits]]
+    return DigitTargets(images, onehots)
 
 
 def scoring_pairs(test: Split, limit: int | None) -> Split:

@@ -1,6 +1,7 @@
 """The training loop, shared by every backend.
 
-The backend only does `trainer.step(x, y, lr)`. Everything random is drawn here from numpy with
+The backend only does `trainer.step(x, y, lr)` (with --compose and a decoder, `trainer.step(x, y, lr,
+digits)`: each digit alone, for the decoder to redraw). Everything random is drawn here from numpy with
 seeds derived from (seed, epoch, step), so a run resumed from any checkpoint replays exactly the
 batches an uninterrupted run would have seen."""
 
@@ -23,7 +24,14 @@ from capsctl.model.fit import check_fit
 from capsctl.model.spec import ModelSpec
 from capsctl.model.weights import init_weights, save_model
 from capsctl.training.augment import augment_batch
-from capsctl.training.compose import canvas, check_classes, compose_batch, draw_pairs, scoring_pairs
+from capsctl.training.compose import (
+    canvas,
+    check_classes,
+    compose_batch,
+    digit_targets,
+    draw_pairs,
+    scoring_pairs,
+)
 from capsctl.training.config import TrainConfig, batches, lr_at, steps_per_epoch
 from capsctl.training.run_folder import (
     CHECKPOINT_FILE,
@@ -167,11 +175,12 @@ def _check_data(spec: ModelSpec, cfg: TrainConfig, train_split: Split, test_spli
 def _check_compose(spec: ModelSpec, cfg: TrainConfig, train_split: Split, test_split: Split | None) -> None:
     """--compose: the model takes the composites (of training and of test digits), and each side holds
     two classes to pair."""
-    if spec.decoder is not None:
+    dec = spec.decoder
+    h, w, c = train_split.images.shape[1:]
+    if dec is not None and dec.image_shape is not None and dec.image_shape != (*canvas(h, w), c):
         raise CapsctlError(
-            f"--compose {cfg.compose} does not train a decoder yet (each digit would be redrawn from its own "
-            "capsule against that digit alone); the model has one (from --decoder, --spec or --arch): add "
-            "--no-decoder"
+            f"model spec: decoder.image_shape is {list(dec.image_shape)}; with --compose {cfg.compose} the "
+            f"decoder redraws each digit on the {list((*canvas(h, w), c))} canvas of the composites"
         )
     for split, what in ((train_split, "training"), (test_split, "test")):
         if split is None:
@@ -371,15 +380,21 @@ def _train_locked(
             for step, idx in batches(cfg, epoch, n):
                 if step < first:
                     continue
+                digits = None
                 if pairs is not None:  # composites (their digits already shifted) and both labels
                     x, target = compose_batch(x_all, y_all, pairs, idx, spec.num_classes)
+                    if spec.decoder is not None:  # and each digit alone, for the decoder to redraw
+                        digits = digit_targets(x_all, y_all, pairs, idx, spec.num_classes)
                 else:
                     x = augment_batch(
                         x_all[idx], cfg.shift, cfg.scale, np.random.default_rng([cfg.seed, epoch, step])
                     )
                     target = y_hot[idx]
                 lr = lr_at(cfg, epoch * spe + step, total)
-                loss, ok = trainer.step(x, target, lr)
+                if digits is None:
+                    loss, ok = trainer.step(x, target, lr)
+                else:  # (a trainer gets DigitTargets only when there are some)
+                    loss, ok = trainer.step(x, target, lr, digits)
                 if not math.isfinite(loss):
                     raise TrainingStopped(
                         f"loss became {loss} at epoch {epoch + 1}, step {step + 1}; training stopped, "
