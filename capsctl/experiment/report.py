@@ -183,6 +183,7 @@ def _overview(items: list[tuple[Path, dict[str, Any]]]) -> str:
             changed = [f"{k}={v}" for k, v in r["overrides"].items()]
             changed += [f"**holdout={r['holdout']}**"] if r.get("holdout") else []
             changed += [f"**compose={r['compose']}**"] if r.get("compose") else []
+            changed = ([f"**arch={r['arch']}**"] if r.get("arch", "seed") != "seed" else []) + changed
             rows.append(
                 [
                     f"`{folder.name}`",

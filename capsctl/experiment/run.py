@@ -347,6 +347,7 @@ def run_pairs(plan: PairsPlan, out: Path, show_progress: bool = True) -> dict[st
         "decoder": plan.decoder,
         "image_size": plan.image_size,
         "compose": plan.compose,
+        "arch": plan.arch,
         "curve_test_images": min(CURVE_TEST_IMAGES, plan.eval_limit or CURVE_TEST_IMAGES),
         "models": models,
         "missing": missing,

@@ -60,6 +60,8 @@ def describe_pairs(r: dict[str, Any]) -> str:
         else ""
     )
     size = f" scaled to fit {r['image_size']}" if r.get("image_size") else ""
+    if r.get("arch", "seed") != "seed":  # a preset's models (capsctl.model.presets)
+        size += f", `--arch {r['arch']}`"
     if r.get("compose"):  # trained on composites: say so before anything else
         size += f", trained on {r['compose']} pairs of them (--compose {r['compose']})"
     return (
