@@ -26,7 +26,7 @@ import numpy as np
 
 from capsctl.backend import get_backend
 from capsctl.data import datasets
-from capsctl.data.composites import OVERLAP_SHIFT, make_composites, overlay, set_matches
+from capsctl.data.composites import OVERLAP_SHIFT, alone, make_composites, overlay, set_matches
 from capsctl.model.weights import load_model
 
 INK = 0.5  # a pixel is ink above this (pixels in 0..1)
@@ -77,9 +77,9 @@ def main() -> None:
     parts, offsets = test.images[comp.indices], comp.offsets
 
     correct, confident = set_matches(runner.scores(comp.images), comp.labels)
-    alone_ok = np.stack(
+    alone_ok = np.stack(  # each digit with nothing else on its canvas, at its place
         [
-            np.argmax(runner.scores(overlay(parts[:, j : j + 1], offsets[:, j : j + 1])), axis=1)
+            np.argmax(runner.scores(alone(comp, j, test.images, in_canvas=True).images), axis=1)
             == comp.labels[:, j]
             for j in range(2)
         ],
