@@ -494,3 +494,38 @@ def test_pairs_image_size_resizes_a_user_folder(tmp_path: Path, capsys) -> None:
                                  "0", "--epochs", "1", "--heads", "capsule", "--tests", "test", "--out", out,
                                  "-q"], capsys)
     assert_one_line_error(code, stdout, err, "another")
+
+
+# -- the numbers a result is shown beside (no framework) ---------------------------------------------------
+
+def _summary(heads: tuple[str, ...], tests: tuple[str, ...]) -> dict:
+    cell = {"accuracy": [0.9, 0.01], "confident_accuracy": [0.8, 0.01]}
+    return {h: {"seeds": [0, 1], "tests": {t: cell for t in tests}} for h in heads}
+
+
+def test_references_fit_what_the_result_was_trained_on() -> None:
+    from capsctl.experiment.references import comparison
+
+    base = {"dataset": "mnist-5k", "train_images": 5000, "recipe": "default"}
+    single = comparison({**base, "summary": _summary(("capsule", "pool"), ("test", "vertical", "horizontal"))})
+    for row in ("anchor capsule", "anchor pool", "probe capsule", "probe pool", "seed article pool"):
+        assert row in single
+    assert "overlapping" not in single and "MultiMNIST" not in single and "Sabour" not in single
+
+    # trained on pairs: the MultiMNIST numbers in an overlap column, never the single-digit references
+    pairs = comparison({**base, "compose": "overlap", "summary": _summary(("capsule",), ("test", "overlap"))})
+    header = pairs.splitlines()[0]
+    assert "overlapping pairs" in header and "vertical" not in header
+    assert "5.2% error" in pairs and "29.3% error" in pairs and "≤ 15% error" in pairs
+    assert "43.0% error" not in pairs  # the pool probe only beside a pool head
+    assert "anchor" not in pairs and "seed article" not in pairs and "probe capsule" not in pairs
+
+    # another preset on single digits: its paper, in the standard test's column only
+    eff = comparison({**base, "arch": "efficient", "summary": _summary(("capsule",), ("test",))})
+    assert eff.splitlines()[0] == "| model | standard test |"
+    assert "99.74%" in eff and "anchor" not in eff and "Sabour" not in eff
+
+    # a data set nobody measured: ours alone
+    other = comparison({"dataset": "/data/mine", "train_images": 300, "recipe": "default",
+                        "summary": _summary(("capsule",), ("test",))})
+    assert len(other.strip().splitlines()) == 3

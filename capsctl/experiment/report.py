@@ -2,7 +2,7 @@
 
 Reads each folder's results.json (written by `capsctl experiment pairs|ablate`), copies its
 plots beside the document and writes every table with the command that produced it, the time
-it took, and the reference numbers (the seed article's and the anchor's) beside ours.
+it took, and the reference numbers that fit each result beside ours (capsctl.experiment.references).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any
 
 from capsctl._io import atomic_write_bytes
 from capsctl.errors import CapsctlError
+from capsctl.experiment.references import comparison, reference_dataset
 from capsctl.experiment.results import load_results
 from capsctl.experiment.tables import (
     TEST_TITLES,
@@ -33,80 +34,11 @@ from capsctl.experiment.tables import (
 from capsctl.training.config import TrainConfig
 from capsctl.training.recipes import RECIPE_HISTORY, get_recipe
 
-# Reference numbers, quoted from the project brief (the seed article, and the "anchor": the seed author's
-# own Keras layer with his script's protocol, run on the same data). Ranges are over two seeds.
-# Cells: (test, vertical acc, vertical conf, horizontal acc, horizontal conf).
-SEED_ARTICLE = {
-    "capsule": ("", ">90%", ">90%", "", ""),
-    "pool": ("", "~40%", "~10%", "", ""),
-}
-
-
-def _mnist(r: dict[str, Any]) -> str:
-    """The data set a result's reference numbers are looked up under: the embedded mnist-5k set holds the
-    same digits as `mnist` read from ../shared/data/mnist-5k (a folder of 5,000 training images)."""
-    return "mnist" if r["dataset"] == "mnist-5k" else str(r["dataset"])
-
-
-ANCHOR = {
-    ("mnist", 5000): {
-        "capsule": ("96.6–97.0%", "68–71%", "68–71%", "34–44%", "34–44%"),
-        "pool": ("96.0–96.5%", "14–21%", "3–6%", "36–41%", "8–12%"),
-    },
-    ("fashion-mnist", 60000): {
-        "capsule": ("91.5%", "79.5%", "79.5%", "78.1%", "78.0%"),
-        "pool": ("91.7%", "38.0%", "14.9%", "36.4%", "10.5%"),
-    },
-}
-PROBE_MNIST5K = {
-    "capsule": ("98.7%", "95.2%", "95.2%", "95.7%", "95.7%"),
-    "pool": ("97.3%", "43%", "13%", "55%", "20%"),
-}
 TARGETS = (
     "Targets for the default capsule recipe on mnist-5k (mean of 3 seeds): standard test ≥ 98.8%; "
     "vertical and horizontal pairs ≥ 96% on both accuracies; 3-digit composites ≥ 85%. "
     "On full Fashion-MNIST: the anchor's capsule figures + 5 points in both layouts."
 )
-
-
-def _comparison(r: dict[str, Any]) -> str:
-    """Ours beside the anchor's (same data) and the seed article's: test and the two pair layouts."""
-    header = ["model", "standard test", "vertical acc / conf", "horizontal acc / conf"]
-    rows = []
-    for head, s in r["summary"].items():
-        t = s["tests"]
-        cell = [
-            f"**capsctl {head}** ({r['recipe']}, {len(s['seeds'])} seed{'s' if len(s['seeds']) > 1 else ''})"
-        ]
-        cell.append(pct(t["test"]["accuracy"]) if "test" in t else "")
-        for lay in ("vertical", "horizontal"):
-            cell.append(
-                f"{pct(t[lay]['accuracy'])} / {pct(t[lay]['confident_accuracy'])}" if lay in t else ""
-            )
-        rows.append(cell)
-    anchor = ANCHOR.get((_mnist(r), r["train_images"]))
-    if anchor:
-        for head in (h for h in r["summary"] if h in anchor):  # (none for capsule+decoder)
-            a = anchor[head]
-            rows.append(
-                [f"anchor {head} (seed's layer and protocol)", a[0], f"{a[1]} / {a[2]}", f"{a[3]} / {a[4]}"]
-            )
-    if (_mnist(r), r["train_images"]) == ("mnist", 5000):
-        for head in (h for h in r["summary"] if h in PROBE_MNIST5K):
-            p = PROBE_MNIST5K[head]
-            rows.append(
-                [
-                    f"probe {head} (a scratch PyTorch probe, 1 seed)",
-                    p[0],
-                    f"{p[1]} / {p[2]}",
-                    f"{p[3]} / {p[4]}",
-                ]
-            )
-    if _mnist(r) == "mnist":
-        for head in (h for h in r["summary"] if h in SEED_ARTICLE):
-            a = SEED_ARTICLE[head]
-            rows.append([f"seed article {head} (60k MNIST)", "–", f"{a[1]} / {a[2]}", "–"])
-    return table(header, rows)
 
 
 def _copy_plots(folder: Path, dest: Path, doc_dir: Path) -> list[str]:
@@ -148,7 +80,7 @@ def _pairs_section(folder: Path, r: dict[str, Any], doc_dir: Path) -> str:
     ]
     # reference numbers are test-set numbers: beside held-out scores they would mislead
     if not r.get("holdout"):
-        parts.append(_comparison(r))
+        parts.append(comparison(r))
     per_test = f", first {r['eval_limit']} per test" if r.get("eval_limit") else ""
     parts.append(
         f"All tests (mean ± std over seeds; composites: pairing seed {r['composite_seed']}{per_test}):\n"
@@ -279,7 +211,7 @@ def _full_grid(r: dict[str, Any]) -> bool:
 
 def _not_run(items: list[tuple[Path, dict[str, Any]]]) -> str:
     have = {
-        (r["kind"], _mnist(r), r["backend"], r.get("recipe"))
+        (r["kind"], reference_dataset(r), r["backend"], r.get("recipe"))
         for _, r in items
         if r["kind"] == "pairs" or _full_grid(r)
     }
