@@ -507,7 +507,8 @@ def test_references_fit_what_the_result_was_trained_on() -> None:
     from capsctl.experiment.references import comparison
 
     base = {"dataset": "mnist-5k", "train_images": 5000, "recipe": "default"}
-    single = comparison({**base, "summary": _summary(("capsule", "pool"), ("test", "vertical", "horizontal"))})
+    heads, tests = ("capsule", "pool"), ("test", "vertical", "horizontal")
+    single = comparison({**base, "summary": _summary(heads, tests)})
     for row in ("anchor capsule", "anchor pool", "probe capsule", "probe pool", "seed article pool"):
         assert row in single
     assert "overlapping" not in single and "MultiMNIST" not in single and "Sabour" not in single
