@@ -146,19 +146,23 @@ def _two_digit_loss(spec, w, x, y, digits, recon_weight):
     return margin.mean(1).mean() + recon_weight * sq.mean()
 
 
+def _composite_batch(train_digits, seed: int, n: int):
+    """The first n composites of epoch 0's pairs drawn with `seed`, with each digit alone as a target."""
+    from capsctl.training.compose import compose_batch, digit_targets, draw_pairs
+
+    x, y = train_digits
+    pairs, idx = draw_pairs(y, seed, 0), np.arange(n)
+    return (*compose_batch(x, y, pairs, idx, 10), digit_targets(x, y, pairs, idx, 10))
+
+
 @pytest.mark.parametrize("backend_name", BACKENDS)
 def test_a_decoder_redraws_each_digit_of_a_composite_from_its_own_capsule(backend_name, train_digits):
     from capsctl.backend import OptimConfig, get_backend
     from capsctl.model.spec import default_recon_weight
-    from capsctl.training.compose import compose_batch, digit_targets, draw_pairs
 
     from ._helpers import routing_weights
 
-    x, y = train_digits
-    pairs = draw_pairs(y, 0, 0)
-    idx = np.arange(6)
-    images, target = compose_batch(x, y, pairs, idx, 10)
-    digits = digit_targets(x, y, pairs, idx, 10)
+    images, target, digits = _composite_batch(train_digits, seed=0, n=6)
     spec = _decoder_spec()
     w = routing_weights(spec)
     weight = default_recon_weight(spec)
@@ -177,15 +181,10 @@ def test_a_decoder_redraws_each_digit_of_a_composite_from_its_own_capsule(backen
 def test_a_step_with_digit_targets_is_the_same_on_both_backends(train_digits):
     from capsctl.backend import OptimConfig, get_backend
     from capsctl.model.weights import init_weights
-    from capsctl.training.compose import compose_batch, digit_targets, draw_pairs
 
     from ._helpers import snapshot
 
-    x, y = train_digits
-    pairs = draw_pairs(y, 1, 0)
-    idx = np.arange(16)
-    images, target = compose_batch(x, y, pairs, idx, 10)
-    digits = digit_targets(x, y, pairs, idx, 10)
+    images, target, digits = _composite_batch(train_digits, seed=1, n=16)
     spec = _decoder_spec()
     start = init_weights(spec, 0)
     trainers = [get_backend(n).trainer(spec, snapshot(start), OptimConfig()) for n in ("torch", "keras")]

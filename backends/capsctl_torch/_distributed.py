@@ -125,14 +125,9 @@ class _Loss(torch.nn.Module):
         self.model = inner.model
         self._loss = inner.loss
 
-    def forward(
-        self,
-        images: torch.Tensor,
-        y: torch.Tensor,
-        parts: torch.Tensor | None = None,
-        part_hot: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._loss(images, y, parts, part_hot)
+    def forward(self, *inputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        # TorchTrainer.loss's arguments, passed on as they are: one signature to keep, not two
+        return self._loss(*inputs)
 
 
 class DistributedTorchTrainer:
