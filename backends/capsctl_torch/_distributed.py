@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from capsctl._process_exit import skip_finalizing
 from capsctl.backend import DigitTargets, OptimConfig, Trainer
 from capsctl.errors import CapsctlError, TrainingStopped
 from capsctl.model.spec import ModelSpec
@@ -101,6 +102,9 @@ def join() -> World:
     except (RuntimeError, ValueError) as e:
         first = _first_line(e)
         raise CapsctlError(f"cannot join the job as rank {rank} of {size} ({first})") from None
+    # gloo's worker threads outlive the group (destroy_process_group leaves them running): whatever ends
+    # this rank, it must not finalize Python under them (capsctl._process_exit)
+    skip_finalizing()
     has_cuda = torch.cuda.is_available()
     flags = torch.tensor([int(has_cuda), int(has_cuda)], dtype=torch.int64)
     flags[1] = -flags[1]

@@ -118,6 +118,15 @@ def _say(line: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: runs the app, turning every expected failure into one line and an exit code."""
+    from capsctl._process_exit import end
+
+    try:
+        _main(argv)
+    except SystemExit as e:  # (every way out of _main: a rank of a torch job ends without finalizing)
+        end(e.code)
+
+
+def _main(argv: list[str] | None) -> None:
     debug, args = _split_debug(list(sys.argv[1:] if argv is None else argv))
     ARGS[:] = args
     from capsctl.errors import CapsctlError
