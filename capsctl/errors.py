@@ -44,9 +44,29 @@ def leave_to_launcher(line: str) -> bool:
     folder = os.environ.get(RANK_ERRORS_ENV)
     if _rank is None or not folder:
         return False
-    try:
-        with open(os.path.join(folder, f"rank-{_rank}.txt"), "w", encoding="utf-8") as f:
+    path = os.path.join(folder, f"rank-{_rank}.txt")
+    try:  # whole or not at all: another rank waits for rank 0's file to appear
+        with open(path + ".part", "w", encoding="utf-8") as f:
             f.write(line)
+        os.replace(path + ".part", path)
     except OSError:
         return False
+    if _rank > 0:
+        _wait_for_rank_0(folder)
     return _rank > 0
+
+
+RANK_0_GRACE_S = 10.0
+
+
+def _wait_for_rank_0(folder: str) -> None:
+    """Give rank 0 a moment to reach the same error before this rank exits: the launcher stops every
+    other rank as soon as one exits, and a rank 0 still loading the data (a busy machine) would then be
+    stopped before it could say the line, and the job would print `[rank 1] error: …` for what every
+    rank meets. A rank 0 that does not fail alike costs the job this grace once."""
+    import os
+    import time
+
+    deadline = time.monotonic() + RANK_0_GRACE_S
+    while time.monotonic() < deadline and not os.path.exists(os.path.join(folder, "rank-0.txt")):
+        time.sleep(0.05)

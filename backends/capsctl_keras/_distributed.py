@@ -40,6 +40,7 @@ from capsctl.training.distributed import (
 )
 
 from ._env import tf
+from ._layers import BatchNorm
 from ._trainer import KerasTrainer, correct_rows, digit_constants, digit_signature
 
 T = TypeVar("T")
@@ -146,6 +147,12 @@ def join() -> World:
     return KerasWorld(strategy, rank, size)
 
 
+def sum_over_ranks(t: Any) -> Any:
+    """Σ of a tensor over the replicas, differentiable: TensorFlow's gradient of a replica all-reduce is
+    the all-reduce of the replicas' gradients (what torch's SyncBatchNorm does by hand)."""
+    return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, t)
+
+
 class DistributedKerasTrainer:
     """A KerasTrainer whose variables are mirrored: each worker trains on its slice of the global batch."""
 
@@ -155,6 +162,11 @@ class DistributedKerasTrainer:
         self.world = world
         with world.strategy.scope():  # (making the variables broadcasts worker 0's initial values)
             self.inner = _collective(lambda: KerasTrainer(spec, weights, optim))
+        # batch norms normalise with the global batch's statistics, as one process does (Keras'
+        # synchronized=True would too, with E[x²] − mean² and counting an empty slice's dummy image)
+        self.batch_norms = [m for m in self.inner.model.layers if isinstance(m, BatchNorm)]
+        for bn in self.batch_norms:
+            bn.sum_over_ranks = sum_over_ranks
         sig = [
             tf.TensorSpec((None, None, None, spec.in_channels), tf.float32),
             tf.TensorSpec((None, spec.num_classes), tf.float32),
@@ -175,6 +187,8 @@ class DistributedKerasTrainer:
         def replica(x: Any, y: Any, *digits: Any) -> Any:
             # the optimiser sums the workers' gradients: weighting each mean loss by n_r / B makes the
             # sum the gradient of the global batch's mean loss (0, on one dummy image, for an empty slice)
+            for bn in self.batch_norms:  # (traced once: the graph reads n at every step)
+                bn.counts = tf.cast(n > 0, tf.float32)
             loss, p = inner.descend(x, y, n / b, *digits)
             right = tf.reduce_sum(tf.cast(correct_rows(p, y), tf.float64))
             has = tf.cast(n > 0, tf.float64)

@@ -32,6 +32,7 @@ from capsctl.training.distributed import (
 )
 
 from ._env import device
+from ._layers import BatchNorm
 from ._runner import batched_scores, to_input
 from ._trainer import TorchTrainer, correct_rows, digit_tensors
 
@@ -121,6 +122,28 @@ def join() -> World:
     return TorchWorld(rank, size, local_rank, every)
 
 
+class _SumOverRanks(torch.autograd.Function):
+    """Σ of a tensor over the ranks, differentiable: every rank uses the sum, so the gradient reaching a
+    rank's summand is the sum of every rank's gradient of the sum (what torch's SyncBatchNorm does)."""
+
+    @staticmethod
+    def forward(ctx: Any, t: torch.Tensor, group: Any) -> torch.Tensor:
+        ctx.group = group
+        total = t.clone()
+        dist.all_reduce(total, group=group)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        total = grad.clone()
+        dist.all_reduce(total, group=ctx.group)
+        return total, None
+
+
+def sum_over_ranks(t: torch.Tensor, group: Any = None) -> torch.Tensor:
+    return _SumOverRanks.apply(t, group)
+
+
 class _Loss(torch.nn.Module):
     """The model with its loss, as one module: DDP wraps what the step calls."""
 
@@ -142,6 +165,11 @@ class DistributedTorchTrainer:
     ) -> None:
         self.inner = TorchTrainer(spec, weights, optim)
         self.world = world
+        # batch norms normalise with the global batch's statistics, as one process does: torch's
+        # SyncBatchNorm would, but it runs on GPUs only
+        self.batch_norms = [m for m in self.inner.model.modules() if isinstance(m, BatchNorm)]
+        for bn in self.batch_norms:
+            bn.sum_over_ranks = partial(sum_over_ranks, group=world.grad_group)
         ids = [torch.cuda.current_device()] if world.cuda else None
         # every rank starts from the same weights already (rank 0's checkpoint, handed out); DDP checks
         # the shapes and broadcasts them once more
@@ -164,7 +192,9 @@ class DistributedTorchTrainer:
         for group in inner.opt.param_groups:
             group["lr"] = lr
         y = torch.from_numpy(ys).to(device())
-        loss, p = self.ddp(to_input(xs), y, *digit_tensors(digits))
+        for bn in self.batch_norms:
+            bn.counts = n > 0
+        loss, p = _collective(lambda: self.ddp(to_input(xs), y, *digit_tensors(digits)))
         inner.opt.zero_grad(set_to_none=True)
         # DDP averages the ranks' gradients of their mean losses: weighting rank r's by n_r·N/B makes that
         # the gradient of the global batch's mean loss (weight exactly 1 when the slices are equal)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +45,11 @@ class BatchNorm(nn.Module):
     """Batch normalisation as the spec states it (capsctl.model.spec.BN_EPS, BN_MOMENTUM): the running
     variance is updated with the batch's biased variance, as Keras does (torch's BatchNorm2d uses the
     unbiased one), so both backends keep the same statistics. Parameters `weight` (γ) and `bias` (β),
-    buffers `running_mean`, `running_var`."""
+    buffers `running_mean`, `running_var`.
+
+    In a data-parallel job (`sum_over_ranks` set, a differentiable sum of a tensor over the ranks) the
+    batch statistics are the global batch's, as one process computes them; `counts` is False on a rank
+    whose only image is the dummy of an empty slice."""
 
     def __init__(self, channels: int) -> None:
         super().__init__()
@@ -54,17 +59,35 @@ class BatchNorm(nn.Module):
         self.running_var: torch.Tensor
         self.register_buffer("running_mean", torch.zeros(channels))
         self.register_buffer("running_var", torch.ones(channels))
+        self.sum_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self.counts = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             mean, var = self.running_mean, self.running_var
             return F.batch_norm(x, mean, var, self.weight, self.bias, False, 0.0, BN_EPS)
-        var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
+        if self.sum_over_ranks is None:
+            var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
+        else:
+            var, mean = self._global_moments(x, self.sum_over_ranks)
         with torch.no_grad():
             self.running_mean.mul_(BN_MOMENTUM).add_(mean, alpha=1 - BN_MOMENTUM)
             self.running_var.mul_(BN_MOMENTUM).add_(var, alpha=1 - BN_MOMENTUM)
         scale = self.weight * torch.rsqrt(var + BN_EPS)
         return x * scale[None, :, None, None] + (self.bias - mean * scale)[None, :, None, None]
+
+    def _global_moments(
+        self, x: torch.Tensor, sum_over_ranks: Callable[[torch.Tensor], torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(biased variance, mean) per channel over every rank's rows. Two passes, each one sum over the
+        ranks: the variance is Σ(x − mean)²/n, as var_mean computes it, not E[x²] − mean² (which loses
+        digits when the mean is large against the spread)."""
+        rows = x if self.counts else x[:0]
+        n = torch.full((1,), rows.numel() / x.shape[1], dtype=x.dtype, device=x.device)
+        total = sum_over_ranks(torch.cat([rows.sum((0, 2, 3)), n]))
+        mean = total[:-1] / total[-1]
+        squares = ((rows - mean[None, :, None, None]) ** 2).sum((0, 2, 3))
+        return sum_over_ranks(squares) / total[-1], mean
 
 
 def safe_norm(s: torch.Tensor) -> torch.Tensor:
