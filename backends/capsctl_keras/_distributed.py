@@ -223,8 +223,9 @@ class DistributedKerasTrainer:
 
     def scores(self, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
         """Every worker scores its share of `images`; all get all the scores. With batch norms, every worker
-        first takes rank 0's moving statistics (the ones rank 0 saves: each worker updated its own copy
-        from its slice, TensorFlow does not merge them), so the scores are the saved model's."""
+        first takes rank 0's moving statistics (the ones rank 0 saves: each worker updated its own copy,
+        which TensorFlow does not merge, from the same global statistics, so they differ by rounding at
+        most), so the scores are exactly the saved model's."""
         world = self.world
         for var in self.inner.model.non_trainable_variables:
             mine = np.asarray(var.numpy(), np.float32)

@@ -208,8 +208,9 @@ class DistributedTorchTrainer:
 
     def scores(self, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
         """Every rank scores its share of `images`; all get all the scores. With batch norms, every rank
-        first takes rank 0's running statistics (the ones rank 0 saves), so the scores are the saved
-        model's (each rank updated its own from its slice)."""
+        first takes rank 0's running statistics (the ones rank 0 saves): every rank updated its own from
+        the same global statistics, so they differ by rounding at most, and the scores are exactly the
+        saved model's."""
         world = self.world
         for buffer in self.inner.model.buffers():
             _collective(partial(dist.broadcast, buffer, src=0))
