@@ -8,7 +8,8 @@ fast (no numpy, no dataclasses to build)."""
 from __future__ import annotations
 
 # named architectures (capsctl.model.presets): the seed article's, Sabour et al. 2017's, Mazzia et al. 2021's
-ARCHS = ("seed", "sabour2017", "efficient")
+# for MNIST and for MultiMNIST's 36x36 composites
+ARCHS = ("seed", "sabour2017", "efficient", "efficient-multimnist")
 HEADS = ("capsule", "pool")  # capsule: dynamic routing; pool: global average pooling
 ROUTINGS = ("su", "sabour", "su-unit", "attention")  # attention: Efficient-CapsNet's, not iterative
 SQUASHES = ("su", "sabour", "efficient")

@@ -174,6 +174,12 @@ def real_digits(mnist, n: int = 4, height: int = 28) -> np.ndarray:
     return np.concatenate([x, mnist.test().images[n : 2 * n]], axis=1) if height == 56 else x
 
 
+def on_canvas(images: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(N, h, w, C) images centred on a zero (N, H, W, C) canvas: digits at a preset's design size."""
+    dh, dw = size[0] - images.shape[1], size[1] - images.shape[2]
+    return np.pad(images, ((0, 0), (dh // 2, dh - dh // 2), (dw // 2, dw - dw // 2), (0, 0)))
+
+
 def routing_weights(spec, seed: int = 1) -> dict[str, np.ndarray]:
     """Glorot weights with positive biases: non-trivial routing on real digits."""
     from capsctl.model.weights import init_weights

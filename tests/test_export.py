@@ -15,7 +15,7 @@ from capsctl.model.presets import preset
 from capsctl.model.spec import DecoderSpec, ModelSpec
 from capsctl.model.weights import load_model, save_model
 
-from ._helpers import assert_one_line_error, routing_weights, run_cli
+from ._helpers import assert_one_line_error, on_canvas, routing_weights, run_cli
 
 SPECS = {
     "capsule": ModelSpec(),
@@ -27,7 +27,15 @@ SPECS = {
     ),
     # Efficient-CapsNet: batch norms (running statistics in the file), depthwise primary capsules, attention
     "efficient": preset("efficient").with_capsule(num_inputs=16),
+    # its MultiMNIST graph, made for 36x36 composites (16 primary capsules there)
+    "efficient-multimnist": preset("efficient-multimnist").with_capsule(num_inputs=16),
 }
+SIZES = {"efficient-multimnist": (36, 36)}  # the images a model takes, where not 28x28 digits
+
+
+def _digits(mnist, name: str) -> np.ndarray:
+    """Three test digits, centred on the model's image size."""
+    return on_canvas(mnist.test().images[:3], SIZES.get(name, (28, 28)))
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +85,7 @@ def test_torch_export_is_a_plain_state_dict_and_round_trips(tmp_path, capsys, mo
     net = CapsNet(spec)
     net.load_state_dict(state, strict=True)
     assert ModelSpec.from_json(state._metadata[""]["capsctl_spec"]) == spec
-    x = mnist.test().images[:3]
+    x = _digits(mnist, name)
     with torch.no_grad():
         got = net.eval()(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
     np.testing.assert_allclose(got, reference.forward(spec, weights, x)[0], atol=1e-4)
@@ -95,7 +103,7 @@ def test_keras_export_loads_in_plain_keras_and_round_trips(tmp_path, capsys, mod
     _ok(["export", models[name], "--out", native], capsys)  # format from the suffix
     model = capsctl_keras.load_model(str(native))  # keras.saving.load_model, safe_mode=True
     spec, weights = load_model(models[name])
-    x = mnist.test().images[:3]
+    x = _digits(mnist, name)
     out = model(x)
     scores = out[0] if isinstance(out, (list, tuple)) else out  # a decoder model also reconstructs
     np.testing.assert_allclose(np.asarray(scores), reference.forward(spec, weights, x)[0], atol=1e-4)
@@ -110,7 +118,8 @@ def test_keras_export_loads_in_plain_keras_and_round_trips(tmp_path, capsys, mod
 @pytest.mark.parametrize(
     ("name", "sizes"),
     [("capsule", [(28, 28), (56, 28), (40, 33)]), ("pool", [(28, 28), (28, 56)]),
-     ("non-shared", [(28, 28)]), ("sabour2017", [(28, 28)]), ("efficient", [(28, 28)])],
+     ("non-shared", [(28, 28)]), ("sabour2017", [(28, 28)]), ("efficient", [(28, 28)]),
+     ("efficient-multimnist", [(36, 36)])],
 )
 def test_onnx_runs_in_onnxruntime_and_matches(tmp_path, capsys, models, mnist, name, sizes):
     import onnx

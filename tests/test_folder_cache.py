@@ -279,8 +279,8 @@ def test_experiment_data_without_test_is_held_out(tmp_path, capsys):
 
     root = _set(tmp_path / "ds", n_test=None)
     with pytest.raises(CapsctlError, match="no test/ folder"):
-        _prepare("torch", str(root), None, tmp_path / "o")
-    _, train, test, _ = _prepare("torch", str(root), None, tmp_path / "o", val_fraction=0.3)
+        _prepare("torch", str(root), None)
+    _, train, test, _ = _prepare("torch", str(root), None, val_fraction=0.3)
     assert (len(train.images), len(test.images)) == (21, 9)
 
 

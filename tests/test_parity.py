@@ -20,13 +20,14 @@ from capsctl.backend import OptimConfig, get_backend
 from capsctl.choices import ARCHS
 from capsctl.data.composites import make_composites, score_sets, single_accuracy
 from capsctl.model import reference
+from capsctl.model.presets import design_size
 from capsctl.model.spec import ModelSpec
 from capsctl.model.weights import init_weights, load_model
 from capsctl.model.weights import trained as is_trained
 from capsctl.training.config import TrainConfig
 from capsctl.training.loop import train
 
-from ._helpers import BACKENDS, VARIANTS, real_digits, rel_diff, routing_weights, run_cli, snapshot
+from ._helpers import BACKENDS, VARIANTS, on_canvas, real_digits, rel_diff, routing_weights, run_cli, snapshot
 
 pytestmark = [pytest.mark.torch, pytest.mark.keras]
 
@@ -203,7 +204,7 @@ def test_training_steps_match_across_backends(mnist, arch):
     steps (with decoupled decay), and their slots use the same canonical keys; on every preset (batch
     norms included: the same running statistics after the step)."""
     spec = _filled(arch)
-    x, y = mnist.train().images[:32], mnist.train().labels[:32]
+    x, y = on_canvas(mnist.train().images[:32], design_size(arch)), mnist.train().labels[:32]
     y1 = np.eye(10, dtype=np.float32)[y]
     everything = init_weights(spec, 0)
     w0 = {name: a for name, a in everything.items() if is_trained(name)}
@@ -244,7 +245,7 @@ def test_training_steps_match_across_backends(mnist, arch):
 
 
 def _filled(arch: str) -> ModelSpec:
-    """The preset as `capsctl train` completes it for 28x28 digits."""
+    """The preset as `capsctl train` completes it for its design size (28x28 digits, or 36x36)."""
     from capsctl.model.presets import for_images
 
     return for_images(arch)

@@ -10,15 +10,16 @@ import pytest
 
 from capsctl.choices import ARCHS
 from capsctl.model import reference
-from capsctl.model.presets import for_images, preset
+from capsctl.model.presets import design_size, for_images, preset
 from capsctl.model.spec import ModelSpec
 from capsctl.model.weights import parameter_count, save_model
 
-from ._helpers import assert_one_line_error, real_digits, routing_weights, run_cli
+from ._helpers import assert_one_line_error, on_canvas, real_digits, routing_weights, run_cli
 
 
 def filled(name: str) -> ModelSpec:
-    """The preset as `capsctl train` completes it for 28x28 grey digits and 10 classes."""
+    """The preset as `capsctl train` completes it for grey images of its design size (28x28 digits, 36x36
+    composites for efficient-multimnist) and 10 classes."""
     return for_images(name)
 
 
@@ -35,6 +36,11 @@ def test_parameter_counts_are_the_papers():
     efficient = filled("efficient")
     assert parameter_count(efficient) == 161_824
     assert sum(int(np.prod(s)) for s in expected_shapes(efficient).values()) == 161_824 + 576
+    # the authors' MultiMNIST graph on 36x36: convs 832 + 18,496 + 36,928 + 73,856, batch norms' scales
+    # and shifts 576, depthwise 5x5 primary capsules 3,328 (1x1x128: 16 capsules), W 16·8·160, b 16·10
+    multi = filled("efficient-multimnist")
+    assert design_size("efficient-multimnist") == (36, 36) and multi.capsule.num_inputs == 16
+    assert parameter_count(multi) == 130_112 + 576 + 3_328 + 20_480 + 160 == 154_656
 
 
 @pytest.mark.parametrize("name", ARCHS)
@@ -56,7 +62,7 @@ def preset_weights(spec: ModelSpec, seed: int = 3) -> dict[str, np.ndarray]:
 def test_backends_agree_with_the_reference_on_every_preset(name, backend, mnist):
     spec = filled(name)
     weights = preset_weights(spec)
-    x = real_digits(mnist, 3)
+    x = on_canvas(real_digits(mnist, 3), design_size(name))
     want, _ = reference.forward(spec, weights, x)
     # non-trivial scores: the agreement below would be empty if every capsule were near zero
     assert want.max() > 0.05 and np.ptp(want, axis=1).min() > 1e-2, want
@@ -79,6 +85,29 @@ def test_a_preset_with_the_wrong_head_is_one_line(tmp_path, capsys):
     code, out, err = run_cli(args, capsys)
     assert_one_line_error(code, out, err, "--arch sabour2017 has a capsule head")
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.torch
+def test_the_multimnist_preset_trains_on_composites_only(tmp_path, capsys, mnist_dir):
+    """efficient-multimnist needs 29x29 images at least: on 28x28 digits train and experiment refuse in
+    one line that points to --compose overlap (making nothing); with it, it trains on the 36x36 canvas and
+    eval-pairs scores overlap pairs, while vertical pairs are refused in one line."""
+    small = ["--data-dir", mnist_dir, "--limit", "32", "--epochs", "1", "-q"]
+    for cmd in (["train"], ["experiment", "pairs"]):
+        args = [*cmd, "--arch", "efficient-multimnist", *small, "--out", tmp_path / "r"]
+        code, out, err = run_cli(args, capsys)
+        assert_one_line_error(code, out, err, "28x28, too small for the model", "--compose overlap")
+        assert not (tmp_path / "r").exists()
+    run = tmp_path / "mm"
+    code, out, err = run_cli(["train", "--arch", "efficient-multimnist", "--compose", "overlap", *small,
+                              "--eval-limit", "32", "--out", run], capsys)
+    assert code == 0, err
+    model = run / "model.safetensors"
+    code, out, err = run_cli(["eval-pairs", model, "--data-dir", mnist_dir, "--layout", "overlap",
+                              "--limit", "20", "--json"], capsys)
+    assert code == 0 and json.loads(out)["pairs"] == 20, err
+    code, out, err = run_cli(["eval-pairs", model, "--data-dir", mnist_dir, "--limit", "20"], capsys)
+    assert_one_line_error(code, out, err, "56x28")
 
 
 @pytest.mark.parametrize("shared", [True, False])
@@ -145,10 +174,10 @@ def test_experiments_build_the_preset_as_train_does(tmp_path):
 def test_experiments_on_a_fixed_size_preset_score_the_standard_test_only(tmp_path, capsys):
     from capsctl.cli._experiment import _for_arch
 
-    heads, tests = _for_arch("sabour2017", ["capsule", "pool"], ["test", "vertical", "overlap"])
+    heads, tests, note = _for_arch("sabour2017", ["capsule", "pool"], ["test", "vertical", "overlap"])
     assert heads == ["capsule"] and tests == ["test"]
-    assert "leaving out vertical, overlap" in capsys.readouterr().err
-    assert _for_arch("seed", ["capsule", "pool"], ["vertical"]) == (["capsule", "pool"], ["vertical"])
+    assert note is not None and "leaving out vertical, overlap" in note
+    assert _for_arch("seed", ["capsule", "pool"], ["vertical"]) == (["capsule", "pool"], ["vertical"], None)
     code, out, err = run_cli(["experiment", "pairs", "--arch", "efficient", "--heads", "pool",
                               "--out", tmp_path / "x"], capsys)
     assert_one_line_error(code, out, err, "--arch efficient has a capsule head only")
@@ -159,11 +188,13 @@ def test_experiments_on_a_fixed_size_preset_score_the_standard_test_only(tmp_pat
 
 
 def test_bench_measures_a_preset_as_a_variant():
-    from capsctl.bench.measure import BenchConfig, variant_spec
+    from capsctl.bench.measure import BenchConfig, variant_size, variant_spec
     from capsctl.cli._bench import _variants
     from capsctl.errors import CapsctlError
 
     assert variant_spec("arch:sabour2017") == filled("sabour2017")
+    assert variant_spec("arch:efficient-multimnist") == filled("efficient-multimnist")  # on 36x36
+    assert (variant_size("arch:efficient-multimnist"), variant_size("arch:efficient")) == ((36, 36), (28, 28))
     assert _variants(["capsule", "pool"], False, ["efficient", "seed"]) == ("arch:efficient", "capsule")
     assert _variants(["pool"], True, ["efficient"]) == ("pool", "arch:efficient")
     BenchConfig(heads=("arch:efficient",)).validate()
@@ -179,3 +210,6 @@ def test_routing_maps_sit_over_the_pixels_the_capsules_see():
     # efficient: 5x5, 3x3, 3x3, 3x3 stride 2, then the 9x9 depthwise window: one place at pixel 13
     assert grid_geometry(filled("efficient")) == (13.0, 2.0)
     assert grid_geometry(filled("seed")) == (6.5, 2.0)  # unchanged
+    # efficient-multimnist: 5x5 (centre 2), 3x3 (3), 3x3 stride 2 (4), 3x3 stride 2 (4 + 2 = 6, every 4th
+    # pixel), then the 5x5 stride-2 depthwise window: 6 + 2·4 = 14, every 8th pixel
+    assert grid_geometry(filled("efficient-multimnist")) == (14.0, 8.0)

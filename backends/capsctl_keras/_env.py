@@ -27,15 +27,23 @@ else:
     os.environ["KERAS_BACKEND"] = BACKEND
 
 
+# set beside TF_CPP_MIN_LOG_LEVEL when capsctl set that, so that the processes it starts (the ranks of
+# --nproc) inherit the variable as capsctl's, not the user's, and quiet TensorFlow's banners too
+_OURS = "CAPSCTL_QUIETED_TF"
+
+
 @contextlib.contextmanager
 def _quiet_stderr() -> Iterator[None]:
     """TensorFlow's C++ start-up banners (oneDNN, CPU features) go to fd 2 before its logging is
-    configured, so TF_CPP_MIN_LOG_LEVEL cannot silence them; a CLI's stderr is for messages.
-    Users who set TF_CPP_MIN_LOG_LEVEL themselves see everything as they asked."""
-    if "TF_CPP_MIN_LOG_LEVEL" in os.environ or "tensorflow" in sys.modules:
+    configured, so TF_CPP_MIN_LOG_LEVEL cannot silence them; a CLI's stderr is for messages. (On CPUs
+    where TensorFlow turns its oneDNN operations on, such as Intel's with AVX-512, its import prints
+    two of them.) Users who set TF_CPP_MIN_LOG_LEVEL themselves see everything as they asked."""
+    user_set = "TF_CPP_MIN_LOG_LEVEL" in os.environ and os.environ.get(_OURS) != "1"
+    if user_set or "tensorflow" in sys.modules:
         yield
         return
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    os.environ[_OURS] = "1"
     sys.stderr.flush()
     saved = os.dup(2)
     try:

@@ -51,13 +51,23 @@ DECODER_HIDDEN = (512, 1024)  # the paper's decoder, as `capsctl train --decoder
 
 
 # `--arch A` measures the preset's capsule model as the variant "arch:A" (training only: the non-shared
-# presets see 28x28 images alone)
+# presets see images of their design size alone: 28x28 digits, 36x36 for efficient-multimnist)
 ARCH_PREFIX = "arch:"
+
+
+def variant_size(name: str) -> tuple[int, int]:
+    """The training images' (height, width) of a variant: 28x28, or an `arch:NAME` preset's design size."""
+    if name.startswith(ARCH_PREFIX):
+        from capsctl.model.presets import design_size
+
+        return design_size(name[len(ARCH_PREFIX) :])
+    return 28, 28
 
 
 def variant_spec(name: str) -> ModelSpec:
     """The seed model of a head, or of `capsule+decoder`: the capsule head with the decoder on 28×28×1;
-    or `arch:NAME`: that preset as `capsctl train --arch NAME` completes it for 28×28×1 digits."""
+    or `arch:NAME`: that preset as `capsctl train --arch NAME` completes it for grey images of its design
+    size (variant_size)."""
     if name == DECODER:
         dec = DecoderSpec(hidden=DECODER_HIDDEN, image_shape=(28, 28, 1))
         return default_spec("capsule").replace(decoder=dec)
@@ -188,16 +198,19 @@ def measure_backend(name: str, cfg: BenchConfig) -> dict[str, Any]:
     trained = cfg.trained()
     specs = {head: variant_spec(head) for head in trained}  # (the decoder's weights are drawn last)
     weights = {head: init_weights(spec, 0) for head, spec in specs.items()}
-    x = rng.random((cfg.batch, 28, 28, 1), dtype=np.float32)  # synthetic images, fed from memory
+    sizes = {head: variant_size(head) for head in trained}
+    # synthetic images, fed from memory (28x28 drawn first, as before other sizes existed)
+    batches = {s: rng.random((cfg.batch, *s, 1), dtype=np.float32) for s in sorted(set(sizes.values()))}
+    x = {head: batches[size] for head, size in sizes.items()}
     y = one_hot(rng.integers(0, 10, cfg.batch), 10)
 
     # training: heads interleaved window by window, with the sgemm beside them
     reset_peak_rss()
     rss_start = peak_rss_mb()
     trainers = {head: backend.trainer(spec, weights[head], OptimConfig()) for head, spec in specs.items()}
-    for trainer in trainers.values():
+    for head, trainer in trainers.items():
         for _ in range(cfg.warmup):
-            trainer.step(x, y, 1e-3)
+            trainer.step(x[head], y, 1e-3)
     gemm = kernels.sgemm(cfg.sgemm)
     gemm()
     step_s: dict[str, list[float]] = {head: [] for head in trained}
@@ -206,7 +219,7 @@ def measure_backend(name: str, cfg: BenchConfig) -> dict[str, Any]:
     cpu_s: dict[str, list[float]] = {head: [] for head in trained}
     for window in range(cfg.windows):
         for head in window_order(trained, window):
-            wall, cpu = _timed2(partial(trainers[head].step, x, y, 1e-3), cfg.steps)
+            wall, cpu = _timed2(partial(trainers[head].step, x[head], y, 1e-3), cfg.steps)
             step_s[head].append(wall)
             cpu_s[head].append(cpu)
         wall, cpu = _timed2(gemm, SGEMM_REPS)
@@ -227,7 +240,7 @@ def measure_backend(name: str, cfg: BenchConfig) -> dict[str, Any]:
     heads: dict[str, dict[str, Any]] = {}
     for head, spec in specs.items():
         step, cpu = median(step_s[head]), median(cpu_s[head])
-        count = flops.count(spec, 28, 28)
+        count = flops.count(spec, *sizes[head])
         achieved = count.train_step * cfg.batch / step / 1e9
         achieved_cpu = count.train_step * cfg.batch / cpu / 1e9 if cpu > 0 else None
         heads[head] = {

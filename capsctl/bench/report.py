@@ -14,7 +14,7 @@ from typing import Any
 
 from capsctl.backend import get_backend
 from capsctl.bench.machine import machine
-from capsctl.bench.measure import BenchConfig, variant_spec
+from capsctl.bench.measure import BenchConfig, variant_size, variant_spec
 from capsctl.errors import CapsctlError
 from capsctl.model import flops
 
@@ -164,7 +164,7 @@ def run(cfg: BenchConfig, on_backend: Callable[[str], None] | None = None) -> di
         results[name] = run_child(name, cfg)
     load_after = os.getloadavg() if hasattr(os, "getloadavg") else None
 
-    counts = {head: flops.count(variant_spec(head), 28, 28) for head in cfg.trained()}
+    counts = {head: flops.count(variant_spec(head), *variant_size(head)) for head in cfg.trained()}
     return {
         "machine": machine() | {"loadavg_before": load_before, "loadavg_after": load_after},
         "config": asdict(cfg),

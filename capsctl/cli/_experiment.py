@@ -1,6 +1,7 @@
 """`capsctl experiment pairs|ablate|report`: reproducible experiments and the results document."""
 
 import shlex
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, cast
 
@@ -60,8 +61,9 @@ QuietOpt = Annotated[bool, quiet_option(RUN)]
 ArchOpt = Annotated[
     Arch,
     typer.Option(
-        help="Architecture of the capsule models (capsctl train --arch): seed, sabour2017 or efficient. The "
-        "last two fix the image size (non-shared capsule weights): composite tests are left out for them.",
+        help="Architecture of the capsule models (capsctl train --arch): seed, sabour2017, efficient or "
+        "efficient-multimnist (with --compose overlap). All but seed fix the image size (non-shared capsule "
+        "weights): the tests of other sizes are left out for them.",
         rich_help_panel=MODEL,
     ),
 ]
@@ -216,7 +218,7 @@ def pairs(
 
     parse_image_size(image_size)  # a bad --image-size is refused before anything runs
     composed = _value(compose)
-    heads, tests = _for_arch(str(arch), heads, tests, composed)
+    heads, tests, note = _for_arch(str(arch), heads, tests, composed)
     plan = PairsPlan(
         backend=backend,
         dataset=str(dataset),
@@ -302,7 +304,7 @@ def pairs(
     from capsctl._console import set_quiet
 
     set_quiet(quiet)  # (the data loaders' own bars too)
-    run_pairs(plan, out, show_progress=not quiet)
+    run_pairs(plan, out, show_progress=not quiet, planned=_say(note))
     console.print((out / "results.md").read_text().split("\n![")[0], markup=False, highlight=False)
     typer.echo(f"results: {out / 'results.json'}")
 
@@ -375,7 +377,7 @@ def ablate(
     check_range("--seed", seed, 0)
     check_range("--eval-limit", eval_limit, 1)
     check_range("--limit", limit, 1)
-    _, tests = _for_arch(str(arch), ["capsule"], tests)
+    _, tests, note = _for_arch(str(arch), ["capsule"], tests)
     plan = AblatePlan(
         backend=backend,
         dataset=str(dataset),
@@ -422,7 +424,7 @@ def ablate(
     from capsctl._console import set_quiet
 
     set_quiet(quiet)  # (the data loaders' own bars too)
-    run_ablate(plan, out, show_progress=not quiet)
+    run_ablate(plan, out, show_progress=not quiet, planned=_say(note))
     console.print((out / "results.md").read_text().split("\n![")[0], markup=False, highlight=False)
     typer.echo(f"results: {out / 'results.json'}")
 
@@ -463,15 +465,16 @@ app.command("report")(report)
 
 def _for_arch(
     arch: str, heads: list[str], tests: list[str], compose: str | None = None
-) -> tuple[list[str], list[str]]:
+) -> tuple[list[str], list[str], str | None]:
     """The heads and tests an experiment on `arch` runs: its capsule model beside the seed's pool model
     (seed only), and only the tests its capsule weights can see (non-shared: the training size only,
-    which with --compose overlap is the overlap pairs' canvas)."""
+    which with --compose overlap is the overlap pairs' canvas); and a note naming the tests left out,
+    said once the experiment is planned (bad input stays one line)."""
     from capsctl.errors import CapsctlError
     from capsctl.model.presets import preset
 
     if arch == "seed":
-        return heads, tests
+        return heads, tests, None
     if heads == _HEADS:  # (the default): the preset's capsule model
         heads = ["capsule"]
     if "pool" in heads:
@@ -482,11 +485,16 @@ def _for_arch(
         if not kept:  # (one line: the refusal, without the note)
             what = "overlap (the overlap pairs)" if compose else "test (the standard test set)"
             raise CapsctlError(f"--arch {arch}: of --tests, it can score only {what}")
-        if dropped:
-            typer.echo(
-                f"note: --arch {arch} has non-shared capsule weights (it sees training-size images only): "
-                f"leaving out {', '.join(dropped)}",
-                err=True,
-            )
         tests = kept
-    return heads, tests
+        if dropped:
+            note = (
+                f"note: --arch {arch} has non-shared capsule weights (it sees training-size images only): "
+                f"leaving out {', '.join(dropped)}"
+            )
+            return heads, tests, note
+    return heads, tests, None
+
+
+def _say(note: str | None) -> Callable[[], None]:
+    """What an experiment calls once planned: print `note` on stderr, if any."""
+    return lambda: typer.echo(note, err=True) if note else None

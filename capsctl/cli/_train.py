@@ -75,9 +75,10 @@ def train(
         typer.Option(
             help="Architecture: seed (the seed article's trunk and shared-weight capsule layer), "
             "sabour2017 (Sabour et al. 2017: Conv256 9x9, 32x8 primary capsules, non-shared DigitCaps, "
-            "decoder; 8.2M parameters) or efficient (Efficient-CapsNet: batch-normed convs, depthwise "
-            "primary capsules, self-attention routing; 162k). The last two take their training image size "
-            "only. A --spec file's fields replace the preset's. docs/ARCHITECTURES.md",
+            "decoder; 8.2M parameters), efficient (Efficient-CapsNet: batch-normed convs, depthwise "
+            "primary capsules, self-attention routing; 162k) or efficient-multimnist (its authors' graph "
+            "for 36x36 pairs: use with --compose overlap; 155k). All but seed take their training image "
+            "size only. A --spec file's fields replace the preset's. docs/ARCHITECTURES.md",
             show_default="seed",
             rich_help_panel=MODEL,
         ),
@@ -574,7 +575,10 @@ def _run_rank(
 
         size = canvas(*size)
     if spec.head == "capsule" and not spec.capsule.shared and spec.capsule.num_inputs is None:
-        spec = spec.with_capsule(num_inputs=spec.capsule_count(*size))
+        from capsctl.model.fit import training_capsule_count
+
+        count = training_capsule_count(spec, size[0], size[1], cfg.compose is not None)
+        spec = spec.with_capsule(num_inputs=count)
     if spec.decoder is not None and spec.decoder.image_shape is None:  # the decoder redraws training images
         from dataclasses import replace
 

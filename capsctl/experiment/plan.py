@@ -130,7 +130,10 @@ def make_job(
             data = DataFacts(data.classes, (*canvas(*data.shape[:2]), data.shape[2]))
         spec = data.follow(spec)
         if spec.head == "capsule" and not spec.capsule.shared and spec.capsule.num_inputs is None:
-            spec = spec.with_capsule(num_inputs=spec.capsule_count(*data.shape[:2]))
+            from capsctl.model.fit import training_capsule_count
+
+            count = training_capsule_count(spec, *data.shape[:2], compose is not None)
+            spec = spec.with_capsule(num_inputs=count)
     if spec.head == "capsule":
         caps = {
             k: v

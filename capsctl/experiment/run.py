@@ -246,20 +246,19 @@ def _prepare(
     backend_name: str,
     dataset: str,
     data_dir: str | None,
-    out: Path,
     image_size: str | None = None,
     holdout: int | None = None,
     val_fraction: float | None = None,
 ) -> tuple[Backend, Split, Split, DataFacts]:
-    """The backend, the train and test splits, what the model takes from the data, and the output
-    folder: what every experiment starts from. With `holdout` or `val_fraction` the test split is
-    that many training images held out (datasets.hold_out's fixed draw) and the test set is not read."""
+    """The backend, the train and test splits and what the model takes from the data: what every
+    experiment starts from (its output folder is made once the jobs are planned, so bad input makes
+    nothing). With `holdout` or `val_fraction` the test split is that many training images held out
+    (datasets.hold_out's fixed draw) and the test set is not read."""
 
     backend = get_backend(backend_name)
     ds = datasets.load(dataset, data_dir, parse_image_size(image_size))
     train_split, test_split = splits(ds, holdout, val_fraction)  # broken data refused before anything is made
     h, w, c = (int(n) for n in train_split.images.shape[1:4])
-    out.mkdir(parents=True, exist_ok=True)
     return backend, train_split, test_split, DataFacts(tuple(ds.classes), (h, w, c))
 
 
@@ -300,11 +299,13 @@ def _finish(
     return full
 
 
-def run_pairs(plan: PairsPlan, out: Path, show_progress: bool = True) -> dict[str, Any]:
+def run_pairs(
+    plan: PairsPlan, out: Path, show_progress: bool = True, planned: Callable[[], None] | None = None
+) -> dict[str, Any]:
     t0 = time.time()
     start_machine = machine()
     backend, train_split, test_split, facts = _prepare(
-        plan.backend, plan.dataset, plan.data_dir, out, plan.image_size, plan.holdout, plan.val_fraction
+        plan.backend, plan.dataset, plan.data_dir, plan.image_size, plan.holdout, plan.val_fraction
     )
     # --val-fraction is recorded (run folder names, results) as the count it held out
     holdout = len(test_split.images) if plan.holdout or plan.val_fraction else None
@@ -328,6 +329,9 @@ def run_pairs(plan: PairsPlan, out: Path, show_progress: bool = True) -> dict[st
         for s in plan.seeds
         for h in plan.variants
     ]
+    out.mkdir(parents=True, exist_ok=True)
+    if planned is not None:  # (the caller's notes: said once the input has passed every check)
+        planned()
     scorer = Scorer(test_split, plan.eval_limit)
     models = train_and_score(
         backend, jobs, train_split, test_split, scorer, plan.tests, show_progress, train=plan.train
@@ -356,10 +360,12 @@ def run_pairs(plan: PairsPlan, out: Path, show_progress: bool = True) -> dict[st
     return _finish("pairs", plan, backend, train_split, results, models, out, t0, start_machine)
 
 
-def run_ablate(plan: AblatePlan, out: Path, show_progress: bool = True) -> dict[str, Any]:
+def run_ablate(
+    plan: AblatePlan, out: Path, show_progress: bool = True, planned: Callable[[], None] | None = None
+) -> dict[str, Any]:
     t0 = time.time()
     start_machine = machine()
-    backend, train_split, test_split, facts = _prepare(plan.backend, plan.dataset, plan.data_dir, out)
+    backend, train_split, test_split, facts = _prepare(plan.backend, plan.dataset, plan.data_dir)
     counts = sorted(set(plan.iterations) | {plan.base_iterations})
     jobs = []
     for routing in plan.routings:
@@ -385,6 +391,9 @@ def run_ablate(plan: AblatePlan, out: Path, show_progress: bool = True) -> dict[
                         arch=plan.arch,
                     )
                 )
+    out.mkdir(parents=True, exist_ok=True)
+    if planned is not None:  # (the caller's notes: said once the input has passed every check)
+        planned()
     scorer = Scorer(test_split, plan.eval_limit)
 
     def eval_at(job: Job) -> Sequence[int | None]:

@@ -35,3 +35,21 @@ def check_fit(spec: ModelSpec, images: np.ndarray, labels: np.ndarray | None, so
         raise CapsctlError(
             f"{source}: {data} hold label {int(labels.max())}, the model has only {spec.num_classes} classes"
         )
+
+
+def training_capsule_count(spec: ModelSpec, height: int, width: int, composed: bool) -> int:
+    """N, the input capsules a model with non-shared capsule weights is built for from its training
+    images (height x width, composites' canvas included), or a one-line error when they are too small;
+    it suggests --compose overlap when the composites' canvas would fit (a preset made for MultiMNIST)."""
+    try:
+        return spec.capsule_count(height, width)
+    except CapsctlError:
+        from capsctl.data.composites import OVERLAP_SHIFT
+
+        side = spec.min_image_size()
+        big = height + 2 * OVERLAP_SHIFT >= side and width + 2 * OVERLAP_SHIFT >= side
+        hint = "; --compose overlap trains it on composites of them" if big and not composed else ""
+        raise CapsctlError(
+            f"the training images are {height}x{width}, too small for the model (it needs at least "
+            f"{side}x{side}){hint}"
+        ) from None

@@ -234,19 +234,21 @@ class ModelSpec:
 
     def side_for(self, n: int, largest: int = 4096) -> int | None:
         """A square image side that gives N input capsules (non-shared weights fix N): 28 when it does
-        (MNIST's; strided layers map several sides to one N, e.g. 27 and 28 for `efficient`), else the
-        smallest; None if none up to `largest`. (The spec does not record the training size.)"""
+        (MNIST's), else the largest (strided layers map several sides to one N: 29 to 36 for
+        `efficient-multimnist`, whose composites are 36x36, so the largest is the size the model was made
+        for); None if none up to `largest`. (The spec does not record the training size.)"""
         side = self.min_image_size()
         if side <= 28 <= largest and self.capsule_count(28, 28) == n:
             return 28
+        found = None
         while side <= largest:
             count = self.capsule_count(side, side)
-            if count == n:
-                return side
             if count > n:
-                return None
+                break
+            if count == n:
+                found = side
             side += 1
-        return None
+        return found
 
     def min_image_size(self) -> int:
         """The smallest square image side the model accepts."""
