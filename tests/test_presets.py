@@ -90,8 +90,9 @@ def test_a_preset_with_the_wrong_head_is_one_line(tmp_path, capsys):
 @pytest.mark.torch
 def test_the_multimnist_preset_trains_on_composites_only(tmp_path, capsys, mnist_dir):
     """efficient-multimnist needs 29x29 images at least: on 28x28 digits train and experiment refuse in
-    one line that points to --compose overlap (making nothing); with it, it trains on the 36x36 canvas and
-    eval-pairs scores overlap pairs, while vertical pairs are refused in one line."""
+    one line that points to --compose overlap (making nothing); with it, it trains on the 36x36 canvas,
+    eval-pairs scores overlap pairs while vertical pairs are refused in one line, and an experiment leaves
+    out the standard test with a note."""
     small = ["--data-dir", mnist_dir, "--limit", "32", "--epochs", "1", "-q"]
     for cmd in (["train"], ["experiment", "pairs"]):
         args = [*cmd, "--arch", "efficient-multimnist", *small, "--out", tmp_path / "r"]
@@ -108,6 +109,13 @@ def test_the_multimnist_preset_trains_on_composites_only(tmp_path, capsys, mnist
     assert code == 0 and json.loads(out)["pairs"] == 20, err
     code, out, err = run_cli(["eval-pairs", model, "--data-dir", mnist_dir, "--limit", "20"], capsys)
     assert_one_line_error(code, out, err, "56x28")
+    # an experiment says which tests it leaves out, once it has passed every check
+    code, out, err = run_cli(["experiment", "pairs", "--arch", "efficient-multimnist", "--compose", "overlap",
+                              *small, "--eval-limit", "20", "--seeds", "0", "--tests", "test,overlap",
+                              "--out", tmp_path / "x"], capsys)
+    assert code == 0 and "leaving out test" in err, err
+    results = json.loads((tmp_path / "x" / "results.json").read_text())
+    assert list(results["models"][0]["tests"]) == ["overlap"]
 
 
 @pytest.mark.parametrize("shared", [True, False])
