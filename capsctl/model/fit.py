@@ -21,10 +21,7 @@ def check_fit(spec: ModelSpec, images: np.ndarray, labels: np.ndarray | None, so
         spec.trunk_grid(h, w)
         n = spec.capsule_count(h, w) if spec.head == "capsule" else 0
     except CapsctlError:
-        side = spec.min_image_size()
-        raise CapsctlError(
-            f"{source}: {data} are {h}x{w}, too small for the model (it needs at least {side}x{side})"
-        ) from None
+        raise CapsctlError(f"{source}: {_too_small(spec, h, w, data)}") from None
     caps = spec.capsule
     if spec.head == "capsule" and not caps.shared and n != caps.num_inputs:
         raise CapsctlError(
@@ -35,6 +32,11 @@ def check_fit(spec: ModelSpec, images: np.ndarray, labels: np.ndarray | None, so
         raise CapsctlError(
             f"{source}: {data} hold label {int(labels.max())}, the model has only {spec.num_classes} classes"
         )
+
+
+def _too_small(spec: ModelSpec, h: int, w: int, data: str) -> str:
+    side = spec.min_image_size()
+    return f"{data} are {h}x{w}, too small for the model (it needs at least {side}x{side})"
 
 
 def training_capsule_count(spec: ModelSpec, height: int, width: int, composed: bool) -> int:
@@ -49,7 +51,4 @@ def training_capsule_count(spec: ModelSpec, height: int, width: int, composed: b
         side = spec.min_image_size()
         big = height + 2 * OVERLAP_SHIFT >= side and width + 2 * OVERLAP_SHIFT >= side
         hint = "; --compose overlap trains it on composites of them" if big and not composed else ""
-        raise CapsctlError(
-            f"the training images are {height}x{width}, too small for the model (it needs at least "
-            f"{side}x{side}){hint}"
-        ) from None
+        raise CapsctlError(_too_small(spec, height, width, "the training images") + hint) from None
