@@ -574,11 +574,9 @@ def _run_rank(
         from capsctl.training.compose import canvas
 
         size = canvas(*size)
-    if spec.head == "capsule" and not spec.capsule.shared and spec.capsule.num_inputs is None:
-        from capsctl.model.fit import training_capsule_count
+    from capsctl.model.fit import with_training_inputs
 
-        count = training_capsule_count(spec, size[0], size[1], cfg.compose is not None)
-        spec = spec.with_capsule(num_inputs=count)
+    spec = with_training_inputs(spec, size[0], size[1], cfg.compose is not None)
     if spec.decoder is not None and spec.decoder.image_shape is None:  # the decoder redraws training images
         from dataclasses import replace
 

@@ -129,11 +129,9 @@ def make_job(
 
             data = DataFacts(data.classes, (*canvas(*data.shape[:2]), data.shape[2]))
         spec = data.follow(spec)
-        if spec.head == "capsule" and not spec.capsule.shared and spec.capsule.num_inputs is None:
-            from capsctl.model.fit import training_capsule_count
+        from capsctl.model.fit import with_training_inputs
 
-            count = training_capsule_count(spec, *data.shape[:2], compose is not None)
-            spec = spec.with_capsule(num_inputs=count)
+        spec = with_training_inputs(spec, *data.shape[:2], compose is not None)
     if spec.head == "capsule":
         caps = {
             k: v

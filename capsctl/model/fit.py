@@ -39,6 +39,14 @@ def _too_small(spec: ModelSpec, h: int, w: int, data: str) -> str:
     return f"{data} are {h}x{w}, too small for the model (it needs at least {side}x{side})"
 
 
+def with_training_inputs(spec: ModelSpec, height: int, width: int, composed: bool) -> ModelSpec:
+    """`spec` with N, the input capsule count, set from its training images (height x width, the
+    composites' canvas included) when its capsule weights are non-shared and N is not given yet."""
+    if spec.head == "capsule" and not spec.capsule.shared and spec.capsule.num_inputs is None:
+        return spec.with_capsule(num_inputs=training_capsule_count(spec, height, width, composed))
+    return spec
+
+
 def training_capsule_count(spec: ModelSpec, height: int, width: int, composed: bool) -> int:
     """N, the input capsules a model with non-shared capsule weights is built for from its training
     images (height x width, composites' canvas included), or a one-line error when they are too small;
