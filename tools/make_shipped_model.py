@@ -155,7 +155,7 @@ def main() -> int:
         + (f"| packaged from | `{record['packaged_from']}` |\n" if "packaged_from" in record else "")
         + f"| recipe, seed | `{record['recipe']}`, {record['seed']} |\n"
         f"| commit | `{record['commit']}` |\n"
-        f"| backend | {record['backend']} |\n"
+        f"| backend (the process that scored it here) | {record['backend']} |\n"
         f"| created | {record['created']} |\n"
         f"| test accuracy (10,000) | {test_acc:.2%} |\n"
         f"| vertical pairs (accuracy / confident) | {v['accuracy']:.2%} / {v['confident_accuracy']:.2%} |\n"
