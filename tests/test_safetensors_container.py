@@ -98,6 +98,7 @@ CASES = {
     "last 7 bytes cut (L)": (lambda d: d[:-7], "not fully covered"),
     "cut in the header (L)": (lambda d: d[:40], "invalid header length"),
     "header length = file length (L)": (lambda d: struct.pack("<Q", len(d)) + d[8:], "invalid header length"),
+    "header length 10**9 (L)": (lambda d: struct.pack("<Q", 10**9) + d[8:], "header too large"),
     "header length 2**63 (L)": (lambda d: struct.pack("<Q", 2**63) + d[8:], "header too large"),
     "header not JSON (L)": (lambda d: d[:8] + b"#" + d[9:], "invalid JSON in header"),
     "header not UTF-8 (L)": (lambda d: d[:8] + b"\xff" + d[9:], "invalid UTF-8 in header"),
