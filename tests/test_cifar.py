@@ -121,6 +121,10 @@ def test_data_fetch_from_a_folder_checks_the_archive_then_copies_it(tmp_path, mo
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     _archive(tmp_path / "good")
     code, out, err = run_cli(["data", "fetch", "cifar10", "--from", tmp_path / "good"], capsys)
+    assert code == 2 and "15 training and 4 test images, but cifar10 has 50,000 and 10,000" in err
+    assert not (datasets.cache_root() / "cifar10").exists()
+    monkeypatch.setitem(datasets.DATASETS, "cifar10", replace(datasets.DATASETS["cifar10"], sizes=(15, 4)))
+    code, out, err = run_cli(["data", "fetch", "cifar10", "--from", tmp_path / "good"], capsys)
     assert code == 0, err
     assert (datasets.cache_root() / "cifar10" / cifar.ARCHIVE).read_bytes() == (
         tmp_path / "good" / cifar.ARCHIVE).read_bytes()

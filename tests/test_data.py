@@ -151,7 +151,17 @@ def test_cli_real_mnist_checksum_rejects_other_files(tmp_path, monkeypatch, caps
     assert not list((datasets.cache_root() / "mnist").glob("train-images*"))
 
 
-def test_cli_fetch_from_folder_and_list(tmp_path, capsys, mnist_dir):
+def test_cli_fetch_from_folder_and_list(tmp_path, capsys, monkeypatch, mnist_dir):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # (other tests fill the session's cache)
+    # the 5,000-digit subset is not the full set: cached as `mnist`, every later run would train on it
+    code, out, err = run_cli(["data", "fetch", "mnist", "--from", mnist_dir], capsys)
+    assert_one_line_error(code, out, err, "5,000 training", "mnist has 60,000", "--data-dir")
+    assert not (datasets.cache_root() / "mnist").exists()
+    # a folder with the set's own counts is copied (here the counts are the subset's, as if it were mnist)
+    from dataclasses import replace
+
+    as_if_full = replace(datasets.DATASETS["mnist"], sizes=(5_000, 10_000))
+    monkeypatch.setitem(datasets.DATASETS, "mnist", as_if_full)
     code, _, _ = run_cli(["data", "fetch", "mnist", "--from", mnist_dir], capsys)
     assert code == 0
     cached = datasets.cache_root() / "mnist"

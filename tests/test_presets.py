@@ -139,9 +139,21 @@ def test_a_spec_file_refines_a_preset(tmp_path, capsys, monkeypatch):
     path = tmp_path / "spec.json"
     caps = preset("sabour2017").to_dict()["capsule"]
     path.write_text(json.dumps({"capsule": {**caps, "dim": 4}}))
-    spec = _train._spec(path, "capsule", None, None, None, True, "sabour2017")
+    spec = _train._spec(path, "capsule", None, None, None, None, "sabour2017")
     assert spec.capsule.dim == 4 and spec.capsule.primary == preset("sabour2017").capsule.primary
     assert spec.trunk == preset("sabour2017").trunk and spec.decoder == preset("sabour2017").decoder
+
+
+def test_model_options_left_out_keep_the_preset_and_given_ones_replace_it():
+    from capsctl.cli import _train
+
+    kept = _train._spec(None, "capsule", None, None, None, None, "sabour2017")
+    assert kept == preset("sabour2017")
+    # --shared given explicitly is applied (it was ignored when it was the option's default value)
+    assert _train._spec(None, "capsule", None, None, None, True, "sabour2017").capsule.shared is True
+    assert _train._spec(None, "capsule", None, None, None, False, "seed").capsule.shared is False
+    changed = _train._spec(None, "capsule", "su", "efficient", 2, None, "sabour2017").capsule
+    assert (changed.routing, changed.squash, changed.routings) == ("su", "efficient", 2)
 
 
 @pytest.mark.torch
@@ -193,6 +205,32 @@ def test_experiments_on_a_fixed_size_preset_score_the_standard_test_only(tmp_pat
                               "--out", tmp_path / "x"], capsys)
     assert code == 2 and "it can score only test" in err and "Traceback" not in err
     assert not (tmp_path / "x").exists()
+    # a preset with a decoder of its own: --decoder would train the same model twice
+    code, out, err = run_cli(["experiment", "pairs", "--arch", "sabour2017", "--decoder",
+                              "--out", tmp_path / "x"], capsys)
+    assert_one_line_error(code, out, err, "--decoder", "sabour2017 has a decoder already")
+    assert not (tmp_path / "x").exists()
+
+
+def test_the_ablation_plot_falls_back_to_the_standard_test_without_pair_tests():
+    from capsctl.experiment.plots import ablate_measure
+
+    scored = {"test": {"accuracy": 0.9}, "vertical": {"accuracy": 0.5}, "horizontal": {"accuracy": 0.7}}
+    label, measure = ablate_measure({"tests": ["test", "vertical", "horizontal"]})
+    assert label == "paired accuracy %" and measure(scored) == pytest.approx(0.6)
+    label, measure = ablate_measure({"tests": ["test"]})  # a fixed-size preset: the standard test only
+    assert "accuracy" in label and "paired" not in label and measure({"test": {"accuracy": 0.9}}) == 0.9
+
+
+def test_bench_arch_with_heads_given_measures_both_even_at_the_default_list(capsys, monkeypatch):
+    from capsctl.bench import report
+
+    seen = []
+    monkeypatch.setattr(report, "run", lambda cfg, on_backend: seen.append(cfg.heads) or {})
+    assert run_cli(["bench", "--arch", "efficient", "--json"], capsys)[0] == 0
+    assert run_cli(["bench", "--arch", "efficient", "--heads", "capsule,pool,capsule+decoder", "--json"],
+                   capsys)[0] == 0
+    assert seen == [("arch:efficient",), ("capsule", "pool", "capsule+decoder", "arch:efficient")]
 
 
 def test_bench_measures_a_preset_as_a_variant():

@@ -14,6 +14,7 @@ _BACKENDS = list(BUILTIN_BACKENDS)
 
 
 def bench(
+    ctx: typer.Context,
     backends: Annotated[
         list[str], backends_option("--backends", "-b", help="Backends to measure.")
     ] = _BACKENDS,
@@ -92,7 +93,9 @@ def bench(
     check_range("--infer-batch-size", infer_batch_size, 1, 65536)
     cfg = BenchConfig(
         backends=tuple(renamed("--backends", backends, "--backend", backend, _BACKENDS)),
-        heads=_variants(renamed("--heads", heads, "--head", head, _HEADS), heads != _HEADS, arch),
+        heads=_variants(
+            renamed("--heads", heads, "--head", head, _HEADS), _given(ctx, "heads", "head"), arch
+        ),
         batch=batch_size,
         windows=windows,
         steps=steps,
@@ -113,6 +116,12 @@ def bench(
         typer.echo(json.dumps(report))
         return
     _print(report)
+
+
+def _given(ctx: typer.Context, *names: str) -> bool:
+    """Whether the user gave any of these options (not their defaults), even with the default's value."""
+    sources = (ctx.get_parameter_source(n) for n in names)
+    return any(s is not None and s.name in ("COMMANDLINE", "ENVIRONMENT", "PROMPT") for s in sources)
 
 
 def _variants(heads: list[str], heads_given: bool, archs: list[str] | None) -> tuple[str, ...]:

@@ -5,17 +5,26 @@ from typing import Annotated, Any
 
 import typer
 
-from capsctl.cli._options import DataDirOpt, Dataset, JsonOpt
+from capsctl.cli._options import Dataset, JsonOpt
 
 app = typer.Typer(help="Find and fetch data sets.", no_args_is_help=True, rich_markup_mode="markdown")
 
 
 @app.command("list")
-def list_datasets(data_dir: DataDirOpt = None, json_out: JsonOpt = False) -> None:
+def list_datasets(
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Also show which data sets this folder would serve, given as --data-dir to train or eval "
+            "(the folder of one set's files: the four IDX files, or cifar-10-binary.tar.gz)."
+        ),
+    ] = None,
+    json_out: JsonOpt = False,
+) -> None:
     """Show each data set and where it was found (or that it would be downloaded), then the user's image
     folders decoded and cached by earlier runs (`capsctl data forget KEY` removes one).
 
-    Example: capsctl data list --data-dir ../shared/data --json
+    Example: capsctl data list --json
     """
     import json
 
@@ -101,9 +110,13 @@ def fetch(
         Path | None, typer.Option("--from", help="Copy from this folder instead of downloading.")
     ] = None,
 ) -> None:
-    """Fill the user cache with a data set: download it (SHA-256 checked) or copy it from a folder.
+    """Fill the user cache with a data set: download it (checked against its published digest: SHA-256,
+    CIFAR-10's MD5) or copy it from a folder (--from: every file read and checked whole, and its image
+    counts must be the published set's, so a subset is never cached as the full set).
 
-    Example: capsctl data fetch mnist --from ../shared/data/mnist-5k
+    Example: capsctl data fetch fashion-mnist
+
+    Example: capsctl data fetch mnist --from ~/Downloads/mnist
     """
     from capsctl.data import datasets
 

@@ -71,7 +71,7 @@ def eval_model(
     Classes are named by the model's class names (digits for a model without them); --json gives
     the per-class accuracies as "per_class": {name: accuracy}, null for a class with no test image.
 
-    Example: capsctl eval runs/caps/model.safetensors --data-dir ../shared/data/mnist-5k --json
+    Example: capsctl eval runs/caps/model.safetensors --json
     """
     import json
 

@@ -67,6 +67,17 @@ ArchOpt = Annotated[
         rich_help_panel=MODEL,
     ),
 ]
+AblateArchOpt = Annotated[
+    Arch,
+    typer.Option(
+        help="Architecture of the capsule models (capsctl train --arch): seed, sabour2017, efficient or "
+        "efficient-multimnist (made for 36x36 composites, which ablate does not train: it needs images of "
+        "at least that size). All but seed fix the image size (non-shared capsule weights): ablate then "
+        "scores, and plots, the standard test set only.",
+        rich_help_panel=MODEL,
+    ),
+]
+_PRESETS_SU = "the --arch preset's; seed: su"
 _TESTS_HELP = "Tests to score: the standard test set and composites (vertical3: three digits stacked)."
 _PAIRS_TESTS = list(choices.ALL_TESTS)
 _ABLATE_TESTS = ["test", "vertical", "horizontal"]
@@ -158,18 +169,26 @@ def pairs(
         typer.Option(
             "--decoder",
             help="Also train the capsule head with the reconstruction decoder (rows capsule+decoder, "
-            "as `capsctl train --decoder`) and say whether it helps or hurts.",
+            "as `capsctl train --decoder`) and say whether it helps or hurts. Not with an --arch that has a "
+            "decoder already (sabour2017: its capsule rows are trained with it).",
             rich_help_panel=MODEL,
         ),
     ] = False,
     routing: Annotated[
-        Routing | None, typer.Option(help="Capsule routing.", show_default="su", rich_help_panel=MODEL)
+        Routing | None,
+        typer.Option(help="Capsule routing.", show_default=_PRESETS_SU, rich_help_panel=MODEL),
     ] = None,
     squash: Annotated[
-        Squash | None, typer.Option(help="Capsule squash.", show_default="su", rich_help_panel=MODEL)
+        Squash | None,
+        typer.Option(help="Capsule squash.", show_default=_PRESETS_SU, rich_help_panel=MODEL),
     ] = None,
     routings: Annotated[
-        int | None, typer.Option(help="Capsule routing iterations.", show_default="3", rich_help_panel=MODEL)
+        int | None,
+        typer.Option(
+            help="Capsule routing iterations.",
+            show_default="the --arch preset's; seed: 3",
+            rich_help_panel=MODEL,
+        ),
     ] = None,
     backend: BackendOpt = "torch",
     out: OutOpt = Path("out/pairs"),
@@ -194,7 +213,7 @@ def pairs(
     as `capsctl train --decoder`, so a run folder that command made counts as finished), its
     reconstruction error per test, and whether the decoder helps or hurts each test's accuracy.
 
-    Example: capsctl experiment pairs --data-dir ../shared/data/mnist-5k --seeds 0,1,2 --out out/pairs
+    Example: capsctl experiment pairs --seeds 0,1,2 --out out/pairs
     """
     from capsctl._console import out as console
     from capsctl.cli._options import check_range
@@ -219,6 +238,13 @@ def pairs(
     parse_image_size(image_size)  # a bad --image-size is refused before anything runs
     composed = _value(compose)
     heads, tests, note = _for_arch(str(arch), heads, tests, composed)
+    from capsctl.model.presets import preset
+
+    if decoder and preset(str(arch)).decoder is not None:  # both rows would be the same model
+        raise CapsctlError(
+            f"--decoder: --arch {arch} has a decoder already (its capsule rows are trained with it); leave "
+            "--decoder out"
+        )
     plan = PairsPlan(
         backend=backend,
         dataset=str(dataset),
@@ -327,7 +353,7 @@ def ablate(
     squash: Annotated[
         list[str], names_option(Squash, "--squash", help="Squash variants.", panel=MODEL)
     ] = _SQUASHES,
-    arch: ArchOpt = "seed",
+    arch: AblateArchOpt = "seed",
     routings: Annotated[
         list[str],
         ints_option("--routings", help="Routing iterations to train at.", lo=1, hi=100, panel=MODEL),
@@ -355,11 +381,12 @@ def ablate(
     """Routing variant x squash x routing iterations: paired accuracy against iterations.
 
     For each --routing variant (su, su-unit, sabour) and --squash (su, sabour), trains a capsule
-    model at every --routings count, and scores the one trained at 3 at every --eval-routings count.
-    Writes OUT/results.json, OUT/results.md and a plot of paired accuracy (mean of vertical and
-    horizontal pairs) against iterations, one line per variant. Finished models are skipped.
+    model at every --routings count and at 3, and scores the one trained at 3 at every --eval-routings
+    count. Writes OUT/results.json, OUT/results.md and a plot of paired accuracy (mean of vertical and
+    horizontal pairs; without pair tests, the first of --tests) against iterations, one line per
+    variant. Finished models are skipped.
 
-    Example: capsctl experiment ablate --data-dir ../shared/data/mnist-5k --epochs 10 --out out/ablate
+    Example: capsctl experiment ablate --epochs 10 --out out/ablate
     """
     from capsctl._console import out as console
     from capsctl.cli._options import check_range
@@ -447,7 +474,7 @@ def report(
     """Regenerate docs/RESULTS.md from result folders (tables, plots, commands, times, reference numbers).
 
     Reads each FOLDER/results.json (no training, no scoring), copies its PNG plots to
-    OUT's folder/results/, and writes OUT with every table beside the command that produced it.
+    results/FOLDER-NAME/ beside OUT, and writes OUT with every table beside the command that produced it.
     --section TITLE rewrites one generated section only: results whose folders are gone stay in OUT.
 
     Example: capsctl experiment report out/pairs out/ablate --out docs/RESULTS.md

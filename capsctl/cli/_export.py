@@ -57,7 +57,8 @@ def export(
 
     onnx: routing unrolled; input images (B, H, W, C), output scores (B, J); any batch, and any image
     size unless the capsule weights are per-position. A model with a decoder has a second output,
-    reconstruction (B, H, W, C), drawn from the top-scoring class's capsule.
+    reconstruction (B, H', W', C), drawn from the top-scoring class's capsule at the decoder's own
+    image size (its training images'), whatever the input's size.
 
     Example: capsctl export runs/caps/model.safetensors --out caps.onnx
     """

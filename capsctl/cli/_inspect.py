@@ -5,7 +5,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from capsctl.cli._options import BackendOpt, Invert, JsonOpt, ModelArg, Order, shipped_model_said
+from capsctl.cli._options import BackendOpt, Invert, JsonOpt, Order, shipped_model_said
 
 if TYPE_CHECKING:
     from capsctl.inspect.analysis import Inspection
@@ -14,7 +14,15 @@ if TYPE_CHECKING:
 
 def inspect(
     ctx: typer.Context,
-    model: ModelArg,
+    model: Annotated[
+        Path,
+        typer.Argument(
+            metavar="MODEL",
+            help="A capsctl model file (.safetensors), e.g. RUN/model.safetensors; or, as the only argument, "
+            "the IMAGE (the model that ships with capsctl is then used).",
+            show_default=False,
+        ),
+    ],
     image: Annotated[
         Path | None,
         typer.Argument(
@@ -27,7 +35,13 @@ def inspect(
         Path | None, typer.Option("--model", "-m", hidden=True)
     ] = None,  # old: IMAGE -m MODEL
     backend: BackendOpt = "torch",
-    invert: Annotated[Invert, typer.Option(help="auto (invert a light background), yes or no.")] = "auto",
+    invert: Annotated[
+        Invert,
+        typer.Option(
+            help="auto (invert a light background, for a gray model; a colour model's images: never), yes "
+            "or no."
+        ),
+    ] = "auto",
     resize: Annotated[
         str | None, typer.Option(help="Resize to HxW pixels first, e.g. 28x28.", show_default="keep its size")
     ] = None,
@@ -74,7 +88,7 @@ def inspect(
     The table lists every class's capsule length, the predicted classes
     (length > 0.5; with --top K also the K longest) and, per routing
     iteration, the mean |Δc| of the coupling coefficients and their mean
-    entropy over the classes (ln 10 = 2.30 is uniform, 0 is one-hot).
+    entropy over the classes (ln J is uniform: 2.30 for 10 classes; 0 is one-hot).
 
     Reading order: each selected class (predicted, or the top K) is placed
     at the centre of mass of its last-iteration evidence max(c·û·v, 0) over
@@ -82,7 +96,7 @@ def inspect(
     wide, else left to right (--order to choose).
 
     Input: white digits on black as in MNIST; a light background is
-    inverted (--invert auto; --invert no for photos). Colour becomes gray
+    inverted for a gray model (--invert auto; --invert no for photos). Colour becomes gray
     for a gray model; a colour model sees RGB, which --out draws in colour.
     8- and 16-bit images are read; a transparent image is put on the
     background that contrasts with its ink. Classes are shown by the model's

@@ -190,13 +190,14 @@ def backends_option(*decls: str, help: str, hidden: bool = False, panel: str | N
 RUN, DATA, MODEL, RECIPE = "Run", "Data", "Model", "Recipe"  # help panels of the commands with many options
 
 
-def backend_option(panel: str | None = None) -> Any:
+def backend_option(panel: str | None = None, show_default: bool | str = True) -> Any:
     return typer.Option(
         "--backend",
         "-b",
         callback=_check_backend,
         metavar=BACKEND_METAVAR,
         help="Framework that runs the model.",
+        show_default=show_default,
         rich_help_panel=panel,
     )
 
@@ -217,7 +218,8 @@ def dataset_option(panel: str | None = None) -> Any:
         callback=_check_dataset,
         metavar=f"<{'|'.join(choices.DATASETS)}|PATH>",
         help="Data set (see `capsctl data list`): mnist-5k is embedded in capsctl (5,000 training digits "
-        "and the 10,000 test digits, offline); mnist and fashion-mnist are the full sets. Or your own: "
+        "and the 10,000 test digits, offline); mnist and fashion-mnist are the full sets, cifar10 is "
+        "CIFAR-10 (32x32 colour, 10 classes; 162 MB download). Or your own: "
         "a folder DIR/train/CLASS/*.png + DIR/test/CLASS/… (sorted by file name across classes, so "
         "CLASS/00042.png files keep an exported set's order; decoded once, then cached), an .npz (x_train, "
         "y_train, x_test, y_test), or a folder of the four IDX files.",
@@ -237,8 +239,8 @@ def image_size_option(panel: str | None = None) -> Any:
 
 def data_dir_option(panel: str | None = None) -> Any:
     return typer.Option(
-        help="Folder holding the four IDX files (else: $CAPSCTL_DATA_DIR, the cache, the system "
-        "package, a download).",
+        help="Folder holding the data set's own files: the four IDX files (cifar10: cifar-10-binary.tar.gz). "
+        "Else: $CAPSCTL_DATA_DIR/NAME, the user cache, the system package, a download.",
         rich_help_panel=panel,
     )
 

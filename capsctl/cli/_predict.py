@@ -26,9 +26,9 @@ def predict(
     model: Annotated[
         str,
         typer.Argument(
-            metavar="[MODEL]",
-            help="A capsctl model file (.safetensors); left out (the first argument is not a .safetensors "
-            "file): the model that ships with capsctl.",
+            metavar="MODEL",
+            help="A capsctl model file (.safetensors); when the first argument is not one, it is the first "
+            "INPUT and the model that ships with capsctl is used.",
             show_default=False,
         ),
     ],

@@ -92,37 +92,43 @@ def train(
     routing: Annotated[
         Routing | None,
         typer.Option(
-            help="Routing: su (replace logits), sabour (accumulate) or su-unit.",
-            show_default="su",
+            help="Routing: su (replace logits), sabour (accumulate), su-unit, or attention "
+            "(Efficient-CapsNet's single pass; needs non-shared weights).",
+            show_default="the --arch preset's; seed: su",
             rich_help_panel=MODEL,
         ),
     ] = None,
     squash: Annotated[
         Squash | None,
         typer.Option(
-            help="Squash: su s|s|/(0.5+|s|²) or sabour s|s|/(1+|s|²).",
-            show_default="su",
+            help="Squash: su s|s|/(0.5+|s|²), sabour s|s|/(1+|s|²) or efficient (1−e^−|s|)·s/|s|.",
+            show_default="the --arch preset's; seed: su",
             rich_help_panel=MODEL,
         ),
     ] = None,
     routings: Annotated[
-        int | None, typer.Option(help="Routing iterations.", show_default="3", rich_help_panel=MODEL)
+        int | None,
+        typer.Option(
+            help="Routing iterations.", show_default="the --arch preset's; seed: 3", rich_help_panel=MODEL
+        ),
     ] = None,
     shared: Annotated[
-        bool,
+        bool | None,
         typer.Option(
             "--shared/--no-shared",
-            help="One capsule weight for all positions (any image size).",
+            help="One capsule weight for all positions (any image size), or one per input capsule (the "
+            "training image size only).",
+            show_default="the --arch preset's; seed: shared",
             rich_help_panel=MODEL,
         ),
-    ] = True,
+    ] = None,
     decoder: Annotated[
         bool | None,
         typer.Option(
             "--decoder/--no-decoder",
             help="Add (remove) the reconstruction decoder: Dense 512-1024 ReLU, Dense H·W·C sigmoid on the "
             "masked capsules (capsule head only).",
-            show_default="as --spec, else no decoder",
+            show_default="as --spec or the --arch preset: sabour2017 has one, the others none",
             rich_help_panel=MODEL,
         ),
     ] = None,
@@ -136,7 +142,13 @@ def train(
     ] = None,
     spec_file: Annotated[
         Path | None,
-        typer.Option("--spec", help="A ModelSpec JSON file (overrides --head etc.).", rich_help_panel=MODEL),
+        typer.Option(
+            "--spec",
+            help="A ModelSpec JSON file: replaces --head (and, with --arch, the preset's fields it sets); "
+            "--routing, --squash, --routings, --shared/--no-shared and --decoder/--no-decoder still apply "
+            "on top of it.",
+            rich_help_panel=MODEL,
+        ),
     ] = None,
     dataset: Annotated[str, dataset_option(DATA)] = "mnist-5k",
     image_size: Annotated[str | None, image_size_option(DATA)] = None,
@@ -219,7 +231,9 @@ def train(
         int,
         typer.Option(help="Seed for initial weights, data order and augmentation.", rich_help_panel=RECIPE),
     ] = 0,
-    backend: Annotated[str | None, backend_option(RUN)] = None,
+    backend: Annotated[
+        str | None, backend_option(RUN, show_default="torch; with --resume, the run's")
+    ] = None,
     out: Annotated[
         Path | None,
         typer.Option(
@@ -263,7 +277,9 @@ def train(
     (--backend torch|keras, --data-dir and --eval-limit may be given to replace the run's).
     --json prints the last epoch's metrics and the file paths as one object.
 
-    Example: capsctl train --head capsule --data-dir ../shared/data/mnist-5k --out runs/caps
+    Example: capsctl train --head capsule --out runs/caps   (the embedded mnist-5k digits)
+
+    Example: capsctl train --arch sabour2017 --compose overlap --epochs 150 --out runs/mm
     """
     from capsctl import choices
     from capsctl.cli._options import check_range, renamed
@@ -446,7 +462,7 @@ def _spec(
     routing: Routing | None,
     squash: Squash | None,
     routings: int | None,
-    shared: bool,
+    shared: bool | None,
     arch: str | None = None,
 ) -> "ModelSpec":
     from capsctl.cli._options import check_range
@@ -489,8 +505,8 @@ def _spec(
     for key, value in (("routing", routing), ("squash", squash), ("routings", routings)):
         if value is not None:
             changes[key] = value if isinstance(value, int) else str(value)
-    if not shared:
-        changes["shared"] = False
+    if shared is not None and shared != spec.capsule.shared:
+        changes["shared"] = shared
     return spec.with_capsule(**changes) if changes else spec
 
 

@@ -46,6 +46,9 @@ class DatasetInfo:
     note: str = ""
     # one archive instead of the four IDX files (each mirror serves it; sha256 holds its digest as "archive")
     archive: str | None = None
+    # (training, test) image counts of the published set: `data fetch --from` refuses a folder with other
+    # counts (a subset copied in as the full set would silently train every later run on the subset)
+    sizes: tuple[int, int] | None = None
 
 
 EMBEDDED_DIR = Path(__file__).parent  # the embedded sets' folders sit beside this module
@@ -65,6 +68,7 @@ DATASETS: dict[str, DatasetInfo] = {
         digest_of="download",
         classes=tuple(str(d) for d in range(10)),
         embedded=True,
+        sizes=(5_000, 10_000),
         note="shipped with capsctl: 5,000 MNIST training digits (500 a class) + the 10,000 test digits",
     ),
     "mnist": DatasetInfo(
@@ -83,6 +87,7 @@ DATASETS: dict[str, DatasetInfo] = {
         },
         digest_of="download",
         classes=tuple(str(d) for d in range(10)),
+        sizes=(60_000, 10_000),
     ),
     "fashion-mnist": DatasetInfo(
         name="fashion-mnist",
@@ -103,6 +108,7 @@ DATASETS: dict[str, DatasetInfo] = {
             "T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Boot",
         ),
         system_dir="/usr/share/datasets/fashion-mnist",
+        sizes=(60_000, 10_000),
         note="Debian: apt-get install dataset-fashion-mnist",
     ),
     "cifar10": DatasetInfo(
@@ -114,6 +120,7 @@ DATASETS: dict[str, DatasetInfo] = {
         digest_of="md5",
         classes=("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
         archive="cifar-10-binary.tar.gz",
+        sizes=(50_000, 10_000),
         note="CIFAR-10, official binary version (32x32 RGB, 50,000 + 10,000 images; 162 MB)",
     ),
 }
@@ -290,12 +297,24 @@ def fetch(info: DatasetInfo, dest: Path, mirrors: Sequence[str] | None = None) -
     return dest
 
 
+def _check_sizes(info: DatasetInfo, src: Path, train: int, test: int) -> None:
+    """A copy must be the whole published set: its image counts are the set's."""
+    if info.sizes is None or (train, test) == info.sizes:
+        return
+    raise CapsctlError(
+        f"--from {src}: {train:,} training and {test:,} test images, but {info.name} has "
+        f"{info.sizes[0]:,} and {info.sizes[1]:,}; to train on that folder as it is, pass --data-dir {src}"
+    )
+
+
 def copy_from(info: DatasetInfo, src: Path, dest: Path) -> Path:
-    """Fill the cache from a local folder, validating every file as IDX (or the archive) first."""
+    """Fill the cache from a local folder, validating every file as IDX (or the archive) first, and
+    its image counts against the published set's."""
     if info.archive:
         if not has_files(info, src):
             raise CapsctlError(f"--from {src}: the folder must hold {info.archive}")
-        Dataset(info.name, src).train()  # read and checked whole before anything is copied
+        sets = Dataset(info.name, src)  # read and checked whole before anything is copied
+        _check_sizes(info, src, len(sets.train().labels), len(sets.test().labels))
         dest.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(dest / info.archive, (src / info.archive).read_bytes())
         return dest
@@ -310,6 +329,7 @@ def copy_from(info: DatasetInfo, src: Path, dest: Path) -> Path:
             f"--from {src}: training images are {train.images.shape[1]}x{train.images.shape[2]} "
             f"but test images are {test.images.shape[1]}x{test.images.shape[2]}"
         )
+    _check_sizes(info, src, len(train.labels), len(test.labels))
     dest.mkdir(parents=True, exist_ok=True)
     for role in ROLES:
         f = find_file(src, role)

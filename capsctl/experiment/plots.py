@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
+from math import nan
 from pathlib import Path
 from typing import Any
 
@@ -106,19 +108,31 @@ def accuracy_plot(r: dict[str, Any], path: Path) -> Path:
     return _save(plt, fig, path)
 
 
+def ablate_measure(r: dict[str, Any]) -> tuple[str, Callable[[dict[str, Any]], float]]:
+    """What the ablation plot shows: paired accuracy (the mean over the pair layouts scored) or, where no
+    pair layout was scored (a preset that sees its training size only), the first test's accuracy."""
+    if any(t in r["tests"] for t in ("vertical", "horizontal")):
+        return "paired accuracy %", paired
+    first = r["tests"][0]
+    title = f"{test_title(r, first)} accuracy %"
+    return title, lambda tests: tests[first]["accuracy"] if first in tests else nan
+
+
 def ablate_plots(r: dict[str, Any], out: Path) -> list[Path]:
-    """Paired accuracy against routing iterations: trained at R, and trained at 3 scored at R."""
+    """Paired accuracy (see `ablate_measure`) against routing iterations: trained at R, and trained at 3
+    scored at R."""
     plt, (fig, (ax_t, ax_e)) = _figure(9, 3.2)
+    ylabel, measure = ablate_measure(r)
     for v in r["variants"]:
         label = f"{v['routing']} / squash {v['squash']}"
-        tr = sorted((e["routings"], paired(e["tests"])) for e in v["trained"])
-        ev = sorted((e["routings"], paired(e["tests"])) for e in v["evaluated"])
+        tr = sorted((e["routings"], measure(e["tests"])) for e in v["trained"])
+        ev = sorted((e["routings"], measure(e["tests"])) for e in v["evaluated"])
         line = ax_t.plot([a for a, _ in tr], [100 * b for _, b in tr], marker="o", label=label)[0]
         ax_e.plot(
             [a for a, _ in ev], [100 * b for _, b in ev], marker="o", color=line.get_color(), label=label
         )
     ax_t.set(
-        xlabel="routing iterations (trained and scored)", ylabel="paired accuracy %", title="trained at R"
+        xlabel="routing iterations (trained and scored)", ylabel=ylabel, title="trained at R"
     )
     ax_e.set(xlabel="routing iterations (scored)", title=f"trained at {r['base_iterations']}, scored at R")
     for ax in (ax_t, ax_e):
