@@ -10,10 +10,19 @@ from pathlib import Path
 from capsctl.errors import CapsctlError
 
 
+def resolved(path: str | os.PathLike[str], what: str) -> Path:
+    """`path` made absolute with its symbolic links followed; a link loop is one CapsctlError naming
+    `what` (the option or argument), not the RuntimeError that Python 3.11's Path.resolve raises."""
+    try:
+        return Path(path).expanduser().resolve()
+    except (RuntimeError, OSError) as e:
+        raise CapsctlError(f"{what} {path}: cannot follow its symbolic links ({e})") from None
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     """Write `data` to a temporary sibling, fsync it, rename it over `path`, fsync the folder."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(_temporary_name(path.name))
     try:
         with open(tmp, "wb") as f:
             f.write(data)
@@ -28,6 +37,17 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
             raise OSError(e.errno, f"{e.strerror or e}; the file on disk is unchanged", str(path)) from e
         raise
     fsync_dir(path.parent)
+
+
+def _temporary_name(name: str) -> str:
+    """`.NAME.tmp-PID`, or, for a NAME near the file system's 255-byte limit (which NAME itself may
+    reach), a short name made from a digest of NAME."""
+    tmp = f".{name}.tmp-{os.getpid()}"
+    if len(os.fsencode(tmp)) <= 255:
+        return tmp
+    import hashlib
+
+    return f".{hashlib.sha256(os.fsencode(name)).hexdigest()[:32]}.tmp-{os.getpid()}"
 
 
 def fsync_dir(folder: Path) -> None:

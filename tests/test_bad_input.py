@@ -558,6 +558,8 @@ def _checkpoint_cases():
         "step past the epoch": (step_past_epoch, None, ["step 99", "past the end of an epoch"]),
         "config not JSON": (None, lambda b: rewrite_header(b, lambda h: h["__metadata__"].update(config="{")),
                             ["damaged checkpoint metadata"]),
+        "config a JSON list": (None, lambda b: rewrite_header(b, lambda h: h["__metadata__"].update(
+            config="[]")), ["damaged checkpoint metadata"]),
         "a model, not a checkpoint": (None, lambda b: model_bytes(), ["format"]),
     }
 
@@ -779,3 +781,90 @@ def test_import_missing_file(tmp_path, capsys):
     code, out, err = run_cli(["import", tmp_path / "absent.pt", "--out", tmp_path / "m.safetensors"], capsys)
     assert_one_line_error(code, out, err, "absent.pt", "no such file")
     assert list(tmp_path.iterdir()) == []
+
+
+# -- paths that cannot be used, and damaged result files --------------------------------------------------
+
+
+def test_a_symbolic_link_loop_is_one_line_not_a_runtime_error(tmp_path):
+    from capsctl.cli._export import _check_out
+    from capsctl.data import _folder_cache
+
+    loop = tmp_path / "loop.pt"
+    loop.symlink_to(loop)  # resolving it raises RuntimeError on Python 3.11
+    with pytest.raises(CapsctlError, match="--out .*symbolic links"):
+        _check_out(loop, tmp_path / "m.safetensors")
+    with pytest.raises(CapsctlError, match="data forget .*symbolic links"):
+        _folder_cache.forget(str(loop))
+
+
+def test_a_link_loop_inside_a_class_folder_is_walked_once(tmp_path):
+    from capsctl.data.folders import _list
+
+    cls = tmp_path / "train" / "0"
+    cls.mkdir(parents=True)
+    (cls / "a.png").write_bytes(b"x")
+    (cls / "loop").symlink_to(cls, target_is_directory=True)  # followed, it would list a.png forever deep
+    (cls / "sub").mkdir()
+    (cls / "sub" / "b.png").write_bytes(b"x")
+    files, skipped = _list(tmp_path / "train", ["0"], "train")
+    assert sorted(f.rel for f in files) == ["a.png", "sub/b.png"] and skipped == 0
+
+
+def test_a_very_long_file_name_is_written_atomically(tmp_path):
+    from capsctl._io import atomic_write_bytes
+
+    path = tmp_path / ("m" * 250 + ".png")  # a legal name; `.NAME.tmp-PID` beside it would not be
+    atomic_write_bytes(path, b"data")
+    assert path.read_bytes() == b"data" and [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_pillows_decompression_bomb_warning_is_not_printed(tmp_path):
+    import warnings
+
+    from capsctl.data.folders import _open
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", 10_000, 10_000, 8, 0, 0, 0, 0)  # 10^8 pixels: over Pillow's warning
+    path = tmp_path / "big.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"") + chunk(b"IEND", b""))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a warning that escaped would fail here
+        with _open(path) as im:
+            assert im.size == (10_000, 10_000)  # (the loader then refuses it by its size)
+
+
+def _results(folder: Path, data: bytes) -> Path:
+    folder.mkdir()
+    (folder / "results.json").write_bytes(data)
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("data", "words"),
+    [
+        (b'{"format": "capsctl-results/1", "kind": "pairs", "x": "\xff"}', ["results.json", "unreadable"]),
+        (b'{"format": "capsctl-results/1"}', ["results.json", "kind"]),
+        (b'{"format": "capsctl-results/1", "kind": "pairs"}', ["damaged inside", "KeyError"]),
+    ],
+    ids=["not UTF-8", "no kind", "fields missing"],
+)
+def test_report_refuses_a_damaged_results_file_and_leaves_nothing(tmp_path, capsys, data, words):
+    folder = _results(tmp_path / "res", data)
+    code, out, err = run_cli(["experiment", "report", folder, "--out", tmp_path / "new" / "R.md"], capsys)
+    assert_one_line_error(code, out, err, *words)
+    assert not (tmp_path / "new").exists()
+
+
+def test_report_into_a_path_that_cannot_be_a_folder_or_a_text_file_is_bad_input(tmp_path, capsys):
+    folder = _results(tmp_path / "res", b'{"format": "capsctl-results/1", "kind": "pairs"}')
+    (tmp_path / "afile").write_text("x")
+    code, out, err = run_cli(["experiment", "report", folder, "--out", tmp_path / "afile" / "R.md"], capsys)
+    assert_one_line_error(code, out, err, "afile")  # FileExistsError: exit 2, as for the other path errors
+    doc = tmp_path / "R.md"
+    doc.write_bytes(b"# Results\n\xff\n")
+    code, out, err = run_cli(["experiment", "report", folder, "--out", doc, "--section", "S"], capsys)
+    assert_one_line_error(code, out, err, "--out", "not a UTF-8 text file")
+    assert doc.read_bytes() == b"# Results\n\xff\n"

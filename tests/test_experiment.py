@@ -242,6 +242,13 @@ def test_report_section_replaces_its_own_section_only(tmp_path: Path, tiny_pairs
     assert newer_end < third.index("<!-- capsctl report section: New default -->")
     assert third.count("## New default") == third.count("## Newer") == 1
     assert third.endswith(again[again.index("<!-- capsctl report section: New default -->"):])
+    # the whole report rewritten (no --section): the sections made with --section stay, in their order
+    code, _, err = run_cli(["experiment", "report", tiny_pairs[0], "--out", doc], capsys)
+    assert code == 0, err
+    whole = doc.read_text()
+    assert "Hand-kept intro" not in whole and "it keeps the sections generated with --section" in whole
+    assert whole.index("## Newer") < whole.index("## New default") < whole.index("## Reference numbers")
+    assert whole.count("<!-- capsctl report section: Newer -->") == 1
 
 
 def test_bad_options_exit_2(tmp_path: Path, capsys) -> None:

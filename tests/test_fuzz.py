@@ -170,6 +170,79 @@ def test_fuzz_idx_valid_bases_pass():
         assert idx.parse_idx(gz(base), "x").size > 0
 
 
+
+# -- .npz data sets and the CIFAR-10 archive ------------------------------------------------------------
+
+def _npz_bases() -> list[bytes]:
+    rng = np.random.default_rng(2)
+    arrays = {"x_train": rng.integers(0, 256, (6, 8, 8), dtype=np.uint8), "y_train": np.arange(6) % 3,
+              "x_test": rng.integers(0, 256, (3, 8, 8), dtype=np.uint8), "y_test": np.arange(3)}
+    out = []
+    for save in (np.savez, np.savez_compressed):  # stored members, and deflated ones (zlib errors)
+        buf = io.BytesIO()
+        save(buf, **arrays)
+        out.append(buf.getvalue())
+    return out
+
+
+def _cifar_base() -> bytes:
+    import tarfile
+
+    rng = np.random.default_rng(3)
+    members = {f"cifar-10-batches-bin/data_batch_{k}.bin": rng.integers(0, 10, 3073 * 2, dtype=np.uint8)
+               for k in range(1, 6)}
+    members["cifar-10-batches-bin/test_batch.bin"] = rng.integers(0, 10, 3073 * 2, dtype=np.uint8)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = data.size
+            tar.addfile(info, io.BytesIO(data.tobytes()))
+    return buf.getvalue()
+
+
+NPZ_BASES = _npz_bases()
+CIFAR_BASE = _cifar_base()
+
+
+@pytest.mark.parametrize("examples", EXAMPLES)
+def test_fuzz_npz_data_sets(tmp_path_factory, examples):
+    from capsctl.data.npz import load_npz
+
+    @fuzz_settings(examples)
+    @given(data=st.sampled_from(NPZ_BASES).flatmap(lambda b: mutated(b)))
+    def check(path: Path, data: bytes) -> None:
+        path.write_bytes(data)
+        only_capsctl_errors(load_npz, path)
+
+    check(tmp_path_factory.mktemp("fuzz-npz") / "set.npz")
+
+
+@pytest.mark.parametrize("examples", EXAMPLES)
+def test_fuzz_cifar_archives(tmp_path_factory, examples):
+    from capsctl.data.cifar import read_archive
+
+    @fuzz_settings(examples)
+    @given(data=mutated(CIFAR_BASE))
+    def check(path: Path, data: bytes) -> None:
+        path.write_bytes(data)
+        only_capsctl_errors(read_archive, path)
+
+    check(tmp_path_factory.mktemp("fuzz-cifar") / "cifar-10-binary.tar.gz")
+
+
+def test_fuzz_npz_and_cifar_valid_bases_pass(tmp_path):
+    from capsctl.data.cifar import read_archive
+    from capsctl.data.npz import load_npz
+
+    for i, base in enumerate(NPZ_BASES):
+        (tmp_path / f"{i}.npz").write_bytes(base)
+        (x_train, _), (x_test, _), _ = load_npz(tmp_path / f"{i}.npz")
+        assert x_train.shape == (6, 8, 8, 1) and x_test.shape == (3, 8, 8, 1)
+    (tmp_path / "c.tar.gz").write_bytes(CIFAR_BASE)
+    (train, _), (test, _) = read_archive(tmp_path / "c.tar.gz")
+    assert train.shape == (10, 32, 32, 3) and test.shape == (2, 32, 32, 3)
+
 # -- weight files ---------------------------------------------------------------------------------------
 
 _SPECS = [

@@ -92,6 +92,22 @@ def test_paths_from_stdin(tiny_model, digits_dir, capsys, monkeypatch):
 
 
 @pytest.mark.torch
+def test_a_path_on_stdin_that_is_not_utf8_is_a_file_name_not_a_traceback(tiny_model, digits_dir, capsys,
+                                                                          monkeypatch):
+    listing = f"{digits_dir / 'b.png'}\n".encode() + b"/nowhere/\xff\xfe.png\n"
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(listing), encoding="utf-8"))
+    code, out, err = run_cli(["predict", tiny_model, "-", "--json"], capsys)
+    rows = _lines(out)
+    assert code == 2 and "Traceback" not in err, err
+    assert Path(rows[0]["image"]).name == "b.png" and "error" not in rows[0]
+    assert rows[1]["image"].startswith("/nowhere/") and "error" in rows[1]
+    # the table and CSV show such a name's bytes as \xNN: a terminal or file that takes strict UTF-8 takes it
+    from capsctl.cli._predict import _shown
+
+    assert _shown("/nowhere/\udcff\udcfe.png") == "/nowhere/\\xff\\xfe.png" and _shown("a.png") == "a.png"
+
+
+@pytest.mark.torch
 def test_an_unreadable_file_is_reported_and_the_others_still_predicted(tiny_model, digits_dir, tmp_path,
                                                                       capsys):
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"junk" * 10)

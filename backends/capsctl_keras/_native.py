@@ -12,6 +12,7 @@ import os
 import tempfile
 import warnings
 import zipfile
+import zlib
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -51,7 +52,7 @@ def _check_archive(path: str) -> ModelSpec:
             config = json.loads(zf.read("config.json"))
     except FileNotFoundError:
         raise CapsctlError(f"{path}: no such file") from None
-    except (zipfile.BadZipFile, EOFError):
+    except (zipfile.BadZipFile, EOFError, zlib.error):
         raise CapsctlError(f"{path}: not a .keras archive, or a truncated one (bad zip structure)") from None
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         raise CapsctlError(f"{path}: the archive's config.json is not valid JSON") from None

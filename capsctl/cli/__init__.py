@@ -1,6 +1,7 @@
 """The `capsctl` command line. Command modules import frameworks (and numpy) only when run,
 so `capsctl --help` stays fast and framework-free."""
 
+import errno
 import sys
 from typing import Annotated
 
@@ -163,6 +164,10 @@ def _main(argv: list[str] | None) -> None:
             raise
         where = f"{e.filename}: " if getattr(e, "filename", None) else ""
         _say(f"error: {where}{e.strerror or e}")
-        is_usage = isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError))
+        # a path the user gave that cannot be used is bad input (2); a failure of the machine, such as a
+        # full disk, is not (1)
+        is_usage = isinstance(
+            e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+        ) or e.errno in (errno.ELOOP, errno.ENAMETOOLONG, errno.EROFS)
         sys.exit(2 if is_usage else 1)
     sys.exit(rv if isinstance(rv, int) else 0)

@@ -26,9 +26,10 @@ def _format_for(out: Path, given: Format | None) -> str:
 
 
 def _check_out(out: Path, source: Path) -> None:
+    from capsctl._io import resolved
     from capsctl.errors import CapsctlError
 
-    if out.resolve() == source.resolve():
+    if resolved(out, "--out") == resolved(source, "the input"):
         raise CapsctlError(f"--out {out}: is the input file; choose another path")
     if out.is_dir():
         raise CapsctlError(f"--out {out}: is a folder, expected a file path")

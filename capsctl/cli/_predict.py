@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -143,7 +144,10 @@ def collect_paths(inputs: list[str], stdin: Any) -> tuple[list[Path], int]:
     given: list[str] = []
     for item in inputs:
         if item == "-":
-            given.extend(line.strip() for line in stdin if line.strip())
+            # paths are bytes to the OS: read them as bytes, so a name that is not UTF-8 is still a name
+            raw = getattr(stdin, "buffer", stdin)
+            lines = (os.fsdecode(x) if isinstance(x, bytes) else x for x in raw)
+            given.extend(line.strip() for line in lines if line.strip())
         else:
             given.append(item)
     if not given:
@@ -262,6 +266,15 @@ def _reason(message: str, p: Path) -> str:
 # -- the output --------------------------------------------------------------------------------------------
 
 
+def _shown(path: str) -> str:
+    """A path as text any terminal or CSV reader takes: bytes of a file name that are not UTF-8 (held as
+    surrogates, as the OS gave them) shown as \\xNN. (--json keeps the name itself, escaped.)"""
+    try:
+        return os.fsencode(path).decode("utf-8", "backslashreplace")
+    except UnicodeError:
+        return path.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 class _Writer:
     """Writes results as a table (at the end), JSON lines or CSV rows (as they come)."""
 
@@ -287,9 +300,9 @@ class _Writer:
             if self.fmt == "json":
                 typer.echo(json.dumps({"image": image, "error": result["error"]}))
             elif self.fmt == "csv":
-                self.csv.writerow([image, *([""] * (2 * top)), "", result["error"]])
+                self.csv.writerow([_shown(image), *([""] * (2 * top)), "", result["error"]])
             else:
-                self.rows.append([image, "", "", f"[red]{_escape(result['error'])}[/]"])
+                self.rows.append([_escape(_shown(image)), "", "", f"[red]{_escape(result['error'])}[/]"])
             return
         scores = result["scores"]
         order = sorted(range(len(scores)), key=lambda j: -float(scores[j]))
@@ -303,14 +316,14 @@ class _Writer:
                 "present": [self.names[j] for j in present],
             }))
         elif self.fmt == "csv":
-            cells = [image]
+            cells = [_shown(image)]
             for j in best:
                 cells += [self.names[j], f"{float(scores[j]):.6f}"]
             self.csv.writerow([*cells, ";".join(self.names[j] for j in present), ""])
         else:
             topk = ", ".join(f"{_escape(self.names[j])} {float(scores[j]):.3f}" for j in best)
             found = ", ".join(_escape(self.names[j]) for j in present) or "—"
-            self.rows.append([_escape(image), topk, found, ""])
+            self.rows.append([_escape(_shown(image)), topk, found, ""])
 
     def close(self, title: str) -> None:
         import sys

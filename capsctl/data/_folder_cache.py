@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from capsctl._io import atomic_write_bytes, fsync_dir
+from capsctl._io import atomic_write_bytes, fsync_dir, resolved
 from capsctl.errors import CapsctlError
 
 FORMAT = 1  # bump when the layout or the decoding changes: old entries then miss (and are pruned)
@@ -184,7 +184,7 @@ def forget(what: str) -> list[Entry]:
     found = entries()
     hit = [e for e in found if e.key == what]
     if not hit:
-        source = str(Path(what).expanduser().resolve())
+        source = str(resolved(what, "data forget"))
         hit = [e for e in found if e.source == source]
     if not hit and len(what) >= 4:
         hit = [e for e in found if e.key.startswith(what)]

@@ -9,6 +9,7 @@ Only those six regular members are read, into memory; nothing is extracted to di
 from __future__ import annotations
 
 import tarfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,7 @@ def read_archive(path: Path) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.nd
             return _split(tar, path, TRAIN_MEMBERS), _split(tar, path, TEST_MEMBERS)
     except CapsctlError:
         raise
-    except (tarfile.TarError, OSError, EOFError) as e:
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:  # (zlib: a damaged gzip stream)
         raise CapsctlError(f"{path}: not a readable CIFAR-10 binary archive ({e})") from None
 
 

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from capsctl._io import resolved
 from capsctl.data import _folder_cache
 from capsctl.errors import CapsctlError, first_line
 
@@ -66,10 +67,14 @@ class _Entry:
 
 
 def _open(path: Path) -> Any:
+    import warnings
+
     from PIL import Image
 
     try:
-        return Image.open(path, formats=_FORMATS)
+        with warnings.catch_warnings():  # (Pillow's multi-line DecompressionBombWarning: MAX_PIXELS says it)
+            warnings.simplefilter("ignore")
+            return Image.open(path, formats=_FORMATS)
     except Exception as e:
         raise CapsctlError(f"{path}: not a readable image ({first_line(e)})") from None
 
@@ -93,8 +98,15 @@ def _list(split_dir: Path, classes: list[str], role: str) -> tuple[list[_File], 
         if not os.path.isdir(folder):
             continue  # test/ may lack a class
         found = 0
+        seen = {os.path.realpath(folder)}  # each real folder once: a link loop is walked no further
         for dirpath, dirnames, filenames in os.walk(folder, onerror=_walk_error, followlinks=True):
-            dirnames.sort()
+            fresh = []
+            for d in sorted(dirnames):
+                real = os.path.realpath(os.path.join(dirpath, d))
+                if real not in seen:
+                    seen.add(real)
+                    fresh.append(d)
+            dirnames[:] = fresh
             rel_dir = os.path.relpath(dirpath, folder).replace(os.sep, "/")
             for fname in filenames:
                 full = os.path.join(dirpath, fname)
@@ -150,7 +162,7 @@ def load_image_folder(
     if skipped:  # said on every run: the listing counts them without opening anything
         err.print(f"{root}: {skipped} non-image file(s) skipped", highlight=False, soft_wrap=True)
 
-    source = root.resolve()
+    source = resolved(root, "--dataset")
     key = _folder_cache.make_key(
         source,
         image_size,

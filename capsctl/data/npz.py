@@ -7,7 +7,6 @@ allow_pickle=False; every problem is one CapsctlError naming the file and the ke
 
 from __future__ import annotations
 
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +22,10 @@ def load_npz(
     """((train images, labels), (test images, labels), class names); images float32 (N, H, W, C)."""
     try:
         archive = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-        raise CapsctlError(f"{path}: not a readable .npz archive ({str(e).splitlines()[0][:200]})") from None
+    except MemoryError:
+        raise
+    except Exception as e:  # numpy's reader on a damaged file: BadZipFile, zlib.error, a header's TokenError…
+        raise CapsctlError(f"{path}: not a readable .npz archive ({_first_line(e)})") from None
     if not isinstance(archive, np.lib.npyio.NpzFile):
         raise CapsctlError(f"{path}: a single .npy array, expected an .npz archive with {', '.join(KEYS)}")
     with archive:
@@ -35,9 +36,11 @@ def load_npz(
             arrays = {key: archive[key] for key in KEYS}
             names = archive["class_names"] if "class_names" in archive.files else None
         except ValueError as e:  # an object array (needs pickle) or a damaged member
-            raise CapsctlError(f"{path}: cannot read the arrays ({str(e).splitlines()[0][:200]})") from None
-        except (OSError, zipfile.BadZipFile, EOFError) as e:
-            raise CapsctlError(f"{path}: corrupt .npz archive ({str(e).splitlines()[0][:200]})") from None
+            raise CapsctlError(f"{path}: cannot read the arrays ({_first_line(e)})") from None
+        except MemoryError:
+            raise
+        except Exception as e:  # a damaged member: BadZipFile, zlib.error, tokenize.TokenError in its header…
+            raise CapsctlError(f"{path}: corrupt .npz archive ({_first_line(e)})") from None
     x_train = _images(path, "x_train", arrays["x_train"])
     x_test = _images(path, "x_test", arrays["x_test"])
     y_train = _labels(path, "y_train", arrays["y_train"], len(x_train), "x_train")
@@ -111,3 +114,7 @@ def _resize(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         arr = np.asarray(fit_pad(im, size), np.uint8)
         out[i] = arr[..., None] if x.shape[3] == 1 else arr
     return out
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0][:200]

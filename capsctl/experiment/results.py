@@ -36,8 +36,10 @@ def load_results(folder: Path) -> dict[str, Any]:
         raise CapsctlError(
             f"{path}: not found (run `capsctl experiment pairs/ablate --out {folder}` first)"
         ) from None
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # (ValueError: bad JSON, or bytes that are not UTF-8)
         raise CapsctlError(f"{path}: unreadable ({e})") from None
     if not isinstance(data, dict) or data.get("format") != RESULTS_FORMAT:
         raise CapsctlError(f"{path}: not a capsctl results file")
+    if data.get("kind") not in ("pairs", "ablate"):
+        raise CapsctlError(f"{path}: damaged results file (its 'kind' is neither pairs nor ablate)")
     return data

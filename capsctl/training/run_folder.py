@@ -107,7 +107,7 @@ def load_checkpoint(run: Path) -> Checkpoint:
         epoch, step, elapsed = int(meta["epoch"]), int(meta["step"]), float(meta["elapsed"])
         loss_sum, correct, seen = json.loads(meta.get("partial", "[0.0, 0, 0]"))
         partial = (float(loss_sum), int(correct), int(seen))
-    except (KeyError, ValueError, TypeError, json.JSONDecodeError) as e:
+    except (KeyError, ValueError, TypeError, AttributeError, json.JSONDecodeError) as e:
         raise CapsctlError(f"{path}: damaged checkpoint metadata ({e})") from None
     if epoch < 0 or step < 0 or not math.isfinite(elapsed) or not math.isfinite(partial[0]):
         raise CapsctlError(f"{path}: damaged checkpoint metadata (epoch {epoch}, step {step})")
