@@ -154,6 +154,10 @@ def test_model_options_left_out_keep_the_preset_and_given_ones_replace_it():
     assert _train._spec(None, "capsule", None, None, None, False, "seed").capsule.shared is False
     changed = _train._spec(None, "capsule", "su", "efficient", 2, None, "sabour2017").capsule
     assert (changed.routing, changed.squash, changed.routings) == ("su", "efficient", 2)
+    from capsctl.errors import CapsctlError
+
+    with pytest.raises(CapsctlError, match="^--shared with --arch efficient: .*attention"):  # names --shared
+        _train._spec(None, "capsule", None, None, None, True, "efficient")
 
 
 @pytest.mark.torch

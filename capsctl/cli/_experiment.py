@@ -476,6 +476,8 @@ def report(
     Reads each FOLDER/results.json (no training, no scoring), copies its PNG plots to
     results/FOLDER-NAME/ beside OUT, and writes OUT with every table beside the command that produced it.
     --section TITLE rewrites one generated section only: results whose folders are gone stay in OUT.
+    Without it OUT is rewritten whole but keeps the sections --section wrote (delete OUT first to drop
+    them).
 
     Example: capsctl experiment report out/pairs out/ablate --out docs/RESULTS.md
     """

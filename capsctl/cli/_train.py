@@ -507,7 +507,14 @@ def _spec(
             changes[key] = value if isinstance(value, int) else str(value)
     if shared is not None and shared != spec.capsule.shared:
         changes["shared"] = shared
-    return spec.with_capsule(**changes) if changes else spec
+    if not changes:
+        return spec
+    try:
+        return spec.with_capsule(**changes)
+    except CapsctlError as e:  # named by the options given, not only by the spec fields they set
+        flags = ", ".join("--no-shared" if k == "shared" and not v else f"--{k}" for k, v in changes.items())
+        where = f" with --arch {arch}" if arch is not None else ""
+        raise CapsctlError(f"{flags}{where}: {e}") from None
 
 
 def _run(

@@ -16,7 +16,7 @@ from typing import Any
 from capsctl._io import atomic_write_bytes
 from capsctl.errors import CapsctlError
 from capsctl.experiment.references import comparison, reference_dataset
-from capsctl.experiment.results import load_results
+from capsctl.experiment.results import DAMAGE, load_results
 from capsctl.experiment.tables import (
     TEST_TITLES,
     ablate_markdown,
@@ -357,7 +357,8 @@ def _generated_sections(text: str) -> list[tuple[str, str]]:
         end = _section_marks(title)[1]
         stop = text.find(end, at) if close >= 0 else -1
         if stop < 0:  # an unfinished section (edited by hand): left out, not guessed at
-            break
+            at = text.find(head, at + 1)
+            continue
         out.append((title, text[at : stop + len(end)]))
         at = text.find(head, stop)
     return out
@@ -385,23 +386,27 @@ def write_report(folders: Sequence[Path], doc: Path, section: str | None = None)
     if section is not None and (not section.strip() or "\n" in section or "--" in section):
         raise CapsctlError(f"--section {section!r}: give a one-line title without '--'")
     results = [load_results(f) for f in folders]
-    old = _read_doc(doc)
-    made = not doc.parent.exists()
-    doc.parent.mkdir(parents=True, exist_ok=True)  # (the plots are copied beside `doc` while rendering)
+    old = _read_doc(doc, section is not None)
+    # the topmost folder this call creates (the plots are copied beside `doc` while rendering): removed
+    # again if rendering fails, so a refused report leaves nothing behind
+    made = next((p for p in reversed([doc.parent, *doc.parent.parents]) if not p.exists()), None)
+    doc.parent.mkdir(parents=True, exist_ok=True)
     try:
         if section is None:
             new = render(folders, doc, results)
         else:
             new = render_section(folders, doc, results, section)
-    except (KeyError, TypeError, IndexError) as e:  # a results.json of the right format, damaged inside
-        if made:
+    except BaseException as e:
+        if made is not None:
             import shutil
 
-            shutil.rmtree(doc.parent, ignore_errors=True)
-        raise CapsctlError(
-            f"report: a results file is damaged inside ({type(e).__name__}: {e}); rerun the experiment that "
-            "wrote it"
-        ) from None
+            shutil.rmtree(made, ignore_errors=True)
+        if isinstance(e, DAMAGE):  # (load_results read every file's tables: this is a field only plots use)
+            raise CapsctlError(
+                f"report: a results file is damaged inside ({type(e).__name__}: {e}); rerun the experiment "
+                "that wrote it"
+            ) from None
+        raise
     if section is None:  # the sections made with --section stay, in their order, before the rest
         for title, block in reversed(_generated_sections(old or "")):
             new = _replace_section(new, title, block)
@@ -410,11 +415,16 @@ def write_report(folders: Sequence[Path], doc: Path, section: str | None = None)
     atomic_write_bytes(doc, _replace_section(old or "# Results\n", section, new).encode())
 
 
-def _read_doc(doc: Path) -> str | None:
-    """The report being rewritten, or None when there is none yet."""
+def _read_doc(doc: Path, for_section: bool) -> str | None:
+    """The report being rewritten, or None when there is none yet (or, rewriting it whole, when it is not
+    text: there are no sections to keep in it)."""
     try:
         return doc.read_text(encoding="utf-8")
     except FileNotFoundError:
         return None
     except UnicodeDecodeError:
-        raise CapsctlError(f"--out {doc}: not a UTF-8 text file (not a report to rewrite)") from None
+        if not for_section:
+            return None
+        raise CapsctlError(
+            f"--out {doc}: not a UTF-8 text file (not a report to rewrite a section of)"
+        ) from None

@@ -42,4 +42,12 @@ def load_results(folder: Path) -> dict[str, Any]:
         raise CapsctlError(f"{path}: not a capsctl results file")
     if data.get("kind") not in ("pairs", "ablate"):
         raise CapsctlError(f"{path}: damaged results file (its 'kind' is neither pairs nor ablate)")
+    try:  # its tables read every field a report uses: a damaged one is named here, with its file
+        _tables.pairs_markdown(data) if data["kind"] == "pairs" else _tables.ablate_markdown(data)
+    except DAMAGE as e:
+        raise CapsctlError(f"{path}: damaged results file ({type(e).__name__}: {e})") from None
     return data
+
+
+# what reading a results.json whose fields are missing or of the wrong type raises
+DAMAGE = (KeyError, TypeError, IndexError, AttributeError, ValueError)
