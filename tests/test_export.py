@@ -276,6 +276,7 @@ def test_import_refuses_bad_files(tmp_path, capsys, models, natives, case, words
         (["--format", "tflite", "--out", "{d}/m.tflite"], ["--format", "'tflite' is not one of"]),
         (["--out", "{d}/m.bin"], ["cannot tell the format"]),
         (["--format", "keras", "--out", "{d}/m.h5"], [".keras"]),
+        (["--format", "onnx", "--out", "{d}/m.pt"], ["a .pt file is a torch export", "call it m.onnx"]),
         (["--out", "{d}/missing/m.pt"], ["does not exist"]),
         (["--out", "{model}"], ["is the input file"]),
     ],

@@ -169,6 +169,26 @@ def test_eval_pairs_refuses_a_non_shared_preset_in_one_line(tmp_path, capsys, mn
     assert_one_line_error(code, out, err, "not shared", "56x28 composites need a shared-weight model")
 
 
+def test_a_multimnist_model_is_pointed_at_the_overlap_pairs_and_an_image_at_the_resize_that_fits(
+        tmp_path, capsys, mnist_dir):
+    from PIL import Image
+
+    spec = filled("efficient-multimnist")  # 36x36 composites: too big a grid for 28x28 digits alone
+    model = tmp_path / "mm.safetensors"
+    save_model(model, spec, routing_weights(spec, seed=0))
+    for args in (["eval", model], ["eval-pairs", model, "--layout", "vertical"]):
+        code, out, err = run_cli([*args, "--data-dir", mnist_dir, "--eval-limit", "10"], capsys)
+        assert_one_line_error(code, out, err, str(model), f"capsctl eval-pairs {model} --layout overlap")
+    image = tmp_path / "digit.png"
+    Image.fromarray(np.zeros((40, 40), np.uint8)).save(image)
+    code, out, err = run_cli(["inspect", model, image, "--resize", "20x20"], capsys)
+    assert_one_line_error(code, out, err, "try --resize 36x36")
+    sabour = filled("sabour2017").replace(decoder=None)
+    save_model(tmp_path / "s.safetensors", sabour, routing_weights(sabour, seed=0))
+    code, out, err = run_cli(["predict", tmp_path / "s.safetensors", image, "--json"], capsys)
+    assert code == 2 and "try --resize 28x28" in out and "Traceback" not in err
+
+
 def test_flops_count_the_strided_convolutions_and_the_primary_capsules():
     from capsctl.model.flops import count
 

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from capsctl.data.datasets import Split
+    from capsctl.model.spec import ModelSpec
 
 OldLimitOpt = Annotated[int | None, old_name("--limit")]  # before --eval-limit
 # the held-out split `capsctl train --holdout/--val-fraction` trained beside (the same fixed draw)
@@ -91,7 +92,7 @@ def eval_model(
     dataset_name = str(dataset)
     test = _test_split(dataset_name, data_dir, image_size, holdout, val_fraction)
     x, y = (test.images[:limit], test.labels[:limit]) if limit else (test.images, test.labels)
-    check_fit(spec, x, y, str(model), f"{dataset_name} test images")
+    check_fit(spec, x, y, str(model), f"{dataset_name} test images", single_digits=True)
     runner = get_backend(backend).runner(spec, weights)
     scores = runner.scores(x, batch_size)
     acc = single_accuracy(scores, y)
@@ -185,13 +186,17 @@ def eval_pairs(
         test.images, test.labels, digits=digits, layout=str(layout), seed=seed, limit=limit
     )
     fixed = spec.head == "capsule" and not spec.capsule.shared
-    if fixed and spec.capsule_count(*comp.images.shape[1:3]) != spec.capsule.num_inputs:
+    if fixed and _capsules_of(spec, *comp.images.shape[1:3]) != spec.capsule.num_inputs:
         from capsctl.errors import CapsctlError
+        from capsctl.model.fit import overlap_hint
 
+        h, w = int(test.images.shape[1]), int(test.images.shape[2])
+        hint = overlap_hint(spec, h, w, str(model)) if str(layout) != "overlap" else ""
         raise CapsctlError(
             f"{model}: this model's capsule weights are not shared "
             f"(fixed to {spec.capsule.num_inputs} inputs); "
             f"{comp.images.shape[1]}x{comp.images.shape[2]} composites need a shared-weight model"
+            + hint
         )
     check_fit(spec, comp.images, comp.labels, str(model), f"{dataset} {layout} composites")
     runner = get_backend(backend).runner(spec, weights)
@@ -261,3 +266,13 @@ def _per_class(names: "Sequence[str]", labels: "np.ndarray", hit: "np.ndarray") 
 
 def _per_class_line(per_class: dict[str, float | None]) -> str:
     return ", ".join(f"{name} {'—' if v is None else f'{v:.2%}'}" for name, v in per_class.items())
+
+
+def _capsules_of(spec: "ModelSpec", height: int, width: int) -> int | None:
+    """The input capsule count of height x width images, or None when they are too small for the model."""
+    from capsctl.errors import CapsctlError
+
+    try:
+        return spec.capsule_count(height, width)
+    except CapsctlError:
+        return None

@@ -16,9 +16,14 @@ def _format_for(out: Path, given: Format | None) -> str:
     from capsctl.choices import EXPORT_FORMATS
     from capsctl.errors import CapsctlError
 
-    if given is not None:
-        return str(given)
     guess = _SUFFIXES.get(out.suffix.lower())
+    if given is not None:
+        if guess is not None and guess != str(given):  # e.g. an ONNX file named .pt: refused, not written
+            want = next(s for s, f in _SUFFIXES.items() if f == str(given))
+            raise CapsctlError(
+                f"--out {out}: a {out.suffix} file is a {guess} export, not {given}; call it {out.stem}{want}"
+            )
+        return str(given)
     if guess is None:
         choices = "|".join(EXPORT_FORMATS)
         raise CapsctlError(f"--out {out}: cannot tell the format from the suffix; pass --format {choices}")

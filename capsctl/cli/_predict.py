@@ -124,7 +124,8 @@ def predict(
     writer.close(f"{model_path} ({backend})")
     done = len(paths) - failed
     note = f"; {skipped} non-image file(s) in the folders skipped" if skipped else ""
-    err.print(f"{done} image(s) predicted, {failed} could not be read{note}", highlight=False, soft_wrap=True)
+    summary = f"{done} image(s) predicted, {failed} could not be read or did not fit the model{note}"
+    err.print(summary, highlight=False, soft_wrap=True)
     if failed:
         raise typer.Exit(2)
 
@@ -198,9 +199,12 @@ def _read(path: Path, spec: ModelSpec, invert: str, resize: tuple[int, int] | No
     if spec.head == "capsule" and not caps.shared:
         n = spec.capsule_count(img.shape[0], img.shape[1])
         if n != caps.num_inputs:
+            from capsctl.model.fit import resize_side
+
+            side = resize_side(spec)
             raise CapsctlError(
                 f"{path}: gives {n} input capsules, but the model has per-position capsule weights for "
-                f"{caps.num_inputs} inputs (use --resize)"
+                f"{caps.num_inputs} inputs (try --resize {side}x{side})"
             )
     return img
 

@@ -9,9 +9,21 @@ from capsctl.errors import CapsctlError
 from capsctl.model.spec import ModelSpec
 
 
-def check_fit(spec: ModelSpec, images: np.ndarray, labels: np.ndarray | None, source: str, data: str) -> None:
+def check_fit(
+    spec: ModelSpec,
+    images: np.ndarray,
+    labels: np.ndarray | None,
+    source: str,
+    data: str,
+    single_digits: bool = False,
+) -> None:
     """Raise CapsctlError("<source>: ...") when `spec` cannot run on `images` (N, H, W, C) or
-    cannot score `labels`; `data` names the images in the message (e.g. "mnist test images")."""
+    cannot score `labels`; `data` names the images in the message (e.g. "mnist test images").
+    `single_digits`: `images` are a test set and `source` a model file, so a model that takes the overlap
+    composites of them is pointed at `eval-pairs --layout overlap`."""
+    hint = ""
+    if single_digits and images.ndim == 4:
+        hint = overlap_hint(spec, int(images.shape[1]), int(images.shape[2]), source)
     if images.ndim != 4:
         raise CapsctlError(f"{source}: {data} have shape {list(images.shape)}, expected (N, H, W, C)")
     h, w, c = (int(d) for d in images.shape[1:])
@@ -21,17 +33,45 @@ def check_fit(spec: ModelSpec, images: np.ndarray, labels: np.ndarray | None, so
         spec.trunk_grid(h, w)
         n = spec.capsule_count(h, w) if spec.head == "capsule" else 0
     except CapsctlError:
-        raise CapsctlError(f"{source}: {_too_small(spec, h, w, data)}") from None
+        raise CapsctlError(f"{source}: {_too_small(spec, h, w, data)}{hint}") from None
     caps = spec.capsule
     if spec.head == "capsule" and not caps.shared and n != caps.num_inputs:
         raise CapsctlError(
             f"{source}: the capsule weights are fixed to {caps.num_inputs} input capsules "
-            f"but {h}x{w} {data} give {n}; use a model with shared capsule weights"
+            f"but {h}x{w} {data} give {n}; use a model with shared capsule weights{hint}"
         )
     if labels is not None and labels.size and int(labels.max()) >= spec.num_classes:
         raise CapsctlError(
             f"{source}: {data} hold label {int(labels.max())}, the model has only {spec.num_classes} classes"
         )
+
+
+def resize_side(spec: ModelSpec) -> int:
+    """The side S of the `--resize SxS` to suggest for an image the model cannot take: the size that gives
+    its input capsule count (non-shared weights: 28 when it does, else the size the model was made for),
+    else MNIST's 28 or the model's smallest size if that is larger."""
+    caps = spec.capsule
+    if spec.head == "capsule" and not caps.shared and caps.num_inputs is not None:
+        side = spec.side_for(caps.num_inputs, 1024)
+        if side is not None:
+            return side
+    return max(spec.min_image_size(), 28)
+
+
+def overlap_hint(spec: ModelSpec, h: int, w: int, model: str = "MODEL") -> str:
+    """"; it takes overlap composites of them (...)" when `spec` runs on the overlap composites' canvas of
+    h x w digits (a model trained with --compose overlap, e.g. efficient-multimnist), else ""."""
+    from capsctl.data.composites import OVERLAP_SHIFT
+
+    ch, cw = h + 2 * OVERLAP_SHIFT, w + 2 * OVERLAP_SHIFT
+    try:
+        spec.trunk_grid(ch, cw)
+        n = spec.capsule_count(ch, cw) if spec.head == "capsule" else 0
+    except CapsctlError:
+        return ""
+    if spec.head == "capsule" and not spec.capsule.shared and n != spec.capsule.num_inputs:
+        return ""
+    return f"; it takes overlap composites of them ({ch}x{cw}): capsctl eval-pairs {model} --layout overlap"
 
 
 def _too_small(spec: ModelSpec, h: int, w: int, data: str) -> str:
