@@ -141,6 +141,73 @@ def test_a_changed_file_or_request_is_decoded_again(tmp_path):
     assert sorted(e.manifest["image_size"] is None for e in _entries()) == [False, True]
 
 
+def test_a_file_rewritten_with_its_old_size_and_mtime_put_back_is_decoded_again(tmp_path):
+    root = tmp_path / "ds"
+    for i, c in enumerate(CLASSES):  # BMP: new pixels of the same dimensions are a file of the same size
+        (root / "train" / c).mkdir(parents=True)
+        Image.fromarray(np.full((8, 8), 10 * i, np.uint8)).save(root / "train" / c / "a.bmp")
+    (train, _), _, _ = load_image_folder(root)
+    f = root / "train" / "ant" / "a.bmp"
+    st = f.stat()
+    Image.fromarray(np.full((8, 8), 200, np.uint8)).save(f)
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))  # size and mtime as before: only the ctime moved
+    assert (f.stat().st_size, f.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    (again, _), _, _ = load_image_folder(root)
+    assert train[0][0].max() == 0 and again[0][0].max() == pytest.approx(200 / 255)  # not the old entry
+
+
+def test_an_entry_whose_classes_were_edited_is_decoded_again(tmp_path):
+    root = _set(tmp_path / "ds")
+    load_image_folder(root)
+    (entry,) = _entries()
+    m = json.loads((entry.folder / "manifest.json").read_text())
+    (entry.folder / "manifest.json").write_text(json.dumps({**m, "classes": ["cat", "dog", "eel"]}))
+    _, _, classes = load_image_folder(root)
+    assert classes == CLASSES
+
+
+@pytest.mark.parametrize("damage", ["header", "labels out of range"])
+def test_an_entry_numpy_cannot_parse_or_with_impossible_labels_is_decoded_again(tmp_path, damage):
+    root = _set(tmp_path / "ds")
+    load_image_folder(root)
+    (entry,) = _entries()
+    if damage == "header":  # numpy's header parser raises tokenize.TokenError on this
+        data = bytearray((entry.folder / "test-images.npy").read_bytes())
+        data[data.index(b"}")] = ord("(")
+        (entry.folder / "test-images.npy").write_bytes(bytes(data))
+    else:
+        labels = np.load(entry.folder / "train-labels.npy")
+        labels[0] = 99
+        np.save(entry.folder / "train-labels.npy", labels)
+    (train, test), _, _ = load_image_folder(root)
+    assert train.shape == (30, 8, 8, 1) and test is not None and int(train[1].max()) < len(CLASSES)
+    (fresh,) = _entries()
+    assert int(np.load(fresh.folder / "train-labels.npy").max()) < len(CLASSES)
+
+
+def test_entries_of_an_older_format_are_pruned_and_a_newer_ones_kept(tmp_path):
+    root = _set(tmp_path / "ds")
+    load_image_folder(root)
+    base = _folder_cache.root()
+    fmt_now = _folder_cache.FORMAT
+    for name, fmt in (("0123456789abcdef", fmt_now - 1), ("fedcba9876543210", fmt_now + 1)):
+        (base / name).mkdir()
+        (base / name / "manifest.json").write_text(json.dumps({"format": fmt}))
+    (base / "00000000deadbeef").mkdir()  # no manifest at all: damaged
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(root / "train" / "ant" / "new.png")
+    load_image_folder(root)  # a new entry is written: the sweep runs
+    assert sorted(d.name for d in base.iterdir() if not d.name.startswith(".")) == sorted(
+        ["fedcba9876543210", *(e.key for e in _entries())])
+
+
+def test_hidden_folders_are_not_classes(tmp_path):
+    root = _set(tmp_path / "ds")
+    for split in ("train", "test"):
+        (root / split / ".ipynb_checkpoints").mkdir()
+    _, _, classes = load_image_folder(root)
+    assert classes == CLASSES
+
+
 def test_a_damaged_entry_is_decoded_again(tmp_path):
     root = _set(tmp_path / "ds")
     load_image_folder(root)
@@ -153,7 +220,8 @@ def test_a_damaged_entry_is_decoded_again(tmp_path):
 
 
 @pytest.mark.parametrize("edit", [lambda m: m.pop("shape"), lambda m: m.update(classes=None),
-                                  lambda m: m.update(train_images="30")])
+                                  lambda m: m.update(train_images="30"), lambda m: m.update(notes=5),
+                                  lambda m: m.update(notes="hi")])
 def test_a_hand_edited_manifest_is_decoded_again_and_left_out_of_data_list(tmp_path, capsys, edit):
     root = _set(tmp_path / "ds")
     load_image_folder(root)

@@ -171,7 +171,7 @@ def test_train_on_an_rgb_image_folder_then_eval_and_predict_print_names(tmp_path
     assert len(rows) == 6 and all(sorted(t["class"] for t in r["top"]) == list(CLASSES) for r in rows)
     # a gray model refuses the colour data set with one line
     gray = tmp_path / "gray.safetensors"
-    gray_spec = ModelSpec.from_dict({**TINY, "num_classes": 3})
+    gray_spec = ModelSpec.from_dict({**TINY, "num_classes": 3, "class_names": list(CLASSES)})
     save_model(gray, gray_spec, init_weights(gray_spec, 0))
     code, out, err = run_cli(["eval", gray, "--dataset", root], capsys)
     assert_one_line_error(code, out, err, "takes 1-channel images", "have 3")
@@ -290,3 +290,27 @@ def test_inspect_and_predict_an_rgb_model_print_class_names(tmp_path, capsys):
     assert code == 0, err
     row = out.splitlines()[1].split(",")
     assert sorted(row[1:7:2]) == list(CLASSES)
+
+
+@pytest.mark.torch
+def test_eval_scores_a_folder_by_its_class_names_not_its_folder_positions(tmp_path, capsys):
+    spec = ModelSpec.from_dict(TINY)  # 10 unnamed classes: "0".."9"
+    save_model(tmp_path / "m.safetensors", spec, init_weights(spec, 0))
+    root = tmp_path / "ds"
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for digit in "3579":  # no class 0: positions 0..3 in the folder, classes 3, 5, 7, 9 of the model
+            (root / split / digit).mkdir(parents=True)
+            image = rng.integers(0, 256, (20, 20), dtype=np.uint8)
+            Image.fromarray(image).save(root / split / digit / "a.png")
+    code, out, err = run_cli(["eval", tmp_path / "m.safetensors", "--dataset", root, "--json"], capsys)
+    assert code == 0, err
+    per_class = json.loads(out)["per_class"]
+    assert [c for c, v in per_class.items() if v is not None] == ["3", "5", "7", "9"]
+    (root / "test" / "cat").mkdir()
+    Image.fromarray(np.zeros((20, 20), np.uint8)).save(root / "test" / "cat" / "a.png")
+    (root / "train" / "cat").mkdir()
+    Image.fromarray(np.zeros((20, 20), np.uint8)).save(root / "train" / "cat" / "a.png")
+    for command in ("eval", "eval-pairs"):
+        code, out, err = run_cli([command, tmp_path / "m.safetensors", "--dataset", root], capsys)
+        assert_one_line_error(code, out, err, "class 'cat'", "not one of the model's classes")

@@ -43,15 +43,46 @@ def _test_split(
     image_size: str | None,
     holdout: int | None,
     val_fraction: float | None,
+    spec: "ModelSpec",
+    model: Path,
 ) -> "Split":
-    """The test split, or with --holdout/--val-fraction the training images `capsctl train` held out."""
+    """The test split, or with --holdout/--val-fraction the training images `capsctl train` held out, with
+    its labels as the model's class indices."""
     from capsctl.data import datasets
     from capsctl.data.sources import parse_image_size, splits
 
     ds = datasets.load(dataset, data_dir, parse_image_size(image_size))
     if holdout is None and val_fraction is None:
-        return ds.test()  # (the training images are not read)
-    return splits(ds, holdout, val_fraction)[1]
+        split = ds.test()  # (the training images are not read)
+    else:
+        split = splits(ds, holdout, val_fraction)[1]
+    return _as_model_classes(split, tuple(ds.classes), spec, model, dataset)
+
+
+def _as_model_classes(
+    split: "Split", classes: tuple[str, ...], spec: "ModelSpec", model: Path, dataset: str
+) -> "Split":
+    """`split` with each label the index of its class's name among the model's classes. A data set's labels
+    count its own classes (a folder's sorted class folders): a folder without class 0, or with the
+    classes in another order, would otherwise be scored against the wrong classes."""
+    import numpy as np
+
+    from capsctl.data.datasets import Split
+    from capsctl.errors import CapsctlError
+    from capsctl.model.spec import names_of
+
+    names = names_of(spec)
+    if classes == names[: len(classes)]:
+        return split  # (the labels already are the model's indices)
+    unknown = [c for c in classes if c not in names]
+    if unknown:
+        shown = ", ".join(names[:12]) + (", …" if len(names) > 12 else "")
+        raise CapsctlError(
+            f"{model}: {dataset} has class {unknown[0]!r}, which is not one of the model's classes "
+            f"({shown}); score it on data of the classes it was trained on"
+        )
+    index = np.array([names.index(c) for c in classes], dtype=np.int64)
+    return Split(split.images, index[split.labels])
 
 
 def eval_model(
@@ -90,7 +121,7 @@ def eval_model(
     check_range("--batch-size", batch_size, 1, 65536)
     spec, weights = load_model(model)
     dataset_name = str(dataset)
-    test = _test_split(dataset_name, data_dir, image_size, holdout, val_fraction)
+    test = _test_split(dataset_name, data_dir, image_size, holdout, val_fraction, spec, model)
     x, y = (test.images[:limit], test.labels[:limit]) if limit else (test.images, test.labels)
     check_fit(spec, x, y, str(model), f"{dataset_name} test images", single_digits=True)
     runner = get_backend(backend).runner(spec, weights)
@@ -181,7 +212,7 @@ def eval_pairs(
         check_decoder(spec, model, "--reconstruction")
     if digits > spec.num_classes:
         check_range("--digits", digits, 2, spec.num_classes)
-    test = _test_split(str(dataset), data_dir, image_size, holdout, val_fraction)
+    test = _test_split(str(dataset), data_dir, image_size, holdout, val_fraction, spec, model)
     comp = make_composites(
         test.images, test.labels, digits=digits, layout=str(layout), seed=seed, limit=limit
     )

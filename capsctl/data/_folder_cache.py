@@ -4,7 +4,7 @@ Each entry is a folder `cache_root()/folders/<key>/` holding the uint8 images an
 files (train-images, train-labels and, when the data set has a test/ folder, test-images, test-labels)
 and `manifest.json` (source path, counts, shape, classes, creation time, messages to repeat). The key is
 a hash of everything the decoded arrays depend on: the folder's resolved path, its sorted image files
-with each one's size and mtime, the requested image size and the gray/RGB mode rule. A changed, added
+with each one's size, mtime and ctime, the requested image size and the gray/RGB mode rule. A changed, added
 or removed file gives a new key, so a stale entry is never read (and is pruned when its replacement is
 written). An entry is written into a temporary folder and renamed into place, so a reader sees a whole
 entry or none; removal renames it away first for the same reason.
@@ -44,10 +44,10 @@ def root() -> Path:
 
 def make_key(source: Path, image_size: tuple[int, int] | None, mode: str, files: Iterable[str]) -> str:
     """16 hex digits of SHA-256 over the source path, the size and mode requested and `files` (one line
-    per image file: split, class, relative path, size, mtime in ns)."""
+    per image file: split, class, relative path, size, mtime and ctime in ns)."""
     h = hashlib.sha256()
     size = "x".join(map(str, image_size)) if image_size else "as-is"
-    h.update(f"capsctl-folder-cache {FORMAT}\n{source}\n{size}\n{mode}\n".encode())
+    h.update(f"capsctl-folder-cache {FORMAT}\n{source}\n{size}\n{mode}\n".encode("utf-8", "surrogateescape"))
     for line in files:
         h.update(line.encode("utf-8", "surrogateescape") + b"\n")
     return h.hexdigest()[:16]
@@ -87,6 +87,8 @@ def _well_formed(m: dict[str, Any]) -> bool:
         and (n_test is None or isinstance(n_test, int))
         and isinstance(classes, list)
         and all(isinstance(c, str) for c in classes)
+        and isinstance(m.get("notes", []), list)
+        and all(isinstance(n, str) for n in m.get("notes", []))
     )
 
 
@@ -105,22 +107,25 @@ def entries() -> list[Entry]:
     return sorted(found, key=lambda e: (str(e.manifest.get("created", "")), e.key))
 
 
-def load(key: str) -> tuple[dict[str, Any], dict[str, np.ndarray]] | None:
+def load(key: str, classes: list[str]) -> tuple[dict[str, Any], dict[str, np.ndarray]] | None:
     """(manifest, {part: memory-mapped array}) of entry `key`, or None when there is none or it is damaged
-    (then it is removed, and the caller decodes the folder again)."""
+    (then it is removed, and the caller decodes the folder again). `classes`: the folder's, as listed now
+    (an entry's are the same unless its manifest was edited)."""
     folder = root() / key
     if not folder.is_dir():
         return None
     m = _read_manifest(folder)
     arrays: dict[str, np.ndarray] = {}
     try:
-        if m is None:
-            raise ValueError("no manifest")
+        if m is None or m["classes"] != list(classes):
+            raise ValueError("no manifest, or not this folder's classes")
         for part in _PARTS:
             if (folder / f"{part}.npy").is_file():
                 arrays[part] = np.load(folder / f"{part}.npy", mmap_mode="r", allow_pickle=False)
         _check(m, arrays)
-    except (OSError, ValueError, EOFError, KeyError, TypeError):
+    except MemoryError:
+        raise
+    except Exception:  # numpy's header parser alone raises ValueError, SyntaxError, tokenize.TokenError…
         _remove(folder)  # damaged outside capsctl (a full disk, a hand edit): decode again
         return None
     assert m is not None
@@ -138,6 +143,8 @@ def _check(m: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
         x, y = arrays[f"{split}-images"], arrays[f"{split}-labels"]
         if x.dtype != np.uint8 or x.shape != (count, *shape) or y.dtype != np.int64 or y.shape != (count,):
             raise ValueError(f"{split} arrays do not match the manifest")
+        if count and (int(y.min()) < 0 or int(y.max()) >= len(m["classes"])):
+            raise ValueError(f"{split} labels outside the classes")
 
 
 def store(key: str, manifest: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
@@ -212,12 +219,23 @@ def _remove(folder: Path) -> None:
 
 
 def _sweep(base: Path) -> None:
-    """Remove temporary folders that runs killed mid-write left behind."""
+    """Remove temporary folders that runs killed mid-write left behind, and entries no run can read: of an
+    older FORMAT, or damaged (an entry appears whole, by a rename, so one without a readable manifest is
+    not being written). An entry of a newer FORMAT belongs to a newer capsctl sharing the cache: kept."""
     now = time.time()
     for d in base.glob(f"{_TMP}*"):
         with contextlib.suppress(OSError):
             if now - d.stat().st_mtime > _STALE_TMP_SECONDS:
                 shutil.rmtree(d, ignore_errors=True)
+    for d in base.iterdir():
+        if d.name.startswith(".") or not d.is_dir() or _read_manifest(d) is not None:
+            continue
+        try:
+            fmt = json.loads((d / MANIFEST).read_text(encoding="utf-8")).get("format")
+        except (OSError, ValueError, AttributeError):
+            fmt = None
+        if not isinstance(fmt, int) or fmt <= FORMAT:
+            _remove(d)
 
 
 def human_bytes(n: int) -> str:

@@ -55,6 +55,9 @@ class _File:
     label: int
     size: int  # bytes
     mtime_ns: int
+    # the inode's change time: a file rewritten with its old size and mtime put back (os.utime, a copy
+    # that keeps times) still changes it, so the cache key sees it
+    ctime_ns: int
 
 
 @dataclass
@@ -122,7 +125,7 @@ def _list(split_dir: Path, classes: list[str], role: str) -> tuple[list[_File], 
                 if st.st_size == 0:
                     raise CapsctlError(f"{full}: empty file (0 bytes)")
                 rel = fname if rel_dir == "." else f"{rel_dir}/{fname}"
-                files.append(_File(full, rel, label, st.st_size, st.st_mtime_ns))
+                files.append(_File(full, rel, label, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
                 found += 1
         if not found:
             raise CapsctlError(f"{folder}: an empty class folder (no {role} images)")
@@ -142,12 +145,17 @@ def load_image_folder(
     from capsctl._console import err
 
     train_dir, test_dir = root / "train", root / "test"
-    classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
+    # (hidden folders are not classes: Jupyter's .ipynb_checkpoints, a .git, ...)
+    classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise CapsctlError(f"{train_dir}: no class folders (expected {train_dir}/<class>/*.png)")
     has_test = test_dir.is_dir()
     if has_test:
-        extra = sorted(p.name for p in test_dir.iterdir() if p.is_dir() and p.name not in classes)
+        extra = sorted(
+            p.name
+            for p in test_dir.iterdir()
+            if p.is_dir() and not p.name.startswith(".") and p.name not in classes
+        )
         if extra:
             raise CapsctlError(
                 f"{test_dir / extra[0]}: test class {extra[0]!r} is not among the train/ classes"
@@ -168,12 +176,12 @@ def load_image_folder(
         image_size,
         MODE_RULE,
         (
-            f"{split}\t{classes[f.label]}\t{f.rel}\t{f.size}\t{f.mtime_ns}"
+            f"{split}\t{classes[f.label]}\t{f.rel}\t{f.size}\t{f.mtime_ns}\t{f.ctime_ns}"
             for split, files in (("train", train), ("test", test))
             for f in files
         ),
     )
-    cached = _folder_cache.load(key)
+    cached = _folder_cache.load(key, classes)
     if cached is not None:
         manifest, arrays = cached
         for note in manifest.get("notes", []):
