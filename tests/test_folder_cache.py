@@ -368,3 +368,11 @@ def test_quiet_silences_the_first_decoding_bar(tmp_path, capsys, monkeypatch):
     code, _, err = run_cli([*base, "--json", "--out", tmp_path / "b"], capsys)
     assert code == 0, err
     assert "decoding" in err
+
+
+def test_a_data_set_path_that_is_not_utf8_is_cached(tmp_path):
+    root = Path(os.fsdecode(bytes(tmp_path) + b"/ds-\xff"))  # a name with a byte that is not UTF-8
+    _set(root)
+    (train, _), _, classes = load_image_folder(root)
+    (again, _), _, _ = load_image_folder(root)  # the second run reads the entry the first wrote
+    assert classes == CLASSES and np.array_equal(train[0], again[0]) and len(_entries()) == 1
