@@ -115,6 +115,8 @@ def test_npz_reads_nhw_and_nhwc_with_class_names(tmp_path):
     ({"y_train": np.array([0, 1, 2, 3, 1, 2])}, "label 3 is out of range for 3 class_names"),
     ({"y_test": np.array([0, 1])}, "x_test has 3 images but y_test has 2 labels"),
     ({"y_train": np.array([0, 1, 2, -1, 1, 2])}, "y_train holds label -1"),
+    ({"class_names": np.array(["a", "b", "a"])}, "class_names must be distinct, non-empty strings"),
+    ({"class_names": np.array(["a", "", "c"])}, "class_names must be distinct, non-empty strings"),
 ])
 def test_npz_problems_are_one_line(tmp_path, override, fragment):
     with pytest.raises(CapsctlError) as info:

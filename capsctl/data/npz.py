@@ -58,6 +58,10 @@ def load_npz(
             raise CapsctlError(f"{path}: class_names must be a 1-D array of strings, got {names.dtype} "
                                f"{list(names.shape)}")
         classes = tuple(str(n) for n in names)
+        if len(set(classes)) != len(classes) or not all(classes):  # (a class is found by its name)
+            raise CapsctlError(
+                f"{path}: class_names must be distinct, non-empty strings, got {list(classes)[:12]}"
+            )
         if top >= len(classes):
             raise CapsctlError(f"{path}: label {top} is out of range for {len(classes)} class_names")
     else:
