@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
+
 
 class CapsctlError(Exception):
     """Bad input or environment; the CLI prints `error: <message>` and exits with `exit_code`."""
@@ -17,6 +20,21 @@ class TrainingStopped(CapsctlError):
     def __init__(self, message: str, exit_code: int = 1) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+def run_script(main: Callable[[], object]) -> int:
+    """The exit status of a tools/ script's `main`: bad input (a CapsctlError, an OSError on a path the
+    user gave) is one line `error: ...` on stderr and status 2, as for the capsctl command."""
+    try:
+        main()
+    except CapsctlError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except OSError as e:
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def first_line(e: BaseException, fallback: str | None = None) -> str:

@@ -186,3 +186,37 @@ def test_multimnist_errors_splits_the_error_eval_pairs_reports(tmp_path, capsys,
     assert sum(b["pairs"] for b in r["by_overlap"]) == r["pairs"]
     assert [(c["epoch"], c["composites"]) for c in r["curve"][str(run)]] == [(1, 100), (2, 200)]
     assert r["curve"][str(run)][1]["error"] == pytest.approx(0.8)
+
+
+@pytest.mark.parametrize(("name", "argv", "words"), [
+    ("composite_png", ["--index", "-1", "--out", "{d}/c.png"], "--index must be 0 or more"),
+    ("composite_png", ["--out", "{d}/missing/c.png"], "does not exist"),
+    ("composite_png", ["--out", "{d}/c.jpg"], "must end in .png"),
+    ("composite_png", ["--layout", "diag", "--out", "{d}/c.png"], "--layout must be one of"),
+    ("inspect_order", ["{d}/absent.safetensors"], "absent.safetensors: no such file"),
+    ("inspect_order", ["{d}/absent.safetensors", "--batch-size", "0"], "--batch-size must be at least 1"),
+    ("pair_errors", ["{d}/absent.safetensors"], "absent.safetensors: no such file"),
+    ("multimnist_errors", ["{d}/absent.safetensors", "--json", "{d}/missing/e.json"], "does not exist"),
+])
+def test_the_scripts_refuse_bad_input_in_one_line(tmp_path, capsys, monkeypatch, name, argv, words):
+    from capsctl.errors import run_script
+
+    tool = _tool(name)
+    monkeypatch.setattr(sys, "argv", [name, *(a.format(d=tmp_path) for a in argv)])
+    assert run_script(tool.main) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and words in err, err
+    assert [p.name for p in tmp_path.iterdir()] == []  # nothing written
+
+
+def test_composite_png_writes_the_composite_it_names(tmp_path, capsys, monkeypatch):
+    from capsctl.errors import run_script
+
+    monkeypatch.setattr(sys, "argv", ["composite_png", "--index", "3", "--out", str(tmp_path / "two.png")])
+    assert run_script(_tool("composite_png").main) == 0
+    assert capsys.readouterr().out == "labels: 4 8\n"  # (README's example)
+    assert Image.open(tmp_path / "two.png").size == (28, 56)
+
+
+def test_the_learning_curve_of_a_model_without_its_run_folder_is_empty(tmp_path):
+    assert _tool("multimnist_errors").learning_curve(tmp_path) == []

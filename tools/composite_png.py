@@ -1,7 +1,7 @@
 """Save one test-set composite (the paired-digit protocol, capsctl.composites) as a PNG.
 
     python tools/composite_png.py --index 3 --out two.png
-    capsctl inspect two.png --model RUN/model.safetensors --top 2 --out maps.png
+    capsctl inspect RUN/model.safetensors two.png --top 2 --out maps.png
 
 Prints the composite's labels in placement order (top to bottom / left to right).
 """
@@ -9,12 +9,17 @@ Prints the composite's labels in placement order (top to bottom / left to right)
 from __future__ import annotations
 
 import argparse
+import io
+import sys
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from capsctl._io import atomic_write_bytes
 from capsctl.data import datasets
 from capsctl.data.composites import make_composites
+from capsctl.errors import CapsctlError, run_script
 
 
 def main() -> None:
@@ -27,14 +32,25 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
+    out = Path(args.out)
+    if args.index < 0:
+        raise CapsctlError(f"--index must be 0 or more, got {args.index}")
+    if out.suffix.lower() != ".png":
+        raise CapsctlError(f"--out {out}: the output must end in .png")
+    if not out.parent.is_dir():
+        raise CapsctlError(f"--out {out}: folder {out.parent} does not exist")
     test = datasets.load(args.dataset, args.data_dir).test()
     comp = make_composites(
         test.images, test.labels, digits=args.digits, layout=args.layout, seed=args.seed, limit=args.index + 1
     )
+    if args.index >= len(comp.images):
+        raise CapsctlError(f"--index {args.index}: the test set makes {len(comp.images)} such composites")
     img = np.round(comp.images[args.index, :, :, 0] * 255).astype(np.uint8)
-    Image.fromarray(img).save(args.out)
+    png = io.BytesIO()
+    Image.fromarray(img).save(png, format="PNG")
+    atomic_write_bytes(out, png.getvalue())
     print("labels:", " ".join(map(str, comp.labels[args.index])))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(main))

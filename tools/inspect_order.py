@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 import numpy as np
 
 from capsctl.backend import get_backend
 from capsctl.data import datasets
 from capsctl.data.composites import make_composites
+from capsctl.errors import CapsctlError, run_script
 from capsctl.inspect.analysis import WEIGHTINGS, inspect_one
 from capsctl.model.weights import load_model
 
@@ -28,13 +30,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model")
     ap.add_argument("--data-dir", default=None)
-    ap.add_argument("--dataset", default="mnist")
+    ap.add_argument("--dataset", default="mnist-5k")
     ap.add_argument("--backend", default="torch")
     ap.add_argument("--limit", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=50)
     ap.add_argument("--digits", type=int, default=2, help="digits per composite (the set is the top k)")
     args = ap.parse_args()
+    for flag, value in (("--limit", args.limit), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise CapsctlError(f"{flag} must be at least 1, got {value}")
 
     spec, weights = load_model(args.model)
     runner = get_backend(args.backend).runner(spec, weights)
@@ -76,4 +81,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(main))

@@ -19,14 +19,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
+from capsctl._io import atomic_write_bytes
 from capsctl.backend import get_backend
 from capsctl.data import datasets
 from capsctl.data.composites import OVERLAP_SHIFT, alone, make_composites, overlay, set_matches
+from capsctl.errors import CapsctlError, run_script
 from capsctl.model.weights import load_model
 
 INK = 0.5  # a pixel is ink above this (pixels in 0..1)
@@ -44,6 +47,8 @@ def overlap_share(parts: np.ndarray, offsets: np.ndarray) -> np.ndarray:
 def learning_curve(run: Path) -> list[dict[str, float]]:
     """Per epoch of a --compose run: composites trained on so far (images/s x seconds of each epoch, one
     composite per training image) and the error on that epoch's test pairs."""
+    if not (run / "metrics.jsonl").is_file():
+        return []  # (a model file without its run folder: no curve to read)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     out = []
     seen = 0
@@ -65,6 +70,9 @@ def main() -> None:
     ap.add_argument("--runs", nargs="*", default=[], help="other --compose run folders for the curve")
     ap.add_argument("--json", help="write the report here too")
     args = ap.parse_args()
+    folder = Path(args.json or ".").absolute().parent
+    if not folder.is_dir():  # said before the long scoring, not after it
+        raise CapsctlError(f"--json {args.json}: folder {folder} does not exist")
 
     test = datasets.load(args.dataset, args.data_dir).test()
     spec, weights = load_model(args.model)
@@ -129,8 +137,8 @@ def main() -> None:
     text = json.dumps(report, indent=1)
     print(text)
     if args.json:
-        Path(args.json).write_text(text + "\n")
+        atomic_write_bytes(Path(args.json), (text + "\n").encode())
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(main))

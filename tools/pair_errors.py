@@ -13,19 +13,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 import numpy as np
 
 from capsctl.backend import get_backend
 from capsctl.data import datasets
 from capsctl.data.composites import make_composites, set_matches
+from capsctl.errors import run_script
+from capsctl.model.fit import check_fit
 from capsctl.model.weights import load_model
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model")
-    ap.add_argument("--dataset", default="mnist")
+    ap.add_argument("--dataset", default="mnist-5k")
     ap.add_argument("--data-dir")
     ap.add_argument("--backend", default="torch")
     ap.add_argument("--layouts", default="vertical,horizontal")
@@ -34,6 +37,7 @@ def main() -> None:
 
     test = datasets.load(args.dataset, args.data_dir).test()
     spec, weights = load_model(args.model)
+    check_fit(spec, test.images, test.labels, args.model, f"{args.dataset} test images")
     runner = get_backend(args.backend).runner(spec, weights)
     alone_ok = np.argmax(runner.scores(test.images), axis=1) == test.labels
     report: dict[str, object] = {"single_accuracy": float(alone_ok.mean())}
@@ -55,4 +59,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(main))
