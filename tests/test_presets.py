@@ -246,6 +246,16 @@ def test_the_ablation_plot_falls_back_to_the_standard_test_without_pair_tests():
     assert "accuracy" in label and "paired" not in label and measure({"test": {"accuracy": 0.9}}) == 0.9
 
 
+def test_the_resize_hint_names_a_size_that_gives_the_models_capsules():
+    from capsctl.model.fit import resize_hint
+
+    assert resize_hint(filled("sabour2017")) == "try --resize 28x28"
+    assert resize_hint(filled("efficient-multimnist")) == "try --resize 36x36"
+    assert resize_hint(filled("seed")) == "try --resize 28x28"
+    wide = for_images("sabour2017", 28, 56)  # no square image gives its 3,840 input capsules
+    assert resize_hint(wide) == "try --resize to the size it was trained on (3840 input capsules)"
+
+
 def test_bench_arch_with_heads_given_measures_both_even_at_the_default_list(capsys, monkeypatch):
     from capsctl.bench import report
 

@@ -197,6 +197,7 @@ def test_multimnist_errors_splits_the_error_eval_pairs_reports(tmp_path, capsys,
     ("inspect_order", ["{d}/absent.safetensors", "--batch-size", "0"], "--batch-size must be at least 1"),
     ("pair_errors", ["{d}/absent.safetensors"], "absent.safetensors: no such file"),
     ("multimnist_errors", ["{d}/absent.safetensors", "--json", "{d}/missing/e.json"], "does not exist"),
+    ("multimnist_errors", ["{d}/absent.safetensors", "--runs", "{d}/nowhere"], "no metrics.jsonl there"),
 ])
 def test_the_scripts_refuse_bad_input_in_one_line(tmp_path, capsys, monkeypatch, name, argv, words):
     from capsctl.errors import run_script

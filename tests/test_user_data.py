@@ -309,10 +309,27 @@ def test_eval_scores_a_folder_by_its_class_names_not_its_folder_positions(tmp_pa
     assert code == 0, err
     per_class = json.loads(out)["per_class"]
     assert [c for c, v in per_class.items() if v is not None] == ["3", "5", "7", "9"]
-    (root / "test" / "cat").mkdir()
-    Image.fromarray(np.zeros((20, 20), np.uint8)).save(root / "test" / "cat" / "a.png")
-    (root / "train" / "cat").mkdir()
-    Image.fromarray(np.zeros((20, 20), np.uint8)).save(root / "train" / "cat" / "a.png")
+    # a model with names of its own and data with other names: refused
+    named = ModelSpec.from_dict({**TINY, "num_classes": 4, "class_names": ["3", "5", "7", "cat"]})
+    save_model(tmp_path / "named.safetensors", named, init_weights(named, 0))
     for command in ("eval", "eval-pairs"):
-        code, out, err = run_cli([command, tmp_path / "m.safetensors", "--dataset", root], capsys)
-        assert_one_line_error(code, out, err, "class 'cat'", "not one of the model's classes")
+        code, out, err = run_cli([command, tmp_path / "named.safetensors", "--dataset", root], capsys)
+        assert_one_line_error(code, out, err, "class '9'", "not one of the model's classes")
+
+
+@pytest.mark.torch
+def test_eval_scores_by_index_where_the_data_or_the_model_names_no_classes(tmp_path, capsys):
+    # a model with real names (trained on a named set) on the same classes as an .npz without class_names,
+    # and an unnamed model on named data: both scored by index, as before names were compared
+    named = ModelSpec.from_dict({**TINY, "num_classes": 3, "class_names": list(CLASSES)})
+    unnamed = ModelSpec.from_dict({**TINY, "num_classes": 3})
+    for name, spec in (("named", named), ("unnamed", unnamed)):
+        save_model(tmp_path / f"{name}.safetensors", spec, init_weights(spec, 0))
+    images = {"x_train": np.zeros((6, 20, 20), np.uint8), "x_test": np.zeros((3, 20, 20), np.uint8)}
+    bare = _npz(tmp_path / "bare.npz", **images, class_names=None)
+    with_names = _npz(tmp_path / "with.npz", **images)
+    for model, data in (("named", bare), ("unnamed", with_names)):
+        args = ["eval", tmp_path / f"{model}.safetensors", "--dataset", data, "--json"]
+        code, out, err = run_cli(args, capsys)
+        assert code == 0, err
+        assert json.loads(out)["images"] == 3

@@ -48,7 +48,7 @@ def learning_curve(run: Path) -> list[dict[str, float]]:
     """Per epoch of a --compose run: composites trained on so far (images/s x seconds of each epoch, one
     composite per training image) and the error on that epoch's test pairs."""
     if not (run / "metrics.jsonl").is_file():
-        return []  # (a model file without its run folder: no curve to read)
+        return []  # (a model file outside its run folder: no curve to read)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     out = []
     seen = 0
@@ -70,6 +70,9 @@ def main() -> None:
     ap.add_argument("--runs", nargs="*", default=[], help="other --compose run folders for the curve")
     ap.add_argument("--json", help="write the report here too")
     args = ap.parse_args()
+    for run in args.runs:  # (the model's own folder may have no curve; a folder named here must)
+        if not (Path(run) / "metrics.jsonl").is_file():
+            raise CapsctlError(f"--runs {run}: no metrics.jsonl there (not a run folder)")
     folder = Path(args.json or ".").absolute().parent
     if not folder.is_dir():  # said before the long scoring, not after it
         raise CapsctlError(f"--json {args.json}: folder {folder} does not exist")

@@ -64,7 +64,9 @@ def _as_model_classes(
 ) -> "Split":
     """`split` with each label the index of its class's name among the model's classes. A data set's labels
     count its own classes (a folder's sorted class folders): a folder without class 0, or with the
-    classes in another order, would otherwise be scored against the wrong classes."""
+    classes in another order, would otherwise be scored against the wrong classes. Where either side has
+    no names of its own (an IDX folder or an .npz without class_names, a model trained on one: "0".."k-1"),
+    labels are the model's indices as they are; only two different sets of real names are refused."""
     import numpy as np
 
     from capsctl.data.datasets import Split
@@ -75,6 +77,9 @@ def _as_model_classes(
     if classes == names[: len(classes)]:
         return split  # (the labels already are the model's indices)
     unknown = [c for c in classes if c not in names]
+    unnamed = classes == tuple(str(j) for j in range(len(classes))) or spec.class_names is None
+    if unknown and unnamed:
+        return split  # (scored by index, as the data set or the model names no classes)
     if unknown:
         shown = ", ".join(names[:12]) + (", …" if len(names) > 12 else "")
         raise CapsctlError(

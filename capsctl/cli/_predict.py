@@ -199,12 +199,11 @@ def _read(path: Path, spec: ModelSpec, invert: str, resize: tuple[int, int] | No
     if spec.head == "capsule" and not caps.shared:
         n = spec.capsule_count(img.shape[0], img.shape[1])
         if n != caps.num_inputs:
-            from capsctl.model.fit import resize_side
+            from capsctl.model.fit import resize_hint
 
-            side = resize_side(spec)
             raise CapsctlError(
                 f"{path}: gives {n} input capsules, but the model has per-position capsule weights for "
-                f"{caps.num_inputs} inputs (try --resize {side}x{side})"
+                f"{caps.num_inputs} inputs ({resize_hint(spec)})"
             )
     return img
 

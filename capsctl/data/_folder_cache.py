@@ -4,7 +4,7 @@ Each entry is a folder `cache_root()/folders/<key>/` holding the uint8 images an
 files (train-images, train-labels and, when the data set has a test/ folder, test-images, test-labels)
 and `manifest.json` (source path, counts, shape, classes, creation time, messages to repeat). The key is
 a hash of everything the decoded arrays depend on: the folder's resolved path, its sorted image files
-with each one's size, mtime and ctime, the requested image size and the gray/RGB mode rule. A changed, added
+with each one's size and mtime, the requested image size and the gray/RGB mode rule. A changed, added
 or removed file gives a new key, so a stale entry is never read (and is pruned when its replacement is
 written). An entry is written into a temporary folder and renamed into place, so a reader sees a whole
 entry or none; removal renames it away first for the same reason.
@@ -44,7 +44,7 @@ def root() -> Path:
 
 def make_key(source: Path, image_size: tuple[int, int] | None, mode: str, files: Iterable[str]) -> str:
     """16 hex digits of SHA-256 over the source path, the size and mode requested and `files` (one line
-    per image file: split, class, relative path, size, mtime and ctime in ns)."""
+    per image file: split, class, relative path, size, mtime in ns)."""
     h = hashlib.sha256()
     size = "x".join(map(str, image_size)) if image_size else "as-is"
     h.update(f"capsctl-folder-cache {FORMAT}\n{source}\n{size}\n{mode}\n".encode("utf-8", "surrogateescape"))
@@ -231,10 +231,15 @@ def _sweep(base: Path) -> None:
         if d.name.startswith(".") or not d.is_dir() or _read_manifest(d) is not None:
             continue
         try:
-            fmt = json.loads((d / MANIFEST).read_text(encoding="utf-8")).get("format")
-        except (OSError, ValueError, AttributeError):
-            fmt = None
-        if not isinstance(fmt, int) or fmt <= FORMAT:
+            m = json.loads((d / MANIFEST).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            m = None  # no manifest: damaged (an entry appears whole, with its manifest)
+        except OSError:
+            continue  # unreadable just now (a busy or remote disk): not known to be damaged, kept
+        except ValueError:
+            m = None
+        fmt = m.get("format") if isinstance(m, dict) else None
+        if not isinstance(fmt, int) or fmt <= FORMAT:  # (FORMAT itself here: a manifest not well formed)
             _remove(d)
 
 

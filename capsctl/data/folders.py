@@ -54,10 +54,9 @@ class _File:
     rel: str  # path inside its class folder, '/'-separated
     label: int
     size: int  # bytes
+    # (not the ctime: a copy that keeps times, `rsync -a` to a scratch disk, a chmod would miss the cache
+    # on every run; a file rewritten with its old size and mtime put back is not seen, as by make or rsync)
     mtime_ns: int
-    # the inode's change time: a file rewritten with its old size and mtime put back (os.utime, a copy
-    # that keeps times) still changes it, so the cache key sees it
-    ctime_ns: int
 
 
 @dataclass
@@ -125,7 +124,7 @@ def _list(split_dir: Path, classes: list[str], role: str) -> tuple[list[_File], 
                 if st.st_size == 0:
                     raise CapsctlError(f"{full}: empty file (0 bytes)")
                 rel = fname if rel_dir == "." else f"{rel_dir}/{fname}"
-                files.append(_File(full, rel, label, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+                files.append(_File(full, rel, label, st.st_size, st.st_mtime_ns))
                 found += 1
         if not found:
             raise CapsctlError(f"{folder}: an empty class folder (no {role} images)")
@@ -176,7 +175,7 @@ def load_image_folder(
         image_size,
         MODE_RULE,
         (
-            f"{split}\t{classes[f.label]}\t{f.rel}\t{f.size}\t{f.mtime_ns}\t{f.ctime_ns}"
+            f"{split}\t{classes[f.label]}\t{f.rel}\t{f.size}\t{f.mtime_ns}"
             for split, files in (("train", train), ("test", test))
             for f in files
         ),

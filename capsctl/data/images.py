@@ -99,11 +99,10 @@ def load_image(
             if spec.head == "capsule":
                 spec.capsule_grid(*gray.shape[:2])  # (primary capsules need their kernel's window too)
         except CapsctlError as e:
-            from capsctl.model.fit import resize_side
+            from capsctl.model.fit import resize_hint
 
-            side = resize_side(spec)
             raise CapsctlError(
-                f"{p}: {e} (at least {spec.min_image_size()} pixels a side; try --resize {side}x{side})"
+                f"{p}: {e} (at least {spec.min_image_size()} pixels a side; {resize_hint(spec)})"
             ) from None
     return np.ascontiguousarray(gray, dtype=np.float32)
 

@@ -46,16 +46,18 @@ def check_fit(
         )
 
 
-def resize_side(spec: ModelSpec) -> int:
-    """The side S of the `--resize SxS` to suggest for an image the model cannot take: the size that gives
-    its input capsule count (non-shared weights: 28 when it does, else the size the model was made for),
-    else MNIST's 28 or the model's smallest size if that is larger."""
+def resize_hint(spec: ModelSpec) -> str:
+    """The `--resize` to suggest for an image the model cannot take: the square size that gives its input
+    capsule count (non-shared weights: 28 when it does, else the size the model was made for; a model
+    trained on non-square images has none, and is told so), else MNIST's 28 or the model's smallest size."""
     caps = spec.capsule
     if spec.head == "capsule" and not caps.shared and caps.num_inputs is not None:
         side = spec.side_for(caps.num_inputs, 1024)
-        if side is not None:
-            return side
-    return max(spec.min_image_size(), 28)
+        if side is None:
+            return f"try --resize to the size it was trained on ({caps.num_inputs} input capsules)"
+    else:
+        side = max(spec.min_image_size(), 28)
+    return f"try --resize {side}x{side}"
 
 
 def overlap_hint(spec: ModelSpec, h: int, w: int, model: str = "MODEL") -> str:
