@@ -22,18 +22,31 @@ class TrainingStopped(CapsctlError):
         self.exit_code = exit_code
 
 
+def os_error_exit(e: OSError) -> tuple[str, int]:
+    """The one line (`error: FILE: reason`) and the exit status of an OSError that reached the top: a path
+    the user gave that cannot be used is bad input (2); a failure of the machine, such as a full disk, is
+    not (1)."""
+    import errno
+
+    where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+    usage = isinstance(
+        e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+    ) or e.errno in (errno.ELOOP, errno.ENAMETOOLONG, errno.EROFS)
+    return f"error: {where}{e.strerror or e}", 2 if usage else 1
+
+
 def run_script(main: Callable[[], object]) -> int:
-    """The exit status of a tools/ script's `main`: bad input (a CapsctlError, an OSError on a path the
-    user gave) is one line `error: ...` on stderr and status 2, as for the capsctl command."""
+    """The exit status of a tools/ script's `main`: a CapsctlError or an OSError is one line `error: ...`
+    on stderr with the status the capsctl command gives it."""
     try:
         main()
     except CapsctlError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     except OSError as e:
-        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
-        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
-        return 2
+        line, status = os_error_exit(e)
+        print(line, file=sys.stderr)
+        return status
     return 0
 
 

@@ -1,7 +1,6 @@
 """The `capsctl` command line. Command modules import frameworks (and numpy) only when run,
 so `capsctl --help` stays fast and framework-free."""
 
-import errno
 import sys
 from typing import Annotated
 
@@ -130,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
 def _main(argv: list[str] | None) -> None:
     debug, args = _split_debug(list(sys.argv[1:] if argv is None else argv))
     ARGS[:] = args
-    from capsctl.errors import CapsctlError
+    from capsctl.errors import CapsctlError, os_error_exit
 
     try:
         rv = app(args=args, prog_name="capsctl", standalone_mode=False)
@@ -162,12 +161,7 @@ def _main(argv: list[str] | None) -> None:
     except OSError as e:
         if debug:
             raise
-        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
-        _say(f"error: {where}{e.strerror or e}")
-        # a path the user gave that cannot be used is bad input (2); a failure of the machine, such as a
-        # full disk, is not (1)
-        is_usage = isinstance(
-            e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
-        ) or e.errno in (errno.ELOOP, errno.ENAMETOOLONG, errno.EROFS)
-        sys.exit(2 if is_usage else 1)
+        line, status = os_error_exit(e)
+        _say(line)
+        sys.exit(status)
     sys.exit(rv if isinstance(rv, int) else 0)

@@ -6,7 +6,16 @@ import typer
 
 from capsctl.bench import DECODER, VARIANTS
 from capsctl.choices import BUILTIN_BACKENDS
-from capsctl.cli._options import Arch, JsonOpt, _choice, backends_option, names_option, old_name, renamed
+from capsctl.cli._options import (
+    Arch,
+    JsonOpt,
+    _choice,
+    backends_option,
+    given,
+    names_option,
+    old_name,
+    renamed,
+)
 
 Variant = _choice("Variant", VARIANTS)  # the heads, and capsule+decoder
 _HEADS = list(VARIANTS)
@@ -94,7 +103,7 @@ def bench(
     cfg = BenchConfig(
         backends=tuple(renamed("--backends", backends, "--backend", backend, _BACKENDS)),
         heads=_variants(
-            renamed("--heads", heads, "--head", head, _HEADS), _given(ctx, "heads", "head"), arch
+            renamed("--heads", heads, "--head", head, _HEADS), given(ctx, "heads", "head"), arch
         ),
         batch=batch_size,
         windows=windows,
@@ -116,12 +125,6 @@ def bench(
         typer.echo(json.dumps(report))
         return
     _print(report)
-
-
-def _given(ctx: typer.Context, *names: str) -> bool:
-    """Whether the user gave any of these options (not their defaults), even with the default's value."""
-    sources = (ctx.get_parameter_source(n) for n in names)
-    return any(s is not None and s.name in ("COMMANDLINE", "ENVIRONMENT", "PROMPT") for s in sources)
 
 
 def _variants(heads: list[str], heads_given: bool, archs: list[str] | None) -> tuple[str, ...]:

@@ -5,7 +5,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from capsctl.cli._options import BackendOpt, Invert, JsonOpt, Order, shipped_model_said
+from capsctl.cli._options import BackendOpt, Invert, JsonOpt, Order, given, shipped_model_said
 
 if TYPE_CHECKING:
     from capsctl.inspect.analysis import Inspection
@@ -147,7 +147,7 @@ def inspect(
     check_range("--routings", routings, 1, 100)
     if reconstruct and perturb:
         raise CapsctlError("give --reconstruct or --perturb, not both")
-    if not perturb and (_given(ctx, "value_range") or _given(ctx, "steps")):
+    if not perturb and given(ctx, "value_range", "steps"):
         raise CapsctlError("--range and --steps go with --perturb")
     if cls is not None and not (reconstruct or perturb):
         raise CapsctlError("--class goes with --reconstruct or --perturb")
@@ -248,11 +248,6 @@ def inspect(
         typer.echo(json.dumps(d))
         return
     _print_tables(image, spec, res, backend)
-
-
-def _given(ctx: typer.Context, name: str) -> bool:
-    source = ctx.get_parameter_source(name)
-    return source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT", "PROMPT")
 
 
 def _model_and_image(

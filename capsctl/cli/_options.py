@@ -339,3 +339,10 @@ def shipped_model_said() -> Path:
         soft_wrap=True,
     )
     return path
+
+
+def given(ctx: typer.Context, *names: str) -> bool:
+    """Whether the user gave any of these options (not left them at their defaults), even with the
+    default's value."""
+    sources = (ctx.get_parameter_source(n) for n in names)
+    return any(s is not None and s.name in ("COMMANDLINE", "ENVIRONMENT", "PROMPT") for s in sources)

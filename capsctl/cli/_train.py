@@ -21,6 +21,7 @@ from capsctl.cli._options import (
     data_dir_option,
     dataset_option,
     eval_limit_option,
+    given,
     holdout_option,
     image_size_option,
     json_option,
@@ -296,9 +297,9 @@ def train(
         from capsctl.training.run_folder import load_checkpoint
 
         ck = load_checkpoint(resume)
-        given = [name for name in _FIXED_ON_RESUME if _given(ctx, name)]
-        if given:
-            flags = ", ".join(_flag(ctx, name) for name in given)
+        fixed_given = [name for name in _FIXED_ON_RESUME if given(ctx, name)]
+        if fixed_given:
+            flags = ", ".join(_flag(ctx, name) for name in fixed_given)
             raise CapsctlError(
                 f"--resume {resume}: continues with the settings the run was started with; leave out {flags}"
             )
@@ -436,11 +437,6 @@ def _str(choice: str | None) -> str | None:
     return None if choice is None else str(choice)  # a plain str for an Enum member
 
 
-def _given(ctx: typer.Context, name: str) -> bool:
-    source = ctx.get_parameter_source(name)
-    return source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT", "PROMPT")
-
-
 def _flag(ctx: typer.Context, name: str) -> str:
     param = next(p for p in ctx.command.params if p.name == name)
     return max(param.opts, key=len)
@@ -485,11 +481,11 @@ def _spec(
                 from capsctl.model.presets import preset
 
                 try:
-                    given = json.loads(text)
+                    from_file = json.loads(text)
                 except ValueError:  # (ModelSpec.from_json says what is wrong with it)
-                    given = None
-                if isinstance(given, dict):
-                    text = json.dumps({**preset(arch).to_dict(), **given})
+                    from_file = None
+                if isinstance(from_file, dict):
+                    text = json.dumps({**preset(arch).to_dict(), **from_file})
             spec = ModelSpec.from_json(text)
         except OSError as e:
             raise CapsctlError(f"--spec {spec_file}: cannot read ({e.strerror})") from None

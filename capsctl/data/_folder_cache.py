@@ -228,7 +228,7 @@ def _sweep(base: Path) -> None:
             if now - d.stat().st_mtime > _STALE_TMP_SECONDS:
                 shutil.rmtree(d, ignore_errors=True)
     for d in base.iterdir():
-        if d.name.startswith(".") or not d.is_dir() or _read_manifest(d) is not None:
+        if d.name.startswith(".") or not d.is_dir():
             continue
         try:
             m = json.loads((d / MANIFEST).read_text(encoding="utf-8"))
@@ -239,7 +239,8 @@ def _sweep(base: Path) -> None:
         except ValueError:
             m = None
         fmt = m.get("format") if isinstance(m, dict) else None
-        if not isinstance(fmt, int) or fmt <= FORMAT:  # (FORMAT itself here: a manifest not well formed)
+        whole = isinstance(m, dict) and fmt == FORMAT and _well_formed(m)
+        if not whole and (not isinstance(fmt, int) or fmt <= FORMAT):  # (a newer FORMAT's entry is kept)
             _remove(d)
 
 
