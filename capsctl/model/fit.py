@@ -21,9 +21,6 @@ def check_fit(
     cannot score `labels`; `data` names the images in the message (e.g. "mnist test images").
     `single_digits`: `images` are a test set and `source` a model file, so a model that takes the overlap
     composites of them is pointed at `eval-pairs --layout overlap`."""
-    hint = ""
-    if single_digits and images.ndim == 4:
-        hint = overlap_hint(spec, int(images.shape[1]), int(images.shape[2]), source)
     if images.ndim != 4:
         raise CapsctlError(f"{source}: {data} have shape {list(images.shape)}, expected (N, H, W, C)")
     h, w, c = (int(d) for d in images.shape[1:])
@@ -33,9 +30,11 @@ def check_fit(
         spec.trunk_grid(h, w)
         n = spec.capsule_count(h, w) if spec.head == "capsule" else 0
     except CapsctlError:
+        hint = overlap_hint(spec, h, w, source) if single_digits else ""
         raise CapsctlError(f"{source}: {_too_small(spec, h, w, data)}{hint}") from None
     caps = spec.capsule
     if spec.head == "capsule" and not caps.shared and n != caps.num_inputs:
+        hint = overlap_hint(spec, h, w, source) if single_digits else ""
         raise CapsctlError(
             f"{source}: the capsule weights are fixed to {caps.num_inputs} input capsules "
             f"but {h}x{w} {data} give {n}; use a model with shared capsule weights{hint}"
@@ -63,9 +62,9 @@ def resize_hint(spec: ModelSpec) -> str:
 def overlap_hint(spec: ModelSpec, h: int, w: int, model: str = "MODEL") -> str:
     """"; it takes overlap composites of them (...)" when `spec` runs on the overlap composites' canvas of
     h x w digits (a model trained with --compose overlap, e.g. efficient-multimnist), else ""."""
-    from capsctl.data.composites import OVERLAP_SHIFT
+    from capsctl.training.compose import canvas
 
-    ch, cw = h + 2 * OVERLAP_SHIFT, w + 2 * OVERLAP_SHIFT
+    ch, cw = canvas(h, w)
     try:
         spec.trunk_grid(ch, cw)
         n = spec.capsule_count(ch, cw) if spec.head == "capsule" else 0
