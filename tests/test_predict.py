@@ -174,3 +174,21 @@ def test_threshold_on_a_real_two_digit_composite(tiny_model, mnist, tmp_path, ca
             want = [str(j) for j in np.argsort(-scores, kind="stable") if scores[j] > float(threshold)]
             assert row["present"] == want
     assert len(want) == 10  # threshold 0: every class is present
+
+
+@pytest.mark.torch
+def test_a_two_class_model_lists_its_two_classes_by_default(tmp_path, capsys):
+    """--top defaults to 3, or to the class count of a model with fewer (a 2-class model was refused)."""
+    from capsctl.model.spec import ModelSpec
+    from capsctl.model.weights import init_weights, save_model
+
+    spec = ModelSpec.from_dict({**TINY, "num_classes": 2, "class_names": ["cat", "dog"]})
+    model = tmp_path / "two.safetensors"
+    save_model(model, spec, init_weights(spec, 0))
+    png = _png(tmp_path / "x.png", np.zeros((28, 28, 1), np.float32))
+    code, out, err = run_cli(["predict", model, png, "--json"], capsys)
+    assert code == 0, err
+    (row,) = _lines(out)
+    assert sorted(t["class"] for t in row["top"]) == ["cat", "dog"]
+    code, out, err = run_cli(["predict", model, png, "--top", "3"], capsys)
+    assert_one_line_error(code, out, err, "--top must be in 1..2, got 3")

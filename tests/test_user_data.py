@@ -333,3 +333,85 @@ def test_eval_scores_by_index_where_the_data_or_the_model_names_no_classes(tmp_p
         code, out, err = run_cli(args, capsys)
         assert code == 0, err
         assert json.loads(out)["images"] == 3
+
+
+@pytest.mark.torch
+def test_a_model_trained_on_dark_ink_on_light_predicts_its_own_images_as_trained(tmp_path, capsys):
+    """Gray data of dark ink on a light background: the model records background 'light', and `predict`
+    (--invert auto) scores its test files as `eval` sees them, not inverted; a dark-background image is
+    brought to light for it, as a light one is brought to dark for an MNIST model."""
+    from capsctl.backend import get_backend
+    from capsctl.data.images import data_background, load_image
+
+    root = _folder(tmp_path / "ds", rgb=False)
+    for png in root.rglob("*.png"):  # dark ink on white paper
+        Image.fromarray(255 - np.asarray(Image.open(png))).save(png)
+    (tmp_path / "tiny.json").write_text(json.dumps(TINY))
+    run = tmp_path / "run"
+    code, out, err = run_cli(["train", "--spec", tmp_path / "tiny.json", "--dataset", root, "--epochs", "1",
+                              "--batch-size", "4", "-q", "--out", run], capsys)
+    assert code == 0, err
+    spec, weights = load_model(run / "model.safetensors")
+    assert spec.background == "light" and ModelSpec.from_json(spec.to_json()) == spec
+    _, (x_test, _), _ = load_image_folder(root)
+    files = sorted((root / "test").rglob("*.png"), key=lambda p: (p.stem, p.parent.name))
+    code, out, err = run_cli(["predict", run / "model.safetensors", *files, "--json", "--top", "3"], capsys)
+    assert code == 0, err
+    got = [{t["index"]: t["score"] for t in json.loads(line)["top"]} for line in out.splitlines()]
+    want = get_backend("torch").runner(spec, weights).scores(x_test)
+    for row, scores in zip(got, want, strict=True):
+        assert [row[j] for j in range(3)] == pytest.approx(scores.tolist(), abs=1e-5)
+    # what --invert auto does to one file, for each kind of model
+    pixels = np.asarray(Image.open(files[0]), np.float32) / 255
+    assert np.allclose(load_image(files[0], spec=spec), pixels, atol=1e-6)
+    assert np.allclose(load_image(files[0], spec=spec.replace(background=None)), 1 - pixels, atol=1e-6)
+    assert data_background(x_test) == "light" and data_background(1 - x_test) is None
+    assert data_background(np.repeat(x_test, 3, axis=3)) is None  # colour: never inverted
+
+
+def _modes_folder(root: Path, majority: str) -> dict[str, Path]:
+    """root/train/a/ with one digit-like image per Pillow mode (ink on a transparent sheet where there is
+    alpha), plus three of the majority mode; root/test/a/ one image. Returns the file of each mode."""
+    d = root / "train" / "a"
+    d.mkdir(parents=True)
+    ink = np.zeros((12, 12), np.uint8)
+    ink[3:9, 5:7] = 1
+    alpha = (ink * 255).astype(np.uint8)
+    colour = np.stack([ink * 200, ink * 40, ink * 90], axis=2).astype(np.uint8)
+    images = {
+        "RGBA": Image.fromarray(np.dstack([np.zeros((12, 12, 3), np.uint8), alpha]), "RGBA"),  # black ink
+        "LA": Image.fromarray(np.dstack([np.full((12, 12), 255, np.uint8), alpha]), "LA"),  # white ink
+        "I;16": Image.fromarray(ink.astype(np.uint16) * 50000),  # 16-bit gray, values over 255
+        "P": Image.new("P", (12, 12)),  # entry 0 (transparent) the sheet, entry 1 (black) the ink
+    }
+    images["P"].putpalette([255, 255, 255] + [0, 0, 0] * 255)
+    images["P"].putdata(ink.ravel().tolist())
+    files = {}
+    for mode, im in images.items():
+        files[mode] = d / f"{mode.replace(';', '')}.png"
+        im.save(files[mode], transparency=0) if mode == "P" else im.save(files[mode])
+    for i in range(len(images) + 1):
+        base = Image.fromarray(colour) if majority == "RGB" else Image.fromarray(ink * 255)
+        base.save(d / f"plain{i}.png")
+    (root / "test" / "a").mkdir(parents=True)
+    Image.fromarray(ink * 255).convert(majority).save(root / "test" / "a" / "t.png")
+    return files
+
+
+@pytest.mark.parametrize("majority", ["RGB", "L"])
+def test_image_folder_decodes_alpha_and_16_bit_files_as_predict_reads_them(tmp_path, majority):
+    """Alpha composited (not dropped: black ink on a transparent sheet was an all-black image) and 16-bit
+    gray rescaled (not clipped to 0/255 in a colour set): every file as `predict` reads it, to 8 bits."""
+    from capsctl.data.images import load_image
+
+    root = tmp_path / "ds"
+    files = _modes_folder(root, majority)
+    (x, _), _, _ = load_image_folder(root)
+    channels = 3 if majority == "RGB" else 1
+    order = sorted((root / "train" / "a").iterdir(), key=lambda p: p.name)
+    for path, got in zip(order, x, strict=True):
+        want = load_image(path, invert="no", channels=channels).reshape(got.shape)
+        assert np.abs(got - want).max() <= 1 / 255 + 1e-6, path.name
+    for mode in ("RGBA", "LA", "I;16", "P"):  # each of them has its ink: not a blank image
+        got = x[order.index(files[mode])]
+        assert got.max() - got.min() > 0.5, mode

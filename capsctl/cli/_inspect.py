@@ -38,8 +38,8 @@ def inspect(
     invert: Annotated[
         Invert,
         typer.Option(
-            help="auto (invert a light background, for a gray model; a colour model's images: never), yes "
-            "or no."
+            help="auto (a gray model: bring a gray image to the background it trained on, white ink on "
+            "black for MNIST; a colour model's images: never), yes or no."
         ),
     ] = "auto",
     resize: Annotated[
@@ -96,7 +96,8 @@ def inspect(
     wide, else left to right (--order to choose).
 
     Input: white digits on black as in MNIST; a light background is
-    inverted for a gray model (--invert auto; --invert no for photos). Colour becomes gray
+    inverted for a gray model (--invert auto; --invert no for photos; a
+    model trained on dark ink on light gets its images the other way). Colour becomes gray
     for a gray model; a colour model sees RGB, which --out draws in colour.
     8- and 16-bit images are read; a transparent image is put on the
     background that contrasts with its ink. Classes are shown by the model's

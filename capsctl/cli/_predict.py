@@ -43,7 +43,11 @@ def predict(
         ),
     ] = None,
     backend: BackendOpt = "torch",
-    top: Annotated[int, typer.Option(help="List the K highest-scoring classes of each image.")] = 3,
+    top: Annotated[
+        int | None,
+        typer.Option(help="List the K highest-scoring classes of each image.",
+                     show_default="3, or the model's class count when it has fewer"),
+    ] = None,
     threshold: Annotated[
         float,
         typer.Option(help="Classes scoring above this are 'present' (the objects in a multi-object image)."),
@@ -53,7 +57,9 @@ def predict(
     ] = False,
     csv_out: Annotated[bool, typer.Option("--csv", help="CSV with a header row, as results come.")] = False,
     invert: Annotated[
-        Invert, typer.Option(help="auto (invert a gray image on a light background; colour: never), yes, no.")
+        Invert,
+        typer.Option(help="auto (bring a gray image to the background the model trained on: white ink on "
+                     "black for MNIST; colour: never), yes, no."),
     ] = "auto",
     resize: Annotated[
         str | None, typer.Option(help="Resize every image to HxW pixels first, e.g. 28x28.",
@@ -66,7 +72,8 @@ def predict(
     multi-object image, the set of classes scoring over --threshold.
 
     Images are read like `capsctl inspect` reads them (PNG, JPEG, BMP, GIF, TIFF, WebP, PPM or
-    .npy; any size; a light background is inverted with --invert auto) and run in batches of
+    .npy; any size; a gray image is brought to the background the model trained on with --invert
+    auto) and run in batches of
     images of the same size. A folder is searched recursively; files in it that are not images by
     their name are skipped and counted. A file that cannot be read is reported in the output with
     its reason (an "error" column or key), every other file is still predicted, and the exit code
@@ -100,6 +107,8 @@ def predict(
         model_path = shipped_model_said()
     paths, skipped = collect_paths(inputs, sys.stdin)
     spec, weights = load_model(model_path)
+    if top is None:  # (a 2-class model is asked for its 2 classes, not refused for 3)
+        top = min(3, spec.num_classes)
     check_range("--top", top, 1, spec.num_classes)
     if spec.in_channels not in (1, 3):
         raise CapsctlError(

@@ -582,7 +582,13 @@ def _run_rank(
     if not resume:  # the model follows the data: its channels, classes and their names
         classes = tuple(ds.classes)
         channels = int(train_split.images.shape[3])
-        follow: dict[str, Any] = {"in_channels": channels, "num_classes": len(classes)}
+        from capsctl.data.images import data_background
+
+        follow: dict[str, Any] = {
+            "in_channels": channels,
+            "num_classes": len(classes),
+            "background": data_background(train_split.images),
+        }
         follow = {k: v for k, v in follow.items() if k not in fixed}
         if "class_names" not in fixed and follow.get("num_classes", spec.num_classes) == len(classes):
             follow["class_names"] = None if classes == tuple(str(j) for j in range(len(classes))) else classes

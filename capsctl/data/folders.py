@@ -2,8 +2,9 @@
 
 Class names are the sorted sub-folder names of train/; test/ may hold fewer classes, never others, and
 may be missing altogether (then the test split is None: the commands hold out training images instead,
-with --holdout N or --val-fraction F). Images are read as they are (no inversion): 8-bit gray or RGB,
-/255. Every image must have one size unless `image_size` (height, width) is given: then each is scaled
+with --holdout N or --val-fraction F). Images are read as they are (no inversion), as `predict` reads
+them: 8-bit gray or RGB /255, 16-bit gray rescaled, alpha composited on the background that contrasts
+with the ink. Every image must have one size unless `image_size` (height, width) is given: then each is scaled
 to fit and padded with black to that size, aspect kept. Grey and colour files mixed are converted to the
 majority's mode (said once on stderr). Files that are not images by their suffix are skipped and
 counted. Every problem is one CapsctlError naming the file or folder.
@@ -38,7 +39,11 @@ SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp"})
 _FORMATS = ["PNG", "JPEG", "BMP", "WEBP"]
 _GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
 MAX_PIXELS = 4096 * 4096
-MODE_RULE = "majority"  # how gray vs RGB is chosen (part of the cache key)
+# how gray vs RGB is chosen and pixels decoded (part of the cache key: '+alpha' since alpha is composited
+# and 16-bit gray rescaled into RGB sets too, so entries decoded before are not served)
+MODE_RULE = "majority+alpha"
+# the modes whose Pillow convert to L or RGB keeps what predict reads (no alpha, 8 bits a channel)
+_PLAIN_MODES = frozenset({"L", "RGB", "1", "P", "CMYK", "YCbCr"})
 PROGRESS_MIN = 1000  # a smaller folder decodes in about a second: no progress bar
 
 Pair = tuple[np.ndarray, np.ndarray]
@@ -302,14 +307,9 @@ def _read_all(
         with _open(e.path) as im:
             try:
                 im.load()
-                if mode == "L" and im.mode.startswith("I"):  # 16-bit or 32-bit integer gray
-                    from PIL import Image
-
-                    arr = np.asarray(im, dtype=np.float64)
-                    scale = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
-                    conv = Image.fromarray(np.clip(arr / scale * 255 + 0.5, 0, 255).astype(np.uint8))
-                else:
-                    conv = im.convert(mode)
+                conv = _decoded(im, e.path, mode)
+            except CapsctlError:
+                raise
             except Exception as ex:
                 raise CapsctlError(f"{e.path}: truncated or corrupt image ({first_line(ex)})") from None
         if image_size is not None:
@@ -317,6 +317,21 @@ def _read_all(
         x[i] = np.asarray(conv, dtype=np.uint8).reshape(x.shape[1:])
         bar.advance()
     return x, np.array([e.label for e in entries], np.int64)
+
+
+def _decoded(im: Any, path: Path, mode: str) -> Any:
+    """A loaded image as an 8-bit Pillow image of `mode` ('L' or 'RGB') with the pixels `predict` reads
+    from the same file (capsctl.data.images.pil_pixels): Pillow's own convert where it is exact, else
+    16-bit gray rescaled (convert would clip it to 0/255) and alpha composited (convert would drop it:
+    black ink on a transparent sheet would train as an all-black image)."""
+    from PIL import Image
+
+    if im.mode in _PLAIN_MODES and "transparency" not in im.info:
+        return im.convert(mode)
+    from capsctl.data.images import pil_pixels
+
+    x = pil_pixels(im, path, 1 if mode == "L" else 3)
+    return Image.fromarray(np.clip(x * 255 + 0.5, 0, 255).astype(np.uint8))
 
 
 def fit_pad(im: Any, size: tuple[int, int]) -> Any:

@@ -16,7 +16,8 @@ The result is float32 (H, W) in [0, 1], white digits on black as in MNIST. Rules
   finite, in [0, 1] (used as is) or in [0, 255] (divided by 255).
 - invert: 'auto' inverts a gray image whose border is light (median > 0.5) and never a colour one
   (a colour model learned its images as they are: photos on light backgrounds stay as they are);
-  'yes' always, 'no' never.
+  for a model trained on dark ink on light gray images (its spec's background 'light'), 'auto'
+  inverts a gray image whose border is dark instead; 'yes' always, 'no' never.
 - Images over MAX_PIXELS pixels are refused from their header, before anything is decoded.
 
 Every problem is a CapsctlError naming the file; nothing else escapes (the loader is fuzzed).
@@ -85,7 +86,7 @@ def load_image(
             raise CapsctlError(f"{p}: not a .npy file (no NumPy header)")
         else:
             gray = _load_pil(p, max_pixels, channels)
-        gray = _finish(gray, p, invert, resize)
+        gray = _finish(gray, p, invert, resize, light_model=spec is not None and spec.background == "light")
     except CapsctlError:
         raise
     except MemoryError:
@@ -175,7 +176,14 @@ def _load_pil(p: Path, max_pixels: int, channels: int = 1) -> np.ndarray:
                 im.load()
             except (OSError, SyntaxError, ValueError, EOFError) as e:
                 raise CapsctlError(f"{p}: truncated or corrupt image ({first_line(e, _CORRUPT)})") from None
-            return _pil_to_rgb(im, p) if channels == 3 else _pil_to_gray(im, p)
+            return pil_pixels(im, p, channels)
+
+
+def pil_pixels(im: Any, p: Path, channels: int = 1) -> np.ndarray:
+    """A loaded Pillow image as float64 in [0, 1]: (H, W) gray or (H, W, 3) RGB, by the rules in the
+    module doc (16-bit and 32-bit gray rescaled, alpha composited on the background that contrasts with
+    the ink). Image folders decode their files with it too, so training sees what `predict` sees."""
+    return _pil_to_rgb(im, p) if channels == 3 else _pil_to_gray(im, p)
 
 
 def _pil_to_gray(im: Any, p: Path) -> np.ndarray:
@@ -328,13 +336,16 @@ def _scale_values(x: np.ndarray, p: Path, integer: bool) -> np.ndarray:
 # -- after reading ------------------------------------------------------------------------------
 
 
-def _finish(gray: np.ndarray, p: Path, invert: str, resize: tuple[int, int] | None) -> np.ndarray:
+def _finish(
+    gray: np.ndarray, p: Path, invert: str, resize: tuple[int, int] | None, light_model: bool = False
+) -> np.ndarray:
     gray = np.clip(np.asarray(gray, dtype=np.float64), 0.0, 1.0)
     if gray.ndim not in (2, 3) or gray.size == 0:
         raise CapsctlError(f"{p}: image has no pixels")
-    # 'auto' is the MNIST convention (white ink on black) and so applies to gray images only
-    light = gray.ndim == 2 and is_light_background(gray)
-    if invert == "yes" or (invert == "auto" and light):
+    # 'auto' brings a gray image to the background the model trained on (light_model: dark ink on light;
+    # else MNIST's white ink on black); a colour model learned its images as they are
+    flip = gray.ndim == 2 and is_light_background(gray) != light_model
+    if invert == "yes" or (invert == "auto" and flip):
         gray = 1.0 - gray
     if resize is not None and resize != gray.shape[:2]:
         if gray.ndim == 2:
@@ -347,10 +358,32 @@ def _finish(gray: np.ndarray, p: Path, invert: str, resize: tuple[int, int] | No
 def is_light_background(gray: np.ndarray) -> bool:
     """True when the image's border (the outer tenth, at least one pixel) is mostly light."""
 
-    h, w = gray.shape
+    return bool(light_backgrounds(gray[None])[0])
+
+
+def light_backgrounds(gray: np.ndarray) -> np.ndarray:
+    """For (N, H, W) gray images in [0, 1]: whether each one's border (the outer tenth, at least one
+    pixel) is mostly light (median > 0.5)."""
+
+    n, h, w = gray.shape
     k = max(1, min(h, w) // 10)
-    border = np.concatenate([gray[:k].ravel(), gray[-k:].ravel(), gray[:, :k].ravel(), gray[:, -k:].ravel()])
-    return bool(np.median(border) > 0.5)
+    border = np.concatenate(
+        [gray[:, :k].reshape(n, -1), gray[:, -k:].reshape(n, -1), gray[:, :, :k].reshape(n, -1),
+         gray[:, :, -k:].reshape(n, -1)],
+        axis=1,
+    )
+    return np.median(border, axis=1) > 0.5
+
+
+def data_background(images: np.ndarray, sample: int = 2000) -> str | None:
+    """A model spec's `background` for its training images (N, H, W, C): 'light' when they are gray and
+    most of them (up to `sample` of them, evenly spaced) have a light border, else None."""
+
+    if images.ndim != 4 or images.shape[3] != 1 or len(images) == 0:
+        return None
+    step = max(1, len(images) // sample)
+    light = light_backgrounds(np.asarray(images[::step, :, :, 0], dtype=np.float32))
+    return "light" if light.mean() > 0.5 else None
 
 
 def _resize(gray: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -30,6 +30,7 @@ class DataFacts:
 
     classes: tuple[str, ...]
     shape: tuple[int, int, int]  # (H, W, C) of the training images
+    background: str | None = None  # 'light': gray images of dark ink on light (the spec's background)
 
     def follow(self, spec: ModelSpec) -> ModelSpec:
         """`spec` with the channels, class count and names, and the decoder's image shape of the data
@@ -39,6 +40,7 @@ class DataFacts:
             "in_channels": self.shape[2],
             "num_classes": len(self.classes),
             "class_names": names,
+            "background": self.background,
         }
         if spec.decoder is not None and spec.decoder.image_shape is None:
             changes["decoder"] = DecoderSpec(spec.decoder.hidden, self.shape)
@@ -127,7 +129,7 @@ def make_job(
         if compose is not None:  # the model sees (and its decoder draws) the composites' canvas
             from capsctl.training.compose import canvas
 
-            data = DataFacts(data.classes, (*canvas(*data.shape[:2]), data.shape[2]))
+            data = DataFacts(data.classes, (*canvas(*data.shape[:2]), data.shape[2]), data.background)
         spec = data.follow(spec)
         from capsctl.model.fit import with_training_inputs
 

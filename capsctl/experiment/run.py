@@ -259,7 +259,10 @@ def _prepare(
     ds = datasets.load(dataset, data_dir, parse_image_size(image_size))
     train_split, test_split = splits(ds, holdout, val_fraction)  # broken data refused before anything is made
     h, w, c = (int(n) for n in train_split.images.shape[1:4])
-    return backend, train_split, test_split, DataFacts(tuple(ds.classes), (h, w, c))
+    from capsctl.data.images import data_background
+
+    facts = DataFacts(tuple(ds.classes), (h, w, c), data_background(train_split.images))
+    return backend, train_split, test_split, facts
 
 
 def _finish(

@@ -118,6 +118,9 @@ class ModelSpec:
     decoder: DecoderSpec | None = None
     # the classes' names, one per class (e.g. an image folder's sub-folders); None: "0".."J-1"
     class_names: tuple[str, ...] | None = None
+    # 'light': trained on gray images of dark ink on a light background; None: light ink on dark, as MNIST.
+    # Set by `capsctl train` from the data; `predict`/`inspect --invert auto` bring an image to it
+    background: str | None = None
 
     def __post_init__(self) -> None:
         validate(self)
@@ -136,6 +139,8 @@ class ModelSpec:
             del d["class_names"]  # files written before class names keep their JSON byte for byte
         else:
             d["class_names"] = list(self.class_names)
+        if self.background is None:
+            del d["background"]  # (as class_names: older files keep their JSON)
         return d
 
     def to_json(self) -> str:
@@ -145,7 +150,10 @@ class ModelSpec:
     def from_dict(cls, d: Any) -> ModelSpec:
         if not isinstance(d, dict):
             raise CapsctlError("model spec must be a JSON object")
-        known = {"in_channels", "num_classes", "trunk", "head", "capsule", "pool", "decoder", "class_names"}
+        known = {
+            "in_channels", "num_classes", "trunk", "head", "capsule", "pool", "decoder", "class_names",
+            "background",
+        }
         unknown = set(d) - known
         if unknown:
             raise CapsctlError(f"model spec: unknown field {sorted(unknown)[0]!r}")
@@ -165,6 +173,7 @@ class ModelSpec:
                 pool=PoolSpec(**pool),
                 decoder=_decoder_from_dict(d.get("decoder")),
                 class_names=_names_from_json(d.get("class_names")),
+                background=d.get("background"),
             )
         except TypeError as e:  # unknown keyword in a nested object
             raise CapsctlError(f"model spec: {e}") from None
@@ -415,6 +424,10 @@ def validate(spec: ModelSpec) -> None:
             )
         if len(set(names)) != len(names):
             raise CapsctlError("model spec: class_names holds a name twice")
+    if spec.background not in (None, "light"):
+        raise CapsctlError(f"model spec: background must be null or 'light', got {spec.background!r}")
+    if spec.background is not None and spec.in_channels != 1:
+        raise CapsctlError("model spec: background 'light' is for gray models (in_channels 1)")
     dec = spec.decoder
     if dec is not None:
         if spec.head != "capsule":
