@@ -256,3 +256,18 @@ def test_debug_may_go_anywhere(tmp_path):
     assert _split_debug(["eval", "--", "--debug"]) == (False, ["eval", "--", "--debug"])
     p = _capsctl("eval", str(tmp_path / "absent.safetensors"), "--debug")
     assert p.returncode != 0 and "Traceback" in p.stderr
+
+
+def test_train_suggests_next_a_command_the_model_can_run():
+    """The last line of `capsctl train`: eval-pairs where the model takes a larger image, eval where its
+    capsule weights are fixed to the training size (eval-pairs refuses those) or it has one class."""
+    from capsctl.cli._train import _next_command
+    from capsctl.model.presets import preset
+    from capsctl.model.spec import ModelSpec
+
+    assert _next_command(ModelSpec(), None) == "eval-pairs"
+    assert _next_command(ModelSpec(head="pool"), None) == "eval-pairs"
+    assert _next_command(preset("sabour2017"), None) == "eval"
+    assert _next_command(preset("efficient"), None) == "eval"
+    assert _next_command(preset("efficient-multimnist"), "overlap") == "eval-pairs --layout overlap"
+    assert _next_command(ModelSpec(num_classes=1), None) == "eval"

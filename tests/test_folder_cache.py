@@ -314,11 +314,16 @@ def test_train_on_a_folder_without_test(tmp_path, capsys):
     assert load_checkpoint(tmp_path / "c").config.val_fraction == 0.2
     code, out, err = run_cli(["train", "--resume", tmp_path / "c", "--json"], capsys)  # keeps the split
     assert code == 0, err
-    # without --json the last line suggests predict on train/ (eval and eval-pairs would need a test/)
+    # without --json the last line suggests eval-pairs on the same held-out images (it was predict on train/,
+    # the training images themselves)
     code, out, err = run_cli([*base[:-1], "--val-fraction", "0.2", "--out", tmp_path / "d"], capsys)
     assert code == 0, err
-    assert out.strip().splitlines()[-1].startswith("next: capsctl predict ")
-    assert out.strip().endswith(str(root / "train"))
+    assert out.strip().splitlines()[-1].startswith("next: capsctl eval-pairs ")
+    assert out.strip().endswith("--val-fraction 0.2")
+    import shlex
+
+    code, out, err = run_cli(shlex.split(out.strip().splitlines()[-1])[2:], capsys)  # it runs as printed
+    assert code == 0, err
     # eval and eval-pairs score the same held-out images: the training run's last test accuracy comes back
     model = tmp_path / "c" / "model.safetensors"
     code, out, err = run_cli(["eval", model, "--dataset", root, "--val-fraction", "0.2", "--json"], capsys)

@@ -4,6 +4,7 @@ following it (channels, classes, class names), RGB end to end, and every problem
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -80,6 +81,8 @@ def test_image_folder_mixed_gray_and_colour_go_to_the_majority(tmp_path, capsys)
     (lambda r: (r / "train" / "dog" / "1.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"x" * 40), "1.png: "),
     (lambda r: (r / "train" / "dog" / "1.png").write_bytes((r / "train" / "dog" / "1.png").read_bytes()[:60]),
      "1.png: truncated or corrupt"),
+    (lambda r: [shutil.rmtree(r / s / c) for s in ("train", "test") for c in ("dog", "eel")],
+     "one class folder ('cat'); a classifier needs two or more"),
 ])
 def test_image_folder_problems_are_one_error_naming_the_file(tmp_path, damage, fragment):
     root = _folder(tmp_path / "ds")

@@ -546,6 +546,15 @@ def _run(
             world.close()
 
 
+def _next_command(spec: "ModelSpec", compose: str | None) -> str:
+    """What to try next with a trained model: its pair tests where it can take them (a larger image:
+    shared capsule weights or the pool head; the overlap composites it trained on), else `eval`."""
+    if compose == "overlap":
+        return "eval-pairs --layout overlap"
+    fixed_size = spec.head == "capsule" and not spec.capsule.shared
+    return "eval" if fixed_size or spec.num_classes < 2 else "eval-pairs"
+
+
 def _run_rank(
     cfg: "TrainConfig",
     spec: "ModelSpec",
@@ -628,13 +637,11 @@ def _run_rank(
             data += f" --dataset {shlex.quote(cfg.dataset)}"
         if cfg.image_size is not None:
             data += f" --image-size {cfg.image_size}"
-        train_dir = Path(cfg.dataset) / "train"
-        if train_dir.is_dir() and not (Path(cfg.dataset) / "test").is_dir():
-            # a folder without test/ (trained on a split of train/): eval and eval-pairs need a test set
-            typer.echo(f"next: capsctl predict {shlex.quote(str(model))} {shlex.quote(str(train_dir))}")
-        else:
-            layout = " --layout overlap" if cfg.compose == "overlap" else ""
-            typer.echo(f"next: capsctl eval-pairs {shlex.quote(str(model))}{data}{layout}")
+        if cfg.holdout is not None:  # scored on the same held-out images
+            data += f" --holdout {cfg.holdout}"
+        elif cfg.val_fraction is not None:
+            data += f" --val-fraction {cfg.val_fraction:g}"
+        typer.echo(f"next: capsctl {_next_command(spec, cfg.compose)} {shlex.quote(str(model))}{data}")
         return
     last: dict[str, Any] = rows[-1] if rows else {"epoch": 0}
     result = {

@@ -153,6 +153,10 @@ def load_image_folder(
     classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise CapsctlError(f"{train_dir}: no class folders (expected {train_dir}/<class>/*.png)")
+    if len(classes) < 2:  # (it trained to 100% at loss 0 and predicted that class for everything)
+        raise CapsctlError(
+            f"{train_dir}: one class folder ({classes[0]!r}); a classifier needs two or more"
+        )
     has_test = test_dir.is_dir()
     if has_test:
         extra = sorted(
