@@ -131,6 +131,10 @@ def test_a_port_in_use_is_one_line(tmp_path, capsys):
     assert_one_line_error(code, out, err, f"--port {port}", "give another --port")
     code, out, err = run_cli(["train", "--port", "29500", "--out", tmp_path / "r"], capsys)
     assert_one_line_error(code, out, err, "--port needs --nproc")
+    # Keras takes a port a rank: the last port is out of range (it said "got 65536" of a --port 65535)
+    code, out, err = run_cli(["train", "--backend", "keras", "--nproc", "2", "--port", "65535", "--out",
+                              tmp_path / "r"], capsys)
+    assert_one_line_error(code, out, err, "--port 65535", "65535..65536 with --nproc 2", "at most 65534")
     assert not (tmp_path / "r").exists()
 
 
@@ -290,6 +294,57 @@ def _is_below(pid: int, ancestor: int) -> bool:
     return False
 
 
+def _signal_in_epoch_2(
+    args: list, run: Path, sig: signal.Signals, rank: int | None = 1
+) -> tuple[subprocess.Popen[str], str, float]:
+    """Start a job of 2 ranks; once epoch 1 is written (the checkpoint follows it), send `rank` (None: the
+    launcher) `sig`. Returns the finished job, its stderr and when the signal was sent."""
+    cmd = [sys.executable, "-m", "capsctl", "train", *(str(a) for a in args), "--out", str(run),
+           "--nproc", "2"]
+    job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    try:
+        deadline = time.monotonic() + 180
+        metrics = run / "metrics.jsonl"
+        while not (metrics.exists() and metrics.read_text().count("\n") >= 1):
+            assert job.poll() is None and time.monotonic() < deadline, job.communicate()
+            time.sleep(0.01)
+        victim = job.pid if rank is None else _rank_pid(job.pid, rank)
+        assert victim is not None
+        os.kill(victim, sig)
+        sent_at = time.monotonic()
+        _, err = job.communicate(timeout=60)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    return job, err, sent_at
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the rank's process in /proc")
+def test_sigterm_ends_a_rank_at_once_and_the_job_with_it(tiny_on, tmp_path):
+    """The launcher stops ranks with SIGTERM (Ctrl-C, a failed rank): it must end a rank on both backends.
+    TensorFlow's coordination service caught it, so a Keras rank trained on to the last epoch (exit 0)
+    and a Ctrl-C waited for the launcher's SIGKILL."""
+    args = [*tiny_on, "--limit", "400", "--batch-size", "16", "--epochs", "6"]
+    run = tmp_path / "run"
+    job, err, _ = _signal_in_epoch_2(args, run, signal.SIGTERM)
+    assert job.returncode == 1, err
+    errors = [line for line in err.splitlines() if not line.startswith("epoch ")]
+    assert len(errors) == 1 and errors[0].startswith("error: rank 1 was killed by SIGTERM"), err
+    assert (run / "metrics.jsonl").read_text().count("\n") < 6
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_every_rank_and_says_how_to_continue(tiny_on, tmp_path):
+    args = [*tiny_on, "--limit", "400", "--batch-size", "16", "--epochs", "6"]
+    run = tmp_path / "run"
+    job, err, _ = _signal_in_epoch_2(args, run, signal.SIGINT, rank=None)
+    assert job.returncode == 130, err
+    errors = [line for line in err.splitlines() if not line.startswith("epoch ")]
+    said = "error: stopped by SIGINT; every rank was stopped; the last checkpoint is kept; continue with: "
+    assert errors == [f"{said}capsctl train --resume {run} --nproc 2"], err
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the rank's process in /proc")
 def test_a_killed_rank_stops_the_job_and_resume_continues_exactly(tiny_on, tmp_path):
@@ -299,24 +354,7 @@ def test_a_killed_rank_stops_the_job_and_resume_continues_exactly(tiny_on, tmp_p
     assert whole.returncode == 0, whole.stderr
 
     run = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "capsctl", "train", *(str(a) for a in args), "--out", str(run),
-           "--nproc", "2"]
-    job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
-    try:
-        deadline = time.monotonic() + 180
-        metrics = run / "metrics.jsonl"
-        # once epoch 1 is written (the checkpoint follows it): kill rank 1 in epoch 2
-        while not (metrics.exists() and metrics.read_text().count("\n") >= 1):
-            assert job.poll() is None and time.monotonic() < deadline, job.communicate()
-            time.sleep(0.01)
-        victim = _rank_pid(job.pid, 1)
-        assert victim is not None
-        os.kill(victim, signal.SIGKILL)
-        killed_at = time.monotonic()
-        _, err = job.communicate(timeout=60)
-    finally:
-        if job.poll() is None:
-            job.kill()
+    job, err, killed_at = _signal_in_epoch_2(args, run, signal.SIGKILL)
     assert time.monotonic() - killed_at < 30  # the others stopped, no hang
     assert job.returncode == 1, err
     # one line: rank 0's own "lost contact" is left to the launcher, which names the cause (epoch lines

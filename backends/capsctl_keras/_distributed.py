@@ -139,6 +139,9 @@ def join() -> World:
         strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
     except (RuntimeError, ValueError, tf.errors.OpError) as e:
         raise CapsctlError(f"cannot join the job as rank {rank} of {size} ({_gist(e)})") from None
+    # TensorFlow's coordination service catches SIGTERM (to notice a preemption), so a rank went on
+    # training when the launcher stopped it; the default ends it at once, as on torch
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if strategy.num_replicas_in_sync != size:
         raise CapsctlError(
             f"each worker must have one device; this job has {strategy.num_replicas_in_sync} replicas on "
@@ -250,6 +253,11 @@ def _ports(nproc: int, port: int | None) -> list[int]:
     import socket
 
     if port is not None:
+        if port <= 65535 < port + nproc - 1:  # (the range check itself is check_port's)
+            raise CapsctlError(
+                f"--port {port}: Keras takes a port a rank, {port}..{port + nproc - 1} with --nproc {nproc}; "
+                f"give a --port of at most {65536 - nproc}"
+            )
         for p in range(port, port + nproc):
             check_port(p)
         return list(range(port, port + nproc))
@@ -287,11 +295,14 @@ def launch(nproc: int, argv: list[str], port: int | None) -> dict[int, int]:
     except KeyboardInterrupt:
         _stop(workers)
         raise TrainingStopped(
-            "stopped by SIGINT; every rank was stopped and the last checkpoint is kept", exit_code=130
+            "stopped by SIGINT; every rank was stopped", exit_code=130
         ) from None
+    running = {r for r, code in enumerate(codes) if code is None}  # the ranks this launcher stops
     stuck = _stop(workers)
     exits = {r: UNRESPONSIVE_EXIT if r in stuck else int(w.returncode) for r, w in enumerate(workers)}
-    return {rank: code for rank, code in exits.items() if code != 0}
+    # a rank ended by the launcher's own SIGTERM is not a cause: the rank that failed before it is
+    stopped = {r for r in running if exits[r] == -signal.SIGTERM}
+    return {r: code for r, code in exits.items() if code != 0 and r not in stopped}
 
 
 def _stop(workers: list[subprocess.Popen[bytes]], grace_s: float = 5.0) -> set[int]:

@@ -275,7 +275,7 @@ def launch(nproc: int, argv: list[str], port: int | None) -> dict[int, int]:
         return {rank: int(failure.exitcode) for rank, failure in e.failures.items()}
     except SignalException as e:
         raise TrainingStopped(
-            f"stopped by {e.sigval.name}; every rank was stopped and the last checkpoint is kept",
+            f"stopped by {e.sigval.name}; every rank was stopped",
             exit_code=130,
         ) from None
     except Exception as e:  # the rendezvous (its port) failed before any rank ran

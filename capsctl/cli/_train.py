@@ -419,18 +419,24 @@ def _launch(be: "Backend", nproc: int, port: int | None, run: Path, resume: bool
         os.environ[RANK_ERRORS_ENV] = told
         try:
             failed = be.distributed().launch(nproc, distributed.worker_argv(ARGS), port)
+        except TrainingStopped as e:  # Ctrl-C: "stopped by SIGINT; every rank was stopped", then what next
+            raise TrainingStopped(f"{e}; {distributed.then_line(_again(run, nproc))}", e.exit_code) from None
         finally:
             del os.environ[RANK_ERRORS_ENV]
             for line in distributed.told_errors(told, nproc):
                 typer.echo(line, err=True)
-    from capsctl.training.run_folder import CHECKPOINT_FILE
-
-    again = f"capsctl train --resume {run} --nproc {nproc}" if (run / CHECKPOINT_FILE).exists() else None
-    code, message = distributed.job_outcome(failed, again)
+    code, message = distributed.job_outcome(failed, _again(run, nproc))
     if message is not None:
         raise TrainingStopped(message, exit_code=code)
     if code:  # a rank said why (`error: ...`): its status is the job's
         raise typer.Exit(code)
+
+
+def _again(run: Path, nproc: int) -> str | None:
+    """The command that continues a stopped job of `nproc` ranks, or None before its first checkpoint."""
+    from capsctl.training.run_folder import CHECKPOINT_FILE
+
+    return f"capsctl train --resume {run} --nproc {nproc}" if (run / CHECKPOINT_FILE).exists() else None
 
 
 def _str(choice: str | None) -> str | None:

@@ -206,7 +206,7 @@ def data_fingerprint(labels: np.ndarray, images: np.ndarray) -> tuple[int, int]:
     return len(labels), crc
 
 
-def _then(resume: str | None) -> str:
+def then_line(resume: str | None) -> str:
     """How a failed job's line ends: the command that continues it, or (no checkpoint yet) what to do."""
     if resume is None:
         return "no checkpoint was written yet; run the same command again"
@@ -225,12 +225,12 @@ def job_outcome(failed: dict[int, int], resume: str | None) -> tuple[int, str | 
     if stuck:  # the others noticed it had stopped answering; the launcher killed it
         return 1, (
             f"rank {stuck[0]} stopped answering (hung or stopped) and was killed; every rank was stopped; "
-            f"{_then(resume)}"
+            f"{then_line(resume)}"
         )
     if TIMEOUT_EXIT in failed.values():  # a rank hung: the launcher killed it, the others timed out
         return 1, (
             f"a rank did not answer within CAPSCTL_DIST_TIMEOUT={timeout_s():.0f} s (hung or starved); "
-            f"every rank was stopped; {_then(resume)}"
+            f"every rank was stopped; {then_line(resume)}"
         )
     told = sorted(r for r, code in failed.items() if code >= 0 and code != LOST_EXIT)
     # SIGTERM is how the launcher stops the other ranks once one failed: a cause only when nothing else is
@@ -242,7 +242,7 @@ def job_outcome(failed: dict[int, int], resume: str | None) -> tuple[int, str | 
         return 1, failure_message(killed[0], failed[killed[0]], resume)
     if told:  # a rank said why (a one-line error, exit 2 for bad input): nothing to add
         return failed[told[0]], None
-    return 1, f"the ranks lost contact with each other; {_then(resume)}"
+    return 1, f"the ranks lost contact with each other; {then_line(resume)}"
 
 
 def failure_message(rank: int, code: int, resume: str | None) -> str:
@@ -256,7 +256,7 @@ def failure_message(rank: int, code: int, resume: str | None) -> str:
             how = f"was killed by signal {-code}"
     else:
         how = f"exited with status {code}"
-    return f"rank {rank} {how}; the other ranks were stopped; {_then(resume)}"
+    return f"rank {rank} {how}; the other ranks were stopped; {then_line(resume)}"
 
 
 class _RankPrefixed:
