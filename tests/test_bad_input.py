@@ -7,10 +7,13 @@ Most cases run the CLI in-process (fast); a few run it as a subprocess, as a use
 from __future__ import annotations
 
 import contextlib
+import io
 import json
+import pickle
 import struct
 import subprocess
 import sys
+import zipfile
 import zlib
 from pathlib import Path
 
@@ -281,8 +284,21 @@ WEIGHT_CASES = {
     "empty file": (lambda d: b"", ["damaged safetensors file (header too small)"]),
     "a checkpoint, not a model": (lambda d: model_bytes(meta={"format": "capsctl-checkpoint/1",
                                                               "spec": TINY_JSON}),
-                                  ["format", "capsctl/1"]),
+                                  ["a run's training checkpoint, not a model", "model.safetensors",
+                                   "--resume"]),
+    # other things given as MODEL: what they are and the way forward (all said "damaged safetensors file")
+    "a zip (a .keras export)": (lambda d: _zip_bytes(), ["a zip archive", "capsctl import"]),
+    "a pickle (torch.save)": (lambda d: pickle.dumps({"w": [1.0]}, protocol=2),
+                              ["a pickle", "capsctl import"]),
+    "a PNG image": (lambda d: b"\x89PNG\r\n\x1a\n" + bytes(40), ["an image, not a model", "comes first"]),
 }
+
+
+def _zip_bytes() -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("metadata.json", "{}")
+    return buf.getvalue()
 
 
 @pytest.mark.parametrize("command", ["eval", "eval-pairs"])
@@ -303,6 +319,20 @@ def test_missing_model_and_folder_as_model(tmp_path, capsys, good_data, command)
     assert_one_line_error(code, out, err, "absent.safetensors", "no such file")
     code, out, err = run_cli([command, tmp_path, "--data-dir", good_data], capsys)
     assert_one_line_error(code, out, err, str(tmp_path), "is a folder")
+    # a run folder, and a run stopped before its model was written: the file to give, the way to finish
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint.safetensors").write_bytes(model_bytes(meta={"format": "capsctl-checkpoint/1",
+                                                                    "spec": TINY_JSON}))
+    for given in (run, run / "model.safetensors"):
+        code, out, err = run_cli([command, given, "--data-dir", good_data], capsys)
+        assert_one_line_error(code, out, err, "no model yet", f"capsctl train --resume {run} finishes it")
+    (run / "model.safetensors").write_bytes(model_bytes())
+    code, out, err = run_cli([command, run, "--data-dir", good_data], capsys)
+    assert_one_line_error(code, out, err, "a run folder; give its model", str(run / "model.safetensors"))
+    (tmp_path / "m.onnx").write_bytes(b"\x08\x07\x12\x07pytorch")
+    code, out, err = run_cli([command, tmp_path / "m.onnx", "--data-dir", good_data], capsys)
+    assert_one_line_error(code, out, err, "an ONNX export; give the .safetensors model")
 
 
 # -- a model that does not fit the data ------------------------------------------------------------

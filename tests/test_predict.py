@@ -192,3 +192,21 @@ def test_a_two_class_model_lists_its_two_classes_by_default(tmp_path, capsys):
     assert sorted(t["class"] for t in row["top"]) == ["cat", "dog"]
     code, out, err = run_cli(["predict", model, png, "--top", "3"], capsys)
     assert_one_line_error(code, out, err, "--top must be in 1..2, got 3")
+
+
+def test_an_export_or_an_upper_case_suffix_as_model_is_not_taken_for_an_image(tiny_model, tmp_path, capsys):
+    """`predict caps.onnx x.png` scored x.png with the shipped model (caps.onnx was read as an image);
+    `MODEL.SAFETENSORS` too."""
+    import shutil
+
+    png = _png(tmp_path / "x.png", np.zeros((28, 28, 1), np.float32))
+    for name in ("caps.onnx", "caps.pt", "caps.keras"):
+        (tmp_path / name).write_bytes(b"PK\x03\x04")
+        code, out, err = run_cli(["predict", tmp_path / name, png, "--json"], capsys)
+        assert_one_line_error(code, out, err, name, "an export", "capsctl import")
+    upper = tmp_path / "MODEL.SAFETENSORS"
+    shutil.copy(tiny_model, upper)
+    code, out, err = run_cli(["predict", upper, png, "--json"], capsys)
+    assert code == 0, err
+    code, again, err = run_cli(["predict", tiny_model, png, "--json"], capsys)
+    assert json.loads(out)["top"] == json.loads(again)["top"]

@@ -23,6 +23,10 @@ IMAGE_SUFFIXES = frozenset(
 )
 
 
+# a first argument with one of these suffixes is an exported model, not an image
+_EXPORT_SUFFIXES = frozenset({".onnx", ".pt", ".pth", ".keras", ".h5"})
+
+
 def predict(
     model: Annotated[
         str,
@@ -97,7 +101,13 @@ def predict(
     check_range("--batch-size", batch_size, 1, 65536)
     size = parse_size(resize) if resize is not None else None
     inputs = list(inputs or [])
-    if Path(model).suffix == ".safetensors":
+    suffix = Path(model).suffix.lower()
+    if suffix in _EXPORT_SUFFIXES:  # (it was taken as an image, and the shipped model scored the rest)
+        raise CapsctlError(
+            f"{model}: an export; predict takes a capsctl model (.safetensors): the one it was exported "
+            "from, or `capsctl import` it back into one"
+        )
+    if suffix == ".safetensors":
         model_path = Path(model)
         if not inputs:
             raise typer.BadParameter("give the images after the model: capsctl predict MODEL INPUT...",

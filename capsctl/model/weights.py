@@ -264,7 +264,52 @@ def save_model(
 
 def load_model(path: str | os.PathLike[str]) -> tuple[ModelSpec, Weights]:
     """Read and fully validate a model file; no framework is touched."""
-    tensors, meta = read_safetensors(path)
-    spec = spec_from_metadata(meta, str(path), MODEL_FORMAT)
-    check_weights(spec, tensors, str(path))
+    p = Path(path)
+    _refuse_a_stopped_run(p)
+    data = read_user_file(p, "a .safetensors model file")
+    try:
+        tensors, meta = decode_safetensors(data, str(p))
+    except CapsctlError:
+        _refuse_something_else(p, data)  # (only then: a model's header length may begin with those bytes)
+        raise
+    if meta.get("format") == CHECKPOINT_FORMAT:
+        raise CapsctlError(
+            f"{p}: a run's training checkpoint, not a model; give {p.parent / 'model.safetensors'} (written "
+            f"when the run finishes; capsctl train --resume {p.parent} finishes a stopped one)"
+        )
+    spec = spec_from_metadata(meta, str(p), MODEL_FORMAT)
+    check_weights(spec, tensors, str(p))
     return spec, tensors
+
+
+# what else a file given as MODEL often is, by its first bytes: the way forward for each
+_NOT_A_MODEL = (
+    (b"PK\x03\x04", "a zip archive (a .keras or torch export?), not a capsctl model; `capsctl import` turns "
+                    "an export back into one"),
+    (b"\x80", "a pickle (a torch.save export?), not a capsctl model; `capsctl import` turns an export back "
+             "into one"),
+    (b"\x89PNG", "an image, not a model (the model comes first: capsctl COMMAND MODEL IMAGE)"),
+    (b"\xff\xd8\xff", "an image, not a model (the model comes first: capsctl COMMAND MODEL IMAGE)"),
+)
+
+
+def _refuse_a_stopped_run(p: Path) -> None:
+    """A run folder, or the model of a run stopped before it was written: the file to give or the command
+    that finishes the run."""
+    run = p if p.is_dir() else p.parent
+    stopped = (run / "checkpoint.safetensors").is_file() and not (run / "model.safetensors").exists()
+    if p.is_dir() and (p / "model.safetensors").is_file():
+        raise CapsctlError(f"{p}: a run folder; give its model: {p / 'model.safetensors'}")
+    if (p.is_dir() or (p.name == "model.safetensors" and not p.exists())) and stopped:
+        raise CapsctlError(
+            f"{p}: no model yet, the run was stopped before its end; capsctl train --resume {run} finishes it"
+        )
+
+
+def _refuse_something_else(p: Path, data: bytes) -> None:
+    """A file that is not a safetensors file but another thing often given as MODEL: the way forward."""
+    if p.suffix.lower() == ".onnx":
+        raise CapsctlError(f"{p}: an ONNX export; give the .safetensors model it was exported from")
+    for magic, what in _NOT_A_MODEL:
+        if data.startswith(magic):
+            raise CapsctlError(f"{p}: {what}")
