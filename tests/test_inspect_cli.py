@@ -239,3 +239,32 @@ def test_rgb_model_figure_shows_the_input_in_colour_and_json_names_classes(tmp_p
 
     assert magenta_pixels("rgb") > 2000
     assert magenta_pixels("gray") == 0
+
+
+def test_out_may_not_be_the_input_image(models, two_digits, capsys):
+    """`inspect MODEL a.png --out a.png` replaced the digit with the figure, exit 0."""
+    before = two_digits.read_bytes()
+    code, out, err = run_cli(["inspect", models["caps"], two_digits, "--out", two_digits], capsys)
+    assert_one_line_error(code, out, err, f"--out {two_digits}: is the input image")
+    assert two_digits.read_bytes() == before
+
+
+def test_an_attention_model_refuses_routings_and_counts_its_capsules(tmp_path, capsys):
+    """`efficient` routes by attention in one pass: --routings was ignored (it showed 1 iteration); its
+    figure's title counts every primary capsule (it said 1x1 = 1 of its 16)."""
+    from capsctl.cli._inspect import _title
+    from capsctl.inspect.analysis import inspect_one
+    from capsctl.model.fit import with_training_inputs
+    from capsctl.model.presets import preset
+
+    spec = with_training_inputs(preset("efficient"), 28, 28, composed=False)
+    model = tmp_path / "eff.safetensors"
+    save_model(model, spec, init_weights(spec, 0))
+    digit = tmp_path / "d.png"
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(digit)
+    code, out, err = run_cli(["inspect", model, digit, "--routings", "7"], capsys)
+    assert_one_line_error(code, out, err, "--routings", "routes by attention")
+    gh, gw, types = spec.capsule_grid(28, 28)
+    n = gh * gw * types
+    res = inspect_one(spec, np.full(10, 0.5), (28, 28), np.full((1, 10, n), 0.1), np.ones((1, 10, n)))
+    assert f"{gh}×{gw}×{types} = {n} input capsules" in _title(digit, model, spec, res, "torch")

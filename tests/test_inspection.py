@@ -186,3 +186,23 @@ def test_backend_trace_matches_reference(backend, routing):
         assert apart > 2 * np.abs(a.centres[b.top] - b.centres[b.top]).max(), b.centres[b.top]
         assert a.order == b.order and a.top == b.top
 
+
+
+def test_routing_statistics_of_primary_capsules_are_each_capsules_not_a_places_mean():
+    """With primary capsules (TYPES at each place) the per-iteration entropy and |Δc| are those of every
+    input capsule: one-hot couplings have entropy 0 (the mean over a place's types made it 2.25 nats
+    for `efficient`, whose 16 capsules sit at one place)."""
+    from capsctl.inspect.analysis import inspect_one
+    from capsctl.model.presets import preset
+
+    spec = preset("efficient")
+    gh, gw, types = spec.capsule_grid(28, 28)
+    n, j = gh * gw * types, spec.num_classes
+    one_hot = np.zeros((1, j, n))
+    one_hot[0, np.arange(n) % j, np.arange(n)] = 1.0  # each capsule to one class, the classes in turn
+    res = inspect_one(spec, np.full(j, 0.5), (28, 28), one_hot, np.ones_like(one_hot))
+    assert res.entropy == pytest.approx([0.0], abs=1e-12)
+    uniform = np.full((2, j, n), 1.0 / j)
+    res = inspect_one(spec, np.full(j, 0.5), (28, 28), np.concatenate([one_hot, uniform[:1]]), uniform)
+    assert res.entropy == pytest.approx([0.0, np.log(j)], abs=1e-12)
+    assert res.deltas[1] == pytest.approx(np.abs(one_hot[0] - uniform[0]).mean())

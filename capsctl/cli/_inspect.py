@@ -155,7 +155,7 @@ def inspect(
     if out is not None:
         from capsctl.inspect.figure import check_out_path
 
-        check_out_path(out)
+        check_out_path(out, Path(image))
     size = parse_size(resize) if resize is not None else None
     spec, weights = load_model(model)
     names = names_of(spec)  # the spec's class names, else "0".."J-1"
@@ -174,6 +174,8 @@ def inspect(
         )
     if spec.head == "pool" and routings is not None:
         raise CapsctlError(f"--routings: {model} has a pooling head, which has no routing")
+    if spec.head == "capsule" and spec.capsule.routing == "attention" and routings is not None:
+        raise CapsctlError(f"--routings: {model} routes by attention, in one pass (it has no iterations)")
     # a colour model sees RGB (H, W, 3): the analysis and the maps' outlines use its mean over the
     # channels, the figures' input panels the colour image itself
     rgb = load_image(image, invert=str(invert), resize=size, spec=spec, channels=spec.in_channels)
@@ -298,9 +300,11 @@ def _title(image: Path, model: Path, spec: "ModelSpec", res: "Inspection", backe
         return f"{image.name} — {model} (pooling head, no routing; {backend})"
     caps = spec.capsule
     gh, gw = res.grid or (0, 0)
+    types = caps.primary.types if caps.primary is not None else 1  # (capsule types at each place)
+    grid = f"{gh}×{gw}" if types == 1 else f"{gh}×{gw}×{types}"
     return (
         f"{image.name} — {model}: routing '{caps.routing}', {res.routings} iterations, "
-        f"{gh}×{gw} = {gh * gw} input capsules ({backend})"
+        f"{grid} = {gh * gw * types} input capsules ({backend})"
     )
 
 

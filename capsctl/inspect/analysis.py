@@ -242,6 +242,7 @@ def inspect_one(
     gh, gw, types = spec.capsule_grid(*image_shape)
     grid = (gh, gw)
     couplings, agreement = np.asarray(couplings), np.asarray(agreement)
+    each = couplings  # every input capsule's couplings: the statistics (a place's mean over types is not one)
     place_evidence = None
     if types > 1 and couplings.ndim == 3 and couplings.shape == agreement.shape:
         # primary capsules: TYPES input capsules at each place (row-major over row, column, type). The
@@ -258,8 +259,8 @@ def inspect_one(
         )
     heat_maps(couplings, grid)  # checks N against the grid
     result.couplings, result.agreement, result.grid = couplings, agreement, grid
-    result.deltas = coupling_deltas(couplings)
-    result.entropy = coupling_entropy(couplings)
+    result.deltas = coupling_deltas(each)
+    result.entropy = coupling_entropy(each)
     if place_evidence is None:
         place_evidence = evidence(couplings, agreement, weighting)
     result.centres = centres_of_mass(place_evidence, grid, spec)

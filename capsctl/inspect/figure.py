@@ -19,11 +19,17 @@ MAX_ITERATIONS_SHOWN = 4  # with --routings 50, show 4 evenly spaced iterations,
 MAX_CLASSES_SHOWN = 5  # the highest-scoring of the selected classes
 
 
-def check_out_path(path: Path) -> str:
-    """The figure format for `path`; refuses a bad suffix or a missing folder before any work."""
+def check_out_path(path: Path, image: Path | None = None) -> str:
+    """The figure format for `path`; refuses a bad suffix, a missing folder or the input `image` itself
+    (it was overwritten by the figure) before any work."""
     fmt = FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise CapsctlError(f"--out {path}: the figure must end in {', '.join(FORMATS)}")
+    if image is not None:
+        from capsctl._io import resolved
+
+        if resolved(path, "--out") == resolved(image, "the image"):
+            raise CapsctlError(f"--out {path}: is the input image; choose another path")
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise CapsctlError(f"--out {path}: folder {parent} does not exist")
