@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from capsctl.model import reference
-from capsctl.model.presets import preset
+from capsctl.model.presets import for_images, preset
 from capsctl.model.spec import DecoderSpec, ModelSpec
 from capsctl.model.weights import load_model, save_model
 
@@ -29,8 +29,10 @@ SPECS = {
     "efficient": preset("efficient").with_capsule(num_inputs=16),
     # its MultiMNIST graph, made for 36x36 composites (16 primary capsules there)
     "efficient-multimnist": preset("efficient-multimnist").with_capsule(num_inputs=16),
+    # Efficient-CapsNet trained on 32x40 images: the file records the size (no square one gives its grid)
+    "efficient-32x40": for_images("efficient", 32, 40),
 }
-SIZES = {"efficient-multimnist": (36, 36)}  # the images a model takes, where not 28x28 digits
+SIZES = {"efficient-multimnist": (36, 36), "efficient-32x40": (32, 40)}  # where not 28x28 digits
 
 
 def _digits(mnist, name: str) -> np.ndarray:
@@ -119,7 +121,7 @@ def test_keras_export_loads_in_plain_keras_and_round_trips(tmp_path, capsys, mod
     ("name", "sizes"),
     [("capsule", [(28, 28), (56, 28), (40, 33)]), ("pool", [(28, 28), (28, 56)]),
      ("non-shared", [(28, 28)]), ("sabour2017", [(28, 28)]), ("efficient", [(28, 28)]),
-     ("efficient-multimnist", [(36, 36)])],
+     ("efficient-multimnist", [(36, 36)]), ("efficient-32x40", [(32, 40)])],
 )
 def test_onnx_runs_in_onnxruntime_and_matches(tmp_path, capsys, models, mnist, name, sizes):
     import onnx

@@ -252,8 +252,42 @@ def test_the_resize_hint_names_a_size_that_gives_the_models_capsules():
     assert resize_hint(filled("sabour2017")) == "try --resize 28x28"
     assert resize_hint(filled("efficient-multimnist")) == "try --resize 36x36"
     assert resize_hint(filled("seed")) == "try --resize 28x28"
-    wide = for_images("sabour2017", 28, 56)  # no square image gives its 3,840 input capsules
-    assert resize_hint(wide) == "try --resize to the size it was trained on (3840 input capsules)"
+    wide = for_images("sabour2017", 28, 56)  # no square image gives its 3,840 input capsules: recorded
+    assert wide.capsule.image_size == (28, 56) and resize_hint(wide) == "try --resize 28x56"
+    old = wide.with_capsule(image_size=None)  # a file written before the size was recorded
+    assert resize_hint(old) == "try --resize to the size it was trained on (3840 input capsules)"
+    assert filled("sabour2017").capsule.image_size is None  # square: N gives it (files keep their JSON)
+    assert "image_size" not in filled("sabour2017").to_json()
+
+
+@pytest.mark.parametrize("name", ["efficient", "sabour2017"])
+def test_per_position_weights_take_their_training_grid_not_its_transpose(name, tmp_path, capsys):
+    """Trained on 32x40 images, a model with per-position capsule weights refuses 40x32 ones, which give
+    as many input capsules in a transposed grid (they were scored, rc 0, by predict, eval and inspect)."""
+    from capsctl.errors import CapsctlError
+    from capsctl.model.fit import check_fit
+    from capsctl.model.spec import ModelSpec
+
+    spec = for_images(name, 32, 40)
+    assert spec.capsule.image_size == (32, 40) and ModelSpec.from_json(spec.to_json()) == spec
+    assert spec.capsule_count(40, 32) == spec.capsule_count(32, 40)
+    assert spec.takes_size(32, 40) and not spec.takes_size(40, 32)
+    check_fit(spec, np.zeros((1, 32, 40, 1), np.float32), None, "m", "images")
+    with pytest.raises(CapsctlError, match=r"\(of 32x40 images\) but 40x32 images give their input capsules "
+                                           r"in another grid"):
+        check_fit(spec, np.zeros((1, 40, 32, 1), np.float32), None, "m", "images")
+    if name == "efficient":  # (sabour2017's 8.2M weights: one model file is enough)
+        from PIL import Image
+
+        from capsctl.model.weights import init_weights, save_model
+
+        from ._helpers import run_cli
+
+        model = tmp_path / "m.safetensors"
+        save_model(model, spec, init_weights(spec, 0))
+        Image.fromarray(np.zeros((40, 32), np.uint8)).save(tmp_path / "tall.png")
+        code, out, _ = run_cli(["predict", model, tmp_path / "tall.png", "--csv"], capsys)
+        assert code == 2 and "in another grid" in out and "--resize 32x40" in out, out
 
 
 def test_bench_arch_with_heads_given_measures_both_even_at_the_default_list(capsys, monkeypatch):

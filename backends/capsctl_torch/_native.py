@@ -134,13 +134,15 @@ class _ChannelsLast(torch.nn.Module):
         return scores, self.net.decoder(mask(v, onehot)).permute(0, 2, 3, 1)
 
 
-def _fixed_side(spec: ModelSpec) -> int:
-    """Non-shared capsule weights fix N (H'·W', or H'·W'·types): the square image side that gives it."""
-    n = spec.capsule.num_inputs
-    found = spec.side_for(n) if n is not None else None
+def _fixed_size(spec: ModelSpec) -> tuple[int, int]:
+    """Non-shared capsule weights fix N (H'·W', or H'·W'·types): the image size they were made for."""
+    found = spec.fixed_input_size()
     if found is not None:
         return found
-    raise CapsctlError(f"no square image size gives this model's {n} capsule inputs; ONNX export needs one")
+    raise CapsctlError(
+        f"no square image size gives this model's {spec.capsule.num_inputs} capsule inputs and the file does "
+        "not record its training size (written before capsctl recorded it); train it again to export ONNX"
+    )
 
 
 @contextlib.contextmanager
@@ -170,12 +172,13 @@ def onnx_bytes(spec: ModelSpec, weights: Mapping[str, np.ndarray]) -> bytes:
     dyn: dict[int, object] = {0: torch.export.Dim("batch", min=1)}
     if spec.head == "pool" or spec.capsule.shared:
         side = max(spec.min_image_size(), 28)
+        size = (side, side)
         lo = spec.min_image_size()
         dyn[1] = torch.export.Dim("height", min=lo, max=1 << 14)
         dyn[2] = torch.export.Dim("width", min=lo, max=1 << 14)
     else:
-        side = _fixed_side(spec)
-    example = torch.zeros(2, side, side, spec.in_channels)
+        size = _fixed_size(spec)
+    example = torch.zeros(2, *size, spec.in_channels)
     if spec.decoder is not None and spec.decoder.image_shape is not None:  # traced at the training size
         example = torch.zeros(2, *spec.decoder.image_shape)
     with _quiet_exporter():

@@ -222,7 +222,7 @@ def eval_pairs(
         test.images, test.labels, digits=digits, layout=str(layout), seed=seed, limit=limit
     )
     fixed = spec.head == "capsule" and not spec.capsule.shared
-    if fixed and _capsules_of(spec, *comp.images.shape[1:3]) != spec.capsule.num_inputs:
+    if fixed and not _takes(spec, *comp.images.shape[1:3]):
         from capsctl.errors import CapsctlError
         from capsctl.model.fit import overlap_hint
 
@@ -304,11 +304,11 @@ def _per_class_line(per_class: dict[str, float | None]) -> str:
     return ", ".join(f"{name} {'—' if v is None else f'{v:.2%}'}" for name, v in per_class.items())
 
 
-def _capsules_of(spec: "ModelSpec", height: int, width: int) -> int | None:
-    """The input capsule count of height x width images, or None when they are too small for the model."""
+def _takes(spec: "ModelSpec", height: int, width: int) -> bool:
+    """Whether the model's capsule weights fit height x width images (False when they are too small)."""
     from capsctl.errors import CapsctlError
 
     try:
-        return spec.capsule_count(height, width)
+        return spec.takes_size(height, width)
     except CapsctlError:
-        return None
+        return False

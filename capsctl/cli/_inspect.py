@@ -282,16 +282,14 @@ def _check_fixed_inputs(spec: "ModelSpec", shape: tuple[int, ...], image: Path, 
     caps = spec.capsule
     if spec.head != "capsule" or caps.shared:
         return
-    n = spec.capsule_count(shape[0], shape[1])
-    if n == caps.num_inputs:
+    if spec.takes_size(shape[0], shape[1]):
         return
-    hint = ""
-    side = spec.side_for(caps.num_inputs, 1024) if caps.num_inputs is not None else None
-    if side is not None:
-        hint = f"; try --resize {side}x{side}"
+    from capsctl.model.fit import capsules_given, resize_hint
+
+    gives = capsules_given(spec, shape[0], shape[1])
     raise CapsctlError(
-        f"{image}: gives {n} input capsules, but {model} has per-position capsule weights for "
-        f"{caps.num_inputs} inputs{hint}"
+        f"{image}: {gives}, but {model} has per-position capsule weights for "
+        f"{caps.num_inputs} inputs; {resize_hint(spec)}"
     )
 
 

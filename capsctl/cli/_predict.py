@@ -215,15 +215,14 @@ def _read(path: Path, spec: ModelSpec, invert: str, resize: tuple[int, int] | No
     if img.ndim == 2:
         img = img[:, :, None]
     caps = spec.capsule
-    if spec.head == "capsule" and not caps.shared:
-        n = spec.capsule_count(img.shape[0], img.shape[1])
-        if n != caps.num_inputs:
-            from capsctl.model.fit import resize_hint
+    if not spec.takes_size(img.shape[0], img.shape[1]):
+        from capsctl.model.fit import capsules_given, resize_hint
 
-            raise CapsctlError(
-                f"{path}: gives {n} input capsules, but the model has per-position capsule weights for "
-                f"{caps.num_inputs} inputs ({resize_hint(spec)})"
-            )
+        gives = capsules_given(spec, img.shape[0], img.shape[1])
+        raise CapsctlError(
+            f"{path}: {gives}, but the model has per-position capsule weights for "
+            f"{caps.num_inputs} inputs ({resize_hint(spec)})"
+        )
     return img
 
 

@@ -28,21 +28,34 @@ def check_fit(
         raise CapsctlError(f"{source}: the model takes {spec.in_channels}-channel images, {data} have {c}")
     try:
         spec.trunk_grid(h, w)
-        n = spec.capsule_count(h, w) if spec.head == "capsule" else 0
+        if spec.head == "capsule":
+            spec.capsule_grid(h, w)  # (primary capsules need their kernel's window too)
     except CapsctlError:
         hint = overlap_hint(spec, h, w, source) if single_digits else ""
         raise CapsctlError(f"{source}: {_too_small(spec, h, w, data)}{hint}") from None
     caps = spec.capsule
-    if spec.head == "capsule" and not caps.shared and n != caps.num_inputs:
+    if not spec.takes_size(h, w):
         hint = overlap_hint(spec, h, w, source) if single_digits else ""
+        made_for = spec.fixed_input_size()
+        of = f" (of {made_for[0]}x{made_for[1]} images)" if made_for is not None else ""
+        given = capsules_given(spec, h, w).removeprefix("gives ").replace("its ", "their ")
         raise CapsctlError(
-            f"{source}: the capsule weights are fixed to {caps.num_inputs} input capsules "
-            f"but {h}x{w} {data} give {n}; use a model with shared capsule weights{hint}"
+            f"{source}: the capsule weights are fixed to {caps.num_inputs} input capsules{of} "
+            f"but {h}x{w} {data} give {given}; use a model with shared capsule weights{hint}"
         )
     if labels is not None and labels.size and int(labels.max()) >= spec.num_classes:
         raise CapsctlError(
             f"{source}: {data} hold label {int(labels.max())}, the model has only {spec.num_classes} classes"
         )
+
+
+def capsules_given(spec: ModelSpec, height: int, width: int) -> str:
+    """What an image the model's non-shared capsule weights do not take gives them: "gives N input
+    capsules", or, with the count right, "gives its input capsules in another grid" (a transposed size)."""
+    n = spec.capsule_count(height, width)
+    if n != spec.capsule.num_inputs:
+        return f"gives {n} input capsules"
+    return "gives its input capsules in another grid"
 
 
 def resize_hint(spec: ModelSpec) -> str:
@@ -51,11 +64,11 @@ def resize_hint(spec: ModelSpec) -> str:
     trained on non-square images has none, and is told so), else MNIST's 28 or the model's smallest size."""
     caps = spec.capsule
     if spec.head == "capsule" and not caps.shared and caps.num_inputs is not None:
-        side = spec.side_for(caps.num_inputs, 1024)
-        if side is None:
+        made_for = spec.fixed_input_size()
+        if made_for is None:  # (a file written before the training size was recorded)
             return f"try --resize to the size it was trained on ({caps.num_inputs} input capsules)"
-    else:
-        side = max(spec.min_image_size(), 28)
+        return f"try --resize {made_for[0]}x{made_for[1]}"
+    side = max(spec.min_image_size(), 28)
     return f"try --resize {side}x{side}"
 
 
@@ -67,10 +80,12 @@ def overlap_hint(spec: ModelSpec, h: int, w: int, model: str = "MODEL") -> str:
     ch, cw = canvas(h, w)
     try:
         spec.trunk_grid(ch, cw)
-        n = spec.capsule_count(ch, cw) if spec.head == "capsule" else 0
+        if spec.head == "capsule":
+            spec.capsule_grid(ch, cw)  # (primary capsules need their kernel's window too)
+        fits = spec.takes_size(ch, cw)
     except CapsctlError:
         return ""
-    if spec.head == "capsule" and not spec.capsule.shared and n != spec.capsule.num_inputs:
+    if not fits:
         return ""
     return f"; it takes overlap composites of them ({ch}x{cw}): capsctl eval-pairs {model} --layout overlap"
 
@@ -84,7 +99,9 @@ def with_training_inputs(spec: ModelSpec, height: int, width: int, composed: boo
     """`spec` with N, the input capsule count, set from its training images (height x width, the
     composites' canvas included) when its capsule weights are non-shared and N is not given yet."""
     if spec.head == "capsule" and not spec.capsule.shared and spec.capsule.num_inputs is None:
-        return spec.with_capsule(num_inputs=training_capsule_count(spec, height, width, composed))
+        n = training_capsule_count(spec, height, width, composed)
+        # (recorded when not square: N alone leaves the grid's rows and columns open)
+        return spec.with_capsule(num_inputs=n, image_size=None if height == width else (height, width))
     return spec
 
 

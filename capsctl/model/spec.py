@@ -85,6 +85,9 @@ class CapsuleSpec:
     shared: bool = True  # one W [C, J*D] for every position (any image size)
     # N, the input capsules, when shared is False (W is [N, C, J*D]); set by `capsctl train` from the data
     num_inputs: int | None = None
+    # (H, W) of those training images when they are not square (N alone leaves the grid's rows and columns
+    # open: a W x H image would pass with its capsules transposed); None: square, the side N gives
+    image_size: tuple[int, int] | None = None
     # primary capsules between the trunk and the routing; None: each trunk position is an input
     # capsule of C (the trunk's channels) dimensions, unsquashed (the seed's design)
     primary: PrimarySpec | None = None
@@ -131,6 +134,10 @@ class ModelSpec:
         d["trunk"] = [_layer_dict(layer) for layer in self.trunk]
         if self.capsule.primary is None:
             del d["capsule"]["primary"]  # specs without primary capsules keep their JSON byte for byte
+        if self.capsule.image_size is None:
+            del d["capsule"]["image_size"]  # (as primary)
+        else:
+            d["capsule"]["image_size"] = list(self.capsule.image_size)
         if self.decoder is None:
             del d["decoder"]  # specs without a decoder keep their JSON (and files) byte for byte
         else:
@@ -259,6 +266,30 @@ class ModelSpec:
             side += 1
         return found
 
+    def fixed_input_size(self) -> tuple[int, int] | None:
+        """(H, W) of an image that non-shared capsule weights were made for: the training images' size
+        when recorded (not square), else the square side that gives N (side_for); None for shared
+        weights, the pool head, or when no square side gives N."""
+        caps = self.capsule
+        if self.head != "capsule" or caps.shared or caps.num_inputs is None:
+            return None
+        if caps.image_size is not None:
+            return caps.image_size
+        side = self.side_for(caps.num_inputs, 1024)
+        return None if side is None else (side, side)
+
+    def takes_size(self, height: int, width: int) -> bool:
+        """Whether the capsule weights fit an image of this size (one the trunk takes): always with shared
+        weights; non-shared ones need the input capsule grid of the images they were made for (N alone
+        let a 40x32 image through a model of 32x40 images, its capsules transposed)."""
+        caps = self.capsule
+        if self.head != "capsule" or caps.shared:
+            return True
+        if self.capsule_count(height, width) != caps.num_inputs:
+            return False
+        made_for = self.fixed_input_size()
+        return made_for is None or self.capsule_grid(height, width) == self.capsule_grid(*made_for)
+
     def min_image_size(self) -> int:
         """The smallest square image side the model accepts."""
         side = 1
@@ -303,6 +334,8 @@ def _layer_dict(layer: TrunkLayer) -> dict[str, Any]:
 
 
 def _capsule_from_dict(d: dict[str, Any]) -> CapsuleSpec:
+    if isinstance(d.get("image_size"), list):
+        d = {**d, "image_size": tuple(d["image_size"])}
     primary = d.get("primary")
     if primary is None:
         return CapsuleSpec(**d)
@@ -390,6 +423,12 @@ def validate(spec: ModelSpec) -> None:
     # decoder.image_shape; a model's weights need it, see capsctl.model.weights.expected_shapes)
     if c.num_inputs is not None:
         _positive_int(c.num_inputs, "capsule.num_inputs", 1 << 20)
+    if c.image_size is not None:
+        size = c.image_size
+        if c.shared or not (isinstance(size, tuple) and len(size) == 2):
+            raise CapsctlError("model spec: capsule.image_size is [H, W], for shared false only")
+        for k, side in enumerate(size):
+            _positive_int(side, f"capsule.image_size[{k}]", 1 << 16)
     primary = c.primary
     if primary is not None:
         if not isinstance(primary, PrimarySpec):
