@@ -229,6 +229,11 @@ def test_eval_pairs_reconstruction_compares_each_digit_at_its_place(tmp_path, ca
     assert got["reconstruction_mse"] == pytest.approx(errors.mean(), rel=1e-4)
     assert got["reconstruction_mse_by_position"] == pytest.approx(list(errors.mean(0)), rel=1e-4)
     assert got["reconstruction_mse_alone"] == pytest.approx(floor.mean(), rel=1e-4)
+    # the default (vertical) layout: refused before any scoring, naming the layout its decoder draws
+    code, out, err = run_cli(["eval-pairs", tmp_path / "m.safetensors", "--data-dir", mnist_dir,
+                              "--eval-limit", "12", "--reconstruction"], capsys)
+    assert_one_line_error(code, out, err, "m.safetensors: --reconstruction: its decoder draws 36x36 images",
+                          "add --layout overlap", "test digits are 28x28")
 
 
 class _Recorder:

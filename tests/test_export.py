@@ -300,3 +300,18 @@ def test_export_refuses_a_broken_model(tmp_path, capsys, models):
 def test_import_onnx_format_is_refused_by_name(tmp_path, capsys, models):
     _refused(["import", models["capsule"], "--format", "onnx", "--out", tmp_path / "x.safetensors"], capsys,
              "ONNX")
+
+
+def test_import_refuses_a_format_the_file_is_not_and_an_export_suffix_as_out(tmp_path, capsys, natives):
+    """`import x.keras --format torch` leaked torch's "[enforce fail at inline_container.cc…]"; `--out x.pt`
+    wrote a safetensors file under a torch export's name."""
+    out = tmp_path / "out.safetensors"
+    _refused(["import", natives["keras"], "--format", "torch", "--out", out], capsys,
+             "a keras export, not torch", "leave out --format")
+    _refused(["import", natives["torch"], "--format", "keras", "--out", out], capsys,
+             "a torch export, not keras")
+    for name in ("x.pt", "x.keras", "x.onnx"):
+        _refused(["import", natives["torch"], "--out", tmp_path / name], capsys,
+                 f"--out {tmp_path / name}: import writes the canonical model file", "call it x.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    _ok(["import", natives["keras"], "--format", "keras", "--out", out], capsys)  # the right one, given

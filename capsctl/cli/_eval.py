@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
     import numpy as np
 
+    from capsctl.data.composites import Composites
     from capsctl.data.datasets import Split
     from capsctl.model.spec import ModelSpec
 
@@ -235,6 +236,8 @@ def eval_pairs(
             + hint
         )
     check_fit(spec, comp.images, comp.labels, str(model), f"{dataset} {layout} composites")
+    if reconstruction:
+        _check_decoder_draws(spec, test.images.shape[1:], comp, str(layout), model)
     runner = get_backend(backend).runner(spec, weights)
     scores = runner.scores(comp.images, batch_size)
     result: dict[str, object] = {**score_sets(scores, comp.labels)}
@@ -302,6 +305,27 @@ def _per_class(names: "Sequence[str]", labels: "np.ndarray", hit: "np.ndarray") 
 
 def _per_class_line(per_class: dict[str, float | None]) -> str:
     return ", ".join(f"{name} {'—' if v is None else f'{v:.2%}'}" for name, v in per_class.items())
+
+
+def _check_decoder_draws(
+    spec: "ModelSpec", digit: tuple[int, ...], comp: "Composites", layout: str, model: Path
+) -> None:
+    """Before any scoring: the decoder draws either a test digit (compared with the source digit) or, with
+    --layout overlap, the composite's canvas it trained on (compared with the digit at its place)."""
+    from capsctl.errors import CapsctlError
+    from capsctl.training.compose import canvas
+
+    assert spec.decoder is not None and spec.decoder.image_shape is not None  # (check_decoder)
+    draws = tuple(spec.decoder.image_shape)
+    if draws == tuple(digit) or (comp.offsets is not None and draws == tuple(comp.images.shape[1:])):
+        return
+    hint = ""
+    if layout != "overlap" and draws[:2] == canvas(digit[0], digit[1]):
+        hint = " (the overlap composites' canvas it trained on): add --layout overlap"
+    raise CapsctlError(
+        f"{model}: --reconstruction: its decoder draws {draws[0]}x{draws[1]} images{hint}; the test "
+        f"digits are {digit[0]}x{digit[1]}"
+    )
 
 
 def _takes(spec: "ModelSpec", height: int, width: int) -> bool:

@@ -148,7 +148,22 @@ def import_(
             "import the torch or Keras export"
         )
     _check_out(out, path)
-    fmt = str(format) if format is not None else _sniff(path)
+    if out.suffix.lower() in _SUFFIXES:  # (export's own suffixes: the file would be taken for one)
+        raise CapsctlError(
+            f"--out {out}: import writes the canonical model file, not a {_SUFFIXES[out.suffix.lower()]} "
+            f"export; call it {out.stem}.safetensors"
+        )
+    try:
+        sniffed: str | None = _sniff(path)
+    except CapsctlError:
+        if format is None:
+            raise
+        sniffed = None  # (the user says what it is: the backend's reader tells)
+    if format is not None and sniffed is not None and str(format) != sniffed:
+        raise CapsctlError(
+            f"{path}: a {sniffed} export, not {format}; leave out --format (it is detected from the file)"
+        )
+    fmt = str(format) if format is not None else str(sniffed)
     spec, weights = get_backend(fmt).import_native(str(path))
     save_model(out, spec, weights)
     typer.echo(f"wrote {out} (from {fmt}, {spec.head} head)")
