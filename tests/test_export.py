@@ -91,6 +91,11 @@ def test_torch_export_is_a_plain_state_dict_and_round_trips(tmp_path, capsys, mo
     with torch.no_grad():
         got = net.eval()(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
     np.testing.assert_allclose(got, reference.forward(spec, weights, x)[0], atol=1e-4)
+    import capsctl_torch
+
+    plain = capsctl_torch.load_model(str(native))  # the export's --help names it
+    with torch.no_grad():
+        np.testing.assert_allclose(plain(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy(), got, atol=1e-6)
     back = tmp_path / "back.safetensors"
     _ok(["import", native, "--out", back], capsys)
     _same_model(models[name], back)

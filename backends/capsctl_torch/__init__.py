@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -63,6 +63,17 @@ class TorchBackend:
         from . import _distributed
 
         return _distributed
+
+
+def load_model(path: str) -> Any:
+    """Open a `capsctl export --format torch` file as a plain torch module (torch.load with
+    weights_only=True: no code is unpickled; the spec it carries rebuilds the network), in eval mode on
+    the CPU: `capsctl_torch.load_model("m.pt")(x)`, x float32 images (B, C, H, W) in [0, 1], gives the
+    scores (B, J); `.capsules(x)` the output capsules (B, J, D) of a capsule head."""
+    from ._native import import_native
+    from ._runner import build
+
+    return build(*import_native(path)).cpu().eval()
 
 
 if TYPE_CHECKING:  # mypy holds the class to the protocol; nothing runs

@@ -57,7 +57,8 @@ def export(
 ) -> None:
     """Write a model in a framework's own format.
 
-    torch: a state_dict for torch.load(path, weights_only=True) and load_state_dict(strict=True).
+    torch: a state_dict for torch.load(path, weights_only=True), carrying its spec;
+    capsctl_torch.load_model(path) rebuilds the network from it (images (B, C, H, W) -> scores).
 
     keras: a .keras archive for capsctl_keras.load_model(path) (keras safe_mode).
 
