@@ -295,6 +295,12 @@ def test_inspect_reconstruct_json_and_figure(decoder_model, tmp_path, capsys, mn
     code, _, err = run_cli([*args, "--top", "2", "--out", fig], capsys)
     assert code == 0, err
     assert fig.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "reconstructing" not in err
+    # more classes than are drawn: the 5 highest, said on stderr (they were left out without a word)
+    code, out, err = run_cli([*args, "--top", "7", "--json"], capsys)
+    assert code == 0, err
+    assert len(json.loads(out)["reconstructions"]) == 5
+    assert "7 classes selected; reconstructing the 5 highest-scoring (--class C for another)" in err
 
 
 @pytest.mark.torch

@@ -196,6 +196,12 @@ def inspect(
         from capsctl.inspect import reconstruction
 
         chosen = reconstruction.reconstruct_classes(res, cls)
+        if cls is None and len(res.selected) > len(chosen):  # (the rest were left out without a word)
+            err.print(
+                f"{len(res.selected)} classes selected; reconstructing the {len(chosen)} highest-scoring "
+                "(--class C for another)",
+                highlight=False, soft_wrap=True,
+            )
         recons = runner.reconstruct(np.repeat(x, len(chosen), axis=0), np.asarray(chosen))
         by_class = {j: recons[i] for i, j in enumerate(chosen)}
         extra["reconstructions"] = {str(j): np.asarray(r, np.float64).tolist() for j, r in by_class.items()}
