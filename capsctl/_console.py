@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -12,8 +15,11 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+# Written to a file or a pipe (no terminal, no COLUMNS), Rich lays its tables out for 80 columns and cuts
+# their cells ("279,4…"): results are laid out for a wide page there instead
+PIPE_WIDTH = 200
 err = Console(stderr=True)
-out = Console()
+out = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else PIPE_WIDTH)
 
 # set by a command's -q (and by every rank but 0 of a job): progress drawn deep inside, such as an image
 # folder's first decoding, then stays quiet too, without a flag passed through every loader

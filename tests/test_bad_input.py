@@ -477,6 +477,7 @@ def test_data_fetch_options(tmp_path, capsys, cache):
         (["data", "fetch", "mnist", "--from", tmp_path / "nowhere"], ["--from", "nowhere"]),
         (["data", "fetch", "mnist", "--from", a_file], ["--from", "a-file"]),
         (["data", "fetch", "mnist", "--from", tmp_path], ["--from", "four IDX files"]),
+        (["data", "list", "--data-dir", tmp_path / "nowhere"], ["--data-dir", "nowhere: no such folder"]),
     ]:
         code, out, err = run_cli(args, capsys)
         assert_one_line_error(code, out, err, *words)

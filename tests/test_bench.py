@@ -207,3 +207,16 @@ def test_naive_and_input_space_keras_routing_compute_the_same_scores(routing):
     np.testing.assert_allclose(bk.naive_scores(f, head.kernel, spec).numpy(), ours, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(bk.input_space_scores(f, head.kernel, spec).numpy(), ours, rtol=1e-5,
                                atol=1e-6)
+
+
+def test_a_failed_measurement_is_not_a_success(capsys, monkeypatch):
+    """A backend's child that died (out of memory, a timeout) showed a 'failed' row, exit 0."""
+    from capsctl.bench import report
+
+    monkeypatch.setattr(report, "run_child",
+                        lambda name, cfg: {"backend": name, "available": True, "error": "MemoryError"})
+    code, out, err = run_cli(["bench", "--backend", "torch", *TINY_ARGS, "--json"], capsys)
+    assert code == 1 and json.loads(out)["backends"]["torch"]["error"] == "MemoryError"
+    assert err.strip().splitlines()[-1] == "error: the measurement failed on torch"
+    code, out, err = run_cli(["bench", "--backend", "torch", *TINY_ARGS], capsys)
+    assert code == 1 and "failed" in out

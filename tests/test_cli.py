@@ -91,3 +91,18 @@ def test_bad_options_give_one_line_and_exit_2(tmp_path, capsys, mnist_dir, args,
     code, out, err = run_cli([*args, *extra], capsys)
     assert_one_line_error(code, out, err, message)
     assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())
+
+
+def test_a_table_written_to_a_pipe_is_not_cut_at_80_columns():
+    """Piped or redirected, Rich laid tables out for 80 columns: `capsctl data list | cat` cut its cells
+    ("…"), an experiment's Markdown tables were hard-wrapped."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    done = subprocess.run([sys.executable, "-m", "capsctl", "data", "list"], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "…" not in done.stdout
+    assert any("(32x32 RGB, 50,000 + 10,000 images; 162 MB)" in line for line in done.stdout.splitlines())

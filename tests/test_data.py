@@ -174,3 +174,35 @@ def test_cli_fetch_from_folder_and_list(tmp_path, capsys, monkeypatch, mnist_dir
     code, out, err = run_cli(["data", "fetch", "fashion-mnist", "--from", bad], capsys)
     assert_one_line_error(code, out, err, "corrupt gzip")
     assert not (datasets.cache_root() / "fashion-mnist").exists()
+
+
+def test_a_second_copy_replaces_the_first_whatever_its_compression(tmp_path):
+    """`data fetch --from A` (gzipped) then `--from B` (plain files): the cache held both and went on
+    reading A's .gz files."""
+    from ._helpers import write_set
+
+    random_set(tmp_path / "a", seed=1)
+    rng = np.random.default_rng(2)
+    b = {"train-images": rng.integers(0, 256, (20, 28, 28)), "train-labels": rng.integers(0, 10, 20),
+         "t10k-images": rng.integers(0, 256, (10, 28, 28)), "t10k-labels": rng.integers(0, 10, 10)}
+    write_set(tmp_path / "b", b, compress=False)
+    from dataclasses import replace
+
+    info = replace(datasets.DATASETS["mnist"], sizes=None)  # (any image counts)
+    dest = tmp_path / "cache"
+    datasets.copy_from(info, tmp_path / "a", dest)
+    datasets.copy_from(info, tmp_path / "b", dest)
+    assert not list(dest.glob("*.gz"))
+    got = datasets.Dataset("mnist", dest).train()
+    np.testing.assert_array_equal(got.labels, b["train-labels"])
+    np.testing.assert_array_equal(np.round(got.images[..., 0] * 255), b["train-images"])
+    datasets.copy_from(info, tmp_path / "a", dest)  # and back
+    assert len(list(dest.glob("*.gz"))) == 4 and len(list(dest.iterdir())) == 4
+
+
+def test_a_failed_first_download_leaves_no_empty_folder(tmp_path):
+    files = random_set(tmp_path / "srv" / "good")
+    (tmp_path / "srv" / "empty").mkdir()
+    with static_server(tmp_path / "srv") as url, pytest.raises(CapsctlError, match="could not download"):
+        datasets.fetch(_info(files), tmp_path / "cache" / "tiny", mirrors=[f"{url}/empty/"])
+    assert not (tmp_path / "cache" / "tiny").exists()

@@ -72,6 +72,15 @@ def test_parse_ints() -> None:
         parse_ints("a", "--seeds")
     with pytest.raises(CapsctlError, match="outside"):
         parse_ints("0,9", "--iterations", 1, 8)
+    # a range's ends are checked before it is expanded (1-1000000000 built a billion-item list first; a
+    # seed range of 10^8 hung), and a backward range is named
+    with pytest.raises(CapsctlError, match="1000000000 is outside 1..100"):
+        parse_ints("1-1000000000", "--routings", 1, 100)
+    with pytest.raises(CapsctlError, match="more than 1000 values"):
+        parse_ints("0-100000000", "--seeds")
+    with pytest.raises(CapsctlError, match="the range 2-1 runs backwards; write 1-2"):
+        parse_ints("2-1", "--seeds")
+    assert parse_ints("0-999", "--seeds") == list(range(1000))
 
 
 def test_run_names_say_what_changed(tmp_path: Path) -> None:
@@ -207,6 +216,13 @@ def test_ablate_and_report(tmp_path: Path, tiny_pairs: tuple[Path, dict], mnist_
     assert "seed article capsule" in text and "## Not run here" in text
     assert (doc.parent / "results" / tiny_pairs[0].name / "curves.png").exists()
     assert f"results/{out.name}/ablation.png" in text
+    # each kind of experiment keeps its own --out: the pairs results were replaced without a word
+    before = (tiny_pairs[0] / "results.json").read_bytes()
+    code, out_text, err = run_cli(["experiment", "ablate", "--data-dir", mnist_dir, "--iterations", "3",
+                                   "--epochs", "1", "--limit", "64", "--out", tiny_pairs[0], "-q"], capsys)
+    assert_one_line_error(code, out_text, err, f"--out {tiny_pairs[0]}: holds the results of an experiment",
+                          "pairs; use another --out")
+    assert (tiny_pairs[0] / "results.json").read_bytes() == before
 
 
 @pytest.mark.torch

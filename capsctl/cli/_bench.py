@@ -123,8 +123,15 @@ def bench(
         )
     if json_out:
         typer.echo(json.dumps(report))
-        return
-    _print(report)
+    else:
+        _print(report)
+    # a measurement that failed (a backend's child died: out of memory, a timeout) is not a result
+    failed = [name for name, r in report["backends"].items() if "error" in r]
+    if failed:
+        from capsctl._console import err
+
+        err.print(f"error: the measurement failed on {', '.join(failed)}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
 
 
 def _variants(heads: list[str], heads_given: bool, archs: list[str] | None) -> tuple[str, ...]:

@@ -29,7 +29,10 @@ def list_datasets(
     import json
 
     from capsctl.data import datasets
+    from capsctl.errors import CapsctlError
 
+    if data_dir is not None and not data_dir.is_dir():  # (as train and eval refuse it)
+        raise CapsctlError(f"--data-dir {data_dir}: no such folder")
     rows: list[dict[str, Any]] = []
     for name, info in datasets.DATASETS.items():
         found = next(

@@ -331,7 +331,9 @@ def pairs(
 
     set_quiet(quiet)  # (the data loaders' own bars too)
     run_pairs(plan, out, show_progress=not quiet, planned=_say(note))
-    console.print((out / "results.md").read_text().split("\n![")[0], markup=False, highlight=False)
+    # (soft_wrap: the Markdown tables' rows are printed whole, never cut at the console's width)
+    console.print((out / "results.md").read_text().split("\n![")[0], markup=False, highlight=False,
+                  soft_wrap=True)
     typer.echo(f"results: {out / 'results.json'}")
 
 
@@ -452,7 +454,9 @@ def ablate(
 
     set_quiet(quiet)  # (the data loaders' own bars too)
     run_ablate(plan, out, show_progress=not quiet, planned=_say(note))
-    console.print((out / "results.md").read_text().split("\n![")[0], markup=False, highlight=False)
+    # (soft_wrap: the Markdown tables' rows are printed whole, never cut at the console's width)
+    console.print((out / "results.md").read_text().split("\n![")[0], markup=False, highlight=False,
+                  soft_wrap=True)
     typer.echo(f"results: {out / 'results.json'}")
 
 

@@ -98,6 +98,9 @@ def ints_callback(
     return split
 
 
+MAX_INT_VALUES = 1000  # an --seeds or --routings list longer than this is a typo, not an experiment
+
+
 def parse_ints(text: str, option: str, lo: int = 0, hi: int = 1 << 30) -> list[int]:
     """'0,1,2' -> [0, 1, 2]; also accepts ranges like '1-8'."""
     values: list[int] = []
@@ -105,18 +108,20 @@ def parse_ints(text: str, option: str, lo: int = 0, hi: int = 1 << 30) -> list[i
         if not part:
             continue
         try:
-            if "-" in part[1:]:
-                a, b = part.split("-", 1)
-                values.extend(range(int(a), int(b) + 1))
-            else:
-                values.append(int(part))
+            a, b = part.split("-", 1) if "-" in part[1:] else (part, part)
+            first, last = int(a), int(b)
         except ValueError:
             raise CapsctlError(f"{option}: expected comma-separated integers, got {text!r}") from None
+        for v in (first, last):  # (checked before the range is expanded: 0-100000000 hung)
+            if not lo <= v <= hi:
+                raise CapsctlError(f"{option}: {v} is outside {lo}..{hi}")
+        if last < first:
+            raise CapsctlError(f"{option}: the range {part} runs backwards; write {last}-{first}")
+        if len(values) + last - first + 1 > MAX_INT_VALUES:
+            raise CapsctlError(f"{option}: more than {MAX_INT_VALUES} values (each one a model to train)")
+        values.extend(range(first, last + 1))
     if not values:
         raise CapsctlError(f"{option}: no values given")
-    for v in values:
-        if not lo <= v <= hi:
-            raise CapsctlError(f"{option}: {v} is outside {lo}..{hi}")
     return list(dict.fromkeys(values))
 
 

@@ -273,7 +273,17 @@ def download_file(
 def fetch(info: DatasetInfo, dest: Path, mirrors: Sequence[str] | None = None) -> Path:
     """Download the four files into `dest`, trying each mirror in turn for each file."""
     mirrors = tuple(mirrors) if mirrors is not None else mirrors_for(info)
+    made = not dest.exists()
     dest.mkdir(parents=True, exist_ok=True)
+    try:
+        return _fetch_into(info, dest, mirrors)
+    except BaseException:
+        if made and not any(dest.iterdir()):  # (a failed first fetch leaves no empty folder behind)
+            dest.rmdir()
+        raise
+
+
+def _fetch_into(info: DatasetInfo, dest: Path, mirrors: tuple[str, ...]) -> Path:
     wanted = [("archive", info.archive)] if info.archive else [(r, FILES[r] + ".gz") for r in ROLES]
     for role, fname in wanted:
         if (dest / fname).is_file() or (not info.archive and find_file(dest, role)):
@@ -335,6 +345,11 @@ def copy_from(info: DatasetInfo, src: Path, dest: Path) -> Path:
         f = find_file(src, role)
         assert f is not None
         atomic_write_bytes(dest / f.name, f.read_bytes())  # temp + fsync + rename: never a half file
+        # the copy replaces the file of the other kind (.gz or not) a former copy left: find_file takes
+        # the .gz first, so an old .gz beside a new plain file went on being read
+        other = dest / (FILES[role] if f.name.endswith(".gz") else FILES[role] + ".gz")
+        if other.exists():
+            other.unlink()
     return dest
 
 

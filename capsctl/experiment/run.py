@@ -302,9 +302,24 @@ def _finish(
     return full
 
 
+def _check_kind(out: Path, kind: str) -> None:
+    """Refuse an --out that holds the other kind of experiment: its results.json and tables would be
+    replaced and its plots left beside this one's (and `report` would show them under this one)."""
+    import json
+
+    try:
+        held = json.loads((out / "results.json").read_text())
+    except (OSError, ValueError, RecursionError):
+        return  # none there (or unreadable: written anew, as before)
+    other = held.get("kind") if isinstance(held, dict) else None
+    if isinstance(other, str) and other != kind:
+        raise CapsctlError(f"--out {out}: holds the results of an experiment {other}; use another --out")
+
+
 def run_pairs(
     plan: PairsPlan, out: Path, show_progress: bool = True, planned: Callable[[], None] | None = None
 ) -> dict[str, Any]:
+    _check_kind(out, "pairs")
     t0 = time.time()
     start_machine = machine()
     backend, train_split, test_split, facts = _prepare(
@@ -366,6 +381,7 @@ def run_pairs(
 def run_ablate(
     plan: AblatePlan, out: Path, show_progress: bool = True, planned: Callable[[], None] | None = None
 ) -> dict[str, Any]:
+    _check_kind(out, "ablate")
     t0 = time.time()
     start_machine = machine()
     backend, train_split, test_split, facts = _prepare(plan.backend, plan.dataset, plan.data_dir)
