@@ -946,3 +946,21 @@ def test_a_full_report_rewrite_keeps_complete_sections_past_an_unfinished_one(tm
     (a, _), (b, b_end) = _section_marks("A"), _section_marks("B")
     text = "# Results\n" + a + "A's start, its end mark deleted by hand\n" + b + "kept\n" + b_end
     assert _generated_sections(text) == [("B", b + "kept\n" + b_end)]
+
+
+def test_report_names_the_damaged_file_of_several_and_refuses_two_folders_of_one_name(tmp_path, capsys):
+    """A field only the report's prose reads (the machine) was null: "a results file is damaged inside",
+    which of them unsaid. Two folders of one name shared results/<name>: the second's plots under both."""
+    source = Path(__file__).parents[1] / "docs" / "results" / "mnist5k-torch-default" / "results.json"
+    good = _results(tmp_path / "good", source.read_bytes())
+    real = json.loads(source.read_text())
+    real["machine"] = None
+    bad = _results(tmp_path / "bad", json.dumps(real).encode())
+    code, out, err = run_cli(["experiment", "report", good, bad, "--out", tmp_path / "new" / "R.md"], capsys)
+    assert_one_line_error(code, out, err, f"report: {bad / 'results.json'} is damaged inside")
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "other").mkdir()
+    twin = _results(tmp_path / "other" / "good", source.read_bytes())
+    code, out, err = run_cli(["experiment", "report", good, twin, "--out", tmp_path / "new" / "R.md"], capsys)
+    assert_one_line_error(code, out, err, "are both named 'good'", "rename one")
+    assert not (tmp_path / "new").exists()

@@ -519,6 +519,22 @@ def test_pairs_image_size_resizes_a_user_folder(tmp_path: Path, capsys) -> None:
     assert_one_line_error(code, stdout, err, "another")
 
 
+def test_pairs_refuses_a_test_of_more_digits_than_classes_before_training(tmp_path: Path, capsys) -> None:
+    """On a 2-class folder vertical3 cannot be made: it failed with "no composites to score" once every
+    model had trained (and again on every rerun)."""
+    import shutil
+
+    root = _image_folder(tmp_path / "ds", (20, 16))
+    for split in ("train", "test"):
+        shutil.rmtree(root / split / "eel")
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(["experiment", "pairs", "--dataset", root, "--seeds", "0", "--epochs", "1",
+                                 "--heads", "capsule", "--out", out, "-q"], capsys)
+    assert_one_line_error(code, stdout, err, "--tests vertical3: composites of 3 different digits",
+                          "hold 2 class(es); pass --tests test,vertical,horizontal,overlap")
+    assert not out.exists()
+
+
 # -- the numbers a result is shown beside (no framework) ---------------------------------------------------
 
 def _summary(heads: tuple[str, ...], tests: tuple[str, ...]) -> dict:

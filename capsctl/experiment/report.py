@@ -379,12 +379,33 @@ def _replace_section(text: str, title: str, section: str) -> str:
     return text[: at + 1] + section + "\n" + text[at + 1 :]
 
 
+def _damaged(folders: Sequence[Path], results: Sequence[dict[str, Any]]) -> str | None:
+    """The results.json whose own report fails (each rendered alone, its plots copied to a scratch folder)."""
+    import tempfile
+
+    for f, r in zip(folders, results, strict=True):
+        with tempfile.TemporaryDirectory(prefix="capsctl-report-") as scratch:
+            try:
+                render([f], Path(scratch) / "R.md", [r])
+            except DAMAGE:
+                return str(f / "results.json")
+    return None
+
+
 def write_report(folders: Sequence[Path], doc: Path, section: str | None = None) -> None:
     """Write `doc` from `folders`; with `section`, only that section of the existing `doc` is rewritten."""
     if not folders:
         raise CapsctlError("report: give at least one result folder")
     if section is not None and (not section.strip() or "\n" in section or "--" in section):
         raise CapsctlError(f"--section {section!r}: give a one-line title without '--'")
+    names: dict[str, Path] = {}
+    for f in folders:  # each folder's plots are copied to results/<its name> beside the report
+        if f.name in names:
+            raise CapsctlError(
+                f"report: {names[f.name]} and {f} are both named {f.name!r}: their plots would share "
+                f"results/{f.name}; rename one"
+            )
+        names[f.name] = f
     results = [load_results(f) for f in folders]
     old = _read_doc(doc, section is not None)
     # the topmost folder this call creates (the plots are copied beside `doc` while rendering): removed
@@ -402,8 +423,9 @@ def write_report(folders: Sequence[Path], doc: Path, section: str | None = None)
 
             shutil.rmtree(made, ignore_errors=True)
         if isinstance(e, DAMAGE):  # (load_results read every file's tables: this is a field only plots use)
+            where = _damaged(folders, results) or "a results file"
             raise CapsctlError(
-                f"report: a results file is damaged inside ({type(e).__name__}: {e}); rerun the experiment "
+                f"report: {where} is damaged inside ({type(e).__name__}: {e}); rerun the experiment "
                 "that wrote it"
             ) from None
         raise

@@ -15,6 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from rich.progress import Progress, TaskID, TextColumn
 
 from capsctl._console import err, progress
@@ -26,6 +27,7 @@ from capsctl.data.sources import parse_image_size, splits
 from capsctl.errors import CapsctlError
 from capsctl.experiment.plan import (
     COMPOSITE_SEED,
+    COMPOSITE_TESTS,
     CURVE_TEST_IMAGES,
     AblatePlan,
     DataFacts,
@@ -316,6 +318,21 @@ def _check_kind(out: Path, kind: str) -> None:
         raise CapsctlError(f"--out {out}: holds the results of an experiment {other}; use another --out")
 
 
+def _check_tests_fit(tests: Sequence[str], test_split: Split) -> None:
+    """Before any training: a composite test of k digits needs k classes among the test images (on a
+    2-class folder, vertical3 failed with "no composites to score" once every model had trained)."""
+    classes = len(np.unique(test_split.labels))
+    short = [t for t in tests if t in COMPOSITE_TESTS and COMPOSITE_TESTS[t][1] > classes]
+    if short:
+        k = COMPOSITE_TESTS[short[0]][1]
+        fit = [t for t in tests if t not in short]
+        instead = f"; pass --tests {','.join(fit)}" if fit else ""
+        raise CapsctlError(
+            f"--tests {short[0]}: composites of {k} different digits, but the test images hold {classes} "
+            f"class(es){instead}"
+        )
+
+
 def run_pairs(
     plan: PairsPlan, out: Path, show_progress: bool = True, planned: Callable[[], None] | None = None
 ) -> dict[str, Any]:
@@ -325,6 +342,7 @@ def run_pairs(
     backend, train_split, test_split, facts = _prepare(
         plan.backend, plan.dataset, plan.data_dir, plan.image_size, plan.holdout, plan.val_fraction
     )
+    _check_tests_fit(plan.tests, test_split)
     # --val-fraction is recorded (run folder names, results) as the count it held out
     holdout = len(test_split.images) if plan.holdout or plan.val_fraction else None
     jobs = [
@@ -385,6 +403,7 @@ def run_ablate(
     t0 = time.time()
     start_machine = machine()
     backend, train_split, test_split, facts = _prepare(plan.backend, plan.dataset, plan.data_dir)
+    _check_tests_fit(plan.tests, test_split)
     counts = sorted(set(plan.iterations) | {plan.base_iterations})
     jobs = []
     for routing in plan.routings:
