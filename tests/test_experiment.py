@@ -188,6 +188,52 @@ def test_unfinished_run_is_resumed(tmp_path: Path, mnist) -> None:
 
 
 @pytest.mark.torch
+def test_ctrl_c_in_an_experiment_says_to_rerun_the_experiment(tmp_path: Path, mnist_dir: Path, capsys,
+                                                             monkeypatch) -> None:
+    """It said `continue with: capsctl train --resume RUN`, which finishes that one run but not the
+    experiment; the experiment's own command resumes it."""
+    import signal
+
+    from capsctl.experiment import run as experiment_run
+
+    real = experiment_run.train
+
+    def interrupted(*args, on_step=None, **kwargs):
+        def hook(kind: str, info: dict) -> None:
+            if on_step is not None:
+                on_step(kind, info)
+            if kind == "epoch" and info["epoch"] == 1:
+                signal.raise_signal(signal.SIGINT)
+
+        return real(*args, on_step=hook, **kwargs)
+
+    monkeypatch.setattr(experiment_run, "train", interrupted)
+    out = tmp_path / "out"
+    args = ["experiment", "pairs", "--data-dir", mnist_dir, "--heads", "pool", "--seeds", "0", "--epochs",
+            "2", "--limit", "64", "--eval-limit", "20", "--tests", "test", "--out", out, "-q"]
+    code, _, err = run_cli(args, capsys)
+    assert code == 130, err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("error: interrupted after epoch 1 (saved); rerun the experiment to continue"), err
+    assert "capsctl experiment pairs" in line and "capsctl train --resume" not in line
+    monkeypatch.setattr(experiment_run, "train", real)
+    code, _, err = run_cli(args, capsys)
+    assert code == 0, err
+
+
+def test_ctrl_c_anywhere_says_aborted(capsys, monkeypatch) -> None:
+    """Typer turns Ctrl-C into a silent exit 130 (during an experiment's scoring, say): one line says it."""
+    from capsctl.data import datasets
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(datasets, "candidates", ctrl_c)
+    code, _, err = run_cli(["data", "list"], capsys)
+    assert code == 130 and err.strip() == "aborted"
+
+
+@pytest.mark.torch
 def test_ablate_and_report(tmp_path: Path, tiny_pairs: tuple[Path, dict], mnist_dir: Path, capsys) -> None:
     out = tmp_path / "ablate"
     code, _, err = run_cli(["experiment", "ablate", "--data-dir", mnist_dir, "--routing", "su",

@@ -164,4 +164,6 @@ def _main(argv: list[str] | None) -> None:
         line, status = os_error_exit(e)
         _say(line)
         sys.exit(status)
+    if rv == 130:  # Typer turns Ctrl-C outside training (scoring, a data set's decoding) into a silent 130
+        typer.echo("aborted", err=True)
     sys.exit(rv if isinstance(rv, int) else 0)

@@ -24,7 +24,7 @@ from capsctl.bench.machine import machine
 from capsctl.data import datasets
 from capsctl.data.datasets import Split
 from capsctl.data.sources import parse_image_size, splits
-from capsctl.errors import CapsctlError
+from capsctl.errors import CapsctlError, TrainingStopped
 from capsctl.experiment.plan import (
     COMPOSITE_SEED,
     COMPOSITE_TESTS,
@@ -304,6 +304,21 @@ def _finish(
     return full
 
 
+@contextmanager
+def _continued_by(command: str) -> Iterator[None]:
+    """A run stopped by Ctrl-C says how to continue it: for an experiment, its own command (it resumes the
+    run and skips the finished ones), not the `capsctl train --resume RUN` of that one run."""
+    try:
+        yield
+    except TrainingStopped as e:
+        head, said, _ = str(e).partition("; continue with: capsctl train --resume")
+        if not said:
+            raise
+        raise TrainingStopped(
+            f"{head}; rerun the experiment to continue it (finished runs are kept): {command}", e.exit_code
+        ) from None
+
+
 def _check_kind(out: Path, kind: str) -> None:
     """Refuse an --out that holds the other kind of experiment: its results.json and tables would be
     replaced and its plots left beside this one's (and `report` would show them under this one)."""
@@ -369,9 +384,10 @@ def run_pairs(
     if planned is not None:  # (the caller's notes: said once the input has passed every check)
         planned()
     scorer = Scorer(test_split, plan.eval_limit)
-    models = train_and_score(
-        backend, jobs, train_split, test_split, scorer, plan.tests, show_progress, train=plan.train
-    )
+    with _continued_by(plan.command):
+        models = train_and_score(
+            backend, jobs, train_split, test_split, scorer, plan.tests, show_progress, train=plan.train
+        )
     if not models:
         raise CapsctlError(f"--out {out}: no finished model to report (--no-train)")
     finished = {m["run"] for m in models}
@@ -437,9 +453,10 @@ def run_ablate(
     def eval_at(job: Job) -> Sequence[int | None]:
         return plan.eval_iterations if job.spec.capsule.routings == plan.base_iterations else ()
 
-    models = train_and_score(
-        backend, jobs, train_split, test_split, scorer, plan.tests, show_progress, eval_at
-    )
+    with _continued_by(plan.command):
+        models = train_and_score(
+            backend, jobs, train_split, test_split, scorer, plan.tests, show_progress, eval_at
+        )
     variants = []
     for routing in plan.routings:
         for squash in plan.squashes:
