@@ -262,6 +262,10 @@ def test_ablate_and_report(tmp_path: Path, tiny_pairs: tuple[Path, dict], mnist_
     assert "seed article capsule" in text and "## Not run here" in text
     assert (doc.parent / "results" / tiny_pairs[0].name / "curves.png").exists()
     assert f"results/{out.name}/ablation.png" in text
+    # the ablation was just trained: its section gives its time (it said the tables were only regenerated)
+    ablation = text[text.index("### Routing ablation"):]
+    assert "the last invocation took" in ablation and "last regenerated" not in ablation
+    assert "../shared" not in text and "--eval-iterations" not in text  # its suggestions run anywhere
     # each kind of experiment keeps its own --out: the pairs results were replaced without a word
     before = (tiny_pairs[0] / "results.json").read_bytes()
     code, out_text, err = run_cli(["experiment", "ablate", "--data-dir", mnist_dir, "--iterations", "3",

@@ -261,6 +261,8 @@ def test_data_list_shows_and_forget_removes_cached_sets(tmp_path, capsys):
     assert (row["train_images"], row["test_images"], row["shape"]) == (30, 9, [8, 8, 1]) and row["bytes"] > 0
     code, out, err = run_cli(["data", "list"], capsys)
     assert code == 0 and "cached user sets" in out and row["key"] in out and "8x8x1" in out
+    code, out, err = run_cli(["data", "forget", row["key"][:3]], capsys)  # too short a start: said so
+    assert_one_line_error(code, out, err, "give at least 4 characters of the key")
     code, out, err = run_cli(["data", "forget", row["key"]], capsys)
     assert code == 0 and row["key"] in out
     assert [e.source for e in _entries()] == [str((tmp_path / "other").resolve())]

@@ -225,6 +225,10 @@ def test_experiments_on_a_fixed_size_preset_score_the_standard_test_only(tmp_pat
     code, out, err = run_cli(["experiment", "pairs", "--arch", "efficient", "--heads", "pool",
                               "--out", tmp_path / "x"], capsys)
     assert_one_line_error(code, out, err, "--arch efficient has a capsule head only")
+    # given explicitly, even as the default list (capsule,pool): pool was dropped without a word
+    code, out, err = run_cli(["experiment", "pairs", "--arch", "efficient", "--heads", "capsule,pool",
+                              "--out", tmp_path / "x"], capsys)
+    assert_one_line_error(code, out, err, "--arch efficient has a capsule head only")
     code, out, err = run_cli(["experiment", "ablate", "--arch", "efficient", "--tests", "vertical",
                               "--out", tmp_path / "x"], capsys)
     assert code == 2 and "it can score only test" in err and "Traceback" not in err

@@ -140,7 +140,10 @@ def fetch(
 def forget(
     what: Annotated[
         str,
-        typer.Argument(metavar="KEY|PATH", help="A cached set's key (or its start), or its source folder."),
+        typer.Argument(
+            metavar="KEY|PATH",
+            help="A cached set's key (or its first 4 or more characters), or its source folder.",
+        ),
     ],
 ) -> None:
     """Remove a user image folder's decoded cache (see `capsctl data list`); the next run decodes it again.

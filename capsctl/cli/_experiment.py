@@ -113,6 +113,7 @@ BatchSizeOverrideOpt = Annotated[
 
 
 def pairs(
+    ctx: typer.Context,
     dataset: DatasetOpt = "mnist-5k",
     image_size: Annotated[str | None, image_size_option(DATA)] = None,
     data_dir: DataDirOpt = None,
@@ -237,7 +238,9 @@ def pairs(
 
     parse_image_size(image_size)  # a bad --image-size is refused before anything runs
     composed = _value(compose)
-    heads, tests, note = _for_arch(str(arch), heads, tests, composed)
+    from capsctl.cli._options import given
+
+    heads, tests, note = _for_arch(str(arch), heads, tests, composed, heads_given=given(ctx, "heads"))
     from capsctl.model.presets import preset
 
     if decoder and preset(str(arch)).decoder is not None:  # both rows would be the same model
@@ -497,7 +500,7 @@ app.command("report")(report)
 
 
 def _for_arch(
-    arch: str, heads: list[str], tests: list[str], compose: str | None = None
+    arch: str, heads: list[str], tests: list[str], compose: str | None = None, heads_given: bool = False
 ) -> tuple[list[str], list[str], str | None]:
     """The heads and tests an experiment on `arch` runs: its capsule model beside the seed's pool model
     (seed only), and only the tests its capsule weights can see (non-shared: the training size only,
@@ -508,7 +511,7 @@ def _for_arch(
 
     if arch == "seed":
         return heads, tests, None
-    if heads == _HEADS:  # (the default): the preset's capsule model
+    if not heads_given:  # (the default list): the preset's capsule model; a given pool is refused below
         heads = ["capsule"]
     if "pool" in heads:
         raise CapsctlError(f"--arch {arch} has a capsule head only: leave pool out of --heads")

@@ -198,6 +198,9 @@ def forget(what: str) -> list[Entry]:
         if len(hit) > 1:
             raise CapsctlError(f"data forget {what}: {len(hit)} cached sets have keys starting so; give more")
     if not hit:
+        short = [e for e in found if e.key.startswith(what)] if len(what) < 4 else []
+        if short:  # (a key's start is taken from 4 characters on: fewer would match sets by chance)
+            raise CapsctlError(f"data forget {what}: give at least 4 characters of the key")
         raise CapsctlError(
             f"data forget {what}: no cached user set has this key or source path (see `capsctl data list`)"
         )

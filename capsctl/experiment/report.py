@@ -53,7 +53,8 @@ def _copy_plots(folder: Path, dest: Path, doc_dir: Path) -> list[str]:
 
 def _wall(r: dict[str, Any]) -> str:
     # an invocation that only re-tabulated finished models says nothing about the experiment's time
-    if any(m.get("status") != "skipped" for m in r.get("models", [])):
+    models = r.get("models") or []  # (an ablation records no per-model status: its time is its own)
+    if not models or any(m.get("status") != "skipped" for m in models):
         return f"; the last invocation took {duration(r['wall_seconds'])} of wall time"
     return "; the tables were last regenerated from the finished runs"
 
@@ -230,14 +231,13 @@ def _not_run(items: list[tuple[Path, dict[str, Any]]]) -> str:
         (
             ("pairs", "mnist", "keras", "default"),
             "mnist-5k on the Keras backend",
-            "capsctl experiment pairs --backend keras --data-dir ../shared/data/mnist-5k --seeds 0,1,2 --out "
-            "out/mnist5k-keras",
+            "capsctl experiment pairs --backend keras --seeds 0,1,2 --out out/mnist5k-keras",
         ),
         (
             ("pairs", "mnist", "torch", "seed"),
             "mnist-5k, the seed's recipe",
-            "capsctl experiment pairs --backend torch --data-dir ../shared/data/mnist-5k --recipe seed "
-            "--seeds 0,1,2 --out out/mnist5k-torch-seed",
+            "capsctl experiment pairs --backend torch --recipe seed --seeds 0,1,2 --out "
+            "out/mnist5k-torch-seed",
         ),
         (
             ("pairs", "fashion-mnist", "torch", "default"),
@@ -248,19 +248,17 @@ def _not_run(items: list[tuple[Path, dict[str, Any]]]) -> str:
         (
             ("ablate", "mnist", "torch", "default"),
             "the full routing ablation (30 models)",
-            "capsctl experiment ablate --backend torch --data-dir ../shared/data/mnist-5k --epochs 10 "
-            "--shift 3 "
-            "--eval-iterations 1,2,3,5,8 --eval-limit 1000 --out out/ablate-mnist5k",
+            "capsctl experiment ablate --backend torch --epochs 10 --shift 3 --eval-routings 1,2,3,5,8 "
+            "--eval-limit 1000 --out out/ablate-mnist5k",
         ),
     ]
     for key, what, command in wanted:
         if key not in have:
             lines.append(f"- {what}:\n\n  ```\n  {command}\n  ```")
     lines.append(
-        "- full 60k MNIST (cannot be downloaded on this machine; where there is internet, capsctl downloads "
-        "it on first use):\n\n  ```\n  capsctl experiment pairs --backend torch --dataset mnist --seeds "
-        "0,1,2 "
-        "--out out/mnist-torch-default\n  ```"
+        "- full 60k MNIST (capsctl downloads it on first use, or `capsctl data fetch mnist --from DIR` takes "
+        "a local copy):\n\n  ```\n  capsctl experiment pairs --backend torch --dataset mnist --seeds "
+        "0,1,2 --out out/mnist-torch-default\n  ```"
     )
     return "\n".join(lines) + "\n"
 
