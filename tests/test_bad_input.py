@@ -938,6 +938,19 @@ def test_report_into_a_path_that_cannot_be_a_folder_or_a_text_file_is_bad_input(
     code, out, err = run_cli(["experiment", "report", folder, "--out", doc, "--section", "S"], capsys)
     assert_one_line_error(code, out, err, "--out", "not a UTF-8 text file")
     assert doc.read_bytes() == b"# Results\n\xff\n"
+    code, out, err = run_cli(["experiment", "report", folder, "--out", doc], capsys)  # whole: refused too
+    assert_one_line_error(code, out, err, "--out", "not a UTF-8 text file")
+    # a file capsctl did not write is not replaced whole (a README.md given as --out was lost); a section
+    # may be added to it
+    readme = tmp_path / "README.md"
+    readme.write_text("# My project\n\nNotes.\n")
+    code, out, err = run_cli(["experiment", "report", folder, "--out", readme], capsys)
+    assert_one_line_error(code, out, err, "not a report capsctl wrote", "--section")
+    assert readme.read_text() == "# My project\n\nNotes.\n"
+    code, out, err = run_cli(["experiment", "report", folder, "--out", readme, "--section", "S"], capsys)
+    assert code == 0, err
+    text = readme.read_text()
+    assert text.startswith("# My project\n") and "capsctl report section: S" in text
 
 
 def test_a_full_report_rewrite_keeps_complete_sections_past_an_unfinished_one(tmp_path):
