@@ -165,5 +165,8 @@ def _main(argv: list[str] | None) -> None:
         _say(line)
         sys.exit(status)
     if rv == 130:  # Typer turns Ctrl-C outside training (scoring, a data set's decoding) into a silent 130
-        typer.echo("aborted", err=True)
+        from capsctl.training.distributed import launched
+
+        if not launched():  # (a rank of a job: its launcher says what stopped the job, once)
+            typer.echo("aborted", err=True)
     sys.exit(rv if isinstance(rv, int) else 0)

@@ -126,7 +126,7 @@ def bench(
     else:
         _print(report)
     # a measurement that failed (a backend's child died: out of memory, a timeout) is not a result
-    failed = [name for name, r in report["backends"].items() if "error" in r]
+    failed = [name for name, r in report.get("backends", {}).items() if "error" in r]
     if failed:
         from capsctl._console import err
 
