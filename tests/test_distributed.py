@@ -68,6 +68,13 @@ def test_the_launcher_names_the_cause_of_a_failed_job():
     assert code == 1 and line is not None and line.startswith("rank 1 stopped answering") and again in line
     code, line = job_outcome({0: TIMEOUT_EXIT, 1: -9}, again)  # rank 1 hung: the launcher killed it
     assert code == 1 and line is not None and "did not answer within CAPSCTL_DIST_TIMEOUT" in line
+    # every rank ended by SIGTERM (torchrun reports the ones it stopped alike): no rank is named the cause
+    code, line = job_outcome({0: -15, 1: -15}, again)
+    assert code == 1 and line == "the ranks were stopped by SIGTERM; the last checkpoint is kept; " + (
+        f"continue with: {again}"
+    )
+    code, line = job_outcome({1: -15}, again)
+    assert line is not None and line.startswith("rank 1 was killed by SIGTERM")
 
 
 def test_a_failing_rank_waits_for_rank_0_to_say_the_same(tmp_path, monkeypatch):
@@ -330,7 +337,12 @@ def test_sigterm_ends_a_rank_at_once_and_the_job_with_it(tiny_on, tmp_path):
     job, err, _ = _signal_in_epoch_2(args, run, signal.SIGTERM)
     assert job.returncode == 1, err
     errors = [line for line in err.splitlines() if not line.startswith("epoch ")]
-    assert len(errors) == 1 and errors[0].startswith("error: rank 1 was killed by SIGTERM"), err
+    # keras: capsctl's launcher knows the ranks it stopped itself; torchrun's agent reports the ranks it
+    # stopped with SIGTERM alike, so which rank was sent it first is not told there
+    named = "error: rank 1 was killed by SIGTERM"
+    alike = "error: the ranks were stopped by SIGTERM"
+    said = (named,) if "keras" in tiny_on else (named, alike)
+    assert len(errors) == 1 and errors[0].startswith(said), err
     assert (run / "metrics.jsonl").read_text().count("\n") < 6
 
 

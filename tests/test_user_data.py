@@ -156,14 +156,20 @@ def test_class_names_round_trip_and_old_specs_load():
 # -- end to end ---------------------------------------------------------------------------------------
 
 
+def _train_tiny(tmp_path: Path, root: Path, capsys) -> Path:
+    """The tiny model trained one epoch on the folder `root`; its run folder."""
+    (tmp_path / "tiny.json").write_text(json.dumps(TINY))
+    run = tmp_path / "run"
+    code, _, err = run_cli(["train", "--spec", tmp_path / "tiny.json", "--dataset", root, "--epochs", "1",
+                            "--batch-size", "4", "-q", "--out", run], capsys)
+    assert code == 0, err
+    return run
+
+
 @pytest.mark.torch
 def test_train_on_an_rgb_image_folder_then_eval_and_predict_print_names(tmp_path, capsys):
     root = _folder(tmp_path / "ds")
-    (tmp_path / "tiny.json").write_text(json.dumps(TINY))
-    run = tmp_path / "run"
-    code, out, err = run_cli(["train", "--spec", tmp_path / "tiny.json", "--dataset", root, "--epochs", "1",
-                              "--batch-size", "4", "-q", "--out", run], capsys)
-    assert code == 0, err
+    run = _train_tiny(tmp_path, root, capsys)
     spec, _ = load_model(run / "model.safetensors")
     assert (spec.in_channels, spec.num_classes, spec.class_names) == (3, 3, CLASSES)
     code, out, err = run_cli(["eval", run / "model.safetensors", "--dataset", root, "--json"], capsys)
@@ -349,11 +355,7 @@ def test_a_model_trained_on_dark_ink_on_light_predicts_its_own_images_as_trained
     root = _folder(tmp_path / "ds", rgb=False)
     for png in root.rglob("*.png"):  # dark ink on white paper
         Image.fromarray(255 - np.asarray(Image.open(png))).save(png)
-    (tmp_path / "tiny.json").write_text(json.dumps(TINY))
-    run = tmp_path / "run"
-    code, out, err = run_cli(["train", "--spec", tmp_path / "tiny.json", "--dataset", root, "--epochs", "1",
-                              "--batch-size", "4", "-q", "--out", run], capsys)
-    assert code == 0, err
+    run = _train_tiny(tmp_path, root, capsys)
     spec, weights = load_model(run / "model.safetensors")
     assert spec.background == "light" and ModelSpec.from_json(spec.to_json()) == spec
     _, (x_test, _), _ = load_image_folder(root)

@@ -238,6 +238,10 @@ def job_outcome(failed: dict[int, int], resume: str | None) -> tuple[int, str | 
         (r for r, code in failed.items() if code < 0 and not (code == -15 and told)),
         key=lambda r: (failed[r] == -15, r),
     )
+    if len(killed) > 1 and all(failed[r] == -15 for r in killed):
+        # every rank ended by SIGTERM: torchrun's agent stops the others with it too, and reports them
+        # alike (their timestamps are whole seconds), so which one was sent it first cannot be told
+        return 1, f"the ranks were stopped by SIGTERM; {then_line(resume)}"
     if killed:
         return 1, failure_message(killed[0], failed[killed[0]], resume)
     if told:  # a rank said why (a one-line error, exit 2 for bad input): nothing to add
