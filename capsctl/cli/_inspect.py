@@ -180,7 +180,9 @@ def inspect(
     # channels, the figures' input panels the colour image itself
     rgb = load_image(image, invert=str(invert), resize=size, spec=spec, channels=spec.in_channels)
     img = rgb if rgb.ndim == 2 else rgb.mean(axis=2)
-    _check_fixed_inputs(spec, img.shape, image, model)
+    from capsctl.model.fit import check_takes
+
+    check_takes(spec, img.shape[0], img.shape[1], str(image), str(model))
     runner = get_backend(backend).runner(spec, weights)
     x = img[None, :, :, None] if rgb.ndim == 2 else rgb[None]
     if spec.head == "capsule":
@@ -279,24 +281,6 @@ def _model_and_image(
             "give MODEL IMAGE, or the older IMAGE -m MODEL, not both", ctx=ctx, param_hint="'-m' / '--model'"
         )
     return model_opt, first
-
-
-def _check_fixed_inputs(spec: "ModelSpec", shape: tuple[int, ...], image: Path, model: Path) -> None:
-    """Per-position capsule weights fit one grid size only; suggest the --resize that fits."""
-    from capsctl.errors import CapsctlError
-
-    caps = spec.capsule
-    if spec.head != "capsule" or caps.shared:
-        return
-    if spec.takes_size(shape[0], shape[1]):
-        return
-    from capsctl.model.fit import capsules_given, resize_hint
-
-    gives = capsules_given(spec, shape[0], shape[1])
-    raise CapsctlError(
-        f"{image}: {gives}, but {model} has per-position capsule weights for "
-        f"{caps.num_inputs} inputs; {resize_hint(spec)}"
-    )
 
 
 def _title(image: Path, model: Path, spec: "ModelSpec", res: "Inspection", backend: str) -> str:

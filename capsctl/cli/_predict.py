@@ -208,21 +208,14 @@ def class_names(spec: ModelSpec) -> list[str]:
 def _read(path: Path, spec: ModelSpec, invert: str, resize: tuple[int, int] | None) -> np.ndarray:
     """One image as float32 (H, W, C) for `spec`, or a CapsctlError naming the file."""
     from capsctl.data.images import load_image
-    from capsctl.errors import CapsctlError
 
     # a colour model gets RGB (a gray file in all three channels); a gray model gets luma
     img = load_image(path, invert=invert, resize=resize, spec=spec, channels=spec.in_channels)
     if img.ndim == 2:
         img = img[:, :, None]
-    caps = spec.capsule
-    if not spec.takes_size(img.shape[0], img.shape[1]):
-        from capsctl.model.fit import capsules_given, resize_hint
+    from capsctl.model.fit import check_takes
 
-        gives = capsules_given(spec, img.shape[0], img.shape[1])
-        raise CapsctlError(
-            f"{path}: {gives}, but the model has per-position capsule weights for "
-            f"{caps.num_inputs} inputs ({resize_hint(spec)})"
-        )
+    check_takes(spec, img.shape[0], img.shape[1], str(path), "the model")
     return img
 
 

@@ -38,7 +38,8 @@ def check_fit(
         hint = overlap_hint(spec, h, w, source) if single_digits else ""
         made_for = spec.fixed_input_size()
         of = f" (of {made_for[0]}x{made_for[1]} images)" if made_for is not None else ""
-        given = capsules_given(spec, h, w).removeprefix("gives ").replace("its ", "their ")
+        n = spec.capsule_count(h, w)
+        given = f"{n} input capsules" if n != caps.num_inputs else "their input capsules in another grid"
         raise CapsctlError(
             f"{source}: the capsule weights are fixed to {caps.num_inputs} input capsules{of} "
             f"but {h}x{w} {data} give {given}; use a model with shared capsule weights{hint}"
@@ -49,13 +50,18 @@ def check_fit(
         )
 
 
-def capsules_given(spec: ModelSpec, height: int, width: int) -> str:
-    """What an image the model's non-shared capsule weights do not take gives them: "gives N input
-    capsules", or, with the count right, "gives its input capsules in another grid" (a transposed size)."""
-    n = spec.capsule_count(height, width)
-    if n != spec.capsule.num_inputs:
-        return f"gives {n} input capsules"
-    return "gives its input capsules in another grid"
+def check_takes(spec: ModelSpec, height: int, width: int, image: str, model: str) -> None:
+    """Refuse one `image` of height x width (one the trunk takes) that the model's per-position capsule
+    weights do not fit: another input capsule count, or the count in another grid (a transposed size);
+    the line names the --resize that fits."""
+    if spec.takes_size(height, width):
+        return
+    n, want = spec.capsule_count(height, width), spec.capsule.num_inputs
+    gives = f"gives {n} input capsules" if n != want else "gives its input capsules in another grid"
+    raise CapsctlError(
+        f"{image}: {gives}, but {model} has per-position capsule weights for {want} inputs "
+        f"({resize_hint(spec)})"
+    )
 
 
 def resize_hint(spec: ModelSpec) -> str:

@@ -285,10 +285,14 @@ class ModelSpec:
         caps = self.capsule
         if self.head != "capsule" or caps.shared:
             return True
-        if self.capsule_count(height, width) != caps.num_inputs:
+        grid = self.capsule_grid(height, width)
+        if grid[0] * grid[1] * grid[2] != caps.num_inputs:
             return False
-        made_for = self.fixed_input_size()
-        return made_for is None or self.capsule_grid(height, width) == self.capsule_grid(*made_for)
+        if caps.image_size is not None:
+            return grid == self.capsule_grid(*caps.image_size)
+        # square training images give a square grid; a non-square grid passes only for a file written
+        # before the size was recorded whose N no square side gives (its count is all there is to check)
+        return grid[0] == grid[1] or self.side_for(caps.num_inputs, 1024) is None
 
     def min_image_size(self) -> int:
         """The smallest square image side the model accepts."""

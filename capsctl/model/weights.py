@@ -274,7 +274,7 @@ def load_model(path: str | os.PathLike[str]) -> tuple[ModelSpec, Weights]:
         raise
     if meta.get("format") == CHECKPOINT_FORMAT:
         raise CapsctlError(
-            f"{p}: a run's training checkpoint, not a model; give {p.parent / 'model.safetensors'} (written "
+            f"{p}: a run's training checkpoint, not a model; give the run's model.safetensors (written "
             f"when the run finishes; capsctl train --resume {p.parent} finishes a stopped one)"
         )
     spec = spec_from_metadata(meta, str(p), MODEL_FORMAT)
@@ -296,11 +296,13 @@ _NOT_A_MODEL = (
 def _refuse_a_stopped_run(p: Path) -> None:
     """A run folder, or the model of a run stopped before it was written: the file to give or the command
     that finishes the run."""
+    from capsctl.training.run_folder import CHECKPOINT_FILE, MODEL_FILE  # (run_folder imports this module)
+
     run = p if p.is_dir() else p.parent
-    stopped = (run / "checkpoint.safetensors").is_file() and not (run / "model.safetensors").exists()
-    if p.is_dir() and (p / "model.safetensors").is_file():
-        raise CapsctlError(f"{p}: a run folder; give its model: {p / 'model.safetensors'}")
-    if (p.is_dir() or (p.name == "model.safetensors" and not p.exists())) and stopped:
+    stopped = (run / CHECKPOINT_FILE).is_file() and not (run / MODEL_FILE).exists()
+    if p.is_dir() and (p / MODEL_FILE).is_file():
+        raise CapsctlError(f"{p}: a run folder; give its model: {p / MODEL_FILE}")
+    if (p.is_dir() or (p.name == MODEL_FILE and not p.exists())) and stopped:
         raise CapsctlError(
             f"{p}: no model yet, the run was stopped before its end; capsctl train --resume {run} finishes it"
         )
