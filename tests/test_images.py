@@ -72,6 +72,34 @@ def test_rgb_becomes_luma(tmp_path):
     np.testing.assert_allclose(load_image(tmp_path / "c.png", invert="no"), expected, atol=1e-5)
 
 
+def test_fit_keeps_the_aspect_and_pads_as_an_image_folder_does(tmp_path):
+    # a tall digit: stretched it would be twice as wide as the one training saw from the folder
+    a = digit(56, 28)
+    Image.fromarray(a).save(tmp_path / "tall.png")
+    x = load_image(tmp_path / "tall.png", resize=(28, 28), fit=True)
+    assert x.shape == (28, 28)
+    np.testing.assert_array_equal(x[:, :7], 0.0)  # 14 columns wide, centred
+    np.testing.assert_array_equal(x[:, 21:], 0.0)
+    from capsctl.data.folders import fit_pad
+
+    with Image.open(tmp_path / "tall.png") as im:
+        trained = np.asarray(fit_pad(im.convert("L"), (28, 28)), np.float64) / 255.0
+    # the same digit in the same place (the filters differ a little at the strokes' edges)
+    assert np.abs(x - trained).max() < 0.3
+    stretched = load_image(tmp_path / "tall.png", resize=(28, 28))
+    assert np.abs(stretched - trained).max() > 0.8
+    # padding happens after inverting: a light-background photo gets the model's black, not white bars
+    Image.fromarray(255 - a).save(tmp_path / "ink.png")
+    np.testing.assert_allclose(load_image(tmp_path / "ink.png", resize=(28, 28), fit=True), x, atol=1e-6)
+    # colour too
+    Image.fromarray(np.repeat(a[:, :, None], 3, axis=2)).save(tmp_path / "rgb.png")
+    rgb = load_image(tmp_path / "rgb.png", resize=(28, 28), fit=True, channels=3)
+    assert rgb.shape == (28, 28, 3)
+    np.testing.assert_allclose(rgb[..., 1], x, atol=1e-6)
+    with pytest.raises(CapsctlError, match="--resize"):
+        load_image(tmp_path / "tall.png", fit=True)
+
+
 @pytest.mark.parametrize("ink", [0, 255])
 def test_rgba_ink_on_transparent_ends_white_on_black(tmp_path, ink):
     a = digit()

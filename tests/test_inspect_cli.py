@@ -151,6 +151,7 @@ def test_bad_images_give_one_line_and_exit_2(models, tmp_path, capsys, case):
     "extra, message",
     [
         (["--resize", "big"], "--resize"),
+        (["--fit"], "--fit scales to fit the --resize size"),
         (["--top", "0"], "--top"),
         (["--top", "11"], "--top"),
         (["--routings", "0"], "--routings"),

@@ -145,9 +145,28 @@ def test_empty_folder_and_bad_options_are_one_line_errors(tiny_model, tmp_path, 
     assert_one_line_error(code, out, err, "no images", "1 other file")
     png = _png(tmp_path / "x.png", np.zeros((28, 28, 1), np.float32))
     for extra, fragment in [(["--json", "--csv"], "--json and --csv"), (["--top", "11"], "--top"),
-                            (["--threshold", "1.5"], "--threshold"), (["--resize", "0x5"], "--resize")]:
+                            (["--threshold", "1.5"], "--threshold"), (["--resize", "0x5"], "--resize"),
+                            (["--fit"], "--fit scales to fit")]:
         code, out, err = run_cli(["predict", tiny_model, png, *extra], capsys)
         assert_one_line_error(code, out, err, fragment)
+
+
+@pytest.mark.torch
+def test_resize_fit_reads_an_image_as_a_training_folder_with_image_size(tiny_model, mnist, tmp_path, capsys):
+    from capsctl.data.images import load_image
+
+    tall = np.repeat(mnist.test().images[0], 2, axis=0)  # 56x28: stretched to 28x28 it is a fat digit
+    png = _png(tmp_path / "tall.png", tall)
+    fitted = load_image(png, resize=(28, 28), fit=True)
+    assert fitted[:, :7].max() == 0 and fitted[:, 21:].max() == 0
+    np.save(tmp_path / "fitted.npy", fitted)
+    rows = []
+    for args in ([png, "--resize", "28x28", "--fit"], [tmp_path / "fitted.npy"], [png, "--resize", "28x28"]):
+        code, out, err = run_cli(["predict", tiny_model, *args, "--json", "--top", "10"], capsys)
+        assert code == 0, err
+        rows.append({c["class"]: c["score"] for c in _lines(out)[0]["top"]})
+    assert rows[0] == pytest.approx(rows[1], abs=1e-5)
+    assert rows[2] != pytest.approx(rows[0], abs=1e-3)
 
 
 @pytest.mark.parametrize("backend_name", [pytest.param("torch", marks=pytest.mark.torch),

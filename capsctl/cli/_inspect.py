@@ -5,7 +5,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from capsctl.cli._options import BackendOpt, Invert, JsonOpt, Order, given, shipped_model_said
+from capsctl.cli._options import BackendOpt, FitOpt, Invert, JsonOpt, Order, given, shipped_model_said
 
 if TYPE_CHECKING:
     from capsctl.inspect.analysis import Inspection
@@ -45,6 +45,7 @@ def inspect(
     resize: Annotated[
         str | None, typer.Option(help="Resize to HxW pixels first, e.g. 28x28.", show_default="keep its size")
     ] = None,
+    fit: FitOpt = False,
     top: Annotated[
         int | None, typer.Option(help="Also list the top K classes, and read the order of those K.")
     ] = None,
@@ -157,6 +158,8 @@ def inspect(
 
         check_out_path(out, Path(image))
     size = parse_size(resize) if resize is not None else None
+    if fit and size is None:
+        raise CapsctlError("--fit scales to fit the --resize size: give --resize HxW too")
     spec, weights = load_model(model)
     names = names_of(spec)  # the spec's class names, else "0".."J-1"
     check_range("--top", top, 1, spec.num_classes)
@@ -178,7 +181,7 @@ def inspect(
         raise CapsctlError(f"--routings: {model} routes by attention, in one pass (it has no iterations)")
     # a colour model sees RGB (H, W, 3): the analysis and the maps' outlines use its mean over the
     # channels, the figures' input panels the colour image itself
-    rgb = load_image(image, invert=str(invert), resize=size, spec=spec, channels=spec.in_channels)
+    rgb = load_image(image, invert=str(invert), resize=size, spec=spec, channels=spec.in_channels, fit=fit)
     img = rgb if rgb.ndim == 2 else rgb.mean(axis=2)
     from capsctl.model.fit import check_takes
 

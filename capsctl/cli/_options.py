@@ -237,7 +237,7 @@ def image_size_option(panel: str | None = None) -> Any:
         "--image-size",
         metavar="HxW",
         help="With --dataset PATH: scale every image to fit HxW pixels (aspect kept, padded with black); "
-        "needed when the images differ in size.",
+        "needed when the images differ in size. (`predict`/`inspect --resize HxW --fit` read an image so.)",
         rich_help_panel=panel,
     )
 
@@ -307,6 +307,14 @@ LimitOpt = Annotated[int | None, limit_option()]
 EvalLimitOpt = Annotated[int | None, eval_limit_option()]
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")]
 QuietOpt = Annotated[bool, quiet_option()]
+FitOpt = Annotated[
+    bool,
+    typer.Option(
+        "--fit",
+        help="With --resize: scale to fit inside HxW with the aspect kept and pad with black, as `train "
+        "--image-size` read the training folder (else the image is stretched to HxW).",
+    ),
+]
 
 
 def old_name(*decls: str) -> Any:

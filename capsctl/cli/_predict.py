@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from capsctl.cli._options import BackendOpt, BatchSizeOpt, Invert, QuietOpt, shipped_model_said
+from capsctl.cli._options import BackendOpt, BatchSizeOpt, FitOpt, Invert, QuietOpt, shipped_model_said
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -69,6 +69,7 @@ def predict(
         str | None, typer.Option(help="Resize every image to HxW pixels first, e.g. 28x28.",
                                  show_default="keep each image's size")
     ] = None,
+    fit: FitOpt = False,
     batch_size: BatchSizeOpt = 512,
     quiet: QuietOpt = False,
 ) -> None:
@@ -100,6 +101,8 @@ def predict(
     check_range("--threshold", threshold, 0.0, 1.0)
     check_range("--batch-size", batch_size, 1, 65536)
     size = parse_size(resize) if resize is not None else None
+    if fit and size is None:
+        raise CapsctlError("--fit scales to fit the --resize size: give --resize HxW too")
     inputs = list(inputs or [])
     suffix = Path(model).suffix.lower()
     if suffix in _EXPORT_SUFFIXES:  # (it was taken as an image, and the shipped model scored the rest)
@@ -135,7 +138,7 @@ def predict(
     show_bar = not quiet and len(paths) > batch_size
     with _maybe_progress(show_bar, len(paths)) as advance:
         for result in run_predictions(
-            paths, runner.scores, spec, invert=str(invert), resize=size, batch_size=batch_size
+            paths, runner.scores, spec, invert=str(invert), resize=size, fit=fit, batch_size=batch_size
         ):
             failed += "error" in result
             writer.write(result, top, threshold)
@@ -205,12 +208,14 @@ def class_names(spec: ModelSpec) -> list[str]:
     return list(names_of(spec))
 
 
-def _read(path: Path, spec: ModelSpec, invert: str, resize: tuple[int, int] | None) -> np.ndarray:
+def _read(
+    path: Path, spec: ModelSpec, invert: str, resize: tuple[int, int] | None, fit: bool = False
+) -> np.ndarray:
     """One image as float32 (H, W, C) for `spec`, or a CapsctlError naming the file."""
     from capsctl.data.images import load_image
 
     # a colour model gets RGB (a gray file in all three channels); a gray model gets luma
-    img = load_image(path, invert=invert, resize=resize, spec=spec, channels=spec.in_channels)
+    img = load_image(path, invert=invert, resize=resize, spec=spec, channels=spec.in_channels, fit=fit)
     if img.ndim == 2:
         img = img[:, :, None]
     from capsctl.model.fit import check_takes
@@ -226,6 +231,7 @@ def run_predictions(
     *,
     invert: str = "auto",
     resize: tuple[int, int] | None = None,
+    fit: bool = False,
     batch_size: int = 512,
 ) -> Iterator[dict[str, Any]]:
     """Yield {"image", "scores"} or {"image", "error"} per path, in the order of `paths`.
@@ -241,11 +247,11 @@ def run_predictions(
     if not chunks:
         return
     with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(_read_chunk, chunks[0], spec, invert, resize)
+        pending = pool.submit(_read_chunk, chunks[0], spec, invert, resize, fit)
         for k in range(len(chunks)):
             results, groups = pending.result()
             if k + 1 < len(chunks):
-                pending = pool.submit(_read_chunk, chunks[k + 1], spec, invert, resize)
+                pending = pool.submit(_read_chunk, chunks[k + 1], spec, invert, resize, fit)
             for members in groups.values():
                 batch = np.stack([img for _, img in members])
                 out = np.asarray(scores_fn(batch, batch_size))
@@ -255,7 +261,7 @@ def run_predictions(
 
 
 def _read_chunk(
-    chunk: list[Path], spec: ModelSpec, invert: str, resize: tuple[int, int] | None
+    chunk: list[Path], spec: ModelSpec, invert: str, resize: tuple[int, int] | None, fit: bool = False
 ) -> tuple[list[dict[str, Any]], dict[tuple[int, ...], list[tuple[int, np.ndarray]]]]:
     """The chunk's result slots (errors filled in) and its images by shape: {shape: [(slot, image)]}."""
     from capsctl.errors import CapsctlError
@@ -264,7 +270,7 @@ def _read_chunk(
     groups: dict[tuple[int, ...], list[tuple[int, np.ndarray]]] = {}
     for i, p in enumerate(chunk):
         try:
-            img = _read(p, spec, invert, resize)
+            img = _read(p, spec, invert, resize, fit)
         except CapsctlError as e:
             results[i]["error"] = _reason(str(e), p)
             continue

@@ -18,6 +18,8 @@ The result is float32 (H, W) in [0, 1], white digits on black as in MNIST. Rules
   (a colour model learned its images as they are: photos on light backgrounds stay as they are);
   for a model trained on dark ink on light gray images (its spec's background 'light'), 'auto'
   inverts a gray image whose border is dark instead; 'yes' always, 'no' never.
+- resize: stretched to (height, width), or with `fit` scaled to fit inside it, aspect kept, and padded
+  with black (after inverting), as `train --image-size` reads an image folder.
 - Images over MAX_PIXELS pixels are refused from their header, before anything is decoded.
 
 Every problem is a CapsctlError naming the file; nothing else escapes (the loader is fuzzed).
@@ -55,8 +57,12 @@ def load_image(
     spec: ModelSpec | None = None,
     max_pixels: int = MAX_PIXELS,
     channels: int = 1,
+    fit: bool = False,
 ) -> np.ndarray:
     """Float32 (H, W) in [0, 1], white on black; `resize` is (height, width).
+
+    `fit`: scale to fit inside `resize` with the aspect kept and pad with black, centred (as `train
+    --image-size` reads an image folder), instead of stretching to it.
 
     `channels=3` keeps colour: float32 (H, W, 3) RGB (a gray image in all three; alpha composited
     as for gray, on the background that contrasts with the ink's luma; inverted as a whole).
@@ -65,6 +71,8 @@ def load_image(
     """
 
     p = Path(path)
+    if fit and resize is None:
+        raise CapsctlError("--fit scales to fit the --resize size: give --resize HxW too")
     if channels not in (1, 3):
         raise CapsctlError(f"images are read with 1 (gray) or 3 (RGB) channels, not {channels}")
     if invert not in INVERT_CHOICES:
@@ -86,7 +94,8 @@ def load_image(
             raise CapsctlError(f"{p}: not a .npy file (no NumPy header)")
         else:
             gray = _load_pil(p, max_pixels, channels)
-        gray = _finish(gray, p, invert, resize, light_model=spec is not None and spec.background == "light")
+        light_model = spec is not None and spec.background == "light"
+        gray = _finish(gray, p, invert, resize, light_model=light_model, fit=fit)
     except CapsctlError:
         raise
     except MemoryError:
@@ -337,7 +346,12 @@ def _scale_values(x: np.ndarray, p: Path, integer: bool) -> np.ndarray:
 
 
 def _finish(
-    gray: np.ndarray, p: Path, invert: str, resize: tuple[int, int] | None, light_model: bool = False
+    gray: np.ndarray,
+    p: Path,
+    invert: str,
+    resize: tuple[int, int] | None,
+    light_model: bool = False,
+    fit: bool = False,
 ) -> np.ndarray:
     gray = np.clip(np.asarray(gray, dtype=np.float64), 0.0, 1.0)
     if gray.ndim not in (2, 3) or gray.size == 0:
@@ -348,11 +362,29 @@ def _finish(
     if invert == "yes" or (invert == "auto" and flip):
         gray = 1.0 - gray
     if resize is not None and resize != gray.shape[:2]:
-        if gray.ndim == 2:
-            gray = _resize(gray, resize)
-        else:
-            gray = np.stack([_resize(gray[..., k], resize) for k in range(gray.shape[2])], axis=2)
+        # (after inverting: the black padding is the model's background, as in the folders it trained on)
+        gray = _fit_pad(gray, resize) if fit else _resize_channels(gray, resize)
     return gray.astype(np.float32)
+
+
+def _resize_channels(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    if x.ndim == 2:
+        return _resize(x, size)
+    return np.stack([_resize(x[..., k], size) for k in range(x.shape[2])], axis=2)
+
+
+def _fit_pad(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Scale (H, W[, C]) to fit inside `size` with its aspect kept, centred on black: the arithmetic of
+    capsctl.data.folders.fit_pad, so an image lands where training's folder images did."""
+    h, w = size
+    ih, iw = x.shape[:2]
+    scale = min(h / ih, w / iw)
+    nh, nw = max(1, round(ih * scale)), max(1, round(iw * scale))
+    inner = _resize_channels(x, (nh, nw)) if (nh, nw) != (ih, iw) else x
+    out = np.zeros((h, w) + x.shape[2:], dtype=np.float64)
+    top, left = (h - nh) // 2, (w - nw) // 2
+    out[top : top + nh, left : left + nw] = inner
+    return out
 
 
 def is_light_background(gray: np.ndarray) -> bool:
