@@ -381,7 +381,7 @@ def _fit_pad(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     scale = min(h / ih, w / iw)
     nh, nw = max(1, round(ih * scale)), max(1, round(iw * scale))
     inner = _resize_channels(x, (nh, nw)) if (nh, nw) != (ih, iw) else x
-    out = np.zeros((h, w) + x.shape[2:], dtype=np.float64)
+    out = np.zeros((h, w, *x.shape[2:]), dtype=np.float64)
     top, left = (h - nh) // 2, (w - nw) // 2
     out[top : top + nh, left : left + nw] = inner
     return out
