@@ -423,3 +423,27 @@ def test_image_folder_decodes_alpha_and_16_bit_files_as_predict_reads_them(tmp_p
     for mode in ("RGBA", "LA", "I;16", "P"):  # each of them has its ink: not a blank image
         got = x[order.index(files[mode])]
         assert got.max() - got.min() > 0.5, mode
+
+
+def test_image_folder_turns_images_upright_by_their_exif_orientation(tmp_path):
+    """A portrait photo stored on its side (EXIF orientation 6) trains as it is seen, as `predict` reads
+    it: upright, with its upright size (it would otherwise differ in size from the others)."""
+    from capsctl.data.images import load_image
+
+    ink = np.zeros((16, 10), np.uint8)
+    ink[2:14, 4:6] = 255
+    ink[2, 2:8] = 255
+    for split in ("train", "test"):
+        for cls, img in (("a", ink), ("b", ink[::-1])):
+            (tmp_path / "ds" / split / cls).mkdir(parents=True)
+            Image.fromarray(img).save(tmp_path / "ds" / split / cls / "0.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    side = tmp_path / "ds" / "train" / "a" / "1.jpg"
+    Image.fromarray(np.ascontiguousarray(np.rot90(ink, 1))).save(side, exif=exif, quality=100)
+    (x, y), _, _ = load_image_folder(tmp_path / "ds")
+    assert x.shape == (3, 16, 10, 1)
+    assert list(y) == [0, 1, 0]  # by name across classes: a/0.png, b/0.png, a/1.jpg
+    got = x[2, :, :, 0]
+    assert np.abs(got - ink / 255.0).max() < 0.25
+    assert np.abs(got - load_image(side, invert="no")).max() <= 1 / 255 + 1e-6

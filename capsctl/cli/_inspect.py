@@ -101,13 +101,16 @@ def inspect(
     model trained on dark ink on light gets its images the other way). Colour becomes gray
     for a gray model; a colour model sees RGB, which --out draws in colour.
     8- and 16-bit images are read; a transparent image is put on the
-    background that contrasts with its ink. Classes are shown by the model's
+    background that contrasts with its ink; a photo is turned upright by
+    its EXIF orientation. Classes are shown by the model's
     class names (--json: class_names, predicted_names, top_names,
     order_names beside the indices). A .npy file holds one image: (H, W), channels-last (H, W, C)
     with C = 1, 3 or 4, or (1, H, W); floats in 0..1 or 0..255. A stack of
     images is refused. Shared capsule weights take any image size, but
     digits should be about MNIST-sized (20 px tall): --resize a big image.
     Per-position capsule weights need the training size (--resize).
+    --resize stretches; with --fit the image keeps its aspect and is padded
+    with black, as `train --image-size` read a folder.
 
     Pooling-head models have no routing: inspect shows their class scores
     and predictions only (--out draws the image and the scores;

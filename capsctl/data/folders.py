@@ -2,12 +2,13 @@
 
 Class names are the sorted sub-folder names of train/; test/ may hold fewer classes, never others, and
 may be missing altogether (then the test split is None: the commands hold out training images instead,
-with --holdout N or --val-fraction F). Images are read as they are (no inversion), as `predict` reads
-them: 8-bit gray or RGB /255, 16-bit gray rescaled, alpha composited on the background that contrasts
-with the ink. Every image must have one size unless `image_size` (height, width) is given: then each is scaled
-to fit and padded with black to that size, aspect kept. Grey and colour files mixed are converted to the
-majority's mode (said once on stderr). Files that are not images by their suffix are skipped and
-counted. Every problem is one CapsctlError naming the file or folder.
+with --holdout N or --val-fraction F). Images are read as they are (no inversion; turned upright by their
+EXIF orientation), as `predict` reads them: 8-bit gray or RGB /255, 16-bit gray rescaled, alpha
+composited on the background that contrasts with the ink. Every image must have one size unless
+`image_size` (height, width) is given: then each is scaled to fit and padded with black to that size,
+aspect kept. Grey and colour files mixed are converted to the majority's mode (said once on stderr).
+Files that are not images by their suffix are skipped and counted. Every problem is one CapsctlError
+naming the file or folder.
 
 Sample order: each split's images are sorted by file name across classes (runs of digits compared as
 numbers, then the name, then the class), not class by class. So a set exported as
@@ -41,7 +42,7 @@ _GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I
 MAX_PIXELS = 4096 * 4096
 # how gray vs RGB is chosen and pixels decoded (part of the cache key: '+alpha' since alpha is composited
 # and 16-bit gray rescaled into RGB sets too, so entries decoded before are not served)
-MODE_RULE = "majority+alpha"
+MODE_RULE = "majority+alpha+exif"  # (+exif: images turned upright by their EXIF orientation)
 # the modes whose Pillow convert to L or RGB keeps what predict reads (no alpha, 8 bits a channel)
 _PLAIN_MODES = frozenset({"L", "RGB", "1", "P", "CMYK", "YCbCr"})
 PROGRESS_MIN = 1000  # a smaller folder decodes in about a second: no progress bar
@@ -291,10 +292,14 @@ class _Bar:
 
 
 def _header(f: _File, bar: _Bar) -> _Entry:
+    from capsctl.data.images import orientation
+
     with _open(Path(f.path)) as im:
         w, h = im.size
         if h * w > MAX_PIXELS:
             raise CapsctlError(f"{f.path}: image is {h}x{w}, over the limit of {MAX_PIXELS:,} pixels")
+        if orientation(im) >= 5:  # (stored on its side: upright, its height is the stored width)
+            h, w = w, h
         entry = _Entry(Path(f.path), f.label, (h, w), im.mode in _GRAY_MODES)
     bar.advance()
     return entry
@@ -307,11 +312,14 @@ def _read_all(
     mode = "L" if gray else "RGB"
     h, w = image_size if image_size is not None else entries[0].size
     x = np.empty((len(entries), h, w, 1 if gray else 3), np.uint8)  # filled in place: no second copy
+    from capsctl.data.images import orientation, upright
+
     for i, e in enumerate(entries):
         with _open(e.path) as im:
+            turn = orientation(im)  # (before decoding, as the header pass read it)
             try:
                 im.load()
-                conv = _decoded(im, e.path, mode)
+                conv = _decoded(upright(im, turn), e.path, mode)
             except CapsctlError:
                 raise
             except Exception as ex:

@@ -6,6 +6,8 @@ The result is float32 (H, W) in [0, 1], white digits on black as in MNIST. Rules
 - Image files are read by Pillow (PNG, JPEG, BMP, GIF, TIFF, WebP, PPM/PGM; first frame only).
   Colour becomes gray with ITU-R 601 luma (Pillow's 'L' weights); 8-bit values are /255, 16-bit
   /65535. Palette images go through RGBA so a transparent palette entry counts as transparent.
+- EXIF orientation (JPEG, WebP, TIFF; a PNG's when its eXIf chunk precedes the pixels): the image is
+  turned upright as a viewer shows it (a phone's portrait photo is stored on its side).
 - Alpha: the image is composited on the background that contrasts with its ink (black ink on a
   transparent sheet goes onto white, white ink onto black), so a transparent background never hides
   the digit; `--invert auto` then brings it to white on black.
@@ -180,12 +182,39 @@ def _load_pil(p: Path, max_pixels: int, channels: int = 1) -> np.ndarray:
         with im:
             w, h = im.size
             _check_budget(p, h, w, max_pixels)  # from the header: nothing is decoded yet
+            turn = orientation(im)
             try:
                 im.seek(0)
                 im.load()
             except (OSError, SyntaxError, ValueError, EOFError) as e:
                 raise CapsctlError(f"{p}: truncated or corrupt image ({first_line(e, _CORRUPT)})") from None
-            return pil_pixels(im, p, channels)
+            return pil_pixels(upright(im, turn), p, channels)
+
+
+# EXIF orientation -> the Pillow transpose that turns the stored pixels upright (as ImageOps.exif_transpose)
+_UPRIGHT = {2: "FLIP_LEFT_RIGHT", 3: "ROTATE_180", 4: "FLIP_TOP_BOTTOM", 5: "TRANSPOSE", 6: "ROTATE_270",
+            7: "TRANSVERSE", 8: "ROTATE_90"}
+
+
+def orientation(im: Any) -> int:
+    """An opened (not yet decoded) Pillow image's EXIF orientation, 1 (as stored) when it has none.
+
+    Read before decoding, so an image folder's header pass knows each image's upright size: a PNG's eXIf
+    chunk after its pixels would need the whole file decoded, and is not looked for (rare; 1)."""
+    if im.format == "PNG" and "exif" not in im.info:
+        return 1
+    try:
+        value = int(im.getexif().get(0x0112, 1))
+    except Exception:  # a damaged EXIF block: the pixels are still the image
+        return 1
+    return value if value in _UPRIGHT else 1
+
+
+def upright(im: Any, turn: int) -> Any:
+    """The decoded image turned by its `orientation` (the image itself for 1)."""
+    from PIL import Image
+
+    return im.transpose(getattr(Image.Transpose, _UPRIGHT[turn])) if turn in _UPRIGHT else im
 
 
 def pil_pixels(im: Any, p: Path, channels: int = 1) -> np.ndarray:
