@@ -447,3 +447,24 @@ def test_image_folder_turns_images_upright_by_their_exif_orientation(tmp_path):
     got = x[2, :, :, 0]
     assert np.abs(got - ink / 255.0).max() < 0.25
     assert np.abs(got - load_image(side, invert="no")).max() <= 1 / 255 + 1e-6
+
+
+def test_a_gray_image_saved_with_a_palette_counts_as_gray(tmp_path, capsys):
+    """Some tools save 8-bit gray as a palette PNG: a palette of grays is a gray image, not colour (a
+    folder of them trained a 3-channel model, with a note that the gray files were converted)."""
+    ink = np.zeros((12, 12), np.uint8)
+    ink[3:9, 5:7] = 200
+    for split in ("train", "test"):
+        for cls, img in (("a", ink), ("b", ink.T)):
+            d = tmp_path / "ds" / split / cls
+            d.mkdir(parents=True)
+            Image.fromarray(img).save(d / "plain.png")
+            for i in range(2):
+                pal = Image.fromarray(img).convert("P", palette=Image.Palette.ADAPTIVE, colors=4)
+                pal.putpalette([v for g in (0, 100, 200, 255) for v in (g, g, g)])
+                pal.putdata([{0: 0, 200: 2}[int(v)] for v in img.ravel()])
+                pal.save(d / f"pal{i}.png")
+    (x, _), _, _ = load_image_folder(tmp_path / "ds")
+    assert x.shape[-1] == 1
+    assert "converted" not in capsys.readouterr().err
+    np.testing.assert_allclose(x[0, :, :, 0], ink / 255.0, atol=1e-6)  # a/pal0.png sorts first

@@ -42,7 +42,8 @@ _GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I
 MAX_PIXELS = 4096 * 4096
 # how gray vs RGB is chosen and pixels decoded (part of the cache key: '+alpha' since alpha is composited
 # and 16-bit gray rescaled into RGB sets too, so entries decoded before are not served)
-MODE_RULE = "majority+alpha+exif"  # (+exif: images turned upright by their EXIF orientation)
+# (+exif: images turned upright by their EXIF orientation; +graypal: a palette of grays counts as gray)
+MODE_RULE = "majority+alpha+exif+graypal"
 # the modes whose Pillow convert to L or RGB keeps what predict reads (no alpha, 8 bits a channel)
 _PLAIN_MODES = frozenset({"L", "RGB", "1", "P", "CMYK", "YCbCr"})
 PROGRESS_MIN = 1000  # a smaller folder decodes in about a second: no progress bar
@@ -291,6 +292,18 @@ class _Bar:
             self._progress.__exit__(*exc)
 
 
+def _gray_palette(im: Any) -> bool:
+    """A palette image whose colours are all grays (r = g = b): a gray image stored with a palette, as
+    some tools save 8-bit gray. Read from the header, nothing decoded."""
+    if im.mode not in ("P", "PA"):
+        return False
+    try:
+        rgb = np.asarray(im.getpalette("RGB") or [1, 0, 0], dtype=np.int64).reshape(-1, 3)
+    except Exception:  # no readable palette: taken as colour, as before
+        return False
+    return bool((rgb == rgb[:, :1]).all())
+
+
 def _header(f: _File, bar: _Bar) -> _Entry:
     from capsctl.data.images import orientation
 
@@ -300,7 +313,7 @@ def _header(f: _File, bar: _Bar) -> _Entry:
             raise CapsctlError(f"{f.path}: image is {h}x{w}, over the limit of {MAX_PIXELS:,} pixels")
         if orientation(im) >= 5:  # (stored on its side: upright, its height is the stored width)
             h, w = w, h
-        entry = _Entry(Path(f.path), f.label, (h, w), im.mode in _GRAY_MODES)
+        entry = _Entry(Path(f.path), f.label, (h, w), im.mode in _GRAY_MODES or _gray_palette(im))
     bar.advance()
     return entry
 
