@@ -82,6 +82,27 @@ def test_a_composite_is_both_digits_placed_in_the_canvas_merged_by_maximum(train
         np.testing.assert_array_equal(images[b], expected)
 
 
+def test_composites_of_dark_ink_on_light_are_the_ink_merged_on_white(train_digits):
+    from capsctl.training.augment import augment_batch
+    from capsctl.training.compose import compose_batch, digit_targets, draw_pairs
+
+    x, y = train_digits
+    pairs = draw_pairs(y, 0, 0)
+    idx = np.arange(40)
+    images, target = compose_batch(x, y, pairs, idx, 10)
+    light, light_target = compose_batch(1 - x, y, pairs, idx, 10, light=True)
+    np.testing.assert_allclose(light, 1 - images, atol=1e-6)
+    np.testing.assert_array_equal(light_target, target)
+    np.testing.assert_allclose(digit_targets(1 - x, y, pairs, idx, 10, light=True).images,
+                               1 - digit_targets(x, y, pairs, idx, 10).images, atol=1e-6)
+    # shifted and zoomed single digits: what comes into view is white, as the paper around them
+    for scale in (0.0, 0.2):
+        dark = augment_batch(x[:40], 4, scale, np.random.default_rng(3))
+        paper = augment_batch(1 - x[:40], 4, scale, np.random.default_rng(3), light=True)
+        np.testing.assert_allclose(paper, 1 - dark, atol=1e-5)
+        assert paper.dtype == x.dtype
+
+
 def test_pairs_are_redrawn_each_epoch_and_the_same_for_the_same_seed_and_epoch(train_digits):
     from capsctl.training.compose import compose_batch, draw_pairs
 
@@ -300,6 +321,15 @@ def test_the_loop_trains_on_the_pairs_and_scores_overlap_pairs_of_test_digits(tm
     np.testing.assert_array_equal(log[-1][1], pairs_50.images)
     np.testing.assert_array_equal(log[4][1], pairs_50.images[:20])
     assert [(r["test_images"], r["compose"]) for r in rows] == [(20, "overlap"), (50, "overlap")]
+
+    # a model of dark ink on light (its spec's background) trains and is scored on the ink merged on white
+    log.clear()
+    light_split = Split(1 - train_split.images, train_split.labels)
+    light_test = Split(1 - te.images, te.labels)
+    train(Backend(), spec.replace(background="light"), cfg, light_split, light_test, tmp_path / "light",  # type: ignore[arg-type]
+          show_progress=False)
+    np.testing.assert_allclose(log[0][0], 1 - expected[0][0], atol=1e-6)
+    np.testing.assert_allclose(log[-1][1], 1 - pairs_50.images, atol=1e-6)
 
 
 # -- training and resuming on each backend ---------------------------------------------------------------

@@ -60,6 +60,24 @@ def test_overlap_is_pixelwise_max_in_a_36px_canvas():
         np.testing.assert_array_equal(comp.images[m], canvas)
 
 
+def test_overlap_of_dark_ink_on_light_merges_the_ink_on_a_white_canvas():
+    # a maximum of light images is a blank canvas; their ink is merged instead, 1 - max(1 - x)
+    x, y = _toy(30)
+    ink = make_composites(x, y, layout="overlap", seed=1)
+    paper = make_composites(1 - x, y, layout="overlap", seed=1, light=True)
+    np.testing.assert_allclose(paper.images, 1 - ink.images, atol=1e-6)
+    assert paper.light and not ink.light
+    np.testing.assert_array_equal(paper.labels, ink.labels)
+    from capsctl.data.composites import alone
+
+    np.testing.assert_allclose(alone(paper, 1, 1 - x, in_canvas=True).images,
+                               1 - alone(ink, 1, x, in_canvas=True).images, atol=1e-6)
+    # stacking layouts place whole images: the same either way
+    for layout in ("vertical", "horizontal"):
+        np.testing.assert_array_equal(make_composites(1 - x, y, layout=layout, light=True).images,
+                                      make_composites(1 - x, y, layout=layout).images)
+
+
 def test_scoring_sets_and_confidence():
     labels = np.array([[3, 5], [1, 2], [0, 9]])
     scores = np.zeros((3, 10))

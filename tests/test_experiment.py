@@ -65,6 +65,19 @@ def test_overlap_is_deterministic_by_seed() -> None:
 
 # -- option parsing --------------------------------------------------------------------
 
+def test_an_experiment_on_dark_ink_on_light_makes_its_overlap_pairs_on_white(mnist) -> None:
+    # (as `eval-pairs` does for such a model: a maximum of light images would be blank paper)
+    from capsctl.data.datasets import Split
+    from capsctl.experiment.run import _scorer
+
+    tr, te = mnist.train(), mnist.test()
+    dark = _scorer(tr, te, 40)
+    light = _scorer(Split(1 - tr.images, tr.labels), Split(1 - te.images, te.labels), 40)
+    assert light.light and not dark.light
+    np.testing.assert_allclose(light.composites("overlap").images, 1 - dark.composites("overlap").images,
+                               atol=1e-6)
+
+
 def test_parse_ints() -> None:
     assert parse_ints("0, 1,2", "--seeds") == [0, 1, 2]
     assert parse_ints("1-3,8", "--iterations", 1, 8) == [1, 2, 3, 8]

@@ -345,7 +345,8 @@ def test_eval_scores_by_index_where_the_data_or_the_model_names_no_classes(tmp_p
 
 
 @pytest.mark.torch
-def test_a_model_trained_on_dark_ink_on_light_predicts_its_own_images_as_trained(tmp_path, capsys):
+def test_a_model_trained_on_dark_ink_on_light_predicts_its_own_images_as_trained(tmp_path, capsys,
+                                                                                  monkeypatch):
     """Gray data of dark ink on a light background: the model records background 'light', and `predict`
     (--invert auto) scores its test files as `eval` sees them, not inverted; a dark-background image is
     brought to light for it, as a light one is brought to dark for an MNIST model."""
@@ -372,6 +373,25 @@ def test_a_model_trained_on_dark_ink_on_light_predicts_its_own_images_as_trained
     assert np.allclose(load_image(files[0], spec=spec.replace(background=None)), 1 - pixels, atol=1e-6)
     assert data_background(x_test) == "light" and data_background(1 - x_test) is None
     assert data_background(np.repeat(x_test, 3, axis=3)) is None  # colour: never inverted
+    # its overlap pairs are the ink merged on white paper (a maximum of light images is blank paper)
+    from capsctl.data import composites
+    from capsctl.data.composites import make_composites
+
+    _, (x_test, y_test), _ = load_image_folder(root)
+    made: list = []
+    monkeypatch.setattr(composites, "make_composites", lambda *a, **k: made.append(make_composites(*a, **k))
+                        or made[-1])
+    code, out, err = run_cli(["eval-pairs", run / "model.safetensors", "--dataset", root, "--layout",
+                              "overlap", "--json"], capsys)
+    assert code == 0, err
+    comp = make_composites(x_test, y_test, layout="overlap", light=True)
+    assert comp.images.min() < 0.1  # ink
+    np.testing.assert_array_equal(made[0].images, comp.images)
+    from capsctl.data.composites import score_sets
+
+    scored = score_sets(get_backend("torch").runner(spec, weights).scores(comp.images), comp.labels)
+    assert json.loads(out)["accuracy"] == pytest.approx(scored["accuracy"])
+    assert json.loads(out)["confident_accuracy"] == pytest.approx(scored["confident_accuracy"])
 
 
 def _modes_folder(root: Path, majority: str) -> dict[str, Path]:

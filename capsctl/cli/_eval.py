@@ -220,7 +220,8 @@ def eval_pairs(
         check_range("--digits", digits, 2, spec.num_classes)
     test = _test_split(str(dataset), data_dir, image_size, holdout, val_fraction, spec, model)
     comp = make_composites(
-        test.images, test.labels, digits=digits, layout=str(layout), seed=seed, limit=limit
+        test.images, test.labels, digits=digits, layout=str(layout), seed=seed, limit=limit,
+        light=spec.background == "light",
     )
     fixed = spec.head == "capsule" and not spec.capsule.shared
     if fixed and not _takes(spec, *comp.images.shape[1:3]):

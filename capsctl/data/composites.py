@@ -8,7 +8,9 @@ and the k-th highest score is > 0.5.
 
 'overlap' (MultiMNIST style, our extension): after the permutations, `rng.integers(0, 2*shift+1,
 size=(N, k, 2))` gives each digit's (row, col) offset in a (H+2*shift, W+2*shift) canvas, and
-the digits are merged with a pixel-wise maximum.
+the digits are merged with a pixel-wise maximum. Gray digits of dark ink on a light background (a
+model's spec `background: "light"`) are merged by the maximum of their ink, 1 − max(1 − x), on a white
+canvas: a maximum of light images would be a blank canvas.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class Composites:
     indices: np.ndarray | None = None  # int64 (M, k): the source images of each composite, in placement order
     # int64 (M, k, 2), 'overlap' only: each digit's (row, col) in the canvas (its top left corner)
     offsets: np.ndarray | None = None
+    light: bool = False  # 'overlap': dark ink on light digits, merged on a white canvas (module doc)
 
 
 def make_composites(
@@ -43,7 +46,9 @@ def make_composites(
     layout: str = "vertical",
     seed: int = 0,
     limit: int | None = None,
+    light: bool = False,
 ) -> Composites:
+    """The composites of the module doc; `light`: the digits are dark ink on a light background."""
     if layout not in LAYOUTS:
         raise CapsctlError(f"--layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     if digits < 2:
@@ -71,14 +76,20 @@ def make_composites(
     else:
         assert offsets is not None
         offsets = offsets[keep_idx]
-        images = overlay(parts, offsets)
-    return Composites(np.ascontiguousarray(images, dtype=np.float32), labels, layout, seed, idx, offsets)
+        images = overlay(parts, offsets, light)
+    return Composites(
+        np.ascontiguousarray(images, dtype=np.float32), labels, layout, seed, idx, offsets, light and
+        layout == "overlap"
+    )
 
 
-def overlay(parts: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+def overlay(parts: np.ndarray, offsets: np.ndarray, light: bool = False) -> np.ndarray:
     """The 'overlap' layout: digits `parts` (M, k, H, W, C), digit j of composite m placed with its top
     left corner at `offsets[m, j]` = (row, col) in 0..2*OVERLAP_SHIFT of a zero (H+2s, W+2s) canvas,
-    merged by pixel-wise maximum; float32 (M, H+2s, W+2s, C), s = OVERLAP_SHIFT."""
+    merged by pixel-wise maximum; float32 (M, H+2s, W+2s, C), s = OVERLAP_SHIFT. `light` (dark ink on
+    light): the same on the ink, 1 - overlay(1 - parts), so the canvas is white and dark ink wins."""
+    if light:
+        return 1.0 - overlay(1.0 - np.asarray(parts, np.float32), offsets)
     m, k, h, w, c = parts.shape
     s = OVERLAP_SHIFT
     images = np.zeros((m, h + 2 * s, w + 2 * s, c), np.float32)
@@ -123,7 +134,9 @@ def alone(comp: Composites, position: int, sources: np.ndarray, in_canvas: bool 
         return Composites(sources[idx[:, 0]], labels, "alone", comp.seed, idx)
     assert comp.offsets is not None
     offsets = comp.offsets[:, position : position + 1]
-    return Composites(overlay(sources[idx], offsets), labels, "alone", comp.seed, idx, offsets)
+    return Composites(
+        overlay(sources[idx], offsets, comp.light), labels, "alone", comp.seed, idx, offsets, comp.light
+    )
 
 
 def reconstruction_errors(
@@ -146,7 +159,9 @@ def reconstruction_errors(
             recon = runner.reconstruct(images, comp.labels[start : start + batch_size, p])
             target = sources[comp.indices[start : start + batch_size, p]]
             if comp.offsets is not None and recon.shape[1:] == images.shape[1:]:  # it draws the canvas
-                target = overlay(target[:, None], comp.offsets[start : start + batch_size, p : p + 1])
+                target = overlay(
+                    target[:, None], comp.offsets[start : start + batch_size, p : p + 1], comp.light
+                )
             if recon.shape[1:] != target.shape[1:]:
                 raise CapsctlError(
                     f"the decoder draws {list(recon.shape[1:])} images, the source digits are "

@@ -348,6 +348,14 @@ def _check_tests_fit(tests: Sequence[str], test_split: Split) -> None:
         )
 
 
+def _scorer(train_split: Split, test_split: Split, eval_limit: int | None) -> Scorer:
+    """The experiment's scorer: its composites as `capsctl eval-pairs` makes them for the models trained
+    on `train_split` (whose spec's background follows those images)."""
+    from capsctl.data.images import data_background
+
+    return Scorer(test_split, eval_limit, light=data_background(train_split.images) == "light")
+
+
 def run_pairs(
     plan: PairsPlan, out: Path, show_progress: bool = True, planned: Callable[[], None] | None = None
 ) -> dict[str, Any]:
@@ -383,7 +391,7 @@ def run_pairs(
     out.mkdir(parents=True, exist_ok=True)
     if planned is not None:  # (the caller's notes: said once the input has passed every check)
         planned()
-    scorer = Scorer(test_split, plan.eval_limit)
+    scorer = _scorer(train_split, test_split, plan.eval_limit)
     with _continued_by(plan.command):
         models = train_and_score(
             backend, jobs, train_split, test_split, scorer, plan.tests, show_progress, train=plan.train
@@ -448,7 +456,7 @@ def run_ablate(
     out.mkdir(parents=True, exist_ok=True)
     if planned is not None:  # (the caller's notes: said once the input has passed every check)
         planned()
-    scorer = Scorer(test_split, plan.eval_limit)
+    scorer = _scorer(train_split, test_split, plan.eval_limit)
 
     def eval_at(job: Job) -> Sequence[int | None]:
         return plan.eval_iterations if job.spec.capsule.routings == plan.base_iterations else ()

@@ -42,6 +42,7 @@ class Scorer:
 
     test: Split
     eval_limit: int | None = None
+    light: bool = False  # the digits are dark ink on light: overlap composites on a white canvas
     _sets: dict[str, Any] = field(default_factory=dict)
 
     def data(self, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -65,6 +66,7 @@ class Scorer:
                     layout=layout,
                     seed=COMPOSITE_SEED,
                     limit=self.eval_limit,
+                    light=self.light,
                 )
             self._sets[name] = c
         result: Composites = self._sets[name]

@@ -18,14 +18,21 @@ def shift_batch(x: np.ndarray, shift: int, rng: np.random.Generator) -> np.ndarr
     return pad[np.arange(b)[:, None, None], rows, cols]
 
 
-def augment_batch(x: np.ndarray, shift: int, scale: float, rng: np.random.Generator) -> np.ndarray:
+def augment_batch(
+    x: np.ndarray, shift: int, scale: float, rng: np.random.Generator, light: bool = False
+) -> np.ndarray:
     """Zoom each image about its centre by its own factor in [1 - scale, 1 + scale], then shift it.
+
+    `light` (gray images of dark ink on light, the spec's background): the same on the ink, 1 - f(1 - x),
+    so what comes into view is white like the images' background, not a black band.
 
     Without zoom this is exactly `shift_batch` (same random draws), so runs without --scale are
     unchanged. The zoom is axis-aligned, so it is separable: out = Ry @ image @ Rxᵀ, where each
     row of Ry holds the bilinear (hat-function) weights of one output row's source position;
     sources outside the image get no weight, which fills with zeros.
     """
+    if light and (shift or scale):
+        return np.asarray(1 - augment_batch(1 - x, shift, scale, rng), x.dtype)
     if scale == 0:
         return shift_batch(x, shift, rng)
     b, h, w, _ = x.shape

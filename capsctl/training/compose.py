@@ -72,11 +72,12 @@ def draw_pairs(labels: np.ndarray, seed: int, epoch: int) -> EpochPairs:
 
 
 def compose_batch(
-    x: np.ndarray, y: np.ndarray, pairs: EpochPairs, idx: np.ndarray, num_classes: int
+    x: np.ndarray, y: np.ndarray, pairs: EpochPairs, idx: np.ndarray, num_classes: int, light: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The composites whose first digits are `idx`: (images (B, H+8, W+8, C), two-hot targets (B, J))."""
+    """The composites whose first digits are `idx`: (images (B, H+8, W+8, C), two-hot targets (B, J)).
+    `light`: the digits are dark ink on light (the spec's background), merged on a white canvas."""
     second = pairs.partners[idx]
-    images = overlay(np.stack([x[idx], x[second]], axis=1), pairs.offsets[idx])
+    images = overlay(np.stack([x[idx], x[second]], axis=1), pairs.offsets[idx], light)
     target = np.zeros((len(idx), num_classes), np.float32)
     rows = np.arange(len(idx))
     target[rows, y[idx]] = 1.0
@@ -85,21 +86,25 @@ def compose_batch(
 
 
 def digit_targets(
-    x: np.ndarray, y: np.ndarray, pairs: EpochPairs, idx: np.ndarray, num_classes: int
+    x: np.ndarray, y: np.ndarray, pairs: EpochPairs, idx: np.ndarray, num_classes: int, light: bool = False
 ) -> DigitTargets:
     """What a decoder redraws from the composites `compose_batch` makes of `idx`: each digit alone at its
     place in the canvas (the paper's target: one digit, not the composite), with its class."""
     digits = np.stack([idx, pairs.partners[idx]], axis=1)  # (B, 2)
     offsets = pairs.offsets[idx]
-    images = np.stack([overlay(x[digits[:, k : k + 1]], offsets[:, k : k + 1]) for k in range(2)], axis=1)
+    images = np.stack(
+        [overlay(x[digits[:, k : k + 1]], offsets[:, k : k + 1], light) for k in range(2)], axis=1
+    )
     onehots = np.eye(num_classes, dtype=np.float32)[y[digits]]
     return DigitTargets(images, onehots)
 
 
-def scoring_pairs(test: Split, limit: int | None) -> Split:
+def scoring_pairs(test: Split, limit: int | None, light: bool = False) -> Split:
     """The overlap pairs of test digits that `capsctl eval-pairs --layout overlap [--eval-limit N]` scores
     (seed 0, the first `limit`): images (M, H+8, W+8, C), labels (M, 2) (a Split whose labels are pairs)."""
-    comp = make_composites(test.images, test.labels, digits=2, layout="overlap", seed=TEST_SEED, limit=limit)
+    comp = make_composites(
+        test.images, test.labels, digits=2, layout="overlap", seed=TEST_SEED, limit=limit, light=light
+    )
     if len(comp.labels) == 0:
         raise CapsctlError("--compose overlap: no pair of test images of two different classes to score on")
     return Split(comp.images, comp.labels)

@@ -307,9 +307,10 @@ def _train_locked(
         check_same_data(world, x_all, y_all)
     _check_data(spec, cfg, train_split, test_split)  # again: on --resume the spec comes from the checkpoint
     y_hot = one_hot(y_all, spec.num_classes)
+    light = spec.background == "light"  # dark ink on light: shifts and composites fill with white
     if cfg.compose is not None and test_split is not None:
         # scored on overlap pairs of test digits: the last epoch on what `eval-pairs --layout overlap` scores
-        test_split = scoring_pairs(test_split, cfg.eval_limit)
+        test_split = scoring_pairs(test_split, cfg.eval_limit, light)
     spe = steps_per_epoch(cfg, n)
     total = spe * cfg.epochs
     if st.step >= spe:
@@ -382,13 +383,12 @@ def _train_locked(
                     continue
                 digits = None
                 if pairs is not None:  # composites (their digits already shifted) and both labels
-                    x, target = compose_batch(x_all, y_all, pairs, idx, spec.num_classes)
+                    x, target = compose_batch(x_all, y_all, pairs, idx, spec.num_classes, light)
                     if spec.decoder is not None:  # and each digit alone, for the decoder to redraw
-                        digits = digit_targets(x_all, y_all, pairs, idx, spec.num_classes)
+                        digits = digit_targets(x_all, y_all, pairs, idx, spec.num_classes, light)
                 else:
-                    x = augment_batch(
-                        x_all[idx], cfg.shift, cfg.scale, np.random.default_rng([cfg.seed, epoch, step])
-                    )
+                    rng = np.random.default_rng([cfg.seed, epoch, step])
+                    x = augment_batch(x_all[idx], cfg.shift, cfg.scale, rng, light)
                     target = y_hot[idx]
                 lr = lr_at(cfg, epoch * spe + step, total)
                 if digits is None:
