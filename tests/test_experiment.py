@@ -101,8 +101,19 @@ def test_run_names_say_what_changed(tmp_path: Path) -> None:
     b = make_job(tmp_path, "torch", "mnist", "seed", "capsule", 1, None,
                  Overrides(shift=0, routing="su-unit"))
     assert a.run.name == "torch-default-capsule-s1"
-    assert b.run.name == "torch-seed-capsule-shift0-su-unit-s1"
+    assert b.run.name == "torch-seed-capsule-su-unit-s1"  # (the seed recipe's shift is 0 already)
     assert b.config.shift == 0 and b.spec.capsule.routing == "su-unit" and b.config.epochs == 10
+    # a value the recipe or the model has already is not a change: the same model, the same folder
+    same = Overrides(routings=3, routing="su", squash="su", lr=3e-3, batch_size=32, shift=5, weight_decay=0.0,
+                     schedule="onecycle", scale=0.0)
+    assert make_job(tmp_path, "torch", "mnist", "default", "capsule", 1, None, same).run == a.run
+    # nor is a routing change to the pooling head, which has none
+    pool = make_job(tmp_path, "torch", "mnist", "default", "pool", 1, None, Overrides())
+    routed = make_job(tmp_path, "torch", "mnist", "default", "pool", 1, None, Overrides(routings=1))
+    assert routed.run == pool.run
+    changed = make_job(tmp_path, "torch", "mnist", "default", "capsule", 1, None,
+                       Overrides(routings=1, lr=1e-3, batch_size=32))
+    assert changed.run.name == "torch-default-capsule-lr0.001-r1-s1"
 
 
 # -- a tiny real run (torch) -------------------------------------------------------------
@@ -367,9 +378,9 @@ def test_decoder_job_is_configured_as_train_decoder(tmp_path: Path) -> None:
     assert plain.spec == ModelSpec() and plain.config.recon_weight is None
     other = {k: v for k, v in job.config.__dict__.items() if k != "recon_weight"}
     assert other == {k: v for k, v in plain.config.__dict__.items() if k != "recon_weight"}
-    held = make_job(tmp_path, "torch", "seed", "seed", DECODER_HEAD, 1, None, Overrides(shift=0),
+    held = make_job(tmp_path, "torch", "seed", "seed", DECODER_HEAD, 1, None, Overrides(shift=2),
                     holdout=500, data=MNIST_FACTS)
-    assert held.run.name == "torch-seed-capsule-decoder-shift0-holdout500-s1"
+    assert held.run.name == "torch-seed-capsule-decoder-shift2-holdout500-s1"
     colour = DataFacts(("cat", "dog", "eel"), (32, 24, 3))
     c = make_job(tmp_path, "torch", str(tmp_path), "default", DECODER_HEAD, 0, None, Overrides(),
                  image_size="32x24", data=colour)

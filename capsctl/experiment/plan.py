@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +83,22 @@ class Overrides:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
 
+def _effective(ov: Overrides, own: dict[str, Any], spec: ModelSpec) -> Overrides:
+    """`ov` less what changes nothing: a recipe setting equal to the recipe's own (`own`), a capsule
+    setting equal to the spec's, and capsule settings on a pooling head (which has no routing)."""
+    same: dict[str, None] = {}
+    for key, value in asdict(ov).items():
+        if value is None or key == "epochs":
+            continue
+        if key in own:
+            unchanged = value == own[key]
+        else:
+            unchanged = spec.head != "capsule" or getattr(spec.capsule, key) == value
+        if unchanged:
+            same[key] = None
+    return replace(ov, **same)
+
+
 @dataclass(frozen=True)
 class Job:
     head: str
@@ -134,6 +150,7 @@ def make_job(
         from capsctl.model.fit import with_training_inputs
 
         spec = with_training_inputs(spec, *data.shape[:2], compose is not None)
+    as_built = spec  # (before the overrides: what `_effective` compares them with)
     if spec.head == "capsule":
         caps = {
             k: v
@@ -170,7 +187,10 @@ def make_job(
         **settings,
     )
     if name is None:
-        tag = ov.tag()
+        # a value the recipe or the preset already has changes nothing: the same run folder, not a retrain
+        own = rec.settings(spec.head, shift=0 if compose is not None else None,
+                           scale=0.0 if compose is not None else None)
+        tag = _effective(ov, own, as_built).tag()
         label = head.replace("+", "-")
         kind = "" if arch == "seed" or head == "pool" else arch
         composed = f"compose-{compose}" if compose is not None else ""
