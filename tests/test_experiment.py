@@ -284,6 +284,9 @@ def test_ablate_and_report(tmp_path: Path, tiny_pairs: tuple[Path, dict], mnist_
     text = doc.read_text()
     assert "capsctl experiment ablate" in text and "do not edit by hand" in text
     assert "seed article capsule" in text and "## Not run here" in text
+    # the overview says the pairs rows trained on 120 images and scored 60 a test: not a full-data row
+    row = next(line for line in text.splitlines() if line.startswith(f"| `{tiny_pairs[0].name}` | capsule"))
+    assert "**limit=120**" in row and "eval-limit=60" in row
     assert (doc.parent / "results" / tiny_pairs[0].name / "curves.png").exists()
     assert f"results/{out.name}/ablation.png" in text
     # the ablation was just trained: its section gives its time (it said the tables were only regenerated)

@@ -115,6 +115,9 @@ def _overview(items: list[tuple[Path, dict[str, Any]]]) -> str:
             t = s["tests"]
             changed = [f"{k}={v}" for k, v in r["overrides"].items()]
             changed += [f"**holdout={r['holdout']}**"] if r.get("holdout") else []
+            # fewer training images, or scores on the first N per test: not comparable with a full row
+            changed += [f"**limit={r['limit']}**"] if r.get("limit") else []
+            changed += [f"eval-limit={r['eval_limit']}"] if r.get("eval_limit") else []
             changed += [f"**compose={r['compose']}**"] if r.get("compose") else []
             changed = ([f"**arch={r['arch']}**"] if r.get("arch", "seed") != "seed" else []) + changed
             rows.append(
@@ -302,7 +305,8 @@ def render(folders: Sequence[Path], doc: Path, results: Sequence[dict[str, Any]]
         "**holdout=N** were trained without N training images (a fixed random draw) and scored on those "
         "images "
         "and on composites built from them: the recipe is chosen on these rows, never on the test set. Their "
-        "columns hold held-out scores, not test scores.\n",
+        "columns hold held-out scores, not test scores. **limit=N**: trained on the first N training images; "
+        "eval-limit=N: scored on the first N images or composites of each test.\n",
         _overview(items),
         _choice(items),
     ]
