@@ -221,3 +221,26 @@ def test_composite_png_writes_the_composite_it_names(tmp_path, capsys, monkeypat
 
 def test_the_learning_curve_of_a_model_without_its_run_folder_is_empty(tmp_path):
     assert _tool("multimnist_errors").learning_curve(tmp_path) == []
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in TOOLS.glob("*.py")))
+def test_every_tool_option_says_what_it_does(name, monkeypatch):
+    """`python tools/X.py --help` explains each argument (most said nothing but its name)."""
+    import argparse
+
+    class Parsed(Exception):
+        pass
+
+    seen: list[argparse.ArgumentParser] = []
+
+    def capture(self, *args, **kwargs):
+        seen.append(self)
+        raise Parsed
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
+    monkeypatch.setattr(sys, "argv", [name])
+    with pytest.raises(Parsed):
+        _tool(name).main()
+    (parser,) = seen
+    silent = [a.dest for a in parser._actions if not a.help]
+    assert silent == []

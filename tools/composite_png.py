@@ -24,13 +24,24 @@ from capsctl.errors import CapsctlError, run_script
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data-dir", default=None)
-    ap.add_argument("--dataset", default="mnist-5k")
+    ap.add_argument(
+        "--data-dir", default=None, help="folder holding the data set's own files (default: the cache)"
+    )
+    ap.add_argument(
+        "--dataset",
+        default="mnist-5k",
+        help="a data set name or path, as `capsctl train --dataset` (default: mnist-5k)",
+    )
     ap.add_argument("--index", type=int, default=0, help="which kept composite (0-based)")
-    ap.add_argument("--layout", default="vertical")
-    ap.add_argument("--digits", type=int, default=2)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", required=True)
+    ap.add_argument(
+        "--layout",
+        default="vertical",
+        choices=("vertical", "horizontal", "overlap"),
+        help="how the digits are placed (default: vertical)",
+    )
+    ap.add_argument("--digits", type=int, default=2, help="digits per composite (default: 2)")
+    ap.add_argument("--seed", type=int, default=0, help="pairing seed (the contract's default: 0)")
+    ap.add_argument("--out", required=True, help="the PNG file to write")
     args = ap.parse_args()
     out = Path(args.out)
     if args.index < 0:

@@ -28,13 +28,24 @@ from capsctl.model.weights import load_model
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("model")
-    ap.add_argument("--data-dir", default=None)
-    ap.add_argument("--dataset", default="mnist-5k")
-    ap.add_argument("--backend", default="torch")
-    ap.add_argument("--limit", type=int, default=200)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--batch-size", type=int, default=50)
+    ap.add_argument("model", help="a capsctl model file (.safetensors), e.g. RUN/model.safetensors")
+    ap.add_argument(
+        "--data-dir", default=None, help="folder holding the data set's own files (default: the cache)"
+    )
+    ap.add_argument(
+        "--dataset",
+        default="mnist-5k",
+        help="a data set name or path, as `capsctl train --dataset` (default: mnist-5k)",
+    )
+    ap.add_argument(
+        "--backend",
+        default="torch",
+        choices=("torch", "keras"),
+        help="framework to run the model with (default: torch)",
+    )
+    ap.add_argument("--limit", type=int, default=200, help="composites to score (default: 200)")
+    ap.add_argument("--seed", type=int, default=0, help="pairing seed (the contract's default: 0)")
+    ap.add_argument("--batch-size", type=int, default=50, help="images per forward pass (default: 50)")
     ap.add_argument("--digits", type=int, default=2, help="digits per composite (the set is the top k)")
     args = ap.parse_args()
     for flag, value in (("--limit", args.limit), ("--batch-size", args.batch_size)):

@@ -72,8 +72,13 @@ def _check_same_recipe(cfg: TrainConfig, seed: int) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", type=Path, help="an existing run folder to package (default: train one)")
-    ap.add_argument("--backend", default="torch")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--backend",
+        default="torch",
+        choices=("torch", "keras"),
+        help="framework to run the model with (default: torch)",
+    )
+    ap.add_argument("--seed", type=int, default=0, help="training seed (default: 0)")
     args = ap.parse_args()
 
     ds = datasets.load("mnist-5k")

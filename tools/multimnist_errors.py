@@ -55,18 +55,31 @@ def learning_curve(run: Path) -> list[dict[str, float]]:
     for row in rows:
         seen += round(row["images_per_s"] * row["seconds"])
         out.append(
-            {"epoch": row["epoch"], "composites": seen, "error": 1 - row["test_accuracy"],
-             "test_pairs": row["test_images"]}
+            {
+                "epoch": row["epoch"],
+                "composites": seen,
+                "error": 1 - row["test_accuracy"],
+                "test_pairs": row["test_images"],
+            }
         )
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("model")
-    ap.add_argument("--backend", default="torch")
-    ap.add_argument("--dataset", default="mnist-5k")
-    ap.add_argument("--data-dir")
+    ap.add_argument("model", help="a capsctl model file (.safetensors), e.g. RUN/model.safetensors")
+    ap.add_argument(
+        "--backend",
+        default="torch",
+        choices=("torch", "keras"),
+        help="framework to run the model with (default: torch)",
+    )
+    ap.add_argument(
+        "--dataset",
+        default="mnist-5k",
+        help="a data set name or path, as `capsctl train --dataset` (default: mnist-5k)",
+    )
+    ap.add_argument("--data-dir", help="folder holding the data set's own files (default: the cache)")
     ap.add_argument("--runs", nargs="*", default=[], help="other --compose run folders for the curve")
     ap.add_argument("--json", help="write the report here too")
     args = ap.parse_args()

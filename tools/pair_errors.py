@@ -27,11 +27,24 @@ from capsctl.model.weights import load_model
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("model")
-    ap.add_argument("--dataset", default="mnist-5k")
-    ap.add_argument("--data-dir")
-    ap.add_argument("--backend", default="torch")
-    ap.add_argument("--layouts", default="vertical,horizontal")
+    ap.add_argument("model", help="a capsctl model file (.safetensors), e.g. RUN/model.safetensors")
+    ap.add_argument(
+        "--dataset",
+        default="mnist-5k",
+        help="a data set name or path, as `capsctl train --dataset` (default: mnist-5k)",
+    )
+    ap.add_argument("--data-dir", help="folder holding the data set's own files (default: the cache)")
+    ap.add_argument(
+        "--backend",
+        default="torch",
+        choices=("torch", "keras"),
+        help="framework to run the model with (default: torch)",
+    )
+    ap.add_argument(
+        "--layouts",
+        default="vertical,horizontal",
+        help="comma-separated layouts to analyse (default: vertical,horizontal)",
+    )
     ap.add_argument("--seed", type=int, default=0, help="pairing seed (the contract's default: 0)")
     args = ap.parse_args()
 
