@@ -16,7 +16,7 @@ import pytest
 from capsctl.data import cifar, datasets
 from capsctl.errors import CapsctlError
 
-from ._helpers import TINY, run_cli, static_server
+from ._helpers import TINY, assert_one_line_error, run_cli, static_server
 
 
 def _records(n: int, seed: int) -> tuple[bytes, np.ndarray, np.ndarray]:
@@ -124,6 +124,12 @@ def test_data_fetch_from_a_folder_checks_the_archive_then_copies_it(tmp_path, mo
     assert code == 2 and "15 training and 4 test images, but cifar10 has 50,000 and 10,000" in err
     assert not (datasets.cache_root() / "cifar10").exists()
     monkeypatch.setitem(datasets.DATASETS, "cifar10", replace(datasets.DATASETS["cifar10"], sizes=(15, 4)))
+    code, out, err = run_cli(["data", "fetch", "cifar10", "--from", tmp_path / "good"], capsys)
+    assert_one_line_error(code, out, err, "is not the published cifar10 file (its MD5 differs)")
+    assert not (datasets.cache_root() / "cifar10").exists()
+    md5 = hashlib.md5((tmp_path / "good" / cifar.ARCHIVE).read_bytes()).hexdigest()
+    monkeypatch.setitem(datasets.DATASETS, "cifar10",
+                        replace(datasets.DATASETS["cifar10"], sizes=(15, 4), sha256={"archive": md5}))
     code, out, err = run_cli(["data", "fetch", "cifar10", "--from", tmp_path / "good"], capsys)
     assert code == 0, err
     assert (datasets.cache_root() / "cifar10" / cifar.ARCHIVE).read_bytes() == (

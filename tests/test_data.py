@@ -162,8 +162,15 @@ def test_cli_fetch_from_folder_and_list(tmp_path, capsys, monkeypatch, mnist_dir
 
     as_if_full = replace(datasets.DATASETS["mnist"], sizes=(5_000, 10_000))
     monkeypatch.setitem(datasets.DATASETS, "mnist", as_if_full)
-    code, _, _ = run_cli(["data", "fetch", "mnist", "--from", mnist_dir], capsys)
-    assert code == 0
+    # the counts are right but the files are not the published ones: refused by their SHA-256
+    code, out, err = run_cli(["data", "fetch", "mnist", "--from", mnist_dir], capsys)
+    assert_one_line_error(code, out, err, "is not the published mnist file (its SHA-256 differs",
+                          "copy the files as downloaded", "--data-dir")
+    assert not (datasets.cache_root() / "mnist").exists()
+    as_if_full = replace(as_if_full, sha256=datasets.DATASETS["mnist-5k"].sha256)  # (these files' sums)
+    monkeypatch.setitem(datasets.DATASETS, "mnist", as_if_full)
+    code, _, err = run_cli(["data", "fetch", "mnist", "--from", mnist_dir], capsys)
+    assert code == 0 and err == ""
     cached = datasets.cache_root() / "mnist"
     assert datasets.is_complete(cached)
     code, out, _ = run_cli(["data", "list"], capsys)
@@ -173,6 +180,20 @@ def test_cli_fetch_from_folder_and_list(tmp_path, capsys, monkeypatch, mnist_dir
     (bad / "train-images-idx3-ubyte.gz").write_bytes(b"\x1f\x8bnot really")
     code, out, err = run_cli(["data", "fetch", "fashion-mnist", "--from", bad], capsys)
     assert_one_line_error(code, out, err, "corrupt gzip")
+    assert not (datasets.cache_root() / "fashion-mnist").exists()
+    # plain files of a set whose published sums are of its .gz files: copied, and said to be unchecked
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for f in mnist_dir.glob("*.gz"):
+        (plain / f.name[:-3]).write_bytes(gzip.decompress(f.read_bytes()))
+    code, out, err = run_cli(["data", "fetch", "mnist", "--from", plain], capsys)
+    assert code == 0 and "checked by its format and image counts only" in err
+    # a set whose sums are of the decompressed bytes judges any copy, gzipped or not
+    fashion = replace(datasets.DATASETS["fashion-mnist"], sizes=(5_000, 10_000))
+    monkeypatch.setitem(datasets.DATASETS, "fashion-mnist", fashion)
+    for folder in (plain, mnist_dir):
+        code, out, err = run_cli(["data", "fetch", "fashion-mnist", "--from", folder], capsys)
+        assert_one_line_error(code, out, err, "is not the published fashion-mnist file (its SHA-256 differs)")
     assert not (datasets.cache_root() / "fashion-mnist").exists()
 
 
@@ -188,7 +209,7 @@ def test_a_second_copy_replaces_the_first_whatever_its_compression(tmp_path):
     write_set(tmp_path / "b", b, compress=False)
     from dataclasses import replace
 
-    info = replace(datasets.DATASETS["mnist"], sizes=None)  # (any image counts)
+    info = replace(datasets.DATASETS["mnist"], sizes=None, sha256={})  # (any image counts, any files)
     dest = tmp_path / "cache"
     datasets.copy_from(info, tmp_path / "a", dest)
     datasets.copy_from(info, tmp_path / "b", dest)

@@ -114,8 +114,10 @@ def fetch(
     ] = None,
 ) -> None:
     """Fill the user cache with a data set: download it (checked against its published digest: SHA-256,
-    CIFAR-10's MD5) or copy it from a folder (--from: every file read and checked whole, and its image
-    counts must be the published set's, so a subset is never cached as the full set).
+    CIFAR-10's MD5) or copy it from a folder (--from: every file read and checked whole, its image
+    counts must be the published set's, so a subset is never cached as the full set, and each file
+    must match the published digest where one applies: MNIST's sums are of its .gz files, so plain
+    MNIST files are checked by format and counts only, and said so).
 
     Example: capsctl data fetch fashion-mnist
 
@@ -130,7 +132,10 @@ def fetch(
         return
     dest = datasets.cache_root() / name
     if from_dir is not None:
-        datasets.copy_from(info, from_dir, dest)
+        from capsctl._console import err
+
+        for note in datasets.copy_from(info, from_dir, dest):
+            err.print(note, highlight=False, soft_wrap=True)
     elif not datasets.has_files(info, dest):
         datasets.fetch(info, dest)
     typer.echo(f"{name}: {dest}")

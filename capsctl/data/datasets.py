@@ -317,17 +317,40 @@ def _check_sizes(info: DatasetInfo, src: Path, train: int, test: int) -> None:
     )
 
 
-def copy_from(info: DatasetInfo, src: Path, dest: Path) -> Path:
-    """Fill the cache from a local folder, validating every file as IDX (or the archive) first, and
-    its image counts against the published set's."""
+def _check_digest(info: DatasetInfo, src: Path, role: str, path: Path) -> str | None:
+    """Refuse a copied file that is not the published one, where its digest says so; a note (else None)
+    where the published digest cannot judge the file (a plain copy of a set whose sums are of .gz files)."""
+    if role not in info.sha256:
+        return None
+    if info.digest_of == "download" and not path.name.endswith(".gz"):
+        return (
+            f"{info.name}: the published SHA-256 sums are of the .gz files; {path.name} from {src} was "
+            "checked by its format and image counts only"
+        )
+    if file_digest(path, info.digest_of) == info.sha256[role]:
+        return None
+    algo = "MD5" if info.digest_of == "md5" else "SHA-256"
+    recompressed = "; a re-compressed copy differs too: copy the files as downloaded"
+    how = recompressed if info.digest_of == "download" else ""
+    raise CapsctlError(
+        f"--from {src}: {path.name} is not the published {info.name} file (its {algo} differs{how}); "
+        f"to train on that folder as it is, pass --data-dir {src}"
+    )
+
+
+def copy_from(info: DatasetInfo, src: Path, dest: Path) -> list[str]:
+    """Fill the cache from a local folder, validating every file as IDX (or the archive) first, its
+    image counts against the published set's, and each file against the published digest where that
+    digest applies to it. Returns notes for the user (what could not be checked)."""
     if info.archive:
         if not has_files(info, src):
             raise CapsctlError(f"--from {src}: the folder must hold {info.archive}")
         sets = Dataset(info.name, src)  # read and checked whole before anything is copied
         _check_sizes(info, src, len(sets.train().labels), len(sets.test().labels))
+        notes = [n for n in [_check_digest(info, src, "archive", src / info.archive)] if n]
         dest.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(dest / info.archive, (src / info.archive).read_bytes())
-        return dest
+        return notes
     if not is_complete(src):
         raise CapsctlError(f"--from {src}: the folder must hold the four IDX files of {info.name}")
     # Refuse a broken set before anything is copied: every file decoded and checked the way training
@@ -340,9 +363,11 @@ def copy_from(info: DatasetInfo, src: Path, dest: Path) -> Path:
             f"but test images are {test.images.shape[1]}x{test.images.shape[2]}"
         )
     _check_sizes(info, src, len(train.labels), len(test.labels))
+    found = {role: find_file(src, role) for role in ROLES}
+    notes = [n for role, f in found.items() if f is not None and (n := _check_digest(info, src, role, f))]
     dest.mkdir(parents=True, exist_ok=True)
     for role in ROLES:
-        f = find_file(src, role)
+        f = found[role]
         assert f is not None
         atomic_write_bytes(dest / f.name, f.read_bytes())  # temp + fsync + rename: never a half file
         # the copy replaces the file of the other kind (.gz or not) a former copy left: find_file takes
@@ -350,7 +375,7 @@ def copy_from(info: DatasetInfo, src: Path, dest: Path) -> Path:
         other = dest / (FILES[role] if f.name.endswith(".gz") else FILES[role] + ".gz")
         if other.exists():
             other.unlink()
-    return dest
+    return notes[:1]  # (one note says it for every file)
 
 
 @dataclass
