@@ -36,8 +36,7 @@ def main() -> None:
     ap.add_argument(
         "--layout",
         default="vertical",
-        choices=("vertical", "horizontal", "overlap"),
-        help="how the digits are placed (default: vertical)",
+        help="how the digits are placed: vertical, horizontal or overlap (default: vertical)",
     )
     ap.add_argument("--digits", type=int, default=2, help="digits per composite (default: 2)")
     ap.add_argument("--seed", type=int, default=0, help="pairing seed (the contract's default: 0)")

@@ -40,8 +40,7 @@ def main() -> None:
     ap.add_argument(
         "--backend",
         default="torch",
-        choices=("torch", "keras"),
-        help="framework to run the model with (default: torch)",
+        help="framework to run the model with: torch or keras (default: torch)",
     )
     ap.add_argument("--limit", type=int, default=200, help="composites to score (default: 200)")
     ap.add_argument("--seed", type=int, default=0, help="pairing seed (the contract's default: 0)")

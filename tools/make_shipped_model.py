@@ -75,8 +75,7 @@ def main() -> int:
     ap.add_argument(
         "--backend",
         default="torch",
-        choices=("torch", "keras"),
-        help="framework to run the model with (default: torch)",
+        help="framework to run the model with: torch or keras (default: torch)",
     )
     ap.add_argument("--seed", type=int, default=0, help="training seed (default: 0)")
     args = ap.parse_args()

@@ -71,8 +71,7 @@ def main() -> None:
     ap.add_argument(
         "--backend",
         default="torch",
-        choices=("torch", "keras"),
-        help="framework to run the model with (default: torch)",
+        help="framework to run the model with: torch or keras (default: torch)",
     )
     ap.add_argument(
         "--dataset",
