@@ -512,13 +512,18 @@ def test_framework_not_installed_names_the_extra(capsys, monkeypatch, good_data,
 
 # -- --debug shows the traceback ---------------------------------------------------------------------
 
-def test_debug_raises_the_error_in_process(tmp_path, good_data):
+def test_debug_shows_the_traceback_and_keeps_the_exit_code(tmp_path, good_data, capsys):
+    # (it re-raised: the interpreter's exit code 1, where a script checks for 2)
     from capsctl.cli import main
 
     model = tmp_path / "m.safetensors"
     model.write_bytes(b"\x00" * 4)
-    with pytest.raises(CapsctlError, match="damaged safetensors file"):
+    with pytest.raises(SystemExit) as info:
         main(["--debug", "eval", str(model), "--data-dir", str(good_data)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "CapsctlError" in err
+    assert err.splitlines()[-1].startswith("error: ") and "damaged safetensors file" in err
 
 
 def _capsctl(*args, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -533,7 +538,7 @@ def test_subprocess_bad_model_one_line_and_debug_traceback(tmp_path, good_data):
     assert_one_line_error(p.returncode, p.stdout, p.stderr, str(model), "damaged safetensors file")
     assert p.stdout == ""
     p = _capsctl("eval", model, "--data-dir", good_data, "--debug", cwd=tmp_path)
-    assert p.returncode != 0
+    assert p.returncode == 2
     assert "Traceback (most recent call last)" in p.stderr and "CapsctlError" in p.stderr
     assert "damaged safetensors" in p.stderr
 

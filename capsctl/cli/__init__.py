@@ -126,6 +126,15 @@ def main(argv: list[str] | None = None) -> None:
         end(e.code)
 
 
+def _traceback(debug: bool) -> None:
+    """With --debug, the traceback of the exception being handled, before its usual line: the exit code
+    stays the one scripts check for (2 for bad input), not the interpreter's 1."""
+    if debug:
+        import traceback
+
+        traceback.print_exc()
+
+
 def _main(argv: list[str] | None) -> None:
     debug, args = _split_debug(list(sys.argv[1:] if argv is None else argv))
     ARGS[:] = args
@@ -147,20 +156,17 @@ def _main(argv: list[str] | None) -> None:
         typer.echo("aborted", err=True)
         sys.exit(130)
     except CapsctlError as e:
-        if debug:
-            raise
+        _traceback(debug)
         _say(f"error: {e}")
         sys.exit(e.exit_code)
     except BrokenPipeError:
         sys.exit(1)
     except MemoryError:
-        if debug:
-            raise
+        _traceback(debug)
         typer.echo("error: out of memory (try a smaller --batch-size or --limit)", err=True)
         sys.exit(1)
     except OSError as e:
-        if debug:
-            raise
+        _traceback(debug)
         line, status = os_error_exit(e)
         _say(line)
         sys.exit(status)
