@@ -143,7 +143,14 @@ def test_empty_folder_and_bad_options_are_one_line_errors(tiny_model, tmp_path, 
     (tmp_path / "docs" / "notes.txt").write_text("x")
     code, out, err = run_cli(["predict", tiny_model, tmp_path / "docs"], capsys)
     assert_one_line_error(code, out, err, "no images", "1 other file")
+    # beside other inputs, a folder without an image is one row, as an unreadable file is: the rest is
+    # still predicted and the exit code is 2 at the end (it stopped the whole run)
     png = _png(tmp_path / "x.png", np.zeros((28, 28, 1), np.float32))
+    code, out, err = run_cli(["predict", tiny_model, png, tmp_path / "empty", "--json"], capsys)
+    rows = _lines(out)
+    assert code == 2 and [r["image"] for r in rows] == [str(png), str(tmp_path / "empty")]
+    assert "scores" not in rows[1] and "no images in this folder" in rows[1]["error"]
+    assert "top" in rows[0] and "1 image(s) predicted, 1 could not be read" in err
     for extra, fragment in [(["--json", "--csv"], "--json and --csv"), (["--top", "11"], "--top"),
                             (["--threshold", "1.5"], "--threshold"), (["--resize", "0x5"], "--resize"),
                             (["--fit"], "--fit scales to fit")]:

@@ -159,11 +159,14 @@ def collect_paths(inputs: list[str], stdin: Any) -> tuple[list[Path], int]:
     """The files to predict, in order, and how many non-image files the folders held.
 
     `-` reads paths from `stdin`, one a line (blank lines ignored); a folder is searched recursively
-    (sorted) for files with an image suffix. A folder with no image at all is an error."""
+    (sorted) for files with an image suffix. A folder with no image at all stays in the list, to be
+    reported in the output as a file that cannot be read is; when no input holds an image, it is an
+    error."""
     from capsctl.errors import CapsctlError
 
     paths: list[Path] = []
     skipped = 0
+    empty: list[str] = []  # the folders without an image, as their error lines
     given: list[str] = []
     for item in inputs:
         if item == "-":
@@ -188,14 +191,19 @@ def collect_paths(inputs: list[str], stdin: Any) -> tuple[list[Path], int]:
                 images.append(f)
             else:
                 others += 1
-        if not images:
-            more = f" ({others} other file(s))" if others else ""
-            raise CapsctlError(
-                f"{p}: no images in this folder{more}; expected {', '.join(sorted(IMAGE_SUFFIXES))} files"
-            )
-        paths.extend(images)
         skipped += others
+        if not images:
+            empty.append(_no_images(p, others))
+            paths.append(p)  # (its row says so; the other inputs are still predicted)
+        paths.extend(images)
+    if len(empty) == len(paths):
+        raise CapsctlError(empty[0])
     return paths, skipped
+
+
+def _no_images(folder: Path, others: int | None = None) -> str:
+    more = f" ({others} other file(s))" if others else ""
+    return f"{folder}: no images in this folder{more}; expected {', '.join(sorted(IMAGE_SUFFIXES))} files"
 
 
 # -- reading and scoring ----------------------------------------------------------------------------------
@@ -213,6 +221,11 @@ def _read(
 ) -> np.ndarray:
     """One image as float32 (H, W, C) for `spec`, or a CapsctlError naming the file."""
     from capsctl.data.images import load_image
+
+    if path.is_dir():  # (a folder given without an image in it: collect_paths kept it for its row)
+        from capsctl.errors import CapsctlError
+
+        raise CapsctlError(_no_images(path))
 
     # a colour model gets RGB (a gray file in all three channels); a gray model gets luma
     img = load_image(path, invert=invert, resize=resize, spec=spec, channels=spec.in_channels, fit=fit)
