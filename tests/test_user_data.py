@@ -120,10 +120,20 @@ def test_npz_reads_nhw_and_nhwc_with_class_names(tmp_path):
     ({"y_train": np.array([0, 1, 2, -1, 1, 2])}, "y_train holds label -1"),
     ({"class_names": np.array(["a", "b", "a"])}, "class_names must be distinct, non-empty strings"),
     ({"class_names": np.array(["a", "", "c"])}, "class_names must be distinct, non-empty strings"),
+    # a stray label among digits made classes no image teaches (here 3 and 4 of 0..5)
+    ({"y_train": np.array([0, 1, 2, 5, 1, 2]), "class_names": None},
+     "y_train has no image of class 3, 4 (labels 0..5); every class needs training images"),
+    ({"y_train": np.array([0, 2, 2, 0, 0, 2])}, "y_train has no image of class dog (3 class_names)"),
+    ({"x_train": b"not an archive"}, "not an .npz archive (not a zip file)"),
 ])
 def test_npz_problems_are_one_line(tmp_path, override, fragment):
+    path = tmp_path / "bad.npz"
+    if isinstance(override.get("x_train"), bytes):  # (the whole file)
+        path.write_bytes(override["x_train"])
+    else:
+        _npz(path, **override)
     with pytest.raises(CapsctlError) as info:
-        load_npz(_npz(tmp_path / "bad.npz", **override))
+        load_npz(path)
     assert fragment in str(info.value), str(info.value)
 
 

@@ -1,8 +1,9 @@
 """A data set in one `.npz` file, the keras.datasets convention: x_train, y_train, x_test, y_test.
 
 Images are uint8, (N, H, W) or (N, H, W, C) with C = 1 or 3; labels are integers (N,) (or (N, 1)).
-An optional `class_names` holds one string per class (else the classes are 0..max label). Read with
-allow_pickle=False; every problem is one CapsctlError naming the file and the key.
+An optional `class_names` holds one string per class (else the classes are 0..max label); every class
+must have training images. Read with allow_pickle=False; every problem is one CapsctlError naming the
+file and the key.
 """
 
 from __future__ import annotations
@@ -20,6 +21,14 @@ def load_npz(
     path: Path, image_size: tuple[int, int] | None = None
 ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray], tuple[str, ...]]:
     """((train images, labels), (test images, labels), class names); images float32 (N, H, W, C)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(6)
+    except OSError as e:
+        raise CapsctlError(f"{path}: cannot read it ({e.strerror or e})") from None
+    if not head.startswith(b"PK") and not head.startswith(b"\x93NUMPY"):
+        # (numpy takes any other file for a pickle and says so, advising to load it unsafely)
+        raise CapsctlError(f"{path}: not an .npz archive (not a zip file); expected {', '.join(KEYS)}")
     try:
         archive = np.load(path, allow_pickle=False)
     except MemoryError:
@@ -68,6 +77,15 @@ def load_npz(
         classes = tuple(str(j) for j in range(top + 1))
     if len(classes) < 2:
         raise CapsctlError(f"{path}: the labels name only one class; a classifier needs two or more")
+    untrained = sorted(set(range(len(classes))) - set(np.unique(y_train).tolist()))
+    if untrained:  # (an output no image teaches; often a stray label, e.g. 12 among digits 0..9)
+        shown = ", ".join(classes[j] if names is not None else str(j) for j in untrained[:10])
+        more = f" and {len(untrained) - 10} more" if len(untrained) > 10 else ""
+        scheme = f"{len(classes)} class_names" if names is not None else f"labels 0..{top}"
+        raise CapsctlError(
+            f"{path}: y_train has no image of class {shown}{more} ({scheme}); every class needs training "
+            "images"
+        )
     if image_size is not None:
         x_train, x_test = _resize(x_train, image_size), _resize(x_test, image_size)
     return (
