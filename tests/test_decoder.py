@@ -418,3 +418,9 @@ def test_train_decoder_refused_on_pool_head(capsys, tmp_path):
     assert_one_line_error(code, out, err, "--decoder needs the capsule head")
     code, out, err = run_cli(["train", "--recon-weight", "0.1", "--out", tmp_path / "r"], capsys)
     assert_one_line_error(code, out, err, "--recon-weight needs a model with a decoder")
+    # routing options on the pooling head were taken and ignored
+    for extra, named in ((["--routings", "5"], "--routings"), (["--routing", "sabour", "--no-shared"],
+                                                                 "--routing, --no-shared")):
+        code, out, err = run_cli(["train", "--head", "pool", *extra, "--out", tmp_path / "r"], capsys)
+        assert_one_line_error(code, out, err, f"{named}: the pooling head has no capsule layer")
+    assert not (tmp_path / "r").exists()

@@ -503,6 +503,13 @@ def _spec(
         spec = ModelSpec(head=str(head))
     # checked here so the message names the option, not the spec field it sets
     check_range("--routings (capsule.routings)", routings, 1, 100)
+    if spec.head == "pool":  # (they were taken and ignored: the run looked like a routing experiment)
+        given = [f"--{k}" for k, v in (("routing", routing), ("squash", squash), ("routings", routings)) if v]
+        given += ["--shared" if shared else "--no-shared"] if shared is not None else []
+        if given:
+            raise CapsctlError(
+                f"{', '.join(given)}: the pooling head has no capsule layer; these go with --head capsule"
+            )
     changes: dict[str, object] = {}
     for key, value in (("routing", routing), ("squash", squash), ("routings", routings)):
         if value is not None:
