@@ -646,3 +646,18 @@ def test_references_fit_what_the_result_was_trained_on() -> None:
     other = comparison({"dataset": "/data/mine", "train_images": 300, "recipe": "default",
                         "summary": _summary(("capsule",), ("test",))})
     assert len(other.strip().splitlines()) == 3
+
+
+@pytest.mark.torch
+def test_ablate_trains_attention_routing_once(tmp_path: Path, mnist_dir: Path, capsys) -> None:
+    """Attention routes in one pass: a model per --iterations count was the same model trained again."""
+    out = tmp_path / "abl"
+    code, _, err = run_cli(["experiment", "ablate", "--arch", "efficient", "--routing", "attention",
+                            "--squash", "efficient", "--iterations", "1,3", "--eval-iterations", "1,3",
+                            "--epochs", "1", "--limit", "32", "--eval-limit", "20", "--data-dir", mnist_dir,
+                            "--out", out, "-q"], capsys)
+    assert code == 0, err
+    runs = [p.name for p in (out / "runs").iterdir()]
+    assert runs == ["torch-default-efficient-capsule-attention-efficient-r3-s0"]
+    (v,) = json.loads((out / "results.json").read_text())["variants"]
+    assert [e["routings"] for e in v["trained"]] == [3] and v["evaluated"] == []

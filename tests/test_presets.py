@@ -99,6 +99,11 @@ def test_the_multimnist_preset_trains_on_composites_only(tmp_path, capsys, mnist
         code, out, err = run_cli(args, capsys)
         assert_one_line_error(code, out, err, "28x28, too small for the model", "--compose overlap")
         assert not (tmp_path / "r").exists()
+    # ablate has no --compose: it points to the experiment that has
+    code, out, err = run_cli(["experiment", "ablate", "--arch", "efficient-multimnist", *small, "--out",
+                              tmp_path / "r"], capsys)
+    assert_one_line_error(code, out, err, "`capsctl experiment pairs --compose overlap` trains it")
+    assert not (tmp_path / "r").exists()
     run = tmp_path / "mm"
     code, out, err = run_cli(["train", "--arch", "efficient-multimnist", "--compose", "overlap", *small,
                               "--eval-limit", "32", "--out", run], capsys)

@@ -124,12 +124,14 @@ def make_job(
     split: tuple[int | None, float | None] = (None, None),
     arch: str = "seed",
     compose: str | None = None,
+    composable: bool = True,
 ) -> Job:
     """One model of an experiment, configured as `capsctl train` with the same options configures it
     (head DECODER_HEAD: `capsctl train --decoder`), so either can finish the other's run. `holdout` is
     the count of held-out images (the folder name); `split` the user's (--holdout, --val-fraction), recorded
     so that `capsctl train --resume` holds out the same images. `compose`: trained on composites, as
-    `capsctl train --compose` (the model takes the composites' canvas)."""
+    `capsctl train --compose` (the model takes the composites' canvas); `composable`: the experiment
+    offers --compose (ablate does not), for the hint of a too-small error."""
 
     rec = get_recipe(recipe)
     decoder = head == DECODER_HEAD
@@ -149,7 +151,7 @@ def make_job(
         spec = data.follow(spec)
         from capsctl.model.fit import with_training_inputs
 
-        spec = with_training_inputs(spec, *data.shape[:2], compose is not None)
+        spec = with_training_inputs(spec, *data.shape[:2], compose is not None, composable)
     as_built = spec  # (before the overrides: what `_effective` compares them with)
     if spec.head == "capsule":
         caps = {

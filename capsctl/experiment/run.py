@@ -432,7 +432,8 @@ def run_ablate(
     jobs = []
     for routing in plan.routings:
         for squash in plan.squashes:
-            for r in counts:
+            # attention routes in one pass: its models at other counts would be the same model again
+            for r in counts if routing != "attention" else [plan.base_iterations]:
                 ov = Overrides(
                     epochs=plan.epochs, shift=plan.shift, routing=routing, squash=squash, routings=r
                 )
@@ -451,6 +452,7 @@ def run_ablate(
                         name,
                         data=facts,
                         arch=plan.arch,
+                        composable=False,
                     )
                 )
     out.mkdir(parents=True, exist_ok=True)
@@ -459,7 +461,8 @@ def run_ablate(
     scorer = _scorer(train_split, test_split, plan.eval_limit)
 
     def eval_at(job: Job) -> Sequence[int | None]:
-        return plan.eval_iterations if job.spec.capsule.routings == plan.base_iterations else ()
+        iterative = job.spec.capsule.routing != "attention"  # (scored at any count, the same numbers)
+        return plan.eval_iterations if iterative and job.spec.capsule.routings == plan.base_iterations else ()
 
     with _continued_by(plan.command):
         models = train_and_score(
@@ -487,7 +490,7 @@ def run_ablate(
                             "curve": m["curve"],
                         }
                         for m in mine
-                        if m["spec"]["capsule"]["routings"] in plan.iterations
+                        if m["spec"]["capsule"]["routings"] in plan.iterations or routing == "attention"
                     ],
                     "evaluated": [{"routings": int(r), "tests": t} for r, t in base["eval_at"].items()],
                 }

@@ -101,17 +101,22 @@ def _too_small(spec: ModelSpec, h: int, w: int, data: str) -> str:
     return f"{data} are {h}x{w}, too small for the model (it needs at least {side}x{side})"
 
 
-def with_training_inputs(spec: ModelSpec, height: int, width: int, composed: bool) -> ModelSpec:
+def with_training_inputs(
+    spec: ModelSpec, height: int, width: int, composed: bool, composable: bool = True
+) -> ModelSpec:
     """`spec` with N, the input capsule count, set from its training images (height x width, the
-    composites' canvas included) when its capsule weights are non-shared and N is not given yet."""
+    composites' canvas included) when its capsule weights are non-shared and N is not given yet.
+    `composable`: the command can train on composites (`--compose`), so a too-small error may say so."""
     if spec.head == "capsule" and not spec.capsule.shared and spec.capsule.num_inputs is None:
-        n = training_capsule_count(spec, height, width, composed)
+        n = training_capsule_count(spec, height, width, composed, composable)
         # (recorded when not square: N alone leaves the grid's rows and columns open)
         return spec.with_capsule(num_inputs=n, image_size=None if height == width else (height, width))
     return spec
 
 
-def training_capsule_count(spec: ModelSpec, height: int, width: int, composed: bool) -> int:
+def training_capsule_count(
+    spec: ModelSpec, height: int, width: int, composed: bool, composable: bool = True
+) -> int:
     """N, the input capsules a model with non-shared capsule weights is built for from its training
     images (height x width, composites' canvas included), or a one-line error when they are too small;
     it suggests --compose overlap when the composites' canvas would fit (a preset made for MultiMNIST)."""
@@ -122,5 +127,11 @@ def training_capsule_count(spec: ModelSpec, height: int, width: int, composed: b
 
         side = spec.min_image_size()
         big = height + 2 * OVERLAP_SHIFT >= side and width + 2 * OVERLAP_SHIFT >= side
-        hint = "; --compose overlap trains it on composites of them" if big and not composed else ""
+        hint = ""
+        if big and not composed:  # (ablate has no --compose: its models train on single images)
+            hint = (
+                "; --compose overlap trains it on composites of them"
+                if composable
+                else "; `capsctl experiment pairs --compose overlap` trains it on composites of them"
+            )
         raise CapsctlError(_too_small(spec, height, width, "the training images") + hint) from None
