@@ -447,4 +447,44 @@ def load(
         return sources.load_path(name, image_size)
     if image_size is not None:
         raise CapsctlError(f"--image-size is for --dataset PATH (the user's own images), not {name}")
-    return Dataset(name, locate(name, data_dir))
+    folder = locate(name, data_dir)
+    if data_dir is not None:
+        _note_other_counts(get_info(name), folder)
+    return Dataset(name, folder)
+
+
+def _note_other_counts(info: DatasetInfo, folder: Path) -> None:
+    """Say on stderr when a --data-dir folder does not hold the named set's published image counts: it is
+    read as it is (a subset is a fine choice, but `--dataset fashion-mnist --data-dir` of MNIST files
+    trained on digits under Fashion-MNIST's class names without a word). From the label files' headers."""
+    if info.sizes is None or info.archive:
+        return
+    counts = tuple(_idx_count(find_file(folder, role)) for role in ("train-labels", "t10k-labels"))
+    if None in counts or counts == info.sizes:
+        return  # (a damaged header is the reader's to name)
+    from capsctl._console import err
+
+    err.print(
+        f"note: --data-dir {folder} holds {counts[0]:,} training and {counts[1]:,} test images, not "
+        f"{info.name}'s {info.sizes[0]:,} and {info.sizes[1]:,}; read as it is, with {info.name}'s class "
+        "names",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+def _idx_count(path: Path | None) -> int | None:
+    """The item count in an IDX file's header (gzipped or not), None when it cannot be read."""
+    import gzip
+    import struct
+
+    if path is None:
+        return None
+    try:
+        with gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb") as f:
+            head = f.read(8)
+    except (OSError, EOFError, ValueError):
+        return None
+    if len(head) < 8 or head[:2] != b"\0\0" or head[3] < 1:
+        return None
+    return int(struct.unpack(">I", head[4:8])[0])
