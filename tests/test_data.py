@@ -229,11 +229,14 @@ def test_a_failed_first_download_leaves_no_empty_folder(tmp_path):
     assert not (tmp_path / "cache" / "tiny").exists()
 
 
-def test_a_data_dir_without_the_named_sets_counts_is_said_to_be_read_as_it_is(mnist_dir, capsys):
+def test_a_data_dir_without_the_named_sets_counts_is_said_to_be_read_as_it_is(mnist_dir, capsys, tmp_path):
     # (`--dataset fashion-mnist --data-dir` of MNIST files trained on digits under Fashion's names, silently)
     ds = datasets.load("fashion-mnist", mnist_dir)
     err = capsys.readouterr().err
     assert "holds 5,000 training and 10,000 test images, not fashion-mnist's 60,000 and 10,000" in err
     assert ds.classes[0] == "T-shirt"  # (still read: a subset of a named set is a fine choice)
     datasets.load("mnist-5k", mnist_dir)  # its own counts: nothing to say
+    assert capsys.readouterr().err == ""
+    random_set(tmp_path / "mine")  # nor with the default data set: its --data-dir is any IDX folder
+    datasets.load("mnist-5k", tmp_path / "mine")
     assert capsys.readouterr().err == ""

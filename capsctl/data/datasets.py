@@ -448,7 +448,7 @@ def load(
     if image_size is not None:
         raise CapsctlError(f"--image-size is for --dataset PATH (the user's own images), not {name}")
     folder = locate(name, data_dir)
-    if data_dir is not None:
+    if data_dir is not None and not get_info(name).embedded:  # (the default's --data-dir: any IDX folder)
         _note_other_counts(get_info(name), folder)
     return Dataset(name, folder)
 
