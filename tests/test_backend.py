@@ -13,6 +13,7 @@ gradient and slots, so it is exact to float32 rounding on any CPU.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -105,6 +106,17 @@ def test_pool_head_takes_any_image_size_and_refuses_trace(backend, mnist):
 
 
 # -- the trainer ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("trunk", [[], [{"type": "avgpool", "size": 2}]], ids=["no layer", "pool only"])
+def test_a_trunk_without_convolutions_trains(backend, mnist, trunk):
+    # (torch's trainer took its device from the first conv's weight: a KeyError and a traceback)
+    spec = ModelSpec.from_json(json.dumps({"trunk": trunk, "capsule": {"dim": 4, "routings": 2}}))
+    x, y1 = _batch(mnist, 16)
+    trainer = backend.trainer(spec, init_weights(spec, 0), OptimConfig())
+    loss, correct = trainer.step(x, y1, 1e-3)
+    assert np.isfinite(loss) and 0 <= correct <= 16
+    np.testing.assert_allclose(trainer.scores(x), reference.forward(spec, trainer.weights(), x)[0], atol=ATOL)
 
 
 def test_training_steps_lower_the_margin_loss(backend, mnist):

@@ -203,7 +203,22 @@ def test_train_json_and_resume_refuses_settings_it_would_ignore(tmp_path, capsys
     before = {p.name: p.read_bytes() for p in run.iterdir()}
     code, out, err = run_cli(["train", "--resume", run, "--epochs", "3", "--lr", "0.1"], capsys)
     assert_one_line_error(code, out, err, "leave out --epochs, --lr")
+    code, out, err = run_cli(["train", "--resume", run, "--no-decoder", "--no-shared"], capsys)
+    assert_one_line_error(code, out, err, "leave out --no-shared, --no-decoder")  # (as given, not --decoder)
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    # --head with a --spec file that names no head: the model gets that head (it was ignored); with a file
+    # that names another, refused
+    (tmp_path / "headless.json").write_text(json.dumps({"trunk": TINY["trunk"]}))
+    code, out, err = run_cli(["train", "--spec", tmp_path / "headless.json", "--head", "pool", "--data-dir",
+                              mnist_dir, "--limit", "32", "--eval-limit", "20", "--epochs", "1", "-q",
+                              "--out", tmp_path / "pool", "--json"], capsys)
+    assert code == 0 and json.loads(out)["head"] == "pool", err
+    code, out, err = run_cli(["train", "--spec", spec, "--head", "pool", "--out", tmp_path / "x"], capsys)
+    assert_one_line_error(code, out, err, "--head pool, but the --spec file says head 'capsule': give one")
+    code, out, err = run_cli(["train", "--spec", tmp_path / "headless.json", "--head", "pool", "--decoder",
+                              "--out", tmp_path / "x"], capsys)
+    assert_one_line_error(code, out, err, "--decoder needs the capsule head (the model's head is pool)")
+    assert not (tmp_path / "x").exists()
     code, out, err = run_cli(["train", "--resume", run, "--json"], capsys)  # nothing left to do
     assert code == 0, err
     assert json.loads(out)["epoch"] == 1

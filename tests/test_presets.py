@@ -163,6 +163,12 @@ def test_model_options_left_out_keep_the_preset_and_given_ones_replace_it():
 
     with pytest.raises(CapsctlError, match="^--shared with --arch efficient: .*attention"):  # names --shared
         _train._spec(None, "capsule", None, None, None, True, "efficient")
+    # attention runs in one pass: --routings was recorded and did nothing (inspect refuses it likewise)
+    with pytest.raises(CapsctlError, match="^--routings: attention routing runs in one pass"):
+        _train._spec(None, "capsule", None, None, 4, None, "efficient")
+    with pytest.raises(CapsctlError, match="^--routings: attention routing"):
+        _train._spec(None, "capsule", "attention", None, 2, False, "seed")
+    assert _train._spec(None, "capsule", "su", None, 2, None, "efficient").capsule.routings == 2  # (not attention)
 
 
 @pytest.mark.torch

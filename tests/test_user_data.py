@@ -203,13 +203,18 @@ def test_train_on_an_rgb_image_folder_then_eval_and_predict_print_names(tmp_path
     (["--dataset", "{ds}", "--image-size", "0x5"], "--image-size"),
     (["--dataset", "{mixed}"], "differ in size"),
     (["--dataset", "{npz}"], "missing key 'y_test'"),
+    # a spec printed from a model of dark ink on light, reused on white-on-black data (shifts filled with
+    # white, every predicted image inverted)
+    (["--dataset", "{ds}", "--spec", "{light}"], "background 'light', but the training images are not"),
 ])
 def test_train_refuses_bad_user_data_with_one_line_and_writes_nothing(tmp_path, capsys, args, fragment):
     ds = _folder(tmp_path / "ds")
     mixed = _folder(tmp_path / "mixed")
     Image.fromarray(np.zeros((9, 9), np.uint8)).save(mixed / "train" / "cat" / "small.png")
     npz = _npz(tmp_path / "bad.npz", y_test=None)
-    args = [a.format(ds=ds, mixed=mixed, npz=npz) for a in args]
+    light = tmp_path / "light.json"
+    light.write_text(json.dumps({**TINY, "background": "light"}))
+    args = [a.format(ds=ds, mixed=mixed, npz=npz, light=light) for a in args]
     code, out, err = run_cli(["train", *args, "--epochs", "1", "-q", "--out", tmp_path / "run"], capsys)
     assert_one_line_error(code, out, err, fragment)
     assert not (tmp_path / "run").exists()

@@ -57,7 +57,8 @@ class TorchTrainer:
     ) -> tuple[float, int]:
         for group in self.opt.param_groups:
             group["lr"] = lr
-        y = torch.from_numpy(y_onehot).to(self.params["trunk.convs.0.weight"].device)
+        # (on the model's device: any parameter's; a trunk may have no conv at all)
+        y = torch.from_numpy(y_onehot).to(next(iter(self.params.values())).device)
         images = to_input(x)
         loss, p = self.loss(images, y, *digit_tensors(digits))
         self.opt.zero_grad(set_to_none=True)

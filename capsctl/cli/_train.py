@@ -328,12 +328,12 @@ def train(
     from capsctl.data.sources import parse_image_size
 
     parse_image_size(image_size)  # a bad --image-size is refused before anything runs
-    spec = _spec(spec_file, head, routing, squash, routings, shared, _str(arch))
+    spec = _spec(spec_file, head, routing, squash, routings, shared, _str(arch), given(ctx, "head"))
     if decoder is not None and (decoder != (spec.decoder is not None)):
         from capsctl.model.spec import DecoderSpec
 
         if decoder and spec.head != "capsule":
-            raise CapsctlError(f"--decoder needs the capsule head (--head is {spec.head})")
+            raise CapsctlError(f"--decoder needs the capsule head (the model's head is {spec.head})")
         spec = spec.replace(decoder=DecoderSpec() if decoder else None)
     if recon_weight is not None and spec.decoder is None:
         raise CapsctlError("--recon-weight needs a model with a decoder (--decoder)")
@@ -444,8 +444,10 @@ def _str(choice: str | None) -> str | None:
 
 
 def _flag(ctx: typer.Context, name: str) -> str:
+    """The option as the user wrote it: `--no-decoder` for a flag pair given its off side."""
     param = next(p for p in ctx.command.params if p.name == name)
-    return max(param.opts, key=len)
+    off = getattr(param, "secondary_opts", None) if ctx.params.get(name) is False else None
+    return max(off or param.opts, key=len)
 
 
 def _fields_given(spec_file: Path | None) -> frozenset[str]:
@@ -466,6 +468,7 @@ def _spec(
     routings: int | None,
     shared: bool | None,
     arch: str | None = None,
+    head_given: bool = False,
 ) -> "ModelSpec":
     from capsctl.cli._options import check_range
     from capsctl.errors import CapsctlError
@@ -485,9 +488,10 @@ def _spec(
                 import json
 
                 from capsctl.model.presets import preset
+                from capsctl.model.spec import unique_keys
 
                 try:
-                    from_file = json.loads(text)
+                    from_file = json.loads(text, object_pairs_hook=unique_keys)
                 except ValueError:  # (ModelSpec.from_json says what is wrong with it)
                     from_file = None
                 if isinstance(from_file, dict):
@@ -499,6 +503,10 @@ def _spec(
             raise CapsctlError(f"--spec {spec_file}: not a text file (expected ModelSpec JSON)") from None
         except CapsctlError as e:
             raise CapsctlError(f"--spec {spec_file}: {e}") from None
+        if head_given and spec.head != head:  # (--head was ignored: the file's head, or capsule, was used)
+            if "head" in _fields_given(spec_file):
+                raise CapsctlError(f"--head {head}, but the --spec file says head {spec.head!r}: give one")
+            spec = spec.replace(head=str(head))
     else:
         spec = ModelSpec(head=str(head))
     # checked here so the message names the option, not the spec field it sets
@@ -518,6 +526,9 @@ def _spec(
         changes["shared"] = shared
     if not changes:
         return spec
+    if routings is not None and spec.head == "capsule" and (routing or spec.capsule.routing) == "attention":
+        # (recorded and without effect, as `inspect --routings` on such a model is refused)
+        raise CapsctlError("--routings: attention routing runs in one pass; it has no iterations to set")
     try:
         return spec.with_capsule(**changes)
     except CapsctlError as e:  # named by the options given, not only by the spec fields they set
@@ -611,6 +622,16 @@ def _run_rank(
             "num_classes": len(classes),
             "background": data_background(train_split.images),
         }
+        if "background" in fixed and spec.background != follow["background"]:
+            # (a spec printed from a model of dark ink on light, reused on MNIST: every shift filled with
+            # white, every predicted image inverted)
+            from capsctl.errors import CapsctlError
+
+            seen = "dark ink on light" if follow["background"] == "light" else "not dark ink on light"
+            raise CapsctlError(
+                f"--spec: background {spec.background!r}, but the training images are {seen}; leave the "
+                "field out (it follows the data)"
+            )
         follow = {k: v for k, v in follow.items() if k not in fixed}
         if "class_names" not in fixed and follow.get("num_classes", spec.num_classes) == len(classes):
             follow["class_names"] = None if classes == tuple(str(j) for j in range(len(classes))) else classes

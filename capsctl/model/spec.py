@@ -7,7 +7,7 @@ none of them without bumping the weight-file format.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import Any, Literal
 
 from capsctl.choices import HEADS, PRIMARY_KINDS, ROUTINGS, SQUASHES
@@ -166,7 +166,9 @@ class ModelSpec:
             raise CapsctlError(f"model spec: unknown field {sorted(unknown)[0]!r}")
         try:
             trunk_dicts = d.get("trunk", [_layer_dict(x) for x in _default_trunk()])
-            trunk = tuple(_layer_from_dict(x) for x in trunk_dicts)
+            if not isinstance(trunk_dicts, list):
+                raise CapsctlError(f"model spec: trunk must be a list of layers, got {trunk_dicts!r:.40}")
+            trunk = tuple(_layer_from_dict(x, i) for i, x in enumerate(trunk_dicts))
             caps = d.get("capsule", {})
             pool = d.get("pool", {})
             if not isinstance(caps, dict) or not isinstance(pool, dict):
@@ -177,7 +179,7 @@ class ModelSpec:
                 trunk=trunk,
                 head=d.get("head", "capsule"),
                 capsule=_capsule_from_dict(caps),
-                pool=PoolSpec(**pool),
+                pool=_make(PoolSpec, pool, "pool"),
                 decoder=_decoder_from_dict(d.get("decoder")),
                 class_names=_names_from_json(d.get("class_names")),
                 background=d.get("background"),
@@ -188,8 +190,8 @@ class ModelSpec:
     @classmethod
     def from_json(cls, text: str) -> ModelSpec:
         try:
-            d = json.loads(text)
-        except (json.JSONDecodeError, RecursionError) as e:
+            d = json.loads(text, object_pairs_hook=unique_keys)
+        except (ValueError, RecursionError) as e:  # (ValueError: bad JSON, a key twice, a 5000-digit number)
             raise CapsctlError(f"model spec is not valid JSON: {e}") from None
         return cls.from_dict(d)
 
@@ -337,15 +339,39 @@ def _layer_dict(layer: TrunkLayer) -> dict[str, Any]:
     return {"type": "avgpool", "size": layer.size}
 
 
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json.loads' object_pairs_hook: an object naming a key twice is refused (the last one silently won)."""
+    d: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in d:
+            raise ValueError(f"the key {key!r} appears twice in one object")
+        d[key] = value
+    return d
+
+
+def _make(cls: Any, d: dict[str, Any], where: str) -> Any:
+    """`cls(**d)` for the spec part at `where`, an unknown or missing field named there (a TypeError's
+    Python wording, e.g. "ConvLayer.__init__() missing 1 required positional argument", named no field)."""
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise CapsctlError(f"model spec: unknown field {where}.{unknown[0]}")
+    missing = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING and
+               f.name not in d]
+    if missing:
+        raise CapsctlError(f"model spec: {where} needs the field {missing[0]!r}")
+    return cls(**d)
+
+
 def _capsule_from_dict(d: dict[str, Any]) -> CapsuleSpec:
     if isinstance(d.get("image_size"), list):
         d = {**d, "image_size": tuple(d["image_size"])}
     primary = d.get("primary")
     if primary is None:
-        return CapsuleSpec(**d)
+        return _make(CapsuleSpec, d, "capsule")
     if not isinstance(primary, dict):
         raise CapsctlError("model spec: capsule.primary must be null or an object")
-    return CapsuleSpec(**{**d, "primary": PrimarySpec(**primary)})
+    return _make(CapsuleSpec, {**d, "primary": _make(PrimarySpec, primary, "capsule.primary")}, "capsule")
 
 
 def _decoder_dict(dec: DecoderSpec) -> dict[str, Any]:
@@ -369,16 +395,18 @@ def _decoder_from_dict(d: Any) -> DecoderSpec | None:
     return DecoderSpec(hidden=tuple(hidden), image_shape=None if shape is None else tuple(shape))
 
 
-def _layer_from_dict(d: Any) -> TrunkLayer:
+def _layer_from_dict(d: Any, i: int = 0) -> TrunkLayer:
     if not isinstance(d, dict):
-        raise CapsctlError("model spec: each trunk layer must be an object")
+        raise CapsctlError(f"model spec: trunk[{i}] must be an object, got {d!r:.40}")
     kind = d.get("type")
     rest = {k: v for k, v in d.items() if k != "type"}
     if kind == "conv":
-        return ConvLayer(**rest)
+        return _make(ConvLayer, rest, f"trunk[{i}]")
     if kind == "avgpool":
-        return AvgPoolLayer(**rest)
-    raise CapsctlError(f"model spec: unknown trunk layer type {kind!r} (expected 'conv' or 'avgpool')")
+        return _make(AvgPoolLayer, rest, f"trunk[{i}]")
+    raise CapsctlError(
+        f"model spec: trunk[{i}].type must be 'conv' or 'avgpool', got {kind!r}"
+    )
 
 
 def _positive_int(value: Any, name: str, upper: int = 1 << 16) -> None:
