@@ -168,7 +168,8 @@ def test_model_options_left_out_keep_the_preset_and_given_ones_replace_it():
         _train._spec(None, "capsule", None, None, 4, None, "efficient")
     with pytest.raises(CapsctlError, match="^--routings: attention routing"):
         _train._spec(None, "capsule", "attention", None, 2, False, "seed")
-    assert _train._spec(None, "capsule", "su", None, 2, None, "efficient").capsule.routings == 2  # (not attention)
+    not_attention = _train._spec(None, "capsule", "su", None, 2, None, "efficient")
+    assert not_attention.capsule.routings == 2
 
 
 @pytest.mark.torch

@@ -206,6 +206,10 @@ def test_train_on_an_rgb_image_folder_then_eval_and_predict_print_names(tmp_path
     # a spec printed from a model of dark ink on light, reused on white-on-black data (shifts filled with
     # white, every predicted image inverted)
     (["--dataset", "{ds}", "--spec", "{light}"], "background 'light', but the training images are not"),
+    # a hand-written input capsule count or size for per-position weights: the fix is to leave it out
+    # (it advised "use a model with shared capsule weights", or dropped the size without a word)
+    (["--dataset", "{ds}", "--spec", "{inputs}"], "capsule.num_inputs is 7 but 20x20"),
+    (["--dataset", "{ds}", "--spec", "{size}"], "capsule.image_size is 41x33 but the training images"),
 ])
 def test_train_refuses_bad_user_data_with_one_line_and_writes_nothing(tmp_path, capsys, args, fragment):
     ds = _folder(tmp_path / "ds")
@@ -214,7 +218,11 @@ def test_train_refuses_bad_user_data_with_one_line_and_writes_nothing(tmp_path, 
     npz = _npz(tmp_path / "bad.npz", y_test=None)
     light = tmp_path / "light.json"
     light.write_text(json.dumps({**TINY, "background": "light"}))
-    args = [a.format(ds=ds, mixed=mixed, npz=npz, light=light) for a in args]
+    inputs, size = tmp_path / "inputs.json", tmp_path / "size.json"
+    unshared = {**TINY["capsule"], "shared": False}
+    inputs.write_text(json.dumps({**TINY, "capsule": {**unshared, "num_inputs": 7}}))
+    size.write_text(json.dumps({**TINY, "capsule": {**unshared, "image_size": [41, 33]}}))
+    args = [a.format(ds=ds, mixed=mixed, npz=npz, light=light, inputs=inputs, size=size) for a in args]
     code, out, err = run_cli(["train", *args, "--epochs", "1", "-q", "--out", tmp_path / "run"], capsys)
     assert_one_line_error(code, out, err, fragment)
     assert not (tmp_path / "run").exists()

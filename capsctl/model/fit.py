@@ -40,6 +40,11 @@ def check_fit(
         of = f" (of {made_for[0]}x{made_for[1]} images)" if made_for is not None else ""
         n = spec.capsule_count(h, w)
         given = f"{n} input capsules" if n != caps.num_inputs else "their input capsules in another grid"
+        if source == "model spec":  # (training: the count came from a hand-written spec)
+            raise CapsctlError(
+                f"model spec: capsule.num_inputs is {caps.num_inputs}{of} but {h}x{w} {data} give {given}; "
+                "leave capsule.num_inputs and capsule.image_size out: training sets them from the images"
+            )
         raise CapsctlError(
             f"{source}: the capsule weights are fixed to {caps.num_inputs} input capsules{of} "
             f"but {h}x{w} {data} give {given}; use a model with shared capsule weights{hint}"
@@ -108,9 +113,16 @@ def with_training_inputs(
     composites' canvas included) when its capsule weights are non-shared and N is not given yet.
     `composable`: the command can train on composites (`--compose`), so a too-small error may say so."""
     if spec.head == "capsule" and not spec.capsule.shared and spec.capsule.num_inputs is None:
+        given = spec.capsule.image_size
+        if given is not None and tuple(given) != (height, width):  # (it was dropped without a word)
+            raise CapsctlError(
+                f"model spec: capsule.image_size is {given[0]}x{given[1]} but the training images are "
+                f"{height}x{width}; leave it out: training sets it from the images"
+            )
         n = training_capsule_count(spec, height, width, composed, composable)
         # (recorded when not square: N alone leaves the grid's rows and columns open)
-        return spec.with_capsule(num_inputs=n, image_size=None if height == width else (height, width))
+        size = given or (None if height == width else (height, width))
+        return spec.with_capsule(num_inputs=n, image_size=size)
     return spec
 
 
