@@ -114,6 +114,10 @@ def test_the_multimnist_preset_trains_on_composites_only(tmp_path, capsys, mnist
     assert code == 0 and json.loads(out)["pairs"] == 20, err
     code, out, err = run_cli(["eval-pairs", model, "--data-dir", mnist_dir, "--limit", "20"], capsys)
     assert_one_line_error(code, out, err, "56x28")
+    # the command it suggests scores the same images (it dropped the data options)
+    code, out, err = run_cli(["eval", model, "--data-dir", mnist_dir, "--limit", "20"], capsys)
+    again = f"capsctl eval-pairs {model} --layout overlap --data-dir {mnist_dir}"
+    assert_one_line_error(code, out, err, again)
     # an experiment says which tests it leaves out, once it has passed every check
     code, out, err = run_cli(["experiment", "pairs", "--arch", "efficient-multimnist", "--compose", "overlap",
                               *small, "--eval-limit", "20", "--seeds", "0", "--tests", "test,overlap",

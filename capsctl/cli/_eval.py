@@ -116,7 +116,7 @@ def eval_model(
     import numpy as np
 
     from capsctl.backend import get_backend
-    from capsctl.cli._options import check_range, renamed
+    from capsctl.cli._options import check_range, data_args, renamed
     from capsctl.data.composites import single_accuracy
     from capsctl.model.fit import check_fit
     from capsctl.model.spec import names_of
@@ -129,7 +129,8 @@ def eval_model(
     dataset_name = str(dataset)
     test = _test_split(dataset_name, data_dir, image_size, holdout, val_fraction, spec, model)
     x, y = (test.images[:limit], test.labels[:limit]) if limit else (test.images, test.labels)
-    check_fit(spec, x, y, str(model), f"{dataset_name} test images", single_digits=True)
+    again = data_args(dataset_name, data_dir, image_size, holdout, val_fraction)
+    check_fit(spec, x, y, str(model), f"{dataset_name} test images", single_digits=True, data_args=again)
     runner = get_backend(backend).runner(spec, weights)
     scores = runner.scores(x, batch_size)
     acc = single_accuracy(scores, y)
@@ -199,7 +200,7 @@ def eval_pairs(
     import numpy as np
 
     from capsctl.backend import get_backend
-    from capsctl.cli._options import check_range, renamed
+    from capsctl.cli._options import check_range, data_args, renamed
     from capsctl.data.composites import make_composites, score_sets
     from capsctl.model.fit import check_fit
     from capsctl.model.spec import names_of
@@ -229,7 +230,8 @@ def eval_pairs(
         from capsctl.model.fit import overlap_hint
 
         h, w = int(test.images.shape[1]), int(test.images.shape[2])
-        hint = overlap_hint(spec, h, w, str(model)) if str(layout) != "overlap" else ""
+        again = data_args(str(dataset), data_dir, image_size, holdout, val_fraction)
+        hint = overlap_hint(spec, h, w, str(model), again) if str(layout) != "overlap" else ""
         raise CapsctlError(
             f"{model}: this model's capsule weights are not shared "
             f"(fixed to {spec.capsule.num_inputs} inputs); "

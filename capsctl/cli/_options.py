@@ -354,6 +354,29 @@ def shipped_model_said() -> Path:
     return path
 
 
+def data_args(
+    dataset: str,
+    data_dir: Path | str | None,
+    image_size: str | None = None,
+    holdout: int | None = None,
+    val_fraction: float | None = None,
+) -> str:
+    """The data options of a suggested command (" --dataset D --data-dir X ..."), so that it scores the
+    same images: the default data set and options left out are not repeated."""
+    import shlex
+
+    args = f" --data-dir {shlex.quote(str(data_dir))}" if data_dir is not None else ""
+    if dataset != "mnist-5k":
+        args += f" --dataset {shlex.quote(dataset)}"
+    if image_size is not None:
+        args += f" --image-size {image_size}"
+    if holdout is not None:  # scored on the same held-out images
+        args += f" --holdout {holdout}"
+    elif val_fraction is not None:
+        args += f" --val-fraction {val_fraction:g}"
+    return args
+
+
 def given(ctx: typer.Context, *names: str) -> bool:
     """Whether the user gave any of these options (not left them at their defaults), even with the
     default's value."""

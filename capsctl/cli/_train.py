@@ -666,15 +666,9 @@ def _run_rank(
         model = run / MODEL_FILE
         typer.echo(f"model: {model}")
         # the run's last line says what to try next with it
-        data = f" --data-dir {shlex.quote(str(data_dir))}" if data_dir is not None else ""
-        if cfg.dataset != "mnist-5k":
-            data += f" --dataset {shlex.quote(cfg.dataset)}"
-        if cfg.image_size is not None:
-            data += f" --image-size {cfg.image_size}"
-        if cfg.holdout is not None:  # scored on the same held-out images
-            data += f" --holdout {cfg.holdout}"
-        elif cfg.val_fraction is not None:
-            data += f" --val-fraction {cfg.val_fraction:g}"
+        from capsctl.cli._options import data_args
+
+        data = data_args(cfg.dataset, data_dir, cfg.image_size, cfg.holdout, cfg.val_fraction)
         typer.echo(f"next: capsctl {_next_command(spec, cfg.compose)} {shlex.quote(str(model))}{data}")
         return
     last: dict[str, Any] = rows[-1] if rows else {"epoch": 0}

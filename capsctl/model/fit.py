@@ -16,11 +16,13 @@ def check_fit(
     source: str,
     data: str,
     single_digits: bool = False,
+    data_args: str = "",
 ) -> None:
     """Raise CapsctlError("<source>: ...") when `spec` cannot run on `images` (N, H, W, C) or
     cannot score `labels`; `data` names the images in the message (e.g. "mnist test images").
     `single_digits`: `images` are a test set and `source` a model file, so a model that takes the overlap
-    composites of them is pointed at `eval-pairs --layout overlap`."""
+    composites of them is pointed at `eval-pairs --layout overlap` (with `data_args`, the data options
+    that name those images)."""
     if images.ndim != 4:
         raise CapsctlError(f"{source}: {data} have shape {list(images.shape)}, expected (N, H, W, C)")
     h, w, c = (int(d) for d in images.shape[1:])
@@ -31,11 +33,11 @@ def check_fit(
         if spec.head == "capsule":
             spec.capsule_grid(h, w)  # (primary capsules need their kernel's window too)
     except CapsctlError:
-        hint = overlap_hint(spec, h, w, source) if single_digits else ""
+        hint = overlap_hint(spec, h, w, source, data_args) if single_digits else ""
         raise CapsctlError(f"{source}: {_too_small(spec, h, w, data)}{hint}") from None
     caps = spec.capsule
     if not spec.takes_size(h, w):
-        hint = overlap_hint(spec, h, w, source) if single_digits else ""
+        hint = overlap_hint(spec, h, w, source, data_args) if single_digits else ""
         made_for = spec.fixed_input_size()
         of = f" (of {made_for[0]}x{made_for[1]} images)" if made_for is not None else ""
         n = spec.capsule_count(h, w)
@@ -83,7 +85,7 @@ def resize_hint(spec: ModelSpec) -> str:
     return f"try --resize {side}x{side}"
 
 
-def overlap_hint(spec: ModelSpec, h: int, w: int, model: str = "MODEL") -> str:
+def overlap_hint(spec: ModelSpec, h: int, w: int, model: str = "MODEL", data_args: str = "") -> str:
     """"; it takes overlap composites of them (...)" when `spec` runs on the overlap composites' canvas of
     h x w digits (a model trained with --compose overlap, e.g. efficient-multimnist), else ""."""
     from capsctl.training.compose import canvas
@@ -98,7 +100,10 @@ def overlap_hint(spec: ModelSpec, h: int, w: int, model: str = "MODEL") -> str:
         return ""
     if not fits:
         return ""
-    return f"; it takes overlap composites of them ({ch}x{cw}): capsctl eval-pairs {model} --layout overlap"
+    return (
+        f"; it takes overlap composites of them ({ch}x{cw}): capsctl eval-pairs {model} --layout overlap"
+        f"{data_args}"
+    )
 
 
 def _too_small(spec: ModelSpec, h: int, w: int, data: str) -> str:
