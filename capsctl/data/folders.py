@@ -297,11 +297,13 @@ def _gray_palette(im: Any) -> bool:
     some tools save 8-bit gray. Read from the header, nothing decoded."""
     if im.mode not in ("P", "PA"):
         return False
-    try:
-        rgb = np.asarray(im.getpalette("RGB") or [1, 0, 0], dtype=np.int64).reshape(-1, 3)
-    except Exception:  # no readable palette: taken as colour, as before
-        return False
-    return bool((rgb == rgb[:, :1]).all())
+    palette = getattr(im, "palette", None)  # (the PLTE chunk, read at open; getpalette() decodes the image)
+    mode = getattr(palette, "mode", "")
+    raw = getattr(palette, "palette", b"")
+    if mode not in ("RGB", "RGBA") or not isinstance(raw, bytes | bytearray) or not raw:
+        return False  # no readable palette: taken as colour, as before
+    entries = np.frombuffer(bytes(raw[: len(raw) - len(raw) % len(mode)]), np.uint8).reshape(-1, len(mode))
+    return bool((entries[:, :3] == entries[:, :1]).all())
 
 
 def _header(f: _File, bar: _Bar) -> _Entry:

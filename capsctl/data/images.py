@@ -7,7 +7,8 @@ The result is float32 (H, W) in [0, 1], white digits on black as in MNIST. Rules
   Colour becomes gray with ITU-R 601 luma (Pillow's 'L' weights); 8-bit values are /255, 16-bit
   /65535. Palette images go through RGBA so a transparent palette entry counts as transparent.
 - EXIF orientation (JPEG, WebP, TIFF; a PNG's when its eXIf chunk precedes the pixels): the image is
-  turned upright as a viewer shows it (a phone's portrait photo is stored on its side).
+  turned upright as a viewer shows it (a phone's portrait photo is stored on its side; Pillow itself
+  turns a TIFF as it decodes it).
 - Alpha: the image is composited on the background that contrasts with its ink (black ink on a
   transparent sheet goes onto white, white ink onto black), so a transparent background never hides
   the digit; `--invert auto` then brings it to white on black.
@@ -201,8 +202,8 @@ def orientation(im: Any) -> int:
 
     Read before decoding, so an image folder's header pass knows each image's upright size: a PNG's eXIf
     chunk after its pixels would need the whole file decoded, and is not looked for (rare; 1)."""
-    if im.format == "PNG" and "exif" not in im.info:
-        return 1
+    if im.format == "TIFF" or (im.format == "PNG" and "exif" not in im.info):
+        return 1  # (Pillow turns a TIFF upright itself as it decodes it: turned again, it was wrong)
     try:
         value = int(im.getexif().get(0x0112, 1))
     except Exception:  # a damaged EXIF block: the pixels are still the image
