@@ -78,6 +78,36 @@ def test_an_experiment_on_dark_ink_on_light_makes_its_overlap_pairs_on_white(mni
                                atol=1e-6)
 
 
+
+@pytest.mark.torch
+def test_saved_scores_know_the_composites_they_were_made_on(tmp_path: Path, mnist) -> None:
+    """A light scorer's overlap score is saved under its own key (a run scored by an older version on
+    blank-paper composites is scored again, not served), and a finished model the data no longer fits
+    (a folder now decoded as gray, the model RGB) is one line, not torch's traceback."""
+    from capsctl.backend import get_backend
+    from capsctl.data.datasets import Split
+    from capsctl.experiment.scoring import Scorer
+    from capsctl.model.spec import ModelSpec
+    from capsctl.model.weights import init_weights, save_model
+
+    from ._helpers import TINY
+
+    te = mnist.test()
+    spec = ModelSpec.from_json(json.dumps(TINY))
+    (tmp_path / "run").mkdir()
+    save_model(tmp_path / "run" / "model.safetensors", spec, init_weights(spec, 0))
+    torch_be = get_backend("torch")
+    light = Scorer(Split(1 - te.images, te.labels), 20, light=True)
+    light.score(torch_be, tmp_path / "run", ["vertical", "overlap"])
+    keys = json.loads((tmp_path / "run" / "eval.json").read_text())["scores"]
+    assert sorted(keys) == ["overlap|r=|limit=20|seed=0|light", "vertical|r=|limit=20|seed=0"]
+    rgb = spec.replace(in_channels=3)
+    (tmp_path / "rgb").mkdir()
+    save_model(tmp_path / "rgb" / "model.safetensors", rgb, init_weights(rgb, 0))
+    with pytest.raises(CapsctlError, match="takes 3-channel images"):
+        Scorer(te, 20).score(torch_be, tmp_path / "rgb", ["test"])
+
+
 def test_parse_ints() -> None:
     assert parse_ints("0, 1,2", "--seeds") == [0, 1, 2]
     assert parse_ints("1-3,8", "--iterations", 1, 8) == [1, 2, 3, 8]

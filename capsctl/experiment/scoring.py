@@ -23,6 +23,7 @@ from capsctl.data.composites import (
 )
 from capsctl.data.datasets import Split
 from capsctl.experiment.plan import COMPOSITE_SEED, COMPOSITE_TESTS
+from capsctl.model.fit import check_fit
 from capsctl.model.weights import load_model
 from capsctl.training.run_folder import MODEL_FILE
 
@@ -136,8 +137,11 @@ class Scorer:
         results: dict[str, dict[str, Any]] = {}
         runner = None
         floor = np.full(len(self.test.images), np.nan)  # the decoder's error on each test digit alone
+        spec = None
         for name in tests:
             ek = f"{name}|r={routings or ''}|limit={self.eval_limit or ''}|seed={COMPOSITE_SEED}"
+            if self.light and name in COMPOSITE_TESTS and COMPOSITE_TESTS[name][0] == "overlap":
+                ek += "|light"  # (merged on white: not the blank-paper composites an older version scored)
             redo = ek not in entries
             # (a test a decoder cannot be scored on keeps reconstruction_seconds alone: not tried again)
             if redo or (reconstruction and "reconstruction_seconds" not in entries[ek]):
@@ -148,6 +152,10 @@ class Scorer:
                     runner = backend.runner(spec, weights)
                 if redo:
                     x, y = self.data(name)
+                    assert spec is not None
+                    # one line, not a framework's traceback, for a finished model the data no longer fits
+                    # (e.g. a folder now decoded with another channel count)
+                    check_fit(spec, x, y, str(model), f"the {name} test's images")
                     t0 = time.perf_counter()
                     r = score_sets(runner.scores(x), y)
                     entries[ek] = {
