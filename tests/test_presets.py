@@ -176,6 +176,26 @@ def test_model_options_left_out_keep_the_preset_and_given_ones_replace_it():
     assert not_attention.capsule.routings == 2
 
 
+def test_an_input_count_with_shared_weights(tmp_path):
+    """A --spec with shared weights and capsule.num_inputs (recorded, unused) is refused; --shared on a
+    per-position spec drops its input count and size; a model file holding both still opens."""
+    from capsctl.cli import _train
+    from capsctl.errors import CapsctlError
+    from capsctl.model.weights import init_weights, load_model, save_model
+
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps({"capsule": {"shared": True, "num_inputs": 7}}))
+    with pytest.raises(CapsctlError, match="^--spec: capsule.num_inputs is for per-position weights"):
+        _train._spec(path, "capsule", None, None, None, None)
+    assert _train._spec(path, "capsule", None, None, None, False).capsule.num_inputs == 7
+    path.write_text(json.dumps({"capsule": {"shared": False, "num_inputs": 64, "image_size": [28, 28]}}))
+    shared = _train._spec(path, "capsule", None, None, None, True).capsule
+    assert (shared.shared, shared.num_inputs, shared.image_size) == (True, None, None)
+    old = ModelSpec().with_capsule(num_inputs=7)  # (what `--spec F --shared` saved before)
+    save_model(tmp_path / "old.safetensors", old, init_weights(old, 0))
+    assert load_model(tmp_path / "old.safetensors")[0].capsule.num_inputs == 7
+
+
 @pytest.mark.torch
 def test_eval_pairs_refuses_a_non_shared_preset_in_one_line(tmp_path, capsys, mnist_dir):
     spec = filled("sabour2017").replace(decoder=None)

@@ -92,7 +92,6 @@ def test_shapes_and_grid():
         ('{"capsule": {"primary": {"kind": "conv", "size": 3}}}', "unknown field capsule.primary.size"),
         ('{"pool": {"depth": 3}}', "unknown field pool.depth"),
         ('{"head": "pool", "head": "capsule"}', "the key 'head' appears twice"),
-        ('{"capsule": {"num_inputs": 7}}', "capsule.num_inputs is for shared false only"),  # (kept, unused)
         ('{"num_classes": ' + "9" * 5000 + "}", "not valid JSON"),
         ('{"trunk": [{"type": "conv", "filters": 0, "kernel": 3}]}', "trunk\\[0\\].filters"),
         ('{"num_classes": true}', "num_classes"),

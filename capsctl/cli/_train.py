@@ -524,6 +524,14 @@ def _spec(
             changes[key] = value if isinstance(value, int) else str(value)
     if shared is not None and shared != spec.capsule.shared:
         changes["shared"] = shared
+        if shared:  # (the input count and size of per-position weights mean nothing to shared ones)
+            changes.update(num_inputs=None, image_size=None)
+    final = {k: changes.get(k, getattr(spec.capsule, k)) for k in ("shared", "num_inputs")}
+    if spec.head == "capsule" and final["shared"] and final["num_inputs"] is not None:
+        # (a file's: recorded and unused by shared weights; a model file saying so still opens)
+        raise CapsctlError(
+            "--spec: capsule.num_inputs is for per-position weights (shared false); leave it out"
+        )
     if not changes:
         return spec
     if routings is not None and spec.head == "capsule" and (routing or spec.capsule.routing) == "attention":

@@ -455,8 +455,6 @@ def validate(spec: ModelSpec) -> None:
     # decoder.image_shape; a model's weights need it, see capsctl.model.weights.expected_shapes)
     if c.num_inputs is not None:
         _positive_int(c.num_inputs, "capsule.num_inputs", 1 << 20)
-        if c.shared:  # (recorded and unused: shared weights take any number of input capsules)
-            raise CapsctlError("model spec: capsule.num_inputs is for shared false only")
     if c.image_size is not None:
         size = c.image_size
         if c.shared or not (isinstance(size, tuple) and len(size) == 2):
