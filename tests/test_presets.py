@@ -274,6 +274,12 @@ def test_experiments_on_a_fixed_size_preset_score_the_standard_test_only(tmp_pat
                               "--out", tmp_path / "x"], capsys)
     assert_one_line_error(code, out, err, "--decoder", "sabour2017 has a decoder already")
     assert not (tmp_path / "x").exists()
+    # attention runs in one pass: --routings would train the same capsule model again, as `train` refuses
+    for extra in (["--arch", "efficient"], ["--arch", "efficient", "--routing", "attention"]):
+        code, out, err = run_cli(["experiment", "pairs", *extra, "--routings", "2", "--out", tmp_path / "x"],
+                                 capsys)
+        assert_one_line_error(code, out, err, "--routings: attention routing runs in one pass")
+    assert not (tmp_path / "x").exists()
 
 
 def test_the_ablation_plot_falls_back_to_the_standard_test_without_pair_tests():

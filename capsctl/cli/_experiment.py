@@ -243,6 +243,9 @@ def pairs(
     heads, tests, note = _for_arch(str(arch), heads, tests, composed, heads_given=given(ctx, "heads"))
     from capsctl.model.presets import preset
 
+    if routings is not None and (_value(routing) or preset(str(arch)).capsule.routing) == "attention":
+        # (as `train` refuses it: each capsule model would be the same as without it, trained again)
+        raise CapsctlError("--routings: attention routing runs in one pass; it has no iterations to set")
     if decoder and preset(str(arch)).decoder is not None:  # both rows would be the same model
         raise CapsctlError(
             f"--decoder: --arch {arch} has a decoder already (its capsule rows are trained with it); leave "
