@@ -42,10 +42,11 @@ def check_fit(
         of = f" (of {made_for[0]}x{made_for[1]} images)" if made_for is not None else ""
         n = spec.capsule_count(h, w)
         given = f"{n} input capsules" if n != caps.num_inputs else "their input capsules in another grid"
-        if source == "model spec":  # (training: the count came from a hand-written spec)
+        if source == "model spec":  # (training: a hand-written count, or a resumed run on other data)
             raise CapsctlError(
                 f"model spec: capsule.num_inputs is {caps.num_inputs}{of} but {h}x{w} {data} give {given}; "
-                "leave capsule.num_inputs and capsule.image_size out: training sets them from the images"
+                "per-position capsule weights take the images they were made for (in a hand-written spec, "
+                "leave capsule.num_inputs and capsule.image_size out: training sets them)"
             )
         raise CapsctlError(
             f"{source}: the capsule weights are fixed to {caps.num_inputs} input capsules{of} "
