@@ -144,6 +144,9 @@ def test_run_names_say_what_changed(tmp_path: Path) -> None:
     changed = make_job(tmp_path, "torch", "mnist", "default", "capsule", 1, None,
                        Overrides(routings=1, lr=1e-3, batch_size=32))
     assert changed.run.name == "torch-default-capsule-lr0.001-r1-s1"
+    # and the report's *changed* column, from results.json, says so too
+    assert changed.changes == {"lr": 0.001, "routings": 1}
+    assert make_job(tmp_path, "torch", "mnist", "default", "capsule", 1, None, same).changes == {}
 
 
 # -- a tiny real run (torch) -------------------------------------------------------------

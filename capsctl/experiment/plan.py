@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +106,8 @@ class Job:
     spec: ModelSpec
     config: TrainConfig
     run: Path
+    # the overrides that change this model ({name: value}; a recipe's or the model's own value left out)
+    changes: dict[str, Any] = field(default_factory=dict)
 
 
 def make_job(
@@ -188,18 +190,19 @@ def make_job(
         compose=compose,
         **settings,
     )
+    # a value the recipe or the preset already has changes nothing: the same run folder, not a retrain
+    own = rec.settings(spec.head, shift=0 if compose is not None else None,
+                       scale=0.0 if compose is not None else None)
+    effective = _effective(ov, own, as_built)
     if name is None:
-        # a value the recipe or the preset already has changes nothing: the same run folder, not a retrain
-        own = rec.settings(spec.head, shift=0 if compose is not None else None,
-                           scale=0.0 if compose is not None else None)
-        tag = _effective(ov, own, as_built).tag()
+        tag = effective.tag()
         label = head.replace("+", "-")
         kind = "" if arch == "seed" or head == "pool" else arch
         composed = f"compose-{compose}" if compose is not None else ""
         held = f"holdout{holdout}" if holdout else ""
         parts = [backend, recipe, kind, label, tag, composed, held, f"s{seed}"]
         name = "-".join(p for p in parts if p)
-    return Job(head, seed, spec, cfg, out / "runs" / name)
+    return Job(head, seed, spec, cfg, out / "runs" / name, effective.active())
 
 
 @dataclass(frozen=True)

@@ -404,7 +404,8 @@ def run_pairs(
         m["run"] = os.path.relpath(m["run"], out)
     results = {
         "test_images": len(test_split.images),
-        "overrides": plan.overrides.active(),
+        # what changed the models (the capsule head's: pool rows share the column), not every option given
+        "overrides": next((j.changes for j in jobs if j.head != "pool"), jobs[0].changes if jobs else {}),
         "holdout": holdout,
         "seeds": list(plan.seeds),
         "heads": list(plan.variants),
