@@ -219,6 +219,22 @@ def test_composite_png_writes_the_composite_it_names(tmp_path, capsys, monkeypat
     assert Image.open(tmp_path / "two.png").size == (28, 56)
 
 
+def test_composite_png_merges_dark_ink_on_light_on_white(tmp_path, capsys, monkeypatch, mnist):
+    """An overlap composite of light-background digits, as `eval-pairs --layout overlap` makes it for a
+    model trained on them (a maximum of light images was blank paper)."""
+    from capsctl.errors import run_script
+
+    tr, te = mnist.train(), mnist.test()
+    to8 = lambda x: np.round((1 - x[..., 0]) * 255).astype(np.uint8)  # noqa: E731
+    np.savez(tmp_path / "paper.npz", x_train=to8(tr.images[:50]), y_train=tr.labels[:50],
+             x_test=to8(te.images[:50]), y_test=te.labels[:50])
+    monkeypatch.setattr(sys, "argv", ["composite_png", "--dataset", str(tmp_path / "paper.npz"), "--layout",
+                                      "overlap", "--out", str(tmp_path / "o.png")])
+    assert run_script(_tool("composite_png").main) == 0
+    img = np.asarray(Image.open(tmp_path / "o.png"), np.float64) / 255
+    assert img.shape == (36, 36) and img[0].min() > 0.9 and img.min() < 0.1  # white paper, dark ink
+
+
 def test_the_learning_curve_of_a_model_without_its_run_folder_is_empty(tmp_path):
     assert _tool("multimnist_errors").learning_curve(tmp_path) == []
 

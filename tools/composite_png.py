@@ -19,6 +19,7 @@ from PIL import Image
 from capsctl._io import atomic_write_bytes
 from capsctl.data import datasets
 from capsctl.data.composites import make_composites
+from capsctl.data.images import data_background
 from capsctl.errors import CapsctlError, run_script
 
 
@@ -50,8 +51,15 @@ def main() -> None:
     if not out.parent.is_dir():
         raise CapsctlError(f"--out {out}: folder {out.parent} does not exist")
     test = datasets.load(args.dataset, args.data_dir).test()
+    light = data_background(test.images) == "light"  # (as an experiment on this data makes its composites)
     comp = make_composites(
-        test.images, test.labels, digits=args.digits, layout=args.layout, seed=args.seed, limit=args.index + 1
+        test.images,
+        test.labels,
+        digits=args.digits,
+        layout=args.layout,
+        seed=args.seed,
+        limit=args.index + 1,
+        light=light,
     )
     if args.index >= len(comp.images):
         raise CapsctlError(f"--index {args.index}: the test set makes {len(comp.images)} such composites")

@@ -94,10 +94,12 @@ def main() -> None:
     runner = get_backend(args.backend).runner(spec, weights)
 
     # the pairs eval-pairs --layout overlap scores, with each digit's place in the canvas
-    comp = make_composites(test.images, test.labels, digits=2, layout="overlap", seed=0)
+    light = spec.background == "light"  # (dark ink on light: merged on white, as eval-pairs does)
+    comp = make_composites(test.images, test.labels, digits=2, layout="overlap", seed=0, light=light)
     assert comp.indices is not None and comp.offsets is not None
     n = len(test.images)
-    parts, offsets = test.images[comp.indices], comp.offsets
+    ink_images = 1 - test.images if light else test.images
+    parts, offsets = ink_images[comp.indices], comp.offsets  # (the ink, for where the digits overlap)
 
     correct, confident = set_matches(runner.scores(comp.images), comp.labels)
     alone_ok = np.stack(  # each digit with nothing else on its canvas, at its place
@@ -108,7 +110,7 @@ def main() -> None:
         ],
         axis=1,
     )
-    centred = overlay(test.images[:, None], np.full((n, 1, 2), OVERLAP_SHIFT))
+    centred = overlay(test.images[:, None], np.full((n, 1, 2), OVERLAP_SHIFT), light)
     single = float((np.argmax(runner.scores(centred), axis=1) == test.labels).mean())
 
     missed_alone = (~alone_ok).sum(axis=1)

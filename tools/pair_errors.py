@@ -54,7 +54,8 @@ def main() -> None:
     alone_ok = np.argmax(runner.scores(test.images), axis=1) == test.labels
     report: dict[str, object] = {"single_accuracy": float(alone_ok.mean())}
     for layout in args.layouts.split(","):
-        c = make_composites(test.images, test.labels, digits=2, layout=layout, seed=args.seed)
+        light = spec.background == "light"  # (dark ink on light: overlap merged on white, as eval-pairs)
+        c = make_composites(test.images, test.labels, digits=2, layout=layout, seed=args.seed, light=light)
         assert c.indices is not None
         correct, confident = set_matches(runner.scores(c.images), c.labels)
         both_ok = alone_ok[c.indices].all(axis=1)
