@@ -397,20 +397,21 @@ def _finish(
     return gray.astype(np.float32)
 
 
-def _resize_channels(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+def _resize_channels(x: np.ndarray, size: tuple[int, int], bilinear: bool = False) -> np.ndarray:
     if x.ndim == 2:
-        return _resize(x, size)
-    return np.stack([_resize(x[..., k], size) for k in range(x.shape[2])], axis=2)
+        return _resize(x, size, bilinear)
+    return np.stack([_resize(x[..., k], size, bilinear) for k in range(x.shape[2])], axis=2)
 
 
 def _fit_pad(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Scale (H, W[, C]) to fit inside `size` with its aspect kept, centred on black: the arithmetic of
-    capsctl.data.folders.fit_pad, so an image lands where training's folder images did."""
+    """Scale (H, W[, C]) to fit inside `size` with its aspect kept, centred on black: the arithmetic and
+    the filter (Pillow's bilinear) of capsctl.data.folders.fit_pad, so an image is what training's folder
+    images were, but for their rounding to 8 bits."""
     h, w = size
     ih, iw = x.shape[:2]
     scale = min(h / ih, w / iw)
     nh, nw = max(1, round(ih * scale)), max(1, round(iw * scale))
-    inner = _resize_channels(x, (nh, nw)) if (nh, nw) != (ih, iw) else x
+    inner = _resize_channels(x, (nh, nw), bilinear=True) if (nh, nw) != (ih, iw) else x
     out = np.zeros((h, w, *x.shape[2:]), dtype=np.float64)
     top, left = (h - nh) // 2, (w - nw) // 2
     out[top : top + nh, left : left + nw] = inner
@@ -448,12 +449,13 @@ def data_background(images: np.ndarray, sample: int = 2000) -> str | None:
     return "light" if light.mean() > 0.5 else None
 
 
-def _resize(gray: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+def _resize(gray: np.ndarray, size: tuple[int, int], bilinear: bool = False) -> np.ndarray:
     from PIL import Image
 
     h, w = size
     # 'F' mode keeps full precision; a box filter when shrinking averages strokes instead of dropping them
+    # (`bilinear`: Pillow's bilinear either way, as image folders are scaled; it too averages when shrinking)
     shrink = h < gray.shape[0] or w < gray.shape[1]
     im = Image.fromarray(gray.astype(np.float32))  # mode F
-    out = im.resize((w, h), Image.Resampling.BOX if shrink else Image.Resampling.BILINEAR)
+    out = im.resize((w, h), Image.Resampling.BOX if shrink and not bilinear else Image.Resampling.BILINEAR)
     return np.clip(np.asarray(out, dtype=np.float64), 0.0, 1.0)
