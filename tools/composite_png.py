@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from capsctl._io import atomic_write_bytes
+from capsctl._script_args import add_data
 from capsctl.data import datasets
 from capsctl.data.composites import make_composites
 from capsctl.data.images import data_background
@@ -25,14 +26,7 @@ from capsctl.errors import CapsctlError, run_script
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument(
-        "--data-dir", default=None, help="folder holding the data set's own files (default: the cache)"
-    )
-    ap.add_argument(
-        "--dataset",
-        default="mnist-5k",
-        help="a data set name or path, as `capsctl train --dataset` (default: mnist-5k)",
-    )
+    add_data(ap)
     ap.add_argument("--index", type=int, default=0, help="which kept composite (0-based)")
     ap.add_argument(
         "--layout",

@@ -18,6 +18,7 @@ import sys
 
 import numpy as np
 
+from capsctl._script_args import add_backend, add_data, add_model
 from capsctl.backend import get_backend
 from capsctl.data import datasets
 from capsctl.data.composites import make_composites
@@ -28,20 +29,9 @@ from capsctl.model.weights import load_model
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("model", help="a capsctl model file (.safetensors), e.g. RUN/model.safetensors")
-    ap.add_argument(
-        "--data-dir", default=None, help="folder holding the data set's own files (default: the cache)"
-    )
-    ap.add_argument(
-        "--dataset",
-        default="mnist-5k",
-        help="a data set name or path, as `capsctl train --dataset` (default: mnist-5k)",
-    )
-    ap.add_argument(
-        "--backend",
-        default="torch",
-        help="framework to run the model with: torch or keras (default: torch)",
-    )
+    add_model(ap)
+    add_data(ap)
+    add_backend(ap)
     ap.add_argument("--limit", type=int, default=200, help="composites to score (default: 200)")
     ap.add_argument("--seed", type=int, default=0, help="pairing seed (the contract's default: 0)")
     ap.add_argument("--batch-size", type=int, default=50, help="images per forward pass (default: 50)")

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 import capsctl
+from capsctl._script_args import add_backend
 from capsctl.backend import get_backend
 from capsctl.data import datasets
 from capsctl.data.composites import make_composites, score_sets
@@ -72,11 +73,7 @@ def _check_same_recipe(cfg: TrainConfig, seed: int) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", type=Path, help="an existing run folder to package (default: train one)")
-    ap.add_argument(
-        "--backend",
-        default="torch",
-        help="framework to run the model with: torch or keras (default: torch)",
-    )
+    add_backend(ap)
     ap.add_argument("--seed", type=int, default=0, help="training seed (default: 0)")
     args = ap.parse_args()
 

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from capsctl._io import atomic_write_bytes
+from capsctl._script_args import add_backend, add_data, add_model
 from capsctl.backend import get_backend
 from capsctl.data import datasets
 from capsctl.data.composites import OVERLAP_SHIFT, alone, make_composites, overlay, set_matches
@@ -67,18 +68,9 @@ def learning_curve(run: Path) -> list[dict[str, float]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("model", help="a capsctl model file (.safetensors), e.g. RUN/model.safetensors")
-    ap.add_argument(
-        "--backend",
-        default="torch",
-        help="framework to run the model with: torch or keras (default: torch)",
-    )
-    ap.add_argument(
-        "--dataset",
-        default="mnist-5k",
-        help="a data set name or path, as `capsctl train --dataset` (default: mnist-5k)",
-    )
-    ap.add_argument("--data-dir", help="folder holding the data set's own files (default: the cache)")
+    add_model(ap)
+    add_backend(ap)
+    add_data(ap)
     ap.add_argument("--runs", nargs="*", default=[], help="other --compose run folders for the curve")
     ap.add_argument("--json", help="write the report here too")
     args = ap.parse_args()
