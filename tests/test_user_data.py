@@ -511,3 +511,26 @@ def test_a_gray_image_saved_with_a_palette_counts_as_gray(tmp_path, capsys):
     assert x.shape[-1] == 1
     assert "converted" not in capsys.readouterr().err
     np.testing.assert_allclose(x[0, :, :, 0], ink / 255.0, atol=1e-6)  # a/pal0.png sorts first
+
+
+def test_image_size_pads_dark_ink_on_light_with_white_and_predict_fit_alike(tmp_path):
+    """`--image-size` padded every image with black: beside white pages most of the border was black, the
+    model lost `background: "light"` and `predict --invert auto` turned every image it was given."""
+    from capsctl.data.images import data_background, load_image
+
+    ink = np.full((28, 20), 255, np.uint8)
+    ink[6:22, 9:11] = 0
+    for split in ("train", "test"):
+        for cls, img in (("a", ink), ("b", ink.T.copy())):
+            (tmp_path / "ds" / split / cls).mkdir(parents=True)
+            Image.fromarray(img).save(tmp_path / "ds" / split / cls / "0.png")
+    (x, _), (xt, _), _ = load_image_folder(tmp_path / "ds", image_size=(28, 28))
+    assert x[0, :, :4, 0].min() == 1.0 and x[0].min() == 0.0  # white bars beside the page, dark ink
+    assert data_background(x) == "light"
+    light = ModelSpec.from_dict({**TINY, "background": "light"})
+    test = tmp_path / "ds" / "test"
+    for k, path in enumerate([test / "a" / "0.png", test / "b" / "0.png"]):
+        got = load_image(path, resize=(28, 28), fit=True, spec=light)  # as the model saw its folder
+        assert np.abs(got - xt[k, :, :, 0]).max() <= 1 / 255 + 1e-6
+    # for an MNIST model the page is inverted first, then padded with black
+    np.testing.assert_array_equal(load_image(path, resize=(28, 40), fit=True)[:, :6], 0.0)

@@ -110,7 +110,7 @@ def inspect(
     digits should be about MNIST-sized (20 px tall): --resize a big image.
     Per-position capsule weights need the training size (--resize).
     --resize stretches; with --fit the image keeps its aspect and is padded
-    with black, as `train --image-size` read a folder.
+    with its background, as `train --image-size` read a folder.
 
     Pooling-head models have no routing: inspect shows their class scores
     and predictions only (--out draws the image and the scores;

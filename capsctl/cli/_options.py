@@ -236,8 +236,9 @@ def image_size_option(panel: str | None = None) -> Any:
     return typer.Option(
         "--image-size",
         metavar="HxW",
-        help="With --dataset PATH: scale every image to fit HxW pixels (aspect kept, padded with black); "
-        "needed when the images differ in size. (`predict`/`inspect --resize HxW --fit` read an image so.)",
+        help="With --dataset PATH: scale every image to fit HxW pixels (aspect kept, padded with its "
+        "background: white for dark ink on light, else black); needed when the images differ in size. "
+        "(`predict`/`inspect --resize HxW --fit` read an image so.)",
         rich_help_panel=panel,
     )
 
@@ -311,8 +312,8 @@ FitOpt = Annotated[
     bool,
     typer.Option(
         "--fit",
-        help="With --resize: scale to fit inside HxW with the aspect kept and pad with black, as `train "
-        "--image-size` read the training folder (else the image is stretched to HxW).",
+        help="With --resize: scale to fit inside HxW with the aspect kept and pad with the image's "
+        "background, as `train --image-size` read the training folder (else it is stretched to HxW).",
     ),
 ]
 

@@ -5,10 +5,10 @@ may be missing altogether (then the test split is None: the commands hold out tr
 with --holdout N or --val-fraction F). Images are read as they are (no inversion; turned upright by their
 EXIF orientation), as `predict` reads them: 8-bit gray or RGB /255, 16-bit gray rescaled, alpha
 composited on the background that contrasts with the ink. Every image must have one size unless
-`image_size` (height, width) is given: then each is scaled to fit and padded with black to that size,
-aspect kept. Grey and colour files mixed are converted to the majority's mode (said once on stderr).
-Files that are not images by their suffix are skipped and counted. Every problem is one CapsctlError
-naming the file or folder.
+`image_size` (height, width) is given: then each is scaled to fit and padded to that size, aspect kept,
+with its background (white for a gray image with a light border, else black). Grey and colour files mixed
+are converted to the majority's mode (said once on stderr). Files that are not images by their suffix are
+skipped and counted. Every problem is one CapsctlError naming the file or folder.
 
 Sample order: each split's images are sorted by file name across classes (runs of digits compared as
 numbers, then the name, then the class), not class by class. So a set exported as
@@ -42,8 +42,9 @@ _GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I
 MAX_PIXELS = 4096 * 4096
 # how gray vs RGB is chosen and pixels decoded (part of the cache key: '+alpha' since alpha is composited
 # and 16-bit gray rescaled into RGB sets too, so entries decoded before are not served)
-# (+exif: images turned upright by their EXIF orientation; +graypal: a palette of grays counts as gray)
-MODE_RULE = "majority+alpha+exif+graypal"
+# (+exif: images turned upright by their EXIF orientation; +graypal: a palette of grays counts as gray;
+# +pad: --image-size pads a light gray image with white)
+MODE_RULE = "majority+alpha+exif+graypal+pad"
 # the modes whose Pillow convert to L or RGB keeps what predict reads (no alpha, 8 bits a channel)
 _PLAIN_MODES = frozenset({"L", "RGB", "1", "P", "CMYK", "YCbCr"})
 PROGRESS_MIN = 1000  # a smaller folder decodes in about a second: no progress bar
@@ -362,7 +363,11 @@ def _decoded(im: Any, path: Path, mode: str) -> Any:
 
 
 def fit_pad(im: Any, size: tuple[int, int]) -> Any:
-    """Scale a Pillow image to fit (height, width) with its aspect kept, centred on black."""
+    """Scale a Pillow image to fit (height, width) with its aspect kept, centred on its background: white
+    for a gray image whose border is light (dark ink on paper), else black.
+
+    (Black bars beside a white page made most of a light image's border black: the model then lost its
+    `background: "light"`, and `predict --invert auto` turned every image it was given.)"""
     from PIL import Image
 
     h, w = size
@@ -370,6 +375,14 @@ def fit_pad(im: Any, size: tuple[int, int]) -> Any:
     scale = min(h / ih, w / iw)
     nw, nh = max(1, round(iw * scale)), max(1, round(ih * scale))
     resized = im.resize((nw, nh), Image.Resampling.BILINEAR) if (nw, nh) != (iw, ih) else im
-    canvas = Image.new(im.mode, (w, h), 0)
+    canvas = Image.new(im.mode, (w, h), pad_value(np.asarray(im, np.float32) / 255.0) * 255)
     canvas.paste(resized, ((w - nw) // 2, (h - nh) // 2))
     return canvas
+
+
+def pad_value(image: np.ndarray) -> int:
+    """What an image is padded with, 0..1 values in: 1 (white) for a gray image (H, W) whose border is
+    light, else 0 (black; colour images are padded with black, as they are never inverted)."""
+    from capsctl.data.images import is_light_background
+
+    return 1 if image.ndim == 2 and is_light_background(image) else 0

@@ -22,7 +22,8 @@ The result is float32 (H, W) in [0, 1], white digits on black as in MNIST. Rules
   for a model trained on dark ink on light gray images (its spec's background 'light'), 'auto'
   inverts a gray image whose border is dark instead; 'yes' always, 'no' never.
 - resize: stretched to (height, width), or with `fit` scaled to fit inside it, aspect kept, and padded
-  with black (after inverting), as `train --image-size` reads an image folder.
+  with its background (after inverting: white for a gray image with a light border, else black), as
+  `train --image-size` reads an image folder.
 - Images over MAX_PIXELS pixels are refused from their header, before anything is decoded.
 
 Every problem is a CapsctlError naming the file; nothing else escapes (the loader is fuzzed).
@@ -64,8 +65,8 @@ def load_image(
 ) -> np.ndarray:
     """Float32 (H, W) in [0, 1], white on black; `resize` is (height, width).
 
-    `fit`: scale to fit inside `resize` with the aspect kept and pad with black, centred (as `train
-    --image-size` reads an image folder), instead of stretching to it.
+    `fit`: scale to fit inside `resize` with the aspect kept and pad with the image's background,
+    centred (as `train --image-size` reads an image folder), instead of stretching to it.
 
     `channels=3` keeps colour: float32 (H, W, 3) RGB (a gray image in all three; alpha composited
     as for gray, on the background that contrasts with the ink's luma; inverted as a whole).
@@ -392,7 +393,7 @@ def _finish(
     if invert == "yes" or (invert == "auto" and flip):
         gray = 1.0 - gray
     if resize is not None and resize != gray.shape[:2]:
-        # (after inverting: the black padding is the model's background, as in the folders it trained on)
+        # (after inverting: the padding is the image's background as the model sees it, as in its folders)
         gray = _fit_pad(gray, resize) if fit else _resize_channels(gray, resize)
     return gray.astype(np.float32)
 
@@ -404,15 +405,18 @@ def _resize_channels(x: np.ndarray, size: tuple[int, int], bilinear: bool = Fals
 
 
 def _fit_pad(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Scale (H, W[, C]) to fit inside `size` with its aspect kept, centred on black: the arithmetic and
-    the filter (Pillow's bilinear) of capsctl.data.folders.fit_pad, so an image is what training's folder
-    images were, but for their rounding to 8 bits."""
+    """Scale (H, W[, C]) to fit inside `size` with its aspect kept, centred on its background (white for a
+    gray image with a light border, else black): the arithmetic, the filter (Pillow's bilinear) and the
+    padding of capsctl.data.folders.fit_pad, so an image is what training's folder images were, but for
+    their rounding to 8 bits."""
+    from capsctl.data.folders import pad_value
+
     h, w = size
     ih, iw = x.shape[:2]
     scale = min(h / ih, w / iw)
     nh, nw = max(1, round(ih * scale)), max(1, round(iw * scale))
     inner = _resize_channels(x, (nh, nw), bilinear=True) if (nh, nw) != (ih, iw) else x
-    out = np.zeros((h, w, *x.shape[2:]), dtype=np.float64)
+    out = np.full((h, w, *x.shape[2:]), float(pad_value(x)), dtype=np.float64)
     top, left = (h - nh) // 2, (w - nw) // 2
     out[top : top + nh, left : left + nw] = inner
     return out
