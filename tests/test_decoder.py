@@ -424,3 +424,16 @@ def test_train_decoder_refused_on_pool_head(capsys, tmp_path):
         code, out, err = run_cli(["train", "--head", "pool", *extra, "--out", tmp_path / "r"], capsys)
         assert_one_line_error(code, out, err, f"{named}: the pooling head has no capsule layer")
     assert not (tmp_path / "r").exists()
+
+
+def test_the_overlay_marks_the_ink_of_dark_ink_on_light(monkeypatch):
+    """For a model of dark ink on light the overlay painted the paper and left the strokes dark."""
+    from capsctl.inspect import reconstruction
+
+    ink = np.zeros((8, 8))
+    ink[2:6, 3:5] = 1.0
+    monkeypatch.setattr(reconstruction, "placement", lambda res, j, hw: (0, 0))  # (drawn over the input)
+    dark = reconstruction.overlay(ink, {0: ink[..., None]}, None)  # type: ignore[arg-type]
+    light = reconstruction.overlay(1 - ink, {0: 1 - ink[..., None]}, None, light=True)  # type: ignore[arg-type]
+    np.testing.assert_allclose(light, dark, atol=1e-12)
+    assert light[0, 0].max() == 0.0 and light[3, 3, 0] > 0.9  # the paper dark, the stroke in colour

@@ -217,7 +217,9 @@ def inspect(
             title = (
                 f"{image.name} — {model}: reconstructions from capsules {', '.join(names[j] for j in chosen)}"
             )
-            reconstruction.save_reconstruct_figure(out, rgb, by_class, res, title, names)
+            reconstruction.save_reconstruct_figure(
+                out, rgb, by_class, res, title, names, light=spec.background == "light"
+            )
             err.print(f"figure: {out}")
             out = None
         else:

@@ -79,15 +79,19 @@ def placement(res: Inspection, cls: int, shape: tuple[int, int]) -> tuple[int, i
     return max(0, min(top, H - h)), max(0, min(left, W - w))
 
 
-def overlay(image: np.ndarray, recons: dict[int, np.ndarray], res: Inspection) -> np.ndarray:
-    """RGB (H, W, 3): the input in dim gray, each class's reconstruction added in its own colour.
+def overlay(
+    image: np.ndarray, recons: dict[int, np.ndarray], res: Inspection, light: bool = False
+) -> np.ndarray:
+    """RGB (H, W, 3): the input's ink in dim gray, each class's reconstructed ink added in its own colour.
 
     A colour input and colour reconstructions enter as their gray mean: the overlay's colours name
-    the classes, so the input's own colours would only confuse them."""
+    the classes, so the input's own colours would only confuse them. `light` (a model of dark ink on
+    light): the ink is 1 - value (else the paper was painted and the strokes left dark)."""
     gray = image if image.ndim == 2 else image.mean(axis=2)
+    gray = 1.0 - gray if light else gray
     rgb = np.repeat(0.35 * gray[..., None], 3, axis=-1)
     for i, (j, rec) in enumerate(recons.items()):
-        r = rec.mean(axis=-1)
+        r = 1.0 - rec.mean(axis=-1) if light else rec.mean(axis=-1)
         h, w = min(r.shape[0], gray.shape[0]), min(r.shape[1], gray.shape[1])
         top, left = placement(res, j, (h, w))
         colour = np.asarray(OVERLAY_COLOURS[i % len(OVERLAY_COLOURS)])
@@ -111,8 +115,10 @@ def save_reconstruct_figure(
     res: Inspection,
     title: str,
     names: Sequence[str] | None = None,
+    light: bool = False,
 ) -> None:
-    """`image` gray (H, W) or RGB (H, W, 3); `recons` (h, w, C) per class; `names` the class names."""
+    """`image` gray (H, W) or RGB (H, W, 3); `recons` (h, w, C) per class; `names` the class names;
+    `light`: the model's images are dark ink on light (the overlay marks the ink)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -129,7 +135,7 @@ def save_reconstruct_figure(
     for i, (j, rec) in enumerate(recons.items(), start=1):
         _show(axes[i], rec)
         axes[i].set_title(f"from capsule {label[j]}\n(length {res.scores[j]:.2f})", fontsize=9)
-    axes[-1].imshow(overlay(image, recons, res), interpolation="nearest")
+    axes[-1].imshow(overlay(image, recons, res, light), interpolation="nearest")
     key = ", ".join(f"{OVERLAY_NAMES[i % len(OVERLAY_NAMES)]} {label[j]}" for i, j in enumerate(recons))
     axes[-1].set_title(f"overlay on input\n({key})", fontsize=9)
     for ax in axes:
