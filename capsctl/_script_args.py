@@ -4,6 +4,7 @@ are plain Python files a user runs with `python tools/NAME.py`)."""
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 
 def add_model(ap: argparse.ArgumentParser) -> None:
@@ -11,13 +12,26 @@ def add_model(ap: argparse.ArgumentParser) -> None:
 
 
 def add_data(ap: argparse.ArgumentParser) -> None:
-    """--dataset and --data-dir, as `capsctl eval` takes them."""
+    """--dataset, --data-dir and --image-size, as `capsctl eval` takes them (see `test_images`)."""
     ap.add_argument(
         "--dataset",
         default="mnist-5k",
         help="a data set name or path, as `capsctl train --dataset` (default: mnist-5k)",
     )
     ap.add_argument("--data-dir", help="folder holding the data set's own files (default: the cache)")
+    ap.add_argument(
+        "--image-size",
+        metavar="HxW",
+        help="with --dataset PATH: scale the images to fit HxW, as the model trained (train --image-size)",
+    )
+
+
+def test_images(args: argparse.Namespace) -> Any:
+    """The test split of the data set the arguments of `add_data` name."""
+    from capsctl.data import datasets
+    from capsctl.data.sources import parse_image_size
+
+    return datasets.load(args.dataset, args.data_dir, parse_image_size(args.image_size)).test()
 
 
 def add_backend(ap: argparse.ArgumentParser) -> None:

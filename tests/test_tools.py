@@ -234,6 +234,17 @@ def test_composite_png_merges_dark_ink_on_light_on_white(tmp_path, capsys, monke
     img = np.asarray(Image.open(tmp_path / "o.png"), np.float64) / 255
     assert img.shape == (36, 36) and img[0].min() > 0.9 and img.min() < 0.1  # white paper, dark ink
 
+    # a colour set's composite stays in colour (it wrote the red channel as a gray image)
+    rgb = lambda x: np.round(np.repeat(x, 3, axis=3) * [1.0, 0.5, 0.2] * 255).astype(np.uint8)  # noqa: E731
+    np.savez(tmp_path / "colour.npz", x_train=rgb(tr.images[:50]), y_train=tr.labels[:50],
+             x_test=rgb(te.images[:50]), y_test=te.labels[:50])
+    monkeypatch.setattr(sys, "argv", ["composite_png", "--dataset", str(tmp_path / "colour.npz"), "--layout",
+                                      "horizontal", "--out", str(tmp_path / "c.png")])
+    assert run_script(_tool("composite_png").main) == 0
+    with Image.open(tmp_path / "c.png") as im:
+        assert im.mode == "RGB" and im.size == (56, 28)
+        assert np.asarray(im)[..., 0].max() == 255 and np.asarray(im)[..., 2].max() == 51
+
 
 def test_the_learning_curve_of_a_model_without_its_run_folder_is_empty(tmp_path):
     assert _tool("multimnist_errors").learning_curve(tmp_path) == []

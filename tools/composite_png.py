@@ -17,8 +17,7 @@ import numpy as np
 from PIL import Image
 
 from capsctl._io import atomic_write_bytes
-from capsctl._script_args import add_data
-from capsctl.data import datasets
+from capsctl._script_args import add_data, test_images
 from capsctl.data.composites import make_composites
 from capsctl.data.images import data_background
 from capsctl.errors import CapsctlError, run_script
@@ -44,7 +43,7 @@ def main() -> None:
         raise CapsctlError(f"--out {out}: the output must end in .png")
     if not out.parent.is_dir():
         raise CapsctlError(f"--out {out}: folder {out.parent} does not exist")
-    test = datasets.load(args.dataset, args.data_dir).test()
+    test = test_images(args)
     light = data_background(test.images) == "light"  # (as an experiment on this data makes its composites)
     comp = make_composites(
         test.images,
@@ -57,7 +56,8 @@ def main() -> None:
     )
     if args.index >= len(comp.images):
         raise CapsctlError(f"--index {args.index}: the test set makes {len(comp.images)} such composites")
-    img = np.round(comp.images[args.index, :, :, 0] * 255).astype(np.uint8)
+    pixels = comp.images[args.index]  # (H, W, C): a colour data set's composite stays in colour
+    img = np.round((pixels[:, :, 0] if pixels.shape[2] == 1 else pixels) * 255).astype(np.uint8)
     png = io.BytesIO()
     Image.fromarray(img).save(png, format="PNG")
     atomic_write_bytes(out, png.getvalue())

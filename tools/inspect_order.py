@@ -18,9 +18,8 @@ import sys
 
 import numpy as np
 
-from capsctl._script_args import add_backend, add_data, add_model
+from capsctl._script_args import add_backend, add_data, add_model, test_images
 from capsctl.backend import get_backend
-from capsctl.data import datasets
 from capsctl.data.composites import make_composites
 from capsctl.errors import CapsctlError, run_script
 from capsctl.inspect.analysis import WEIGHTINGS, inspect_one
@@ -43,7 +42,7 @@ def main() -> None:
 
     spec, weights = load_model(args.model)
     runner = get_backend(args.backend).runner(spec, weights)
-    test = datasets.load(args.dataset, args.data_dir).test()
+    test = test_images(args)
     for layout in ("vertical", "horizontal"):
         comp = make_composites(
             test.images, test.labels, digits=args.digits, layout=layout, seed=args.seed, limit=args.limit

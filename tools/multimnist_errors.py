@@ -26,9 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from capsctl._io import atomic_write_bytes
-from capsctl._script_args import add_backend, add_data, add_model
+from capsctl._script_args import add_backend, add_data, add_model, test_images
 from capsctl.backend import get_backend
-from capsctl.data import datasets
 from capsctl.data.composites import OVERLAP_SHIFT, alone, make_composites, overlay, set_matches
 from capsctl.errors import CapsctlError, run_script
 from capsctl.model.weights import load_model
@@ -81,7 +80,7 @@ def main() -> None:
     if not folder.is_dir():  # said before the long scoring, not after it
         raise CapsctlError(f"--json {args.json}: folder {folder} does not exist")
 
-    test = datasets.load(args.dataset, args.data_dir).test()
+    test = test_images(args)
     spec, weights = load_model(args.model)
     runner = get_backend(args.backend).runner(spec, weights)
 

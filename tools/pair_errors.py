@@ -17,9 +17,8 @@ import sys
 
 import numpy as np
 
-from capsctl._script_args import add_backend, add_data, add_model
+from capsctl._script_args import add_backend, add_data, add_model, test_images
 from capsctl.backend import get_backend
-from capsctl.data import datasets
 from capsctl.data.composites import make_composites, set_matches
 from capsctl.errors import run_script
 from capsctl.model.fit import check_fit
@@ -39,7 +38,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="pairing seed (the contract's default: 0)")
     args = ap.parse_args()
 
-    test = datasets.load(args.dataset, args.data_dir).test()
+    test = test_images(args)
     spec, weights = load_model(args.model)
     check_fit(spec, test.images, test.labels, args.model, f"{args.dataset} test images")
     runner = get_backend(args.backend).runner(spec, weights)
@@ -56,7 +55,7 @@ def main() -> None:
             "accuracy": float(correct.mean()),
             "confident_accuracy": float(confident.mean()),
             "share_with_an_item_missed_alone": float(1 - both_ok.mean()),
-            "accuracy_when_both_right_alone": float(correct[both_ok].mean()),
+            "accuracy_when_both_right_alone": float(correct[both_ok].mean()) if both_ok.any() else None,
             "accuracy_when_one_missed_alone": float(correct[~both_ok].mean()) if (~both_ok).any() else None,
             "independent_errors_bound": float(alone_ok.mean() ** 2),
         }
