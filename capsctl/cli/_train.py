@@ -540,7 +540,8 @@ def _spec(
     try:
         return spec.with_capsule(**changes)
     except CapsctlError as e:  # named by the options given, not only by the spec fields they set
-        flags = ", ".join("--no-shared" if k == "shared" and not v else f"--{k}" for k, v in changes.items())
+        options = {k: v for k, v in changes.items() if k not in ("num_inputs", "image_size")}  # (the given)
+        flags = ", ".join("--no-shared" if k == "shared" and not v else f"--{k}" for k, v in options.items())
         where = f" with --arch {arch}" if arch is not None else ""
         raise CapsctlError(f"{flags}{where}: {e}") from None
 
