@@ -459,7 +459,8 @@ def _note_other_counts(info: DatasetInfo, folder: Path) -> None:
     trained on digits under Fashion-MNIST's class names without a word). From the label files' headers."""
     if info.sizes is None or info.archive:
         return
-    counts = tuple(_idx_count(find_file(folder, role)) for role in ("train-labels", "t10k-labels"))
+    files = [find_file(folder, role) for role in ("train-labels", "t10k-labels")]
+    counts = tuple(idx.item_count(f) if f is not None else None for f in files)
     if None in counts or counts == info.sizes:
         return  # (a damaged header is the reader's to name)
     from capsctl._console import err
@@ -471,20 +472,3 @@ def _note_other_counts(info: DatasetInfo, folder: Path) -> None:
         highlight=False,
         soft_wrap=True,
     )
-
-
-def _idx_count(path: Path | None) -> int | None:
-    """The item count in an IDX file's header (gzipped or not), None when it cannot be read."""
-    import gzip
-    import struct
-
-    if path is None:
-        return None
-    try:
-        with gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb") as f:
-            head = f.read(8)
-    except (OSError, EOFError, ValueError):
-        return None
-    if len(head) < 8 or head[:2] != b"\0\0" or head[3] < 1:
-        return None
-    return int(struct.unpack(">I", head[4:8])[0])

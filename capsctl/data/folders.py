@@ -71,8 +71,9 @@ class _File:
 class _Entry:
     path: Path
     label: int
-    size: tuple[int, int]  # (height, width)
+    size: tuple[int, int]  # (height, width), upright
     gray: bool
+    turn: int = 1  # its EXIF orientation (capsctl.data.images.orientation), read once in the header pass
 
 
 
@@ -314,9 +315,10 @@ def _header(f: _File, bar: _Bar) -> _Entry:
         w, h = im.size
         if h * w > MAX_PIXELS:
             raise CapsctlError(f"{f.path}: image is {h}x{w}, over the limit of {MAX_PIXELS:,} pixels")
-        if orientation(im) >= 5:  # (stored on its side: upright, its height is the stored width)
+        turn = orientation(im)
+        if turn >= 5:  # (stored on its side: upright, its height is the stored width)
             h, w = w, h
-        entry = _Entry(Path(f.path), f.label, (h, w), im.mode in _GRAY_MODES or _gray_palette(im))
+        entry = _Entry(Path(f.path), f.label, (h, w), im.mode in _GRAY_MODES or _gray_palette(im), turn)
     bar.advance()
     return entry
 
@@ -328,14 +330,13 @@ def _read_all(
     mode = "L" if gray else "RGB"
     h, w = image_size if image_size is not None else entries[0].size
     x = np.empty((len(entries), h, w, 1 if gray else 3), np.uint8)  # filled in place: no second copy
-    from capsctl.data.images import orientation, upright
+    from capsctl.data.images import upright
 
     for i, e in enumerate(entries):
         with _open(e.path) as im:
-            turn = orientation(im)  # (before decoding, as the header pass read it)
             try:
                 im.load()
-                conv = _decoded(upright(im, turn), e.path, mode)
+                conv = _decoded(upright(im, e.turn), e.path, mode)
             except CapsctlError:
                 raise
             except Exception as ex:
@@ -375,7 +376,9 @@ def fit_pad(im: Any, size: tuple[int, int]) -> Any:
     scale = min(h / ih, w / iw)
     nw, nh = max(1, round(iw * scale)), max(1, round(ih * scale))
     resized = im.resize((nw, nh), Image.Resampling.BILINEAR) if (nw, nh) != (iw, ih) else im
-    canvas = Image.new(im.mode, (w, h), pad_value(np.asarray(im, np.float32) / 255.0) * 255)
+    # (decided on the scaled image, as `predict --fit` decides: not a float copy of a whole photo per image)
+    fill = pad_value(np.asarray(resized, np.float32) / 255.0) * 255 if resized.mode == "L" else 0
+    canvas = Image.new(im.mode, (w, h), fill)
     canvas.paste(resized, ((w - nw) // 2, (h - nh) // 2))
     return canvas
 

@@ -74,6 +74,19 @@ def parse_idx(raw: bytes, source: str) -> np.ndarray:
     return np.frombuffer(data, dtype=dtype, offset=head).reshape(dims)
 
 
+def item_count(path: str | os.PathLike[str]) -> int | None:
+    """The first dimension an IDX file's header gives (gzipped or not), read without decoding the data;
+    None when the header cannot be read (the full reader names what is wrong)."""
+    try:
+        with gzip.open(path, "rb") if str(path).endswith(".gz") else open(path, "rb") as f:
+            head = f.read(8)
+    except (OSError, EOFError, ValueError, zlib.error):
+        return None
+    if len(head) < 8 or head[:2] != b"\0\0" or head[2] not in _TYPES or head[3] < 1:
+        return None
+    return int(struct.unpack(">I", head[4:8])[0])
+
+
 def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     return parse_idx(read_user_file(path, "an IDX file"), str(Path(path)))
 

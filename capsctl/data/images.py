@@ -416,7 +416,7 @@ def _fit_pad(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     scale = min(h / ih, w / iw)
     nh, nw = max(1, round(ih * scale)), max(1, round(iw * scale))
     inner = _resize_channels(x, (nh, nw), bilinear=True) if (nh, nw) != (ih, iw) else x
-    out = np.full((h, w, *x.shape[2:]), float(pad_value(x)), dtype=np.float64)
+    out = np.full((h, w, *x.shape[2:]), float(pad_value(inner)), dtype=np.float64)  # (as fit_pad decides)
     top, left = (h - nh) // 2, (w - nw) // 2
     out[top : top + nh, left : left + nw] = inner
     return out

@@ -40,8 +40,7 @@ def check_fit(
         hint = overlap_hint(spec, h, w, source, data_args) if single_digits else ""
         made_for = spec.fixed_input_size()
         of = f" (of {made_for[0]}x{made_for[1]} images)" if made_for is not None else ""
-        n = spec.capsule_count(h, w)
-        given = f"{n} input capsules" if n != caps.num_inputs else "their input capsules in another grid"
+        given = _capsules_given(spec, h, w).replace("its ", "their ")
         if source == "model spec":  # (training: a hand-written count, or a resumed run on other data)
             raise CapsctlError(
                 f"model spec: capsule.num_inputs is {caps.num_inputs}{of} but {h}x{w} {data} give {given}; "
@@ -64,12 +63,17 @@ def check_takes(spec: ModelSpec, height: int, width: int, image: str, model: str
     the line names the --resize that fits."""
     if spec.takes_size(height, width):
         return
-    n, want = spec.capsule_count(height, width), spec.capsule.num_inputs
-    gives = f"gives {n} input capsules" if n != want else "gives its input capsules in another grid"
     raise CapsctlError(
-        f"{image}: {gives}, but {model} has per-position capsule weights for {want} inputs "
-        f"({resize_hint(spec)})"
+        f"{image}: gives {_capsules_given(spec, height, width)}, but {model} has per-position capsule "
+        f"weights for {spec.capsule.num_inputs} inputs ({resize_hint(spec)})"
     )
+
+
+def _capsules_given(spec: ModelSpec, height: int, width: int) -> str:
+    """What height x width gives per-position capsule weights that do not take it: "N input capsules", or,
+    the count right, "its input capsules in another grid" (a transposed size)."""
+    n = spec.capsule_count(height, width)
+    return f"{n} input capsules" if n != spec.capsule.num_inputs else "its input capsules in another grid"
 
 
 def resize_hint(spec: ModelSpec) -> str:

@@ -386,13 +386,11 @@ def _decoder_from_dict(d: Any) -> DecoderSpec | None:
         return None
     if not isinstance(d, dict):
         raise CapsctlError("model spec: 'decoder' must be null or an object")
-    unknown = set(d) - {"hidden", "image_shape"}
-    if unknown:
-        raise CapsctlError(f"model spec: unknown field decoder.{sorted(unknown)[0]}")
     hidden, shape = d.get("hidden", [512, 1024]), d.get("image_shape")
     if not isinstance(hidden, list) or (shape is not None and not isinstance(shape, list)):
         raise CapsctlError("model spec: decoder.hidden and decoder.image_shape must be lists")
-    return DecoderSpec(hidden=tuple(hidden), image_shape=None if shape is None else tuple(shape))
+    converted = {"hidden": tuple(hidden), "image_shape": None if shape is None else tuple(shape)}
+    return _make(DecoderSpec, {**d, **converted}, "decoder")
 
 
 def _layer_from_dict(d: Any, i: int = 0) -> TrunkLayer:
