@@ -164,10 +164,12 @@ def test_cli_fetch_from_folder_and_list(tmp_path, capsys, monkeypatch, mnist_dir
     monkeypatch.setitem(datasets.DATASETS, "mnist", as_if_full)
     # the counts are right but the files are not the published ones: refused by their SHA-256
     code, out, err = run_cli(["data", "fetch", "mnist", "--from", mnist_dir], capsys)
-    assert_one_line_error(code, out, err, "is not the published mnist file (its SHA-256 differs",
-                          "copy the files as downloaded", "--data-dir")
+    assert_one_line_error(code, out, err, "train-images-idx3-ubyte.gz is not the published mnist file "
+                          "(its SHA-256 differs)", "--data-dir")
     assert not (datasets.cache_root() / "mnist").exists()
-    as_if_full = replace(as_if_full, sha256=datasets.DATASETS["mnist-5k"].sha256)  # (these files' sums)
+    contents = {role: hashlib.sha256(gzip.decompress(datasets.find_file(mnist_dir, role).read_bytes()))
+                .hexdigest() for role in datasets.ROLES}
+    as_if_full = replace(as_if_full, sha256=contents)  # (these files' sums)
     monkeypatch.setitem(datasets.DATASETS, "mnist", as_if_full)
     code, _, err = run_cli(["data", "fetch", "mnist", "--from", mnist_dir], capsys)
     assert code == 0 and err == ""
@@ -181,11 +183,27 @@ def test_cli_fetch_from_folder_and_list(tmp_path, capsys, monkeypatch, mnist_dir
     code, out, err = run_cli(["data", "fetch", "fashion-mnist", "--from", bad], capsys)
     assert_one_line_error(code, out, err, "corrupt gzip")
     assert not (datasets.cache_root() / "fashion-mnist").exists()
-    # plain files of a set whose published sums are of its .gz files: copied, and said to be unchecked
-    plain = tmp_path / "plain"
+    # mnist's sums are of the decompressed bytes: a plain or a re-gzipped copy is judged like a download
+    plain, regzipped = tmp_path / "plain", tmp_path / "regzipped"
     plain.mkdir()
+    regzipped.mkdir()
     for f in mnist_dir.glob("*.gz"):
-        (plain / f.name[:-3]).write_bytes(gzip.decompress(f.read_bytes()))
+        content = gzip.decompress(f.read_bytes())
+        (plain / f.name[:-3]).write_bytes(content)
+        (regzipped / f.name).write_bytes(gzip.compress(content, compresslevel=1, mtime=0))
+    name = "t10k-labels-idx1-ubyte.gz"
+    assert (regzipped / name).read_bytes() != (mnist_dir / name).read_bytes()  # (other gzip bytes)
+    for folder in (plain, regzipped):
+        code, out, err = run_cli(["data", "fetch", "mnist", "--from", folder], capsys)
+        assert code == 0 and err == ""
+    labels = bytearray((plain / "t10k-labels-idx1-ubyte").read_bytes())
+    labels[-1] = (labels[-1] + 1) % 10  # one test label changed
+    (plain / "t10k-labels-idx1-ubyte").write_bytes(bytes(labels))
+    code, out, err = run_cli(["data", "fetch", "mnist", "--from", plain], capsys)
+    assert_one_line_error(code, out, err, "t10k-labels-idx1-ubyte is not the published mnist file")
+    # plain files of a set whose published sums are of its .gz files: copied, and said to be unchecked
+    gz_sums = replace(as_if_full, sha256=datasets.DATASETS["mnist-5k"].sha256, digest_of="download")
+    monkeypatch.setitem(datasets.DATASETS, "mnist", gz_sums)
     code, out, err = run_cli(["data", "fetch", "mnist", "--from", plain], capsys)
     assert code == 0 and "checked by its format and image counts only" in err
     # a set whose sums are of the decompressed bytes judges any copy, gzipped or not
@@ -195,6 +213,16 @@ def test_cli_fetch_from_folder_and_list(tmp_path, capsys, monkeypatch, mnist_dir
         code, out, err = run_cli(["data", "fetch", "fashion-mnist", "--from", folder], capsys)
         assert_one_line_error(code, out, err, "is not the published fashion-mnist file (its SHA-256 differs)")
     assert not (datasets.cache_root() / "fashion-mnist").exists()
+
+
+def test_mnist_test_set_sums_are_those_of_the_shipped_official_test_set():
+    """mnist's sums are of the decompressed files; the shipped mnist-5k test set is the official one."""
+    shipped = datasets.EMBEDDED_DIR / "mnist-5k"
+    for role in ("t10k-images", "t10k-labels"):
+        found = datasets.find_file(shipped, role)
+        assert found is not None
+        assert datasets.file_digest(found, "content") == datasets.DATASETS["mnist"].sha256[role]
+    assert datasets.DATASETS["mnist"].digest_of == "content"
 
 
 def test_a_second_copy_replaces_the_first_whatever_its_compression(tmp_path):

@@ -116,8 +116,8 @@ def fetch(
     """Fill the user cache with a data set: download it (checked against its published digest: SHA-256,
     CIFAR-10's MD5) or copy it from a folder (--from: every file read and checked whole, its image
     counts must be the published set's, so a subset is never cached as the full set, and each file
-    must match the published digest where one applies: MNIST's sums are of its .gz files, so plain
-    MNIST files are checked by format and counts only, and said so).
+    must match the published digest: MNIST's and Fashion-MNIST's sums are of the decompressed files,
+    so a plain or re-gzipped copy is judged like a download; CIFAR-10's MD5 is of its archive).
 
     Example: capsctl data fetch fashion-mnist
 
