@@ -306,6 +306,22 @@ def test_the_resize_hint_names_a_size_that_gives_the_models_capsules():
     assert "image_size" not in filled("sabour2017").to_json()
 
 
+def test_a_square_size_that_n_alone_does_not_give_back_is_recorded():
+    """The seed trunk's 2x2 pool maps 36 and 37 (32 and 33) to one N: a non-shared model trained on the
+    36x36 composites was exported to ONNX for 37x37 images, and refused the images it was trained on."""
+    from capsctl.model.fit import with_training_inputs
+
+    unshared = ModelSpec().with_capsule(shared=False)
+    for side in (32, 33, 36, 37, 40):
+        spec = with_training_inputs(unshared, side, side, composed=side == 36)
+        assert spec.fixed_input_size() == (side, side) and ModelSpec.from_json(spec.to_json()) == spec
+    assert with_training_inputs(unshared, 28, 28, composed=False).capsule.image_size is None  # (as before)
+    assert for_images("efficient-multimnist").capsule.image_size is None  # 29 to 36 give N: 36 comes back
+    # a file written before: N alone, the common size (the MultiMNIST canvas, CIFAR-10) before the largest
+    assert unshared.with_capsule(num_inputs=144).fixed_input_size() == (36, 36)
+    assert unshared.replace(in_channels=3).with_capsule(num_inputs=100).fixed_input_size() == (32, 32)
+
+
 @pytest.mark.parametrize("name", ["efficient", "sabour2017"])
 def test_per_position_weights_take_their_training_grid_not_its_transpose(name, tmp_path, capsys):
     """Trained on 32x40 images, a model with per-position capsule weights refuses 40x32 ones, which give

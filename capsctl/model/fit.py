@@ -130,8 +130,8 @@ def with_training_inputs(
                 f"{height}x{width}; leave it out: training sets it from the images"
             )
         n = training_capsule_count(spec, height, width, composed, composable)
-        # (recorded when not square: N alone leaves the grid's rows and columns open)
-        size = given or (None if height == width else (height, width))
+        # (recorded where N alone does not give it back: not square, or another side gives N too)
+        size = given or spec.recorded_size(height, width)
         return spec.with_capsule(num_inputs=n, image_size=size)
     return spec
 

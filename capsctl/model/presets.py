@@ -97,7 +97,7 @@ def for_images(name: str, height: int | None = None, width: int | None = None) -
         height, width = design_size(name)
     spec = preset(name)
     if spec.head == "capsule" and not spec.capsule.shared:
-        size = None if height == width else (height, width)  # (as capsctl.model.fit.with_training_inputs)
+        size = spec.recorded_size(height, width)  # (as capsctl.model.fit.with_training_inputs)
         spec = spec.with_capsule(num_inputs=spec.capsule_count(height, width), image_size=size)
     if spec.decoder is not None:
         spec = spec.replace(decoder=replace(spec.decoder, image_shape=(height, width, spec.in_channels)))

@@ -251,13 +251,14 @@ class ModelSpec:
         return h * w * t
 
     def side_for(self, n: int, largest: int = 4096) -> int | None:
-        """A square image side that gives N input capsules (non-shared weights fix N): 28 when it does
-        (MNIST's), else the largest (strided layers map several sides to one N: 29 to 36 for
-        `efficient-multimnist`, whose composites are 36x36, so the largest is the size the model was made
-        for); None if none up to `largest`. (The spec does not record the training size.)"""
+        """A square image side that gives N input capsules (non-shared weights fix N): the first of 28, 36
+        and 32 that does (MNIST's digits, the MultiMNIST canvas, CIFAR-10's images: 29 to 36 give
+        `efficient-multimnist`'s N, made for 36), else the largest; None if none up to `largest`.
+        Training records the size where this would not give it back (recorded_size)."""
         side = self.min_image_size()
-        if side <= 28 <= largest and self.capsule_count(28, 28) == n:
-            return 28
+        for common in (28, 36, 32):
+            if side <= common <= largest and self.capsule_count(common, common) == n:
+                return common
         found = None
         while side <= largest:
             count = self.capsule_count(side, side)
@@ -268,9 +269,16 @@ class ModelSpec:
             side += 1
         return found
 
+    def recorded_size(self, height: int, width: int) -> tuple[int, int] | None:
+        """The training images' size to record beside N (capsule.image_size): None when a square side is
+        what side_for gives back from N, so the files of the usual sizes keep their JSON; else (H, W)
+        (a 2x2 pool maps 32 and 33, 36 and 37 to one N: a 36x36-trained model was exported for 37x37)."""
+        n = self.capsule_count(height, width)
+        return None if height == width and self.side_for(n, 1024) == height else (height, width)
+
     def fixed_input_size(self) -> tuple[int, int] | None:
         """(H, W) of an image that non-shared capsule weights were made for: the training images' size
-        when recorded (not square), else the square side that gives N (side_for); None for shared
+        when recorded (recorded_size), else the square side that gives N (side_for); None for shared
         weights, the pool head, or when no square side gives N."""
         caps = self.capsule
         if self.head != "capsule" or caps.shared or caps.num_inputs is None:
