@@ -53,3 +53,52 @@ def test_a_killed_downloads_part_file_is_replaced_not_kept(tmp_path):
         datasets.fetch(info, cache, mirrors=[url])
     assert sorted(p.name for p in cache.iterdir()) == sorted(f + ".gz" for f in datasets.FILES.values())
     assert datasets.Dataset("mnist", cache).train().images.shape == (6, 28, 28, 1)
+
+
+def test_two_processes_fetching_one_set_download_it_once(tmp_path, capsys):
+    """The ranks of `train --nproc` reach a missing data set together: each downloaded it into the same
+    `.part` files, truncating, checking and deleting the other's (spurious SHA-256 mismatches)."""
+    import http.server
+    import threading
+    import time
+
+    raw = _serve_set(tmp_path / "srv")
+    info = _content_info(raw)
+    requests: list[str] = []
+
+    class Slow(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a, **k) -> None:
+            super().__init__(*a, directory=str(tmp_path / "srv"), **k)
+
+        def do_GET(self) -> None:
+            requests.append(self.path)
+            time.sleep(0.2)  # (long enough for the other fetch to start meanwhile)
+            super().do_GET()
+
+        def log_message(self, *a) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    errors: list[BaseException] = []
+
+    def fetch() -> None:
+        try:
+            datasets.fetch(info, tmp_path / "cache" / "tiny", mirrors=[url])
+        except BaseException as e:  # (reported below)
+            errors.append(e)
+
+    try:
+        threads = [threading.Thread(target=fetch) for _ in range(2)]  # (flock: one lock per open())
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert errors == []
+    assert sorted(requests) == sorted(f"/{f}.gz" for f in datasets.FILES.values())  # each file once
+    assert datasets.Dataset("mnist", tmp_path / "cache" / "tiny").train().images.shape == (6, 28, 28, 1)
+    assert "waiting for another capsctl process downloading" in capsys.readouterr().err

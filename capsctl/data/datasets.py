@@ -15,7 +15,8 @@ import hashlib
 import os
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -286,7 +287,34 @@ def fetch(info: DatasetInfo, dest: Path, mirrors: Sequence[str] | None = None) -
         raise
 
 
+@contextmanager
+def _fetch_lock(dest: Path) -> Iterator[None]:
+    """One download into `dest` at a time: the ranks of `train --nproc` reach the same missing data set
+    together, and wrote, checked and deleted one another's `.part` files. The lock file sits beside
+    `dest` (a failed first fetch removes its empty folder)."""
+    import fcntl
+
+    from capsctl._console import err
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(dest.parent / f".{dest.name}.fetch-lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            err.print(f"note: waiting for another capsctl process downloading into {dest}")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # (releases the lock)
+
+
 def _fetch_into(info: DatasetInfo, dest: Path, mirrors: tuple[str, ...]) -> Path:
+    with _fetch_lock(dest):  # (a second process waits, then finds the files there and downloads none)
+        return _download_missing(info, dest, mirrors)
+
+
+def _download_missing(info: DatasetInfo, dest: Path, mirrors: tuple[str, ...]) -> Path:
     wanted = [("archive", info.archive)] if info.archive else [(r, FILES[r] + ".gz") for r in ROLES]
     for role, fname in wanted:
         if (dest / fname).is_file() or (not info.archive and find_file(dest, role)):
