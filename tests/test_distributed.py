@@ -156,6 +156,7 @@ def test_a_port_in_use_is_one_line(tmp_path, capsys):
          '"host:port" strings'),
         ('{"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 2}}', "must be 0..1"),
         ('{"cluster": {"worker": ["a:1"]}, "task": {"type": "chief", "index": 0}}', 'needs a "task"'),
+        ('{"cluster": {"worker": ["a:1"]}, "task": {"type": ["worker"], "index": 0}}', 'needs a "task"'),
     ],
 )
 @pytest.mark.keras
@@ -202,6 +203,25 @@ def _weights(run: Path) -> dict[str, np.ndarray]:
 def _relative_gap(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
     assert a.keys() == b.keys()
     return max(float(np.abs(a[k] - b[k]).max() / max(np.abs(a[k]).max(), 1e-12)) for k in a)
+
+
+def _free_ports(n: int) -> list[int]:
+    ports = []
+    for _ in range(n):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    return ports
+
+
+def _rank_env(backend: str, rank: int, ports: list[int]) -> dict[str, str]:
+    """The environment a launcher gives rank `rank` of 2 (torchrun's variables, or TF_CONFIG)."""
+    from capsctl.training.distributed import tf_configs
+
+    if backend == "torch":
+        return dict(_env(), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                    MASTER_PORT=str(ports[0]))
+    return dict(_env(), TF_CONFIG=tf_configs(ports)[rank])
 
 
 @pytest.fixture()
@@ -402,24 +422,12 @@ def test_ranks_started_by_hand_refuse_other_data_with_a_prefixed_line(backend, t
     """Two ranks started by hand with the launcher's environment (what each machine of a multi-node job
     sees: torchrun's variables, or TF_CONFIG): rank 1 holds out 100 images, so its training images
     differ; it says so, prefixed, and rank 0 stops with one line."""
-    from capsctl.training.distributed import tf_configs
-
-    ports = []
-    for _ in range(2):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            ports.append(s.getsockname()[1])
+    ports = _free_ports(2)
     base = [sys.executable, "-m", "capsctl", "train", *(str(a) for a in tiny), "--epochs", "1",
             "--out", str(tmp_path / "r"), "--backend", backend]
-    jobs = []
-    for rank, extra in ((0, []), (1, ["--holdout", "100"])):
-        if backend == "torch":
-            env = dict(_env(), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                       MASTER_PORT=str(ports[0]))
-        else:
-            env = dict(_env(), TF_CONFIG=tf_configs(ports)[rank])
-        jobs.append(subprocess.Popen([*base, *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True, env=env))
+    jobs = [subprocess.Popen([*base, *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=_rank_env(backend, rank, ports))
+            for rank, extra in ((0, []), (1, ["--holdout", "100"]))]
     (_, err0), (_, err1) = (job.communicate(timeout=120) for job in jobs)
     assert jobs[1].returncode == 2, err1
     assert err1.count("\n") == 1, err1
@@ -427,6 +435,38 @@ def test_ranks_started_by_hand_refuse_other_data_with_a_prefixed_line(backend, t
     assert jobs[0].returncode == 1 and "lost contact with another" in err0, err0
     assert err0.count("\n") == 1 and "Traceback" not in err0, err0
     assert not (tmp_path / "r" / "checkpoint.safetensors").exists()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_job_resumed_across_machines_reads_the_run_folder_on_rank_0_alone(backend, tiny, tmp_path):
+    """Each machine of a job runs `train --resume runs/x` in its own folder; only rank 0's machine holds
+    the run. Every rank read the checkpoint before joining, so rank 1 failed: "no checkpoint there"."""
+    args = [*tiny, "--epochs", "2", "--backend", backend]
+    whole = _train([*args, "--out", tmp_path / "whole"])
+    assert whole.returncode == 0, whole.stderr
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()  # rank 1's machine: no run folder
+    cmd = [sys.executable, "-m", "capsctl", "train", *(str(a) for a in args), "--out", "r"]
+    first = subprocess.Popen(cmd, cwd=tmp_path / "a", env=_env(), stderr=subprocess.DEVNULL)
+    try:  # stopped once its step-0 checkpoint is there (or finished: the resume then has nothing to do)
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "a" / "r" / "checkpoint.safetensors").exists() and first.poll() is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    finally:
+        first.kill()
+        first.wait()
+    ports = _free_ports(2)
+    resume = [sys.executable, "-m", "capsctl", "train", "--resume", "r", "-q"]
+    jobs = [subprocess.Popen(resume, cwd=tmp_path / folder, env=_rank_env(backend, rank, ports),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for rank, folder in ((0, "a"), (1, "b"))]
+    (_, err0), (_, err1) = (job.communicate(timeout=180) for job in jobs)
+    assert jobs[1].returncode == 0, err1
+    assert jobs[0].returncode == 0, err0
+    assert not (tmp_path / "b" / "r").exists()
+    gap = _relative_gap(_weights(tmp_path / "whole"), _weights(tmp_path / "a" / "r"))
+    assert gap < 1e-5, gap  # (2 ranks: the updates of one process, up to summation order)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -294,15 +294,21 @@ def train(
     if resume is not None:
         if out is not None and out != resume:
             raise CapsctlError("give either --out or --resume RUN, not both")
-        from capsctl.training.run_folder import load_checkpoint
-
-        ck = load_checkpoint(resume)
         fixed_given = [name for name in _FIXED_ON_RESUME if given(ctx, name)]
         if fixed_given:
             flags = ", ".join(_flag(ctx, name) for name in fixed_given)
             raise CapsctlError(
                 f"--resume {resume}: continues with the settings the run was started with; leave out {flags}"
             )
+        from capsctl.training import distributed
+
+        if nproc is None and distributed.launched_rank() not in (None, 0):
+            # the run folder is rank 0's (on its machine: the other machines of a job have none)
+            _follow_rank_0(resume, backend, folder, data_dir, quiet=quiet, json_out=json_out)
+            return
+        from capsctl.training.run_folder import load_checkpoint
+
+        ck = load_checkpoint(resume)
         from dataclasses import replace
 
         old = ck.config
@@ -571,12 +577,42 @@ def _run(
     # TensorFlow runs anything: its strategy must be made first); rank 0 alone writes `run`
     world = be.distributed().join() if distributed.launched(cfg.backend) else None
     try:
+        if world is not None and resume:  # the other ranks take the run's settings from rank 0
+            distributed.share_settings(world, (cfg, spec))
         _run_rank(
             cfg, spec, run, data_dir, be, world, resume=resume, quiet=quiet, json_out=json_out, fixed=fixed
         )
     finally:
         if world is not None:
             world.close()
+
+
+def _follow_rank_0(
+    resume: Path,
+    backend: str | None,
+    folder: str | None,  # this rank's --data-dir, absolute
+    data_dir: Path | None,
+    *,
+    quiet: bool,
+    json_out: bool,
+) -> None:
+    """`train --resume RUN` as a rank > 0 of a job: join it, take the run's settings and spec from rank 0
+    (which reads RUN), and train; this process never opens RUN. Its own --data-dir, if given, replaces the
+    folder rank 0 recorded (each machine's copy of the data; the ranks check they hold the same)."""
+    from dataclasses import replace
+
+    from capsctl.backend import get_backend
+    from capsctl.training import distributed
+
+    be = get_backend(backend or distributed.launcher_backend() or "torch")  # (launched: one names it)
+    world = be.distributed().join()
+    try:
+        cfg, spec = distributed.share_settings(world, None)
+        cfg = replace(cfg, backend=be.name, data_dir=folder or cfg.data_dir)
+        _run_rank(cfg, spec, resume, data_dir or cfg.data_dir, be, world, resume=True, quiet=quiet,
+                  json_out=json_out, fixed=frozenset())
+    finally:
+        world.close()
 
 
 def _next_command(spec: "ModelSpec", compose: str | None) -> str:

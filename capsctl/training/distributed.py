@@ -25,6 +25,7 @@ import numpy as np
 from capsctl.backend import OptimConfig, Trainer
 from capsctl.errors import CapsctlError
 from capsctl.model.spec import ModelSpec
+from capsctl.training.config import TrainConfig
 
 TF_TASK_TYPES = ("chief", "worker")  # what MultiWorkerMirroredStrategy runs; no parameter servers here
 MAX_NPROC = 64  # `capsctl train --nproc` starts processes on this machine: more is a typo, not a plan
@@ -75,6 +76,37 @@ def launched(backend: str | None = None) -> bool:
     """Whether this process was started as one rank of a job by `backend`'s launcher (any, if None)."""
     kinds = LAUNCHER_ENV.values() if backend is None else [LAUNCHER_ENV.get(backend, ())]
     return any(names and all(name in os.environ for name in names) for names in kinds)
+
+
+def launched_rank() -> int | None:
+    """This process's rank in the job its launcher's environment names, before joining it (None when not
+    launched): torchrun's RANK, or TF_CONFIG's task in TF's order."""
+    if launched("torch"):
+        try:
+            return int(os.environ["RANK"])
+        except ValueError:
+            return None  # (join says what is wrong with it)
+    if launched("keras"):
+        return parse_tf_config(os.environ["TF_CONFIG"])[0]
+    return None
+
+
+def launcher_backend() -> str | None:
+    """The backend whose launcher started this process (torchrun: torch; TF_CONFIG: keras), if any."""
+    return next((name for name in LAUNCHER_ENV if launched(name)), None)
+
+
+def share_settings(
+    world: World, settings: tuple[TrainConfig, ModelSpec] | None
+) -> tuple[TrainConfig, ModelSpec]:
+    """Rank 0's (TrainConfig, ModelSpec) on every rank, as JSON: on --resume the run folder is rank 0's
+    alone (on its machine), so the other ranks take the run's settings from it, not from a folder."""
+    sent = None
+    if world.rank == 0:
+        assert settings is not None
+        sent = json.dumps({"config": settings[0].to_json(), "spec": settings[1].to_json()}).encode()
+    got = json.loads(world.broadcast_bytes(sent))
+    return TrainConfig.from_json(got["config"]), ModelSpec.from_json(got["spec"])
 
 
 def lost_contact(gist: str, timed_out: bool, peer: str = "rank") -> BaseException:
@@ -166,7 +198,7 @@ def parse_tf_config(raw: str | None) -> tuple[int, int]:
             raise CapsctlError(f'TF_CONFIG: cluster "{kind}" must be a list of "host:port" strings')
     if len(cluster.get("chief", [])) > 1:
         raise CapsctlError("TF_CONFIG: a cluster has at most one chief")
-    if not isinstance(task, dict) or task.get("type") not in cluster:
+    if not isinstance(task, dict) or not isinstance(task.get("type"), str) or task["type"] not in cluster:
         kinds = ", ".join(cluster)
         raise CapsctlError(f'TF_CONFIG needs a "task" with a "type" among the cluster\'s ({kinds})')
     index = task.get("index")
