@@ -50,6 +50,16 @@ def run_script(main: Callable[[], object]) -> int:
     return 0
 
 
+def is_out_of_memory(e: BaseException) -> bool:
+    """Whether a framework error says memory ran out (read by name and text, so no framework is imported):
+    torch's allocators raise RuntimeError (OutOfMemoryError on a GPU), TensorFlow ResourceExhaustedError."""
+    if isinstance(e, MemoryError) or type(e).__name__ in ("OutOfMemoryError", "ResourceExhaustedError"):
+        return True
+    text = str(e)
+    said = "can't allocate memory" in text or "out of memory" in text.lower()
+    return isinstance(e, RuntimeError) and said
+
+
 def first_line(e: BaseException, fallback: str | None = None) -> str:
     """A library error's first line (at most 200 characters), to quote inside a one-line message;
     `fallback` (else the error's type name) when it has no text."""

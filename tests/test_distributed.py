@@ -486,3 +486,45 @@ def test_every_rank_failing_alike_is_one_line(backend, tmp_path):
     assert job.returncode == 2, job.stderr
     assert job.stderr.count("\n") == 1 and job.stderr.startswith("error: "), job.stderr
     assert "no test/ folder" in job.stderr and "[rank" not in job.stderr, job.stderr
+
+
+def _out_of_memory(backend: str) -> BaseException:
+    """The backend's own out-of-memory error (torch's CPU allocator's; TensorFlow's ResourceExhausted)."""
+    if backend == "torch":
+        import torch
+
+        try:
+            torch.empty(2**50, dtype=torch.uint8)  # (1 PiB: refused at once)
+        except RuntimeError as e:
+            return e
+        raise AssertionError("a 1 PiB tensor was allocated")
+    from capsctl_keras._env import tf
+
+    return tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor with shape[1024,1024]")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_running_out_of_memory_is_said_so_not_lost_contact_nor_a_traceback(backend, tmp_path, capsys,
+                                                                           monkeypatch):
+    """A rank's own out-of-memory error inside a step was reported as "lost contact with another rank"
+    (the collectives took every RuntimeError / OpError for one); in one process it was a traceback."""
+    import importlib
+
+    error = _out_of_memory(backend)
+    dist = importlib.import_module(f"capsctl_{backend}._distributed")
+
+    def fail() -> None:
+        raise error
+
+    with pytest.raises(type(error)):
+        dist._collective(fail)
+
+    import capsctl.training.loop
+
+    def train(*a, **k):
+        raise error
+
+    monkeypatch.setattr(capsctl.training.loop, "train", train)
+    code, out, err = run_cli(["train", "--backend", backend, "--limit", "64", "--epochs", "1", "--out",
+                              tmp_path / "r"], capsys)
+    assert code == 1 and out == "" and err == "error: out of memory (try a smaller --batch-size or --limit)\n"

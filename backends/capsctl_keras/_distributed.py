@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from capsctl.backend import DigitTargets, OptimConfig, Trainer
-from capsctl.errors import CapsctlError, TrainingStopped, first_line
+from capsctl.errors import CapsctlError, TrainingStopped, first_line, is_out_of_memory
 from capsctl.model.spec import ModelSpec
 from capsctl.training.distributed import (
     NPROC_JOB_ENV,
@@ -54,6 +54,8 @@ def _collective(fn: Callable[[], T]) -> T:
     try:
         return fn()
     except (tf.errors.OpError, RuntimeError) as e:  # Unavailable, DeadlineExceeded, Cancelled, Aborted, …
+        if is_out_of_memory(e):  # (ResourceExhausted is an OpError too: this worker's own failure)
+            raise
         raise _lost(e) from None
 
 

@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from capsctl._process_exit import skip_finalizing
 from capsctl.backend import DigitTargets, OptimConfig, Trainer
-from capsctl.errors import CapsctlError, TrainingStopped
+from capsctl.errors import CapsctlError, TrainingStopped, is_out_of_memory
 from capsctl.model.spec import ModelSpec
 from capsctl.training.distributed import (
     NPROC_JOB_ENV,
@@ -58,6 +58,8 @@ def _collective(fn: Callable[[], T]) -> T:
     try:
         return fn()
     except RuntimeError as e:  # DistBackendError, DistNetworkError and gloo's errors are RuntimeErrors
+        if is_out_of_memory(e):  # (so are the allocators': this rank's own failure, said as such)
+            raise
         raise _lost(e) from None
 
 

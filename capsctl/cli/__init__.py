@@ -138,7 +138,7 @@ def _traceback(debug: bool) -> None:
 def _main(argv: list[str] | None) -> None:
     debug, args = _split_debug(list(sys.argv[1:] if argv is None else argv))
     ARGS[:] = args
-    from capsctl.errors import CapsctlError, os_error_exit
+    from capsctl.errors import CapsctlError, is_out_of_memory, os_error_exit
 
     try:
         rv = app(args=args, prog_name="capsctl", standalone_mode=False)
@@ -161,15 +161,17 @@ def _main(argv: list[str] | None) -> None:
         sys.exit(e.exit_code)
     except BrokenPipeError:
         sys.exit(1)
-    except MemoryError:
-        _traceback(debug)
-        typer.echo("error: out of memory (try a smaller --batch-size or --limit)", err=True)
-        sys.exit(1)
     except OSError as e:
         _traceback(debug)
         line, status = os_error_exit(e)
         _say(line)
         sys.exit(status)
+    except Exception as e:  # (MemoryError and the frameworks' own out-of-memory errors; others go on up)
+        if not is_out_of_memory(e):
+            raise
+        _traceback(debug)
+        _say("error: out of memory (try a smaller --batch-size or --limit)")
+        sys.exit(1)
     if rv == 130:  # Typer turns Ctrl-C outside training (scoring, a data set's decoding) into a silent 130
         from capsctl.training.distributed import launched
 
