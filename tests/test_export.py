@@ -320,3 +320,24 @@ def test_import_refuses_a_format_the_file_is_not_and_an_export_suffix_as_out(tmp
                  f"--out {tmp_path / name}: import writes the canonical model file", "call it x.safetensors")
     assert sorted(p.name for p in tmp_path.iterdir()) == []
     _ok(["import", natives["keras"], "--format", "keras", "--out", out], capsys)  # the right one, given
+
+
+@pytest.mark.torch
+def test_onnx_export_on_an_old_torch_or_an_exporter_failure_is_one_line(tmp_path, capsys, models,
+                                                                        monkeypatch):
+    """pyproject allowed torch 2.2, whose exporter has no dynamo=True with dynamic shapes (a TypeError
+    traceback); any exporter error was a traceback, exit 1."""
+    import torch
+
+    monkeypatch.setattr(torch, "__version__", "2.4.1+cpu")
+    _refused(["export", models["capsule"], "--out", tmp_path / "m.onnx"], capsys,
+             "--format onnx needs torch 2.5 or newer (this is 2.4.1+cpu)", "pip install 'torch>=2.5'")
+    monkeypatch.setattr(torch, "__version__", "2.13.0+cpu")
+
+    def refuse(*a, **k):
+        raise RuntimeError("Failed to export the model with torch.export.\nmore lines")
+
+    monkeypatch.setattr(torch.onnx, "export", refuse)
+    _refused(["export", models["capsule"], "--out", tmp_path / "m.onnx"], capsys,
+             "could not export this model to ONNX (Failed to export the model with torch.export.)")
+    assert not (tmp_path / "m.onnx").exists()

@@ -21,7 +21,7 @@ from collections.abc import Iterator, Mapping
 import numpy as np
 import torch
 
-from capsctl.errors import CapsctlError
+from capsctl.errors import CapsctlError, first_line
 from capsctl.model.spec import ModelSpec
 from capsctl.model.weights import MODEL_FORMAT, check_weights
 
@@ -160,6 +160,18 @@ def _quiet_exporter() -> Iterator[None]:
         logger.setLevel(level)
 
 
+ONNX_TORCH = (2, 5)  # the first torch whose torch.onnx.export takes dynamo=True with dynamic_shapes
+
+
+def _release(version: str) -> tuple[int, int]:
+    """(major, minor) of a torch version string ('2.13.0+cpu' -> (2, 13))."""
+    parts = version.split("+")[0].split(".")
+    try:
+        return int(parts[0]), int(parts[1])
+    except (IndexError, ValueError):
+        return ONNX_TORCH  # (a build whose version does not parse: let the exporter say)
+
+
 def onnx_bytes(spec: ModelSpec, weights: Mapping[str, np.ndarray]) -> bytes:
     """The model as ONNX: input `images` (B, H, W, C) float32, output `scores` (B, J); a model with
     a decoder has a second output `reconstruction` (B, H, W, C) drawn from the argmax class's capsule.
@@ -181,12 +193,18 @@ def onnx_bytes(spec: ModelSpec, weights: Mapping[str, np.ndarray]) -> bytes:
     example = torch.zeros(2, *size, spec.in_channels)
     if spec.decoder is not None and spec.decoder.image_shape is not None:  # traced at the training size
         example = torch.zeros(2, *spec.decoder.image_shape)
-    with _quiet_exporter():
-        program = torch.onnx.export(
-            net, (example,), input_names=["images"], dynamo=True,
-            output_names=["scores"] if spec.decoder is None else ["scores", "reconstruction"],
-            dynamic_shapes={"images": dyn}, verbose=False,
-        )
+    try:
+        with _quiet_exporter():
+            program = torch.onnx.export(
+                net, (example,), input_names=["images"], dynamo=True,
+                output_names=["scores"] if spec.decoder is None else ["scores", "reconstruction"],
+                dynamic_shapes={"images": dyn}, verbose=False,
+            )
+    except Exception as e:  # (the exporter's own errors: torch.export, onnxscript; --debug shows them whole)
+        raise CapsctlError(
+            f"torch {torch.__version__} could not export this model to ONNX ({first_line(e)}); "
+            "export --format torch and .keras still work"
+        ) from e
     assert program is not None  # dynamo=True always returns the program
     proto = program.model_proto
     onnx.helper.set_model_props(proto, {FORMAT_KEY: MODEL_FORMAT, SPEC_KEY: spec.to_json()})
@@ -201,6 +219,11 @@ def export_bytes(spec: ModelSpec, weights: Mapping[str, np.ndarray], format: str
         if missing:
             raise CapsctlError(
                 f"--format onnx needs {', '.join(missing)}; install it with: pip install 'capsctl[onnx]'"
+            )
+        if _release(torch.__version__) < ONNX_TORCH:  # (dynamo=True with dynamic_shapes)
+            raise CapsctlError(
+                f"--format onnx needs torch {'.'.join(map(str, ONNX_TORCH))} or newer (this is "
+                f"{torch.__version__}): pip install 'torch>={'.'.join(map(str, ONNX_TORCH))}'"
             )
         return onnx_bytes(spec, weights)
     return state_dict_bytes(spec, weights)
