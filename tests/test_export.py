@@ -204,7 +204,7 @@ def _shrunk_spec(text: str) -> str:
     [
         ("torch-unrelated", ["not a capsctl torch export"]),
         ("torch-truncated", ["truncated"]),
-        ("torch-truncated-forced", ["not a readable torch state_dict"]),
+        ("torch-truncated-forced", ["truncated"]),  # (damaged whatever --format says)
         ("torch-code-pickle", ["not a readable torch state_dict"]),
         ("torch-spec-mismatch", ["trunk.convs.0.weight", "shape"]),
         ("torch-extra-tensor", ["'extra'", "not part of"]),
@@ -341,3 +341,22 @@ def test_onnx_export_on_an_old_torch_or_an_exporter_failure_is_one_line(tmp_path
     _refused(["export", models["capsule"], "--out", tmp_path / "m.onnx"], capsys,
              "could not export this model to ONNX (Failed to export the model with torch.export.)")
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_export_and_import_keep_off_the_canonical_and_checkpoint_files(tmp_path, capsys, models, natives):
+    """`export --format torch --out x.safetensors` wrote a torch zip under the canonical name; `import
+    --out runs/r/checkpoint.safetensors` replaced a run's checkpoint; `import m.onnx --format torch` said
+    "holds Python objects" instead of why; `export --out M.KERAS` was refused."""
+    for fmt in ("torch", "onnx"):
+        _refused(["export", models["capsule"], "--format", fmt, "--out", tmp_path / "m.safetensors"], capsys,
+                 "a .safetensors file is the canonical model", "export writes .pt, .keras or .onnx")
+    ck = tmp_path / "checkpoint.safetensors"
+    _refused(["import", natives["torch"], "--out", ck], capsys, "is a run's checkpoint")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    graph = tmp_path / "m.onnx"
+    graph.write_bytes(b"\x08\x07 not really")
+    _refused(["import", graph, "--format", "torch", "--out", tmp_path / "x.safetensors"], capsys,
+             "ONNX graphs cannot be imported")
+    _refused(["import", models["capsule"], "--format", "keras", "--out", tmp_path / "x.safetensors"], capsys,
+             "already the canonical format")
+    _ok(["export", models["capsule"], "--out", tmp_path / "M.KERAS"], capsys)

@@ -75,8 +75,13 @@ def export(
     from capsctl.model.weights import load_model
 
     _check_out(out, model)
+    if out.suffix.lower() == ".safetensors":  # (a torch zip or an ONNX graph under the canonical name)
+        raise CapsctlError(
+            f"--out {out}: a .safetensors file is the canonical model (capsctl import writes it); export "
+            "writes .pt, .keras or .onnx"
+        )
     fmt = _format_for(out, format)
-    if fmt == "keras" and out.suffix != ".keras":
+    if fmt == "keras" and out.suffix.lower() != ".keras":
         raise CapsctlError(f"--out {out}: a Keras model file must end in .keras")
     spec, weights = load_model(model)
     backend = get_backend(_EXPORTED_BY[fmt])
@@ -84,8 +89,13 @@ def export(
     typer.echo(f"wrote {out} ({fmt}, {spec.head} head)")
 
 
+class _Unrecognised(Exception):
+    """A file _sniff cannot tell apart (not a zip, a zip of other files): with --format given, the
+    backend's reader says what is wrong; the other refusals stand whatever --format says."""
+
+
 def _sniff(path: Path) -> str:
-    """'torch', 'keras', or a CapsctlError saying what the file is instead."""
+    """'torch', 'keras', or a CapsctlError saying what the file is instead (_Unrecognised: not known)."""
     import zipfile
 
     from capsctl._io import read_user_file
@@ -104,7 +114,7 @@ def _sniff(path: Path) -> str:
     if head[:1] == b"\x80":  # a legacy (non-zip) torch.save pickle stream
         return "torch"
     if head[:2] != b"PK":
-        raise CapsctlError(f"{path}: not a torch state_dict file or a .keras archive")
+        raise _Unrecognised(f"{path}: not a torch state_dict file or a .keras archive")
     try:
         with zipfile.ZipFile(path) as zf:
             names = zf.namelist()
@@ -114,7 +124,7 @@ def _sniff(path: Path) -> str:
         return "keras"
     if any(n.endswith("/data.pkl") for n in names):
         return "torch"
-    raise CapsctlError(f"{path}: a zip archive, but neither a torch state_dict file nor a .keras archive")
+    raise _Unrecognised(f"{path}: a zip archive, but neither a torch state_dict file nor a .keras archive")
 
 
 def import_(
@@ -149,6 +159,13 @@ def import_(
             "import the torch or Keras export"
         )
     _check_out(out, path)
+    from capsctl.training.run_folder import CHECKPOINT_FILE
+
+    if out.name == CHECKPOINT_FILE:  # (a model file there: the run could no longer be resumed)
+        raise CapsctlError(
+            f"--out {out}: is a run's checkpoint (train --resume reads it); write the model under another "
+            "name"
+        )
     if out.suffix.lower() in _SUFFIXES:  # (export's own suffixes: the file would be taken for one)
         raise CapsctlError(
             f"--out {out}: import writes the canonical model file, not a {_SUFFIXES[out.suffix.lower()]} "
@@ -156,9 +173,9 @@ def import_(
         )
     try:
         sniffed: str | None = _sniff(path)
-    except CapsctlError:
+    except _Unrecognised as e:
         if format is None:
-            raise
+            raise CapsctlError(str(e)) from None
         sniffed = None  # (the user says what it is: the backend's reader tells)
     if format is not None and sniffed is not None and str(format) != sniffed:
         raise CapsctlError(
