@@ -360,3 +360,30 @@ def test_export_and_import_keep_off_the_canonical_and_checkpoint_files(tmp_path,
     _refused(["import", models["capsule"], "--format", "keras", "--out", tmp_path / "x.safetensors"], capsys,
              "already the canonical format")
     _ok(["export", models["capsule"], "--out", tmp_path / "M.KERAS"], capsys)
+
+
+@pytest.mark.keras
+def test_a_keras_config_of_channels_first_float16_leaves_the_model_alone(tmp_path, capsys, models, mnist):
+    """The layers read keras.json's image_data_format and floatx when made, and a .keras file carries only
+    the spec: under `channels_first` export was a traceback, under `float16` every weight was rounded
+    (import then wrote other tensors, silently)."""
+    import capsctl_keras
+    import keras
+
+    before = keras.config.image_data_format(), keras.config.floatx()
+    keras.config.set_image_data_format("channels_first")
+    keras.config.set_floatx("float16")
+    try:
+        native = tmp_path / "m.keras"
+        _ok(["export", models["efficient"], "--out", native], capsys)
+        model = capsctl_keras.load_model(str(native))
+        assert {w.dtype for w in model.weights} == {"float32"}
+        spec, weights = load_model(models["efficient"])
+        x = _digits(mnist, "efficient")
+        np.testing.assert_allclose(np.asarray(model(x)), reference.forward(spec, weights, x)[0], atol=1e-4)
+        _ok(["import", native, "--out", tmp_path / "back.safetensors"], capsys)
+        _same_model(models["efficient"], tmp_path / "back.safetensors")
+        assert (keras.config.image_data_format(), keras.config.floatx()) == ("channels_first", "float16")
+    finally:
+        keras.config.set_image_data_format(before[0])
+        keras.config.set_floatx(before[1])

@@ -8,7 +8,8 @@ releases, and einsum strings say exactly which axes are summed. Tensors of the c
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from capsctl.model.spec import BN_EPS, BN_MOMENTUM, EPS, ConvLayer, ModelSpec
@@ -150,7 +151,8 @@ class CapsuleHead(keras.layers.Layer):
             shape = ops.shape(f)
             return ops.reshape(f, (shape[0], -1, shape[3]))
         conv = ops.depthwise_conv if p["kind"] == "depthwise" else ops.conv
-        z = conv(f, self.primary_kernel, strides=p["stride"], padding="valid") + self.primary_bias
+        z = conv(f, self.primary_kernel, strides=p["stride"], padding="valid", data_format="channels_last")
+        z = z + self.primary_bias
         return squash(ops.reshape(z, (ops.shape(z)[0], -1, p["dim"])), self.squash)
 
     def predictions(self, f: Any) -> Any:
@@ -319,6 +321,21 @@ def capsule_head(spec: ModelSpec) -> CapsuleHead:
     )
 
 
+@contextlib.contextmanager
+def _channels_last_float32() -> Iterator[None]:
+    """Keras' defaults while the layers are made, whatever the user's keras.json says: the layers read
+    image_data_format and floatx when constructed, and a .keras file carries only the spec, so a
+    `channels_first` config broke the graph (a traceback) and `float16` rounded every weight."""
+    fmt, floatx = keras.config.image_data_format(), keras.config.floatx()
+    keras.config.set_image_data_format("channels_last")
+    keras.config.set_floatx("float32")
+    try:
+        yield
+    finally:
+        keras.config.set_image_data_format(fmt)
+        keras.config.set_floatx(floatx)
+
+
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class CapsNet(keras.Model):
     """Trunk + head as a functional graph on images (B, H, W, C) of any size -> scores (B, J);
@@ -330,6 +347,11 @@ class CapsNet(keras.Model):
 
     def __init__(self, spec: ModelSpec | dict[str, Any], **kwargs: Any) -> None:
         spec = spec if isinstance(spec, ModelSpec) else ModelSpec.from_dict(spec)
+        with _channels_last_float32():
+            self._build_graph(spec, **kwargs)
+        self.spec = spec
+
+    def _build_graph(self, spec: ModelSpec, **kwargs: Any) -> None:
         x = inputs = keras.Input(shape=(None, None, spec.in_channels), name="images")
         for layer in Trunk(spec):
             x = layer(x)
@@ -347,7 +369,6 @@ class CapsNet(keras.Model):
             outputs = x
         kwargs.setdefault("name", "capsctl")
         super().__init__(inputs=inputs, outputs=outputs, **kwargs)
-        self.spec = spec
 
     def get_config(self) -> dict[str, Any]:
         return {"spec": self.spec.to_dict(), "name": self.name}
