@@ -366,15 +366,33 @@ def test_sigterm_ends_a_rank_at_once_and_the_job_with_it(tiny_on, tmp_path):
     assert (run / "metrics.jsonl").read_text().count("\n") < 6
 
 
+def _processes_naming(path: Path) -> list[int]:
+    """Pids of the processes whose command line names `path` (a job's ranks name their --out)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and str(path).encode() in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
 @pytest.mark.slow
-def test_ctrl_c_stops_every_rank_and_says_how_to_continue(tiny_on, tmp_path):
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the ranks' processes in /proc")
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_or_sigterm_stops_every_rank_and_says_how_to_continue(tiny_on, sig, tmp_path):
+    """Keras' launcher handled Ctrl-C only: killed (or its terminal closed), it left its workers training
+    in their own sessions, holding the run's lock."""
     args = [*tiny_on, "--limit", "400", "--batch-size", "16", "--epochs", "6"]
     run = tmp_path / "run"
-    job, err, _ = _signal_in_epoch_2(args, run, signal.SIGINT, rank=None)
+    job, err, _ = _signal_in_epoch_2(args, run, sig, rank=None)
     assert job.returncode == 130, err
     errors = [line for line in err.splitlines() if not line.startswith("epoch ")]
-    said = "error: stopped by SIGINT; every rank was stopped; the last checkpoint is kept; continue with: "
+    said = (f"error: stopped by {sig.name}; every rank was stopped; the last checkpoint is kept; "
+            "continue with: ")
     assert errors == [f"{said}capsctl train --resume {run} --nproc 2"], err
+    assert _processes_naming(run) == []
 
 
 @pytest.mark.slow

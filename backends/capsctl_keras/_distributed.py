@@ -275,11 +275,38 @@ def _ports(nproc: int, port: int | None) -> list[int]:
             s.close()
 
 
+# a launcher told to stop (kill, a scheduler, the terminal closing) stops its workers first, as torchrun's
+# agent does: they run in sessions of their own, so nothing else would reach them, and rank 0 would go on
+# training and holding the run's lock
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+class _Signalled(Exception):
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.name = signal.Signals(signum).name
+
+
+def _raise_on(signals: tuple[signal.Signals, ...]) -> dict[signal.Signals, Any]:
+    """Turn each signal into _Signalled in the main thread; the handlers replaced, to put back."""
+
+    def handler(signum: int, frame: Any) -> None:
+        for sig in signals:  # (a second one while the workers are being stopped waits for that)
+            signal.signal(sig, signal.SIG_IGN)
+        raise _Signalled(signum)
+
+    try:
+        return {sig: signal.signal(sig, handler) for sig in signals}
+    except ValueError:  # (not the main thread: signals stay as they were)
+        return {}
+
+
 def launch(nproc: int, argv: list[str], port: int | None) -> dict[int, int]:
     """Start `nproc` workers running `python -m capsctl *argv`, each with its TF_CONFIG; wait. When one
     fails, stop the others (SIGTERM, then SIGKILL after 5 s) and return every failed rank's exit code."""
     env = dict(os.environ, **{NPROC_JOB_ENV: "1"})
     workers: list[subprocess.Popen[bytes]] = []
+    saved = _raise_on(STOP_SIGNALS)
     try:
         for config in tf_configs(_ports(nproc, port)):
             # a session of its own: Ctrl-C reaches this launcher, which stops the workers
@@ -294,11 +321,13 @@ def launch(nproc: int, argv: list[str], port: int | None) -> dict[int, int]:
             if any(c not in (None, 0) for c in codes) or all(c == 0 for c in codes):
                 break
             time.sleep(0.1)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, _Signalled) as e:
         _stop(workers)
-        raise TrainingStopped(
-            "stopped by SIGINT; every rank was stopped", exit_code=130
-        ) from None
+        name = e.name if isinstance(e, _Signalled) else "SIGINT"
+        raise TrainingStopped(f"stopped by {name}; every rank was stopped", exit_code=130) from None
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
     running = {r for r, code in enumerate(codes) if code is None}  # the ranks this launcher stops
     stuck = _stop(workers)
     exits = {r: UNRESPONSIVE_EXIT if r in stuck else int(w.returncode) for r, w in enumerate(workers)}
