@@ -265,7 +265,8 @@ def train(
     port: Annotated[
         int | None,
         typer.Option(
-            help="Rendezvous port on 127.0.0.1 for --nproc (keras: worker i listens on PORT+i).",
+            help="Rendezvous port for --nproc (keras: worker i listens on PORT+i); the ranks connect over "
+            "127.0.0.1, but the servers listen on every interface (docs/DISTRIBUTED.md).",
             show_default="a free one", rich_help_panel=RUN,
         ),
     ] = None,
