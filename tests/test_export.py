@@ -210,11 +210,13 @@ def _shrunk_spec(text: str) -> str:
         ("torch-extra-tensor", ["'extra'", "not part of"]),
         ("torch-missing-tensor", ["'head.kernel'", "missing"]),
         ("torch-bad-spec", ["capsule.routing"]),
+        ("torch-newer-format", ["format is 'capsctl/2', but this capsctl reads 'capsctl/1'"]),
         ("keras-unrelated", ["not a capsctl Keras model", "Sequential"]),
         ("keras-truncated", ["truncated"]),
         ("keras-truncated-forced", ["truncated"]),
         ("keras-spec-mismatch", ["weights", "shape"]),
         ("keras-no-weights", ["not a Keras model archive"]),
+        ("keras-newer-format", ["format is 'capsctl/2', but this capsctl reads 'capsctl/1'"]),
         ("safetensors", ["already the canonical format"]),
         ("onnx", ["ONNX"]),
         ("text", ["not a torch state_dict file or a .keras archive"]),
@@ -244,6 +246,16 @@ def test_import_refuses_bad_files(tmp_path, capsys, models, natives, case, words
         _torch_with(lambda s: s.pop("head.kernel"), natives, bad)
     elif case == "torch-bad-spec":
         _torch_with(lambda s: _edit_spec(s, lambda text: text.replace('"su"', '"x"', 1)), natives, bad)
+    elif case == "torch-newer-format":
+        _torch_with(lambda s: s._metadata[""].update(capsctl_format="capsctl/2"), natives, bad)
+    elif case == "keras-newer-format":
+        def newer(data: bytes) -> bytes:
+            c = json.loads(data)
+            assert c["config"]["format"] == "capsctl/1"
+            c["config"]["format"] = "capsctl/2"
+            return json.dumps(c).encode()
+
+        _rewrite_zip(natives["keras"], bad, "config.json", newer)
     elif case == "keras-unrelated":
         import capsctl_keras._env  # noqa: F401  (pins tensorflow)
         import keras

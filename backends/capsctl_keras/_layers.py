@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from capsctl.model.spec import BN_EPS, BN_MOMENTUM, EPS, ConvLayer, ModelSpec
+from capsctl.model.weights import MODEL_FORMAT
 
 from ._env import keras
 
@@ -371,11 +372,12 @@ class CapsNet(keras.Model):
         super().__init__(inputs=inputs, outputs=outputs, **kwargs)
 
     def get_config(self) -> dict[str, Any]:
-        return {"spec": self.spec.to_dict(), "name": self.name}
+        # "format": the weight-file contract's version, as the other exports carry it (read by import)
+        return {"spec": self.spec.to_dict(), "name": self.name, "format": MODEL_FORMAT}
 
     @classmethod
     def from_config(cls, config: dict[str, Any], custom_objects: Any = None) -> CapsNet:
-        return cls(**config)
+        return cls(**{k: v for k, v in config.items() if k != "format"})
 
 
 def scores_of(out: Any) -> Any:

@@ -20,7 +20,7 @@ import numpy as np
 
 from capsctl.errors import CapsctlError
 from capsctl.model.spec import ModelSpec
-from capsctl.model.weights import check_weights
+from capsctl.model.weights import MODEL_FORMAT, check_weights, other_format
 
 from ._env import keras
 from ._layers import PACKAGE, CapsNet
@@ -65,6 +65,10 @@ def _check_archive(path: str) -> ModelSpec:
             "only files written by `capsctl export --format keras` can be imported"
         )
     inner = config.get("config")
+    # (a file written before the key was added has none: the contract it follows is this one)
+    fmt = inner.get("format", MODEL_FORMAT) if isinstance(inner, dict) else MODEL_FORMAT
+    if fmt != MODEL_FORMAT:
+        raise CapsctlError(f"{path}: {other_format(str(fmt))}")
     spec_dict = inner.get("spec") if isinstance(inner, dict) else None
     try:
         return ModelSpec.from_dict(spec_dict)

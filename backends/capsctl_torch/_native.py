@@ -23,7 +23,7 @@ import torch
 
 from capsctl.errors import CapsctlError, first_line
 from capsctl.model.spec import ModelSpec
-from capsctl.model.weights import MODEL_FORMAT, check_weights
+from capsctl.model.weights import MODEL_FORMAT, check_weights, other_format
 
 from ._layers import CapsNet, mask, safe_norm
 from ._runner import build
@@ -68,6 +68,9 @@ def import_native(path: str) -> tuple[ModelSpec, dict[str, np.ndarray]]:
     if not isinstance(state, Mapping):
         raise CapsctlError(f"{path}: holds a {type(state).__name__}, not a state_dict")
     meta = (getattr(state, "_metadata", None) or {}).get("", {})
+    fmt = meta.get(FORMAT_KEY) if isinstance(meta, Mapping) else None
+    if isinstance(fmt, str) and fmt.startswith("capsctl/") and fmt != MODEL_FORMAT:
+        raise CapsctlError(f"{path}: {other_format(fmt)}")
     if (
         not isinstance(meta, Mapping)
         or meta.get(FORMAT_KEY) != MODEL_FORMAT

@@ -236,6 +236,14 @@ def read_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray
     return decode_safetensors(read_user_file(path, "a .safetensors file"), str(Path(path)))
 
 
+def other_format(fmt: str) -> str:
+    """What to say of a native export that names a weight-file contract version other than this one's."""
+    return (
+        f"format is {fmt!r}, but this capsctl reads {MODEL_FORMAT!r} (a file from another capsctl "
+        "version: open it with that version)"
+    )
+
+
 def spec_from_metadata(meta: Mapping[str, str], source: str, expected_format: str) -> ModelSpec:
     fmt = meta.get("format")
     if fmt != expected_format:
