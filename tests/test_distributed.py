@@ -546,3 +546,30 @@ def test_running_out_of_memory_is_said_so_not_lost_contact_nor_a_traceback(backe
     code, out, err = run_cli(["train", "--backend", backend, "--limit", "64", "--epochs", "1", "--out",
                               tmp_path / "r"], capsys)
     assert code == 1 and out == "" and err == "error: out of memory (try a smaller --batch-size or --limit)\n"
+
+
+@pytest.mark.keras
+def test_keras_workers_each_take_one_gpu_as_torch_ranks_do(tmp_path):
+    """Every Keras worker saw every GPU, so MultiWorkerMirroredStrategy made a replica of each and the job
+    was refused with advice (CUDA_VISIBLE_DEVICES per worker) that --nproc gave no way to follow."""
+    from capsctl_keras._distributed import worker_envs
+
+    configs = ["c0", "c1", "c2"]
+    envs = worker_envs(3, {"CUDA_VISIBLE_DEVICES": "4,7,5"}, configs)
+    got = [(e["TF_CONFIG"], e["CUDA_VISIBLE_DEVICES"]) for e in envs]
+    assert got == [("c0", "4"), ("c1", "7"), ("c2", "5")]
+    assert all("TF_FORCE_GPU_ALLOW_GROWTH" not in e for e in envs)
+    shared = worker_envs(3, {"CUDA_VISIBLE_DEVICES": "1,2"}, configs)  # more workers than GPUs: in turn
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in shared] == ["1", "2", "1"]
+    assert all(e["TF_FORCE_GPU_ALLOW_GROWTH"] == "true" for e in shared)
+    # no CUDA_VISIBLE_DEVICES: the GPUs nvidia-smi lists (here a stand-in on PATH); none: nothing set
+    fake = tmp_path / "bin" / "nvidia-smi"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H200 (UUID: a)'\necho 'GPU 1: NVIDIA H200 (UUID: b)'\n")
+    fake.chmod(0o755)
+    listed = worker_envs(2, {"PATH": str(fake.parent)}, configs[:2])
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in listed] == ["0", "1"]
+    no_gpu = ({"PATH": str(tmp_path / "none")}, {"CUDA_VISIBLE_DEVICES": ""}, {"CUDA_VISIBLE_DEVICES": "-1"})
+    for env in no_gpu:
+        for e in worker_envs(2, env, configs[:2]):  # (no GPU: the environment as it was)
+            assert e.get("CUDA_VISIBLE_DEVICES") == env.get("CUDA_VISIBLE_DEVICES")

@@ -301,6 +301,38 @@ def _raise_on(signals: tuple[signal.Signals, ...]) -> dict[signal.Signals, Any]:
         return {}
 
 
+def visible_gpus(env: Mapping[str, str]) -> list[str]:
+    """The GPU ids this machine shows a process: CUDA_VISIBLE_DEVICES when set, else those `nvidia-smi -L`
+    lists ([] without a GPU or the tool). Asked without importing TensorFlow, which would take them."""
+    if "CUDA_VISIBLE_DEVICES" in env:
+        return [d.strip() for d in env["CUDA_VISIBLE_DEVICES"].split(",") if d.strip() and d.strip() != "-1"]
+    try:
+        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20, env=env)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    if listed.returncode != 0:
+        return []
+    gpus = [line for line in listed.stdout.splitlines() if line.startswith("GPU ")]
+    return [str(i) for i in range(len(gpus))]
+
+
+def worker_envs(nproc: int, env: Mapping[str, str], configs: list[str]) -> list[dict[str, str]]:
+    """Each worker's environment: its TF_CONFIG and, on a machine with GPUs, one of them (in turn), as
+    torch's ranks each take one: MultiWorkerMirroredStrategy makes a replica of every GPU a worker sees, so
+    workers that each saw all of them were refused. Workers sharing a GPU allocate as they grow (TensorFlow
+    takes nearly all of a GPU's memory for the first process otherwise)."""
+    gpus = visible_gpus(env)
+    out = []
+    for rank in range(nproc):
+        mine = dict(env, TF_CONFIG=configs[rank])
+        if gpus:
+            mine["CUDA_VISIBLE_DEVICES"] = gpus[rank % len(gpus)]
+            if nproc > len(gpus):
+                mine.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
+        out.append(mine)
+    return out
+
+
 def launch(nproc: int, argv: list[str], port: int | None) -> dict[int, int]:
     """Start `nproc` workers running `python -m capsctl *argv`, each with its TF_CONFIG; wait. When one
     fails, stop the others (SIGTERM, then SIGKILL after 5 s) and return every failed rank's exit code."""
@@ -308,14 +340,10 @@ def launch(nproc: int, argv: list[str], port: int | None) -> dict[int, int]:
     workers: list[subprocess.Popen[bytes]] = []
     saved = _raise_on(STOP_SIGNALS)
     try:
-        for config in tf_configs(_ports(nproc, port)):
+        for worker_env in worker_envs(nproc, env, tf_configs(_ports(nproc, port))):
             # a session of its own: Ctrl-C reaches this launcher, which stops the workers
-            workers.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "capsctl", *argv], env=dict(env, TF_CONFIG=config),
-                    start_new_session=True,
-                )
-            )
+            command = [sys.executable, "-m", "capsctl", *argv]
+            workers.append(subprocess.Popen(command, env=worker_env, start_new_session=True))
         while True:
             codes = [w.poll() for w in workers]
             if any(c not in (None, 0) for c in codes) or all(c == 0 for c in codes):
