@@ -303,7 +303,7 @@ def train(
             )
         from capsctl.training import distributed
 
-        if nproc is None and distributed.launched_rank() not in (None, 0):
+        if nproc is None and distributed.launched_rank(backend) not in (None, 0):
             # the run folder is rank 0's (on its machine: the other machines of a job have none)
             _follow_rank_0(resume, backend, folder, data_dir, quiet=quiet, json_out=json_out)
             return

@@ -78,15 +78,15 @@ def launched(backend: str | None = None) -> bool:
     return any(names and all(name in os.environ for name in names) for names in kinds)
 
 
-def launched_rank() -> int | None:
-    """This process's rank in the job its launcher's environment names, before joining it (None when not
-    launched): torchrun's RANK, or TF_CONFIG's task in TF's order."""
-    if launched("torch"):
+def launched_rank(backend: str | None = None) -> int | None:
+    """This process's rank in the job its launcher's environment names (`backend`'s launcher, or any),
+    before joining it; None when not launched: torchrun's RANK, or TF_CONFIG's task in TF's order."""
+    if launched("torch") and backend in (None, "torch"):
         try:
             return int(os.environ["RANK"])
         except ValueError:
             return None  # (join says what is wrong with it)
-    if launched("keras"):
+    if launched("keras") and backend in (None, "keras"):
         return parse_tf_config(os.environ["TF_CONFIG"])[0]
     return None
 
