@@ -325,6 +325,47 @@ def test_ctrl_c_at_the_end_of_an_epoch_saves_that_epoch(tmp_path, capsys, data, 
     assert len(metrics(run)) == 1
 
 
+@pytest.mark.torch
+def test_a_mid_epoch_resume_keeps_the_epochs_seconds_and_refuses_other_data(tmp_path, capsys, data,
+                                                                           monkeypatch):
+    """The resumed epoch's row counted only the seconds after the resume (experiment results sum them);
+    a resume on other data (another count or labels: --data-dir may change) went on without a word,
+    its batches and schedule no longer the run's."""
+    from capsctl_torch import _trainer
+
+    real_step = _trainer.TorchTrainer.step
+    calls = {"n": 0}
+    pause = 0.25  # (a step's seconds, far above the tiny model's own)
+
+    def step(self, *a, **kw):
+        time.sleep(pause)
+        out = real_step(self, *a, **kw)
+        calls["n"] += 1
+        if calls["n"] == 6:  # epoch 2, step 2 of 4
+            os.kill(os.getpid(), signal.SIGINT)
+        return out
+
+    monkeypatch.setattr(_trainer.TorchTrainer, "step", step)
+    run = tmp_path / "run"
+    code, _, err = run_cli(train_args(data, run), capsys)
+    assert code == 130 and _position(run) == (1, 2), err
+    other = tmp_path / "other"  # the same images, the labels of the first 64 in another order
+    other.mkdir()
+    for f in data.iterdir():
+        (other / f.name).write_bytes(f.read_bytes())
+    labels = idx.read_idx(data / "train-labels-idx1-ubyte.gz")
+    (other / "train-labels-idx1-ubyte.gz").write_bytes(gz(idx_bytes(np.roll(labels, 1))))
+    code, out, err = run_cli(resume_args(other, run), capsys)
+    assert_one_line_error(code, out, err, f"--resume {run}: the training data changed since the run started "
+                          "(64 images then, 64 now, or other labels)")
+    code, _, err = run_cli(resume_args(data, run), capsys)
+    assert code == 0, err
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = LIMIT // BATCH
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert all(r["seconds"] >= steps * pause for r in rows), [r["seconds"] for r in rows]
+
+
 # -- NaN -----------------------------------------------------------------------------------------------------
 
 @pytest.mark.torch
@@ -354,6 +395,9 @@ def test_nan_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, capsys,
     assert code == 1, err
     assert len(lines) == 1 and ("NaN" in lines[0] or "nan" in lines[0]), err
     assert "still holds the last good state" in lines[0] and "Traceback" not in err
+    # (it said "lower --lr?", which a resume refuses, and a resume replays the same NaN)
+    assert lines[0].endswith("a resume would replay the same steps: start again with a lower --lr and "
+                             "another --out"), lines[0]
     assert _position(run) == (1, 0)  # the end of epoch 1, loadable and finite
     from capsctl.model.weights import load_model
 

@@ -148,6 +148,14 @@ def train(
             raise
 
 
+def _nan_advice(run: Path) -> str:
+    """What to do after a NaN: a resume replays the same batches and rates into the same NaN, and the
+    settings are the run's, so the way on is a new run (the folder of one that saved nothing is removed)."""
+    if nothing_trained(run):
+        return " (try a lower --lr)"
+    return "; a resume would replay the same steps: start again with a lower --lr and another --out"
+
+
 def refuse_existing(run: Path) -> None:
     """A new run (no --resume) refuses a folder that holds one."""
     if (run / CHECKPOINT_FILE).exists() or (run / MODEL_FILE).exists():
@@ -212,20 +220,23 @@ class _Start:
     epoch: int  # epochs fully done
     step: int  # steps done within `epoch`
     elapsed: float  # training seconds so far
-    partial: tuple[float, int, int]  # (loss sum, correct, images) of `epoch` so far
+    partial: tuple[float, int, int, float]  # (loss sum, correct, images, seconds) of `epoch` so far
     weights: dict[str, np.ndarray]
     optimizer: dict[str, np.ndarray]
+    data: tuple[int, int] | None = None  # the checkpoint's (images, label CRC), if it recorded them
 
 
 def _start(run: Path, spec: ModelSpec, cfg: TrainConfig, resume: bool) -> _Start:
     if not resume:  # train() has checked that the folder holds no run
-        return _Start(spec, cfg, [], 0, 0, 0.0, (0.0, 0, 0), init_weights(spec, cfg.seed), {})
+        return _Start(spec, cfg, [], 0, 0, 0.0, (0.0, 0, 0, 0.0), init_weights(spec, cfg.seed), {})
     ck = load_checkpoint(run)
     # the checkpoint's settings, except those a resume may change: which framework runs the steps,
     # where the data is found and how many test images are scored (never the weights)
     cfg = replace(ck.config, **{k: getattr(cfg, k) for k in RESUMABLE_CHANGES})
     rows = [r for r in read_metrics(run) if r.get("epoch", 0) <= ck.epoch]
-    return _Start(ck.spec, cfg, rows, ck.epoch, ck.step, ck.elapsed, ck.partial, ck.weights, ck.optimizer)
+    return _Start(
+        ck.spec, cfg, rows, ck.epoch, ck.step, ck.elapsed, ck.partial, ck.weights, ck.optimizer, ck.data
+    )
 
 
 def _share_start(world: World, st: _Start | None) -> _Start:
@@ -241,10 +252,10 @@ def _share_start(world: World, st: _Start | None) -> _Start:
             "spec": st.spec.to_json(),
             "config": st.cfg.to_json(),
             "rows": json.dumps(st.rows),
-            "position": json.dumps([st.epoch, st.step, st.elapsed, list(st.partial)]),
+            "position": json.dumps([st.epoch, st.step, st.elapsed, list(st.partial), st.data]),
         }
     tensors, meta = share_tensors(world, tensors, meta)
-    epoch, step, elapsed, (loss_sum, correct, seen) = json.loads(meta["position"])
+    epoch, step, elapsed, (loss_sum, correct, seen, secs), data = json.loads(meta["position"])
     return _Start(
         ModelSpec.from_json(meta["spec"]),
         TrainConfig.from_json(meta["config"]),
@@ -252,10 +263,18 @@ def _share_start(world: World, st: _Start | None) -> _Start:
         int(epoch),
         int(step),
         float(elapsed),
-        (float(loss_sum), int(correct), int(seen)),
+        (float(loss_sum), int(correct), int(seen), float(secs)),
         {k: v for k, v in tensors.items() if not k.startswith("optim.")},
         {k[len("optim.") :]: v for k, v in tensors.items() if k.startswith("optim.")},
+        None if data is None else (int(data[0]), int(data[1])),
     )
+
+
+def data_key(labels: np.ndarray) -> tuple[int, int]:
+    """(images, CRC-32 of their labels): what a resume must find again (the pixels may be decoded anew)."""
+    import zlib
+
+    return len(labels), zlib.crc32(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
 
 
 def _scored_images(cfg: TrainConfig, test_split: Split | None, epoch: int) -> Split | None:
@@ -311,6 +330,13 @@ def _train_locked(
     if cfg.compose is not None and test_split is not None:
         # scored on overlap pairs of test digits: the last epoch on what `eval-pairs --layout overlap` scores
         test_split = scoring_pairs(test_split, cfg.eval_limit, light)
+    data = data_key(y_all)
+    if resume and st.data is not None and st.data != data:
+        raise CapsctlError(
+            f"--resume {run}: the training data changed since the run started ({st.data[0]:,} images then, "
+            f"{n:,} now, or other labels); a resume replays the run's batches, which follow the data: "
+            "restore it, or start a new run"
+        )
     spe = steps_per_epoch(cfg, n)
     total = spe * cfg.epochs
     if st.step >= spe:
@@ -331,7 +357,7 @@ def _train_locked(
         write_metrics(run, rows)
     if not resume and writer:
         # a step-0 checkpoint at once: a run killed at any later moment can be resumed (and replays exactly)
-        save_checkpoint(run, Checkpoint(spec, cfg, st.weights, {}, 0, 0, 0.0))
+        save_checkpoint(run, Checkpoint(spec, cfg, st.weights, {}, 0, 0, 0.0, data=data))
     elapsed = st.elapsed
 
     def good_weights(epoch: int) -> dict[str, np.ndarray]:
@@ -339,17 +365,17 @@ def _train_locked(
         weights = trainer.weights()
         if not all(np.isfinite(w).all() for w in weights.values()):
             raise TrainingStopped(
-                f"the weights became NaN or infinite in epoch {epoch + 1}; {kept_note(run)} (lower --lr?)"
+                f"the weights became NaN or infinite in epoch {epoch + 1}; {kept_note(run)}{_nan_advice(run)}"
             )
         return weights
 
     def checkpoint(
-        epoch: int, step: int, weights: dict[str, np.ndarray], part: tuple[float, int, int]
+        epoch: int, step: int, weights: dict[str, np.ndarray], part: tuple[float, int, int, float]
     ) -> None:
         if not writer:
             return
         state = trainer.optimizer_state()
-        save_checkpoint(run, Checkpoint(spec, cfg, weights, state, epoch, step, elapsed, part))
+        save_checkpoint(run, Checkpoint(spec, cfg, weights, state, epoch, step, elapsed, part, data))
 
     from rich.progress import TextColumn
 
@@ -372,7 +398,7 @@ def _train_locked(
                 f"epoch {epoch + 1}/{cfg.epochs}", total=spe, completed=0, loss=0.0, acc=0.0, ips=0.0
             )
             first = st.step if epoch == st.epoch else 0
-            loss_sum, correct, seen = st.partial if first else (0.0, 0, 0)
+            loss_sum, correct, seen, secs_before = st.partial if first else (0.0, 0, 0, 0.0)
             seen_before = seen  # images of this epoch done before a resume: not part of this run's speed
             t0 = time.perf_counter()
             bar.update(task, completed=first)
@@ -398,7 +424,7 @@ def _train_locked(
                 if not math.isfinite(loss):
                     raise TrainingStopped(
                         f"loss became {loss} at epoch {epoch + 1}, step {step + 1}; training stopped, "
-                        f"{kept_note(run)} (lower --lr?)"
+                        f"{kept_note(run)}{_nan_advice(run)}"
                     )
                 loss_sum += loss * len(idx)
                 correct += ok
@@ -409,8 +435,10 @@ def _train_locked(
                 if on_step is not None:
                     on_step("step", {"epoch": epoch, "step": step})
                 if stop.requested and step + 1 < spe:
-                    elapsed += time.perf_counter() - t0
-                    checkpoint(epoch, step + 1, good_weights(epoch), (loss_sum, correct, seen))
+                    spent = time.perf_counter() - t0
+                    elapsed += spent
+                    part = (loss_sum, correct, seen, secs_before + spent)
+                    checkpoint(epoch, step + 1, good_weights(epoch), part)
                     bar.stop()
                     err.print(
                         f"interrupted: saved epoch {epoch + 1}, step {step + 1} to {run / CHECKPOINT_FILE}"
@@ -431,7 +459,7 @@ def _train_locked(
                     None if scored is None else len(scored.images),
                     lr,
                     (seen - seen_before) / max(train_time, 1e-9),
-                    train_time,
+                    secs_before + train_time,  # (the epoch's seconds before a mid-epoch resume too)
                 )
             )
             if cfg.compose is not None:  # test_accuracy and test_images are of composites: say so
@@ -453,7 +481,7 @@ def _train_locked(
             if writer:
                 save_model(run / MODEL_FILE, spec, weights)
                 write_metrics(run, rows)
-            checkpoint(epoch + 1, 0, weights, (0.0, 0, 0))
+            checkpoint(epoch + 1, 0, weights, (0.0, 0, 0, 0.0))
             if on_step is not None:
                 on_step("epoch", row)
             if stop.requested and epoch + 1 < cfg.epochs:

@@ -77,8 +77,12 @@ class Checkpoint:
     epoch: int  # epochs fully done
     step: int  # steps done within epoch `epoch` (0 at an epoch boundary)
     elapsed: float  # training seconds so far
-    # (loss sum, correct, images) of epoch `epoch` so far, so a mid-epoch resume reports the same row
-    partial: tuple[float, int, int] = (0.0, 0, 0)
+    # (loss sum, correct, images, seconds) of epoch `epoch` so far: a mid-epoch resume reports the row an
+    # uninterrupted run would (its seconds too)
+    partial: tuple[float, int, int, float] = (0.0, 0, 0, 0.0)
+    # (training images, CRC-32 of their labels) the run trains on: a resume replays its batches, whose order
+    # and schedule follow the count (None: a checkpoint written before it was recorded)
+    data: tuple[int, int] | None = None
 
 
 def save_checkpoint(run: Path, ck: Checkpoint) -> None:
@@ -92,6 +96,7 @@ def save_checkpoint(run: Path, ck: Checkpoint) -> None:
         "step": str(ck.step),
         "elapsed": repr(ck.elapsed),
         "partial": json.dumps(list(ck.partial)),
+        **({} if ck.data is None else {"data": json.dumps(list(ck.data))}),
     }
     atomic_write_bytes(run / CHECKPOINT_FILE, encode_safetensors(tensors, meta))
 
@@ -105,18 +110,23 @@ def load_checkpoint(run: Path) -> Checkpoint:
     try:
         config = TrainConfig.from_json(meta["config"])
         epoch, step, elapsed = int(meta["epoch"]), int(meta["step"]), float(meta["elapsed"])
-        loss_sum, correct, seen = json.loads(meta.get("partial", "[0.0, 0, 0]"))
-        partial = (float(loss_sum), int(correct), int(seen))
+        loss_sum, correct, seen, *secs = json.loads(meta.get("partial", "[0.0, 0, 0]"))  # (3: no seconds)
+        partial = (float(loss_sum), int(correct), int(seen), float(secs[0]) if secs else 0.0)
+        data: tuple[int, int] | None = None
+        if "data" in meta:
+            images, crc = json.loads(meta["data"])
+            data = (int(images), int(crc))
     except (KeyError, ValueError, TypeError, AttributeError, json.JSONDecodeError) as e:
         raise CapsctlError(f"{path}: damaged checkpoint metadata ({e})") from None
-    if epoch < 0 or step < 0 or not math.isfinite(elapsed) or not math.isfinite(partial[0]):
+    finite = all(math.isfinite(x) for x in (elapsed, partial[0], partial[3]))
+    if epoch < 0 or step < 0 or not finite:
         raise CapsctlError(f"{path}: damaged checkpoint metadata (epoch {epoch}, step {step})")
     shapes = expected_shapes(spec)
     weights = {k: v for k, v in tensors.items() if k in shapes}
     check_weights(spec, weights, str(path))
     optim = {k[len("optim.") :]: v for k, v in tensors.items() if k.startswith("optim.")}
     _check_optimizer_state(optim, shapes, str(path))
-    return Checkpoint(spec, config, weights, optim, epoch, step, elapsed, partial)
+    return Checkpoint(spec, config, weights, optim, epoch, step, elapsed, partial, data)
 
 
 def _check_optimizer_state(
