@@ -103,6 +103,7 @@ def test_pairs_with_holdout_never_scores_the_test_set(tmp_path: Path, mnist_dir:
     assert code == 0, err
     r = json.loads((out / "results.json").read_text())
     assert r["holdout"] == 300 and r["test_images"] == 300 and r["train_images"] == 100
+    assert r["curve_test_images"] == 300  # (the curve's images: it said 2000, and so did its plot)
     assert r["overrides"] == {"epochs": 1, "scale": 0.1}
     assert "--holdout 300" in r["command"] and "--scale 0.1" in r["command"]
     (m,) = r["models"]
@@ -151,3 +152,17 @@ def test_recipe_settings_take_overrides_that_are_given() -> None:
     assert TrainConfig(**got).epochs == 3  # every key is a TrainConfig field
     with pytest.raises(TypeError, match="routing"):
         rec.settings("capsule", routing="su")
+
+
+def test_the_recipe_choice_names_each_folders_held_out_count() -> None:
+    """The heading said every candidate was trained without the first folder's count of images."""
+    from capsctl.experiment.report import _choice
+
+    shipped = Path(__file__).resolve().parents[1] / "docs" / "results" / "select-b32-e15-shift5"
+    r = json.loads((shipped / "results.json").read_text())
+    assert r["holdout"] == 1000
+    alone = _choice([(shipped, r)])
+    assert "without 1000 training images (a fixed random draw)" in alone
+    other = {**r, "holdout": 500}
+    both = _choice([(shipped, r), (Path("other"), other)])
+    assert "without some training images (500, 1,000, by folder) (a fixed random draw)" in both

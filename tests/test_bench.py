@@ -220,3 +220,21 @@ def test_a_failed_measurement_is_not_a_success(capsys, monkeypatch):
     assert err.strip().splitlines()[-1] == "error: the measurement failed on torch"
     code, out, err = run_cli(["bench", "--backend", "torch", *TINY_ARGS], capsys)
     assert code == 1 and "failed" in out
+
+
+def test_the_sgemm_fraction_is_the_median_of_the_per_window_ratios():
+    """The module (and docs/PERFORMANCE.md) say every ratio is the median of per-window ratios; the
+    fraction was the quotient of two medians, which under load differs (a slow step window beside a slow
+    sgemm window is one fair window, not two medians' worth of noise)."""
+    from capsctl.bench.measure import sgemm_fraction
+
+    # three windows: each step as fast, relative to its own window's sgemm, as half the sgemm
+    step_s = [1.0, 2.0, 4.0]
+    gemm_s = [0.5, 1.0, 2.0]  # (load slowed both alike)
+    assert sgemm_fraction(10.0, step_s, 10.0, gemm_s) == pytest.approx(0.5)
+    # the quotient of medians would say 0.5 here too; with the load moving between windows it does not
+    step_s, gemm_s = [1.0, 3.0, 1.2], [0.5, 2.0, 0.3]
+    per_window = sorted(g / t for t, g in zip(step_s, gemm_s, strict=True))
+    assert sgemm_fraction(10.0, step_s, 10.0, gemm_s) == pytest.approx(per_window[1])
+    assert per_window[1] != pytest.approx(sorted(gemm_s)[1] / sorted(step_s)[1])
+    assert sgemm_fraction(10.0, [0.0], 10.0, [1.0]) is None

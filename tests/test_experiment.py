@@ -101,6 +101,10 @@ def test_saved_scores_know_the_composites_they_were_made_on(tmp_path: Path, mnis
     light.score(torch_be, tmp_path / "run", ["vertical", "overlap"])
     keys = json.loads((tmp_path / "run" / "eval.json").read_text())["scores"]
     assert sorted(keys) == ["overlap|r=|limit=20|seed=0|light", "vertical|r=|limit=20|seed=0"]
+    (tmp_path / "run" / "eval.json").write_text("null")  # valid JSON, not a cache: scored again
+    light.score(torch_be, tmp_path / "run", ["vertical"])
+    rescored = json.loads((tmp_path / "run" / "eval.json").read_text())["scores"]
+    assert list(rescored) == ["vertical|r=|limit=20|seed=0"]
     rgb = spec.replace(in_channels=3)
     (tmp_path / "rgb").mkdir()
     save_model(tmp_path / "rgb" / "model.safetensors", rgb, init_weights(rgb, 0))
@@ -368,13 +372,27 @@ def test_report_section_replaces_its_own_section_only(tmp_path: Path, tiny_pairs
     assert newer_end < third.index("<!-- capsctl report section: New default -->")
     assert third.count("## New default") == third.count("## Newer") == 1
     assert third.endswith(again[again.index("<!-- capsctl report section: New default -->"):])
-    # the whole report rewritten (no --section): the sections made with --section stay, in their order
-    code, _, err = run_cli(["experiment", "report", tiny_pairs[0], "--out", doc], capsys)
-    assert code == 0, err
-    whole = doc.read_text()
-    assert "Hand-kept intro" not in whole and "it keeps the sections generated with --section" in whole
-    assert whole.index("## Newer") < whole.index("## New default") < whole.index("## Reference numbers")
+    # rewritten whole (no --section), this file would lose its own text around the sections: refused (once
+    # --section had added one, the file counted as capsctl's and the hand-kept intro was dropped)
+    code, out, err = run_cli(["experiment", "report", tiny_pairs[0], "--out", doc], capsys)
+    assert_one_line_error(code, out, err, "not a report capsctl wrote", "with the text around its sections")
+    assert doc.read_text() == third
+    # a report capsctl wrote whole, with sections added: rewritten whole, the sections stay in their order
+    report = tmp_path / "REPORT.md"
+    for args in ([], ["--section", "Newer"], ["--section", "New default"], []):
+        code, _, err = run_cli(["experiment", "report", tiny_pairs[0], "--out", report, *args], capsys)
+        assert code == 0, err
+    whole = report.read_text()
+    assert "it keeps the sections generated with --section" in whole
+    assert whole.index("## New default") < whole.index("## Newer") < whole.index("## Reference numbers")
     assert whole.count("<!-- capsctl report section: Newer -->") == 1
+    # a Markdown file whose first line is a `## ` heading: a new section goes before it, not inside it
+    notes = tmp_path / "NOTES.md"
+    notes.write_text("## Mine\n\ntext\n")
+    code, _, err = run_cli(["experiment", "report", tiny_pairs[0], "--out", notes, "--section", "S"], capsys)
+    assert code == 0, err
+    text = notes.read_text()
+    assert text.startswith("<!-- capsctl report section: S -->") and text.endswith("## Mine\n\ntext\n")
 
 
 def test_bad_options_exit_2(tmp_path: Path, capsys) -> None:

@@ -180,6 +180,13 @@ def _timed(fn: Callable[[], object], reps: int) -> float:
     return time.perf_counter() - t
 
 
+def sgemm_fraction(work: float, step_s: list[float], sgemm_work: float, gemm_s: list[float]) -> float | None:
+    """The median over windows of (work / step time) / (sgemm work / that window's sgemm time): the
+    step's achieved rate as a fraction of the sgemm's (None without a timed window)."""
+    ratios = [work * g / (t * sgemm_work) for t, g in zip(step_s, gemm_s, strict=True) if t > 0 and g > 0]
+    return median(ratios) if ratios else None
+
+
 def _timed2(fn: Callable[[], object], reps: int) -> tuple[float, float]:
     """(wall, process CPU) seconds per call."""
     c = time.process_time()
@@ -243,6 +250,7 @@ def measure_backend(name: str, cfg: BenchConfig) -> dict[str, Any]:
         count = flops.count(spec, *sizes[head])
         achieved = count.train_step * cfg.batch / step / 1e9
         achieved_cpu = count.train_step * cfg.batch / cpu / 1e9 if cpu > 0 else None
+        work = count.train_step * cfg.batch  # one step's FLOPs
         heads[head] = {
             "parameters": parameter_count(spec),
             "train_images_per_s": cfg.batch / step,
@@ -250,9 +258,11 @@ def measure_backend(name: str, cfg: BenchConfig) -> dict[str, Any]:
             "train_step_cpu_ms": cpu * 1e3,
             "train_gflop_per_image": count.train_step / 1e9,
             "achieved_gflops": achieved,
-            "sgemm_fraction": achieved / sgemm_gflops if sgemm_gflops else None,
+            # the median of the per-window ratios (the step and the sgemm timed seconds apart), as the
+            # module says every ratio is: a quotient of the two medians differs under load
+            "sgemm_fraction": sgemm_fraction(work, step_s[head], sgemm_flops, gemm_s),
             "achieved_gflops_per_cpu_s": achieved_cpu,
-            "sgemm_fraction_cpu": achieved_cpu / sgemm_cpu if achieved_cpu and sgemm_cpu else None,
+            "sgemm_fraction_cpu": sgemm_fraction(work, cpu_s[head], sgemm_flops, gemm_cpu),
             "infer_images_per_s": {},
         }
     if "capsule" in specs and "pool" in specs:

@@ -413,7 +413,10 @@ def run_pairs(
         "image_size": plan.image_size,
         "compose": plan.compose,
         "arch": plan.arch,
-        "curve_test_images": min(CURVE_TEST_IMAGES, plan.eval_limit or CURVE_TEST_IMAGES),
+        # (as the curve's own split is cut: fewer where the test split is, --holdout 1000 say)
+        "curve_test_images": min(
+            CURVE_TEST_IMAGES, plan.eval_limit or CURVE_TEST_IMAGES, len(test_split.images)
+        ),
         "models": models,
         "missing": missing,
         "summary": summarize(models, plan.tests),

@@ -131,7 +131,7 @@ class Scorer:
                 cache = json.loads(cache_path.read_text())
             except (json.JSONDecodeError, OSError):
                 cache = {}
-            if cache.get("model") != key:
+            if not isinstance(cache, dict) or cache.get("model") != key:  # (damaged: scored again)
                 cache = {}
         entries = cache.setdefault("scores", {})
         results: dict[str, dict[str, Any]] = {}
