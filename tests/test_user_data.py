@@ -54,6 +54,42 @@ def test_image_folder_classes_shapes_and_skipped_files(tmp_path, capsys):
     assert "1 non-image file(s) skipped" in capsys.readouterr().err
 
 
+def test_image_folder_skips_macos_and_hidden_files_and_folders(tmp_path, capsys):
+    """A Mac's archive or copy puts `._0.png` AppleDouble files beside each image (named as images, not
+    images: the whole load failed), and Jupyter's checkpoints or a NAS's thumbnails inside a class folder
+    were trained on as samples; `__MACOSX` beside the classes was a class."""
+    root = _folder(tmp_path / "ds")
+    (root / "train" / "cat" / "._0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    for hidden in (".ipynb_checkpoints", "@eaDir"):
+        (root / "train" / "cat" / hidden).mkdir()
+        shutil.copy(root / "train" / "cat" / "0.png", root / "train" / "cat" / hidden / "0-checkpoint.png")
+    (root / "train" / "__MACOSX" / "cat").mkdir(parents=True)
+    (root / "train" / "__MACOSX" / "cat" / "._0.png").write_bytes(b"\x00\x05\x16\x07")
+    (train, _), (test, _), classes = load_image_folder(root)
+    assert classes == CLASSES and len(train) == 12 and len(test) == 6
+    assert "1 non-image file(s) skipped" in capsys.readouterr().err
+
+
+def test_an_idx_folder_or_npz_with_labels_no_image_teaches_is_one_line(tmp_path):
+    """Labels counted from 1 (EMNIST letters) made an IDX folder's class 0 that no image trains (the .npz
+    reader refused it); a label that is an id (10**9) built a billion class names before any check."""
+    from capsctl.data import sources
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(1, 4, 20)  # 1..3
+    write_set(tmp_path / "idx", {"train-images": rng.integers(0, 256, (20, 28, 28)), "train-labels": labels,
+                                 "t10k-images": rng.integers(0, 256, (6, 28, 28)),
+                                 "t10k-labels": rng.integers(1, 4, 6)})
+    refused = r"train-labels-idx1-ubyte.gz has no image of class 0 \(labels 0..3\); every class needs"
+    with pytest.raises(CapsctlError, match=refused):
+        sources.load_path(str(tmp_path / "idx"), None)
+    x = np.zeros((4, 8, 8), np.uint8)
+    np.savez(tmp_path / "ids.npz", x_train=x, y_train=np.array([0, 1, 10**9, 1]), x_test=x[:2],
+             y_test=np.array([0, 1]))
+    with pytest.raises(CapsctlError, match=r"label 1,000,000,000: labels are class indices 0..N-1"):
+        load_npz(tmp_path / "ids.npz")
+
+
 def test_image_folder_mixed_sizes_need_image_size_which_pads(tmp_path):
     root = _folder(tmp_path / "ds")
     Image.fromarray(np.full((10, 30, 3), 255, np.uint8)).save(root / "test" / "dog" / "wide.png")

@@ -113,6 +113,8 @@ def _list(split_dir: Path, classes: list[str], role: str) -> tuple[list[_File], 
         for dirpath, dirnames, filenames in os.walk(folder, onerror=_walk_error, followlinks=True):
             fresh = []
             for d in sorted(dirnames):
+                if _hidden(d):  # (.ipynb_checkpoints, macOS __MACOSX, a NAS's @eaDir thumbnails)
+                    continue
                 real = os.path.realpath(os.path.join(dirpath, d))
                 if real not in seen:
                     seen.add(real)
@@ -121,7 +123,9 @@ def _list(split_dir: Path, classes: list[str], role: str) -> tuple[list[_File], 
             rel_dir = os.path.relpath(dirpath, folder).replace(os.sep, "/")
             for fname in filenames:
                 full = os.path.join(dirpath, fname)
-                if os.path.splitext(fname)[1].lower() not in SUFFIXES:
+                if fname.startswith(".") or os.path.splitext(fname)[1].lower() not in SUFFIXES:
+                    # (dot files: macOS's ._0.png AppleDouble metadata, made by archives and copies from a
+                    # Mac, is named as an image and is none; counted as skipped)
                     skipped += 1
                     continue
                 try:
@@ -141,6 +145,11 @@ def _list(split_dir: Path, classes: list[str], role: str) -> tuple[list[_File], 
     return files, skipped
 
 
+def _hidden(folder: str) -> bool:
+    """A folder that holds no samples: hidden ones, macOS archives' __MACOSX, Synology's @eaDir."""
+    return folder.startswith((".", "@")) or folder == "__MACOSX"
+
+
 def _walk_error(e: OSError) -> None:
     raise CapsctlError(f"{e.filename}: cannot read ({e.strerror or e})") from None
 
@@ -153,8 +162,8 @@ def load_image_folder(
     from capsctl._console import err
 
     train_dir, test_dir = root / "train", root / "test"
-    # (hidden folders are not classes: Jupyter's .ipynb_checkpoints, a .git, ...)
-    classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    # (hidden folders are not classes: Jupyter's .ipynb_checkpoints, a .git, __MACOSX, ...)
+    classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir() and not _hidden(p.name))
     if not classes:
         raise CapsctlError(f"{train_dir}: no class folders (expected {train_dir}/<class>/*.png)")
     if len(classes) < 2:  # (it trained to 100% at loss 0 and predicted that class for everything)
@@ -166,7 +175,7 @@ def load_image_folder(
         extra = sorted(
             p.name
             for p in test_dir.iterdir()
-            if p.is_dir() and not p.name.startswith(".") and p.name not in classes
+            if p.is_dir() and not _hidden(p.name) and p.name not in classes
         )
         if extra:
             raise CapsctlError(

@@ -62,6 +62,10 @@ def load_npz(
     if x_train.shape[3] != x_test.shape[3]:
         raise CapsctlError(f"{path}: x_train has {x_train.shape[3]} channel(s), x_test {x_test.shape[3]}")
     top = int(max(y_train.max(initial=0), y_test.max(initial=0)))
+    if names is None and top >= MAX_CLASSES:  # (an id, not a class index: a billion class names else)
+        raise CapsctlError(
+            f"{path}: label {top:,}: labels are class indices 0..N-1 (at most {MAX_CLASSES:,} classes)"
+        )
     if names is not None:
         if names.ndim != 1 or names.dtype.kind not in "U" or len(names) < 1:
             raise CapsctlError(f"{path}: class_names must be a 1-D array of strings, got {names.dtype} "
@@ -77,15 +81,8 @@ def load_npz(
         classes = tuple(str(j) for j in range(top + 1))
     if len(classes) < 2:
         raise CapsctlError(f"{path}: the labels name only one class; a classifier needs two or more")
-    untrained = sorted(set(range(len(classes))) - set(np.unique(y_train).tolist()))
-    if untrained:  # (an output no image teaches; often a stray label, e.g. 12 among digits 0..9)
-        shown = ", ".join(classes[j] if names is not None else str(j) for j in untrained[:10])
-        more = f" and {len(untrained) - 10} more" if len(untrained) > 10 else ""
-        scheme = f"{len(classes)} class_names" if names is not None else f"labels 0..{top}"
-        raise CapsctlError(
-            f"{path}: y_train has no image of class {shown}{more} ({scheme}); every class needs training "
-            "images"
-        )
+    scheme = f"{len(classes)} class_names" if names is not None else f"labels 0..{top}"
+    require_training_images(f"{path}: y_train", y_train, classes, scheme)
     if image_size is not None:
         x_train, x_test = _resize(x_train, image_size), _resize(x_test, image_size)
     return (
@@ -93,6 +90,21 @@ def load_npz(
         (x_test.astype(np.float32) / 255.0, y_test),
         classes,
     )
+
+
+MAX_CLASSES = 65_536  # labels are class indices; a larger one is an id or a stray value
+
+
+def require_training_images(where: str, y_train: np.ndarray, classes: tuple[str, ...], scheme: str) -> None:
+    """Refuse classes that no training image teaches (an output that is never trained; often a stray
+    label, e.g. 12 among digits 0..9, or labels counted from 1)."""
+    untrained = sorted(set(range(len(classes))) - set(np.unique(y_train).tolist()))
+    if untrained:
+        shown = ", ".join(classes[j] for j in untrained[:10])
+        more = f" and {len(untrained) - 10} more" if len(untrained) > 10 else ""
+        raise CapsctlError(
+            f"{where} has no image of class {shown}{more} ({scheme}); every class needs training images"
+        )
 
 
 def _images(path: Path, key: str, x: np.ndarray) -> np.ndarray:

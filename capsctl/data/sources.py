@@ -139,4 +139,10 @@ def _idx_folder(
             images = _resize(u8, image_size).astype(np.float32) / 255.0
         out.append((images, labels))
     top = int(max(out[0][1].max(initial=0), out[1][1].max(initial=0)))
-    return out[0], out[1], tuple(str(j) for j in range(top + 1))
+    classes = tuple(str(j) for j in range(top + 1))
+    from capsctl.data.npz import require_training_images
+
+    # (labels counted from 1, as EMNIST letters' are, made a class 0 that nothing trains)
+    where = str(datasets.find_file(p, "train-labels"))
+    require_training_images(where, out[0][1], classes, f"labels 0..{top}")
+    return out[0], out[1], classes
