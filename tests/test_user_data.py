@@ -570,3 +570,30 @@ def test_image_size_pads_dark_ink_on_light_with_white_and_predict_fit_alike(tmp_
         assert np.abs(got - xt[k, :, :, 0]).max() <= 1 / 255 + 1e-6
     # for an MNIST model the page is inverted first, then padded with black
     np.testing.assert_array_equal(load_image(path, resize=(28, 40), fit=True)[:, :6], 0.0)
+
+
+@pytest.mark.torch
+def test_a_limit_that_keeps_one_class_is_refused_and_fewer_classes_said(tmp_path, capsys):
+    """Kaggle's layout (train/cat/cat.0.jpg, train/dog/dog.0.jpg) sorts every cat before any dog, so
+    `--limit N` trained on cats alone, exit 0, a model that says "cat" for everything."""
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 6), ("test", 2)):
+        for k, name in enumerate(("cat", "dog", "eel")):
+            d = tmp_path / "pets" / split / name
+            d.mkdir(parents=True)
+            for i in range(count):
+                img = rng.integers(0, 40, (20, 20), dtype=np.uint8)
+                img[4:12, 4 + 2 * k: 10 + 2 * k] = 250
+                Image.fromarray(img).save(d / f"{name}.{i}.png")
+    spec = tmp_path / "tiny.json"
+    spec.write_text(json.dumps(TINY))
+    args = ["train", "--dataset", tmp_path / "pets", "--spec", spec, "--epochs", "1", "-q"]
+    code, out, err = run_cli([*args, "--limit", "5", "--out", tmp_path / "r1"], capsys)
+    assert_one_line_error(code, out, err, "--limit 5: the first 5 training images (in the data's order) are "
+                          "all of class 'cat'; a classifier needs two or more")
+    assert not (tmp_path / "r1").exists()
+    code, out, err = run_cli([*args, "--limit", "8", "--out", tmp_path / "r2"], capsys)
+    assert code == 0, err
+    said = " ".join(err.split())  # (the console wraps at its width)
+    assert "note: --limit 8 keeps 2 of the data's 3 classes (the first images in its order); none of eel" \
+        in said

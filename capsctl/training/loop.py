@@ -148,6 +148,30 @@ def train(
             raise
 
 
+def _check_limited_classes(
+    spec: ModelSpec, limit: int, kept: np.ndarray, labels: np.ndarray, say: bool
+) -> None:
+    """`--limit N` takes the first N training images in the data's order: a folder whose file names sort
+    class by class (cat.0.jpg … dog.0.jpg) gave one class, and a classifier that says it for every image.
+    Fewer than two classes is refused; fewer than the data holds is said (`say`: once, on rank 0)."""
+    from capsctl._console import err
+
+    names = spec.class_names or tuple(str(j) for j in range(spec.num_classes))
+    held, have = np.unique(kept), np.unique(labels)
+    if len(held) < 2 <= len(have):
+        raise CapsctlError(
+            f"--limit {limit}: the first {len(kept):,} training images (in the data's order) are all of "
+            f"class {names[int(held[0])]!r}; a classifier needs two or more: raise --limit, or leave it out"
+        )
+    if say and len(held) < len(have):
+        missing = [names[int(j)] for j in np.setdiff1d(have, held)]
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        err.print(
+            f"note: --limit {limit} keeps {len(held)} of the data's {len(have)} classes (the first images in "
+            f"its order); none of {shown}"
+        )
+
+
 def _nan_advice(run: Path) -> str:
     """What to do after a NaN: a resume replays the same batches and rates into the same NaN, and the
     settings are the run's, so the way on is a new run (the folder of one that saved nothing is removed)."""
@@ -321,6 +345,7 @@ def _train_locked(
     x_all, y_all = train_split.images, train_split.labels
     if cfg.limit is not None:
         x_all, y_all = x_all[: cfg.limit], y_all[: cfg.limit]
+        _check_limited_classes(spec, cfg.limit, y_all, train_split.labels, writer and not resume)
     n = len(x_all)
     if world is not None:  # every rank walks the same global batches: they must hold the same images
         check_same_data(world, x_all, y_all)
