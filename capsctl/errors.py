@@ -53,9 +53,11 @@ def run_script(main: Callable[[], object]) -> int:
 def is_out_of_memory(e: BaseException) -> bool:
     """Whether a framework error says memory ran out (read by name and text, so no framework is imported):
     torch's allocators raise RuntimeError (OutOfMemoryError on a GPU), TensorFlow ResourceExhaustedError."""
-    if isinstance(e, MemoryError) or type(e).__name__ in ("OutOfMemoryError", "ResourceExhaustedError"):
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
         return True
     text = str(e)
+    if type(e).__name__ == "ResourceExhaustedError":  # (also a gRPC message over its size limit: not memory)
+        return text.startswith("OOM") or "out of memory" in text.lower()
     said = "can't allocate memory" in text or "out of memory" in text.lower()
     return isinstance(e, RuntimeError) and said
 

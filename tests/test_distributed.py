@@ -573,3 +573,39 @@ def test_keras_workers_each_take_one_gpu_as_torch_ranks_do(tmp_path):
     for env in no_gpu:
         for e in worker_envs(2, env, configs[:2]):  # (no GPU: the environment as it was)
             assert e.get("CUDA_VISIBLE_DEVICES") == env.get("CUDA_VISIBLE_DEVICES")
+
+
+@pytest.mark.keras
+def test_out_of_memory_is_told_by_its_text_not_the_error_class_alone():
+    """TensorFlow's ResourceExhausted also says a gRPC message was over its size limit: not memory."""
+    from capsctl_keras._env import tf
+
+    from capsctl.errors import is_out_of_memory
+
+    oom = tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor with shape[64,1152]")
+    grpc = tf.errors.ResourceExhaustedError(None, None, "Received message larger than max (8 vs. 4)")
+    assert is_out_of_memory(oom) and not is_out_of_memory(grpc)
+    assert not is_out_of_memory(RuntimeError("Connection closed by peer"))
+
+
+@pytest.mark.keras
+def test_a_keras_run_resumed_as_a_torchrun_rank_is_one_line(tiny, tmp_path, capsys, monkeypatch):
+    """Rank 0 took the run's backend (keras) and trained alone; the job's other ranks, started by
+    torchrun, joined torch's rendezvous and waited for it until their timeout."""
+    run = tmp_path / "r"
+    code, _, err = run_cli(["train", *tiny, "--backend", "keras", "--epochs", "1", "--out", run], capsys)
+    assert code == 0, err
+    for name, value in dict(RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT="1").items():
+        monkeypatch.setenv(name, value)
+    code, out, err = run_cli(["train", "--resume", run], capsys)
+    assert_one_line_error(code, out, err, "a keras run, but this process is a rank of a torch job (torchrun)",
+                          "give --backend torch")
+
+
+def test_nan_advice_after_a_resume_names_a_new_out(tmp_path):
+    """A resumed run's folder stays whatever it saved: "(try a lower --lr)" alone sent the user to the
+    same --out, which a new run refuses."""
+    from capsctl.training.loop import _nan_advice
+
+    assert _nan_advice(tmp_path, resume=False) == " (try a lower --lr)"
+    assert "start again with a lower --lr and another --out" in _nan_advice(tmp_path, resume=True)

@@ -16,6 +16,13 @@ if TYPE_CHECKING:
     from capsctl.training.distributed import Engine
 
 
+def _defaults() -> None:
+    """Every capsctl use of Keras runs in float32, channels-last (_env.use_capsctl_defaults)."""
+    from ._env import use_capsctl_defaults
+
+    use_capsctl_defaults()
+
+
 class KerasBackend:
     name = "keras"
     export_formats: tuple[str, ...] = ("keras",)
@@ -31,31 +38,37 @@ class KerasBackend:
     def runner(self, spec: ModelSpec, weights: Mapping[str, np.ndarray]) -> Runner:
         from ._runner import KerasRunner
 
+        _defaults()
         return KerasRunner(spec, weights)
 
     def trainer(self, spec: ModelSpec, weights: Mapping[str, np.ndarray], optim: OptimConfig) -> Trainer:
         from ._trainer import KerasTrainer
 
+        _defaults()
         return KerasTrainer(spec, weights, optim)
 
     def export_bytes(self, spec: ModelSpec, weights: Mapping[str, np.ndarray], format: str) -> bytes:
         from ._native import export_bytes
 
+        _defaults()
         return export_bytes(spec, weights, format)
 
     def import_native(self, path: str) -> tuple[ModelSpec, dict[str, np.ndarray]]:
         from ._native import import_native
 
+        _defaults()
         return import_native(path)
 
     def bench_kernels(self) -> BenchKernels:
         from . import _bench
 
+        _defaults()
         return _bench
 
     def distributed(self) -> Engine:
         from . import _distributed
 
+        _defaults()
         return _distributed
 
 

@@ -69,6 +69,18 @@ if keras.backend.backend() != BACKEND:  # e.g. a keras.json that overrides the v
     )
 
 
+def use_capsctl_defaults() -> None:
+    """Keras' own defaults for everything capsctl runs through this backend (float32 everywhere,
+    channels-last), whatever the user's keras.json says: layers, optimiser variables and the constants a
+    traced step makes all read floatx, the layout and the dtype policy, and a `"float16"` or
+    `"channels_first"` there rounded the learning rate, broke the graph or rounded exported weights.
+    Set for the process (capsctl's commands); `capsctl_keras.load_model` in a user's program builds its
+    layers the same way without touching their settings (_layers.keras_defaults)."""
+    keras.config.set_floatx("float32")
+    keras.config.set_image_data_format("channels_last")
+    keras.config.set_dtype_policy("float32")
+
+
 def describe() -> str:
     gpus = tf.config.list_logical_devices("GPU")
     threads = tf.config.threading.get_intra_op_parallelism_threads() or os.cpu_count()

@@ -13,7 +13,6 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from capsctl.model.spec import BN_EPS, BN_MOMENTUM, EPS, ConvLayer, ModelSpec
-from capsctl.model.weights import MODEL_FORMAT
 
 from ._env import keras
 
@@ -323,18 +322,21 @@ def capsule_head(spec: ModelSpec) -> CapsuleHead:
 
 
 @contextlib.contextmanager
-def _channels_last_float32() -> Iterator[None]:
+def keras_defaults() -> Iterator[None]:
     """Keras' defaults while the layers are made, whatever the user's keras.json says: the layers read
-    image_data_format and floatx when constructed, and a .keras file carries only the spec, so a
-    `channels_first` config broke the graph (a traceback) and `float16` rounded every weight."""
-    fmt, floatx = keras.config.image_data_format(), keras.config.floatx()
+    image_data_format, floatx and the dtype policy when constructed, and a .keras file carries only the
+    spec, so a `channels_first` config broke the graph (a traceback) and `float16` rounded every weight.
+    The user's settings are put back (capsctl_keras.load_model in their program)."""
+    fmt, floatx, policy = keras.config.image_data_format(), keras.config.floatx(), keras.config.dtype_policy()
     keras.config.set_image_data_format("channels_last")
     keras.config.set_floatx("float32")
+    keras.config.set_dtype_policy("float32")
     try:
         yield
     finally:
         keras.config.set_image_data_format(fmt)
         keras.config.set_floatx(floatx)
+        keras.config.set_dtype_policy(policy)
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -348,7 +350,7 @@ class CapsNet(keras.Model):
 
     def __init__(self, spec: ModelSpec | dict[str, Any], **kwargs: Any) -> None:
         spec = spec if isinstance(spec, ModelSpec) else ModelSpec.from_dict(spec)
-        with _channels_last_float32():
+        with keras_defaults():
             self._build_graph(spec, **kwargs)
         self.spec = spec
 
@@ -372,11 +374,12 @@ class CapsNet(keras.Model):
         super().__init__(inputs=inputs, outputs=outputs, **kwargs)
 
     def get_config(self) -> dict[str, Any]:
-        # "format": the weight-file contract's version, as the other exports carry it (read by import)
-        return {"spec": self.spec.to_dict(), "name": self.name, "format": MODEL_FORMAT}
+        return {"spec": self.spec.to_dict(), "name": self.name}
 
     @classmethod
     def from_config(cls, config: dict[str, Any], custom_objects: Any = None) -> CapsNet:
+        # (a "format" key, the weight-file contract's version, is read by import and not a layer argument:
+        # a later capsctl may add it)
         return cls(**{k: v for k, v in config.items() if k != "format"})
 
 

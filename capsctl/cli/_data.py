@@ -132,10 +132,7 @@ def fetch(
         return
     dest = datasets.cache_root() / name
     if from_dir is not None:
-        from capsctl._console import err
-
-        for note in datasets.copy_from(info, from_dir, dest):
-            err.print(note, highlight=False, soft_wrap=True)
+        datasets.copy_from(info, from_dir, dest)
     elif not datasets.has_files(info, dest):
         datasets.fetch(info, dest)
     typer.echo(f"{name}: {dest}")

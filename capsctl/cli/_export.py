@@ -81,8 +81,8 @@ def export(
             "writes .pt, .keras or .onnx"
         )
     fmt = _format_for(out, format)
-    if fmt == "keras" and out.suffix.lower() != ".keras":
-        raise CapsctlError(f"--out {out}: a Keras model file must end in .keras")
+    if fmt == "keras" and out.suffix != ".keras":  # (keras.saving.load_model reads no other, not even .KERAS)
+        raise CapsctlError(f"--out {out}: a Keras model file must end in .keras (lower case)")
     spec, weights = load_model(model)
     backend = get_backend(_EXPORTED_BY[fmt])
     atomic_write_bytes(out, backend.export_bytes(spec, weights, fmt))

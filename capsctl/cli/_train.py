@@ -310,6 +310,14 @@ def train(
         from capsctl.training.run_folder import load_checkpoint
 
         ck = load_checkpoint(resume)
+        launcher = distributed.launcher_backend()
+        if nproc is None and launcher is not None and launcher != (backend or ck.config.backend):
+            # (it would train alone while the job's other ranks waited for it until their timeout)
+            raise CapsctlError(
+                f"--resume {resume}: a {ck.config.backend} run, but this process is a rank of a "
+                f"{launcher} job ({'torchrun' if launcher == 'torch' else 'TF_CONFIG'}); give --backend "
+                f"{launcher} to go on with {launcher}, or start it the {ck.config.backend} way"
+            )
         from dataclasses import replace
 
         old = ck.config

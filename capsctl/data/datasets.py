@@ -275,16 +275,18 @@ def download_file(
 
 
 def fetch(info: DatasetInfo, dest: Path, mirrors: Sequence[str] | None = None) -> Path:
-    """Download the four files into `dest`, trying each mirror in turn for each file."""
+    """Download the four files into `dest`, trying each mirror in turn for each file; one process at a
+    time (_fetch_lock): a second waits, then finds the files there."""
     mirrors = tuple(mirrors) if mirrors is not None else mirrors_for(info)
-    made = not dest.exists()
-    dest.mkdir(parents=True, exist_ok=True)
-    try:
-        return _fetch_into(info, dest, mirrors)
-    except BaseException:
-        if made and not any(dest.iterdir()):  # (a failed first fetch leaves no empty folder behind)
-            dest.rmdir()
-        raise
+    with _fetch_lock(dest):
+        made = not dest.exists()  # (under the lock: a failed fetch removes only the folder it made)
+        dest.mkdir(parents=True, exist_ok=True)
+        try:
+            return _download_missing(info, dest, mirrors)
+        except BaseException:
+            if made and not any(dest.iterdir()):  # (a failed first fetch leaves no empty folder behind)
+                dest.rmdir()
+            raise
 
 
 @contextmanager
@@ -307,11 +309,6 @@ def _fetch_lock(dest: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # (releases the lock)
-
-
-def _fetch_into(info: DatasetInfo, dest: Path, mirrors: tuple[str, ...]) -> Path:
-    with _fetch_lock(dest):  # (a second process waits, then finds the files there and downloads none)
-        return _download_missing(info, dest, mirrors)
 
 
 def _download_missing(info: DatasetInfo, dest: Path, mirrors: tuple[str, ...]) -> Path:
@@ -348,18 +345,11 @@ def _check_sizes(info: DatasetInfo, src: Path, train: int, test: int) -> None:
     )
 
 
-def _check_digest(info: DatasetInfo, src: Path, role: str, path: Path) -> str | None:
-    """Refuse a copied file that is not the published one, where its digest says so; a note (else None)
-    where the published digest cannot judge the file (a plain copy of a set whose sums are of .gz files)."""
-    if role not in info.sha256:
-        return None
-    if info.digest_of == "download" and not path.name.endswith(".gz"):
-        return (
-            f"{info.name}: the published SHA-256 sums are of the .gz files; {path.name} from {src} was "
-            "checked by its format and image counts only"
-        )
-    if file_digest(path, info.digest_of) == info.sha256[role]:
-        return None
+def _check_digest(info: DatasetInfo, src: Path, role: str, path: Path) -> None:
+    """Refuse a copied file that is not the published one by its digest (the sets that have one: every
+    named set's is of the decompressed bytes or of its archive, so any copy of the data is judged)."""
+    if role not in info.sha256 or file_digest(path, info.digest_of) == info.sha256[role]:
+        return
     algo = "MD5" if info.digest_of == "md5" else "SHA-256"
     recompressed = "; a re-compressed copy differs too: copy the files as downloaded"
     how = recompressed if info.digest_of == "download" else ""
@@ -369,19 +359,18 @@ def _check_digest(info: DatasetInfo, src: Path, role: str, path: Path) -> str | 
     )
 
 
-def copy_from(info: DatasetInfo, src: Path, dest: Path) -> list[str]:
+def copy_from(info: DatasetInfo, src: Path, dest: Path) -> None:
     """Fill the cache from a local folder, validating every file as IDX (or the archive) first, its
-    image counts against the published set's, and each file against the published digest where that
-    digest applies to it. Returns notes for the user (what could not be checked)."""
+    image counts against the published set's, and each file against the published digest."""
     if info.archive:
         if not has_files(info, src):
             raise CapsctlError(f"--from {src}: the folder must hold {info.archive}")
         sets = Dataset(info.name, src)  # read and checked whole before anything is copied
         _check_sizes(info, src, len(sets.train().labels), len(sets.test().labels))
-        notes = [n for n in [_check_digest(info, src, "archive", src / info.archive)] if n]
+        _check_digest(info, src, "archive", src / info.archive)
         dest.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(dest / info.archive, (src / info.archive).read_bytes())
-        return notes
+        return
     if not is_complete(src):
         raise CapsctlError(f"--from {src}: the folder must hold the four IDX files of {info.name}")
     # Refuse a broken set before anything is copied: every file decoded and checked the way training
@@ -395,7 +384,9 @@ def copy_from(info: DatasetInfo, src: Path, dest: Path) -> list[str]:
         )
     _check_sizes(info, src, len(train.labels), len(test.labels))
     found = {role: find_file(src, role) for role in ROLES}
-    notes = [n for role, f in found.items() if f is not None and (n := _check_digest(info, src, role, f))]
+    for role, f in found.items():
+        assert f is not None
+        _check_digest(info, src, role, f)
     dest.mkdir(parents=True, exist_ok=True)
     for role in ROLES:
         f = found[role]
@@ -406,7 +397,6 @@ def copy_from(info: DatasetInfo, src: Path, dest: Path) -> list[str]:
         other = dest / (FILES[role] if f.name.endswith(".gz") else FILES[role] + ".gz")
         if other.exists():
             other.unlink()
-    return notes[:1]  # (one note says it for every file)
 
 
 @dataclass

@@ -172,10 +172,11 @@ def _check_limited_classes(
         )
 
 
-def _nan_advice(run: Path) -> str:
+def _nan_advice(run: Path, resume: bool) -> str:
     """What to do after a NaN: a resume replays the same batches and rates into the same NaN, and the
-    settings are the run's, so the way on is a new run (the folder of one that saved nothing is removed)."""
-    if nothing_trained(run):
+    settings are the run's, so the way on is a new run (the folder of a fresh one that saved nothing is
+    removed, so its --out can be used again)."""
+    if nothing_trained(run) and not resume:
         return " (try a lower --lr)"
     return "; a resume would replay the same steps: start again with a lower --lr and another --out"
 
@@ -390,7 +391,8 @@ def _train_locked(
         weights = trainer.weights()
         if not all(np.isfinite(w).all() for w in weights.values()):
             raise TrainingStopped(
-                f"the weights became NaN or infinite in epoch {epoch + 1}; {kept_note(run)}{_nan_advice(run)}"
+                f"the weights became NaN or infinite in epoch {epoch + 1}; {kept_note(run)}"
+                f"{_nan_advice(run, resume)}"
             )
         return weights
 
@@ -449,7 +451,7 @@ def _train_locked(
                 if not math.isfinite(loss):
                     raise TrainingStopped(
                         f"loss became {loss} at epoch {epoch + 1}, step {step + 1}; training stopped, "
-                        f"{kept_note(run)}{_nan_advice(run)}"
+                        f"{kept_note(run)}{_nan_advice(run, resume)}"
                     )
                 loss_sum += loss * len(idx)
                 correct += ok

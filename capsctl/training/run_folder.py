@@ -95,7 +95,10 @@ def save_checkpoint(run: Path, ck: Checkpoint) -> None:
         "epoch": str(ck.epoch),
         "step": str(ck.step),
         "elapsed": repr(ck.elapsed),
-        "partial": json.dumps(list(ck.partial)),
+        # (loss sum, correct, images) as before, the seconds beside them: a checkpoint stays readable by
+        # the capsctl that wrote the format
+        "partial": json.dumps(list(ck.partial[:3])),
+        "partial_seconds": repr(ck.partial[3]),
         **({} if ck.data is None else {"data": json.dumps(list(ck.data))}),
     }
     atomic_write_bytes(run / CHECKPOINT_FILE, encode_safetensors(tensors, meta))
@@ -110,8 +113,8 @@ def load_checkpoint(run: Path) -> Checkpoint:
     try:
         config = TrainConfig.from_json(meta["config"])
         epoch, step, elapsed = int(meta["epoch"]), int(meta["step"]), float(meta["elapsed"])
-        loss_sum, correct, seen, *secs = json.loads(meta.get("partial", "[0.0, 0, 0]"))  # (3: no seconds)
-        partial = (float(loss_sum), int(correct), int(seen), float(secs[0]) if secs else 0.0)
+        loss_sum, correct, seen = json.loads(meta.get("partial", "[0.0, 0, 0]"))
+        partial = (float(loss_sum), int(correct), int(seen), float(meta.get("partial_seconds", "0.0")))
         data: tuple[int, int] | None = None
         if "data" in meta:
             images, crc = json.loads(meta["data"])
