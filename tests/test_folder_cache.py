@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -336,6 +337,12 @@ def test_train_on_a_folder_without_test(tmp_path, capsys):
     assert_one_line_error(code, out, err, "no test/ folder", "--holdout N", "eval")
     code, out, err = run_cli(["eval-pairs", model, "--dataset", root, "--holdout", "6", "--json"], capsys)
     assert code == 0, err
+    # a file added since: the draw holds out other images, many of them trained on; refused, not scored
+    first = sorted((root / "train").rglob("*.png"))[0]
+    shutil.copy(first, first.with_name("added-since.png"))
+    code, out, err = run_cli(["eval", model, "--dataset", root, "--val-fraction", "0.2", "--json"], capsys)
+    assert_one_line_error(code, out, err, "trained beside a hold-out that left 24 training images, but",
+                          "now leaves 25", "the data changed since")
 
 
 def test_experiment_pairs_on_a_folder_without_test_refuses_without_a_split(tmp_path, capsys):

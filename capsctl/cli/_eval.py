@@ -56,8 +56,31 @@ def _test_split(
     if holdout is None and val_fraction is None:
         split = ds.test()  # (the training images are not read)
     else:
-        split = splits(ds, holdout, val_fraction)[1]
+        kept, split = splits(ds, holdout, val_fraction)
+        _check_same_training_part(model, kept.labels, dataset)
     return _as_model_classes(split, tuple(ds.classes), spec, model, dataset)
+
+
+def _check_same_training_part(model: Path, labels: "np.ndarray", dataset: str) -> None:
+    """The held-out draw follows the data's order: a folder that gained or lost a file since training
+    holds out other images, many of them ones the model trained on. The model file records the training
+    part its run drew from (files written before it was recorded are not checked)."""
+    import json
+
+    from capsctl.data.datasets import data_key
+    from capsctl.errors import CapsctlError
+    from capsctl.model.weights import TRAINING_DATA_KEY, read_safetensors
+
+    recorded = read_safetensors(model)[1].get(TRAINING_DATA_KEY)
+    if recorded is None:
+        return
+    then, now = json.loads(recorded), list(data_key(labels))
+    if then != now:
+        raise CapsctlError(
+            f"{model}: trained beside a hold-out that left {then[0]:,} training images, but {dataset} now "
+            f"leaves {now[0]:,} (or other labels): the data changed since, so the held-out images would not "
+            "be the ones the model never saw; score it on the data as it was trained"
+        )
 
 
 def _as_model_classes(

@@ -405,6 +405,14 @@ class Split:
     labels: np.ndarray  # int64 (N,)
 
 
+def data_key(labels: np.ndarray) -> tuple[int, int]:
+    """(images, CRC-32 of their labels) of a split: what a resume, or a held-out score, must find again
+    (the pixels may be decoded anew; a folder that gained or lost files gives another key)."""
+    import zlib
+
+    return len(labels), zlib.crc32(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
+
+
 HOLDOUT_SEED = 0  # the held-out draw is fixed, so every recipe is scored on the same images
 
 

@@ -3,7 +3,8 @@
 Contract (shared by every backend and by other people's tools):
 - float32 tensors in channels-last layout;
 - metadata {"format": "capsctl/1", "spec": "<ModelSpec JSON>"}, optionally more entries (the shipped
-  model's "provenance": JSON naming the command, seed, commit and the numbers it reached);
+  model's "provenance": JSON naming the command, seed, commit and the numbers it reached; a trained
+  model's "training_data": JSON [images, CRC-32 of their labels] of the training part it drew from);
 - names `trunk.{k}.kernel` [kh, kw, in, out], `trunk.{k}.bias` [out] for the k-th conv,
   with batch normalisation `trunk.{k}.bn.gamma`, `.beta`, `.mean`, `.var` [out] (the last two running
   statistics); with primary capsules `head.primary.kernel` [k, k, C_trunk, TYPES*DIM] ('depthwise':
@@ -36,6 +37,9 @@ from capsctl.errors import CapsctlError
 from capsctl.model.spec import ModelSpec
 
 MODEL_FORMAT = "capsctl/1"
+# a trained model's metadata entry: JSON [images, CRC-32 of their labels] of the training part its run drew
+# from (after --holdout/--val-fraction): `eval --holdout` finds the same part again, or refuses
+TRAINING_DATA_KEY = "training_data"
 CHECKPOINT_FORMAT = "capsctl-checkpoint/1"
 # the dtypes capsctl stores: float32 weights and optimiser slots, a float64 step (safetensors names)
 _DTYPES: dict[str, np.dtype] = {

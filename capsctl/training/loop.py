@@ -7,6 +7,7 @@ batches an uninterrupted run would have seen."""
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable
@@ -18,11 +19,11 @@ import numpy as np
 
 from capsctl.backend import Backend, OptimConfig, Trainer
 from capsctl.data.composites import set_matches, single_accuracy
-from capsctl.data.datasets import Split
+from capsctl.data.datasets import Split, data_key
 from capsctl.errors import CapsctlError, TrainingStopped
 from capsctl.model.fit import check_fit
 from capsctl.model.spec import ModelSpec
-from capsctl.model.weights import init_weights, save_model
+from capsctl.model.weights import TRAINING_DATA_KEY, init_weights, save_model
 from capsctl.training.augment import augment_batch
 from capsctl.training.compose import (
     canvas,
@@ -295,13 +296,6 @@ def _share_start(world: World, st: _Start | None) -> _Start:
     )
 
 
-def data_key(labels: np.ndarray) -> tuple[int, int]:
-    """(images, CRC-32 of their labels): what a resume must find again (the pixels may be decoded anew)."""
-    import zlib
-
-    return len(labels), zlib.crc32(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
-
-
 def _scored_images(cfg: TrainConfig, test_split: Split | None, epoch: int) -> Split | None:
     """What epoch `epoch` (0-based) is scored on: the last on the first `eval_limit` test images (all
     by default), the others on the first `curve_images` of those only."""
@@ -357,6 +351,9 @@ def _train_locked(
         # scored on overlap pairs of test digits: the last epoch on what `eval-pairs --layout overlap` scores
         test_split = scoring_pairs(test_split, cfg.eval_limit, light)
     data = data_key(y_all)
+    # the training part the run drew from (after a hold-out, before --limit), in the model file: `eval
+    # --holdout` checks it finds the same, or the held-out images might be ones the model trained on
+    trained_on = {TRAINING_DATA_KEY: json.dumps(list(data_key(train_split.labels)))}
     if resume and st.data is not None and st.data != data:
         raise CapsctlError(
             f"--resume {run}: the training data changed since the run started ({st.data[0]:,} images then, "
@@ -506,7 +503,7 @@ def _train_locked(
             # model, metrics, then checkpoint: a kill between any two leaves a checkpoint that is at most
             # one epoch behind, and its resume rewrites the later rows, so no epoch's row is ever lost
             if writer:
-                save_model(run / MODEL_FILE, spec, weights)
+                save_model(run / MODEL_FILE, spec, weights, trained_on)
                 write_metrics(run, rows)
             checkpoint(epoch + 1, 0, weights, (0.0, 0, 0, 0.0))
             if on_step is not None:
