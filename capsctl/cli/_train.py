@@ -295,21 +295,21 @@ def train(
     if resume is not None:
         if out is not None and out != resume:
             raise CapsctlError("give either --out or --resume RUN, not both")
+        from capsctl.training import distributed
+        from capsctl.training.run_folder import load_checkpoint
+
+        # a rank after 0 of a job: the run folder is rank 0's (on its machine: the others have none)
+        follower = nproc is None and distributed.launched_rank(backend) not in (None, 0)
+        ck = None if follower else load_checkpoint(resume)  # (no run there: said first)
         fixed_given = [name for name in _FIXED_ON_RESUME if given(ctx, name)]
         if fixed_given:
             flags = ", ".join(_flag(ctx, name) for name in fixed_given)
             raise CapsctlError(
                 f"--resume {resume}: continues with the settings the run was started with; leave out {flags}"
             )
-        from capsctl.training import distributed
-
-        if nproc is None and distributed.launched_rank(backend) not in (None, 0):
-            # the run folder is rank 0's (on its machine: the other machines of a job have none)
+        if ck is None:
             _follow_rank_0(resume, backend, folder, data_dir, quiet=quiet, json_out=json_out)
             return
-        from capsctl.training.run_folder import load_checkpoint
-
-        ck = load_checkpoint(resume)
         launcher = distributed.launcher_backend()
         if nproc is None and launcher is not None and launcher != (backend or ck.config.backend):
             # (it would train alone while the job's other ranks waited for it until their timeout)
