@@ -14,7 +14,7 @@ from typing import Any
 
 from capsctl.model.spec import BN_EPS, BN_MOMENTUM, EPS, ConvLayer, ModelSpec
 
-from ._env import keras
+from ._env import keras, use_capsctl_defaults
 
 ops = keras.ops
 PACKAGE = "capsctl"
@@ -328,9 +328,7 @@ def keras_defaults() -> Iterator[None]:
     spec, so a `channels_first` config broke the graph (a traceback) and `float16` rounded every weight.
     The user's settings are put back (capsctl_keras.load_model in their program)."""
     fmt, floatx, policy = keras.config.image_data_format(), keras.config.floatx(), keras.config.dtype_policy()
-    keras.config.set_image_data_format("channels_last")
-    keras.config.set_floatx("float32")
-    keras.config.set_dtype_policy("float32")
+    use_capsctl_defaults()
     try:
         yield
     finally:

@@ -229,13 +229,16 @@ def rank_slice(n: int, rank: int, size: int) -> slice:
 
 
 def data_fingerprint(labels: np.ndarray, images: np.ndarray) -> tuple[int, int]:
-    """(images, checksum of labels and first image): ranks that loaded different data must not train."""
+    """(images, checksum of labels and first image): ranks that loaded different data must not train.
+    The labels' part is datasets.data_key, what a resume checks; the first image is added here."""
     import zlib
 
-    crc = zlib.crc32(np.ascontiguousarray(labels).tobytes())
+    from capsctl.data.datasets import data_key
+
+    n, crc = data_key(labels)
     if len(images):
         crc = zlib.crc32(np.ascontiguousarray(images[0]).tobytes(), crc)
-    return len(labels), crc
+    return n, crc
 
 
 def then_line(resume: str | None) -> str:
