@@ -597,3 +597,41 @@ def test_a_limit_that_keeps_one_class_is_refused_and_fewer_classes_said(tmp_path
     said = " ".join(err.split())  # (the console wraps at its width)
     assert "note: --limit 8 keeps 2 of the data's 3 classes (the first images in its order); none of eel" \
         in said
+
+
+def _png_16_bit_gray_alpha(path: Path, gray: np.ndarray, alpha: np.ndarray) -> None:
+    """Write a PNG of colour type 4 (gray+alpha), 16 bits a sample: Pillow can read it, not write it."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    h, w = gray.shape
+    rows = b"".join(b"\0" + np.stack([gray, alpha], axis=-1).astype(">u2").tobytes() for gray, alpha in
+                    zip(gray, alpha, strict=True))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 4, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def test_a_16_bit_gray_alpha_png_counts_as_gray(tmp_path, capsys):
+    """Pillow opens a 16-bit gray+alpha PNG as RGBA: a folder of them trained a 3-channel model of three
+    equal channels. Their header says gray, so the folder is gray, and decodes as `predict` reads it."""
+    from capsctl.data.images import load_image
+
+    ink = np.zeros((12, 12), np.uint16)
+    ink[3:9, 5:7] = 60000
+    opaque = np.full((12, 12), 65535, np.uint16)
+    for split in ("train", "test"):
+        for cls, img in (("a", ink), ("b", ink.T)):
+            d = tmp_path / "ds" / split / cls
+            d.mkdir(parents=True)
+            for i in range(2):
+                _png_16_bit_gray_alpha(d / f"{i}.png", img, opaque)
+    first = tmp_path / "ds" / "train" / "a" / "0.png"
+    assert Image.open(first).mode == "RGBA"  # what made it colour
+    (x, _), _, _ = load_image_folder(tmp_path / "ds")
+    assert x.shape[-1] == 1
+    assert "converted" not in capsys.readouterr().err
+    np.testing.assert_allclose(x[0, :, :, 0], load_image(first, invert="no"), atol=1 / 255 + 1e-6)
+    assert x[0].max() > 0.9 and x[0].min() == 0.0

@@ -43,8 +43,8 @@ MAX_PIXELS = 4096 * 4096
 # how gray vs RGB is chosen and pixels decoded (part of the cache key: '+alpha' since alpha is composited
 # and 16-bit gray rescaled into RGB sets too, so entries decoded before are not served)
 # (+exif: images turned upright by their EXIF orientation; +graypal: a palette of grays counts as gray;
-# +pad: --image-size pads a light gray image with white)
-MODE_RULE = "majority+alpha+exif+graypal+pad"
+# +pad: --image-size pads a light gray image with white; +la16: a 16-bit gray+alpha PNG counts as gray)
+MODE_RULE = "majority+alpha+exif+graypal+pad+la16"
 # the modes whose Pillow convert to L or RGB keeps what predict reads (no alpha, 8 bits a channel)
 _PLAIN_MODES = frozenset({"L", "RGB", "1", "P", "CMYK", "YCbCr"})
 PROGRESS_MIN = 1000  # a smaller folder decodes in about a second: no progress bar
@@ -317,6 +317,13 @@ def _gray_palette(im: Any) -> bool:
     return bool((entries[:, :3] == entries[:, :1]).all())
 
 
+def _gray_stored_as_rgba(im: Any) -> bool:
+    """A 16-bit gray+alpha PNG: Pillow opens it as RGBA (r = g = b, from its 'LA;16B' raw mode), so its
+    mode alone made a folder of them a colour set. Read from the header, nothing decoded."""
+    tile = getattr(im, "tile", None) or []  # each (codec, box, offset, raw mode)
+    return im.mode == "RGBA" and len(tile) > 0 and str(tile[0][3]).startswith("LA;")
+
+
 def _header(f: _File, bar: _Bar) -> _Entry:
     from capsctl.data.images import orientation
 
@@ -327,7 +334,8 @@ def _header(f: _File, bar: _Bar) -> _Entry:
         turn = orientation(im)
         if turn >= 5:  # (stored on its side: upright, its height is the stored width)
             h, w = w, h
-        entry = _Entry(Path(f.path), f.label, (h, w), im.mode in _GRAY_MODES or _gray_palette(im), turn)
+        gray = im.mode in _GRAY_MODES or _gray_palette(im) or _gray_stored_as_rgba(im)
+        entry = _Entry(Path(f.path), f.label, (h, w), gray, turn)
     bar.advance()
     return entry
 
