@@ -446,6 +446,46 @@ def test_train_file_and_folder_problems(tmp_path, capsys, good_data):
     assert_one_line_error(code, out, err, "a-file/sub", "cannot create")
 
 
+def test_train_reads_a_spec_from_a_pipe(tmp_path, capsys, good_data):
+    """`--spec /dev/stdin` (or `<(...)`): the file was read a second time for its top-level fields, found
+    the pipe empty, and ended in a JSONDecodeError traceback."""
+    import os
+    import threading
+
+    fifo = tmp_path / "spec.fifo"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_text(json.dumps({**TINY, "num_classes": 10})))
+    writer.start()
+    done = threading.Event()
+
+    def unblock() -> None:  # a second open of the pipe waits for a writer: give it an empty one, not a hang
+        if not done.wait(60):
+            fifo.write_text("")
+
+    threading.Thread(target=unblock, daemon=True).start()
+    try:
+        code, _out, err = run_cli(["train", "--spec", fifo, "--data-dir", good_data, "--epochs", "1",
+                                  "--limit", "64", "--out", tmp_path / "run", "-q"], capsys)
+    finally:
+        done.set()
+    writer.join(timeout=10)
+    assert code == 0, err
+    assert "Traceback" not in err
+    assert (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_train_arch_with_a_deeply_nested_spec_file_is_one_line(tmp_path, capsys, good_data):
+    """`--arch X --spec FILE` parsed the file with only ValueError caught: JSON nested deeper than
+    Python's recursion limit was a RecursionError traceback (without --arch it was one line)."""
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    for arch in (["--arch", "sabour2017"], []):
+        code, out, err = run_cli(["train", *arch, "--spec", deep, "--data-dir", good_data, "--epochs", "1",
+                                  "--out", tmp_path / "run", "-q"], capsys)
+        assert_one_line_error(code, out, err, "--spec", "deep.json", "not valid JSON")
+        assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize(
     ("command", "args", "words"),
     [

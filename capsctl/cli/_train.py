@@ -343,7 +343,7 @@ def train(
     from capsctl.data.sources import parse_image_size
 
     parse_image_size(image_size)  # a bad --image-size is refused before anything runs
-    spec = _spec(spec_file, head, routing, squash, routings, shared, _str(arch), given(ctx, "head"))
+    spec, fixed = _spec(spec_file, head, routing, squash, routings, shared, _str(arch), given(ctx, "head"))
     if decoder is not None and (decoder != (spec.decoder is not None)):
         from capsctl.model.spec import DecoderSpec
 
@@ -390,7 +390,7 @@ def train(
         resume=False,
         quiet=quiet,
         json_out=json_out,
-        fixed=_fields_given(spec_file),
+        fixed=fixed,
         nproc=nproc,
         port=port,
     )
@@ -465,16 +465,6 @@ def _flag(ctx: typer.Context, name: str) -> str:
     return max(off or param.opts, key=len)
 
 
-def _fields_given(spec_file: Path | None) -> frozenset[str]:
-    """The top-level fields a --spec file sets: those stay as given, the data fills in the others."""
-    if spec_file is None:
-        return frozenset()
-    import json
-
-    d = json.loads(spec_file.read_text(encoding="utf-8"))  # (already read and checked by _spec)
-    return frozenset(d) if isinstance(d, dict) else frozenset()
-
-
 def _spec(
     spec_file: Path | None,
     head: str,
@@ -484,11 +474,14 @@ def _spec(
     shared: bool | None,
     arch: str | None = None,
     head_given: bool = False,
-) -> "ModelSpec":
+) -> tuple["ModelSpec", frozenset[str]]:
+    """The spec to train, and the top-level fields a --spec file sets (those stay as given, the data fills
+    in the others). The file is read once: a pipe (`--spec /dev/stdin`) has nothing left to read again."""
     from capsctl.cli._options import check_range
     from capsctl.errors import CapsctlError
     from capsctl.model.spec import ModelSpec
 
+    fields: frozenset[str] = frozenset()
     if arch is not None and arch != "seed" and head != "capsule":
         raise CapsctlError(f"--arch {arch} has a capsule head; --head {head} goes with --arch seed")
     if arch is not None and spec_file is None:
@@ -498,19 +491,21 @@ def _spec(
         spec = spec if head == "capsule" else spec.replace(head=str(head))
     elif spec_file is not None:
         try:
+            import json
+
+            from capsctl.model.spec import unique_keys
+
             text = spec_file.read_text(encoding="utf-8")
-            if arch is not None:  # the file's top-level fields replace the preset's
-                import json
-
+            try:
+                from_file = json.loads(text, object_pairs_hook=unique_keys)
+            except (ValueError, RecursionError):  # (ModelSpec.from_json says what is wrong with it)
+                from_file = None
+            if isinstance(from_file, dict):
+                fields = frozenset(from_file)
+            if arch is not None and isinstance(from_file, dict):  # its top-level fields replace the preset's
                 from capsctl.model.presets import preset
-                from capsctl.model.spec import unique_keys
 
-                try:
-                    from_file = json.loads(text, object_pairs_hook=unique_keys)
-                except ValueError:  # (ModelSpec.from_json says what is wrong with it)
-                    from_file = None
-                if isinstance(from_file, dict):
-                    text = json.dumps({**preset(arch).to_dict(), **from_file})
+                text = json.dumps({**preset(arch).to_dict(), **from_file})
             spec = ModelSpec.from_json(text)
         except OSError as e:
             raise CapsctlError(f"--spec {spec_file}: cannot read ({e.strerror})") from None
@@ -519,7 +514,7 @@ def _spec(
         except CapsctlError as e:
             raise CapsctlError(f"--spec {spec_file}: {e}") from None
         if head_given and spec.head != head:  # (--head was ignored: the file's head, or capsule, was used)
-            if "head" in _fields_given(spec_file):
+            if "head" in fields:
                 raise CapsctlError(f"--head {head}, but the --spec file says head {spec.head!r}: give one")
             spec = spec.replace(head=str(head))
     else:
@@ -548,12 +543,12 @@ def _spec(
             "--spec: capsule.num_inputs is for per-position weights (shared false); leave it out"
         )
     if not changes:
-        return spec
+        return spec, fields
     if routings is not None and spec.head == "capsule" and (routing or spec.capsule.routing) == "attention":
         # (recorded and without effect, as `inspect --routings` on such a model is refused)
         raise CapsctlError("--routings: attention routing runs in one pass; it has no iterations to set")
     try:
-        return spec.with_capsule(**changes)
+        return spec.with_capsule(**changes), fields
     except CapsctlError as e:  # named by the options given, not only by the spec fields they set
         options = {k: v for k, v in changes.items() if k not in ("num_inputs", "image_size")}  # (the given)
         flags = ", ".join("--no-shared" if k == "shared" and not v else f"--{k}" for k, v in options.items())
