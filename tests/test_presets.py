@@ -148,7 +148,7 @@ def test_a_spec_file_refines_a_preset(tmp_path, capsys, monkeypatch):
     path = tmp_path / "spec.json"
     caps = preset("sabour2017").to_dict()["capsule"]
     path.write_text(json.dumps({"capsule": {**caps, "dim": 4}}))
-    spec = _train._spec(path, "capsule", None, None, None, None, "sabour2017")
+    spec = _train._spec(path, "capsule", None, None, None, None, "sabour2017")[0]
     assert spec.capsule.dim == 4 and spec.capsule.primary == preset("sabour2017").capsule.primary
     assert spec.trunk == preset("sabour2017").trunk and spec.decoder == preset("sabour2017").decoder
 
@@ -156,23 +156,23 @@ def test_a_spec_file_refines_a_preset(tmp_path, capsys, monkeypatch):
 def test_model_options_left_out_keep_the_preset_and_given_ones_replace_it():
     from capsctl.cli import _train
 
-    kept = _train._spec(None, "capsule", None, None, None, None, "sabour2017")
+    kept = _train._spec(None, "capsule", None, None, None, None, "sabour2017")[0]
     assert kept == preset("sabour2017")
     # --shared given explicitly is applied (it was ignored when it was the option's default value)
-    assert _train._spec(None, "capsule", None, None, None, True, "sabour2017").capsule.shared is True
-    assert _train._spec(None, "capsule", None, None, None, False, "seed").capsule.shared is False
-    changed = _train._spec(None, "capsule", "su", "efficient", 2, None, "sabour2017").capsule
+    assert _train._spec(None, "capsule", None, None, None, True, "sabour2017")[0].capsule.shared is True
+    assert _train._spec(None, "capsule", None, None, None, False, "seed")[0].capsule.shared is False
+    changed = _train._spec(None, "capsule", "su", "efficient", 2, None, "sabour2017")[0].capsule
     assert (changed.routing, changed.squash, changed.routings) == ("su", "efficient", 2)
     from capsctl.errors import CapsctlError
 
     with pytest.raises(CapsctlError, match="^--shared with --arch efficient: .*attention"):  # names --shared
-        _train._spec(None, "capsule", None, None, None, True, "efficient")
+        _train._spec(None, "capsule", None, None, None, True, "efficient")[0]
     # attention runs in one pass: --routings was recorded and did nothing (inspect refuses it likewise)
     with pytest.raises(CapsctlError, match="^--routings: attention routing runs in one pass"):
-        _train._spec(None, "capsule", None, None, 4, None, "efficient")
+        _train._spec(None, "capsule", None, None, 4, None, "efficient")[0]
     with pytest.raises(CapsctlError, match="^--routings: attention routing"):
-        _train._spec(None, "capsule", "attention", None, 2, False, "seed")
-    not_attention = _train._spec(None, "capsule", "su", None, 2, None, "efficient")
+        _train._spec(None, "capsule", "attention", None, 2, False, "seed")[0]
+    not_attention = _train._spec(None, "capsule", "su", None, 2, None, "efficient")[0]
     assert not_attention.capsule.routings == 2
 
 
@@ -186,10 +186,10 @@ def test_an_input_count_with_shared_weights(tmp_path):
     path = tmp_path / "s.json"
     path.write_text(json.dumps({"capsule": {"shared": True, "num_inputs": 7}}))
     with pytest.raises(CapsctlError, match="^--spec: capsule.num_inputs is for per-position weights"):
-        _train._spec(path, "capsule", None, None, None, None)
-    assert _train._spec(path, "capsule", None, None, None, False).capsule.num_inputs == 7
+        _train._spec(path, "capsule", None, None, None, None)[0]
+    assert _train._spec(path, "capsule", None, None, None, False)[0].capsule.num_inputs == 7
     path.write_text(json.dumps({"capsule": {"shared": False, "num_inputs": 64, "image_size": [28, 28]}}))
-    shared = _train._spec(path, "capsule", None, None, None, True).capsule
+    shared = _train._spec(path, "capsule", None, None, None, True)[0].capsule
     assert (shared.shared, shared.num_inputs, shared.image_size) == (True, None, None)
     old = ModelSpec().with_capsule(num_inputs=7)  # (what `--spec F --shared` saved before)
     save_model(tmp_path / "old.safetensors", old, init_weights(old, 0))
@@ -320,6 +320,28 @@ def test_a_square_size_that_n_alone_does_not_give_back_is_recorded():
     # a file written before: N alone, the common size (the MultiMNIST canvas, CIFAR-10) before the largest
     assert unshared.with_capsule(num_inputs=144).fixed_input_size() == (36, 36)
     assert unshared.replace(in_channels=3).with_capsule(num_inputs=100).fixed_input_size() == (32, 32)
+
+
+def test_a_hand_written_n_gets_its_training_size_recorded_and_must_agree_with_a_given_size():
+    """A --spec file giving capsule.num_inputs (as an exported spec does) kept N alone: the training size
+    was never recorded, so the transposed grid was taken and ONNX export had no size. And a num_inputs that
+    its image_size does not give described a model that takes no image at all."""
+    from capsctl.errors import CapsctlError
+    from capsctl.model.fit import with_training_inputs
+
+    unshared = ModelSpec().with_capsule(shared=False)
+    n = unshared.capsule_count(28, 40)
+    assert n == unshared.capsule_count(40, 28)  # (the transposed grid gives the same N)
+    trained = with_training_inputs(unshared.with_capsule(num_inputs=n), 28, 40, composed=False)
+    assert trained.capsule.image_size == (28, 40) and trained.fixed_input_size() == (28, 40)
+    assert trained.takes_size(28, 40) and not trained.takes_size(40, 28)
+    other = unshared.with_capsule(num_inputs=n + 1)  # one the images don't give: check_fit refuses it
+    assert with_training_inputs(other, 28, 40, composed=False) == other
+    with pytest.raises(CapsctlError, match="num_inputs is 1152 but capsule.image_size 40x40 gives 4608"):
+        preset("sabour2017").with_capsule(num_inputs=1152, image_size=(40, 40))
+    with pytest.raises(CapsctlError, match="image_size 8x8 gives 0"):  # (too small for the trunk)
+        preset("sabour2017").with_capsule(num_inputs=1152, image_size=(8, 8))
+    assert preset("sabour2017").with_capsule(num_inputs=1152, image_size=(28, 28)).takes_size(28, 28)
 
 
 @pytest.mark.parametrize("name", ["efficient", "sabour2017"])

@@ -121,19 +121,23 @@ def with_training_inputs(
 ) -> ModelSpec:
     """`spec` with N, the input capsule count, set from its training images (height x width, the
     composites' canvas included) when its capsule weights are non-shared and N is not given yet.
-    `composable`: the command can train on composites (`--compose`), so a too-small error may say so."""
-    if spec.head == "capsule" and not spec.capsule.shared and spec.capsule.num_inputs is None:
-        given = spec.capsule.image_size
-        if given is not None and tuple(given) != (height, width):  # (it was dropped without a word)
-            raise CapsctlError(
-                f"model spec: capsule.image_size is {given[0]}x{given[1]} but the training images are "
-                f"{height}x{width}; leave it out: training sets it from the images"
-            )
-        n = training_capsule_count(spec, height, width, composed, composable)
-        # (recorded where N alone does not give it back: not square, or another side gives N too)
-        size = given or spec.recorded_size(height, width)
-        return spec.with_capsule(num_inputs=n, image_size=size)
-    return spec
+    `composable`: the command can train on composites (`--compose`), so a too-small error may say so.
+    A hand-written N that the images give gets their size recorded too (without it a transposed image was
+    taken, and ONNX export had no size); one they don't give is left for check_fit to refuse."""
+    if spec.head != "capsule" or spec.capsule.shared:
+        return spec
+    given = spec.capsule.image_size
+    if given is not None and tuple(given) != (height, width):  # (it was dropped without a word)
+        raise CapsctlError(
+            f"model spec: capsule.image_size is {given[0]}x{given[1]} but the training images are "
+            f"{height}x{width}; leave it out: training sets it from the images"
+        )
+    n = training_capsule_count(spec, height, width, composed, composable)
+    if spec.capsule.num_inputs not in (None, n):
+        return spec
+    # (recorded where N alone does not give it back: not square, or another side gives N too)
+    size = given or spec.recorded_size(height, width)
+    return spec.with_capsule(num_inputs=n, image_size=size)
 
 
 def training_capsule_count(

@@ -415,6 +415,21 @@ def _layer_from_dict(d: Any, i: int = 0) -> TrunkLayer:
     )
 
 
+def _check_size_gives_inputs(spec: ModelSpec) -> None:
+    """capsule.image_size is the size capsule.num_inputs was made for: a pair that disagree described a
+    model that takes no image at all (every command refused it, naming the wrong size)."""
+    h, w = spec.capsule.image_size or (0, 0)
+    try:
+        n = spec.capsule_count(h, w)
+    except CapsctlError:
+        n = 0
+    if n != spec.capsule.num_inputs:
+        raise CapsctlError(
+            f"model spec: capsule.num_inputs is {spec.capsule.num_inputs} but capsule.image_size {h}x{w} "
+            f"gives {n} input capsules; leave both out: training sets them from the images"
+        )
+
+
 def _positive_int(value: Any, name: str, upper: int = 1 << 16) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= upper:
         raise CapsctlError(f"model spec: {name} must be an integer in 1..{upper}, got {value!r}")
@@ -490,6 +505,8 @@ def validate(spec: ModelSpec) -> None:
         raise CapsctlError(
             "model spec: capsule.routing 'attention' needs capsule.shared false (a W and b per input)"
         )
+    if spec.head == "capsule" and c.num_inputs is not None and c.image_size is not None:
+        _check_size_gives_inputs(spec)
     _positive_int(spec.pool.hidden, "pool.hidden", 1 << 16)
     names = spec.class_names
     if names is not None:
