@@ -246,6 +246,9 @@ def test_train_on_an_rgb_image_folder_then_eval_and_predict_print_names(tmp_path
     # (it advised "use a model with shared capsule weights", or dropped the size without a word)
     (["--dataset", "{ds}", "--spec", "{inputs}"], "capsule.num_inputs is 7 but 20x20"),
     (["--dataset", "{ds}", "--spec", "{size}"], "capsule.image_size is 41x33 but the training images"),
+    # class names of a spec in another order than the folder's: label j was learnt as the folder's j-th
+    # class and named the spec's j-th (eval, matching by name, then scored against swapped labels)
+    (["--dataset", "{ds}", "--spec", "{names}"], "class_names ['dog', 'cat', 'eel'], but the training"),
 ])
 def test_train_refuses_bad_user_data_with_one_line_and_writes_nothing(tmp_path, capsys, args, fragment):
     ds = _folder(tmp_path / "ds")
@@ -258,7 +261,10 @@ def test_train_refuses_bad_user_data_with_one_line_and_writes_nothing(tmp_path, 
     unshared = {**TINY["capsule"], "shared": False}
     inputs.write_text(json.dumps({**TINY, "capsule": {**unshared, "num_inputs": 7}}))
     size.write_text(json.dumps({**TINY, "capsule": {**unshared, "image_size": [41, 33]}}))
-    args = [a.format(ds=ds, mixed=mixed, npz=npz, light=light, inputs=inputs, size=size) for a in args]
+    names = tmp_path / "names.json"
+    names.write_text(json.dumps({**TINY, "num_classes": 3, "class_names": ["dog", "cat", "eel"]}))
+    args = [a.format(ds=ds, mixed=mixed, npz=npz, light=light, inputs=inputs, size=size, names=names)
+            for a in args]
     code, out, err = run_cli(["train", *args, "--epochs", "1", "-q", "--out", tmp_path / "run"], capsys)
     assert_one_line_error(code, out, err, fragment)
     assert not (tmp_path / "run").exists()

@@ -681,9 +681,20 @@ def _run_rank(
                 f"--spec: background {spec.background!r}, but the training images are {seen}; leave the "
                 "field out (it follows the data)"
             )
+        numbered = classes == tuple(str(j) for j in range(len(classes)))  # (IDX, npz: labels, no names)
+        named = spec.class_names
+        if "class_names" in fixed and named is not None and not numbered and named != classes:
+            # (the model learnt label j = the data's j-th class and called it the spec's j-th name; eval,
+            # which matches classes by name, then scored against swapped labels or refused the data)
+            from capsctl.errors import CapsctlError
+
+            raise CapsctlError(
+                f"--spec: class_names {list(named)}, but the training data's classes are "
+                f"{list(classes)} (in label order); leave the field out (it follows the data)"
+            )
         follow = {k: v for k, v in follow.items() if k not in fixed}
         if "class_names" not in fixed and follow.get("num_classes", spec.num_classes) == len(classes):
-            follow["class_names"] = None if classes == tuple(str(j) for j in range(len(classes))) else classes
+            follow["class_names"] = None if numbered else classes
         if any(getattr(spec, k) != v for k, v in follow.items()):
             spec = spec.replace(**follow)
     size = tuple(int(n) for n in train_split.images.shape[1:3])
