@@ -80,3 +80,15 @@ def test_decoder_dense_layers_by_hand():
     assert flops.decoder_flops(spec, 56, 28) == 2 * macs  # image_shape set: the decoder's own size
     unsized = base.replace(decoder=DecoderSpec(hidden=(8,)))
     assert flops.count(unsized, 56, 28).decoder == 2 * (160 * 8 + 8 * 56 * 28)  # else the counted size
+
+
+def test_attention_routing_is_one_pass_by_its_formula():
+    """Attention routing was counted as R iterations of dynamic routing: a spec saying routings 5 was
+    counted 5 times for the same network, and even R = 1 was not the attention pass's count."""
+    j, n, d = 10, 64, 16
+    per_position = default_spec("capsule").with_capsule(shared=False, num_inputs=n, routing="attention")
+    # Σ_k û (JND), a = û·Σ (2JND), / sqrt(D) (JN), softmax over j (3JN), c + b (JN), s (2JND), squash
+    # (3JD), scores (2JD)
+    want = j * n * d + 2 * j * n * d + j * n + 3 * j * n + j * n + 2 * j * n * d + 3 * j * d + 2 * j * d
+    for routings in (1, 5):
+        assert flops.count(per_position.with_capsule(routings=routings), 28, 28).routing == want

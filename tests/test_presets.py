@@ -176,6 +176,23 @@ def test_model_options_left_out_keep_the_preset_and_given_ones_replace_it():
     assert not_attention.capsule.routings == 2
 
 
+def test_a_spec_file_giving_routing_iterations_to_attention_is_refused(tmp_path):
+    """--routings with attention routing was refused, but a --spec file saying capsule.routings 5 was taken:
+    recorded, without effect, and counted as 5 iterations of dynamic routing in the FLOPs."""
+    from capsctl.cli import _train
+    from capsctl.errors import CapsctlError
+
+    caps = preset("efficient").to_dict()["capsule"]
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps({"capsule": {**caps, "routings": 5}}))
+    with pytest.raises(CapsctlError, match="capsule.routings 5 with attention routing, which runs in one"):
+        _train._spec(path, "capsule", None, None, None, None, "efficient")
+    assert _train._spec(path, "capsule", "su", None, None, None, "efficient")[0].capsule.routings == 5
+    path.write_text(json.dumps({"capsule": {**caps, "routings": 1}}))
+    kept = _train._spec(path, "capsule", None, None, None, None, "efficient")[0]
+    assert kept.capsule.routing == "attention"
+
+
 def test_an_input_count_with_shared_weights(tmp_path):
     """A --spec with shared weights and capsule.num_inputs (recorded, unused) is refused; --shared on a
     per-position spec drops its input count and size; a model file holding both still opens."""

@@ -517,6 +517,15 @@ def _spec(
             if "head" in fields:
                 raise CapsctlError(f"--head {head}, but the --spec file says head {spec.head!r}: give one")
             spec = spec.replace(head=str(head))
+        caps_given = from_file.get("capsule") if isinstance(from_file, dict) else None
+        iterations, attention = spec.capsule.routings, (routing or spec.capsule.routing) == "attention"
+        set_in_file = isinstance(caps_given, dict) and "routings" in caps_given
+        if spec.head == "capsule" and set_in_file and attention and iterations != 1:
+            # (recorded and without effect, as --routings with attention is refused)
+            raise CapsctlError(
+                f"--spec {spec_file}: capsule.routings {iterations} with attention routing, which runs in "
+                "one pass; set it to 1 or leave it out"
+            )
     else:
         spec = ModelSpec(head=str(head))
     # checked here so the message names the option, not the spec field it sets

@@ -59,9 +59,14 @@ class Flops:
 
 
 def routing_flops(spec: ModelSpec, n: int) -> int:
-    """FLOPs of R routing iterations over N input capsules, plus the output capsule norms."""
+    """FLOPs of R routing iterations over N input capsules, plus the output capsule norms; attention
+    routing is one pass, whatever capsule.routings says (capsctl.model.reference.route_attention)."""
     caps = spec.capsule
     j, d, r_total = spec.num_classes, caps.dim, caps.routings
+    if caps.routing == "attention":
+        # Σ_k û_j|k (JND), a = û·Σ (2JND) / sqrt(D) (JN), softmax over j (3JN), c + b (JN),
+        # s = Σ_i (c + b) û (2JND), squash (3JD), scores (2JD)
+        return 5 * j * n * d + 5 * j * n + 5 * j * d
     total = 0
     for r in range(1, r_total + 1):
         total += 3 * j * n  # softmax over j
