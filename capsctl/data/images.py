@@ -181,6 +181,7 @@ def _load_pil(p: Path, max_pixels: int, channels: int = 1) -> np.ndarray:
             raise CapsctlError(
                 f"{p}: image has {size}, over the limit of {max_pixels:,} (refused before decoding)"
             ) from None
+        im = _tiff_to_turn_as_decoded(im, p)
         with im:
             w, h = im.size
             _check_budget(p, h, w, max_pixels)  # from the header: nothing is decoded yet
@@ -191,6 +192,25 @@ def _load_pil(p: Path, max_pixels: int, channels: int = 1) -> np.ndarray:
             except (OSError, SyntaxError, ValueError, EOFError) as e:
                 raise CapsctlError(f"{p}: truncated or corrupt image ({first_line(e, _CORRUPT)})") from None
             return pil_pixels(upright(im, turn), p, channels)
+
+
+def _tiff_to_turn_as_decoded(im: Any, p: Path) -> Any:
+    """`im`, or for an uncompressed TIFF stored on its side (orientation 5 to 8) the file opened again to
+    be decoded by libtiff: Pillow's own raw decoder filled the upright size with the stored rows, a
+    sheared image (libtiff's turns it upright, as Pillow does for every compressed TIFF)."""
+    if im.format != "TIFF" or getattr(im, "use_load_libtiff", True):
+        return im
+    if im.tag_v2.get(0x0112) not in (5, 6, 7, 8):
+        return im
+    from PIL import Image, TiffImagePlugin
+
+    im.close()
+    before = TiffImagePlugin.READ_LIBTIFF  # (read as the file is opened; put back at once)
+    TiffImagePlugin.READ_LIBTIFF = True
+    try:
+        return Image.open(p, formats=["TIFF"])
+    finally:
+        TiffImagePlugin.READ_LIBTIFF = before
 
 
 # EXIF orientation -> the Pillow transpose that turns the stored pixels upright (as ImageOps.exif_transpose)
