@@ -149,6 +149,24 @@ def test_palette_with_and_without_transparency(tmp_path):
     assert x.sum() == pytest.approx(2.0)
 
 
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+def test_a_colour_key_is_transparency(tmp_path, mode):
+    """PNG tRNS on a gray or RGB image (one value is transparent, as PNG optimisers write): a black digit
+    on a transparent sheet of near-black was read as stored, an all-black image, and scored as noise."""
+    ink = digit() > 127
+    sheet = np.where(ink, 0, 1).astype(np.uint8)
+    if mode == "L":
+        Image.fromarray(sheet).save(tmp_path / "k.png", transparency=1)
+    else:
+        rgb = np.repeat(sheet[..., None], 3, axis=2)
+        Image.fromarray(rgb).save(tmp_path / "k.png", transparency=(1, 1, 1))
+    with Image.open(tmp_path / "k.png") as im:
+        assert im.mode == mode and "transparency" in im.info
+    np.testing.assert_allclose(load_image(tmp_path / "k.png"), ink.astype(np.float64), atol=1e-6)
+    # in colour: the ink on the background that contrasts with it, as an RGBA image of it is read
+    np.testing.assert_allclose(load_image(tmp_path / "k.png", channels=3)[..., 1], 1.0 - ink, atol=1e-6)
+
+
 def test_sixteen_bit_png(tmp_path):
     a = (np.arange(30, dtype=np.uint16).reshape(5, 6) * 2000).astype(np.uint16)
     Image.fromarray(a).save(tmp_path / "w.png")

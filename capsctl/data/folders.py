@@ -43,8 +43,9 @@ MAX_PIXELS = 4096 * 4096
 # how gray vs RGB is chosen and pixels decoded (part of the cache key: '+alpha' since alpha is composited
 # and 16-bit gray rescaled into RGB sets too, so entries decoded before are not served)
 # (+exif: images turned upright by their EXIF orientation; +graypal: a palette of grays counts as gray;
-# +pad: --image-size pads a light gray image with white; +la16: a 16-bit gray+alpha PNG counts as gray)
-MODE_RULE = "majority+alpha+exif+graypal+pad+la16"
+# +pad: --image-size pads a light gray image with white; +la16: a 16-bit gray+alpha PNG counts as gray;
+# +trns: a gray or RGB image's colour key is transparency)
+MODE_RULE = "majority+alpha+exif+graypal+pad+la16+trns"
 # the modes whose Pillow convert to L or RGB keeps what predict reads (no alpha, 8 bits a channel)
 _PLAIN_MODES = frozenset({"L", "RGB", "1", "P", "CMYK", "YCbCr"})
 PROGRESS_MIN = 1000  # a smaller folder decodes in about a second: no progress bar

@@ -246,17 +246,26 @@ def pil_pixels(im: Any, p: Path, channels: int = 1) -> np.ndarray:
     return _pil_to_rgb(im, p) if channels == 3 else _pil_to_gray(im, p)
 
 
+def _has_alpha(im: Any) -> bool:
+    """An alpha channel, or a colour key (PNG tRNS: one gray value or RGB colour, or palette entries, is
+    transparent; PNG optimisers write it), which Pillow's convert to RGBA turns into alpha. A keyed gray
+    or RGB image read as stored was the key's colour where it should be background (a black 7 on a
+    transparent sheet read all black)."""
+    keyed = im.mode in ("1", "L", "RGB", "P") and "transparency" in im.info
+    return keyed or im.mode in ("LA", "La", "PA", "RGBA", "RGBa")
+
+
 def _pil_to_gray(im: Any, p: Path) -> np.ndarray:
     mode = im.mode
     if mode in ("I;16", "I;16L", "I;16B", "I;16N"):
         return np.asarray(im, dtype=np.float64) / 65535.0
     if mode in ("I", "F"):
         return _scale_values(np.asarray(im, dtype=np.float64), p, integer=mode == "I")
-    if mode == "1":
+    has_alpha = _has_alpha(im)
+    if mode == "1" and not has_alpha:
         return np.asarray(im.convert("L"), dtype=np.float64) / 255.0
-    if mode == "L":
+    if mode == "L" and not has_alpha:
         return np.asarray(im, dtype=np.float64) / 255.0
-    has_alpha = mode in ("LA", "La", "PA", "RGBA", "RGBa") or (mode == "P" and "transparency" in im.info)
     if has_alpha:
         rgba = np.asarray(im.convert("RGBA"), dtype=np.float64) / 255.0
         return _composite(_luma(rgba[..., :3]), rgba[..., 3])
@@ -267,8 +276,7 @@ def _pil_to_rgb(im: Any, p: Path) -> np.ndarray:
     mode = im.mode
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F", "1", "L"):
         return _gray_to_rgb(_pil_to_gray(im, p))
-    has_alpha = mode in ("LA", "La", "PA", "RGBA", "RGBa") or (mode == "P" and "transparency" in im.info)
-    if has_alpha:
+    if _has_alpha(im):
         rgba = np.asarray(im.convert("RGBA"), dtype=np.float64) / 255.0
         return _composite_rgb(rgba[..., :3], rgba[..., 3])
     return np.asarray(im.convert("RGB"), dtype=np.float64) / 255.0
