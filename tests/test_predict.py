@@ -236,3 +236,27 @@ def test_an_export_or_an_upper_case_suffix_as_model_is_not_taken_for_an_image(ti
     assert code == 0, err
     code, again, err = run_cli(["predict", tiny_model, png, "--json"], capsys)
     assert json.loads(out)["top"] == json.loads(again)["top"]
+
+
+def test_collecting_paths_keeps_spaces_in_names_and_leaves_pipes_in_folders_out(tmp_path):
+    """Paths on stdin lost their leading and trailing spaces (' lead.png' was reported missing, or another
+    file predicted); a named pipe with an image suffix inside a folder was opened and hung predict."""
+    import os
+
+    from capsctl.cli._predict import collect_paths
+
+    listing = io.StringIO(" lead.png\ntrail.png \r\n\n   \nplain.png\n")
+    paths, _ = collect_paths(["-"], listing)
+    assert [str(p) for p in paths] == [" lead.png", "trail.png ", "plain.png"]
+    folder = tmp_path / "f"
+    folder.mkdir()
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(folder / "a.png")
+    os.mkfifo(folder / "b.png")
+    paths, skipped = collect_paths([str(folder)], None)
+    assert paths == [folder / "a.png"] and skipped == 1
+
+
+def test_a_nan_threshold_is_refused(capsys):
+    """`--threshold nan` passed the range check (NaN compares false) and marked no class present."""
+    code, out, err = run_cli(["predict", "x.png", "--threshold", "nan"], capsys)
+    assert_one_line_error(code, out, err, "--threshold", "must be a number")

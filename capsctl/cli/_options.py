@@ -337,6 +337,8 @@ def check_range(
 ) -> None:
     if value is None:
         return
+    if value != value:  # NaN: every comparison below is false, so it passed (`--threshold nan`)
+        raise CapsctlError(f"{name} must be a number, got nan")
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         bounds = f"{lo if lo is not None else '-inf'}..{hi if hi is not None else 'inf'}"
         raise CapsctlError(f"{name} must be in {bounds}, got {value}")

@@ -173,7 +173,8 @@ def collect_paths(inputs: list[str], stdin: Any) -> tuple[list[Path], int]:
             # paths are bytes to the OS: read them as bytes, so a name that is not UTF-8 is still a name
             raw = getattr(stdin, "buffer", stdin)
             lines = (os.fsdecode(x) if isinstance(x, bytes) else x for x in raw)
-            given.extend(line.strip() for line in lines if line.strip())
+            # (only the line end is cut: a name may begin or end with a space)
+            given.extend(name for name in (line.rstrip("\r\n") for line in lines) if name.strip())
         else:
             given.append(item)
     if not given:
@@ -187,7 +188,7 @@ def collect_paths(inputs: list[str], stdin: Any) -> tuple[list[Path], int]:
         for f in sorted(p.rglob("*")):
             if f.is_dir():
                 continue
-            if f.suffix.lower() in IMAGE_SUFFIXES:
+            if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file():  # (a named pipe among them: read, it hung)
                 images.append(f)
             else:
                 others += 1
