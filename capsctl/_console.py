@@ -26,6 +26,16 @@ out = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 
 _quiet = False
 
 
+def shown(path: str) -> str:
+    """A path as text any terminal, CSV reader or figure takes: bytes of a file name that are not UTF-8
+    (held as surrogates, as the OS gave them) shown as \\xNN (printed as they are, they raised
+    UnicodeEncodeError on a strict UTF-8 stream, and matplotlib refused them)."""
+    try:
+        return os.fsencode(path).decode("utf-8", "backslashreplace")
+    except UnicodeError:
+        return path.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def set_quiet(flag: bool) -> None:
     global _quiet
     _quiet = flag

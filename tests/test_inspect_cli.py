@@ -269,3 +269,45 @@ def test_an_attention_model_refuses_routings_and_counts_its_capsules(tmp_path, c
     n = gh * gw * types
     res = inspect_one(spec, np.full(10, 0.5), (28, 28), np.full((1, 10, n), 0.1), np.ones((1, 10, n)))
     assert f"{gh}×{gw}×{types} = {n} input capsules" in _title(digit, model, spec, res, "torch")
+
+
+@pytest.mark.torch
+def test_names_with_dollars_brackets_and_non_utf8_bytes_are_shown_as_written(tmp_path, capsys):
+    """A `$` in a file name started matplotlib's mathtext ('a$_$.png': a traceback, no figure); a file
+    name that is not UTF-8 was a TypeError in the figure's title and a UnicodeEncodeError on a strict
+    terminal; a class name holding Rich markup ('[/]') was a MarkupError in inspect's notes, and
+    'fig[b].png' was announced as 'fig.png'."""
+    import os
+
+    from capsctl.model.spec import DecoderSpec
+
+    spec = ModelSpec(num_classes=3, class_names=("[/]", "[misc]", "$x$"),
+                     decoder=DecoderSpec(hidden=(8,), image_shape=(28, 28, 1)))
+    model = tmp_path / "m.safetensors"
+    save_model(model, spec, init_weights(spec, 0))
+    ink = np.zeros((28, 28), np.uint8)
+    ink[6:22, 12:16] = 255
+    dollar = tmp_path / "a$_$.png"
+    odd = Path(os.fsdecode(bytes(tmp_path) + b"/\xff\xfe.png"))
+    for image in (dollar, odd):
+        Image.fromarray(ink).save(image)
+    runs = [
+        ([dollar, "--out", tmp_path / "fig[b].png"], tmp_path / "fig[b].png"),
+        ([odd, "--out", tmp_path / "odd.png"], tmp_path / "odd.png"),
+        ([dollar, "--reconstruct", "--class", "0"], None),
+        ([dollar, "--perturb", "--class", "0", "--steps", "3"], None),
+        ([dollar, "--reconstruct", "--class", "1", "--out", tmp_path / "r.png"], tmp_path / "r.png"),
+        ([dollar, "--perturb", "--class", "2", "--steps", "3", "--out", tmp_path / "p.png"],
+         tmp_path / "p.png"),
+    ]
+    for args, figure in runs:
+        code, out, err = run_cli(["inspect", model, *args], capsys)
+        assert code == 0, err
+        if figure is not None:
+            assert figure.read_bytes().startswith(b"\x89PNG")
+            assert f"figure: {figure}" in "".join(err.split("\n"))
+    code, out, err = run_cli(["inspect", model, odd], capsys)
+    assert code == 0 and "\\xff\\xfe.png" in out
+    out.encode("utf-8")  # (strict: what a UTF-8 terminal takes)
+    code, out, err = run_cli(["inspect", model, dollar, "--reconstruct", "--class", "0"], capsys)
+    assert "reconstructed from capsules: [/]" in err

@@ -102,7 +102,7 @@ def test_a_path_on_stdin_that_is_not_utf8_is_a_file_name_not_a_traceback(tiny_mo
     assert Path(rows[0]["image"]).name == "b.png" and "error" not in rows[0]
     assert rows[1]["image"].startswith("/nowhere/") and "error" in rows[1]
     # the table and CSV show such a name's bytes as \xNN: a terminal or file that takes strict UTF-8 takes it
-    from capsctl.cli._predict import _shown
+    from capsctl._console import shown as _shown
 
     assert _shown("/nowhere/\udcff\udcfe.png") == "/nowhere/\\xff\\xfe.png" and _shown("a.png") == "a.png"
 

@@ -5,6 +5,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from capsctl._console import shown
 from capsctl.cli._options import BackendOpt, FitOpt, Invert, JsonOpt, Order, given, shipped_model_said
 
 if TYPE_CHECKING:
@@ -215,16 +216,18 @@ def inspect(
         extra["reconstructions"] = {str(j): np.asarray(r, np.float64).tolist() for j, r in by_class.items()}
         if out is not None:
             title = (
-                f"{image.name} — {model}: reconstructions from capsules {', '.join(names[j] for j in chosen)}"
+                f"{shown(image.name)} — {shown(str(model))}: reconstructions from capsules "
+                f"{', '.join(names[j] for j in chosen)}"
             )
             reconstruction.save_reconstruct_figure(
                 out, rgb, by_class, res, title, names, light=spec.background == "light"
             )
-            err.print(f"figure: {out}")
+            err.print(f"figure: {shown(str(out))}", markup=False)
             out = None
         else:
             err.print(
-                f"reconstructed from capsules: {', '.join(names[j] for j in chosen)} (--out draws them)"
+                f"reconstructed from capsules: {', '.join(names[j] for j in chosen)} (--out draws them)",
+                markup=False,
             )
     elif perturb:
         from capsctl.inspect import reconstruction
@@ -238,21 +241,26 @@ def inspect(
             "reconstructions": np.asarray(grid, np.float64).tolist(),  # [dimension][step][row][col][channel]
         }
         if out is not None:
-            title = f"{image.name} — {model}: capsule {names[chosen_cls]}, each dimension ±{value_range:g}"
+            title = (
+                f"{shown(image.name)} — {shown(str(model))}: capsule {names[chosen_cls]}, each dimension "
+                f"±{value_range:g}"
+            )
             reconstruction.save_perturb_figure(out, grid, chosen_cls, value_range, title, names[chosen_cls])
-            err.print(f"figure: {out}")
+            err.print(f"figure: {shown(str(out))}", markup=False)
             out = None
         else:
             dims = grid.shape[0]
             err.print(
-                f"perturbed capsule {names[chosen_cls]}: {dims} dimensions × {steps} steps (--out draws them)"
+                f"perturbed capsule {names[chosen_cls]}: {dims} dimensions × {steps} steps "
+                "(--out draws them)",
+                markup=False,
             )
 
     if out is not None:
         from capsctl.inspect.figure import save_figure
 
         save_figure(out, rgb, res, spec, _title(image, model, spec, res, backend))
-        err.print(f"figure: {out}")
+        err.print(f"figure: {shown(str(out))}", markup=False)
     if json_out:
         d: dict[str, object] = {
             "image": str(image),
@@ -293,13 +301,13 @@ def _model_and_image(
 
 def _title(image: Path, model: Path, spec: "ModelSpec", res: "Inspection", backend: str) -> str:
     if spec.head != "capsule":
-        return f"{image.name} — {model} (pooling head, no routing; {backend})"
+        return f"{shown(image.name)} — {shown(str(model))} (pooling head, no routing; {backend})"
     caps = spec.capsule
     gh, gw = res.grid or (0, 0)
     types = caps.primary.types if caps.primary is not None else 1  # (capsule types at each place)
     grid = f"{gh}×{gw}" if types == 1 else f"{gh}×{gw}×{types}"
     return (
-        f"{image.name} — {model}: routing '{caps.routing}', {res.routings} iterations, "
+        f"{shown(image.name)} — {shown(str(model))}: routing '{caps.routing}', {res.routings} iterations, "
         f"{grid} = {gh * gw * types} input capsules ({backend})"
     )
 
@@ -327,7 +335,8 @@ def _print_tables(image: Path, spec: "ModelSpec", res: "Inspection", backend: st
     where = f", grid {res.grid[0]}×{res.grid[1]}" if res.grid else ""
     # the heading is printed on its own (not as the table's title) so a long path is not squeezed into
     # the table's width; Text, not markup, so brackets in a file name print as they are
-    out.print(Text(f"{image} — {h}×{w}{where} ({spec.head} head, {backend})", style="bold"), soft_wrap=True)
+    heading = f"{shown(str(image))} — {h}×{w}{where} ({spec.head} head, {backend})"
+    out.print(Text(heading, style="bold"), soft_wrap=True)
     table = Table()
     if capsule:
         table.caption = "length = ‖v_j‖; centre = where the class's evidence c·û·v sits in the image (pixels)"

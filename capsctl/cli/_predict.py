@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from capsctl._console import shown
 from capsctl.cli._options import BackendOpt, BatchSizeOpt, FitOpt, Invert, QuietOpt, shipped_model_said
 
 if TYPE_CHECKING:
@@ -143,7 +144,7 @@ def predict(
             failed += "error" in result
             writer.write(result, top, threshold)
             advance(1)
-    writer.close(f"{model_path} ({backend})")
+    writer.close(f"{shown(str(model_path))} ({backend})")
     done = len(paths) - failed
     note = f"; {skipped} non-image file(s) in the folders skipped" if skipped else ""
     summary = f"{done} image(s) predicted, {failed} could not be read or did not fit the model{note}"
@@ -300,15 +301,6 @@ def _reason(message: str, p: Path) -> str:
 # -- the output --------------------------------------------------------------------------------------------
 
 
-def _shown(path: str) -> str:
-    """A path as text any terminal or CSV reader takes: bytes of a file name that are not UTF-8 (held as
-    surrogates, as the OS gave them) shown as \\xNN. (--json keeps the name itself, escaped.)"""
-    try:
-        return os.fsencode(path).decode("utf-8", "backslashreplace")
-    except UnicodeError:
-        return path.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
 class _Writer:
     """Writes results as a table (at the end), JSON lines or CSV rows (as they come)."""
 
@@ -334,9 +326,9 @@ class _Writer:
             if self.fmt == "json":
                 typer.echo(json.dumps({"image": image, "error": result["error"]}))
             elif self.fmt == "csv":
-                self.csv.writerow([_shown(image), *([""] * (2 * top)), "", result["error"]])
+                self.csv.writerow([shown(image), *([""] * (2 * top)), "", result["error"]])
             else:
-                self.rows.append([_escape(_shown(image)), "", "", f"[red]{_escape(result['error'])}[/]"])
+                self.rows.append([_escape(shown(image)), "", "", f"[red]{_escape(result['error'])}[/]"])
             return
         scores = result["scores"]
         order = sorted(range(len(scores)), key=lambda j: -float(scores[j]))
@@ -350,14 +342,14 @@ class _Writer:
                 "present": [self.names[j] for j in present],
             }))
         elif self.fmt == "csv":
-            cells = [_shown(image)]
+            cells = [shown(image)]
             for j in best:
                 cells += [self.names[j], f"{float(scores[j]):.6f}"]
             self.csv.writerow([*cells, ";".join(self.names[j] for j in present), ""])
         else:
             topk = ", ".join(f"{_escape(self.names[j])} {float(scores[j]):.3f}" for j in best)
             found = ", ".join(_escape(self.names[j]) for j in present) or "—"
-            self.rows.append([_escape(_shown(image)), topk, found, ""])
+            self.rows.append([_escape(shown(image)), topk, found, ""])
 
     def close(self, title: str) -> None:
         import sys

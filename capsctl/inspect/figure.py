@@ -4,8 +4,11 @@ state, no display): a Figure on an Agg canvas, saved to memory and written atomi
 
 from __future__ import annotations
 
+import functools
 import io
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -17,6 +20,24 @@ from capsctl.model.spec import ModelSpec, names_of
 FORMATS = {".png": "png", ".svg": "svg", ".pdf": "pdf"}
 MAX_ITERATIONS_SHOWN = 4  # with --routings 50, show 4 evenly spaced iterations, first and last included
 MAX_CLASSES_SHOWN = 5  # the highest-scoring of the selected classes
+
+
+_Draw = TypeVar("_Draw", bound=Callable[..., Any])
+
+
+def plain_text(draw: _Draw) -> _Draw:
+    """A figure function whose text is drawn as written: a `$` in a file or class name started matplotlib's
+    mathtext (a traceback for 'a$_$.png', a mangled title for 'price $5 vs $6.png'). Text objects read
+    the setting as they are made, so it holds while the whole figure is built."""
+
+    @functools.wraps(draw)
+    def plain(*args: Any, **kwargs: Any) -> Any:
+        import matplotlib
+
+        with matplotlib.rc_context({"text.parse_math": False}):
+            return draw(*args, **kwargs)
+
+    return plain  # type: ignore[return-value]
 
 
 def check_out_path(path: Path, image: Path | None = None) -> str:
@@ -50,6 +71,7 @@ def shown_classes(res: Inspection) -> list[int]:
     return sorted(chosen, key=lambda j: -res.scores[j])[:MAX_CLASSES_SHOWN]
 
 
+@plain_text
 def save_figure(
     path: Path, image: np.ndarray, res: Inspection, spec: ModelSpec, title: str, dpi: int = 100
 ) -> None:

@@ -17,6 +17,7 @@ import numpy as np
 
 from capsctl.errors import CapsctlError
 from capsctl.inspect.analysis import Inspection
+from capsctl.inspect.figure import plain_text
 from capsctl.model.spec import ModelSpec
 
 OVERLAY_COLOURS = ((1.0, 0.2, 0.2), (0.2, 1.0, 0.2), (0.3, 0.5, 1.0), (1.0, 0.9, 0.2), (1.0, 0.3, 1.0))
@@ -108,6 +109,7 @@ def _show(ax: Any, image: np.ndarray) -> None:
         ax.imshow(gray, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
 
 
+@plain_text
 def save_reconstruct_figure(
     path: Path,
     image: np.ndarray,
@@ -145,6 +147,7 @@ def save_reconstruct_figure(
     _write(fig, path, fmt)
 
 
+@plain_text
 def save_perturb_figure(
     path: Path, grid: np.ndarray, cls: int, value_range: float, title: str, name: str | None = None
 ) -> None:
