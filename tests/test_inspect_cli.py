@@ -311,3 +311,12 @@ def test_names_with_dollars_brackets_and_non_utf8_bytes_are_shown_as_written(tmp
     out.encode("utf-8")  # (strict: what a UTF-8 terminal takes)
     code, out, err = run_cli(["inspect", model, dollar, "--reconstruct", "--class", "0"], capsys)
     assert "reconstructed from capsules: [/]" in err
+
+
+def test_a_model_file_alone_is_known_by_its_suffix_in_any_case(models, tmp_path, capsys):
+    """`inspect MODEL.SAFETENSORS` (no image) took the model file for the image, scored by the shipped
+    model: 'no such file', where a lower-case suffix said the image was forgotten."""
+    upper = tmp_path / "CAPS.SAFETENSORS"
+    upper.write_bytes(models["caps"].read_bytes())
+    code, _out, err = run_cli(["inspect", upper], capsys)
+    assert code == 2 and "give the image after the model" in err, err

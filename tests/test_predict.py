@@ -260,3 +260,13 @@ def test_a_nan_threshold_is_refused(capsys):
     """`--threshold nan` passed the range check (NaN compares false) and marked no class present."""
     code, out, err = run_cli(["predict", "x.png", "--threshold", "nan"], capsys)
     assert_one_line_error(code, out, err, "--threshold", "must be a number")
+
+
+def test_an_oversized_resize_is_refused_once_before_anything_is_read(tmp_path, capsys):
+    """`--resize 5000x5000` passed the option check and failed on every image: one error row each."""
+    for name in ("a.png", "b.png"):
+        Image.fromarray(np.zeros((28, 28), np.uint8)).save(tmp_path / name)
+    code, out, err = run_cli(["predict", tmp_path, "--resize", "5000x5000"], capsys)
+    assert_one_line_error(code, out, err, "--resize 5000x5000", "at most 16777216 pixels")
+    code, out, err = run_cli(["predict", tmp_path, "--resize", "70000x1"], capsys)
+    assert_one_line_error(code, out, err, "--resize 70000x1", "each side must be 1..65535")

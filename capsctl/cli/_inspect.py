@@ -283,7 +283,7 @@ def _model_and_image(
     """MODEL IMAGE, the older IMAGE -m MODEL, or IMAGE alone (the shipped model)."""
     if model_opt is None:
         if second is None:
-            if first.suffix == ".safetensors":  # a model file alone: the image was forgotten
+            if first.suffix.lower() == ".safetensors":  # a model file alone: the image was forgotten
                 raise typer.BadParameter(
                     "give the image after the model: capsctl inspect MODEL IMAGE (or IMAGE alone, for the "
                     "shipped model)",

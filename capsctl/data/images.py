@@ -82,11 +82,7 @@ def load_image(
     if invert not in INVERT_CHOICES:
         raise CapsctlError(f"--invert must be one of {', '.join(INVERT_CHOICES)}, got {invert!r}")
     if resize is not None:
-        rh, rw = resize
-        if not (1 <= rh <= MAX_SIDE and 1 <= rw <= MAX_SIDE) or rh * rw > max_pixels:
-            raise CapsctlError(
-                f"--resize {rh}x{rw}: each side must be 1..{MAX_SIDE} and at most {max_pixels} pixels in all"
-            )
+        _check_resize(*resize, max_pixels)
     head = _read_head(p)
     try:
         if head.startswith(_NPY_MAGIC):
@@ -132,7 +128,15 @@ def parse_size(text: str) -> tuple[int, int]:
         nums = nums * 2
     if len(nums) != 2 or min(nums) < 1:
         raise CapsctlError(f"--resize must be HxW with positive integers (e.g. 28x28), got {text!r}")
+    _check_resize(nums[0], nums[1], MAX_PIXELS)  # once, here: per image it was one error row each
     return nums[0], nums[1]
+
+
+def _check_resize(rh: int, rw: int, max_pixels: int) -> None:
+    if not (1 <= rh <= MAX_SIDE and 1 <= rw <= MAX_SIDE) or rh * rw > max_pixels:
+        raise CapsctlError(
+            f"--resize {rh}x{rw}: each side must be 1..{MAX_SIDE} and at most {max_pixels} pixels in all"
+        )
 
 
 # -- reading ----------------------------------------------------------------------------------
