@@ -291,6 +291,18 @@ def test_truncated_png_and_jpeg(tmp_path):
         load_image(tmp_path / "cut.jpg")
 
 
+def test_a_float_image_overshooting_0_to_1_a_little_is_clipped_not_divided_by_255(tmp_path):
+    """A resampled 0..1 image overshoots at its edges (1.001, -0.002): it was divided by 255, read as a
+    black image, and scored as noise."""
+    a = digit() / 255.0
+    over = a * 1.002 - 0.001
+    assert over.max() > 1.0 and over.min() < 0.0
+    np.save(tmp_path / "over.npy", over)
+    np.testing.assert_allclose(load_image(tmp_path / "over.npy", invert="no"), np.clip(over, 0, 1), atol=1e-6)
+    np.save(tmp_path / "bytes.npy", a * 255.0)  # a 0..255 float image is still /255
+    np.testing.assert_allclose(load_image(tmp_path / "bytes.npy", invert="no"), a, atol=1e-6)
+
+
 @pytest.mark.parametrize(
     "array, match",
     [
@@ -299,7 +311,7 @@ def test_truncated_png_and_jpeg(tmp_path):
         (np.zeros(28, np.float32), "1-D array"),
         (np.array([[0.1, np.nan]], np.float32), "NaN"),
         (np.array([[0.1, np.inf]], np.float64), "NaN or infinite"),
-        (np.array([[-0.5, 0.5]]), "negative"),
+        (np.array([[-0.6, 0.5]]), "negative"),
         (np.array([[0.5, 300.0]]), "up to 300"),
         (np.array([[1, 70000]], np.int64), "up to 70000"),
         (np.zeros((0, 5)), "no pixels"),

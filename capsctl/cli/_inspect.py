@@ -106,7 +106,7 @@ def inspect(
     its EXIF orientation. Classes are shown by the model's
     class names (--json: class_names, predicted_names, top_names,
     order_names beside the indices). A .npy file holds one image: (H, W), channels-last (H, W, C)
-    with C = 1, 3 or 4, or (1, H, W); floats in 0..1 or 0..255. A stack of
+    with C = 1, 3 or 4, or (1, H, W); floats in 0..1 (a little past it, clipped) or 0..255. A stack of
     images is refused. Shared capsule weights take any image size, but
     digits should be about MNIST-sized (20 px tall): --resize a big image.
     Per-position capsule weights need the training size (--resize).

@@ -16,7 +16,8 @@ The result is float32 (H, W) in [0, 1], white digits on black as in MNIST. Rules
   channels-last (H, W, C) with C = 1 (gray), 3 (RGB) or 4 (RGBA), or (1, H, W) (one image with a
   leading axis). Other 3-D shapes, e.g. a stack (N, H, W), are refused. uint8 is /255, uint16
   /65535, bool is 0/1, other integers must lie in 0..255 (/255) or 0..65535 (/65535); floats must be
-  finite, in [0, 1] (used as is) or in [0, 255] (divided by 255).
+  finite, in [0, 1] (used as is; -0.5 to 1.5, a resampling's overshoot, clipped to it) or in [0, 255]
+  (divided by 255).
 - invert: 'auto' inverts a gray image whose border is light (median > 0.5) and never a colour one
   (a colour model learned its images as they are: photos on light backgrounds stay as they are);
   for a model trained on dark ink on light gray images (its spec's background 'light'), 'auto'
@@ -51,6 +52,9 @@ PIL_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM")
 _NPY_MAGIC = b"\x93NUMPY"
 _CORRUPT = "corrupt data"  # what a decoder error without text is called
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, as Pillow's convert('L')
+# float values from -0.5 to 1.5 are a 0..1 image, clipped: a resampling's overshoot (a 0..255 float image
+# whose brightest pixel is under 1.5 of 255 is black either way)
+FLOAT_OVERSHOOT = 0.5
 
 
 def load_image(
@@ -393,10 +397,11 @@ def _scale_values(x: np.ndarray, p: Path, integer: bool) -> np.ndarray:
     if not np.isfinite(x).all():
         raise CapsctlError(f"{p}: the array holds NaN or infinite values")
     lo, hi = float(x.min()), float(x.max())
+    if not integer and -FLOAT_OVERSHOOT <= lo and hi <= 1.0 + FLOAT_OVERSHOOT:
+        # (a resampled 0..1 image overshoots a little at edges: 1.001 was divided by 255, a black image)
+        return np.clip(x, 0.0, 1.0)
     if lo < 0:
         raise CapsctlError(f"{p}: negative pixel values (min {lo:g}); expected 0..1, 0..255 or 0..65535")
-    if not integer and hi <= 1.0:
-        return x
     if hi <= 255.0:
         return x / 255.0
     if integer and hi <= 65535.0:
