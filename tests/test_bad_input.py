@@ -1024,3 +1024,20 @@ def test_report_names_the_damaged_file_of_several_and_refuses_two_folders_of_one
     code, out, err = run_cli(["experiment", "report", good, twin, "--out", tmp_path / "new" / "R.md"], capsys)
     assert_one_line_error(code, out, err, "are both named 'good'", "rename one")
     assert not (tmp_path / "new").exists()
+
+
+def test_a_spec_too_big_for_any_machine_is_refused_before_anything_is_allocated(tmp_path, capsys, good_data):
+    """Each spec field was bounded but not their product: 42 billion parameters failed in init_weights as
+    "out of memory (try a smaller --batch-size or --limit)", exit 1."""
+    from capsctl.model.weights import MAX_PARAMETERS, parameter_count
+
+    huge = {"trunk": [{"type": "conv", "filters": 4096, "kernel": 3}], "head": "capsule",
+            "capsule": {"dim": 1024}, "num_classes": 1000}
+    from capsctl.model.spec import ModelSpec
+
+    assert parameter_count(ModelSpec.from_dict(huge)) > MAX_PARAMETERS
+    spec = spec_file(tmp_path, huge)
+    code, out, err = run_cli(["train", "--spec", spec, "--data-dir", good_data, "--epochs", "1", "--out",
+                              tmp_path / "run", "-q"], capsys)
+    assert_one_line_error(code, out, err, "model spec:", "trained parameters", "over the limit")
+    assert not (tmp_path / "run").exists()

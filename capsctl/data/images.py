@@ -397,7 +397,7 @@ def _scale_values(x: np.ndarray, p: Path, integer: bool) -> np.ndarray:
     if not np.isfinite(x).all():
         raise CapsctlError(f"{p}: the array holds NaN or infinite values")
     lo, hi = float(x.min()), float(x.max())
-    if not integer and -FLOAT_OVERSHOOT <= lo and hi <= 1.0 + FLOAT_OVERSHOOT:
+    if not integer and lo >= -FLOAT_OVERSHOOT and hi <= 1.0 + FLOAT_OVERSHOOT:
         # (a resampled 0..1 image overshoots a little at edges: 1.001 was divided by 255, a black image)
         return np.clip(x, 0.0, 1.0)
     if lo < 0:

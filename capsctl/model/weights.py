@@ -122,12 +122,29 @@ def parameter_count(spec: ModelSpec) -> int:
     return sum(math.prod(s) for name, s in expected_shapes(spec).items() if trained(name))
 
 
+# 8 GiB of float32 weights (the optimiser's two moments triple it): the spec's fields are each bounded, but
+# their product was not, and a spec of 42 billion parameters failed as "out of memory (try a smaller
+# --batch-size)", exit 1, advice that had nothing to do with it
+MAX_PARAMETERS = 1 << 31
+
+
+def check_size(spec: ModelSpec) -> None:
+    """Refuse a spec whose weights alone would not fit any machine, before anything is allocated."""
+    n = parameter_count(spec)
+    if n > MAX_PARAMETERS:
+        raise CapsctlError(
+            f"model spec: {n:,} trained parameters ({n * 4 / 2**30:,.0f} GiB of float32), over the limit of "
+            f"{MAX_PARAMETERS:,}; make the layers narrower"
+        )
+
+
 def init_weights(spec: ModelSpec, seed: int) -> Weights:
     """Glorot-uniform kernels and zero biases, drawn in numpy so every backend starts identical.
 
     Fans follow Keras' rule: the last two axes are (in, out), earlier axes multiply both; except per-input
     capsule weights, whose fans are those of one C -> D map.
     """
+    check_size(spec)
     rng = np.random.default_rng(seed)
     out: Weights = {}
     for name, shape in expected_shapes(spec).items():
