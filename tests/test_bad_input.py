@@ -629,6 +629,14 @@ def _checkpoint_cases():
     def step_past_epoch(ck):
         ck.step = 99
 
+    def float_batch(b):
+        def edit(h):
+            meta = h["__metadata__"]
+            assert '"batch_size": 16,' in meta["config"]
+            meta["config"] = meta["config"].replace('"batch_size": 16,', '"batch_size": 16.5,')
+
+        return rewrite_header(b, edit)
+
     return {
         "truncated": (None, lambda b: b[: len(b) - 100], ["damaged safetensors file"]),
         "optimizer slot of the wrong shape": (optim_slot, None, ["optimizer state m.trunk.0.kernel"]),
@@ -640,6 +648,9 @@ def _checkpoint_cases():
         "config a JSON list": (None, lambda b: rewrite_header(b, lambda h: h["__metadata__"].update(
             config="[]")), ["damaged checkpoint metadata"]),
         "a model, not a checkpoint": (None, lambda b: model_bytes(), ["format"]),
+        # (a float batch size passed the range checks and was a TypeError traceback deep in training)
+        "config with a float batch size": (None, float_batch, ["damaged checkpoint metadata",
+                                                               "batch_size is 16.5"]),
     }
 
 

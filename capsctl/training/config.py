@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING
 
 from capsctl.choices import COMPOSE
@@ -101,10 +101,29 @@ class TrainConfig:
 
     @classmethod
     def from_json(cls, text: str) -> TrainConfig:
-        fields = json.loads(text)
+        given = json.loads(text)
+        if not isinstance(given, dict):
+            raise TypeError(f"the settings are a JSON {type(given).__name__}, not an object")
         # runs started before curve_images existed scored every epoch on the full test set: keep doing so
-        fields.setdefault("curve_images", None)
-        return cls(**fields)
+        given.setdefault("curve_images", None)
+        for field in fields(cls):
+            if field.name in given:
+                _check_json_type(field.name, str(field.type), given[field.name])
+        return cls(**given)
+
+
+_JSON_TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "str": (str,)}
+
+
+def _check_json_type(name: str, annotation: str, value: object) -> None:
+    """A stored setting of its field's type (an edited checkpoint's 32.5 for batch_size, or true for epochs,
+    passed __post_init__'s ranges and failed deep in training, a TypeError traceback on --resume)."""
+    kinds = [k.strip() for k in annotation.split("|")]
+    if value is None and "None" in kinds:
+        return
+    allowed = tuple(t for k in kinds for t in _JSON_TYPES.get(k, ()))
+    if isinstance(value, bool) or not isinstance(value, allowed):
+        raise TypeError(f"{name} is {value!r}, expected {annotation}")
 
 
 def lr_at(cfg: TrainConfig, step: int, total: int) -> float:
