@@ -270,3 +270,33 @@ def test_an_oversized_resize_is_refused_once_before_anything_is_read(tmp_path, c
     assert_one_line_error(code, out, err, "--resize 5000x5000", "at most 16777216 pixels")
     code, out, err = run_cli(["predict", tmp_path, "--resize", "70000x1"], capsys)
     assert_one_line_error(code, out, err, "--resize 70000x1", "each side must be 1..65535")
+
+
+def test_big_images_are_read_and_scored_in_chunks_bounded_by_pixels(tmp_path, monkeypatch):
+    """512 images were read at a time and each size group scored in one call of --batch-size images,
+    whatever their size: a folder of 12-megapixel photos was 24 GB of pixels before the first forward."""
+    from capsctl.cli import _predict
+    from capsctl.model.spec import ModelSpec
+
+    monkeypatch.setattr(_predict, "READ_PIXELS", 3 * 28 * 28)  # a chunk: 3 small images, or 2 tall ones
+    monkeypatch.setattr(_predict, "FORWARD_PIXELS", 2 * 28 * 28)  # a forward: 2 small images, 1 tall one
+    sizes = [(28, 28)] * 4 + [(56, 28)] * 3
+    paths = []
+    for k, (h, w) in enumerate(sizes):
+        ink = np.zeros((h, w), np.uint8)
+        ink[4:20, 10:14] = 255
+        paths.append(tmp_path / f"{k}.png")
+        Image.fromarray(ink).save(paths[-1])
+    paths.insert(2, tmp_path / "missing.png")
+    calls = []
+
+    def scores(batch, per_call):
+        calls.append((batch.shape[0], batch.shape[1], per_call))
+        return np.full((batch.shape[0], 10), float(batch.shape[1]))
+
+    results = list(_predict.run_predictions(paths, scores, ModelSpec(), batch_size=512))
+    assert [r["image"] for r in results] == [str(p) for p in paths]
+    assert "error" in results[2] and all("scores" in r for k, r in enumerate(results) if k != 2)
+    assert [r["scores"][0] for r in results if "scores" in r] == [28.0] * 4 + [56.0] * 3
+    # chunks: 0, 1, missing, 2 | 3, t4 | t5, t6 (each stops at 3 small images' pixels)
+    assert calls == [(3, 28, 2), (1, 28, 2), (1, 56, 1), (2, 56, 1)]

@@ -239,6 +239,14 @@ def _read(
     return img
 
 
+# Memory bounds for big images (phone photos are 12 million pixels; 512 of them read at once were 24 GB
+# of float32, and one forward call over all of them far more): a chunk stops reading once it holds
+# READ_PIXELS decoded pixels, and a forward call takes at most FORWARD_PIXELS pixels of images (at least
+# one image). MNIST-sized images still go `--batch-size` at a time.
+READ_PIXELS = 1 << 27  # 512 MiB of float32 gray
+FORWARD_PIXELS = 1 << 22  # 5,350 images of 28x28; one of 2048x2048
+
+
 def run_predictions(
     paths: list[Path],
     scores_fn: Any,
@@ -251,45 +259,55 @@ def run_predictions(
 ) -> Iterator[dict[str, Any]]:
     """Yield {"image", "scores"} or {"image", "error"} per path, in the order of `paths`.
 
-    Files are read `batch_size` at a time (the next chunk in a background thread while the framework
-    scores this one); the images of one chunk are grouped by size and each group is scored in one call
-    of `scores_fn(images (N, H, W, C), batch_size) -> (N, J)`."""
+    Files are read up to `batch_size` (and READ_PIXELS) at a time, the next chunk in a background thread
+    while the framework scores this one; the images of one chunk are grouped by size and each group is
+    scored by `scores_fn(images (N, H, W, C), per_call) -> (N, J)`, per_call images (FORWARD_PIXELS) a
+    forward pass."""
+    from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
     import numpy as np
 
-    chunks = [paths[start : start + batch_size] for start in range(0, len(paths), batch_size)]
-    if not chunks:
-        return
+    remaining = deque(paths)  # taken from by the reader thread only, one chunk at a time
+
+    def read_next() -> tuple[list[dict[str, Any]], dict[tuple[int, ...], list[tuple[int, np.ndarray]]]]:
+        return _read_chunk(remaining, batch_size, spec, invert, resize, fit)
+
     with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(_read_chunk, chunks[0], spec, invert, resize, fit)
-        for k in range(len(chunks)):
+        pending = pool.submit(read_next) if remaining else None
+        while pending is not None:
             results, groups = pending.result()
-            if k + 1 < len(chunks):
-                pending = pool.submit(_read_chunk, chunks[k + 1], spec, invert, resize, fit)
-            for members in groups.values():
+            pending = pool.submit(read_next) if remaining else None
+            for shape, members in groups.items():
                 batch = np.stack([img for _, img in members])
-                out = np.asarray(scores_fn(batch, batch_size))
+                per_call = max(1, min(batch_size, FORWARD_PIXELS // (shape[0] * shape[1])))
+                out = np.asarray(scores_fn(batch, per_call))
                 for (i, _), row in zip(members, out, strict=True):
                     results[i]["scores"] = row
             yield from results
 
 
 def _read_chunk(
-    chunk: list[Path], spec: ModelSpec, invert: str, resize: tuple[int, int] | None, fit: bool = False
+    remaining: Any, most: int, spec: ModelSpec, invert: str, resize: tuple[int, int] | None, fit: bool = False
 ) -> tuple[list[dict[str, Any]], dict[tuple[int, ...], list[tuple[int, np.ndarray]]]]:
-    """The chunk's result slots (errors filled in) and its images by shape: {shape: [(slot, image)]}."""
+    """The next chunk taken from `remaining` (a deque of paths): up to `most` files, fewer once READ_PIXELS
+    pixels are decoded. Its result slots (errors filled in) and its images by shape: {shape: [(slot,
+    image)]}."""
     from capsctl.errors import CapsctlError
 
-    results: list[dict[str, Any]] = [{"image": str(p)} for p in chunk]
+    results: list[dict[str, Any]] = []
     groups: dict[tuple[int, ...], list[tuple[int, np.ndarray]]] = {}
-    for i, p in enumerate(chunk):
+    pixels = 0
+    while remaining and len(results) < most and pixels < READ_PIXELS:
+        p = remaining.popleft()
+        results.append({"image": str(p)})
         try:
             img = _read(p, spec, invert, resize, fit)
         except CapsctlError as e:
-            results[i]["error"] = _reason(str(e), p)
+            results[-1]["error"] = _reason(str(e), p)
             continue
-        groups.setdefault(img.shape, []).append((i, img))
+        pixels += img.size
+        groups.setdefault(img.shape, []).append((len(results) - 1, img))
     return results, groups
 
 
