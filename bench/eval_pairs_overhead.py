@@ -4,7 +4,7 @@ Target: the eval-pairs work (building the composites with numpy fancy indexing,
 scoring them, top-k set matching) takes <= 1.1 x the bare forward pass. Both are timed in this
 one process, interleaved round by round, and the ratio is the median of per-round ratios.
 
-    python bench/eval_pairs_overhead.py --backend torch --data-dir ../shared/data/mnist-5k [--rounds 3]
+    python bench/eval_pairs_overhead.py --backend torch [--data-dir DIR] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import argparse
 import json
 import statistics
 import time
-from pathlib import Path
 
 from capsctl.backend import get_backend
 from capsctl.data import datasets
@@ -25,9 +24,7 @@ from capsctl.model.weights import init_weights, load_model
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backend", default="torch")
-    ap.add_argument(
-        "--data-dir", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist-5k")
-    )
+    ap.add_argument("--data-dir", help="a folder of MNIST's four IDX files (default: the shipped mnist-5k)")
     ap.add_argument("--model", help="a model file (default: the seed capsule model with initial weights)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--limit", type=int, default=None, help="composites (default: all)")
@@ -37,7 +34,7 @@ def main() -> None:
     spec, weights = (
         load_model(args.model) if args.model else (default_spec(), init_weights(default_spec(), 0))
     )
-    test = datasets.load("mnist", args.data_dir).test()
+    test = datasets.load("mnist" if args.data_dir else "mnist-5k", args.data_dir).test()
     runner = get_backend(args.backend).runner(spec, weights)
     prebuilt = make_composites(test.images, test.labels, limit=args.limit).images
     runner.scores(prebuilt[: args.batch_size], args.batch_size)  # warm-up

@@ -105,4 +105,4 @@ def test_a_table_written_to_a_pipe_is_not_cut_at_80_columns():
                           env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "…" not in done.stdout
-    assert any("(32x32 RGB, 50,000 + 10,000 images; 162 MB)" in line for line in done.stdout.splitlines())
+    assert any("(32x32 RGB, 50,000 + 10,000 images; 162 MiB)" in line for line in done.stdout.splitlines())

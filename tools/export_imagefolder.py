@@ -1,7 +1,7 @@
 """Export an MNIST-style IDX data set to an ImageFolder tree of grey 8-bit PNGs.
 
     python tools/export_imagefolder.py fashion-mnist OUT
-    python tools/export_imagefolder.py ../shared/data/mnist-5k OUT
+    python tools/export_imagefolder.py mnist-5k OUT
     capsctl train --dataset OUT ...        # the same images as --dataset fashion-mnist
 
 SOURCE is a registry name (mnist-5k, mnist, fashion-mnist; found as capsctl finds them, --data-dir

@@ -5,7 +5,7 @@ paired-digit protocol), take the composites whose top-2 set is right and count t
 reading order from inspect's logic (capsctl.inspection) equals the placement order.
 --digits 3 does the same for 3-digit composites (top-3 sets).
 
-    python tools/inspect_order.py RUN/model.safetensors --data-dir ../shared/data/mnist-5k [--limit 200]
+    python tools/inspect_order.py RUN/model.safetensors [--limit 200]
 
 Prints one JSON object per layout and weighting; the first weighting is inspect's default.
 """

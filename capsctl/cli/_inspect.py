@@ -62,8 +62,8 @@ def inspect(
         bool,
         typer.Option(
             "--reconstruct",
-            help="Redraw the input from each predicted capsule with the model's decoder; --out draws the "
-            "input, each reconstruction and their overlay in colours.",
+            help="Redraw the input from each predicted capsule (the 5 highest-scoring at most) with the "
+            "model's decoder; --out draws the input, each reconstruction and their overlay in colours.",
         ),
     ] = False,
     perturb: Annotated[
@@ -77,7 +77,9 @@ def inspect(
     cls: Annotated[
         int | None,
         typer.Option(
-            "--class", help="The capsule --reconstruct/--perturb uses.", show_default="the predicted ones"
+            "--class",
+            help="The capsule --reconstruct/--perturb uses.",
+            show_default="--reconstruct: the predicted ones; --perturb: the highest-scoring",
         ),
     ] = None,
     value_range: Annotated[
@@ -124,7 +126,7 @@ def inspect(
     Example: capsctl inspect runs/caps/model.safetensors two.png --top 2 --out maps.png
 
     Models trained with a decoder (capsctl train --decoder) can redraw the
-    input: --reconstruct reconstructs from each predicted capsule (or
+    input: --reconstruct reconstructs from each predicted capsule (5 at most, or
     --class C) alone, every other capsule zeroed, at the training image size;
     on a larger input (a composite) each reconstruction is placed centred on
     its class's evidence and overlaid in its own colour. --perturb redraws

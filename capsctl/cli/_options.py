@@ -224,7 +224,7 @@ def dataset_option(panel: str | None = None) -> Any:
         metavar=f"<{'|'.join(choices.DATASETS)}|PATH>",
         help="Data set (see `capsctl data list`): mnist-5k is embedded in capsctl (5,000 training digits "
         "and the 10,000 test digits, offline); mnist and fashion-mnist are the full sets, cifar10 is "
-        "CIFAR-10 (32x32 colour, 10 classes; 162 MB download). Or your own: "
+        "CIFAR-10 (32x32 colour, 10 classes; 162 MiB download). Or your own: "
         "a folder DIR/train/CLASS/*.png + DIR/test/CLASS/… (sorted by file name across classes, so "
         "CLASS/00042.png files keep an exported set's order; decoded once, then cached), an .npz (x_train, "
         "y_train, x_test, y_test), or a folder of the four IDX files.",

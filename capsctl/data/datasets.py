@@ -125,7 +125,7 @@ DATASETS: dict[str, DatasetInfo] = {
         classes=("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
         archive="cifar-10-binary.tar.gz",
         sizes=(50_000, 10_000),
-        note="CIFAR-10, official binary version (32x32 RGB, 50,000 + 10,000 images; 162 MB)",
+        note="CIFAR-10, official binary version (32x32 RGB, 50,000 + 10,000 images; 162 MiB)",
     ),
 }
 
