@@ -390,3 +390,29 @@ def test_a_data_set_path_that_is_not_utf8_is_cached(tmp_path):
     (train, _), _, classes = load_image_folder(root)
     (again, _), _, _ = load_image_folder(root)  # the second run reads the entry the first wrote
     assert classes == CLASSES and np.array_equal(train[0], again[0]) and len(_entries()) == 1
+
+
+@pytest.mark.torch
+def test_held_out_scores_of_a_model_trained_on_every_training_image_are_refused(tmp_path, capsys):
+    """`eval --holdout` on a model trained without a hold-out scored images it had trained on: the shipped
+    model (99.80% "held out", 98.74% on the test set) silently, and a run's model with a message blaming
+    a change in the data. A file recording neither gets a note."""
+    from capsctl.data.datasets import data_key
+    from capsctl.model.shipped import shipped_model
+    from capsctl.model.spec import ModelSpec
+    from capsctl.model.weights import TRAINING_DATA_KEY, init_weights, save_model
+
+
+    for command in ("eval", "eval-pairs"):
+        code, out, err = run_cli([command, shipped_model(), "--holdout", "500"], capsys)
+        assert_one_line_error(code, out, err, "trained on all 5,000 mnist-5k training images (no hold-out)",
+                              "score it on the test set")
+    spec = ModelSpec.from_dict(TINY)
+    every = json.dumps(list(data_key(datasets.load("mnist-5k").train().labels)))
+    save_model(tmp_path / "all.safetensors", spec, init_weights(spec, 0), {TRAINING_DATA_KEY: every})
+    code, out, err = run_cli(["eval", tmp_path / "all.safetensors", "--val-fraction", "0.1"], capsys)
+    assert_one_line_error(code, out, err, "trained on all 5,000 mnist-5k training images (no hold-out)")
+    save_model(tmp_path / "old.safetensors", spec, init_weights(spec, 0))
+    code, out, err = run_cli(["eval", tmp_path / "old.safetensors", "--holdout", "50", "--json"], capsys)
+    assert code == 0 and json.loads(out)["images"] == 50, err
+    assert "does not record the images it trained on" in " ".join(err.split())

@@ -57,30 +57,64 @@ def _test_split(
         split = ds.test()  # (the training images are not read)
     else:
         kept, split = splits(ds, holdout, val_fraction)
-        _check_same_training_part(model, kept.labels, dataset)
+        _check_same_training_part(model, kept.labels, ds.train().labels, dataset)
     return _as_model_classes(split, tuple(ds.classes), spec, model, dataset)
 
 
-def _check_same_training_part(model: Path, labels: "np.ndarray", dataset: str) -> None:
+def _check_same_training_part(
+    model: Path, labels: "np.ndarray", all_labels: "np.ndarray", dataset: str
+) -> None:
     """The held-out draw follows the data's order: a folder that gained or lost a file since training
     holds out other images, many of them ones the model trained on. The model file records the training
-    part its run drew from (files written before it was recorded are not checked)."""
+    part its run drew from; a model trained on all of them (no hold-out) has no held-out images at all.
+    A file that records neither (written before; the shipped model records its run's settings) gets a
+    note: the score may not be held out."""
     import json
 
+    from capsctl._console import err
     from capsctl.data.datasets import data_key
     from capsctl.errors import CapsctlError
     from capsctl.model.weights import TRAINING_DATA_KEY, read_safetensors
 
-    recorded = read_safetensors(model)[1].get(TRAINING_DATA_KEY)
+    meta = read_safetensors(model)[1]
+    recorded = meta.get(TRAINING_DATA_KEY)
+    everything = (
+        f"{model}: trained on all {len(all_labels):,} {dataset} training images (no hold-out), so every "
+        "held-out image is one it trained on; score it on the test set (leave out --holdout/--val-fraction)"
+    )
     if recorded is None:
+        if _trained_on_all(meta, dataset):
+            raise CapsctlError(everything)
+        err.print(
+            f"note: {model} does not record the images it trained on: if they were not {dataset}'s training "
+            "images beside this hold-out, these images are not held out",
+            highlight=False, soft_wrap=True, markup=False,
+        )
         return
     then, now = json.loads(recorded), list(data_key(labels))
+    if then == list(data_key(all_labels)):
+        raise CapsctlError(everything)
     if then != now:
         raise CapsctlError(
             f"{model}: trained beside a hold-out that left {then[0]:,} training images, but {dataset} now "
             f"leaves {now[0]:,} (or other labels): the data changed since, so the held-out images would not "
             "be the ones the model never saw; score it on the data as it was trained"
         )
+
+
+def _trained_on_all(meta: dict[str, str], dataset: str) -> bool:
+    """A model's provenance (the shipped model's) says its run trained on every training image of
+    `dataset`: no --holdout, --val-fraction or --limit."""
+    import json
+
+    try:
+        config = json.loads(meta.get("provenance", "{}")).get("config", {})
+        return bool(
+            config.get("dataset") == dataset
+            and all(config.get(k) is None for k in ("holdout", "val_fraction", "limit"))
+        )
+    except (ValueError, AttributeError):
+        return False
 
 
 def _as_model_classes(
