@@ -136,8 +136,17 @@ def _as_model_classes(
         return split  # (the labels already are the model's indices)
     unknown = [c for c in classes if c not in names]
     unnamed = classes == tuple(str(j) for j in range(len(classes))) or spec.class_names is None
-    if unknown and unnamed:
-        return split  # (scored by index, as the data set or the model names no classes)
+    if unknown and unnamed:  # scored by index, as the data set or the model names no classes: said so
+        from capsctl._console import err
+
+        pairs = ", ".join(f"{c} = {names[j]}" for j, c in enumerate(classes[:6]) if j < len(names))
+        more = ", …" if len(classes) > 6 else ""
+        err.print(
+            f"note: {dataset}'s classes and {model}'s are matched by position, as one side has no class "
+            f"names ({dataset} → model: {pairs}{more})",
+            highlight=False, soft_wrap=True, markup=False,
+        )
+        return split
     if unknown:
         shown = ", ".join(names[:12]) + (", …" if len(names) > 12 else "")
         raise CapsctlError(
@@ -274,9 +283,25 @@ def eval_pairs(
         from capsctl.inspect.reconstruction import check_decoder
 
         check_decoder(spec, model, "--reconstruction")
-    if digits > spec.num_classes:
-        check_range("--digits", digits, 2, spec.num_classes)
+    if digits >= spec.num_classes:
+        from capsctl.errors import CapsctlError
+
+        # (the top k of k classes is every class: any model, trained or not, scored 100%)
+        j = spec.num_classes
+        raise CapsctlError(
+            f"--digits {digits}: a {j}-class model's top {j} scores are all its classes, so every composite "
+            "would count as right; "
+            + (f"give --digits 2..{j - 1}" if j > 2 else "composites need a model of 3 classes or more")
+        )
     test = _test_split(str(dataset), data_dir, image_size, holdout, val_fraction, spec, model)
+    present = len(np.unique(test.labels))
+    if present < digits:
+        from capsctl.errors import CapsctlError
+
+        raise CapsctlError(
+            f"--digits {digits}: the {dataset} images scored hold {present} classes, and each composite "
+            f"needs {digits} different ones"
+        )
     comp = make_composites(
         test.images, test.labels, digits=digits, layout=str(layout), seed=seed, limit=limit,
         light=spec.background == "light",
