@@ -51,7 +51,9 @@ def test_train_eval_and_pairs_end_to_end(tmp_path, capsys, mnist_dir, head):
                             "--limit", "200", "--json", "--layout", "horizontal", "--seed", "3"], capsys)
     assert code == 0
     result = json.loads(out)
-    assert set(result) == {"pairs", "accuracy", "confident_accuracy", "seed", "layout", "digits", "per_class"}
+    assert set(result) == {"pairs", "accuracy", "confident_accuracy", "seed", "layout", "digits", "per_class",
+                           "dataset", "backend", "split"}
+    assert result["split"] == "test"
     assert list(result["per_class"]) == [str(d) for d in range(10)]  # a model without names: digits
     assert result["pairs"] == 200 and result["layout"] == "horizontal"
     assert result["seed"] == 3 and result["digits"] == 2

@@ -333,10 +333,14 @@ def test_train_on_a_folder_without_test(tmp_path, capsys):
     assert code == 0, err
     last = json.loads((tmp_path / "c" / "metrics.jsonl").read_text().splitlines()[-1])
     assert json.loads(out)["images"] == 6 and json.loads(out)["accuracy"] == last["test_accuracy"]
+    # and say so: the JSON told a held-out score from a test score by nothing
+    assert json.loads(out)["split"] == "held-out" and json.loads(out)["val_fraction"] == 0.2
     code, out, err = run_cli(["eval", model, "--dataset", root, "--json"], capsys)
     assert_one_line_error(code, out, err, "no test/ folder", "--holdout N", "eval")
     code, out, err = run_cli(["eval-pairs", model, "--dataset", root, "--holdout", "6", "--json"], capsys)
     assert code == 0, err
+    got = json.loads(out)
+    assert (got["split"], got["holdout"], got["dataset"]) == ("held-out", 6, str(root)) and "backend" in got
     # a file added since: the draw holds out other images, many of them trained on; refused, not scored
     first = sorted((root / "train").rglob("*.png"))[0]
     shutil.copy(first, first.with_name("added-since.png"))

@@ -102,6 +102,14 @@ def _check_same_training_part(
         )
 
 
+def _split_fields(holdout: int | None, val_fraction: float | None) -> dict[str, object]:
+    """What the scores in --json were taken on: the test set, or the training images held out."""
+    if holdout is None and val_fraction is None:
+        return {"split": "test"}
+    given = {"holdout": holdout} if holdout is not None else {"val_fraction": val_fraction}
+    return {"split": "held-out", **given}
+
+
 def _trained_on_all(meta: dict[str, str], dataset: str) -> bool:
     """A model's provenance (the shipped model's) says its run trained on every training image of
     `dataset`: no --holdout, --val-fraction or --limit."""
@@ -135,8 +143,10 @@ def _as_model_classes(
     if classes == names[: len(classes)]:
         return split  # (the labels already are the model's indices)
     unknown = [c for c in classes if c not in names]
-    unnamed = classes == tuple(str(j) for j in range(len(classes))) or spec.class_names is None
-    if unknown and unnamed:  # scored by index, as the data set or the model names no classes: said so
+    numbered = classes == tuple(str(j) for j in range(len(classes)))
+    if unknown and (numbered or spec.class_names is None):  # scored by index: one side names no classes
+        if numbered and names == tuple(str(j) for j in range(len(names))):
+            return split  # (neither has names: nothing to say)
         from capsctl._console import err
 
         pairs = ", ".join(f"{c} = {names[j]}" for j, c in enumerate(classes[:6]) if j < len(names))
@@ -206,12 +216,14 @@ def eval_model(
         "accuracy": acc,
         "dataset": dataset_name,
         "backend": backend,
+        **_split_fields(holdout, val_fraction),
         "per_class": per_class,
     }
     if json_out:
         typer.echo(json.dumps(result))
     else:
-        typer.echo(f"{model}: test accuracy {acc:.2%} on {len(y)} {dataset_name} images ({backend})")
+        what = "test" if holdout is None and val_fraction is None else "held-out"
+        typer.echo(f"{model}: {what} accuracy {acc:.2%} on {len(y)} {dataset_name} images ({backend})")
         typer.echo(f"per class: {_per_class_line(per_class)}")
 
 
@@ -326,7 +338,8 @@ def eval_pairs(
     runner = get_backend(backend).runner(spec, weights)
     scores = runner.scores(comp.images, batch_size)
     result: dict[str, object] = {**score_sets(scores, comp.labels)}
-    result.update({"seed": seed, "layout": str(layout), "digits": digits})
+    result.update({"seed": seed, "layout": str(layout), "digits": digits, "dataset": str(dataset)})
+    result.update({"backend": backend, **_split_fields(holdout, val_fraction)})
     top = np.argsort(-scores, axis=1, kind="stable")[:, :digits]  # as score_sets ranks them
     found = (comp.labels[:, :, None] == top[:, None, :]).any(axis=2)  # (M, k): each digit in the top k
     result["per_class"] = _per_class(names_of(spec), comp.labels, found)
@@ -357,7 +370,8 @@ def eval_pairs(
 
     from capsctl._console import out
 
-    table = Table(title=f"{model} — {digits}-digit {layout} composites ({dataset}, {backend})")
+    of = "" if holdout is None and val_fraction is None else " of held-out images"
+    table = Table(title=f"{model} — {digits}-digit {layout} composites{of} ({dataset}, {backend})")
     table.add_column("composites", justify="right")
     table.add_column("accuracy", justify="right")
     table.add_column("confident (k-th score > 0.5)", justify="right")
