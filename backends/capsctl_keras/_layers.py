@@ -22,9 +22,9 @@ PACKAGE = "capsctl"
 
 def squash(s: Any, kind: str) -> Any:
     n2 = ops.sum(s * s, axis=-1, keepdims=True) + EPS
-    if kind == "efficient":  # Efficient-CapsNet: (1 - e^-|s|)·s/|s|
+    if kind == "efficient":  # Efficient-CapsNet: (1 - e^-|s|)·s/|s| (-expm1: exact near |s| = 0)
         n = ops.sqrt(n2)
-        return (1.0 - ops.exp(-n)) * s / n
+        return -ops.expm1(-n) * s / n
     return s * ops.sqrt(n2) / ((0.5 if kind == "su" else 1.0) + n2)
 
 

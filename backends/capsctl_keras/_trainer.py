@@ -64,14 +64,19 @@ class TorchStyleAdamW(keras.optimizers.AdamW):
         dtype = variable.dtype
         lr = ops.cast(learning_rate, dtype)
         gradient = ops.cast(gradient, dtype)
-        t = ops.cast(self.iterations + 1, dtype)
-        b1, b2 = ops.cast(self.beta_1, dtype), ops.cast(self.beta_2, dtype)
+        # the constants and bias corrections in float64, cast once, as torch computes them in Python: in
+        # float32, 1 - beta2 is 0.99999e-3, and v drifted 1.3e-5 from torch's on every step
+        t = ops.cast(self.iterations + 1, "float64")
+        b1, b2 = ops.cast(self.beta_1, "float64"), ops.cast(self.beta_2, "float64")
+        one_b1, one_b2 = ops.cast(1.0 - self.beta_1, dtype), ops.cast(1.0 - self.beta_2, dtype)
+        correct1 = ops.cast(1.0 - ops.power(b1, t), dtype)
+        correct2 = ops.cast(ops.sqrt(1.0 - ops.power(b2, t)), dtype)
         m = self._momentums[self._get_variable_index(variable)]
         v = self._velocities[self._get_variable_index(variable)]
-        self.assign_add(m, ops.multiply(ops.subtract(gradient, m), 1 - b1))
-        self.assign_add(v, ops.multiply(ops.subtract(ops.square(gradient), v), 1 - b2))
-        denom = ops.add(ops.divide(ops.sqrt(v), ops.sqrt(1 - ops.power(b2, t))), self.epsilon)
-        self.assign_sub(variable, ops.divide(ops.multiply(m, lr / (1 - ops.power(b1, t))), denom))
+        self.assign_add(m, ops.multiply(ops.subtract(gradient, m), one_b1))
+        self.assign_add(v, ops.multiply(ops.subtract(ops.square(gradient), v), one_b2))
+        denom = ops.add(ops.divide(ops.sqrt(v), correct2), self.epsilon)
+        self.assign_sub(variable, ops.divide(ops.multiply(m, lr / correct1), denom))
 
 
 class KerasTrainer:

@@ -19,9 +19,9 @@ from capsctl.model.spec import BN_EPS, BN_MOMENTUM, EPS, ConvLayer, ModelSpec
 
 def squash(s: torch.Tensor, kind: str) -> torch.Tensor:
     n2 = (s * s).sum(-1, keepdim=True) + EPS
-    if kind == "efficient":  # Efficient-CapsNet: (1 - e^-|s|)·s/|s|
+    if kind == "efficient":  # Efficient-CapsNet: (1 - e^-|s|)·s/|s| (-expm1: exact near |s| = 0)
         n = n2.sqrt()
-        return (1.0 - torch.exp(-n)) * s / n
+        return -torch.expm1(-n) * s / n
     return s * n2.sqrt() / ((0.5 if kind == "su" else 1.0) + n2)
 
 

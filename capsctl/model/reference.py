@@ -57,9 +57,9 @@ def norm(s: np.ndarray, axis: int = -1) -> np.ndarray:
 
 def squash(s: np.ndarray, kind: str) -> np.ndarray:
     n2 = np.sum(s * s, axis=-1, keepdims=True) + EPS
-    if kind == "efficient":  # Efficient-CapsNet: (1 - e^-|s|)·s/|s|
+    if kind == "efficient":  # Efficient-CapsNet: (1 - e^-|s|)·s/|s| (-expm1: exact near |s| = 0)
         n = np.sqrt(n2)
-        return (1.0 - np.exp(-n)) * s / n
+        return -np.expm1(-n) * s / n
     return s * np.sqrt(n2) / ((0.5 if kind == "su" else 1.0) + n2)
 
 
