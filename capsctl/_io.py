@@ -20,8 +20,23 @@ def resolved(path: str | os.PathLike[str], what: str) -> Path:
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write `data` to a temporary sibling, fsync it, rename it over `path`, fsync the folder."""
+    """Write `data` to a temporary sibling, fsync it, rename it over `path`, fsync the folder.
+
+    A symbolic link at `path` is written through (the file it points to gets the data; the rename had
+    replaced the link with a plain file), and anything at `path` that is not a regular file (a device, a
+    pipe: `--out /dev/null` replaced the device node for the whole machine) is refused."""
+    import stat
+
     path = Path(path)
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        mode = None  # (nothing there yet, or not reachable: the write says why)
+    if mode is not None and not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "a device, pipe or socket"
+        raise CapsctlError(f"{path}: {kind}, not a regular file; give the path of a file to write")
     tmp = path.with_name(_temporary_name(path.name))
     try:
         with open(tmp, "wb") as f:

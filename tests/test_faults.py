@@ -14,6 +14,7 @@ import json
 import os
 import random
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -186,6 +187,29 @@ def test_atomic_write_failure_keeps_the_old_file(tmp_path, monkeypatch):
         atomic_write_bytes(target, b"x" * 1000)
     assert target.read_bytes() == b"the old checkpoint"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.safetensors"]
+
+
+@pytest.mark.torch
+def test_atomic_write_writes_through_a_link_and_refuses_what_is_not_a_file(tmp_path, capsys):
+    """The rename replaced whatever was at the path: a symbolic link became a plain file (its target left
+    as it was), and `export --out /dev/null` as root replaced the device node for the whole machine."""
+    from capsctl.model.spec import ModelSpec
+    from capsctl.model.weights import init_weights, save_model
+
+    target = tmp_path / "target.bin"
+    target.write_bytes(b"old")
+    (tmp_path / "link.bin").symlink_to(target)
+    atomic_write_bytes(tmp_path / "link.bin", b"new")
+    assert (tmp_path / "link.bin").is_symlink() and target.read_bytes() == b"new"
+    os.mkfifo(tmp_path / "pipe.pt")
+    with pytest.raises(CapsctlError, match="pipe.pt: a device, pipe or socket, not a regular file"):
+        atomic_write_bytes(tmp_path / "pipe.pt", b"data")
+    assert stat.S_ISFIFO(os.stat(tmp_path / "pipe.pt").st_mode)
+    model, spec = tmp_path / "m.safetensors", ModelSpec.from_dict(TINY)
+    save_model(model, spec, init_weights(spec, 0))
+    code, _, err = run_cli(["export", model, "--out", tmp_path / "pipe.pt"], capsys)
+    assert code == 2 and "not a regular file" in err and "Traceback" not in err, err
+    assert stat.S_ISFIFO(os.stat(tmp_path / "pipe.pt").st_mode)
 
 
 @pytest.mark.torch
