@@ -18,6 +18,11 @@ from rich.progress import (
 # Written to a file or a pipe (no terminal, no COLUMNS), Rich lays its tables out for 80 columns and cuts
 # their cells ("279,4…"): results are laid out for a wide page there instead
 PIPE_WIDTH = 200
+# a closed stdout or stderr (`capsctl ... >&-`): Python sets it to None, and this module's isatty (so every
+# command, even --help) raised an AttributeError traceback; what would be written there goes nowhere
+for _stream in ("stdout", "stderr"):
+    if getattr(sys, _stream) is None:
+        setattr(sys, _stream, open(os.devnull, "w"))  # noqa: SIM115 (open for the life of the process)
 err = Console(stderr=True)
 out = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else PIPE_WIDTH)
 

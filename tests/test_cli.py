@@ -108,3 +108,16 @@ def test_a_table_written_to_a_pipe_is_not_cut_at_80_columns():
     assert done.returncode == 0, done.stderr
     assert "…" not in done.stdout
     assert any("(32x32 RGB, 50,000 + 10,000 images; 162 MiB)" in line for line in done.stdout.splitlines())
+
+
+def test_a_closed_stdout_is_not_a_traceback():
+    """`capsctl ... >&-`: Python sets sys.stdout to None, and the console's isatty() raised an
+    AttributeError traceback on import, before any command (even --help) ran."""
+    import shlex
+    import subprocess
+    import sys
+
+    for args in (["--help"], ["eval", "--help"], ["data", "list"]):
+        cmd = " ".join(shlex.quote(a) for a in [sys.executable, "-m", "capsctl", *args]) + " >&-"
+        done = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0 and "Traceback" not in done.stderr, (args, done.stderr)
