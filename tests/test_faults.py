@@ -34,7 +34,8 @@ EPOCHS, BATCH, LIMIT = 3, 16, 64
 STEPS = EPOCHS * (LIMIT // BATCH)  # 12 optimiser steps in all
 
 # Runs capsctl with one fault: argv = mode k barrier capsctl-args...
-#   kill-step / int-step: SIGKILL / SIGINT to itself right after the k-th optimiser step
+#   kill-step / int-step / term-step: SIGKILL / SIGINT / SIGTERM to itself right after the k-th step
+#   term-load: SIGTERM to itself as the command loads its model
 #   pause-step: after the k-th step, wait until the file `barrier` exists
 #   kill-in-write: at the k-th file fsync of an atomic write, cut the temp file to half and SIGKILL
 #   kill-after-rename: at the k-th folder fsync (the new file renamed in, not yet durable), SIGKILL
@@ -46,7 +47,14 @@ def fire():
     global count
     count += 1
     return count == k
-if mode in ("kill-step", "int-step", "pause-step"):
+if mode == "term-load":  # SIGTERM to itself as the command loads its model (not training)
+    import capsctl.model.weights as w
+    real_load = w.load_model
+    def load_model(*a, **kw):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_load(*a, **kw)
+    w.load_model = load_model
+if mode in ("kill-step", "int-step", "term-step", "pause-step"):
     import capsctl_torch._trainer as t
     real_step = t.TorchTrainer.step
     def step(self, *a, **kw):
@@ -56,6 +64,8 @@ if mode in ("kill-step", "int-step", "pause-step"):
                 os.kill(os.getpid(), signal.SIGKILL)
             elif mode == "int-step":
                 os.kill(os.getpid(), signal.SIGINT)
+            elif mode == "term-step":
+                os.kill(os.getpid(), signal.SIGTERM)
             else:
                 open(barrier + ".waiting", "w").close()
                 while not os.path.exists(barrier):
@@ -325,6 +335,20 @@ def test_ctrl_c_saves_mid_epoch_exits_130_and_resume_matches(tmp_path, data, ref
     assert p.returncode == 0, p.stderr
     assert "resuming" in p.stderr and "epoch 2, step 2" in p.stderr
     _assert_same_as_reference(run, reference, "ctrl-c at step 6")
+
+
+@pytest.mark.torch
+def test_sigterm_saves_a_run_as_ctrl_c_does_and_ends_other_commands_cleanly(tmp_path, data):
+    """SIGTERM (`timeout`, `docker stop`, a batch scheduler) was not handled: a run died at once, losing
+    the epoch's steps and leaving its folder unfinished, and other commands left temporary files."""
+    run = tmp_path / "run"
+    p = faulty("term-step", 6, train_args(data, run))
+    assert p.returncode == 130 and "Traceback" not in p.stderr, p.stderr
+    assert p.stderr.strip().splitlines()[-1].startswith("error: interrupted"), p.stderr
+    assert _position(run) == (1, 2)  # mid-epoch: the steps done are kept, as after Ctrl-C
+    p = faulty("term-load", 1, ["export", str(run / "model.safetensors"), "--out", str(tmp_path / "m.pt")])
+    assert p.returncode == 143 and p.stderr.strip() == "terminated", p.stderr
+    assert not (tmp_path / "m.pt").exists()
 
 
 @pytest.mark.torch

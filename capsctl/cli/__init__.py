@@ -135,10 +135,40 @@ def _traceback(debug: bool) -> None:
         traceback.print_exc()
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, taken as Ctrl-C is: a half-written temporary file is removed, a training run saves its
+    position (it died at once, leaving temporary files and an unfinished run folder)."""
+
+
+_TERMINATED: list[int] = []
+
+
+def _terminated(signum: int, frame: object) -> None:
+    import os
+    import signal
+
+    from capsctl.training.distributed import launched
+
+    if launched():  # a rank of a job: it ends as before, and its launcher says what stopped the job
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+    _TERMINATED.append(signum)  # (Typer may turn the interrupt into a plain 130: this says which it was)
+    raise _Terminated
+
+
 def _main(argv: list[str] | None) -> None:
     debug, args = _split_debug(list(sys.argv[1:] if argv is None else argv))
     ARGS[:] = args
+    import signal
+    import threading
+
     from capsctl.errors import CapsctlError, is_out_of_memory, os_error_exit
+
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) in (
+        signal.SIG_DFL, None
+    ):  # (not where the caller chose otherwise: a test harness, an embedding program)
+        signal.signal(signal.SIGTERM, _terminated)
 
     try:
         rv = app(args=args, prog_name="capsctl", standalone_mode=False)
@@ -153,8 +183,8 @@ def _main(argv: list[str] | None) -> None:
     except _EXIT as e:
         sys.exit(e.exit_code)
     except _ABORT:
-        typer.echo("aborted", err=True)
-        sys.exit(130)
+        typer.echo("terminated" if _TERMINATED else "aborted", err=True)
+        sys.exit(143 if _TERMINATED else 130)
     except CapsctlError as e:
         _traceback(debug)
         _say(f"error: {e}")
@@ -175,6 +205,9 @@ def _main(argv: list[str] | None) -> None:
     if rv == 130:  # Typer turns Ctrl-C outside training (scoring, a data set's decoding) into a silent 130
         from capsctl.training.distributed import launched
 
+        if _TERMINATED:
+            typer.echo("terminated", err=True)
+            sys.exit(143)
         if not launched():  # (a rank of a job: its launcher says what stopped the job, once)
             typer.echo("aborted", err=True)
     sys.exit(rv if isinstance(rv, int) else 0)

@@ -73,12 +73,13 @@ RESUMABLE_CHANGES = ("backend", "data_dir", "eval_limit")
 
 
 class _StopFlag:
-    """Turns the first Ctrl-C into a request honoured between steps (weights never half-updated);
-    a second Ctrl-C aborts at once, leaving the last checkpoint as it was."""
+    """Turns the first Ctrl-C (or SIGTERM: `timeout`, `docker stop`, a batch scheduler) into a request
+    honoured between steps (weights never half-updated, the position saved); a second aborts at once,
+    leaving the last checkpoint as it was."""
 
     def __init__(self, enabled: bool = True) -> None:
         self.requested = False
-        self._old: Any = None
+        self._old: dict[int, Any] = {}
         self._enabled = enabled  # off in a distributed job: Ctrl-C stops every rank at once
 
     def _handler(self, signum: int, frame: Any) -> None:
@@ -91,14 +92,15 @@ class _StopFlag:
         import threading
 
         if self._enabled and threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGINT, self._handler)
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._old[signum] = signal.signal(signum, self._handler)
         return self
 
     def __exit__(self, *exc: object) -> None:
         import signal
 
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        for signum, old in self._old.items():
+            signal.signal(signum, old)
 
 
 def one_hot(y: np.ndarray, j: int) -> np.ndarray:
