@@ -300,3 +300,30 @@ def test_big_images_are_read_and_scored_in_chunks_bounded_by_pixels(tmp_path, mo
     assert [r["scores"][0] for r in results if "scores" in r] == [28.0] * 4 + [56.0] * 3
     # chunks: 0, 1, missing, 2 | 3, t4 | t5, t6 (each stops at 3 small images' pixels)
     assert calls == [(3, 28, 2), (1, 28, 2), (1, 56, 1), (2, 56, 1)]
+
+
+@pytest.mark.torch
+def test_an_unreadable_subfolder_is_a_row_not_a_silent_gap(tiny_model, tmp_path, capsys, monkeypatch):
+    """rglob passes over a folder it cannot list without a word: its images vanished from the output and
+    the summary said every image was predicted (exit 0)."""
+    import os
+
+    for sub in ("a", "b"):
+        (tmp_path / "nest" / sub).mkdir(parents=True)
+        for k in range(2):
+            Image.fromarray(np.zeros((28, 28), np.uint8)).save(tmp_path / "nest" / sub / f"{k}.png")
+    locked = str(tmp_path / "nest" / "b")
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if os.fspath(path) == locked:  # (as a folder without read permission; root is never refused)
+            raise PermissionError(13, "Permission denied", locked)
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    code, out, err = run_cli(["predict", tiny_model, tmp_path / "nest", "--json"], capsys)
+    rows = _lines(out)
+    assert code == 2, err
+    assert [Path(r["image"]).name for r in rows] == ["0.png", "1.png", "b"]
+    assert rows[2]["error"] == "cannot read this folder (Permission denied)"
+    assert "2 image(s) predicted, 1 could not be read" in " ".join(err.split())

@@ -185,9 +185,14 @@ def collect_paths(inputs: list[str], stdin: Any) -> tuple[list[Path], int]:
         if not p.is_dir():
             paths.append(p)  # a missing or unreadable file is reported in the output, with its reason
             continue
+        if _unreadable(p) is not None:
+            paths.append(p)  # (its row says why)
+            continue
         images, others = [], 0
         for f in sorted(p.rglob("*")):
             if f.is_dir():
+                if _unreadable(f) is not None:  # (rglob passed over it without a word: its images vanished)
+                    images.append(f)
                 continue
             if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file():  # (a named pipe among them: read, it hung)
                 images.append(f)
@@ -201,6 +206,16 @@ def collect_paths(inputs: list[str], stdin: Any) -> tuple[list[Path], int]:
     if len(empty) == len(paths):
         raise CapsctlError(empty[0])
     return paths, skipped
+
+
+def _unreadable(folder: Path) -> str | None:
+    """Why a folder cannot be listed, or None."""
+    try:
+        with os.scandir(folder) as entries:
+            next(entries, None)
+    except OSError as e:
+        return f"{folder}: cannot read this folder ({e.strerror or e})"
+    return None
 
 
 def _no_images(folder: Path, others: int | None = None) -> str:
@@ -224,10 +239,10 @@ def _read(
     """One image as float32 (H, W, C) for `spec`, or a CapsctlError naming the file."""
     from capsctl.data.images import load_image
 
-    if path.is_dir():  # (a folder given without an image in it: collect_paths kept it for its row)
+    if path.is_dir():  # (a folder given without an image in it, or unreadable: kept for its row)
         from capsctl.errors import CapsctlError
 
-        raise CapsctlError(_no_images(path))
+        raise CapsctlError(_unreadable(path) or _no_images(path))
 
     # a colour model gets RGB (a gray file in all three channels); a gray model gets luma
     img = load_image(path, invert=invert, resize=resize, spec=spec, channels=spec.in_channels, fit=fit)
