@@ -62,6 +62,18 @@ def is_out_of_memory(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and said
 
 
+def reraise_interrupt(e: BaseException) -> None:
+    """Raise KeyboardInterrupt if `e` came from one: a library that wraps every error of a long call
+    (torch's ONNX exporter, Keras' loader) turned Ctrl-C into "could not export this model"."""
+    seen: set[int] = set()
+    cause: BaseException | None = e
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, KeyboardInterrupt):
+            raise KeyboardInterrupt from e
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+
+
 def first_line(e: BaseException, fallback: str | None = None) -> str:
     """A library error's first line (at most 200 characters), to quote inside a one-line message;
     `fallback` (else the error's type name) when it has no text."""

@@ -574,3 +574,30 @@ def test_a_malicious_pickle_is_never_unpickled(tmp_path, capsys, data):
     assert_one_line_error(p.returncode, p.stdout, p.stderr)
     assert "weights_only" not in p.stderr  # torch's own hint (weights_only=False) would run the file's code
     assert not sentinel.exists()
+
+
+def test_an_interrupt_wrapped_by_a_library_is_still_an_interrupt(tmp_path, monkeypatch):
+    """torch's ONNX exporter (and decoders, Keras' loader) wrap every error of their call: a Ctrl-C that
+    landed inside was reported as "could not export this model" (exit 2), sending the user off to debug a
+    model that was fine."""
+    from capsctl.data import images
+
+    class Wrapped(RuntimeError):
+        pass
+
+    def decode(*a, **kw):
+        try:
+            try:
+                raise KeyboardInterrupt
+            except KeyboardInterrupt as e:
+                raise AttributeError("partially initialized module") from e
+        except AttributeError as e:
+            raise Wrapped("Failed to export the model") from e
+
+    monkeypatch.setattr(images, "_load_pil", decode)
+    (tmp_path / "x.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    with pytest.raises(KeyboardInterrupt):
+        images.load_image(tmp_path / "x.png")
+    from capsctl.errors import reraise_interrupt
+
+    reraise_interrupt(ValueError("no interrupt in its chain"))  # (returns: nothing to re-raise)

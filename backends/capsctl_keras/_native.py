@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from capsctl.errors import CapsctlError
+from capsctl.errors import CapsctlError, reraise_interrupt
 from capsctl.model.spec import ModelSpec
 from capsctl.model.weights import MODEL_FORMAT, check_weights, other_format
 
@@ -94,6 +94,7 @@ def import_native(path: str) -> tuple[ModelSpec, dict[str, np.ndarray]]:
     except CapsctlError as e:
         raise CapsctlError(f"{path}: {e}") from None
     except Exception as e:  # Keras reports bad archives with many types (ValueError, KeyError, OSError...)
+        reraise_interrupt(e)
         text = _one_line(str(e)) or type(e).__name__
         if "could not be loaded" in text:  # a variable and its saved value differ in shape
             raise CapsctlError(

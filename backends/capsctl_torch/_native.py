@@ -21,7 +21,7 @@ from collections.abc import Iterator, Mapping
 import numpy as np
 import torch
 
-from capsctl.errors import CapsctlError, first_line
+from capsctl.errors import CapsctlError, first_line, reraise_interrupt
 from capsctl.model.spec import ModelSpec
 from capsctl.model.weights import MODEL_FORMAT, check_weights, other_format
 
@@ -204,6 +204,7 @@ def onnx_bytes(spec: ModelSpec, weights: Mapping[str, np.ndarray]) -> bytes:
                 dynamic_shapes={"images": dyn}, verbose=False,
             )
     except Exception as e:  # (the exporter's own errors: torch.export, onnxscript; --debug shows them whole)
+        reraise_interrupt(e)
         raise CapsctlError(
             f"torch {torch.__version__} could not export this model to ONNX ({first_line(e)}); "
             "export --format torch and .keras still work"

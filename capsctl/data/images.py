@@ -41,7 +41,7 @@ import numpy as np
 
 from capsctl._io import read_user_file
 from capsctl.choices import INVERT_CHOICES
-from capsctl.errors import CapsctlError, first_line
+from capsctl.errors import CapsctlError, first_line, reraise_interrupt
 
 if TYPE_CHECKING:
     from capsctl.model.spec import ModelSpec
@@ -105,6 +105,7 @@ def load_image(
     except MemoryError:
         raise CapsctlError(f"{p}: out of memory while reading the image") from None
     except Exception as e:  # a decoder's own error on a corrupt file: one line, never a traceback
+        reraise_interrupt(e)
         reason = f"{type(e).__name__}: {first_line(e, _CORRUPT)}"
         raise CapsctlError(f"{p}: cannot read the image ({reason})") from None
     if spec is not None:
