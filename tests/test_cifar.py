@@ -140,3 +140,27 @@ def test_data_fetch_from_a_folder_checks_the_archive_then_copies_it(tmp_path, mo
     assert out == ""
     assert code == 2 and "data_batch_1.bin is missing" in err
     assert not (datasets.cache_root() / "cifar10" / cifar.ARCHIVE).exists()
+
+
+def test_an_interrupted_copy_from_a_folder_leaves_no_cache_folder(tmp_path, monkeypatch):
+    """Ctrl-C during `data fetch X --from DIR` left the new cache folder (empty, or with 1 to 3 of MNIST's
+    4 files); a copy into a new folder that stops part way now removes it, and an existing one is kept."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    _archive(tmp_path / "good")
+    md5 = hashlib.md5((tmp_path / "good" / cifar.ARCHIVE).read_bytes()).hexdigest()
+    info = replace(datasets.DATASETS["cifar10"], sizes=(15, 4), sha256={"archive": md5})
+    dest = datasets.cache_root() / "cifar10"
+
+    def interrupted(path, data):
+        Path(path).write_bytes(data[: len(data) // 2])  # (a part written, then the interrupt)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(datasets, "atomic_write_bytes", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        datasets.copy_from(info, tmp_path / "good", dest)
+    assert not dest.exists()
+    dest.mkdir(parents=True)
+    (dest / "kept.txt").write_text("an earlier copy's")
+    with pytest.raises(KeyboardInterrupt):
+        datasets.copy_from(info, tmp_path / "good", dest)
+    assert (dest / "kept.txt").read_text() == "an earlier copy's"

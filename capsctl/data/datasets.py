@@ -368,8 +368,9 @@ def copy_from(info: DatasetInfo, src: Path, dest: Path) -> None:
         sets = Dataset(info.name, src)  # read and checked whole before anything is copied
         _check_sizes(info, src, len(sets.train().labels), len(sets.test().labels))
         _check_digest(info, src, "archive", src / info.archive)
-        dest.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(dest / info.archive, (src / info.archive).read_bytes())
+        archive = src / info.archive
+        with _filling(dest):
+            atomic_write_bytes(dest / info.archive, archive.read_bytes())
         return
     if not is_complete(src):
         raise CapsctlError(f"--from {src}: the folder must hold the four IDX files of {info.name}")
@@ -387,16 +388,34 @@ def copy_from(info: DatasetInfo, src: Path, dest: Path) -> None:
     for role, f in found.items():
         assert f is not None
         _check_digest(info, src, role, f)
-    dest.mkdir(parents=True, exist_ok=True)
-    for role in ROLES:
-        f = found[role]
-        assert f is not None
-        atomic_write_bytes(dest / f.name, f.read_bytes())  # temp + fsync + rename: never a half file
-        # the copy replaces the file of the other kind (.gz or not) a former copy left: find_file takes
-        # the .gz first, so an old .gz beside a new plain file went on being read
-        other = dest / (FILES[role] if f.name.endswith(".gz") else FILES[role] + ".gz")
-        if other.exists():
-            other.unlink()
+    with _filling(dest):
+        for role in ROLES:
+            f = found[role]
+            assert f is not None
+            atomic_write_bytes(dest / f.name, f.read_bytes())  # temp + fsync + rename: never a half file
+            # the copy replaces the file of the other kind (.gz or not) a former copy left: find_file
+            # takes the .gz first, so an old .gz beside a new plain file went on being read
+            other = dest / (FILES[role] if f.name.endswith(".gz") else FILES[role] + ".gz")
+            if other.exists():
+                other.unlink()
+
+
+@contextmanager
+def _filling(dest: Path) -> Iterator[None]:
+    """Copying into the cache folder `dest`, one process at a time (as a download is); a copy into a new
+    folder that stops part way (Ctrl-C, a full disk) removes it, rather than leave one, two or three of
+    the four files (each file is whole either way; one replacing an older copy's is checked the same)."""
+    import shutil
+
+    with _fetch_lock(dest):
+        made = not dest.exists()
+        dest.mkdir(parents=True, exist_ok=True)
+        try:
+            yield
+        except BaseException:
+            if made:
+                shutil.rmtree(dest, ignore_errors=True)
+            raise
 
 
 @dataclass
