@@ -474,6 +474,19 @@ def test_train_reads_a_spec_from_a_pipe(tmp_path, capsys, good_data):
     assert (tmp_path / "run" / "model.safetensors").exists()
 
 
+def test_train_nproc_refuses_a_spec_from_a_pipe(tmp_path, capsys, good_data):
+    """Each rank of --nproc runs the command line again: a pipe given as --spec is empty (or closed) by
+    then, and every rank failed to read it."""
+    import os
+
+    fifo = tmp_path / "spec.fifo"
+    os.mkfifo(fifo)
+    code, out, err = run_cli(["train", "--spec", fifo, "--data-dir", good_data, "--nproc", "2", "--out",
+                              tmp_path / "run"], capsys)
+    assert_one_line_error(code, out, err, "not a regular file", "each rank of --nproc reads it again")
+    assert not (tmp_path / "run").exists()
+
+
 def test_train_arch_with_a_deeply_nested_spec_file_is_one_line(tmp_path, capsys, good_data):
     """`--arch X --spec FILE` parsed the file with only ValueError caught: JSON nested deeper than
     Python's recursion limit was a RecursionError traceback (without --arch it was one line)."""

@@ -601,3 +601,12 @@ def test_an_interrupt_wrapped_by_a_library_is_still_an_interrupt(tmp_path, monke
     from capsctl.errors import reraise_interrupt
 
     reraise_interrupt(ValueError("no interrupt in its chain"))  # (returns: nothing to re-raise)
+
+
+def test_the_sigterm_handler_is_put_back_when_the_command_returns(capsys):
+    """capsctl.cli.main() run in-process (a notebook, a tool) left its SIGTERM handler installed: a later
+    SIGTERM to that program raised KeyboardInterrupt in its own code, and every later Ctrl-C in it was
+    reported as "terminated", exit 143."""
+    before = signal.getsignal(signal.SIGTERM)
+    code, _, _ = run_cli(["data", "list"], capsys)
+    assert code == 0 and signal.getsignal(signal.SIGTERM) == before

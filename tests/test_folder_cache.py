@@ -409,13 +409,13 @@ def test_held_out_scores_of_a_model_trained_on_every_training_image_are_refused(
 
     for command in ("eval", "eval-pairs"):
         code, out, err = run_cli([command, shipped_model(), "--holdout", "500"], capsys)
-        assert_one_line_error(code, out, err, "trained on all 5,000 mnist-5k training images (no hold-out)",
+        assert_one_line_error(code, out, err, "trained on all 5,000 mnist-5k training images (no hold-out",
                               "score it on the test set")
     spec = ModelSpec.from_dict(TINY)
     every = json.dumps(list(data_key(datasets.load("mnist-5k").train().labels)))
     save_model(tmp_path / "all.safetensors", spec, init_weights(spec, 0), {TRAINING_DATA_KEY: every})
     code, out, err = run_cli(["eval", tmp_path / "all.safetensors", "--val-fraction", "0.1"], capsys)
-    assert_one_line_error(code, out, err, "trained on all 5,000 mnist-5k training images (no hold-out)")
+    assert_one_line_error(code, out, err, "trained on all 5,000 mnist-5k training images (no hold-out")
     save_model(tmp_path / "old.safetensors", spec, init_weights(spec, 0))
     code, out, err = run_cli(["eval", tmp_path / "old.safetensors", "--holdout", "50", "--json"], capsys)
     assert code == 0 and json.loads(out)["images"] == 50, err

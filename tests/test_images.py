@@ -311,7 +311,8 @@ def test_a_float_image_overshooting_0_to_1_a_little_is_clipped_not_divided_by_25
         (np.zeros(28, np.float32), "1-D array"),
         (np.array([[0.1, np.nan]], np.float32), "NaN"),
         (np.array([[0.1, np.inf]], np.float64), "NaN or infinite"),
-        (np.array([[-0.6, 0.5]]), "negative"),
+        (np.array([[-0.5, 0.5]]), "negative"),  # (zero-centred: refused, not clipped to its upper half)
+        (np.array([[-0.11, 0.5]]), "negative"),
         (np.array([[0.5, 300.0]]), "up to 300"),
         (np.array([[1, 70000]], np.int64), "up to 70000"),
         (np.zeros((0, 5)), "no pixels"),

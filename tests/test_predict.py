@@ -252,8 +252,9 @@ def test_collecting_paths_keeps_spaces_in_names_and_leaves_pipes_in_folders_out(
     folder.mkdir()
     Image.fromarray(np.zeros((28, 28), np.uint8)).save(folder / "a.png")
     os.mkfifo(folder / "b.png")
+    (folder / "c.png").symlink_to(tmp_path / "gone.png")  # a dangling link stays: its row says so
     paths, skipped = collect_paths([str(folder)], None)
-    assert paths == [folder / "a.png"] and skipped == 1
+    assert paths == [folder / "a.png", folder / "c.png"] and skipped == 1
 
 
 def test_a_nan_threshold_is_refused(capsys):

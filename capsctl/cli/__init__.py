@@ -144,15 +144,7 @@ _TERMINATED: list[int] = []
 
 
 def _terminated(signum: int, frame: object) -> None:
-    import os
-    import signal
-
-    from capsctl.training.distributed import launched
-
-    if launched():  # a rank of a job: it ends as before, and its launcher says what stopped the job
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGTERM)
-        return
+    # (nothing imported here: a signal landing part way through an import would make that a traceback)
     _TERMINATED.append(signum)  # (Typer may turn the interrupt into a plain 130: this says which it was)
     raise _Terminated
 
@@ -163,12 +155,24 @@ def _main(argv: list[str] | None) -> None:
     import signal
     import threading
 
-    from capsctl.errors import CapsctlError, is_out_of_memory, os_error_exit
+    from capsctl.training._launcher_env import launched
 
-    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) in (
-        signal.SIG_DFL, None
-    ):  # (not where the caller chose otherwise: a test harness, an embedding program)
-        signal.signal(signal.SIGTERM, _terminated)
+    _TERMINATED.clear()
+    old_term = None
+    # not in a rank of a job (it ends as before on SIGTERM, and its launcher says what stopped the job),
+    # nor where the caller chose otherwise (a test harness, an embedding program); put back at the end
+    main_thread = threading.current_thread() is threading.main_thread()
+    if main_thread and not launched() and signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+        old_term = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        _run(args, debug)
+    finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
+
+
+def _run(args: list[str], debug: bool) -> None:
+    from capsctl.errors import CapsctlError, is_out_of_memory, os_error_exit
 
     try:
         rv = app(args=args, prog_name="capsctl", standalone_mode=False)
@@ -203,7 +207,7 @@ def _main(argv: list[str] | None) -> None:
         _say("error: out of memory (try a smaller --batch-size or --limit)")
         sys.exit(1)
     if rv == 130:  # Typer turns Ctrl-C outside training (scoring, a data set's decoding) into a silent 130
-        from capsctl.training.distributed import launched
+        from capsctl.training._launcher_env import launched
 
         if _TERMINATED:
             typer.echo("terminated", err=True)

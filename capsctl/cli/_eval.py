@@ -78,9 +78,10 @@ def _check_same_training_part(
 
     meta = read_safetensors(model)[1]
     recorded = meta.get(TRAINING_DATA_KEY)
-    everything = (
-        f"{model}: trained on all {len(all_labels):,} {dataset} training images (no hold-out), so every "
-        "held-out image is one it trained on; score it on the test set (leave out --holdout/--val-fraction)"
+    everything = (  # (a run's record is of the part it drew from, before any --limit took its first N)
+        f"{model}: trained on all {len(all_labels):,} {dataset} training images (no hold-out; or on the "
+        "first of them, with --limit), so held-out images are ones it trained on; score it on the test set "
+        "(leave out --holdout/--val-fraction)"
     )
     if recorded is None:
         if _trained_on_all(meta, dataset):
@@ -185,7 +186,7 @@ def eval_model(
     Classes are named by the model's class names (digits for a model without them); --json gives
     the per-class accuracies as "per_class": {name: accuracy}, null for a class with no test image.
 
-    Example: capsctl eval runs/caps/model.safetensors --json
+    Example: capsctl eval runs/capsule/model.safetensors --json
     """
     import json
 
@@ -271,7 +272,7 @@ def eval_pairs(
 
     With no MODEL, the model that ships with capsctl is scored (trained on the embedded mnist-5k set).
 
-    Example: capsctl eval-pairs runs/caps/model.safetensors --layout horizontal --digits 2 --json
+    Example: capsctl eval-pairs runs/capsule/model.safetensors --layout horizontal --digits 2 --json
     """
     import json
 

@@ -67,7 +67,7 @@ def export(
     reconstruction (B, H', W', C), drawn from the top-scoring class's capsule at the decoder's own
     image size (its training images'), whatever the input's size.
 
-    Example: capsctl export runs/caps/model.safetensors --out caps.onnx
+    Example: capsctl export runs/capsule/model.safetensors --out caps.onnx
     """
     from capsctl._io import atomic_write_bytes
     from capsctl.backend import get_backend

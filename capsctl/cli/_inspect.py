@@ -123,7 +123,7 @@ def inspect(
     model trained on the embedded mnist-5k digits; docs/SHIPPED-MODEL.md).
     The older form `capsctl inspect IMAGE -m MODEL` still works.
 
-    Example: capsctl inspect runs/caps/model.safetensors two.png --top 2 --out maps.png
+    Example: capsctl inspect runs/capsule/model.safetensors two.png --top 2 --out maps.png
 
     Models trained with a decoder (capsctl train --decoder) can redraw the
     input: --reconstruct reconstructs from each predicted capsule (5 at most, or

@@ -85,7 +85,7 @@ def predict(
     its reason (an "error" column or key), every other file is still predicted, and the exit code
     is 2 at the end.
 
-    Example: capsctl predict runs/caps/model.safetensors photos/ --top 2 --json
+    Example: capsctl predict runs/capsule/model.safetensors photos/ --top 2 --json
 
     Example: capsctl predict scan.png   (the shipped model)
     """
@@ -194,7 +194,8 @@ def collect_paths(inputs: list[str], stdin: Any) -> tuple[list[Path], int]:
                 if _unreadable(f) is not None:  # (rglob passed over it without a word: its images vanished)
                     images.append(f)
                 continue
-            if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file():  # (a named pipe among them: read, it hung)
+            # (a named pipe among them: read, it hung; a dangling link stays, as a row saying so)
+            if f.suffix.lower() in IMAGE_SUFFIXES and (f.is_file() or not f.exists()):
                 images.append(f)
             else:
                 others += 1
@@ -256,9 +257,9 @@ def _read(
 
 # Memory bounds for big images (phone photos are 12 million pixels; 512 of them read at once were 24 GB
 # of float32, and one forward call over all of them far more): a chunk stops reading once it holds
-# READ_PIXELS decoded pixels, and a forward call takes at most FORWARD_PIXELS pixels of images (at least
-# one image). MNIST-sized images still go `--batch-size` at a time.
-READ_PIXELS = 1 << 27  # 512 MiB of float32 gray
+# READ_PIXELS decoded values (pixels × channels), and a forward call takes at most FORWARD_PIXELS pixels
+# of images (at least one image). MNIST-sized images still go `--batch-size` at a time.
+READ_PIXELS = 1 << 27  # decoded values (H·W·C): 512 MiB of float32
 FORWARD_PIXELS = 1 << 22  # 5,350 images of 28x28; one of 2048x2048
 
 
@@ -278,42 +279,53 @@ def run_predictions(
     while the framework scores this one; the images of one chunk are grouped by size and each group is
     scored by `scores_fn(images (N, H, W, C), per_call) -> (N, J)`, per_call images (FORWARD_PIXELS) a
     forward pass."""
+    import threading
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
     import numpy as np
 
     remaining = deque(paths)  # taken from by the reader thread only, one chunk at a time
+    stop = threading.Event()  # (Ctrl-C, SIGTERM, a closed pipe: the reader stops at its next file)
 
     def read_next() -> tuple[list[dict[str, Any]], dict[tuple[int, ...], list[tuple[int, np.ndarray]]]]:
-        return _read_chunk(remaining, batch_size, spec, invert, resize, fit)
+        return _read_chunk(remaining, batch_size, spec, invert, resize, fit, stop)
 
     with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(read_next) if remaining else None
-        while pending is not None:
-            results, groups = pending.result()
+        try:
             pending = pool.submit(read_next) if remaining else None
-            for shape, members in groups.items():
-                batch = np.stack([img for _, img in members])
-                per_call = max(1, min(batch_size, FORWARD_PIXELS // (shape[0] * shape[1])))
-                out = np.asarray(scores_fn(batch, per_call))
-                for (i, _), row in zip(members, out, strict=True):
-                    results[i]["scores"] = row
-            yield from results
+            while pending is not None:
+                results, groups = pending.result()
+                pending = pool.submit(read_next) if remaining else None
+                for shape, members in groups.items():
+                    batch = np.stack([img for _, img in members])
+                    per_call = max(1, min(batch_size, FORWARD_PIXELS // (shape[0] * shape[1])))
+                    out = np.asarray(scores_fn(batch, per_call))
+                    for (i, _), row in zip(members, out, strict=True):
+                        results[i]["scores"] = row
+                yield from results
+        finally:
+            stop.set()
 
 
 def _read_chunk(
-    remaining: Any, most: int, spec: ModelSpec, invert: str, resize: tuple[int, int] | None, fit: bool = False
+    remaining: Any,
+    most: int,
+    spec: ModelSpec,
+    invert: str,
+    resize: tuple[int, int] | None,
+    fit: bool = False,
+    stop: Any = None,
 ) -> tuple[list[dict[str, Any]], dict[tuple[int, ...], list[tuple[int, np.ndarray]]]]:
     """The next chunk taken from `remaining` (a deque of paths): up to `most` files, fewer once READ_PIXELS
-    pixels are decoded. Its result slots (errors filled in) and its images by shape: {shape: [(slot,
-    image)]}."""
+    values are decoded or `stop` (a threading.Event) is set. Its result slots (errors filled in) and its
+    images by shape: {shape: [(slot, image)]}."""
     from capsctl.errors import CapsctlError
 
     results: list[dict[str, Any]] = []
     groups: dict[tuple[int, ...], list[tuple[int, np.ndarray]]] = {}
     pixels = 0
-    while remaining and len(results) < most and pixels < READ_PIXELS:
+    while remaining and len(results) < most and pixels < READ_PIXELS and not (stop and stop.is_set()):
         p = remaining.popleft()
         results.append({"image": str(p)})
         try:

@@ -288,6 +288,14 @@ def train(
     from capsctl.errors import CapsctlError
 
     _check_launch(nproc, port)
+    if nproc is not None and spec_file is not None and not spec_file.is_file():
+        from capsctl.errors import CapsctlError
+
+        # (each rank reads the command line's --spec again: a pipe is empty by then, `<(...)` closed)
+        raise CapsctlError(
+            f"--spec {spec_file}: not a regular file, and each rank of --nproc reads it again; save the "
+            "spec to a file"
+        )
     eval_limit = renamed("--eval-limit", eval_limit, "--test-limit", test_limit)
     check_range("--eval-limit", eval_limit, 1)
     check_range("--curve-images", curve_images, 0)

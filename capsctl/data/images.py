@@ -16,7 +16,7 @@ The result is float32 (H, W) in [0, 1], white digits on black as in MNIST. Rules
   channels-last (H, W, C) with C = 1 (gray), 3 (RGB) or 4 (RGBA), or (1, H, W) (one image with a
   leading axis). Other 3-D shapes, e.g. a stack (N, H, W), are refused. uint8 is /255, uint16
   /65535, bool is 0/1, other integers must lie in 0..255 (/255) or 0..65535 (/65535); floats must be
-  finite, in [0, 1] (used as is; -0.5 to 1.5, a resampling's overshoot, clipped to it) or in [0, 255]
+  finite, in [0, 1] (used as is; -0.1 to 1.1, a resampling's overshoot, clipped to it) or in [0, 255]
   (divided by 255).
 - invert: 'auto' inverts a gray image whose border is light (median > 0.5) and never a colour one
   (a colour model learned its images as they are: photos on light backgrounds stay as they are);
@@ -52,9 +52,10 @@ PIL_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM")
 _NPY_MAGIC = b"\x93NUMPY"
 _CORRUPT = "corrupt data"  # what a decoder error without text is called
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, as Pillow's convert('L')
-# float values from -0.5 to 1.5 are a 0..1 image, clipped: a resampling's overshoot (a 0..255 float image
-# whose brightest pixel is under 1.5 of 255 is black either way)
-FLOAT_OVERSHOOT = 0.5
+# float values from -0.1 to 1.1 are a 0..1 image, clipped: a resampling's overshoot (a 0..255 float image
+# whose brightest pixel is under 1.1 of 255 is black either way); a zero-centred image (-0.5..0.5) is
+# still refused, not half erased
+FLOAT_OVERSHOOT = 0.1
 
 
 def load_image(

@@ -25,6 +25,7 @@ import numpy as np
 from capsctl.backend import OptimConfig, Trainer
 from capsctl.errors import CapsctlError
 from capsctl.model.spec import ModelSpec
+from capsctl.training._launcher_env import LAUNCHER_ENV, launched
 from capsctl.training.config import TrainConfig
 
 TF_TASK_TYPES = ("chief", "worker")  # what MultiWorkerMirroredStrategy runs; no parameter servers here
@@ -33,7 +34,6 @@ MAX_NPROC = 64  # `capsctl train --nproc` starts processes on this machine: more
 DEFAULT_TIMEOUT_S = 300
 # what each framework's launcher sets in every worker: torchrun (and the elastic agent behind `--nproc`);
 # TF_CONFIG for tf.distribute (TF's cluster resolvers, or `capsctl train --backend keras --nproc`)
-LAUNCHER_ENV = {"torch": ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"), "keras": ("TF_CONFIG",)}
 # set by `capsctl train --nproc` in its ranks: a rank that lost contact with the others exits quietly
 # with LOST_EXIT, and the launcher says in one line which rank failed (under torchrun each rank says it)
 NPROC_JOB_ENV = "CAPSCTL_NPROC_JOB"
@@ -70,12 +70,6 @@ class Engine(Protocol):
         """Run `python -m capsctl *argv` as `nproc` ranks on 127.0.0.1 (rendezvous on `port`, or a free
         one, NPROC_JOB_ENV set), through the framework's launcher; waits. The failed ranks' exit codes
         ({} when every rank succeeded), a negative code being the signal that killed the rank."""
-
-
-def launched(backend: str | None = None) -> bool:
-    """Whether this process was started as one rank of a job by `backend`'s launcher (any, if None)."""
-    kinds = LAUNCHER_ENV.values() if backend is None else [LAUNCHER_ENV.get(backend, ())]
-    return any(names and all(name in os.environ for name in names) for names in kinds)
 
 
 def launched_rank(backend: str | None = None) -> int | None:
