@@ -102,3 +102,20 @@ def test_two_processes_fetching_one_set_download_it_once(tmp_path, capsys):
     assert sorted(requests) == sorted(f"/{f}.gz" for f in datasets.FILES.values())  # each file once
     assert datasets.Dataset("mnist", tmp_path / "cache" / "tiny").train().images.shape == (6, 28, 28, 1)
     assert "waiting for another capsctl process downloading" in capsys.readouterr().err
+
+
+def test_a_download_draws_no_bar_under_quiet(tmp_path, capsys):
+    """`-q` said "no progress bars", but a first use's download drew one."""
+    from capsctl._console import set_quiet
+
+    info = _content_info(_serve_set(tmp_path / "srv"))
+    name = datasets.FILES["train-images"] + ".gz"
+    with static_server(tmp_path / "srv") as url:
+        datasets.fetch(info, tmp_path / "loud", mirrors=[url])
+        assert name in capsys.readouterr().err  # (the bar, named by the file)
+        set_quiet(True)
+        try:
+            datasets.fetch(info, tmp_path / "quiet", mirrors=[url])
+        finally:
+            set_quiet(False)
+    assert name not in capsys.readouterr().err

@@ -150,7 +150,7 @@ def forget(
 ) -> None:
     """Remove a user image folder's decoded cache (see `capsctl data list`); the next run decodes it again.
 
-    Example: capsctl data forget ~/photos/pets
+    Example: capsctl data forget ~/photos/pets   (a folder once trained on with --dataset PATH)
     """
     from capsctl.data import _folder_cache
 

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 OldLimitOpt = Annotated[int | None, old_name("--limit")]  # before --eval-limit
 # the held-out split `capsctl train --holdout/--val-fraction` trained beside (the same fixed draw)
-HoldoutOpt = Annotated[int | None, holdout_option()]
+HoldoutOpt = Annotated[int | None, holdout_option(scoring=True)]
 ValFractionOpt = Annotated[float | None, val_fraction_option()]
 
 

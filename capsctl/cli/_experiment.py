@@ -489,7 +489,7 @@ def report(
     Without it OUT is rewritten whole but keeps the sections --section wrote (delete OUT first to drop
     them).
 
-    Example: capsctl experiment report out/pairs out/ablate --out docs/RESULTS.md
+    Example: capsctl experiment report out/pairs out/ablate --out out/RESULTS.md
     """
     from capsctl.experiment.report import write_report
 

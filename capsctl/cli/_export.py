@@ -67,7 +67,8 @@ def export(
     reconstruction (B, H', W', C), drawn from the top-scoring class's capsule at the decoder's own
     image size (its training images'), whatever the input's size.
 
-    Example: capsctl export runs/capsule/model.safetensors --out caps.onnx
+    Example: capsctl export runs/capsule/model.safetensors --out caps.pt
+    (caps.keras needs the keras extra, caps.onnx the onnx one)
     """
     from capsctl._io import atomic_write_bytes
     from capsctl.backend import get_backend
@@ -147,7 +148,7 @@ def import_(
     The tensors come back bit for bit. A damaged file, a file that is not a capsctl export, or
     tensors that do not match the spec it carries are refused (exit 2).
 
-    Example: capsctl import caps.keras --out caps.safetensors
+    Example: capsctl import caps.pt --out caps.safetensors
     """
     from capsctl.backend import get_backend
     from capsctl.errors import CapsctlError

@@ -121,9 +121,9 @@ def inspect(
 
     With IMAGE alone, the model that ships with capsctl is used (a capsule
     model trained on the embedded mnist-5k digits; docs/SHIPPED-MODEL.md).
-    The older form `capsctl inspect IMAGE -m MODEL` still works.
 
-    Example: capsctl inspect runs/capsule/model.safetensors two.png --top 2 --out maps.png
+    Example: capsctl inspect runs/capsule/model.safetensors
+    docs/inspect-example-input.png --top 2 --out maps.png
 
     Models trained with a decoder (capsctl train --decoder) can redraw the
     input: --reconstruct reconstructs from each predicted capsule (5 at most, or
@@ -134,9 +134,10 @@ def inspect(
     dimensions moved in --steps from -RANGE to +RANGE. --json adds the
     reconstructions as nested lists [row][col][channel].
 
-    Example: capsctl inspect runs/dec/model.safetensors two.png --reconstruct --out recon.png
+    Example: capsctl train --decoder --out runs/dec, then capsctl inspect
+    runs/dec/model.safetensors docs/inspect-example-input.png --reconstruct --out recon.png
 
-    Example: capsctl inspect two.png   (the shipped model)
+    Example: capsctl inspect docs/digit-4.png   (the shipped model)
     """
     model, image = _model_and_image(ctx, model, image, model_opt)
     import json

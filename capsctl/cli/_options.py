@@ -255,14 +255,18 @@ def limit_option(panel: str | None = None) -> Any:
     return typer.Option("--limit", help="Train on the first N training images only.", rich_help_panel=panel)
 
 
-def holdout_option(panel: str | None = None) -> Any:
-    return typer.Option(
-        "--holdout",
-        help="Hold out N training images (a fixed random draw) and score on them instead of the test set "
+def holdout_option(panel: str | None = None, scoring: bool = False) -> Any:
+    """--holdout; `scoring`: for eval and eval-pairs, which score what a training run held out."""
+    train = (
+        "Hold out N training images (a fixed random draw) and score on them instead of the test set "
         "(choose a recipe here, never on the test set); a --dataset folder without test/ needs this or "
-        "--val-fraction.",
-        rich_help_panel=panel,
+        "--val-fraction."
     )
+    score = (
+        "Score the N training images that `capsctl train --holdout N` held out (the same N and data, the "
+        "same fixed draw) instead of the test set; refused for a model trained on all of them."
+    )
+    return typer.Option("--holdout", help=score if scoring else train, rich_help_panel=panel)
 
 
 def val_fraction_option(panel: str | None = None) -> Any:

@@ -85,9 +85,9 @@ def predict(
     its reason (an "error" column or key), every other file is still predicted, and the exit code
     is 2 at the end.
 
-    Example: capsctl predict runs/capsule/model.safetensors photos/ --top 2 --json
+    Example: capsctl predict runs/capsule/model.safetensors docs/ --top 2 --json   (every image under docs/)
 
-    Example: capsctl predict scan.png   (the shipped model)
+    Example: capsctl predict docs/digit-4.png   (the shipped model)
     """
     import sys
 

@@ -24,7 +24,6 @@ from capsctl.cli._options import (
     given,
     holdout_option,
     image_size_option,
-    json_option,
     limit_option,
     old_name,
     quiet_option,
@@ -252,7 +251,13 @@ def train(
         ),
     ] = None,
     quiet: Annotated[bool, quiet_option(RUN)] = False,
-    json_out: Annotated[bool, json_option(RUN)] = False,
+    json_out: Annotated[
+        bool,
+        typer.Option(
+            "--json", help="Print the last epoch's metrics and the files written as one JSON object.",
+            rich_help_panel=RUN,
+        ),
+    ] = False,
     nproc: Annotated[
         int | None,
         typer.Option(

@@ -251,13 +251,14 @@ def download_file(
     url: str, dest: Path, expected_sha256: str, digest_of: str = "download", timeout: float = 30.0
 ) -> None:
     """Stream `url` to `dest.part`, check it, then rename to `dest`. Raises on any failure."""
-    from capsctl._console import progress
+    from capsctl._console import progress, quiet
 
     part = dest.with_name(dest.name + ".part")
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:
             total = int(resp.headers.get("Content-Length") or 0) or None
             with open(part, "wb") as f, progress() as bar:
+                bar.disable = quiet()  # (-q: a first use's download drew its bar anyway)
                 task = bar.add_task(dest.name, total=total)
                 while chunk := resp.read(1 << 16):
                     f.write(chunk)
