@@ -271,3 +271,33 @@ def test_every_tool_option_says_what_it_does(name, monkeypatch):
     (parser,) = seen
     silent = [a.dest for a in parser._actions if not a.help]
     assert silent == []
+
+
+def test_make_shipped_model_refuses_an_unfinished_run(tmp_path, capsys, monkeypatch):
+    """`--run` packaged whatever model.safetensors held: a run stopped at epoch 3 of 15 (its model file is
+    rewritten every epoch) became the shipped model, its provenance saying 15 epochs."""
+    from capsctl.errors import run_script
+    from capsctl.model.spec import ModelSpec
+    from capsctl.model.weights import init_weights, save_model
+    from capsctl.training.config import TrainConfig
+    from capsctl.training.recipes import get_recipe
+    from capsctl.training.run_folder import MODEL_FILE, Checkpoint, save_checkpoint
+
+    spec = ModelSpec()
+    weights = init_weights(spec, 0)
+    recipe = get_recipe("default")
+    cfg = TrainConfig(dataset="mnist-5k", seed=0, recipe=recipe.name, **recipe.settings("capsule"))
+    run = tmp_path / "run"
+    run.mkdir()
+    save_checkpoint(run, Checkpoint(spec, cfg, weights, {}, 3, 0, 1.0))
+    save_model(run / MODEL_FILE, spec, weights)
+    tool = _tool("make_shipped_model")
+    # (where it would write, were the run taken: never the package's own model and docs)
+    monkeypatch.setattr(tool, "SHIPPED_MODEL", tmp_path / "shipped.safetensors")
+    monkeypatch.setattr(tool, "ROOT", tmp_path)
+    (tmp_path / "docs").mkdir()
+    monkeypatch.setattr(sys, "argv", ["make_shipped_model", "--run", str(run)])
+    assert run_script(tool.main) == 2
+    assert not (tmp_path / "shipped.safetensors").exists()
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and f"stopped at epoch 3 of {cfg.epochs}" in err, err

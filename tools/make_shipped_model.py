@@ -22,17 +22,19 @@ from pathlib import Path
 import numpy as np
 
 import capsctl
+from capsctl._io import atomic_write_bytes
 from capsctl._script_args import add_backend
 from capsctl.backend import get_backend
 from capsctl.data import datasets
 from capsctl.data.composites import make_composites, score_sets
+from capsctl.errors import CapsctlError, run_script
 from capsctl.model.shipped import PROVENANCE_KEY, SHIPPED_MODEL
 from capsctl.model.spec import ModelSpec
 from capsctl.model.weights import load_model, save_model
 from capsctl.training.config import TrainConfig
 from capsctl.training.loop import train
 from capsctl.training.recipes import get_recipe
-from capsctl.training.run_folder import MODEL_FILE, load_checkpoint
+from capsctl.training.run_folder import CHECKPOINT_FILE, MODEL_FILE, load_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 CHECK_IMAGES = 500  # the slice tests/test_shipped.py scores on each backend
@@ -67,7 +69,7 @@ def _check_same_recipe(cfg: TrainConfig, seed: int) -> None:
     if cfg.dataset != "mnist-5k" or cfg.limit is not None or cfg.holdout or cfg.val_fraction:
         problems.append("not all of mnist-5k")
     if problems:
-        sys.exit(f"--run: not a default-recipe run: {', '.join(problems)}")
+        raise CapsctlError(f"--run: not a default-recipe run: {', '.join(problems)}")
 
 
 def main() -> int:
@@ -96,9 +98,16 @@ def main() -> int:
         train(backend, ModelSpec(head="capsule"), cfg, ds.train(), None, run)
     else:
         run = args.run
+        if not (run / CHECKPOINT_FILE).is_file():
+            raise CapsctlError(f"--run {run}: no {CHECKPOINT_FILE} there (not a run folder)")
     ck = load_checkpoint(run)
     if args.run is not None:
         _check_same_recipe(ck.config, args.seed)
+        if (ck.epoch, ck.step) != (ck.config.epochs, 0):  # (its model file is rewritten every epoch)
+            raise CapsctlError(
+                f"--run {run}: stopped at epoch {ck.epoch} of {ck.config.epochs}; finish it first "
+                f"(capsctl train --resume {run})"
+            )
     spec, weights = load_model(run / MODEL_FILE)
     runner = backend.runner(spec, weights)
     t0 = time.perf_counter()
@@ -144,7 +153,7 @@ def main() -> int:
     save_model(SHIPPED_MODEL, spec, weights, extra={PROVENANCE_KEY: json.dumps(record)})
     doc = ROOT / "docs" / "SHIPPED-MODEL.md"
     v, h = pairs["vertical"], pairs["horizontal"]
-    doc.write_text(
+    atomic_write_bytes(doc, (
         "# The shipped model\n\n"
         f"`capsctl/model/{SHIPPED_MODEL.name}` ships inside the package, so `capsctl inspect image.png`, "
         "`capsctl eval-pairs` and `capsctl predict` work right after install with no model given (they say "
@@ -165,7 +174,7 @@ def main() -> int:
         f"Check that tests reproduce on every backend: first {CHECK_IMAGES} test digits "
         f"{check['test_correct']} right; first {CHECK_PAIRS} vertical pairs {check['vertical_correct']} "
         "right.\n"
-    )
+    ).encode())
     print(
         f"wrote {SHIPPED_MODEL} and {doc}: test {test_acc:.2%}, vertical {v['accuracy']:.2%} / "
         f"{v['confident_accuracy']:.2%}, horizontal {h['accuracy']:.2%} / {h['confident_accuracy']:.2%}"
@@ -174,4 +183,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))
