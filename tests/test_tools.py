@@ -168,7 +168,7 @@ def test_multimnist_errors_splits_the_error_eval_pairs_reports(tmp_path, capsys,
     run.mkdir()
     save_model(run / "model.safetensors", spec, routing_weights(spec))
     rows = [{"epoch": e, "test_accuracy": 0.1 * e, "test_images": 100, "images_per_s": 50.0,
-             "seconds": 2.0} for e in (1, 2)]
+             "seconds": 2.0, "compose": "overlap"} for e in (1, 2)]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     code, out, err = run_cli(["eval-pairs", run / "model.safetensors", "--layout", "overlap",
                               "--data-dir", mnist_dir, "--json"], capsys)
@@ -301,3 +301,38 @@ def test_make_shipped_model_refuses_an_unfinished_run(tmp_path, capsys, monkeypa
     assert not (tmp_path / "shipped.safetensors").exists()
     err = capsys.readouterr().err
     assert err.startswith("error: ") and f"stopped at epoch 3 of {cfg.epochs}" in err, err
+
+
+@pytest.mark.parametrize(("name", "argv", "words"), [
+    ("composite_png", ["--seed", "-1", "--out", "{d}/c.png"], "--seed must be a whole number 0 or more"),
+    ("composite_png", ["--digits", "11", "--out", "{d}/c.png"], "--digits 11: the images hold 10 classes"),
+    ("pair_errors", ["{shipped}", "--seed", "-1"], "--seed must be a whole number 0 or more"),
+])
+def test_composite_seeds_and_digits_are_checked(tmp_path, capsys, monkeypatch, name, argv, words):
+    """A negative --seed was numpy's ValueError traceback, and more digits than classes a concatenate
+    error (or, in eval-pairs, "no composites to score")."""
+    from capsctl.errors import run_script
+    from capsctl.model.shipped import shipped_model
+
+    tool = _tool(name)
+    monkeypatch.setattr(sys, "argv", [name, *(a.format(d=tmp_path, shipped=shipped_model()) for a in argv)])
+    assert run_script(tool.main) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and words in err, err
+
+
+def test_multimnist_errors_takes_its_curve_from_pair_runs_only(tmp_path, capsys, monkeypatch):
+    """A --runs folder of a single-digit run had its test accuracy reported as pair error."""
+    import json
+
+    from capsctl.errors import run_script
+    from capsctl.model.shipped import shipped_model
+
+    single = tmp_path / "single"
+    single.mkdir()
+    (single / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "test_accuracy": 0.95, "test_images": 100,
+                                                      "images_per_s": 10.0, "seconds": 1.0}) + "\n")
+    tool = _tool("multimnist_errors")
+    monkeypatch.setattr(sys, "argv", ["multimnist_errors", str(shipped_model()), "--runs", str(single)])
+    assert run_script(tool.main) == 2
+    assert "not a --compose overlap run" in capsys.readouterr().err

@@ -23,6 +23,7 @@ from capsctl.backend import get_backend
 from capsctl.data.composites import make_composites
 from capsctl.errors import CapsctlError, run_script
 from capsctl.inspect.analysis import WEIGHTINGS, inspect_one
+from capsctl.model.fit import check_fit
 from capsctl.model.weights import load_model
 
 
@@ -47,6 +48,7 @@ def main() -> None:
         comp = make_composites(
             test.images, test.labels, digits=args.digits, layout=layout, seed=args.seed, limit=args.limit
         )
+        check_fit(spec, comp.images, comp.labels, str(args.model), f"{layout} composites of the test images")
         scores, cs, ags = [], [], []
         for start in range(0, len(comp.images), args.batch_size):
             s, tr = runner.trace(comp.images[start : start + args.batch_size])

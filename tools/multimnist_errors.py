@@ -30,6 +30,7 @@ from capsctl._script_args import add_backend, add_data, add_model, test_images
 from capsctl.backend import get_backend
 from capsctl.data.composites import OVERLAP_SHIFT, alone, make_composites, overlay, set_matches
 from capsctl.errors import CapsctlError, run_script
+from capsctl.model.fit import check_fit
 from capsctl.model.weights import load_model
 
 INK = 0.5  # a pixel is ink above this (pixels in 0..1)
@@ -50,6 +51,8 @@ def learning_curve(run: Path) -> list[dict[str, float]]:
     if not (run / "metrics.jsonl").is_file():
         return []  # (a model file outside its run folder: no curve to read)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    # (a run on single digits scored single digits: its test accuracy is not a pair error)
+    rows = [r for r in rows if r.get("compose") == "overlap" and r.get("test_accuracy") is not None]
     out = []
     seen = 0
     for row in rows:
@@ -76,9 +79,13 @@ def main() -> None:
     for run in args.runs:  # (the model's own folder may have no curve; a folder named here must)
         if not (Path(run) / "metrics.jsonl").is_file():
             raise CapsctlError(f"--runs {run}: no metrics.jsonl there (not a run folder)")
+        if not learning_curve(Path(run)):
+            raise CapsctlError(f"--runs {run}: not a --compose overlap run (no epoch scored on pairs)")
     folder = Path(args.json or ".").absolute().parent
     if not folder.is_dir():  # said before the long scoring, not after it
         raise CapsctlError(f"--json {args.json}: folder {folder} does not exist")
+    if args.json and Path(args.json).is_dir():
+        raise CapsctlError(f"--json {args.json}: a folder; give the path of a file to write")
 
     test = test_images(args)
     spec, weights = load_model(args.model)
@@ -87,6 +94,7 @@ def main() -> None:
     # the pairs eval-pairs --layout overlap scores, with each digit's place in the canvas
     light = spec.background == "light"  # (dark ink on light: merged on white, as eval-pairs does)
     comp = make_composites(test.images, test.labels, digits=2, layout="overlap", seed=0, light=light)
+    check_fit(spec, comp.images, comp.labels, str(args.model), "overlap pairs of the test images")
     assert comp.indices is not None and comp.offsets is not None
     n = len(test.images)
     ink_images = 1 - test.images if light else test.images

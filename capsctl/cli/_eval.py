@@ -307,14 +307,6 @@ def eval_pairs(
             + (f"give --digits 2..{j - 1}" if j > 2 else "composites need a model of 3 classes or more")
         )
     test = _test_split(str(dataset), data_dir, image_size, holdout, val_fraction, spec, model)
-    present = len(np.unique(test.labels))
-    if present < digits:
-        from capsctl.errors import CapsctlError
-
-        raise CapsctlError(
-            f"--digits {digits}: the {dataset} images scored hold {present} classes, and each composite "
-            f"needs {digits} different ones"
-        )
     comp = make_composites(
         test.images, test.labels, digits=digits, layout=str(layout), seed=seed, limit=limit,
         light=spec.background == "light",

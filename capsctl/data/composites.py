@@ -55,6 +55,12 @@ def make_composites(
         raise CapsctlError(f"--digits must be at least 2, got {digits}")
     if limit is not None and limit < 1:
         raise CapsctlError(f"--limit must be at least 1, got {limit}")
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
+        raise CapsctlError(f"--seed must be a whole number 0 or more, got {seed}")
+    classes = len(np.unique(y))
+    if digits > classes:  # (no composite of `digits` different classes: scoring found none to score)
+        raise CapsctlError(f"--digits {digits}: the images hold {classes} classes, and each composite needs "
+                           f"{digits} different ones")
     n = len(x)
     rng = np.random.default_rng(seed)
     order = [np.arange(n)] + [rng.permutation(n) for _ in range(digits - 1)]
