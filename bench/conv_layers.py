@@ -19,6 +19,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
+
+from capsctl._io import atomic_write_bytes
+from capsctl._script_args import check_counts
+from capsctl.errors import CapsctlError, run_script
 
 # (in channels, out channels, input side) of the seed trunk at 28x28: Conv64-Conv64-AvgPool2-Conv128-Conv128
 LAYERS = ((1, 64, 28), (64, 64, 26), (64, 128, 12), (128, 128, 10))
@@ -152,12 +157,18 @@ def child(framework: str, batch: int, n: int) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--frameworks", default="torch,tensorflow")
-    ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--n", type=int, default=7)
+    ap.add_argument("--frameworks", default="torch,tensorflow", help="torch, tensorflow, or both")
+    ap.add_argument("--batch", type=int, default=128, help="images per timed step (default: 128)")
+    ap.add_argument("--n", type=int, default=7, help="timed repetitions of each layer (default: 7)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--json", help="write the figures to this file")
     args = ap.parse_args()
+    check_counts(args, "batch", "n")
+    unknown = set(args.frameworks.split(",")) - {"torch", "tensorflow"}
+    if unknown:  # (anything but torch ran TensorFlow, and was reported as it)
+        raise CapsctlError(f"--frameworks: {', '.join(sorted(unknown))} is not torch or tensorflow")
+    if args.json and Path(args.json).is_dir():
+        raise CapsctlError(f"--json {args.json}: a folder; give the path of a file to write")
     if args.child:
         child(args.child, args.batch, args.n)
         return 0
@@ -193,10 +204,10 @@ def main() -> int:
             f"convolutions; {args.batch / t * 1e3:.0f} img/s if the trunk were the whole step"
         )
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine": machine(), "batch": args.batch, "results": results}, f, indent=1)
+        report = {"machine": machine(), "batch": args.batch, "results": results}
+        atomic_write_bytes(args.json, json.dumps(report, indent=1).encode())
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

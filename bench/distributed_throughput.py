@@ -25,7 +25,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from capsctl._script_args import check_counts
 from capsctl.bench.machine import machine
+from capsctl.errors import run_script
 
 PARAMS = 279_488  # the default capsule model's parameter count
 
@@ -114,6 +116,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    check_counts(args, "nproc", least=2)
     if args.worker:
         _allreduce_worker(args.worker)
         return
@@ -130,4 +133,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(main))

@@ -12,11 +12,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 
+from capsctl._script_args import check_counts
 from capsctl.backend import get_backend
 from capsctl.data import datasets
 from capsctl.data.composites import make_composites, score_sets
+from capsctl.errors import run_script
 from capsctl.model.spec import default_spec
 from capsctl.model.weights import init_weights, load_model
 
@@ -30,6 +33,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=None, help="composites (default: all)")
     ap.add_argument("--batch-size", type=int, default=512)
     args = ap.parse_args()
+    check_counts(args, "rounds", "limit", "batch-size")
 
     spec, weights = (
         load_model(args.model) if args.model else (default_spec(), init_weights(default_spec(), 0))
@@ -77,4 +81,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(main))

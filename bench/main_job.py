@@ -25,7 +25,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from capsctl._io import atomic_write_bytes
+from capsctl._script_args import check_counts
 from capsctl.bench.machine import machine
+from capsctl.errors import run_script
 
 VARIANTS = {"old": ["--recipe", "default-2026-11", "--curve-images", "0"], "new": []}
 
@@ -76,6 +79,7 @@ def main() -> int:
     )
     ap.add_argument("--first", type=int, default=0, help="index (and seed) of the first repeat")
     args = ap.parse_args()
+    check_counts(args, "repeats")
     runs: dict[str, list[dict[str, float]]] = {v: [] for v in VARIANTS}
     if args.runs is not None and args.runs.exists():
         for line in args.runs.read_text().splitlines():
@@ -116,9 +120,9 @@ def main() -> int:
         f"(median of the per-pair ratios) on {report['machine']['cpu']}"
     )
     if args.json:
-        args.json.write_text(json.dumps(report, indent=1) + "\n")
+        atomic_write_bytes(args.json, (json.dumps(report, indent=1) + "\n").encode())
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

@@ -16,14 +16,17 @@ import contextlib
 import io
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+from capsctl._script_args import check_counts
 from capsctl.backend import get_backend
 from capsctl.cli._predict import _Writer, class_names, collect_paths, run_predictions
 from capsctl.data.images import load_image
+from capsctl.errors import run_script
 from capsctl.model.shipped import shipped_model
 from capsctl.model.weights import load_model
 
@@ -36,6 +39,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=512)
     args = ap.parse_args()
+    check_counts(args, "rounds", "batch-size")
 
     spec, weights = load_model(args.model or shipped_model())
     runner = get_backend(args.backend).runner(spec, weights)
@@ -86,4 +90,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(main))

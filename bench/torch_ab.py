@@ -22,6 +22,9 @@ import subprocess
 import sys
 import time
 
+from capsctl._script_args import check_counts
+from capsctl.errors import run_script
+
 VARIANTS = ("tuned", "no-malloc", "omp-active", "threads-1", "old-routing", "fused-adam", "compile")
 
 
@@ -79,6 +82,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    check_counts(args, "rounds", "steps")
     if args.child:
         print(json.dumps(child(args.child, args.head, args.batch, args.steps, args.warmup)))
         return
@@ -125,4 +129,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(main))

@@ -38,3 +38,14 @@ def add_backend(ap: argparse.ArgumentParser) -> None:
     ap.add_argument(
         "--backend", default="torch", help="framework to run the model with: torch or keras (default: torch)"
     )
+
+
+def check_counts(args: argparse.Namespace, *names: str, least: int = 1) -> None:
+    """Refuse a count option under `least` in one line (`--rounds 0` was a StatisticsError traceback after
+    the work, `--batch-size 0` a loop that never ended)."""
+    from capsctl.errors import CapsctlError
+
+    for name in names:
+        value = getattr(args, name.replace("-", "_"))
+        if value is not None and value < least:
+            raise CapsctlError(f"--{name} must be at least {least}, got {value}")

@@ -336,3 +336,28 @@ def test_multimnist_errors_takes_its_curve_from_pair_runs_only(tmp_path, capsys,
     monkeypatch.setattr(sys, "argv", ["multimnist_errors", str(shipped_model()), "--runs", str(single)])
     assert run_script(tool.main) == 2
     assert "not a --compose overlap run" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("name", "argv", "words"), [
+    ("predict_vs_eval", ["{d}", "--rounds", "0"], "--rounds must be at least 1, got 0"),
+    ("predict_vs_eval", ["{d}", "--batch-size", "0"], "--batch-size must be at least 1"),
+    ("eval_pairs_overhead", ["--rounds", "0"], "--rounds must be at least 1"),
+    ("main_job", ["--repeats", "0"], "--repeats must be at least 1"),
+    ("torch_ab", ["--steps", "0"], "--steps must be at least 1"),
+    ("conv_layers", ["--frameworks", "torhc"], "torhc is not torch or tensorflow"),
+    ("conv_layers", ["--json", "{d}"], "a folder; give the path of a file"),
+    ("distributed_throughput", ["--nproc", "1"], "--nproc must be at least 2"),
+])
+def test_the_bench_scripts_refuse_bad_counts_in_one_line(tmp_path, capsys, monkeypatch, name, argv, words):
+    """`--rounds 0` was a StatisticsError traceback after the work, `--batch-size 0` a loop that never ended,
+    a misspelled framework ran TensorFlow and was reported as it."""
+    from capsctl.errors import run_script
+
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", TOOLS.parent / "bench" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(sys, "argv", [name, *(a.format(d=tmp_path) for a in argv)])
+    assert run_script(module.main) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and words in err, err
