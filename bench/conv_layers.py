@@ -19,10 +19,9 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 from capsctl._io import atomic_write_bytes
-from capsctl._script_args import check_counts
+from capsctl._script_args import check_counts, check_json_out
 from capsctl.errors import CapsctlError, run_script
 
 # (in channels, out channels, input side) of the seed trunk at 28x28: Conv64-Conv64-AvgPool2-Conv128-Conv128
@@ -167,8 +166,7 @@ def main() -> int:
     unknown = set(args.frameworks.split(",")) - {"torch", "tensorflow"}
     if unknown:  # (anything but torch ran TensorFlow, and was reported as it)
         raise CapsctlError(f"--frameworks: {', '.join(sorted(unknown))} is not torch or tensorflow")
-    if args.json and Path(args.json).is_dir():
-        raise CapsctlError(f"--json {args.json}: a folder; give the path of a file to write")
+    check_json_out(args.json)
     if args.child:
         child(args.child, args.batch, args.n)
         return 0

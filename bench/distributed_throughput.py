@@ -25,7 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from capsctl._script_args import check_counts
+from capsctl._io import atomic_write_bytes
+from capsctl._script_args import check_counts, check_json_out
 from capsctl.bench.machine import machine
 from capsctl.errors import run_script
 
@@ -117,6 +118,7 @@ def main() -> None:
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     check_counts(args, "nproc", least=2)
+    check_json_out(args.json)
     if args.worker:
         _allreduce_worker(args.worker)
         return
@@ -129,7 +131,7 @@ def main() -> None:
     result["allreduce"] = allreduce(args.backend, args.nproc)
     print(f"all-reduce of {PARAMS:,} float32 across {args.nproc} workers: {result['allreduce']}")
     if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+        atomic_write_bytes(args.json, json.dumps(result, indent=2).encode())
 
 
 if __name__ == "__main__":

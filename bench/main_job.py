@@ -26,9 +26,9 @@ import time
 from pathlib import Path
 
 from capsctl._io import atomic_write_bytes
-from capsctl._script_args import check_counts
+from capsctl._script_args import check_counts, check_json_out
 from capsctl.bench.machine import machine
-from capsctl.errors import run_script
+from capsctl.errors import CapsctlError, run_script
 
 VARIANTS = {"old": ["--recipe", "default-2026-11", "--curve-images", "0"], "new": []}
 
@@ -71,7 +71,7 @@ def one_run(variant: str, epochs: int | None, backend: str, seed: int) -> dict[s
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--epochs", type=int, help="the same epochs for both (default: each recipe's own)")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3, help="runs of each to add (0: summarise --runs)")
     ap.add_argument("--backend", default="torch")
     ap.add_argument("--json", type=Path)
     ap.add_argument(
@@ -79,7 +79,11 @@ def main() -> int:
     )
     ap.add_argument("--first", type=int, default=0, help="index (and seed) of the first repeat")
     args = ap.parse_args()
-    check_counts(args, "repeats")
+    check_counts(args, "repeats", least=0)
+    check_counts(args, "epochs")
+    check_json_out(args.json)
+    if args.repeats == 0 and (args.runs is None or not args.runs.is_file()):
+        raise CapsctlError("--repeats 0 only summarises earlier runs: give --runs FILE holding some")
     runs: dict[str, list[dict[str, float]]] = {v: [] for v in VARIANTS}
     if args.runs is not None and args.runs.exists():
         for line in args.runs.read_text().splitlines():

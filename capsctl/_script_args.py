@@ -49,3 +49,20 @@ def check_counts(args: argparse.Namespace, *names: str, least: int = 1) -> None:
         value = getattr(args, name.replace("-", "_"))
         if value is not None and value < least:
             raise CapsctlError(f"--{name} must be at least {least}, got {value}")
+
+
+def check_json_out(path: Any) -> None:
+    """Refuse a --json path that cannot be written, before the work (a benchmark of an hour found out at its
+    end): a folder, a missing folder, or something other than a regular file."""
+    import stat
+    from pathlib import Path
+
+    from capsctl.errors import CapsctlError
+
+    if path is None:
+        return
+    p = Path(path)
+    if not p.absolute().parent.is_dir():
+        raise CapsctlError(f"--json {p}: folder {p.absolute().parent} does not exist")
+    if p.exists() and not stat.S_ISREG(p.stat().st_mode):
+        raise CapsctlError(f"--json {p}: not a regular file; give the path of a file to write")

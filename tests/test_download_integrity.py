@@ -104,18 +104,23 @@ def test_two_processes_fetching_one_set_download_it_once(tmp_path, capsys):
     assert "waiting for another capsctl process downloading" in capsys.readouterr().err
 
 
-def test_a_download_draws_no_bar_under_quiet(tmp_path, capsys):
-    """`-q` said "no progress bars", but a first use's download drew one."""
-    from capsctl._console import set_quiet
+def test_a_download_draws_no_bar_under_quiet(tmp_path, monkeypatch):
+    """`-q` said "no progress bars", but a first use's download drew one (on a terminal, where a bar
+    disabled after it started was never stopped: redrawn on, the cursor left hidden)."""
+    import io
+
+    from rich.console import Console
+
+    from capsctl import _console
 
     info = _content_info(_serve_set(tmp_path / "srv"))
     name = datasets.FILES["train-images"] + ".gz"
-    with static_server(tmp_path / "srv") as url:
-        datasets.fetch(info, tmp_path / "loud", mirrors=[url])
-        assert name in capsys.readouterr().err  # (the bar, named by the file)
-        set_quiet(True)
-        try:
-            datasets.fetch(info, tmp_path / "quiet", mirrors=[url])
-        finally:
-            set_quiet(False)
-    assert name not in capsys.readouterr().err
+    for quiet, folder in ((False, "loud"), (True, "quiet")):
+        screen = io.StringIO()
+        monkeypatch.setattr(_console, "err", Console(file=screen, force_terminal=True, width=100))
+        monkeypatch.setattr(_console, "_quiet", quiet)
+        with static_server(tmp_path / "srv") as url:
+            datasets.fetch(info, tmp_path / folder, mirrors=[url])
+        drawn = screen.getvalue()
+        assert (name in drawn) != quiet, (quiet, drawn)
+        assert drawn.count("\x1b[?25l") == drawn.count("\x1b[?25h")  # the cursor shown again

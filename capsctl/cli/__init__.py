@@ -158,17 +158,17 @@ def _main(argv: list[str] | None) -> None:
     from capsctl.training._launcher_env import launched
 
     _TERMINATED.clear()
-    old_term = None
     # not in a rank of a job (it ends as before on SIGTERM, and its launcher says what stopped the job),
     # nor where the caller chose otherwise (a test harness, an embedding program); put back at the end
     main_thread = threading.current_thread() is threading.main_thread()
-    if main_thread and not launched() and signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
-        old_term = signal.signal(signal.SIGTERM, _terminated)
+    installed = main_thread and not launched() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    if installed:
+        signal.signal(signal.SIGTERM, _terminated)
     try:
         _run(args, debug)
     finally:
-        if old_term is not None:
-            signal.signal(signal.SIGTERM, old_term)
+        if installed:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _run(args: list[str], debug: bool) -> None:

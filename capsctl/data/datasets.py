@@ -257,8 +257,9 @@ def download_file(
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:
             total = int(resp.headers.get("Content-Length") or 0) or None
-            with open(part, "wb") as f, progress() as bar:
-                bar.disable = quiet()  # (-q: a first use's download drew its bar anyway)
+            bar = progress()
+            bar.disable = quiet()  # (-q: a first use's download drew its bar; set before the bar starts)
+            with open(part, "wb") as f, bar:
                 task = bar.add_task(dest.name, total=total)
                 while chunk := resp.read(1 << 16):
                     f.write(chunk)
