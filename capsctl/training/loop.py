@@ -100,7 +100,8 @@ class _StopFlag:
         import signal
 
         for signum, old in self._old.items():
-            signal.signal(signum, old)
+            if old is not None:  # (None: a handler not set from Python, which cannot be put back)
+                signal.signal(signum, old)
 
 
 def one_hot(y: np.ndarray, j: int) -> np.ndarray:
