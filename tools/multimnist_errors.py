@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from capsctl._io import atomic_write_bytes
-from capsctl._script_args import add_backend, add_data, add_model, test_images
+from capsctl._script_args import add_backend, add_data, add_model, check_json_out, test_images
 from capsctl.backend import get_backend
 from capsctl.data.composites import OVERLAP_SHIFT, alone, make_composites, overlay, set_matches
 from capsctl.errors import CapsctlError, run_script
@@ -81,11 +81,7 @@ def main() -> None:
             raise CapsctlError(f"--runs {run}: no metrics.jsonl there (not a run folder)")
         if not learning_curve(Path(run)):
             raise CapsctlError(f"--runs {run}: not a --compose overlap run (no epoch scored on pairs)")
-    folder = Path(args.json or ".").absolute().parent
-    if not folder.is_dir():  # said before the long scoring, not after it
-        raise CapsctlError(f"--json {args.json}: folder {folder} does not exist")
-    if args.json and Path(args.json).is_dir():
-        raise CapsctlError(f"--json {args.json}: a folder; give the path of a file to write")
+    check_json_out(args.json)  # said before the long scoring, not after it
 
     test = test_images(args)
     spec, weights = load_model(args.model)

@@ -116,8 +116,10 @@ def _trained_on_all(meta: dict[str, str], dataset: str) -> bool:
     `dataset`: no --holdout, --val-fraction or --limit."""
     import json
 
+    from capsctl.model.shipped import PROVENANCE_KEY
+
     try:
-        config = json.loads(meta.get("provenance", "{}")).get("config", {})
+        config = json.loads(meta.get(PROVENANCE_KEY, "{}")).get("config", {})
         return bool(
             config.get("dataset") == dataset
             and all(config.get(k) is None for k in ("holdout", "val_fraction", "limit"))
@@ -138,15 +140,15 @@ def _as_model_classes(
 
     from capsctl.data.datasets import Split
     from capsctl.errors import CapsctlError
-    from capsctl.model.spec import names_of
+    from capsctl.model.spec import names_of, numbered
 
     names = names_of(spec)
     if classes == names[: len(classes)]:
         return split  # (the labels already are the model's indices)
     unknown = [c for c in classes if c not in names]
-    numbered = classes == tuple(str(j) for j in range(len(classes)))
-    if unknown and (numbered or spec.class_names is None):  # scored by index: one side names no classes
-        if numbered and names == tuple(str(j) for j in range(len(names))):
+    unnamed = classes == numbered(len(classes))
+    if unknown and (unnamed or spec.class_names is None):  # scored by index: one side names no classes
+        if unnamed and names == numbered(len(names)):
             return split  # (neither has names: nothing to say)
         from capsctl._console import err
 
@@ -223,7 +225,7 @@ def eval_model(
     if json_out:
         typer.echo(json.dumps(result))
     else:
-        what = "test" if holdout is None and val_fraction is None else "held-out"
+        what = _split_fields(holdout, val_fraction)["split"]
         typer.echo(f"{model}: {what} accuracy {acc:.2%} on {len(y)} {dataset_name} images ({backend})")
         typer.echo(f"per class: {_per_class_line(per_class)}")
 
@@ -363,7 +365,7 @@ def eval_pairs(
 
     from capsctl._console import out
 
-    of = "" if holdout is None and val_fraction is None else " of held-out images"
+    of = "" if _split_fields(holdout, val_fraction)["split"] == "test" else " of held-out images"
     table = Table(title=f"{model} — {digits}-digit {layout} composites{of} ({dataset}, {backend})")
     table.add_column("composites", justify="right")
     table.add_column("accuracy", justify="right")

@@ -294,8 +294,6 @@ def train(
 
     _check_launch(nproc, port)
     if nproc is not None and spec_file is not None and not spec_file.is_file():
-        from capsctl.errors import CapsctlError
-
         # (each rank reads the command line's --spec again: a pipe is empty by then, `<(...)` closed)
         raise CapsctlError(
             f"--spec {spec_file}: not a regular file, and each rank of --nproc reads it again; save the "
@@ -703,9 +701,11 @@ def _run_rank(
                 f"--spec: background {spec.background!r}, but the training images are {seen}; leave the "
                 "field out (it follows the data)"
             )
-        numbered = classes == tuple(str(j) for j in range(len(classes)))  # (IDX, npz: labels, no names)
+        from capsctl.model.spec import numbered
+
+        unnamed = classes == numbered(len(classes))  # (IDX, npz: labels, no names)
         named = spec.class_names
-        if "class_names" in fixed and named is not None and not numbered and named != classes:
+        if "class_names" in fixed and named is not None and not unnamed and named != classes:
             # (the model learnt label j = the data's j-th class and called it the spec's j-th name; eval,
             # which matches classes by name, then scored against swapped labels or refused the data)
             from capsctl.errors import CapsctlError
@@ -716,7 +716,7 @@ def _run_rank(
             )
         follow = {k: v for k, v in follow.items() if k not in fixed}
         if "class_names" not in fixed and follow.get("num_classes", spec.num_classes) == len(classes):
-            follow["class_names"] = None if numbered else classes
+            follow["class_names"] = None if unnamed else classes
         if any(getattr(spec, k) != v for k, v in follow.items()):
             spec = spec.replace(**follow)
     size = tuple(int(n) for n in train_split.images.shape[1:3])

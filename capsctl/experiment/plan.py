@@ -8,7 +8,7 @@ from typing import Any
 
 from capsctl.choices import ABLATE_ROUTINGS, ABLATE_SQUASHES, ALL_TESTS, DATASETS
 from capsctl.choices import COMPOSITE_TESTS as COMPOSITE_TESTS  # (test name -> layout, digits)
-from capsctl.model.spec import HEADS, DecoderSpec, ModelSpec, default_recon_weight
+from capsctl.model.spec import HEADS, DecoderSpec, ModelSpec, default_recon_weight, numbered
 from capsctl.training.config import TrainConfig
 from capsctl.training.recipes import get_recipe
 
@@ -35,7 +35,7 @@ class DataFacts:
     def follow(self, spec: ModelSpec) -> ModelSpec:
         """`spec` with the channels, class count and names, and the decoder's image shape of the data
         (as `capsctl train` sets them, so a run it made is the same run)."""
-        names = None if self.classes == tuple(str(j) for j in range(len(self.classes))) else self.classes
+        names = None if self.classes == numbered(len(self.classes)) else self.classes
         changes: dict[str, Any] = {
             "in_channels": self.shape[2],
             "num_classes": len(self.classes),

@@ -326,11 +326,17 @@ def _names_from_json(names: Any) -> tuple[str, ...] | None:
     return tuple(names)
 
 
+def numbered(count: int) -> tuple[str, ...]:
+    """"0".."count-1": the names of classes that have none of their own (IDX files, an .npz without
+    class_names, a model trained on one)."""
+    return tuple(str(j) for j in range(count))
+
+
 def names_of(spec: ModelSpec) -> tuple[str, ...]:
     """The classes' names: the spec's class_names, else "0".."J-1"."""
     if spec.class_names is not None:
         return spec.class_names
-    return tuple(str(j) for j in range(spec.num_classes))
+    return numbered(spec.num_classes)
 
 
 def _layer_dict(layer: TrunkLayer) -> dict[str, Any]:
