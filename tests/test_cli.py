@@ -12,7 +12,7 @@ from ._helpers import assert_one_line_error, run_cli
 
 COMMANDS = (["train"], ["eval"], ["eval-pairs"], ["data", "list"], ["data", "fetch"], ["export"],
             ["import"], ["inspect"], ["predict"], ["bench"], ["experiment", "pairs"],
-            ["experiment", "ablate"], ["experiment", "report"])
+            ["experiment", "ablate"], ["experiment", "report"], ["experiment", "merge"])
 
 
 def test_every_command_is_registered_and_has_help(capsys):

@@ -468,7 +468,8 @@ def ablate(
 
 def report(
     folders: Annotated[
-        list[Path], typer.Argument(help="Result folders written by `experiment pairs` / `ablate`.")
+        list[Path],
+        typer.Argument(metavar="FOLDER", help="Result folders written by `experiment pairs` / `ablate`."),
     ],
     out: Annotated[Path, typer.Option(help="The Markdown file to write; plots are copied beside it.")] = Path(
         "docs/RESULTS.md"
@@ -497,9 +498,36 @@ def report(
     typer.echo(f"wrote {out}")
 
 
+def merge(
+    folders: Annotated[
+        list[Path],
+        typer.Argument(metavar="FOLDER", help="Result folders of one `experiment pairs`, other seeds."),
+    ],
+    out: Annotated[Path, typer.Option(help="The merged result folder to write (new, or an earlier merge).")],
+) -> None:
+    """Merge result folders that ran the same `experiment pairs` on different seeds into one.
+
+    For seeds run on several machines or processes, or a seed added later whose first runs are gone:
+    each model's scores are taken from its folder's results.json as they were (nothing is trained or
+    scored again) and the means over seeds are computed anew. Every setting but the seeds must be the
+    same, and each seed may come from one folder only. OUT gets results.json, results.md and the plots;
+    its results.json keeps each folder's command, machine and date (`experiment report` lists them).
+
+    Example: capsctl experiment merge out/pairs-s01 out/pairs-s2 --out out/pairs
+    """
+    from capsctl._console import out as console
+    from capsctl.experiment.merge import merge_results
+
+    merged = merge_results(folders, out)
+    console.print((out / "results.md").read_text().split("\n![")[0], markup=False, highlight=False,
+                  soft_wrap=True)
+    typer.echo(f"results: {out / 'results.json'} (seeds {', '.join(map(str, merged['seeds']))})")
+
+
 app.command("pairs")(pairs)
 app.command("ablate")(ablate)
 app.command("report")(report)
+app.command("merge")(merge)
 
 
 def _for_arch(

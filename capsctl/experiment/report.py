@@ -52,6 +52,8 @@ def _copy_plots(folder: Path, dest: Path, doc_dir: Path) -> list[str]:
 
 
 def _wall(r: dict[str, Any]) -> str:
+    if r.get("merged_from"):  # (its wall time is no one invocation's)
+        return f"; merged from {len(r['merged_from'])} result folders (below)"
     # an invocation that only re-tabulated finished models says nothing about the experiment's time
     models = r.get("models") or []  # (an ablation records no per-model status: its time is its own)
     if not models or any(m.get("status") != "skipped" for m in models):
@@ -62,14 +64,33 @@ def _wall(r: dict[str, Any]) -> str:
 def _timing(r: dict[str, Any]) -> str:
     m = r.get("machine", {})
     load = m.get("loadavg", ["?"])[0]
-    return (
+    time_of = (
         f"Time: {duration(r['compute_seconds'])} of training and scoring summed over its models (each "
         "model's own "
-        f"measured seconds, so it holds even when an invocation resumed or skipped models){_wall(r)}. "
-        f"Machine: {m.get('cores', '?')} cores ({m.get('cpu', '?')}), "
+        f"measured seconds, so it holds even when an invocation resumed or skipped models){_wall(r)}."
+    )
+    if r.get("merged_from"):  # (one machine line per part, below)
+        return time_of
+    return (
+        f"{time_of} Machine: {m.get('cores', '?')} cores ({m.get('cpu', '?')}), "
         f"{r.get('backend_info', r['backend'])}, shared with other jobs (1-minute load average {load} at the "
         "start)."
     )
+
+
+def _merged_from(r: dict[str, Any]) -> list[str]:
+    """Where a merged folder's seeds ran: each part's command, machine and date."""
+    if not r.get("merged_from"):
+        return []
+    lines = [f"Merged by `capsctl experiment merge` from {len(r['merged_from'])} result folders:\n"]
+    for p in r["merged_from"]:
+        m = p.get("machine", {})
+        seeds = ", ".join(map(str, p["seeds"]))
+        lines.append(
+            f"- seed{'s' if len(p['seeds']) > 1 else ''} {seeds}: {m.get('cores', '?')} cores "
+            f"({m.get('cpu', '?')}), {p['backend_info']}, {p['created']}: `{p['command']}`"
+        )
+    return ["\n".join(lines) + "\n"]
 
 
 def _pairs_section(folder: Path, r: dict[str, Any], doc_dir: Path) -> str:
@@ -78,6 +99,7 @@ def _pairs_section(folder: Path, r: dict[str, Any], doc_dir: Path) -> str:
         *([missing_note(r).strip() + "\n"] if r.get("missing") else []),
         f"Command (result folder `{folder.name}`):\n\n```\n{r['command']}\n```\n",
         _timing(r) + "\n",
+        *_merged_from(r),
     ]
     # reference numbers are test-set numbers: beside held-out scores they would mislead
     if not r.get("holdout"):
