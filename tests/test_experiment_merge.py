@@ -72,6 +72,9 @@ def test_merged_seeds_give_the_means_of_one_run_of_all_seeds(tmp_path: Path, cap
     assert "Merged by `capsctl experiment merge` from 2 result folders" in text
     assert "seeds 0, 2: 2 cores" in text and "seed 1: 4 cores (Other CPU)" in text
     assert "last invocation" not in text  # (no one invocation's wall time)
+    assert "Equivalent command (not run as one" in text
+    assert "with all three seeds" not in text  # (a merge's runs lie in its parts: nothing to rerun there)
+    assert "Merged by `capsctl experiment merge`" in (tmp_path / "m" / "results.md").read_text()
 
 
 def test_a_merge_of_a_merge_keeps_every_part(tmp_path: Path, capsys) -> None:
@@ -123,8 +126,13 @@ def test_bad_out_and_too_few_folders_are_refused(tmp_path: Path, capsys) -> None
     b = _cut("mnist5k-torch-default", [1], tmp_path / "b")
     other = _cut("mnist5k-torch-default", [2], tmp_path / "other")
     before = (other / "results.json").read_bytes()
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "runs").mkdir()
     for args, needles in (
         ([str(a), "--out", str(tmp_path / "m")], ("at least two",)),
+        ([str(a), str(b), "--out", str(tmp_path / "afile")], ("is a file",)),
+        ([str(a), str(b), "--out", str(tmp_path / "busy")], ("not empty",)),
         ([str(a), str(b), "--out", str(a)], ("one of the folders merged",)),
         ([str(a), str(b), "--out", str(other)], ("holds the results of an experiment", "new folder")),
         ([str(a), str(tmp_path / "none"), "--out", str(tmp_path / "m")], ("results.json", "not found")),
@@ -132,3 +140,80 @@ def test_bad_out_and_too_few_folders_are_refused(tmp_path: Path, capsys) -> None
         code, out, err = run_cli(["experiment", "merge", *args], capsys)
         assert_one_line_error(code, out, err, *needles)
     assert (other / "results.json").read_bytes() == before and not (tmp_path / "m").exists()
+
+
+def test_a_seed_one_folder_left_unfinished_is_taken_from_the_folder_that_finished_it(tmp_path: Path,
+                                                                                     capsys) -> None:
+    whole = json.loads((PUBLISHED / "mnist5k-torch-default" / "results.json").read_text())
+    a = _cut("mnist5k-torch-default", [0, 1], tmp_path / "a", missing=[whole["models"][2]["run"]])
+    b = _cut("mnist5k-torch-default", [2], tmp_path / "b", heads=["capsule"])
+    code, _, err = run_cli(["experiment", "merge", str(a), str(b), "--out", str(tmp_path / "m")], capsys)
+    assert code == 0, err
+    merged = json.loads((tmp_path / "m" / "results.json").read_text())
+    assert merged["seeds"] == [0, 1, 2] and merged["missing"] == []
+
+
+def test_models_trained_with_other_settings_under_one_recipe_name_are_refused(tmp_path: Path, capsys) -> None:
+    # (`default` meant batch 128 and 30 epochs before 2026-11-29: results.json says `default` both times)
+    a = _cut("mnist5k-torch-default", [0], tmp_path / "a")
+    b = _cut("mnist5k-torch-default", [1], tmp_path / "b")
+    r = json.loads((b / "results.json").read_text())
+    r["models"][0]["config"]["batch_size"] = 128
+    (b / "results.json").write_text(json.dumps(r))
+    code, out, err = run_cli(["experiment", "merge", str(a), str(b), "--out", str(tmp_path / "m")], capsys)
+    assert_one_line_error(code, out, err, "capsule model of seed 1", "config.batch_size", "only the seeds")
+
+
+@pytest.mark.parametrize("damage", ["heads", "machine", "created", "model-run", "model-curve", "merged_from"])
+def test_damaged_results_are_one_line_and_leave_no_output(tmp_path: Path, capsys, damage) -> None:
+    a = _cut("mnist5k-torch-default", [0], tmp_path / "a")
+    b = _cut("mnist5k-torch-default", [1], tmp_path / "b")
+    r = json.loads((b / "results.json").read_text())
+    if damage.startswith("model-"):
+        del r["models"][0][damage.removeprefix("model-")]
+    elif damage == "merged_from":
+        r["merged_from"] = [{"seeds": [1]}]
+    else:
+        del r[damage]
+    (b / "results.json").write_text(json.dumps(r))
+    code, out, err = run_cli(["experiment", "merge", str(a), str(b), "--out", str(tmp_path / "m")], capsys)
+    if damage in ("machine", "created"):  # (optional: the part is recorded without them)
+        assert code == 0, err
+        return
+    assert_one_line_error(code, out, err, "damaged results file")
+    assert not (tmp_path / "m").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
+
+
+def test_a_failure_while_writing_leaves_out_as_it_was(tmp_path: Path, capsys, monkeypatch) -> None:
+    from capsctl.experiment import plots
+
+    parts = [_cut("mnist5k-torch-default", [s], tmp_path / f"s{s}") for s in (0, 1, 2)]
+    out = ["--out", str(tmp_path / "m")]
+    assert run_cli(["experiment", "merge", *map(str, parts[:2]), *out], capsys)[0] == 0
+    before = {f.name: f.read_bytes() for f in (tmp_path / "m").iterdir()}
+    merge = ["experiment", "merge", *map(str, parts), *out]  # (a merge of three seeds in place of two)
+
+    def broken(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(plots, "pairs_plots", broken)
+    code, _, err = run_cli(merge, capsys)
+    assert code == 1 and err.strip() == "error: No space left on device"  # (the machine's fault: not 2)
+    assert {f.name: f.read_bytes() for f in (tmp_path / "m").iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "s0", "s1", "s2"]  # (no staging folder left)
+
+
+def test_run_paths_follow_a_linked_folder_to_where_it_lies(tmp_path: Path, capsys) -> None:
+    deep = tmp_path / "deep"
+    parts = [_cut("mnist5k-torch-default", [s], deep / f"s{s}") for s in (0, 1)]
+    assert run_cli(["experiment", "merge", *map(str, parts), "--out", str(deep / "m01")], capsys)[0] == 0
+    (tmp_path / "link").symlink_to(deep / "m01")
+    s2 = _cut("mnist5k-torch-default", [2], tmp_path / "s2")
+    code, _, err = run_cli(["experiment", "merge", str(tmp_path / "link"), str(s2), "--out",
+                            str(tmp_path / "all")], capsys)
+    assert code == 0, err
+    merged = json.loads((tmp_path / "all" / "results.json").read_text())
+    assert merged["models"][0]["run"].startswith(str(Path("..") / "deep" / "s0"))
+    assert [p["folder"] for p in merged["merged_from"]] == [
+        str(Path("..") / "deep" / "s0"), str(Path("..") / "deep" / "s1"), str(Path("..") / "s2")]

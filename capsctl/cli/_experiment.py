@@ -510,8 +510,11 @@ def merge(
     For seeds run on several machines or processes, or a seed added later whose first runs are gone:
     each model's scores are taken from its folder's results.json as they were (nothing is trained or
     scored again) and the means over seeds are computed anew. Every setting but the seeds must be the
-    same, and each seed may come from one folder only. OUT gets results.json, results.md and the plots;
-    its results.json keeps each folder's command, machine and date (`experiment report` lists them).
+    same (the experiment's, and each model's as it trained: a recipe's name has meant other settings over
+    time), and each model may come from one folder only; a run one folder left unfinished may come from
+    another. OUT (new, empty, or an earlier merge) gets results.json, results.md and the plots, all or
+    none; its results.json keeps each folder's command, machine and date, and `experiment report` lists
+    them under the merged command, which is their equivalent, never run as one.
 
     Example: capsctl experiment merge out/pairs-s01 out/pairs-s2 --out out/pairs
     """

@@ -7,12 +7,14 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from capsctl.errors import CapsctlError
-from capsctl.experiment.results import load_results, write_results
+from capsctl.experiment.results import DAMAGE, load_results, write_results
 from capsctl.experiment.scoring import summarize
 
 # what may differ between the merged folders: the seeds and their models, and where and when they ran;
@@ -21,6 +23,8 @@ PER_FOLDER = frozenset(
     {
         "command",
         "seeds",
+        "heads",  # (compared as a set: the order is the command's)
+        "tests",  # (likewise)
         "models",
         "missing",
         "summary",
@@ -32,15 +36,13 @@ PER_FOLDER = frozenset(
         "merged_from",
     }
 )
-
-
+# what may differ between two models of one head: their seed and where their data lay
+PER_MODEL_CONFIG = frozenset({"seed", "data_dir"})
+# what a model's record needs for the merged tables and plots
+MODEL_FIELDS = ("head", "seed", "run", "status", "spec", "config", "parameters", "epochs", "train_seconds",
+                "images_per_s", "score_seconds", "curve", "tests")
 # what results.json files written before a field existed meant by its absence (or null)
 ABSENT_MEANT = {"arch": "seed", "decoder": False}
-
-
-def _get(results: dict[str, Any], key: str) -> Any:
-    value = results.get(key)
-    return ABSENT_MEANT.get(key) if value is None else value
 
 
 def merge_results(folders: Sequence[Path], out: Path) -> dict[str, Any]:
@@ -51,58 +53,79 @@ def merge_results(folders: Sequence[Path], out: Path) -> dict[str, Any]:
     if any(os.path.realpath(f) == out_real for f in folders):
         raise CapsctlError(f"--out {out}: is one of the folders merged; give a new folder")
     _check_out(out)
-    loaded = [(f, load_results(f)) for f in folders]
-    first_folder, first = loaded[0]
-    for folder, r in loaded:
-        if r["kind"] != "pairs":
-            raise CapsctlError(f"{folder}: holds an ablation; merge takes the results of `experiment pairs`")
-        keys = (set(first) | set(r)) - PER_FOLDER
-        differ = sorted(k for k in keys if _get(first, k) != _get(r, k))
-        if differ:
-            key = differ[0]
-            raise CapsctlError(
-                f"{folder}: not the same experiment as {first_folder} ({key}: {_get(r, key)!r} against "
-                f"{_get(first, key)!r}); only the seeds may differ"
-            )
-    seeds: list[int] = []
-    for folder, r in loaded:
-        again = sorted(set(r["seeds"]) & set(seeds))
-        if again:
-            raise CapsctlError(f"{folder}: seed {again[0]} is in another folder too; merge each seed once")
-        seeds += r["seeds"]
+    loaded = [(Path(os.path.realpath(f)), f, load_results(f)) for f in folders]
+    for _, folder, r in loaded:
+        _check_fields(folder, r)
+    _, first_folder, first = loaded[0]
+    for _, folder, r in loaded[1:]:
+        _check_same(first_folder, first, folder, r)
+    taken: dict[tuple[int, str], Path] = {}
+    for _, folder, r in loaded:
+        for m in r["models"]:
+            if (m["seed"], m["head"]) in taken:
+                raise CapsctlError(
+                    f"{folder}: seed {m['seed']} ({m['head']}) is in {taken[m['seed'], m['head']]} too; "
+                    "merge each model once"
+                )
+            taken[m["seed"], m["head"]] = folder
     heads = first["heads"]
     models = [
-        {**m, "run": os.path.relpath(folder / m["run"], out)}
-        for folder, r in loaded
-        for m in r["models"]
+        {**m, "run": os.path.relpath(real / m["run"], out_real)} for real, _, r in loaded for m in r["models"]
     ]
     models.sort(key=lambda m: (m["seed"], heads.index(m["head"])))  # (as one run of all the seeds lists them)
-    missing = [os.path.relpath(folder / p, out) for folder, r in loaded for p in r["missing"]]
+    seeds = sorted({m["seed"] for m in models})
+    finished = {Path(m["run"]).name for m in models}
+    # a run one folder left unfinished that another finished is not missing from the merge
+    missing = [
+        os.path.relpath(real / p, out_real)
+        for real, _, r in loaded
+        for p in r["missing"]
+        if Path(p).name not in finished
+    ]
+    parts = [part for real, folder, r in loaded for part in _parts(real, folder, r, out_real)]
     merged = {
         **first,
-        "command": _command_for(first["command"], sorted(seeds), out),
-        "seeds": sorted(seeds),
+        "command": _command_for(first["command"], seeds, out),
+        "seeds": seeds,
         "models": models,
         "missing": missing,
         "summary": summarize(models, first["tests"]),
-        "backend_info": _joined(r["backend_info"] for _, r in loaded),
-        "compute_seconds": sum(r["compute_seconds"] for _, r in loaded),
-        "wall_seconds": sum(r["wall_seconds"] for _, r in loaded),
-        "machine": _machine([r["machine"] for _, r in loaded]),
-        "created": max(r["created"] for _, r in loaded),
+        "backend_info": _joined(str(p["backend_info"]) for p in parts),
+        "compute_seconds": sum(m["train_seconds"] + m["score_seconds"] for m in models),
+        "wall_seconds": None,  # (the parts may have run at once, on several machines: no one wall time)
+        "machine": _machine([p["machine"] for p in parts]),
+        "created": max(str(p["created"]) for p in parts),
         # each folder as it was: its own command, seeds, machine and date (a merged one's parts, flat)
-        "merged_from": [part for folder, r in loaded for part in _parts(folder, r, out)],
+        "merged_from": parts,
     }
-    out.mkdir(parents=True, exist_ok=True)
-    write_results(out, merged)
+    _write(out, merged)
     return merged
 
 
+def _write(out: Path, merged: dict[str, Any]) -> None:
+    """results.json, results.md and plots made in a folder beside OUT, then moved in: a merge that fails
+    (or is interrupted) leaves OUT as it was."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".merging", dir=out.parent))
+    try:
+        write_results(staging, merged)
+        out.mkdir(exist_ok=True)
+        files = sorted(staging.iterdir(), key=lambda f: f.name == "results.json")  # (results.json last)
+        for f in files:
+            os.replace(f, out / f.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def _check_out(out: Path) -> None:
-    """OUT may be new, empty, or hold an earlier merge (rewritten); never another experiment's results."""
+    """OUT may be new, empty, or hold an earlier merge (rewritten); never another experiment's folder."""
+    if out.exists() and not out.is_dir():
+        raise CapsctlError(f"--out {out}: is a file, not a folder")
     try:
         held = json.loads((out / "results.json").read_text())
     except FileNotFoundError:
+        if out.is_dir() and any(out.iterdir()):
+            raise CapsctlError(f"--out {out}: is not empty; give a new folder") from None
         return
     except (OSError, ValueError, RecursionError):
         raise CapsctlError(f"--out {out}: holds an unreadable results.json; give a new folder") from None
@@ -110,8 +133,68 @@ def _check_out(out: Path) -> None:
         raise CapsctlError(f"--out {out}: holds the results of an experiment; give a new folder")
 
 
+def _check_fields(folder: Path, r: dict[str, Any]) -> None:
+    """What the merge reads beyond what `load_results` checked: named with its file, never a traceback."""
+    where = folder / "results.json"
+    if r["kind"] != "pairs":
+        raise CapsctlError(f"{folder}: holds an ablation; merge takes the results of `experiment pairs`")
+    for key in ("command", "heads", "tests", "models", "missing"):
+        if not isinstance(r.get(key), str if key == "command" else list):
+            raise CapsctlError(f"{where}: damaged results file (its '{key}' is missing or of the wrong type)")
+    for m in r["models"]:
+        gone = [k for k in MODEL_FIELDS if not isinstance(m, dict) or k not in m]
+        if gone or not isinstance(m["config"], dict) or m["head"] not in r["heads"]:
+            what = f"without '{gone[0]}'" if gone else "of the wrong form"
+            raise CapsctlError(f"{where}: damaged results file (a model record {what})")
+    try:  # (the parts as the merged file records them, with their own sums)
+        summarize(r["models"], r["tests"])
+        shlex.split(r["command"])
+    except DAMAGE as e:
+        raise CapsctlError(f"{where}: damaged results file ({type(e).__name__}: {e})") from None
+
+
+def _check_same(first_folder: Path, first: dict[str, Any], folder: Path, r: dict[str, Any]) -> None:
+    """Every setting but the seeds: the experiment's fields, and each head's model and training config
+    (a recipe's name has meant other settings over time: the config says what each model trained with)."""
+    keys = (set(first) | set(r)) - PER_FOLDER
+    sets = {k: (sorted(first[k]), sorted(r[k])) for k in ("heads", "tests")}
+    differ = [k for k in keys if _get(first, k) != _get(r, k)] + [k for k, (a, b) in sets.items() if a != b]
+    differ.sort()
+    if differ:
+        key = differ[0]
+        raise CapsctlError(
+            f"{folder}: not the same experiment as {first_folder} ({key}: {_get(r, key)!r} against "
+            f"{_get(first, key)!r}); only the seeds may differ"
+        )
+    ours = {m["head"]: m for m in first["models"]}
+    for m in r["models"]:
+        theirs = ours.get(m["head"])
+        if theirs is None:
+            continue  # (no model of that head finished there: nothing to compare against)
+        for key in ("spec", "parameters", "epochs", "config"):
+            a, b = _settings(theirs, key), _settings(m, key)
+            if a != b:
+                field = key if key != "config" else "config." + next(k for k in sorted(set(a) | set(b))
+                                                                     if a.get(k) != b.get(k))
+                raise CapsctlError(
+                    f"{folder}: its {m['head']} model of seed {m['seed']} trained otherwise than those of "
+                    f"{first_folder} ({field} differs); only the seeds may differ"
+                )
+
+
+def _settings(model: dict[str, Any], key: str) -> Any:
+    value = model[key]
+    return {k: v for k, v in value.items() if k not in PER_MODEL_CONFIG} if key == "config" else value
+
+
+def _get(results: dict[str, Any], key: str) -> Any:
+    value = results.get(key)
+    return ABSENT_MEANT.get(key) if value is None else value
+
+
 def _command_for(command: str, seeds: list[int], out: Path) -> str:
-    """The one `experiment pairs` command that would run every merged seed into OUT."""
+    """The one `experiment pairs` command that would run every merged seed into OUT (not run as one:
+    `experiment report` shows it as equivalent, beside each part's own)."""
     words = [w for w in shlex.split(command) if w != "--no-train"]
     for flag, value in (("--seeds", ",".join(map(str, seeds))), ("--out", str(out))):
         if flag in words:
@@ -125,25 +208,31 @@ def _joined(values: Any) -> str:
     return "; ".join(dict.fromkeys(values))  # (each once, in order)
 
 
-def _machine(machines: list[dict[str, Any]]) -> dict[str, Any]:
-    """One machine record: the CPUs and core counts, each named once; the first folder's load."""
-    merged = dict(machines[0])
+def _machine(machines: list[Any]) -> dict[str, Any]:
+    """One machine record: the CPUs and core counts of the parts, each named once (no load: the parts
+    ran at other times)."""
+    dicts = [m if isinstance(m, dict) else {} for m in machines]
+    merged = {k: v for k, v in dicts[0].items() if not k.startswith("loadavg")}
     for key in ("cpu", "cores"):
-        if any(m.get(key) != merged.get(key) for m in machines):
-            merged[key] = _joined(str(m.get(key, "?")) for m in machines)
+        if any(m.get(key) != merged.get(key) for m in dicts):
+            merged[key] = _joined(str(m.get(key, "?")) for m in dicts)
     return merged
 
 
-def _parts(folder: Path, r: dict[str, Any], out: Path) -> list[dict[str, Any]]:
-    if r.get("merged_from"):  # (paths were relative to that merge's folder)
-        return [{**p, "folder": os.path.relpath(folder / p["folder"], out)} for p in r["merged_from"]]
+def _parts(real: Path, folder: Path, r: dict[str, Any], out_real: str) -> list[dict[str, Any]]:
+    if "merged_from" in r:  # (its paths were relative to that merge's folder)
+        parts = r["merged_from"]
+        if not (isinstance(parts, list) and all(isinstance(p, dict) and isinstance(p.get("folder"), str)
+                                                and isinstance(p.get("seeds"), list) for p in parts)):
+            raise CapsctlError(f"{folder / 'results.json'}: damaged results file (its 'merged_from')")
+        return [{**p, "folder": os.path.relpath(real / p["folder"], out_real)} for p in parts]
     return [
         {
-            "folder": os.path.relpath(folder, out),
+            "folder": os.path.relpath(real, out_real),
             "command": r["command"],
-            "seeds": r["seeds"],
-            "backend_info": r["backend_info"],
-            "machine": r["machine"],
-            "created": r["created"],
+            "seeds": sorted({m["seed"] for m in r["models"]}),
+            "backend_info": r.get("backend_info", r["backend"]),
+            "machine": r.get("machine", {}),
+            "created": r.get("created", "?"),
         }
     ]

@@ -78,6 +78,12 @@ def _timing(r: dict[str, Any]) -> str:
     )
 
 
+def _command_title(r: dict[str, Any]) -> str:
+    # a merge's command was never run as one: its numbers come from its parts' commands, listed below it
+    return "Equivalent command (not run as one: the commands of its parts are below)" if r.get(
+        "merged_from") else "Command"
+
+
 def _merged_from(r: dict[str, Any]) -> list[str]:
     """Where a merged folder's seeds ran: each part's command, machine and date."""
     if not r.get("merged_from"):
@@ -97,7 +103,7 @@ def _pairs_section(folder: Path, r: dict[str, Any], doc_dir: Path) -> str:
     parts = [
         f"### {describe_pairs(r)}\n",
         *([missing_note(r).strip() + "\n"] if r.get("missing") else []),
-        f"Command (result folder `{folder.name}`):\n\n```\n{r['command']}\n```\n",
+        f"{_command_title(r)} (result folder `{folder.name}`):\n\n```\n{r['command']}\n```\n",
         _timing(r) + "\n",
         *_merged_from(r),
     ]
@@ -247,7 +253,7 @@ def _not_run(items: list[tuple[Path, dict[str, Any]]]) -> str:
     }
     lines = []
     for folder, r in items:
-        if r["kind"] == "pairs" and (
+        if r["kind"] == "pairs" and not r.get("merged_from") and (  # (a merge's runs lie in its parts)
             r.get("missing") or (not r["overrides"] and not r.get("holdout") and len(r["seeds"]) < 3)
         ):
             cmd = [c for c in shlex.split(r["command"]) if c != "--no-train"]

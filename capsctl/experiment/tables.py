@@ -75,6 +75,17 @@ def missing_note(r: dict[str, Any]) -> str:
     return f" Not finished, so left out: {', '.join(missing)}." if missing else ""
 
 
+def merged_note(r: dict[str, Any]) -> str:
+    parts = r.get("merged_from") or []
+    if not parts:
+        return ""
+    each = "; ".join(f"seeds {', '.join(map(str, p['seeds']))} by `{p['command']}`" for p in parts)
+    return (
+        f" Merged by `capsctl experiment merge` from {len(parts)} result folders ({each}); the command below "
+        "is their equivalent, not run as one."
+    )
+
+
 def pairs_headline(r: dict[str, Any]) -> str:
     """One row per head, one column per test: 'accuracy / confident' as mean ± std."""
     tests = r["tests"]
@@ -238,7 +249,8 @@ def pairs_markdown(r: dict[str, Any]) -> str:
         "confident = the k-th highest score is above 0.5."
     )
     return (
-        f"# Paired-digit experiment\n\n{describe_pairs(r)}.{missing_note(r)}\n\n`{r['command']}`\n\n"
+        f"# Paired-digit experiment\n\n{describe_pairs(r)}.{missing_note(r)}{merged_note(r)}\n\n"
+        f"`{r['command']}`\n\n"
         f"{pairs_headline(r)}\n{note}\n\n{_then(decoder_effect(r))}{pairs_long(r)}\n{pairs_cost(r)}\n"
         f"Per seed:\n\n{pairs_per_seed(r)}"
     )
