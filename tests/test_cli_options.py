@@ -286,3 +286,51 @@ def test_train_suggests_next_a_command_the_model_can_run():
     assert _next_command(preset("efficient"), None) == "eval"
     assert _next_command(preset("efficient-multimnist"), "overlap") == "eval-pairs --layout overlap"
     assert _next_command(ModelSpec(num_classes=1), None) == "eval"
+
+
+# -- --help states each setting's range, and the range it states is the one enforced ----------------------
+
+RANGED = [  # (command, option, what its help says, a value just outside it)
+    (["train"], "--epochs", "at least 1", "0"),
+    (["train"], "--batch-size", "1–65536", "65537"),
+    (["train"], "--lr", "0 < LR ≤ 10", "10.5"),
+    (["train"], "--shift", "0–14 px", "15"),
+    (["train"], "--scale", "0–0.5", "0.51"),
+    (["train"], "--weight-decay", "0 ≤ WD < 1", "1"),
+    (["train"], "--recon-weight", "0–1000", "1001"),
+    (["train"], "--routings", "1–100", "101"),
+    (["experiment", "pairs"], "--epochs", "1–10000", "10001"),
+    (["experiment", "pairs"], "--batch-size", "1–65536", "65537"),
+    (["experiment", "pairs"], "--lr", "0 < LR ≤ 10", "0"),
+    (["experiment", "pairs"], "--shift", "0–14 px", "-1"),
+    (["experiment", "pairs"], "--routings", "1–100", "0"),
+    (["experiment", "ablate"], "--epochs", "1–10000", "0"),
+    (["experiment", "ablate"], "--shift", "0–14 px", "15"),
+    (["inspect"], "--routings", "1–100", "101"),
+]
+
+
+@pytest.mark.parametrize(("command", "option", "said", "outside"), RANGED)
+def test_help_states_the_range_that_is_enforced(tmp_path, capsys, command, option, said, outside):
+    import typer.main
+
+    from capsctl.cli import app
+
+    group = typer.main.get_command(app)
+    cmd = group
+    for name in command:
+        cmd = cmd.commands[name]  # type: ignore[attr-defined]
+    param = next(p for p in cmd.params if option in p.opts)
+    assert f"({said})" in param.help or f"; {said})" in param.help, param.help
+    if command == ["inspect"]:
+        from PIL import Image
+
+        from capsctl.model.shipped import shipped_model
+
+        Image.new("L", (28, 28)).save(tmp_path / "d.png")
+        args = [shipped_model(), tmp_path / "d.png", "--out", tmp_path / "o"]
+    else:
+        args = ["--out", tmp_path / "o"]
+    code, out, err = run_cli([*command, option, outside, *args], capsys)
+    assert_one_line_error(code, out, err, option)
+    assert not (tmp_path / "o").exists()

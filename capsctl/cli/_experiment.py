@@ -33,6 +33,7 @@ from capsctl.cli._options import (
     renamed,
     val_fraction_option,
 )
+from capsctl.training.config import RANGE_TEXT
 
 app = typer.Typer(
     help="Reproduce the paired-digit result and its ablations; tables, plots and docs/RESULTS.md.",
@@ -105,10 +106,17 @@ def _value(choice: str | None) -> str | None:
 
 # the same override on both experiments
 ShiftOpt = Annotated[
-    int | None, typer.Option(help="Override the recipe's ±pixel shift augmentation.", rich_help_panel=RECIPE)
+    int | None,
+    typer.Option(
+        help=f"Override the recipe's ±pixel shift augmentation ({RANGE_TEXT['shift']}).",
+        rich_help_panel=RECIPE,
+    ),
 ]
 BatchSizeOverrideOpt = Annotated[
-    int | None, typer.Option(help="Override the recipe's images per step.", rich_help_panel=RECIPE)
+    int | None,
+    typer.Option(
+        help=f"Override the recipe's images per step ({RANGE_TEXT['batch_size']}).", rich_help_panel=RECIPE
+    ),
 ]
 
 
@@ -134,11 +142,16 @@ def pairs(
     seeds: Annotated[list[str], ints_option("--seeds", help="Training seeds.", panel=RECIPE)] = _SEEDS,
     epochs: Annotated[
         int | None,
-        typer.Option(help="Epochs for both heads.", show_default="recipe's", rich_help_panel=RECIPE),
+        typer.Option(
+            help="Epochs for both heads (1–10000).", show_default="recipe's", rich_help_panel=RECIPE
+        ),
     ] = None,
     batch_size: BatchSizeOverrideOpt = None,
     lr: Annotated[
-        float | None, typer.Option(help="Override the recipe's (peak) learning rate.", rich_help_panel=RECIPE)
+        float | None,
+        typer.Option(
+            help=f"Override the recipe's (peak) learning rate ({RANGE_TEXT['lr']}).", rich_help_panel=RECIPE
+        ),
     ] = None,
     schedule: Annotated[
         Schedule | None, typer.Option(help="Override the recipe's schedule.", rich_help_panel=RECIPE)
@@ -147,11 +160,15 @@ def pairs(
     scale: Annotated[
         float | None,
         typer.Option(
-            help="Override the recipe's zoom augmentation (factor 1 ± SCALE).", rich_help_panel=RECIPE
+            help=f"Override the recipe's zoom augmentation (factor 1 ± SCALE; {RANGE_TEXT['scale']}).",
+            rich_help_panel=RECIPE,
         ),
     ] = None,
     weight_decay: Annotated[
-        float | None, typer.Option(help="Override the recipe's weight decay.", rich_help_panel=RECIPE)
+        float | None,
+        typer.Option(
+            help=f"Override the recipe's weight decay ({RANGE_TEXT['weight_decay']}).", rich_help_panel=RECIPE
+        ),
     ] = None,
     heads: Annotated[list[str], names_option(Head, "--heads", help="Heads to train.", panel=MODEL)] = _HEADS,
     arch: ArchOpt = "seed",
@@ -186,7 +203,7 @@ def pairs(
     routings: Annotated[
         int | None,
         typer.Option(
-            help="Capsule routing iterations.",
+            help="Capsule routing iterations (1–100).",
             show_default="the --arch preset's; seed: 3",
             rich_help_panel=MODEL,
         ),
@@ -338,8 +355,9 @@ def pairs(
     set_quiet(quiet)  # (the data loaders' own bars too)
     run_pairs(plan, out, show_progress=not quiet, planned=_say(note))
     # (soft_wrap: the Markdown tables' rows are printed whole, never cut at the console's width)
-    console.print((out / "results.md").read_text().split("\n![")[0], markup=False, highlight=False,
-                  soft_wrap=True)
+    console.print(
+        (out / "results.md").read_text().split("\n![")[0], markup=False, highlight=False, soft_wrap=True
+    )
     typer.echo(f"results: {out / 'results.json'}")
 
 
@@ -352,7 +370,8 @@ def ablate(
     recipe: RecipeOpt = "default",
     seed: Annotated[int, typer.Option(help="Training seed.", rich_help_panel=RECIPE)] = 0,
     epochs: Annotated[
-        int | None, typer.Option(help="Epochs per model.", show_default="recipe's", rich_help_panel=RECIPE)
+        int | None,
+        typer.Option(help="Epochs per model (1–10000).", show_default="recipe's", rich_help_panel=RECIPE),
     ] = None,
     shift: ShiftOpt = None,
     routing: Annotated[
@@ -461,8 +480,9 @@ def ablate(
     set_quiet(quiet)  # (the data loaders' own bars too)
     run_ablate(plan, out, show_progress=not quiet, planned=_say(note))
     # (soft_wrap: the Markdown tables' rows are printed whole, never cut at the console's width)
-    console.print((out / "results.md").read_text().split("\n![")[0], markup=False, highlight=False,
-                  soft_wrap=True)
+    console.print(
+        (out / "results.md").read_text().split("\n![")[0], markup=False, highlight=False, soft_wrap=True
+    )
     typer.echo(f"results: {out / 'results.json'}")
 
 
@@ -522,8 +542,9 @@ def merge(
     from capsctl.experiment.merge import merge_results
 
     merged = merge_results(folders, out)
-    console.print((out / "results.md").read_text().split("\n![")[0], markup=False, highlight=False,
-                  soft_wrap=True)
+    console.print(
+        (out / "results.md").read_text().split("\n![")[0], markup=False, highlight=False, soft_wrap=True
+    )
     typer.echo(f"results: {out / 'results.json'} (seeds {', '.join(map(str, merged['seeds']))})")
 
 

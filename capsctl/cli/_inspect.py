@@ -51,7 +51,7 @@ def inspect(
         int | None, typer.Option(help="Also list the top K classes, and read the order of those K.")
     ] = None,
     routings: Annotated[
-        int | None, typer.Option(help="Routing iterations at inference.", show_default="the model's")
+        int | None, typer.Option(help="Routing iterations at inference (1–100).", show_default="the model's")
     ] = None,
     order: Annotated[Order, typer.Option(help="Reading order of the classes found.")] = "auto",
     out: Annotated[

@@ -29,6 +29,7 @@ from capsctl.cli._options import (
     quiet_option,
     val_fraction_option,
 )
+from capsctl.training.config import RANGE_TEXT
 
 if TYPE_CHECKING:
     from capsctl.backend import Backend
@@ -109,7 +110,9 @@ def train(
     routings: Annotated[
         int | None,
         typer.Option(
-            help="Routing iterations.", show_default="the --arch preset's; seed: 3", rich_help_panel=MODEL
+            help="Routing iterations (1–100).",
+            show_default="the --arch preset's; seed: 3",
+            rich_help_panel=MODEL,
         ),
     ] = None,
     shared: Annotated[
@@ -135,7 +138,8 @@ def train(
     recon_weight: Annotated[
         float | None,
         typer.Option(
-            help="Weight of the decoder's reconstruction loss Σ(pixel error)².",
+            help="Weight of the decoder's reconstruction loss Σ(pixel error)² "
+            f"({RANGE_TEXT['recon_weight']}).",
             show_default="0.0005·784/(H·W·C)",
             rich_help_panel=RECIPE,
         ),
@@ -177,16 +181,26 @@ def train(
     epochs: Annotated[
         int | None,
         typer.Option(
-            help="Passes over the training set.", show_default=_RECIPE_DEFAULT, rich_help_panel=RECIPE
+            help=f"Passes over the training set ({RANGE_TEXT['epochs']}).",
+            show_default=_RECIPE_DEFAULT,
+            rich_help_panel=RECIPE,
         ),
     ] = None,
     batch_size: Annotated[
         int | None,
-        typer.Option(help="Images per step.", show_default=_RECIPE_DEFAULT, rich_help_panel=RECIPE),
+        typer.Option(
+            help=f"Images per step ({RANGE_TEXT['batch_size']}).",
+            show_default=_RECIPE_DEFAULT,
+            rich_help_panel=RECIPE,
+        ),
     ] = None,
     lr: Annotated[
         float | None,
-        typer.Option(help="(Peak) learning rate.", show_default=_RECIPE_DEFAULT, rich_help_panel=RECIPE),
+        typer.Option(
+            help=f"(Peak) learning rate ({RANGE_TEXT['lr']}).",
+            show_default=_RECIPE_DEFAULT,
+            rich_help_panel=RECIPE,
+        ),
     ] = None,
     schedule: Annotated[
         Schedule | None,
@@ -195,7 +209,7 @@ def train(
     shift: Annotated[
         int | None,
         typer.Option(
-            help="Random ±pixels translation of training digits.",
+            help=f"Random ±pixels translation of training digits ({RANGE_TEXT['shift']}).",
             show_default=_RECIPE_DEFAULT,
             rich_help_panel=RECIPE,
         ),
@@ -203,7 +217,7 @@ def train(
     scale: Annotated[
         float | None,
         typer.Option(
-            help="Random zoom of training digits by 1 ± SCALE, e.g. 0.1.",
+            help=f"Random zoom of training digits by 1 ± SCALE, e.g. 0.1 ({RANGE_TEXT['scale']}).",
             show_default=_RECIPE_DEFAULT,
             rich_help_panel=RECIPE,
         ),
@@ -224,7 +238,9 @@ def train(
     weight_decay: Annotated[
         float | None,
         typer.Option(
-            help="AdamW decoupled weight decay.", show_default=_RECIPE_DEFAULT, rich_help_panel=RECIPE
+            help=f"AdamW decoupled weight decay ({RANGE_TEXT['weight_decay']}).",
+            show_default=_RECIPE_DEFAULT,
+            rich_help_panel=RECIPE,
         ),
     ] = None,
     seed: Annotated[
@@ -254,7 +270,8 @@ def train(
     json_out: Annotated[
         bool,
         typer.Option(
-            "--json", help="Print the last epoch's metrics and the files written as one JSON object.",
+            "--json",
+            help="Print the last epoch's metrics and the files written as one JSON object.",
             rich_help_panel=RUN,
         ),
     ] = False,
@@ -272,7 +289,8 @@ def train(
         typer.Option(
             help="Rendezvous port for --nproc (keras: worker i listens on PORT+i); the ranks connect over "
             "127.0.0.1, but the servers listen on every interface (docs/DISTRIBUTED.md).",
-            show_default="a free one", rich_help_panel=RUN,
+            show_default="a free one",
+            rich_help_panel=RUN,
         ),
     ] = None,
 ) -> None:
@@ -633,8 +651,18 @@ def _follow_rank_0(
     try:
         cfg, spec = distributed.share_settings(world, None)
         cfg = replace(cfg, backend=be.name, data_dir=folder or cfg.data_dir)
-        _run_rank(cfg, spec, resume, data_dir or cfg.data_dir, be, world, resume=True, quiet=quiet,
-                  json_out=json_out, fixed=frozenset())
+        _run_rank(
+            cfg,
+            spec,
+            resume,
+            data_dir or cfg.data_dir,
+            be,
+            world,
+            resume=True,
+            quiet=quiet,
+            json_out=json_out,
+            fixed=frozenset(),
+        )
     finally:
         world.close()
 

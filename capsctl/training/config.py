@@ -18,6 +18,17 @@ from capsctl.training.recipes import RECIPES, SCHEDULES
 if TYPE_CHECKING:
     import numpy as np
 
+# each setting's allowed values as `--help` states them (TrainConfig's checks below enforce them)
+RANGE_TEXT = {
+    "epochs": "at least 1",
+    "batch_size": "1–65536",
+    "lr": "0 < LR ≤ 10",
+    "shift": "0–14 px",
+    "scale": "0–0.5",
+    "weight_decay": "0 ≤ WD < 1",
+    "recon_weight": "0–1000",
+}
+
 _DEFAULT = RECIPES["default"]  # the defaults below are the default recipe's (capsule and pool epochs agree)
 
 
