@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -218,6 +219,43 @@ def test_pairs_rerun_skips_finished_models(tiny_pairs: tuple[Path, dict], mnist_
     code, stdout, err = run_cli(["experiment", "pairs", "--data-dir", mnist_dir, "--epochs", "2",
                                  "--seeds", "0", "--limit", LIMITS["limit"], "--out", out, "-q"], capsys)
     assert_one_line_error(code, stdout, err, "another epochs")
+
+
+@pytest.mark.torch
+def test_a_finished_run_without_its_checkpoint_is_checked_by_its_model(tiny_pairs: tuple[Path, dict],
+                                                                        mnist_dir: Path, tmp_path: Path,
+                                                                        capsys) -> None:
+    import shutil
+
+    out = tmp_path / "pairs"
+    shutil.copytree(tiny_pairs[0], out)
+    for ck in out.glob("runs/*/checkpoint.safetensors"):  # (deleted to save space)
+        ck.unlink()
+    args = ["experiment", "pairs", "--data-dir", mnist_dir, "--epochs", "1", "--seeds", "0", "--limit",
+            LIMITS["limit"], "--eval-limit", LIMITS["eval_limit"], "--out", out, "-q"]
+    code, _, err = run_cli(args, capsys)
+    assert code == 0, err
+    assert "no checkpoint.safetensors, so only its model spec was checked" in err
+    assert [m["status"] for m in json.loads((out / "results.json").read_text())["models"]] == ["skipped"] * 2
+    # a model of another spec in the run folder is refused, as a checkpoint of one is
+    from capsctl.model.spec import ModelSpec
+    from capsctl.model.weights import init_weights, save_model
+
+    run = out / "runs" / "torch-default-capsule-s0"
+    other = ModelSpec(capsule=replace(ModelSpec().capsule, dim=8))
+    save_model(run / "model.safetensors", other, init_weights(other, 0))
+    code, stdout, err = run_cli(args, capsys)
+    assert_one_line_error(code, stdout, err, "another model spec")
+
+
+@pytest.mark.torch
+def test_a_refused_no_train_leaves_no_folder(mnist_dir: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "new" / "deep"
+    code, _, err = run_cli(["experiment", "pairs", "--data-dir", mnist_dir, "--seeds", "0", "--heads",
+                            "capsule", "--limit", "32", "--eval-limit", "20", "--epochs", "1", "--out",
+                            out, "-q", "--no-train"], capsys)
+    assert code == 2 and err.strip().splitlines()[-1].endswith("no finished model to report (--no-train)")
+    assert not out.exists() and not (tmp_path / "new").exists()
 
 
 @pytest.mark.torch

@@ -30,8 +30,8 @@ def _cut(source: str, seeds: list[int], folder: Path, **change: object) -> Path:
         summary=summarize(models, r["tests"]),
         command=shlex.join(words),
         compute_seconds=sum(m["train_seconds"] + m["score_seconds"] for m in models),
-        **change,
     )
+    r.update(change)
     folder.mkdir(parents=True)
     (folder / "results.json").write_text(json.dumps(r))
     return folder
@@ -73,7 +73,7 @@ def test_merged_seeds_give_the_means_of_one_run_of_all_seeds(tmp_path: Path, cap
     assert "seeds 0, 2: 2 cores" in text and "seed 1: 4 cores (Other CPU)" in text
     assert "last invocation" not in text  # (no one invocation's wall time)
     assert "Equivalent command (not run as one" in text
-    assert "with all three seeds" not in text  # (a merge's runs lie in its parts: nothing to rerun there)
+    assert "(finished models are skipped)" not in text  # (a merge's runs lie in its parts: none to rerun)
     assert "Merged by `capsctl experiment merge`" in (tmp_path / "m" / "results.md").read_text()
 
 
@@ -217,3 +217,101 @@ def test_run_paths_follow_a_linked_folder_to_where_it_lies(tmp_path: Path, capsy
     assert merged["models"][0]["run"].startswith(str(Path("..") / "deep" / "s0"))
     assert [p["folder"] for p in merged["merged_from"]] == [
         str(Path("..") / "deep" / "s0"), str(Path("..") / "deep" / "s1"), str(Path("..") / "s2")]
+
+
+def test_a_head_no_model_of_which_finished_in_the_first_folder_is_still_compared(tmp_path: Path,
+                                                                                capsys) -> None:
+    a = _cut("mnist5k-torch-default", [0], tmp_path / "a", models=[])  # (seed 0 unfinished there)
+    b = _cut("mnist5k-torch-default", [1], tmp_path / "b")
+    c = _cut("mnist5k-torch-default", [2], tmp_path / "c")
+    r = json.loads((c / "results.json").read_text())
+    r["models"][0]["config"]["batch_size"] = 128
+    (c / "results.json").write_text(json.dumps(r))
+    code, out, err = run_cli(["experiment", "merge", str(a), str(b), str(c), "--out", str(tmp_path / "m")],
+                             capsys)
+    assert_one_line_error(code, out, err, "seed 2", "seed 1's", "config.batch_size")
+
+
+@pytest.mark.parametrize("damage", ["curve-row", "run-null"])
+def test_parts_the_plots_or_paths_cannot_read_are_one_line(tmp_path: Path, capsys, damage) -> None:
+    a = _cut("mnist5k-torch-default", [0], tmp_path / "a")
+    b = _cut("mnist5k-torch-default", [1], tmp_path / "b")
+    r = json.loads((b / "results.json").read_text())
+    if damage == "curve-row":
+        r["models"][0]["curve"] = [{"epoch": 1}]
+    else:
+        r["models"][0]["run"] = None
+    (b / "results.json").write_text(json.dumps(r))
+    code, out, err = run_cli(["experiment", "merge", str(a), str(b), "--out", str(tmp_path / "m")], capsys)
+    assert_one_line_error(code, out, err, "damaged results file", "model record")
+    assert not (tmp_path / "m").exists()
+
+
+def test_other_experiment_settings_are_named_by_the_option_given(tmp_path: Path, capsys) -> None:
+    a = _cut("mnist5k-torch-default", [0], tmp_path / "a")
+    b = _cut("mnist5k-torch-default", [1], tmp_path / "b", eval_limit=500, curve_test_images=500)
+    code, out, err = run_cli(["experiment", "merge", str(a), str(b), "--out", str(tmp_path / "m")], capsys)
+    assert_one_line_error(code, out, err, "(eval_limit: 500 against None)")
+
+
+def test_pairs_into_a_merged_folder_is_refused(tmp_path: Path, capsys) -> None:
+    parts = [_cut("mnist5k-torch-default", [s], tmp_path / f"s{s}") for s in (0, 1)]
+    assert run_cli(["experiment", "merge", *map(str, parts), "--out", str(tmp_path / "m")], capsys)[0] == 0
+    before = (tmp_path / "m" / "results.json").read_bytes()
+    # (tiny settings: were the refusal gone, this would train, briefly)
+    code, out, err = run_cli(["experiment", "pairs", "--seeds", "0", "--heads", "capsule", "--epochs", "1",
+                              "--limit", "32", "--eval-limit", "20", "-q", "--out", str(tmp_path / "m")],
+                             capsys)
+    assert_one_line_error(code, out, err, "merged by `capsctl experiment merge`", "another --out")
+    assert (tmp_path / "m" / "results.json").read_bytes() == before and not (tmp_path / "m" / "runs").exists()
+
+
+def test_report_suggests_an_experiments_own_seeds_to_finish_it(tmp_path: Path) -> None:
+    whole = json.loads((PUBLISHED / "mnist5k-torch-default" / "results.json").read_text())
+    run4 = whole["models"][0]["run"].replace("-s0", "-s4")
+    a = _cut("mnist5k-torch-default", [0], tmp_path / "s34", missing=[run4])
+    r = json.loads((a / "results.json").read_text())  # (seed 3 finished, seed 4 not)
+    r["seeds"], r["models"][0]["seed"] = [3, 4], 3
+    r["summary"] = summarize(r["models"], r["tests"])
+    (a / "results.json").write_text(json.dumps(r))
+    write_report([a], tmp_path / "R.md")
+    text = (tmp_path / "R.md").read_text()
+    assert "`s34` with seeds 0, 3, 4 (finished models are skipped)" in text
+    assert "--seeds 0,3,4" in text and "both heads" not in text
+
+
+def test_report_refuses_a_folder_whose_plots_would_replace_a_kept_sections(tmp_path: Path, capsys) -> None:
+    one = _cut("mnist5k-torch-default", [0], tmp_path / "one" / "pairs")
+    other = _cut("mnist5k-torch-default", [1], tmp_path / "other" / "pairs")
+    for folder in (one, other):  # (plots as `experiment pairs` writes them beside results.json)
+        code, _, err = run_cli(["experiment", "merge", str(folder), str(_cut("mnist5k-torch-default", [2],
+                                folder.parent / "s2")), "--out", str(folder.parent / "m")], capsys)
+        assert code == 0, err
+    doc = tmp_path / "R.md"
+    assert run_cli(["experiment", "report", str(one.parent / "m"), "--section", "First", "--out", str(doc)],
+                   capsys)[0] == 0
+    (other.parent / "m").rename(other.parent / "mm")
+    (one.parent / "m").rename(one.parent / "kept")
+    other_m = other.parent / "m"
+    (other.parent / "mm").rename(other_m)
+    plots = {p.name: p.read_bytes() for p in (tmp_path / "results" / "m").iterdir()}
+    before = doc.read_bytes()
+    code, out, err = run_cli(["experiment", "report", str(other_m), "--out", str(doc)], capsys)
+    assert_one_line_error(code, out, err, "results/m/", "section written with --section")
+    assert doc.read_bytes() == before
+    assert {p.name: p.read_bytes() for p in (tmp_path / "results" / "m").iterdir()} == plots
+    # regenerating that section itself, from the same-named folder, is what --section is for
+    code, _, err = run_cli(["experiment", "report", str(other_m), "--section", "First", "--out", str(doc)],
+                           capsys)
+    assert code == 0, err
+
+
+def test_report_of_the_current_folder_names_its_plots_by_the_folder(tmp_path: Path, capsys,
+                                                                     monkeypatch) -> None:
+    parts = [_cut("mnist5k-torch-default", [s], tmp_path / f"s{s}") for s in (0, 1)]
+    assert run_cli(["experiment", "merge", *map(str, parts), "--out", str(tmp_path / "m")], capsys)[0] == 0
+    monkeypatch.chdir(tmp_path / "m")
+    code, _, err = run_cli(["experiment", "report", ".", "--out", str(tmp_path / "doc" / "R.md")], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "doc" / "results").iterdir()) == ["m"]
+    assert "](results/m/" in (tmp_path / "doc" / "R.md").read_text()

@@ -41,6 +41,10 @@ PER_MODEL_CONFIG = frozenset({"seed", "data_dir"})
 # what a model's record needs for the merged tables and plots
 MODEL_FIELDS = ("head", "seed", "run", "status", "spec", "config", "parameters", "epochs", "train_seconds",
                 "images_per_s", "score_seconds", "curve", "tests")
+# fields that follow from others (curve_test_images from --eval-limit and the test images)
+DERIVED = frozenset({"curve_test_images", "train_images"})
+# what each row of a model's curve holds (capsctl.experiment.run)
+CURVE_FIELDS = ("epoch", "loss", "train_accuracy", "test_accuracy", "lr")
 # what results.json files written before a field existed meant by its absence (or null)
 ABSENT_MEANT = {"arch": "seed", "decoder": False}
 
@@ -59,6 +63,7 @@ def merge_results(folders: Sequence[Path], out: Path) -> dict[str, Any]:
     _, first_folder, first = loaded[0]
     for _, folder, r in loaded[1:]:
         _check_same(first_folder, first, folder, r)
+    _check_models_alike(loaded)
     taken: dict[tuple[int, str], Path] = {}
     for _, folder, r in loaded:
         for m in r["models"]:
@@ -143,7 +148,7 @@ def _check_fields(folder: Path, r: dict[str, Any]) -> None:
             raise CapsctlError(f"{where}: damaged results file (its '{key}' is missing or of the wrong type)")
     for m in r["models"]:
         gone = [k for k in MODEL_FIELDS if not isinstance(m, dict) or k not in m]
-        if gone or not isinstance(m["config"], dict) or m["head"] not in r["heads"]:
+        if gone or not _well_formed(m) or m["head"] not in r["heads"]:
             what = f"without '{gone[0]}'" if gone else "of the wrong form"
             raise CapsctlError(f"{where}: damaged results file (a model record {what})")
     try:  # (the parts as the merged file records them, with their own sums)
@@ -153,33 +158,51 @@ def _check_fields(folder: Path, r: dict[str, Any]) -> None:
         raise CapsctlError(f"{where}: damaged results file ({type(e).__name__}: {e})") from None
 
 
+def _well_formed(m: dict[str, Any]) -> bool:
+    """The types the merged tables, plots and paths read (each curve row as `experiment pairs` writes it)."""
+    curve = m["curve"]
+    return (
+        isinstance(m["config"], dict)
+        and isinstance(m["run"], str)
+        and isinstance(m["seed"], int)
+        and isinstance(curve, list)
+        and all(isinstance(row, dict) and set(CURVE_FIELDS) <= set(row) for row in curve)
+    )
+
+
 def _check_same(first_folder: Path, first: dict[str, Any], folder: Path, r: dict[str, Any]) -> None:
-    """Every setting but the seeds: the experiment's fields, and each head's model and training config
-    (a recipe's name has meant other settings over time: the config says what each model trained with)."""
+    """Every setting of the experiment but the seeds (an option the user gave named before what it
+    sets: --eval-limit before the curve's test images)."""
     keys = (set(first) | set(r)) - PER_FOLDER
     sets = {k: (sorted(first[k]), sorted(r[k])) for k in ("heads", "tests")}
     differ = [k for k in keys if _get(first, k) != _get(r, k)] + [k for k, (a, b) in sets.items() if a != b]
-    differ.sort()
+    differ.sort(key=lambda k: (k in DERIVED, k))
     if differ:
         key = differ[0]
         raise CapsctlError(
             f"{folder}: not the same experiment as {first_folder} ({key}: {_get(r, key)!r} against "
             f"{_get(first, key)!r}); only the seeds may differ"
         )
-    ours = {m["head"]: m for m in first["models"]}
-    for m in r["models"]:
-        theirs = ours.get(m["head"])
-        if theirs is None:
-            continue  # (no model of that head finished there: nothing to compare against)
-        for key in ("spec", "parameters", "epochs", "config"):
-            a, b = _settings(theirs, key), _settings(m, key)
-            if a != b:
-                field = key if key != "config" else "config." + next(k for k in sorted(set(a) | set(b))
-                                                                     if a.get(k) != b.get(k))
-                raise CapsctlError(
-                    f"{folder}: its {m['head']} model of seed {m['seed']} trained otherwise than those of "
-                    f"{first_folder} ({field} differs); only the seeds may differ"
-                )
+
+
+def _check_models_alike(loaded: Sequence[tuple[Path, Path, dict[str, Any]]]) -> None:
+    """Each head's models trained alike in every folder: each is compared with the first of its head in
+    any folder (a recipe's name has meant other settings over time: the config says what each trained
+    with)."""
+    first: dict[str, tuple[Path, dict[str, Any]]] = {}
+    for _, folder, r in loaded:
+        for m in r["models"]:
+            ref_folder, ref = first.setdefault(m["head"], (folder, m))
+            for key in ("spec", "parameters", "epochs", "config"):
+                a, b = _settings(ref, key), _settings(m, key)
+                if a != b:
+                    field = key if key != "config" else "config." + next(
+                        k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)
+                    )
+                    raise CapsctlError(
+                        f"{folder}: its {m['head']} model of seed {m['seed']} trained otherwise than seed "
+                        f"{ref['seed']}'s in {ref_folder} ({field} differs); only the seeds may differ"
+                    )
 
 
 def _settings(model: dict[str, Any], key: str) -> Any:

@@ -7,6 +7,8 @@ it took, and the reference numbers that fit each result beside ours (capsctl.exp
 
 from __future__ import annotations
 
+import os
+import re
 import shlex
 import time
 from collections.abc import Sequence
@@ -245,6 +247,13 @@ def _full_grid(r: dict[str, Any]) -> bool:
     return len(r["variants"]) == 6 and set(r["iterations"]) >= {1, 2, 3, 5, 8} and not r.get("limit")
 
 
+def _three_seeds(seeds: list[int]) -> list[int]:
+    """An experiment's own seeds (its unfinished ones among them), with the smallest unused ones added up
+    to three."""
+    more = (n for n in range(len(seeds) + 3) if n not in seeds)
+    return sorted([*seeds, *(next(more) for _ in range(3 - len(seeds)))])
+
+
 def _not_run(items: list[tuple[Path, dict[str, Any]]]) -> str:
     have = {
         (r["kind"], reference_dataset(r), r["backend"], r.get("recipe"))
@@ -257,10 +266,11 @@ def _not_run(items: list[tuple[Path, dict[str, Any]]]) -> str:
             r.get("missing") or (not r["overrides"] and not r.get("holdout") and len(r["seeds"]) < 3)
         ):
             cmd = [c for c in shlex.split(r["command"]) if c != "--no-train"]
-            cmd[cmd.index("--seeds") + 1] = "0,1,2"
+            seeds = _three_seeds(r["seeds"])
+            cmd[cmd.index("--seeds") + 1] = ",".join(map(str, seeds))
             lines.append(
-                f"- `{folder.name}` with all three seeds, both heads (finished models are skipped):\n\n"
-                f"  ```\n  {shlex.join(cmd)}\n  ```"
+                f"- `{folder.name}` with seeds {', '.join(map(str, seeds))} (finished models are "
+                f"skipped):\n\n  ```\n  {shlex.join(cmd)}\n  ```"
             )
     wanted = [
         (
@@ -436,6 +446,8 @@ def write_report(folders: Sequence[Path], doc: Path, section: str | None = None)
         raise CapsctlError("report: give at least one result folder")
     if section is not None and (not section.strip() or "\n" in section or "--" in section):
         raise CapsctlError(f"--section {section!r}: give a one-line title without '--'")
+    # (`.` or `..` named by where it lies: its plots go to results/<that name>, never to results/ itself)
+    folders = [Path(os.path.abspath(f)) if f.name in ("", "..") else f for f in folders]
     names: dict[str, Path] = {}
     for f in folders:  # each folder's plots are copied to results/<its name> beside the report
         if f.name in names:
@@ -446,6 +458,7 @@ def write_report(folders: Sequence[Path], doc: Path, section: str | None = None)
         names[f.name] = f
     results = [load_results(f) for f in folders]
     old = _read_doc(doc, section is not None)
+    _check_kept_plots(old, section, names)
     # the topmost folder this call creates (the plots are copied beside `doc` while rendering): removed
     # again if rendering fails, so a refused report leaves nothing behind
     made = next((p for p in reversed([doc.parent, *doc.parent.parents]) if not p.exists()), None)
@@ -473,6 +486,28 @@ def write_report(folders: Sequence[Path], doc: Path, section: str | None = None)
         atomic_write_bytes(doc, new.encode())
         return
     atomic_write_bytes(doc, _replace_section(old or "# Results\n", section, new).encode())
+
+
+def _check_kept_plots(old: str | None, section: str | None, names: dict[str, Path]) -> None:
+    """Refuse a folder whose name a part of the report that stays (the sections --section wrote, or with
+    --section the rest of the report) shows plots under: its plots would replace theirs, and that part
+    would show this folder's curves under its own numbers."""
+    if not old:
+        return
+    if section is None:
+        kept = "".join(block for _, block in _generated_sections(old))
+    else:
+        kept = old
+        for title, block in _generated_sections(old):
+            if title == section:
+                kept = kept.replace(block, "")
+    shown = set(re.findall(r"\]\(results/([^/)]+)/", kept))
+    for name in sorted(shown & set(names)):
+        where = "the rest of the report" if section is not None else "a section written with --section"
+        raise CapsctlError(
+            f"report: {where} shows plots under results/{name}/, which {names[name]}'s plots would replace; "
+            f"rename the folder, or regenerate that part with it"
+        )
 
 
 def _read_doc(doc: Path, for_section: bool) -> str | None:

@@ -81,8 +81,38 @@ def run_state(job: Job) -> str:
             )
     epochs = {r.get("epoch") for r in read_metrics(run)}
     if (run / MODEL_FILE).exists() and set(range(1, job.config.epochs + 1)) <= epochs:
+        if not (run / CHECKPOINT_FILE).exists():
+            _check_without_checkpoint(job)
         return "done"
     return "partial" if (run / CHECKPOINT_FILE).exists() else "new"
+
+
+def _remove_empty(folder: Path, top: Path) -> None:
+    """Remove `folder` and its parents up to `top` while they are empty."""
+    for p in [folder, *folder.parents]:
+        try:
+            p.rmdir()
+        except OSError:
+            return
+        if p == top:
+            return
+
+
+def _check_without_checkpoint(job: Job) -> None:
+    """A finished run whose checkpoint was deleted (to save space: with Adam's slots it is three times the
+    model) still has its model's spec to compare; its training settings are taken on trust, and said so."""
+    from capsctl.model.weights import load_model
+
+    spec, _ = load_model(job.run / MODEL_FILE)
+    if spec != job.spec:
+        raise CapsctlError(f"{job.run}: holds a model with another model spec; use another --out")
+    err.print(
+        f"note: {job.run}: no {CHECKPOINT_FILE}, so only its model spec was checked against this "
+        "experiment's; its training settings are taken to be the ones asked for",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 Hook = Callable[[str, dict[str, Any]], None]
@@ -331,6 +361,11 @@ def _check_kind(out: Path, kind: str) -> None:
     other = held.get("kind") if isinstance(held, dict) else None
     if isinstance(other, str) and other != kind:
         raise CapsctlError(f"--out {out}: holds the results of an experiment {other}; use another --out")
+    if isinstance(held, dict) and "merged_from" in held:  # (its runs lie in the merged folders, not here)
+        raise CapsctlError(
+            f"--out {out}: holds results merged by `capsctl experiment merge` (their runs lie in the folders "
+            "merged); run into another --out and merge that in"
+        )
 
 
 def _check_tests_fit(tests: Sequence[str], test_split: Split) -> None:
@@ -388,6 +423,8 @@ def run_pairs(
         for s in plan.seeds
         for h in plan.variants
     ]
+    # the topmost folder this run makes: a refused --no-train removes what it made (empty folders only)
+    made = next((p for p in reversed([out, *out.parents]) if not p.exists()), None)
     out.mkdir(parents=True, exist_ok=True)
     if planned is not None:  # (the caller's notes: said once the input has passed every check)
         planned()
@@ -397,6 +434,8 @@ def run_pairs(
             backend, jobs, train_split, test_split, scorer, plan.tests, show_progress, train=plan.train
         )
     if not models:
+        if made is not None:
+            _remove_empty(out, made)
         raise CapsctlError(f"--out {out}: no finished model to report (--no-train)")
     finished = {m["run"] for m in models}
     missing = [os.path.relpath(j.run, out) for j in jobs if str(j.run) not in finished]
