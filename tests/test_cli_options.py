@@ -302,6 +302,9 @@ RANGED = [  # (command, option, what its help says, a value just outside it)
     (["experiment", "pairs"], "--epochs", "1–10000", "10001"),
     (["experiment", "pairs"], "--batch-size", "1–65536", "65537"),
     (["experiment", "pairs"], "--lr", "0 < LR ≤ 10", "0"),
+    (["experiment", "pairs"], "--lr", "0 < LR ≤ 10", "10.5"),
+    (["experiment", "pairs"], "--scale", "0–0.5", "0.51"),
+    (["experiment", "pairs"], "--weight-decay", "0 ≤ WD < 1", "1"),
     (["experiment", "pairs"], "--shift", "0–14 px", "-1"),
     (["experiment", "pairs"], "--routings", "1–100", "0"),
     (["experiment", "ablate"], "--epochs", "1–10000", "0"),
@@ -334,3 +337,27 @@ def test_help_states_the_range_that_is_enforced(tmp_path, capsys, command, optio
     code, out, err = run_cli([*command, option, outside, *args], capsys)
     assert_one_line_error(code, out, err, option)
     assert not (tmp_path / "o").exists()
+
+
+# (each edge of each stated range: the value on it is a valid setting, the nearest one past it is not)
+EDGES = {
+    "epochs": [(1, 0)],
+    "batch_size": [(1, 0), (65536, 65537)],
+    "lr": [(1e-12, 0.0), (10.0, 10.000001)],
+    "shift": [(0, -1), (14, 15)],
+    "scale": [(0.0, -1e-9), (0.5, 0.5000001)],
+    "weight_decay": [(0.0, -1e-9), (0.999999, 1.0)],
+    "recon_weight": [(0.0, -1e-9), (1000.0, 1000.000001)],
+}
+
+
+@pytest.mark.parametrize("key", sorted(EDGES))
+def test_every_stated_range_is_the_checked_one_at_both_edges(key):
+    from capsctl.errors import CapsctlError
+    from capsctl.training.config import RANGE_TEXT, TrainConfig
+
+    assert set(EDGES) == set(RANGE_TEXT)
+    for inside, outside in EDGES[key]:
+        TrainConfig(**{key: inside})  # (accepted)
+        with pytest.raises(CapsctlError, match="--" + key.replace("_", "-")):
+            TrainConfig(**{key: outside})

@@ -235,8 +235,10 @@ def test_a_finished_run_without_its_checkpoint_is_checked_by_its_model(tiny_pair
             LIMITS["limit"], "--eval-limit", LIMITS["eval_limit"], "--out", out, "-q"]
     code, _, err = run_cli(args, capsys)
     assert code == 0, err
-    assert "no checkpoint.safetensors, so only its model spec was checked" in err
+    assert err.count("no checkpoint.safetensors, so only its model spec was checked") == 2  # (once a run)
     assert [m["status"] for m in json.loads((out / "results.json").read_text())["models"]] == ["skipped"] * 2
+    code, _, err = run_cli([*args, "--no-train"], capsys)
+    assert code == 0 and err.count("no checkpoint.safetensors") == 2, err
     # a model of another spec in the run folder is refused, as a checkpoint of one is
     from capsctl.model.spec import ModelSpec
     from capsctl.model.weights import init_weights, save_model

@@ -64,8 +64,7 @@ def test_merged_seeds_give_the_means_of_one_run_of_all_seeds(tmp_path: Path, cap
     assert merged["machine"]["cpu"] == f"{whole['machine']['cpu']}; Other CPU"
     assert [p["seeds"] for p in merged["merged_from"]] == [[0, 2], [1]]
     assert (tmp_path / "m" / "results.md").exists() and "results:" in out
-    # merging that with a third part flattens the parts; the report names each part's machine
-    (tmp_path / "c").mkdir()
+    # the report names each part's machine
     doc = tmp_path / "R.md"
     write_report([tmp_path / "m"], doc)
     text = doc.read_text()
@@ -74,7 +73,8 @@ def test_merged_seeds_give_the_means_of_one_run_of_all_seeds(tmp_path: Path, cap
     assert "last invocation" not in text  # (no one invocation's wall time)
     assert "Equivalent command (not run as one" in text
     assert "(finished models are skipped)" not in text  # (a merge's runs lie in its parts: none to rerun)
-    assert "Merged by `capsctl experiment merge`" in (tmp_path / "m" / "results.md").read_text()
+    md = (tmp_path / "m" / "results.md").read_text()
+    assert "Merged by `capsctl experiment merge`" in md and "; seed 1 by `" in md
 
 
 def test_a_merge_of_a_merge_keeps_every_part(tmp_path: Path, capsys) -> None:
@@ -146,7 +146,7 @@ def test_a_seed_one_folder_left_unfinished_is_taken_from_the_folder_that_finishe
                                                                                      capsys) -> None:
     whole = json.loads((PUBLISHED / "mnist5k-torch-default" / "results.json").read_text())
     a = _cut("mnist5k-torch-default", [0, 1], tmp_path / "a", missing=[whole["models"][2]["run"]])
-    b = _cut("mnist5k-torch-default", [2], tmp_path / "b", heads=["capsule"])
+    b = _cut("mnist5k-torch-default", [2], tmp_path / "b")
     code, _, err = run_cli(["experiment", "merge", str(a), str(b), "--out", str(tmp_path / "m")], capsys)
     assert code == 0, err
     merged = json.loads((tmp_path / "m" / "results.json").read_text())
@@ -290,6 +290,9 @@ def test_report_refuses_a_folder_whose_plots_would_replace_a_kept_sections(tmp_p
     doc = tmp_path / "R.md"
     assert run_cli(["experiment", "report", str(one.parent / "m"), "--section", "First", "--out", str(doc)],
                    capsys)[0] == 0
+    # the same folder again, in the rest of the report: its plots are the kept section's own
+    code, _, err = run_cli(["experiment", "report", str(one.parent / "m"), "--out", str(doc)], capsys)
+    assert code == 0, err
     (other.parent / "m").rename(other.parent / "mm")
     (one.parent / "m").rename(one.parent / "kept")
     other_m = other.parent / "m"
@@ -297,13 +300,9 @@ def test_report_refuses_a_folder_whose_plots_would_replace_a_kept_sections(tmp_p
     plots = {p.name: p.read_bytes() for p in (tmp_path / "results" / "m").iterdir()}
     before = doc.read_bytes()
     code, out, err = run_cli(["experiment", "report", str(other_m), "--out", str(doc)], capsys)
-    assert_one_line_error(code, out, err, "results/m/", "section written with --section")
+    assert_one_line_error(code, out, err, "other plots under results/m/", "section written with --section")
     assert doc.read_bytes() == before
     assert {p.name: p.read_bytes() for p in (tmp_path / "results" / "m").iterdir()} == plots
-    # regenerating that section itself, from the same-named folder, is what --section is for
-    code, _, err = run_cli(["experiment", "report", str(other_m), "--section", "First", "--out", str(doc)],
-                           capsys)
-    assert code == 0, err
 
 
 def test_report_of_the_current_folder_names_its_plots_by_the_folder(tmp_path: Path, capsys,
@@ -314,4 +313,58 @@ def test_report_of_the_current_folder_names_its_plots_by_the_folder(tmp_path: Pa
     code, _, err = run_cli(["experiment", "report", ".", "--out", str(tmp_path / "doc" / "R.md")], capsys)
     assert code == 0, err
     assert sorted(p.name for p in (tmp_path / "doc" / "results").iterdir()) == ["m"]
-    assert "](results/m/" in (tmp_path / "doc" / "R.md").read_text()
+    text = (tmp_path / "doc" / "R.md").read_text()
+    assert "](results/m/" in text and f"capsctl experiment report ../m --out {tmp_path}" in text
+
+
+def test_settings_recorded_before_a_field_existed_mean_its_default(tmp_path: Path, capsys) -> None:
+    a = _cut("mnist5k-torch-default", [0], tmp_path / "a")
+    b = _cut("mnist5k-torch-default", [1], tmp_path / "b")
+    r = json.loads((b / "results.json").read_text())
+    del r["models"][0]["config"]["compose"]  # (written before --compose existed)
+    (b / "results.json").write_text(json.dumps(r))
+    code, _, err = run_cli(["experiment", "merge", str(a), str(b), "--out", str(tmp_path / "m")], capsys)
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("key", ["backend_info", "created", "machine", "command"])
+def test_a_damaged_part_of_an_earlier_merge_is_one_line(tmp_path: Path, capsys, key) -> None:
+    parts = [_cut("mnist5k-torch-default", [s], tmp_path / f"s{s}") for s in (0, 1, 2)]
+    code, _, err = run_cli(["experiment", "merge", *map(str, parts[:2]), "--out", str(tmp_path / "m")],
+                           capsys)
+    assert code == 0, err
+    r = json.loads((tmp_path / "m" / "results.json").read_text())
+    del r["merged_from"][0][key]
+    (tmp_path / "m" / "results.json").write_text(json.dumps(r))
+    code, out, err = run_cli(["experiment", "merge", str(tmp_path / "m"), str(parts[2]), "--out",
+                              str(tmp_path / "all")], capsys)
+    assert_one_line_error(code, out, err, "damaged results file")
+
+
+def test_seeds_asked_for_and_unfinished_stay_in_the_merge(tmp_path: Path, capsys) -> None:
+    whole = json.loads((PUBLISHED / "mnist5k-torch-default" / "results.json").read_text())
+    a = _cut("mnist5k-torch-default", [0], tmp_path / "a")
+    b = _cut("mnist5k-torch-default", [1], tmp_path / "b", missing=[whole["models"][2]["run"]])
+    r = json.loads((b / "results.json").read_text())
+    r["seeds"] = [1, 2]  # (seed 2 asked for, not finished)
+    (b / "results.json").write_text(json.dumps(r))
+    code, _, err = run_cli(["experiment", "merge", str(a), str(b), "--out", str(tmp_path / "m")], capsys)
+    assert code == 0, err
+    merged = json.loads((tmp_path / "m" / "results.json").read_text())
+    assert merged["seeds"] == [0, 1, 2] and [m["seed"] for m in merged["models"]] == [0, 1]
+    assert merged["missing"] == [str(Path("..") / "b" / whole["models"][2]["run"])]
+
+
+def test_a_failed_merge_into_new_folders_leaves_none_of_them(tmp_path: Path, capsys, monkeypatch) -> None:
+    from capsctl.experiment import plots
+
+    parts = [_cut("mnist5k-torch-default", [s], tmp_path / f"s{s}") for s in (0, 1)]
+
+    def broken(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(plots, "pairs_plots", broken)
+    out = tmp_path / "new" / "deep" / "m"
+    code, _, err = run_cli(["experiment", "merge", *map(str, parts), "--out", str(out)], capsys)
+    assert code == 1 and "No space left" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s0", "s1"]

@@ -233,7 +233,6 @@ def pairs(
 
     Example: capsctl experiment pairs --seeds 0,1,2 --out out/pairs
     """
-    from capsctl._console import out as console
     from capsctl.cli._options import check_range
     from capsctl.experiment.plan import Overrides, PairsPlan
     from capsctl.experiment.run import run_pairs
@@ -354,10 +353,7 @@ def pairs(
 
     set_quiet(quiet)  # (the data loaders' own bars too)
     run_pairs(plan, out, show_progress=not quiet, planned=_say(note))
-    # (soft_wrap: the Markdown tables' rows are printed whole, never cut at the console's width)
-    console.print(
-        (out / "results.md").read_text().split("\n![")[0], markup=False, highlight=False, soft_wrap=True
-    )
+    _show_tables(out)
     typer.echo(f"results: {out / 'results.json'}")
 
 
@@ -415,7 +411,6 @@ def ablate(
 
     Example: capsctl experiment ablate --epochs 10 --out out/ablate
     """
-    from capsctl._console import out as console
     from capsctl.cli._options import check_range
     from capsctl.experiment.plan import AblatePlan
     from capsctl.experiment.run import run_ablate
@@ -479,10 +474,7 @@ def ablate(
 
     set_quiet(quiet)  # (the data loaders' own bars too)
     run_ablate(plan, out, show_progress=not quiet, planned=_say(note))
-    # (soft_wrap: the Markdown tables' rows are printed whole, never cut at the console's width)
-    console.print(
-        (out / "results.md").read_text().split("\n![")[0], markup=False, highlight=False, soft_wrap=True
-    )
+    _show_tables(out)
     typer.echo(f"results: {out / 'results.json'}")
 
 
@@ -538,13 +530,10 @@ def merge(
 
     Example: capsctl experiment merge out/pairs-s01 out/pairs-s2 --out out/pairs
     """
-    from capsctl._console import out as console
     from capsctl.experiment.merge import merge_results
 
     merged = merge_results(folders, out)
-    console.print(
-        (out / "results.md").read_text().split("\n![")[0], markup=False, highlight=False, soft_wrap=True
-    )
+    _show_tables(out)
     typer.echo(f"results: {out / 'results.json'} (seeds {', '.join(map(str, merged['seeds']))})")
 
 
@@ -589,3 +578,13 @@ def _for_arch(
 def _say(note: str | None) -> Callable[[], None]:
     """What an experiment calls once planned: print `note` on stderr, if any."""
     return lambda: typer.echo(note, err=True) if note else None
+
+
+def _show_tables(out: Path) -> None:
+    """OUT/results.md on stdout without its plot links (soft_wrap: each table row printed whole, never cut
+    at the console's width)."""
+    from capsctl._console import out as console
+
+    console.print(
+        (out / "results.md").read_text().split("\n![")[0], markup=False, highlight=False, soft_wrap=True
+    )

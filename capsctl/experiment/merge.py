@@ -10,12 +10,14 @@ import shlex
 import shutil
 import tempfile
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from capsctl.errors import CapsctlError
-from capsctl.experiment.results import DAMAGE, load_results, write_results
+from capsctl.experiment.results import DAMAGE, command_with, load_results, write_results
 from capsctl.experiment.scoring import summarize
+from capsctl.training.run_folder import missing_folders, remove_empty
 
 # what may differ between the merged folders: the seeds and their models, and where and when they ran;
 # every other field of results.json says what the experiment was and must be the same in each
@@ -78,7 +80,7 @@ def merge_results(folders: Sequence[Path], out: Path) -> dict[str, Any]:
         {**m, "run": os.path.relpath(real / m["run"], out_real)} for real, _, r in loaded for m in r["models"]
     ]
     models.sort(key=lambda m: (m["seed"], heads.index(m["head"])))  # (as one run of all the seeds lists them)
-    seeds = sorted({m["seed"] for m in models})
+    seeds = sorted({seed for _, _, r in loaded for seed in r["seeds"]})  # (asked for; unfinished ones too)
     finished = {Path(m["run"]).name for m in models}
     # a run one folder left unfinished that another finished is not missing from the merge
     missing = [
@@ -90,7 +92,9 @@ def merge_results(folders: Sequence[Path], out: Path) -> dict[str, Any]:
     parts = [part for real, folder, r in loaded for part in _parts(real, folder, r, out_real)]
     merged = {
         **first,
-        "command": _command_for(first["command"], seeds, out),
+        # the one `experiment pairs` command that would run every merged seed into OUT (not run as one:
+        # `experiment report` shows it as their equivalent, beside each part's own)
+        "command": command_with(first["command"], seeds=",".join(map(str, seeds)), out=str(out)),
         "seeds": seeds,
         "models": models,
         "missing": missing,
@@ -110,6 +114,7 @@ def merge_results(folders: Sequence[Path], out: Path) -> dict[str, Any]:
 def _write(out: Path, merged: dict[str, Any]) -> None:
     """results.json, results.md and plots made in a folder beside OUT, then moved in: a merge that fails
     (or is interrupted) leaves OUT as it was."""
+    made = missing_folders(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".merging", dir=out.parent))
     try:
@@ -118,8 +123,11 @@ def _write(out: Path, merged: dict[str, Any]) -> None:
         files = sorted(staging.iterdir(), key=lambda f: f.name == "results.json")  # (results.json last)
         for f in files:
             os.replace(f, out / f.name)
-    finally:
+    except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        remove_empty(made)
+        raise
+    shutil.rmtree(staging, ignore_errors=True)
 
 
 def _check_out(out: Path) -> None:
@@ -154,8 +162,13 @@ def _check_fields(folder: Path, r: dict[str, Any]) -> None:
     try:  # (the parts as the merged file records them, with their own sums)
         summarize(r["models"], r["tests"])
         shlex.split(r["command"])
+        for m in r["models"]:
+            _settings(m, "config")
+            _settings(m, "spec")
     except DAMAGE as e:
         raise CapsctlError(f"{where}: damaged results file ({type(e).__name__}: {e})") from None
+    except CapsctlError as e:  # (a config or spec today's code refuses: said as the file's damage)
+        raise CapsctlError(f"{where}: damaged results file (a model's settings: {e})") from None
 
 
 def _well_formed(m: dict[str, Any]) -> bool:
@@ -197,7 +210,7 @@ def _check_models_alike(loaded: Sequence[tuple[Path, Path, dict[str, Any]]]) -> 
                 a, b = _settings(ref, key), _settings(m, key)
                 if a != b:
                     field = key if key != "config" else "config." + next(
-                        k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)
+                        (k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)), "?"
                     )
                     raise CapsctlError(
                         f"{folder}: its {m['head']} model of seed {m['seed']} trained otherwise than seed "
@@ -206,25 +219,24 @@ def _check_models_alike(loaded: Sequence[tuple[Path, Path, dict[str, Any]]]) -> 
 
 
 def _settings(model: dict[str, Any], key: str) -> Any:
+    """A model's `key` as today's code reads it: a config or spec written before a field existed has that
+    field's default (what it meant), so the same settings compare equal across versions."""
     value = model[key]
-    return {k: v for k, v in value.items() if k not in PER_MODEL_CONFIG} if key == "config" else value
+    if key == "config":
+        from capsctl.training.config import TrainConfig
+
+        full = asdict(TrainConfig.from_json(json.dumps(value)))
+        return {k: v for k, v in full.items() if k not in PER_MODEL_CONFIG}
+    if key == "spec":
+        from capsctl.model.spec import ModelSpec
+
+        return ModelSpec.from_dict(value).to_dict()
+    return value
 
 
 def _get(results: dict[str, Any], key: str) -> Any:
     value = results.get(key)
     return ABSENT_MEANT.get(key) if value is None else value
-
-
-def _command_for(command: str, seeds: list[int], out: Path) -> str:
-    """The one `experiment pairs` command that would run every merged seed into OUT (not run as one:
-    `experiment report` shows it as equivalent, beside each part's own)."""
-    words = [w for w in shlex.split(command) if w != "--no-train"]
-    for flag, value in (("--seeds", ",".join(map(str, seeds))), ("--out", str(out))):
-        if flag in words:
-            words[words.index(flag) + 1] = value
-        else:
-            words += [flag, value]
-    return shlex.join(words)
 
 
 def _joined(values: Any) -> str:
@@ -242,11 +254,20 @@ def _machine(machines: list[Any]) -> dict[str, Any]:
     return merged
 
 
+# what each part of a merge records, and of what type (read here and by `experiment report`)
+PART_FIELDS = {
+    "folder": str, "command": str, "seeds": list, "backend_info": str, "machine": dict, "created": str
+}
+
+
+def _part_well_formed(part: Any) -> bool:
+    return isinstance(part, dict) and all(isinstance(part.get(k), t) for k, t in PART_FIELDS.items())
+
+
 def _parts(real: Path, folder: Path, r: dict[str, Any], out_real: str) -> list[dict[str, Any]]:
     if "merged_from" in r:  # (its paths were relative to that merge's folder)
         parts = r["merged_from"]
-        if not (isinstance(parts, list) and all(isinstance(p, dict) and isinstance(p.get("folder"), str)
-                                                and isinstance(p.get("seeds"), list) for p in parts)):
+        if not (isinstance(parts, list) and parts and all(_part_well_formed(p) for p in parts)):
             raise CapsctlError(f"{folder / 'results.json'}: damaged results file (its 'merged_from')")
         return [{**p, "folder": os.path.relpath(real / p["folder"], out_real)} for p in parts]
     return [
@@ -254,8 +275,8 @@ def _parts(real: Path, folder: Path, r: dict[str, Any], out_real: str) -> list[d
             "folder": os.path.relpath(real, out_real),
             "command": r["command"],
             "seeds": sorted({m["seed"] for m in r["models"]}),
-            "backend_info": r.get("backend_info", r["backend"]),
-            "machine": r.get("machine", {}),
-            "created": r.get("created", "?"),
+            "backend_info": str(r.get("backend_info", r["backend"])),
+            "machine": r["machine"] if isinstance(r.get("machine"), dict) else {},
+            "created": str(r.get("created", "?")),
         }
     ]

@@ -18,7 +18,7 @@ from typing import Any
 from capsctl._io import atomic_write_bytes
 from capsctl.errors import CapsctlError
 from capsctl.experiment.references import comparison, reference_dataset
-from capsctl.experiment.results import DAMAGE, load_results
+from capsctl.experiment.results import DAMAGE, command_with, load_results
 from capsctl.experiment.tables import (
     TEST_TITLES,
     ablate_markdown,
@@ -265,12 +265,11 @@ def _not_run(items: list[tuple[Path, dict[str, Any]]]) -> str:
         if r["kind"] == "pairs" and not r.get("merged_from") and (  # (a merge's runs lie in its parts)
             r.get("missing") or (not r["overrides"] and not r.get("holdout") and len(r["seeds"]) < 3)
         ):
-            cmd = [c for c in shlex.split(r["command"]) if c != "--no-train"]
             seeds = _three_seeds(r["seeds"])
-            cmd[cmd.index("--seeds") + 1] = ",".join(map(str, seeds))
+            cmd = command_with(r["command"], seeds=",".join(map(str, seeds)))
             lines.append(
                 f"- `{folder.name}` with seeds {', '.join(map(str, seeds))} (finished models are "
-                f"skipped):\n\n  ```\n  {shlex.join(cmd)}\n  ```"
+                f"skipped):\n\n  ```\n  {cmd}\n  ```"
             )
     wanted = [
         (
@@ -446,8 +445,9 @@ def write_report(folders: Sequence[Path], doc: Path, section: str | None = None)
         raise CapsctlError("report: give at least one result folder")
     if section is not None and (not section.strip() or "\n" in section or "--" in section):
         raise CapsctlError(f"--section {section!r}: give a one-line title without '--'")
-    # (`.` or `..` named by where it lies: its plots go to results/<that name>, never to results/ itself)
-    folders = [Path(os.path.abspath(f)) if f.name in ("", "..") else f for f in folders]
+    # (`.` or `..` as ../NAME: its plots go to results/NAME, never to results/ itself, and the command
+    # that regenerates the report still names it relative to here)
+    folders = [_named(f) if f.name in ("", "..") else f for f in folders]
     names: dict[str, Path] = {}
     for f in folders:  # each folder's plots are copied to results/<its name> beside the report
         if f.name in names:
@@ -458,7 +458,7 @@ def write_report(folders: Sequence[Path], doc: Path, section: str | None = None)
         names[f.name] = f
     results = [load_results(f) for f in folders]
     old = _read_doc(doc, section is not None)
-    _check_kept_plots(old, section, names)
+    _check_kept_plots(old, section, names, doc.parent / "results")
     # the topmost folder this call creates (the plots are copied beside `doc` while rendering): removed
     # again if rendering fails, so a refused report leaves nothing behind
     made = next((p for p in reversed([doc.parent, *doc.parent.parents]) if not p.exists()), None)
@@ -488,7 +488,16 @@ def write_report(folders: Sequence[Path], doc: Path, section: str | None = None)
     atomic_write_bytes(doc, _replace_section(old or "# Results\n", section, new).encode())
 
 
-def _check_kept_plots(old: str | None, section: str | None, names: dict[str, Path]) -> None:
+def _named(folder: Path) -> Path:
+    real = Path(os.path.abspath(folder))
+    return Path(os.path.relpath(real.parent)) / real.name if real.name else real
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    return a.is_file() and a.read_bytes() == b.read_bytes()
+
+
+def _check_kept_plots(old: str | None, section: str | None, names: dict[str, Path], plots_dir: Path) -> None:
     """Refuse a folder whose name a part of the report that stays (the sections --section wrote, or with
     --section the rest of the report) shows plots under: its plots would replace theirs, and that part
     would show this folder's curves under its own numbers."""
@@ -503,9 +512,12 @@ def _check_kept_plots(old: str | None, section: str | None, names: dict[str, Pat
                 kept = kept.replace(block, "")
     shown = set(re.findall(r"\]\(results/([^/)]+)/", kept))
     for name in sorted(shown & set(names)):
+        # (the same plots again, from the folder that part shows, change nothing)
+        if all(_same_file(plots_dir / name / png.name, png) for png in names[name].glob("*.png")):
+            continue
         where = "the rest of the report" if section is not None else "a section written with --section"
         raise CapsctlError(
-            f"report: {where} shows plots under results/{name}/, which {names[name]}'s plots would replace; "
+            f"report: {where} shows other plots under results/{name}/, which {names[name]}'s would replace; "
             f"rename the folder, or regenerate that part with it"
         )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,19 @@ def write_results(out: Path, results: dict[str, Any]) -> None:
         plots = _plots.ablate_plots(results, out)
     links = "".join(f"\n![{p.stem}]({p.name})\n" for p in plots)
     atomic_write_bytes(out / "results.md", (md + links).encode())
+
+
+def command_with(command: str, **flags: str) -> str:
+    """A recorded `experiment` command with options replaced (or added), e.g. seeds="0,1,2", and without
+    --no-train (which only tabulates: the command recorded is the one that trains)."""
+    words = [w for w in shlex.split(command) if w != "--no-train"]
+    for name, value in flags.items():
+        flag = "--" + name.replace("_", "-")
+        if flag in words:
+            words[words.index(flag) + 1] = value
+        else:
+            words += [flag, value]
+    return shlex.join(words)
 
 
 def load_results(folder: Path) -> dict[str, Any]:

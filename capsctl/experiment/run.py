@@ -41,7 +41,14 @@ from capsctl.experiment.scoring import Scorer, summarize
 from capsctl.model.weights import parameter_count
 from capsctl.training.config import steps_per_epoch
 from capsctl.training.loop import train
-from capsctl.training.run_folder import CHECKPOINT_FILE, MODEL_FILE, load_checkpoint, read_metrics
+from capsctl.training.run_folder import (
+    CHECKPOINT_FILE,
+    MODEL_FILE,
+    load_checkpoint,
+    missing_folders,
+    read_metrics,
+    remove_empty,
+)
 
 # TrainConfig fields that do not change the trained weights: where the data was found, which framework ran
 # the steps, and how many test images the log scored (a run made by `capsctl train`, which scores its
@@ -87,17 +94,6 @@ def run_state(job: Job) -> str:
     return "partial" if (run / CHECKPOINT_FILE).exists() else "new"
 
 
-def _remove_empty(folder: Path, top: Path) -> None:
-    """Remove `folder` and its parents up to `top` while they are empty."""
-    for p in [folder, *folder.parents]:
-        try:
-            p.rmdir()
-        except OSError:
-            return
-        if p == top:
-            return
-
-
 def _check_without_checkpoint(job: Job) -> None:
     """A finished run whose checkpoint was deleted (to save space: with Adam's slots it is three times the
     model) still has its model's spec to compare; its training settings are taken on trust, and said so."""
@@ -119,11 +115,17 @@ Hook = Callable[[str, dict[str, Any]], None]
 
 
 def ensure_trained(
-    backend: Backend, job: Job, train_split: Split, curve_split: Split, hook: Hook | None = None
+    backend: Backend,
+    job: Job,
+    train_split: Split,
+    curve_split: Split,
+    hook: Hook | None = None,
+    state: str | None = None,
 ) -> str:
-    """Train `job` unless finished; returns what happened: 'skipped', 'resumed' or 'trained'."""
+    """Train `job` unless finished; returns what happened: 'skipped', 'resumed' or 'trained'. `state`:
+    its run_state, where the caller has it already (checked once: its notes are said once)."""
 
-    state = run_state(job)
+    state = state or run_state(job)
     if state == "done":
         return "skipped"
     resume = state == "partial"
@@ -222,13 +224,14 @@ def train_and_score(
         for i, job in enumerate(jobs, 1):
             label = f"[{i}/{len(jobs)}] {job.run.name}"
             done = steps_done(job, n_train)
-            if not train and run_state(job) != "done":
+            state = run_state(job)
+            if not train and state != "done":
                 err.print(f"{label}: not finished; left out (--no-train)")
                 tracker.skip(steps_per_epoch(job.config, n_train) * job.config.epochs)
                 continue
             tracker.start(label, job, n_train, done)
             tracker.skip(done)
-            status = ensure_trained(backend, job, train_split, curve, tracker.hook)
+            status = ensure_trained(backend, job, train_split, curve, tracker.hook, state=state)
             if status == "skipped":
                 tracker.skip(steps_per_epoch(job.config, n_train) * job.config.epochs - done)
             rows = read_metrics(job.run)[: job.config.epochs]
@@ -423,8 +426,7 @@ def run_pairs(
         for s in plan.seeds
         for h in plan.variants
     ]
-    # the topmost folder this run makes: a refused --no-train removes what it made (empty folders only)
-    made = next((p for p in reversed([out, *out.parents]) if not p.exists()), None)
+    made = missing_folders(out)  # (a refused --no-train removes them again)
     out.mkdir(parents=True, exist_ok=True)
     if planned is not None:  # (the caller's notes: said once the input has passed every check)
         planned()
@@ -434,8 +436,7 @@ def run_pairs(
             backend, jobs, train_split, test_split, scorer, plan.tests, show_progress, train=plan.train
         )
     if not models:
-        if made is not None:
-            _remove_empty(out, made)
+        remove_empty(made)
         raise CapsctlError(f"--out {out}: no finished model to report (--no-train)")
     finished = {m["run"] for m in models}
     missing = [os.path.relpath(j.run, out) for j in jobs if str(j.run) not in finished]

@@ -79,7 +79,10 @@ def merged_note(r: dict[str, Any]) -> str:
     parts = r.get("merged_from") or []
     if not parts:
         return ""
-    each = "; ".join(f"seeds {', '.join(map(str, p['seeds']))} by `{p['command']}`" for p in parts)
+    each = "; ".join(
+        f"seed{'s' if len(p['seeds']) > 1 else ''} {', '.join(map(str, p['seeds']))} by `{p['command']}`"
+        for p in parts
+    )
     return (
         f" Merged by `capsctl experiment merge` from {len(parts)} result folders ({each}); the command below "
         "is their equivalent, not run as one."

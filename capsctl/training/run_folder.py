@@ -190,7 +190,15 @@ def discard_empty_run(run: Path, created: list[Path]) -> None:
     for p in [run / LOCK_FILE, run / METRICS_FILE, run / CHECKPOINT_FILE, *stale_temp_files(run)]:
         with contextlib.suppress(OSError):
             p.unlink()
+    remove_empty(created)
+
+
+def remove_empty(created: list[Path]) -> None:
+    """Remove the folders `missing_folders` listed (innermost first) while they are empty (those never
+    made are passed over)."""
     for folder in created:
+        if not folder.exists():
+            continue
         try:
             folder.rmdir()
         except OSError:
