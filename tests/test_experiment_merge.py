@@ -368,3 +368,19 @@ def test_a_failed_merge_into_new_folders_leaves_none_of_them(tmp_path: Path, cap
     code, _, err = run_cli(["experiment", "merge", *map(str, parts), "--out", str(out)], capsys)
     assert code == 1 and "No space left" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s0", "s1"]
+
+
+def test_a_report_that_fails_while_copying_plots_leaves_the_old_document_and_plots(tmp_path: Path,
+                                                                                    capsys) -> None:
+    parts = [_cut("mnist5k-torch-default", [s], tmp_path / f"s{s}") for s in (0, 1)]
+    m = tmp_path / "m"
+    assert run_cli(["experiment", "merge", *map(str, parts), "--out", str(m)], capsys)[0] == 0
+    doc = tmp_path / "doc" / "R.md"
+    assert run_cli(["experiment", "report", str(m), "--out", str(doc)], capsys)[0] == 0
+    before = {p.relative_to(doc.parent): p.read_bytes() for p in doc.parent.rglob("*") if p.is_file()}
+    (m / "accuracy.png").write_bytes(b"new plot")
+    (m / "zz.png").mkdir()  # (a plot that cannot be read, after the first ones were staged)
+    code, _, err = run_cli(["experiment", "report", str(m), "--out", str(doc)], capsys)
+    assert code != 0 and len(err.strip().splitlines()) == 1, err
+    after = {p.relative_to(doc.parent): p.read_bytes() for p in doc.parent.rglob("*") if p.is_file()}
+    assert after == before  # (no plot replaced, no temporary left, the document as it was)

@@ -35,6 +35,7 @@ from capsctl.experiment.tables import (
 )
 from capsctl.training.config import TrainConfig
 from capsctl.training.recipes import RECIPE_HISTORY, get_recipe
+from capsctl.training.run_folder import missing_folders, remove_empty
 
 TARGETS = (
     "Targets for the default capsule recipe on mnist-5k (mean of 3 seeds): standard test ≥ 98.8%; "
@@ -43,14 +44,34 @@ TARGETS = (
 )
 
 
-def _copy_plots(folder: Path, dest: Path, doc_dir: Path) -> list[str]:
-    links = []
-    dest.mkdir(parents=True, exist_ok=True)
-    for png in sorted(folder.glob("*.png")):
-        target = dest / png.name
-        atomic_write_bytes(target, png.read_bytes())
-        links.append(f"![{png.stem}]({target.relative_to(doc_dir).as_posix()})\n")
-    return links
+def _plot_links(folder: Path) -> list[str]:
+    """Links to `folder`'s PNG plots as `_install_plots` copies them: results/FOLDER-NAME/ beside the doc."""
+    return [f"![{png.stem}](results/{folder.name}/{png.name})\n" for png in sorted(folder.glob("*.png"))]
+
+
+def _install_plots(folders: Sequence[Path], doc: Path, text: str) -> None:
+    """Copy each folder's plots beside `doc` and write `doc`: every plot is written to a temporary name
+    first and all are renamed just before `doc` is written, so an interrupted or failing report leaves
+    the old document with its old plots (and no folder it made)."""
+    made = missing_folders(doc.parent / "results")
+    staged: list[tuple[Path, Path]] = []
+    try:
+        doc.parent.mkdir(parents=True, exist_ok=True)
+        for folder in folders:
+            dest = doc.parent / "results" / folder.name
+            for png in sorted(folder.glob("*.png")):
+                dest.mkdir(parents=True, exist_ok=True)
+                tmp = dest / f".{png.name}.report-tmp"
+                staged.append((tmp, dest / png.name))
+                tmp.write_bytes(png.read_bytes())
+        for tmp, target in staged:
+            os.replace(tmp, target)
+        atomic_write_bytes(doc, text.encode())
+    except BaseException:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+        remove_empty(made)
+        raise
 
 
 def _wall(r: dict[str, Any]) -> str:
@@ -118,7 +139,7 @@ def _pairs_section(folder: Path, r: dict[str, Any], doc_dir: Path) -> str:
     )
     effect = decoder_effect(r)
     parts += [*([effect] if effect else []), pairs_long(r), pairs_cost(r), "Per seed:\n", pairs_per_seed(r)]
-    parts += _copy_plots(folder, doc_dir / "results" / folder.name, doc_dir)
+    parts += _plot_links(folder)
     return "\n".join(parts) + "\n"
 
 
@@ -130,7 +151,7 @@ def _ablate_section(folder: Path, r: dict[str, Any], doc_dir: Path) -> str:
         _timing(r) + "\n",
         body,
     ]
-    parts += _copy_plots(folder, doc_dir / "results" / folder.name, doc_dir)
+    parts += _plot_links(folder)
     return "\n".join(parts) + "\n"
 
 
@@ -459,33 +480,22 @@ def write_report(folders: Sequence[Path], doc: Path, section: str | None = None)
     results = [load_results(f) for f in folders]
     old = _read_doc(doc, section is not None)
     _check_kept_plots(old, section, names, doc.parent / "results")
-    # the topmost folder this call creates (the plots are copied beside `doc` while rendering): removed
-    # again if rendering fails, so a refused report leaves nothing behind
-    made = next((p for p in reversed([doc.parent, *doc.parent.parents]) if not p.exists()), None)
-    doc.parent.mkdir(parents=True, exist_ok=True)
-    try:
+    try:  # (the text only: nothing is written until every section has rendered)
         if section is None:
             new = render(folders, doc, results)
         else:
             new = render_section(folders, doc, results, section)
-    except BaseException as e:
-        if made is not None:
-            import shutil
-
-            shutil.rmtree(made, ignore_errors=True)
-        if isinstance(e, DAMAGE):  # (load_results read every file's tables: this is a field only plots use)
-            where = _damaged(folders, results) or "a results file"
-            raise CapsctlError(
-                f"report: {where} is damaged inside ({type(e).__name__}: {e}); rerun the experiment "
-                "that wrote it"
-            ) from None
-        raise
+    except DAMAGE as e:  # (load_results read every file's own tables: this is a field the report adds)
+        where = _damaged(folders, results) or "a results file"
+        raise CapsctlError(
+            f"report: {where} is damaged inside ({type(e).__name__}: {e}); rerun the experiment that wrote it"
+        ) from None
     if section is None:  # the sections made with --section stay, in their order, before the rest
         for title, block in reversed(_generated_sections(old or "")):
             new = _replace_section(new, title, block)
-        atomic_write_bytes(doc, new.encode())
-        return
-    atomic_write_bytes(doc, _replace_section(old or "# Results\n", section, new).encode())
+    else:
+        new = _replace_section(old or "# Results\n", section, new)
+    _install_plots(folders, doc, new)
 
 
 def _named(folder: Path) -> Path:
