@@ -384,3 +384,10 @@ def test_a_report_that_fails_while_copying_plots_leaves_the_old_document_and_plo
     assert code != 0 and len(err.strip().splitlines()) == 1, err
     after = {p.relative_to(doc.parent): p.read_bytes() for p in doc.parent.rglob("*") if p.is_file()}
     assert after == before  # (no plot replaced, no temporary left, the document as it was)
+    # a folder reported for the first time: its new plot folder goes again too
+    other = tmp_path / "other"
+    other.mkdir()
+    for f in m.iterdir():
+        (other / f.name).mkdir() if f.is_dir() else (other / f.name).write_bytes(f.read_bytes())
+    code, _, err = run_cli(["experiment", "report", str(other), str(m), "--out", str(doc)], capsys)
+    assert code != 0 and not (doc.parent / "results" / "other").exists()

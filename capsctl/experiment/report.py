@@ -53,13 +53,14 @@ def _install_plots(folders: Sequence[Path], doc: Path, text: str) -> None:
     """Copy each folder's plots beside `doc` and write `doc`: every plot is written to a temporary name
     first and all are renamed just before `doc` is written, so an interrupted or failing report leaves
     the old document with its old plots (and no folder it made)."""
-    made = missing_folders(doc.parent / "results")
+    made = [missing_folders(doc.parent)]  # (each chain innermost first; the last made first undone)
     staged: list[tuple[Path, Path]] = []
     try:
         doc.parent.mkdir(parents=True, exist_ok=True)
         for folder in folders:
             dest = doc.parent / "results" / folder.name
             for png in sorted(folder.glob("*.png")):
+                made.append(missing_folders(dest))
                 dest.mkdir(parents=True, exist_ok=True)
                 tmp = dest / f".{png.name}.report-tmp"
                 staged.append((tmp, dest / png.name))
@@ -70,7 +71,8 @@ def _install_plots(folders: Sequence[Path], doc: Path, text: str) -> None:
     except BaseException:
         for tmp, _ in staged:
             tmp.unlink(missing_ok=True)
-        remove_empty(made)
+        for chain in reversed(made):
+            remove_empty(chain)
         raise
 
 
