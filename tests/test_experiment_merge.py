@@ -71,7 +71,7 @@ def test_merged_seeds_give_the_means_of_one_run_of_all_seeds(tmp_path: Path, cap
     assert "Merged by `capsctl experiment merge` from 2 result folders" in text
     assert "seeds 0, 2: 2 cores" in text and "seed 1: 4 cores (Other CPU)" in text
     assert "last invocation" not in text  # (no one invocation's wall time)
-    assert "Equivalent command (not run as one" in text
+    assert "Equivalent command, not run as one; its parts' commands are below (result folder `m`)" in text
     assert "(finished models are skipped)" not in text  # (a merge's runs lie in its parts: none to rerun)
     md = (tmp_path / "m" / "results.md").read_text()
     assert "Merged by `capsctl experiment merge`" in md and "; seed 1 by `" in md

@@ -105,8 +105,8 @@ def _timing(r: dict[str, Any]) -> str:
 
 def _command_title(r: dict[str, Any]) -> str:
     # a merge's command was never run as one: its numbers come from its parts' commands, listed below it
-    return "Equivalent command (not run as one: the commands of its parts are below)" if r.get(
-        "merged_from") else "Command"
+    merged = "Equivalent command, not run as one; its parts' commands are below"
+    return merged if r.get("merged_from") else "Command"
 
 
 def _merged_from(r: dict[str, Any]) -> list[str]:
