@@ -328,7 +328,10 @@ def _signal_in_epoch_2(
     launcher) `sig`. Returns the finished job, its stderr and when the signal was sent."""
     cmd = [sys.executable, "-m", "capsctl", "train", *(str(a) for a in args), "--out", str(run),
            "--nproc", "2"]
-    job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    # (Ctrl-C as from a terminal: a test run started in the background by a non-interactive shell inherits
+    # SIGINT ignored, and Python then never raises KeyboardInterrupt in the job)
+    job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+                           preexec_fn=_sigint_as_from_a_terminal)
     try:
         deadline = time.monotonic() + 180
         metrics = run / "metrics.jsonl"
@@ -364,6 +367,10 @@ def test_sigterm_ends_a_rank_at_once_and_the_job_with_it(tiny_on, tmp_path):
     said = (named,) if "keras" in tiny_on else (named, alike)
     assert len(errors) == 1 and errors[0].startswith(said), err
     assert (run / "metrics.jsonl").read_text().count("\n") < 6
+
+
+def _sigint_as_from_a_terminal() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _processes_naming(path: Path) -> list[int]:
