@@ -31,6 +31,7 @@ from capsctl.experiment.tables import (
     pairs_long,
     pairs_per_seed,
     pct,
+    seeds_named,
     table,
 )
 from capsctl.training.config import TrainConfig
@@ -59,9 +60,11 @@ def _install_plots(folders: Sequence[Path], doc: Path, text: str) -> None:
         doc.parent.mkdir(parents=True, exist_ok=True)
         for folder in folders:
             dest = doc.parent / "results" / folder.name
-            for png in sorted(folder.glob("*.png")):
+            pngs = sorted(folder.glob("*.png"))
+            if pngs:
                 made.append(missing_folders(dest))
                 dest.mkdir(parents=True, exist_ok=True)
+            for png in pngs:
                 tmp = dest / f".{png.name}.report-tmp"
                 staged.append((tmp, dest / png.name))
                 tmp.write_bytes(png.read_bytes())
@@ -116,9 +119,8 @@ def _merged_from(r: dict[str, Any]) -> list[str]:
     lines = [f"Merged by `capsctl experiment merge` from {len(r['merged_from'])} result folders:\n"]
     for p in r["merged_from"]:
         m = p.get("machine", {})
-        seeds = ", ".join(map(str, p["seeds"]))
         lines.append(
-            f"- seed{'s' if len(p['seeds']) > 1 else ''} {seeds}: {m.get('cores', '?')} cores "
+            f"- {seeds_named(p['seeds'])}: {m.get('cores', '?')} cores "
             f"({m.get('cpu', '?')}), {p['backend_info']}, {p['created']}: `{p['command']}`"
         )
     return ["\n".join(lines) + "\n"]
@@ -450,15 +452,12 @@ def _replace_section(text: str, title: str, section: str) -> str:
 
 
 def _damaged(folders: Sequence[Path], results: Sequence[dict[str, Any]]) -> str | None:
-    """The results.json whose own report fails (each rendered alone, its plots copied to a scratch folder)."""
-    import tempfile
-
+    """The results.json whose own report fails (each rendered alone: rendering writes nothing)."""
     for f, r in zip(folders, results, strict=True):
-        with tempfile.TemporaryDirectory(prefix="capsctl-report-") as scratch:
-            try:
-                render([f], Path(scratch) / "R.md", [r])
-            except DAMAGE:
-                return str(f / "results.json")
+        try:
+            render([f], Path("R.md"), [r])
+        except DAMAGE:
+            return str(f / "results.json")
     return None
 
 

@@ -75,14 +75,16 @@ def missing_note(r: dict[str, Any]) -> str:
     return f" Not finished, so left out: {', '.join(missing)}." if missing else ""
 
 
+def seeds_named(seeds: list[int]) -> str:
+    """'seed 2' or 'seeds 0, 1': a merged part's seeds as the report names them."""
+    return f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
+
+
 def merged_note(r: dict[str, Any]) -> str:
     parts = r.get("merged_from") or []
     if not parts:
         return ""
-    each = "; ".join(
-        f"seed{'s' if len(p['seeds']) > 1 else ''} {', '.join(map(str, p['seeds']))} by `{p['command']}`"
-        for p in parts
-    )
+    each = "; ".join(f"{seeds_named(p['seeds'])} by `{p['command']}`" for p in parts)
     return (
         f" Merged by `capsctl experiment merge` from {len(parts)} result folders ({each}); the command below "
         "is their equivalent, not run as one."
