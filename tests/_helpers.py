@@ -181,14 +181,21 @@ def on_canvas(images: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def routing_weights(spec, seed: int = 1) -> dict[str, np.ndarray]:
-    """Glorot weights with positive biases: non-trivial routing on real digits."""
+    """Glorot weights with positive biases: non-trivial routing on real digits.
+
+    Batch normalisation gets statistics as after training, each from its own range: at their starting
+    values (scale 1, shift 0, mean 0, variance 1) a backend whose name table swapped shift with mean, or
+    scale with variance, agreed with the reference."""
     from capsctl.model.weights import init_weights
 
     w = init_weights(spec, seed)
     rng = np.random.default_rng(seed)
+    ranges = {".bias": (0, 0.05), ".bn.beta": (0, 0.1), ".bn.mean": (-0.2, 0.0)}
+    ranges |= {".bn.gamma": (0.7, 1.0), ".bn.var": (1.2, 2.0)}
     for k, v in w.items():
-        if k.endswith(".bias"):
-            w[k] = rng.uniform(0, 0.05, v.shape).astype(np.float32)
+        for end, (lo, hi) in ranges.items():
+            if k.endswith(end):
+                w[k] = rng.uniform(lo, hi, v.shape).astype(np.float32)
     return w
 
 
