@@ -50,7 +50,8 @@ def _close(a: object, b: object) -> bool:
 def test_merged_seeds_give_the_means_of_one_run_of_all_seeds(tmp_path: Path, capsys) -> None:
     whole = json.loads((PUBLISHED / "mnist5k-torch-default" / "results.json").read_text())
     a = _cut("mnist5k-torch-default", [0, 2], tmp_path / "a")
-    b = _cut("mnist5k-torch-default", [1], tmp_path / "b", machine={"cpu": "Other CPU", "cores": 4})
+    other = {"cpu": "Other CPU", "cpu_detail": "family 25 model 17, AVX-512", "cores": 4}
+    b = _cut("mnist5k-torch-default", [1], tmp_path / "b", machine=other)
     code, out, err = run_cli(["experiment", "merge", str(a), str(b), "--out", str(tmp_path / "m")], capsys)
     assert code == 0, err
     merged = json.loads((tmp_path / "m" / "results.json").read_text())
@@ -62,6 +63,7 @@ def test_merged_seeds_give_the_means_of_one_run_of_all_seeds(tmp_path: Path, cap
     assert words[words.index("--seeds") + 1] == "0,1,2"
     assert words[words.index("--out") + 1] == str(tmp_path / "m")
     assert merged["machine"]["cpu"] == f"{whole['machine']['cpu']}; Other CPU"
+    assert merged["machine"]["cpu_detail"] == "?; family 25 model 17, AVX-512"  # (one part predates it)
     assert [p["seeds"] for p in merged["merged_from"]] == [[0, 2], [1]]
     assert (tmp_path / "m" / "results.md").exists() and "results:" in out
     # the report names each part's machine
@@ -69,7 +71,8 @@ def test_merged_seeds_give_the_means_of_one_run_of_all_seeds(tmp_path: Path, cap
     write_report([tmp_path / "m"], doc)
     text = doc.read_text()
     assert "Merged by `capsctl experiment merge` from 2 result folders" in text
-    assert "seeds 0, 2: 2 cores" in text and "seed 1: 4 cores (Other CPU)" in text
+    assert "seeds 0, 2: 2 cores (AMD EPYC)" in text
+    assert "seed 1: 4 cores (Other CPU, family 25 model 17, AVX-512)" in text
     assert "last invocation" not in text  # (no one invocation's wall time)
     assert "Equivalent command, not run as one; its parts' commands are below (result folder `m`)" in text
     assert "(finished models are skipped)" not in text  # (a merge's runs lie in its parts: none to rerun)

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
@@ -152,6 +153,7 @@ def checks(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
 def run(cfg: BenchConfig, on_backend: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run the benchmark for every backend in `cfg`; returns the JSON-ready report."""
     cfg.validate()
+    started = time.time()
     load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
     results: dict[str, dict[str, Any]] = {}
     for name in cfg.backends:
@@ -167,6 +169,8 @@ def run(cfg: BenchConfig, on_backend: Callable[[str], None] | None = None) -> di
     counts = {head: flops.count(variant_spec(head), *variant_size(head)) for head in cfg.trained()}
     return {
         "machine": machine() | {"loadavg_before": load_before, "loadavg_after": load_after},
+        # (when it ran: a folder of runs, reported by `experiment report`, says when each was taken)
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "config": asdict(cfg),
         "flops_per_image": {
             h: asdict(c) | {"forward": c.forward, "train_step": c.train_step} for h, c in counts.items()

@@ -162,11 +162,12 @@ def _print(report: dict[str, Any]) -> None:
     from rich.table import Table
 
     from capsctl._console import out
+    from capsctl.bench.machine import cpu_text
 
     m, cfg = report["machine"], report["config"]
     load = m.get("loadavg_before")
     load_text = f", load average {load[0]:.1f}" if load else ""
-    out.print(f"[bold]capsctl bench[/] — {m['cpu']}, {m['cores']} CPUs{load_text}")
+    out.print(f"[bold]capsctl bench[/] — {cpu_text(m)}, {m['cores']} CPUs{load_text}")
     train = Table(title=f"training, batch {cfg['batch']}, 28×28")
     columns = ("backend", "head", "params", "img/s", "step ms", "CPU ms", "GFLOP/s", "of sgemm", "per CPU-s")
     for col in columns:

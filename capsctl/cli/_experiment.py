@@ -481,7 +481,11 @@ def ablate(
 def report(
     folders: Annotated[
         list[Path],
-        typer.Argument(metavar="FOLDER", help="Result folders written by `experiment pairs` / `ablate`."),
+        typer.Argument(
+            metavar="FOLDER",
+            help="Result folders written by `experiment pairs` / `ablate`, or folders of `capsctl bench "
+            "--json` outputs (several runs of a command: their medians).",
+        ),
     ],
     out: Annotated[Path, typer.Option(help="The Markdown file to write; plots are copied beside it.")] = Path(
         "docs/RESULTS.md"
@@ -498,6 +502,9 @@ def report(
 
     Reads each FOLDER/results.json (no training, no scoring), copies its PNG plots to
     results/FOLDER-NAME/ beside OUT, and writes OUT with every table beside the command that produced it.
+    A FOLDER without results.json holding `capsctl bench --json` outputs (bench-1.json, bench-2.json, …)
+    becomes a training-speed table per command: parameters, FLOPs, images/s and FLOP rate per backend,
+    the median over its runs with each run's figure.
     --section TITLE rewrites one generated section only: results whose folders are gone stay in OUT.
     Without it OUT is rewritten whole but keeps the sections --section wrote (delete OUT first to drop
     them).

@@ -248,7 +248,7 @@ def _machine(machines: list[Any]) -> dict[str, Any]:
     ran at other times)."""
     dicts = [m if isinstance(m, dict) else {} for m in machines]
     merged = {k: v for k, v in dicts[0].items() if not k.startswith("loadavg")}
-    for key in ("cpu", "cores"):
+    for key in ("cpu", "cpu_detail", "cores"):
         if any(m.get(key) != merged.get(key) for m in dicts):
             merged[key] = _joined(str(m.get(key, "?")) for m in dicts)
     return merged

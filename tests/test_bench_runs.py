@@ -1,0 +1,185 @@
+"""`capsctl experiment report` on folders of `capsctl bench --json` outputs: the medians over the runs, the
+command that measures the same again, and bad folders refused in one line. Also what a bench report
+records of its machine and time. No measurement runs here: the committed runs are the data."""
+
+from __future__ import annotations
+
+import calendar
+import json
+import re
+import shlex
+import shutil
+import statistics
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+
+from capsctl.bench.machine import cpu_detail, cpu_text
+from capsctl.bench.measure import BenchConfig
+from capsctl.experiment.bench_runs import bench_command
+
+from ._helpers import assert_one_line_error, run_cli
+
+RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results"
+INTEL = RESULTS / "bench-arch-intel"  # two commands' runs: 3 of --arch seed,efficient,…, 3 of sabour2017
+
+
+def _rows(text: str) -> dict[str, list[str]]:
+    """The speed tables' rows of `text` by their first cell, several tables' rows in order."""
+    rows: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        if line.startswith("| `"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            rows.setdefault(cells[0], []).extend(cells[1:])
+    return rows
+
+
+def _numbers(cell: str) -> tuple[float, list[float]]:
+    """'**68.5** (60.5, 68.5, 72.9)' -> (68.5, [60.5, 68.5, 72.9])."""
+    median = float(re.match(r"\*\*([\d.]+)\*\*", cell).group(1))  # type: ignore[union-attr]
+    runs = [float(x) for x in re.search(r"\((.*)\)", cell).group(1).split(", ")]  # type: ignore[union-attr]
+    return median, runs
+
+
+def test_a_folder_of_bench_runs_reports_each_commands_medians(tmp_path, capsys):
+    doc = tmp_path / "R.md"
+    code, _, err = run_cli(["experiment", "report", INTEL, "--out", doc, "--section", "Speed"], capsys)
+    assert code == 0, err
+    text = doc.read_text()
+    # one table per command, each under the command that measures it again
+    assert "```\ncapsctl bench --arch seed,efficient,efficient-multimnist --json\n```" in text
+    assert "```\ncapsctl bench --arch sabour2017 --json\n```" in text
+    assert "bench-arch-1.json, bench-arch-2.json, bench-arch-3.json" in text
+    assert "from the result folders' `capsctl bench --json` outputs" in text
+    runs = {p.name: json.loads(p.read_text()) for p in sorted(INTEL.glob("*.json"))}
+    rows = _rows(text)
+    for label, variant, files in (
+        ("`seed`", "capsule", ["bench-arch-1.json", "bench-arch-2.json", "bench-arch-3.json"]),
+        ("`efficient-multimnist`", "arch:efficient-multimnist", ["bench-arch-1.json", "bench-arch-2.json",
+                                                                 "bench-arch-3.json"]),
+        ("`sabour2017`", "arch:sabour2017", [f"bench-sabour2017-{i}.json" for i in (1, 2, 3)]),
+    ):
+        cells = rows[label]
+        heads = [runs[f]["backends"]["torch"]["heads"][variant] for f in files]
+        assert cells[0] == f"{heads[0]['parameters']:,}"
+        for column, backend in ((2, "torch"), (3, "keras")):
+            speeds = [runs[f]["backends"][backend]["heads"][variant]["train_images_per_s"] for f in files]
+            median, each = _numbers(cells[column])
+            assert median == pytest.approx(statistics.median(speeds), abs=0.5)
+            assert each == pytest.approx(speeds, abs=0.5)  # each run's figure, in the files' order
+        median, _ = _numbers(cells[4])  # torch's FLOP rate per CPU-second against its sgemm
+        fractions = [runs[f]["backends"]["torch"]["heads"][variant]["sgemm_fraction_cpu"] for f in files]
+        want = statistics.median(fractions)
+        assert median == pytest.approx(want, abs=0.005)
+
+
+def test_a_whole_report_of_bench_runs_alone(tmp_path, capsys):
+    """Rewritten whole (no --section), a report of bench folders only has its speed section and the
+    'not run here' list, which read experiments' fields a bench folder lacks."""
+    doc = tmp_path / "R.md"
+    code, _, err = run_cli(["experiment", "report", RESULTS / "bench-arch", "--out", doc], capsys)
+    assert code == 0, err
+    text = doc.read_text()
+    assert "## Training speed (`capsctl bench`)" in text and "| `sabour2017` | 8,215,568 | 1.22 |" in text
+    assert "## Not run here" in text
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        BenchConfig(heads=("capsule", "arch:sabour2017", "arch:efficient")),
+        BenchConfig(
+            backends=("torch",), heads=("pool", "arch:efficient"), batch=64, windows=3, routing=False
+        ),
+        BenchConfig(backends=("keras",), heads=("capsule", "pool"), infer_batch=256, sgemm=512),
+        BenchConfig(),
+    ],
+    ids=["archs", "a-head-beside-an-arch", "heads", "defaults"],
+)
+def test_the_command_shown_measures_what_the_runs_did(config, capsys, monkeypatch):
+    """The table's command, given to `capsctl bench`, asks for the runs' own configuration."""
+    from capsctl.bench import report
+
+    asked = []
+
+    def run(cfg, on_backend=None):
+        asked.append(cfg)
+        return {"backends": {}}
+
+    monkeypatch.setattr(report, "run", run)
+    recorded = json.loads(json.dumps(asdict(config)))  # (as the JSON holds it: lists)
+    words = shlex.split(bench_command(recorded))
+    assert words[:2] == ["capsctl", "bench"] and words[-1] == "--json"
+    # (today's option names: --batch and --infer-batch still work, hidden, for old scripts)
+    assert not {"--batch", "--infer-batch", "--backend", "--head"} & set(words)
+    code, _, err = run_cli(words[1:], capsys)
+    assert code == 0, err
+    assert json.loads(json.dumps(asdict(asked[0]))) == recorded
+
+
+def _copy_runs(tmp_path: Path) -> Path:
+    folder = tmp_path / "speed"
+    shutil.copytree(RESULTS / "bench-arch", folder)
+    return folder
+
+
+@pytest.mark.parametrize("case", ["no-bench-json", "not-json", "damaged-figure", "damaged-config"])
+def test_a_folder_that_holds_no_readable_bench_runs_is_one_line(case, tmp_path, capsys):
+    folder = _copy_runs(tmp_path)
+    first = folder / "bench-arch-1.json"
+    if case == "no-bench-json":
+        for p in folder.glob("*.json"):
+            p.unlink()
+        (folder / "notes.json").write_text('{"what": "not a bench report"}')
+        want = ["speed", "neither a results.json nor a `capsctl bench --json` output"]
+    elif case == "not-json":
+        first.write_text('{"machine": ')
+        want = ["bench-arch-1.json", "unreadable"]
+    else:
+        data = json.loads(first.read_text())
+        if case == "damaged-figure":
+            data["backends"]["torch"]["heads"]["capsule"]["train_images_per_s"] = "fast"
+        else:
+            data["config"]["heads"] = 7
+        first.write_text(json.dumps(data))
+        want = ["bench-arch-1.json", "damaged bench report"]
+    doc = tmp_path / "R.md"
+    code, out, err = run_cli(["experiment", "report", folder, "--out", doc], capsys)
+    assert_one_line_error(code, out, err, *want)
+    assert not doc.exists()
+
+
+ZEN4 = (
+    "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\nmodel name\t: AMD EPYC\n"
+    "flags\t\t: fpu sse2 avx avx2 avx512f avx512bw\n\nprocessor\t: 1\ncpu family\t: 99\n"
+)
+ZEN3 = "processor\t: 0\ncpu family\t: 25\nmodel\t\t: 1\nflags\t\t: fpu sse2 avx avx2\n"
+
+
+def test_the_cpu_is_named_by_family_model_and_widest_vector_unit():
+    """'AMD EPYC' alone names CPUs a generation apart (AVX-512 or not): a speed figure says which."""
+    assert cpu_detail(ZEN4) == "family 25 model 17, AVX-512"  # (the first processor's)
+    assert cpu_detail(ZEN3) == "family 25 model 1, AVX2"
+    intel = "processor\t: 0\ncpu family\t: 6\nmodel\t\t: 207\nflags\t\t: fpu\n"
+    assert cpu_detail(intel) == "family 6 model 207"
+    assert cpu_detail("Processor\t: ARMv8\n") is None
+    assert cpu_text({"cpu": "AMD EPYC", "cpu_detail": "family 25 model 17, AVX-512"}) == (
+        "AMD EPYC, family 25 model 17, AVX-512"
+    )
+    assert cpu_text({"cpu": "AMD EPYC"}) == "AMD EPYC"  # (a record made before cpu_detail)
+
+
+def test_a_bench_report_records_when_it_ran_and_the_cpu_in_detail(capsys, monkeypatch):
+    from capsctl.bench import report
+
+    monkeypatch.setattr(report, "run_child",
+                        lambda name, cfg: {"backend": name, "available": True, "error": "MemoryError"})
+    before = time.time()
+    code, out, _ = run_cli(["bench", "--backends", "torch", "--json"], capsys)
+    assert code == 1  # (the measurement "failed": the report is still written, with its machine)
+    got = json.loads(out)
+    created = calendar.timegm(time.strptime(got["created"], "%Y-%m-%dT%H:%M:%SZ"))
+    assert before - 1 <= created <= time.time() + 1
+    assert got["machine"].get("cpu_detail") == cpu_detail()
