@@ -219,6 +219,7 @@ def train_and_score(
     curve = Split(test_split.images[:n_curve], test_split.labels[:n_curve])
     total = sum(steps_per_epoch(j.config, n_train) * j.config.epochs for j in jobs)
     records = []
+    left_out = []  # (said once the models that are there are scored: with none, the caller's error alone)
     with progress_for(show_progress) as bar:
         tracker = Tracker(bar, total)
         for i, job in enumerate(jobs, 1):
@@ -226,7 +227,7 @@ def train_and_score(
             done = steps_done(job, n_train)
             state = run_state(job)
             if not train and state != "done":
-                err.print(f"{label}: not finished; left out (--no-train)")
+                left_out.append(f"{label}: not finished; left out (--no-train)")
                 tracker.skip(steps_per_epoch(job.config, n_train) * job.config.epochs)
                 continue
             tracker.start(label, job, n_train, done)
@@ -274,6 +275,8 @@ def train_and_score(
             )
             err.print(f"{label}: {status}; {summary}")
             bar.update(tracker.model, note="done")
+    for line in left_out if records else []:
+        err.print(line)
     return records
 
 
