@@ -94,9 +94,11 @@ def test_a_whole_report_of_bench_runs_alone(tmp_path, capsys):
             backends=("torch",), heads=("pool", "arch:efficient"), batch=64, windows=3, routing=False
         ),
         BenchConfig(backends=("keras",), heads=("capsule", "pool"), infer_batch=256, sgemm=512),
+        BenchConfig(heads=("capsule", "pool", "arch:efficient")),  # (`--heads capsule,pool --arch efficient`)
+        BenchConfig(heads=("arch:efficient", "capsule")),
         BenchConfig(),
     ],
-    ids=["archs", "a-head-beside-an-arch", "heads", "defaults"],
+    ids=["archs", "a-head-beside-an-arch", "heads", "heads-then-archs", "seed-after-an-arch", "defaults"],
 )
 def test_the_command_shown_measures_what_the_runs_did(config, capsys, monkeypatch):
     """The table's command, given to `capsctl bench`, asks for the runs' own configuration."""
@@ -123,6 +125,32 @@ def _copy_runs(tmp_path: Path) -> Path:
     folder = tmp_path / "speed"
     shutil.copytree(RESULTS / "bench-arch", folder)
     return folder
+
+
+def test_runs_on_other_machines_or_with_a_backend_missing_are_told_apart(tmp_path, capsys):
+    """One median per command and machine (CPUs a generation apart differ by 2×); a run without a
+    backend's figures says why; each run's date, '?' for one that predates `created`."""
+    folder = _copy_runs(tmp_path)
+    third = json.loads((folder / "bench-arch-3.json").read_text())
+    third["machine"] |= {"cpu": "Other CPU", "cpu_detail": "family 25 model 17, AVX-512", "cores": 8}
+    (folder / "bench-arch-3.json").write_text(json.dumps(third))
+    second = json.loads((folder / "bench-arch-2.json").read_text())
+    second["backends"]["keras"] = {"backend": "keras", "available": False, "reason": "no module named keras"}
+    second["created"] = "2026-11-29T11:40:00Z"
+    (folder / "bench-arch-2.json").write_text(json.dumps(second))
+    doc = tmp_path / "R.md"
+    code, _, err = run_cli(["experiment", "report", folder, "--out", doc, "--section", "S"], capsys)
+    assert code == 0, err
+    text = doc.read_text()
+    assert "`--arch seed,sabour2017,efficient`, 2 runs on 2 cores (AMD EPYC)" in text
+    other = "8 cores (Other CPU, family 25 model 17, AVX-512)"
+    assert f"`--arch seed,sabour2017,efficient`, 1 run on {other}" in text
+    assert "Taken: ?, 2026-11-29T11:40:00Z." in text
+    assert "Not measured: bench-arch-2.json: keras not measured (no module named keras)." in text
+    first = json.loads((RESULTS / "bench-arch" / "bench-arch-1.json").read_text())
+    keras = first["backends"]["keras"]["heads"]["capsule"]["train_images_per_s"]
+    # keras' median of the two AMD runs is run 1's figure alone: run 2 has none
+    assert f"| **{keras:.0f}** ({keras:.0f}, —) |" in text
 
 
 @pytest.mark.parametrize("case", ["no-bench-json", "not-json", "damaged-figure", "damaged-config"])
@@ -183,3 +211,5 @@ def test_a_bench_report_records_when_it_ran_and_the_cpu_in_detail(capsys, monkey
     created = calendar.timegm(time.strptime(got["created"], "%Y-%m-%dT%H:%M:%SZ"))
     assert before - 1 <= created <= time.time() + 1
     assert got["machine"].get("cpu_detail") == cpu_detail()
+    if "cpu family" in Path("/proc/cpuinfo").read_text():  # (x86 Linux, as CI: the detail is recorded)
+        assert re.fullmatch(r"family \d+ model \d+(, AVX2|, AVX-512)?", got["machine"]["cpu_detail"])

@@ -10,3 +10,6 @@ from capsctl.choices import HEADS
 
 DECODER = "capsule+decoder"
 VARIANTS = (*HEADS, DECODER)
+# `--arch A` measures the preset's capsule model as the variant "arch:A" (training only: the non-shared
+# presets see images of their design size alone: 28x28 digits, 36x36 for efficient-multimnist)
+ARCH_PREFIX = "arch:"

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from capsctl.backend import BenchKernels, OptimConfig, get_backend
-from capsctl.bench import DECODER, VARIANTS
+from capsctl.bench import ARCH_PREFIX, DECODER, VARIANTS
 from capsctl.choices import ARCHS
 from capsctl.errors import CapsctlError
 from capsctl.model import flops
@@ -50,9 +50,6 @@ SGEMM_REPS = 3  # matmuls per window
 DECODER_HIDDEN = (512, 1024)  # the paper's decoder, as `capsctl train --decoder` adds it
 
 
-# `--arch A` measures the preset's capsule model as the variant "arch:A" (training only: the non-shared
-# presets see images of their design size alone: 28x28 digits, 36x36 for efficient-multimnist)
-ARCH_PREFIX = "arch:"
 
 
 def variant_size(name: str) -> tuple[int, int]:

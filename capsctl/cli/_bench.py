@@ -137,7 +137,7 @@ def bench(
 def _variants(heads: list[str], heads_given: bool, archs: list[str] | None) -> tuple[str, ...]:
     """--heads, and each --arch as the variant `arch:NAME` (seed: the capsule head); --arch alone
     measures the architectures only."""
-    from capsctl.bench.measure import ARCH_PREFIX
+    from capsctl.bench import ARCH_PREFIX
 
     if not archs:
         return tuple(heads)

@@ -16,12 +16,12 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from capsctl.bench import ARCH_PREFIX
 from capsctl.bench.machine import cpu_text
 from capsctl.errors import CapsctlError
 from capsctl.experiment.tables import table
 
 BENCH_KIND = "bench"
-ARCH_PREFIX = "arch:"  # (capsctl.bench.measure's name for an --arch variant; that module imports numpy)
 _REPORT_KEYS = ("machine", "config", "backends", "flops_per_image")
 # options whose flag is not the field's name (capsctl bench renamed them; the JSON keeps the field names)
 _FLAGS = {"batch": "--batch-size", "infer_batch": "--infer-batch-size"}
@@ -31,36 +31,43 @@ def is_bench_report(data: object) -> bool:
     return isinstance(data, dict) and all(k in data for k in _REPORT_KEYS)
 
 
+def _variant_options(variants: list[str]) -> list[str]:
+    """--heads and --arch as `capsctl bench` turns them back into these variants, in this order: the
+    heads first (the variants before the first architecture), then --arch's, the seed preset's capsule
+    head named `seed` there. The order matters: it is the order the training steps are timed in."""
+    first = next((i for i, v in enumerate(variants) if v.startswith(ARCH_PREFIX)), None)
+    if first is None:
+        return ["--heads", ",".join(variants)]
+    heads, rest = variants[:first], variants[first:]
+    if heads == ["capsule"]:  # (`--arch seed,…` asks for the same, in the same order)
+        heads, rest = [], variants
+    archs = [v[len(ARCH_PREFIX) :] if v.startswith(ARCH_PREFIX) else "seed" for v in rest]
+    return (["--heads", ",".join(heads)] if heads else []) + ["--arch", ",".join(archs)]
+
+
 def bench_command(config: dict[str, Any]) -> str:
     """The `capsctl bench` command line that measures what `config` (a report's "config") did: the
-    options that differ from their defaults, --arch for the architecture variants (the seed preset's
-    capsule head is `--arch seed` when other architectures were measured with it)."""
+    options that differ from their defaults, in today's names."""
     from capsctl.bench.measure import BenchConfig
 
     words = ["capsctl", "bench"]
-    variants = list(config["heads"])
-    archs = [v[len(ARCH_PREFIX) :] if v.startswith(ARCH_PREFIX) else "seed" for v in variants]
     for f in fields(BenchConfig):
         value = config.get(f.name, f.default)
+        value = tuple(value) if isinstance(value, list) else value
         if f.name == "heads":
-            if any(v.startswith(ARCH_PREFIX) for v in variants):
-                heads = [v for v in variants if v != "capsule" and not v.startswith(ARCH_PREFIX)]
-                words += ["--heads", ",".join(heads)] if heads else []
-                arch_of = [a for v, a in zip(variants, archs, strict=True) if v not in heads]
-                words += ["--arch", ",".join(arch_of)]
-            elif tuple(value) != f.default:
-                words += ["--heads", ",".join(value)]
+            with_archs = any(v.startswith(ARCH_PREFIX) for v in value)
+            words += _variant_options(list(value)) if with_archs or value != f.default else []
         elif f.name == "routing":
             words += [] if value else ["--no-routing"]
-        elif (tuple(value) if isinstance(value, list) else value) != f.default:
+        elif value != f.default:
             flag = _FLAGS.get(f.name, "--" + f.name.replace("_", "-"))
-            words += [flag, ",".join(value) if isinstance(value, list) else str(value)]
+            words += [flag, ",".join(value) if isinstance(value, tuple) else str(value)]
     return shlex.join([*words, "--json"])
 
 
 def load_bench_runs(folder: Path) -> dict[str, Any]:
-    """The bench reports in `folder` (every *.json that is one), grouped by the command that wrote them;
-    a folder with none, or a file that is not JSON, is one line naming it."""
+    """The bench reports in `folder` (every *.json that is one), grouped by the command that wrote them
+    and the machine it ran on; a folder with none, or a file that is not JSON, is one line naming it."""
     groups: dict[str, dict[str, Any]] = {}
     for path in sorted(folder.glob("*.json")):
         try:
@@ -70,10 +77,13 @@ def load_bench_runs(folder: Path) -> dict[str, Any]:
         if not is_bench_report(data):
             continue
         try:
-            key = bench_command(data["config"])
+            command, where = bench_command(data["config"]), machine_of(data["machine"])
         except (KeyError, TypeError, AttributeError, ValueError) as e:
             raise CapsctlError(f"{path}: damaged bench report ({type(e).__name__}: {e})") from None
-        group = groups.setdefault(key, {"command": key, "files": [], "runs": []})
+        # (one median per command and machine: CPUs a generation apart differ by 2× on the same command)
+        group = groups.setdefault(
+            f"{command} on {where}", {"command": command, "machine": where, "files": [], "runs": []}
+        )
         group["files"].append(path.name)
         group["runs"].append(data)
     if not groups:
@@ -125,19 +135,37 @@ def _cell(values: list[float | None], fmt: Callable[[float], str]) -> str:
     return median if len(values) == 1 else f"{median} ({runs})"
 
 
+def machine_of(m: dict[str, Any]) -> str:
+    return f"{m.get('cores', '?')} cores ({cpu_text(m)})"
+
+
+def _load(m: dict[str, Any]) -> str:
+    load = m.get("loadavg_before")  # (machine()'s own "loadavg" is taken after the measurement)
+    x = load[0] if isinstance(load, list) and load else None
+    return "?" if x is None or x != x else f"{float(x):.2f}"  # (x != x: NaN, where there is no load)
+
+
+def _not_measured(group: dict[str, Any]) -> list[str]:
+    """Why a run has no figures for a backend: not installed there, or its measurement failed."""
+    notes = []
+    for name, run in zip(group["files"], group["runs"], strict=True):
+        for backend, r in run["backends"].items():
+            if not r.get("available") or "error" in r:
+                why = r.get("reason") or r.get("error") or "not available"
+                notes.append(f"{name}: {backend} not measured ({why})")
+    return notes
+
+
 def bench_markdown(folder_name: str, group: dict[str, Any]) -> str:
-    """One command's runs: where and when they ran, and per variant its parameters, FLOPs and, on every
-    backend, training images/s and FLOP rate against the sgemm (medians over the runs)."""
+    """One command's runs on one machine: when they ran, and per variant its parameters, FLOPs and, on
+    every backend, training images/s and FLOP rate against the sgemm (medians over the runs)."""
     runs = group["runs"]
     config = runs[0]["config"]
     variants = list(config["heads"])
     with_archs = any(v.startswith(ARCH_PREFIX) for v in variants)
     backends = list(config["backends"])
-    cpus = sorted({f"{r['machine'].get('cores', '?')} cores ({cpu_text(r['machine'])})" for r in runs})
-    loads = [(r["machine"].get("loadavg_before") or r["machine"].get("loadavg") or [None])[0] for r in runs]
-    load_text = ", ".join("?" if x is None else f"{float(x):.2f}" for x in loads)
     taken = [r.get("created") for r in runs]
-    when = ", ".join(t for t in taken if t) if all(taken) else "not recorded (the JSON predates `created`)"
+    when = ", ".join(t or "?" for t in taken) if any(taken) else "not recorded (the JSON predates `created`)"
     header = ["model", "parameters", "GFLOP per training image"]
     header += [f"{b} images/s" for b in backends] + [f"{b} FLOP rate / sgemm" for b in backends]
     rows = []
@@ -155,18 +183,22 @@ def bench_markdown(folder_name: str, group: dict[str, Any]) -> str:
                 *[_cell(_figures(runs, b, v, "sgemm_fraction_cpu"), _fraction) for b in backends],
             ]
         )
-    n = len(runs)
+    runs_text = f"{len(runs)} run{'s' if len(runs) != 1 else ''}"
+    options = group["command"].removeprefix("capsctl bench").removesuffix("--json").strip()
+    missing = _not_measured(group)
     return "\n".join(
         [
-            f"### Training speed ({folder_name}): {n} run{'s' if n != 1 else ''} of one command\n",
+            f"### Training speed ({folder_name}): `{options or 'the defaults'}`, {runs_text} on "
+            f"{group['machine']}\n",
             f"```\n{group['command']}\n```\n",
-            f"Files: {', '.join(group['files'])}. Taken: {when}. Machine: {'; '.join(cpus)}; 1-minute load "
-            f"average before each run: {load_text}.\n",
+            f"Files: {', '.join(group['files'])}. Taken: {when}. 1-minute load average before each run: "
+            f"{', '.join(_load(r['machine']) for r in runs)}.\n",
             f"Training images/s at batch {config['batch']}, each model on its own design size (28×28 digits; "
             "36×36 composites for `efficient-multimnist`), synthetic images fed from memory. Bold: the "
             "median over the runs, each run's own figure beside it (a run's figure is the median of its "
             f"{config['windows']} timed windows). FLOP rate / sgemm: the training step's FLOP rate per "
             "CPU-second as a fraction of the same backend's float32 matmul's, measured in the same run.\n",
             table(header, rows),
+            *(["Not measured: " + "; ".join(missing) + ".\n"] if missing else []),
         ]
     )
