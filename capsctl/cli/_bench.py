@@ -88,6 +88,9 @@ def bench(
     --arch sabour2017,efficient measures those architectures' training steps (parameters, images/s,
     FLOP rate against the sgemm).
 
+    Several runs make a figure: save each `--json` output in one folder (speed/bench-1.json, …) and
+    `capsctl experiment report speed --out SPEED.md` tables their medians with each run's figure.
+
     Example: capsctl bench --backends torch --heads capsule,pool --json
     """
     import json
