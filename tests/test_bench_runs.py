@@ -165,14 +165,15 @@ def test_a_folder_that_holds_no_readable_bench_runs_is_one_line(case, tmp_path, 
     elif case == "not-json":
         first.write_text('{"machine": ')
         want = ["bench-arch-1.json", "unreadable"]
-    else:
-        data = json.loads(first.read_text())
+    else:  # (the second of the group's three runs: the file named is the damaged one)
+        second = folder / "bench-arch-2.json"
+        data = json.loads(second.read_text())
         if case == "damaged-figure":
             data["backends"]["torch"]["heads"]["capsule"]["train_images_per_s"] = "fast"
         else:
             data["config"]["heads"] = 7
-        first.write_text(json.dumps(data))
-        want = ["bench-arch-1.json", "damaged bench report"]
+        second.write_text(json.dumps(data))
+        want = ["bench-arch-2.json", "damaged bench report"]
     doc = tmp_path / "R.md"
     code, out, err = run_cli(["experiment", "report", folder, "--out", doc], capsys)
     assert_one_line_error(code, out, err, *want)

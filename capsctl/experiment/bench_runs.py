@@ -90,14 +90,24 @@ def load_bench_runs(folder: Path) -> dict[str, Any]:
         raise CapsctlError(
             f"{folder}: neither a results.json nor a `capsctl bench --json` output (*.json) in it"
         )
-    for group in groups.values():
-        try:
-            bench_markdown(folder.name, group)  # (every field the report reads, read once here)
-        except (KeyError, TypeError, IndexError, AttributeError, ValueError, statistics.StatisticsError) as e:
-            raise CapsctlError(
-                f"{folder / group['files'][0]}: damaged bench report ({type(e).__name__}: {e})"
-            ) from None
+    for group in groups.values():  # (every field the report reads, read once here)
+        failure = _fails(folder.name, group)
+        if failure is not None:
+            pairs = zip(group["files"], group["runs"], strict=True)
+            alone = [{**group, "files": [f], "runs": [r]} for f, r in pairs]
+            name = next((g["files"][0] for g in alone if _fails(folder.name, g)), group["files"][0])
+            why = f"{type(failure).__name__}: {failure}"
+            raise CapsctlError(f"{folder / name}: damaged bench report ({why})")
     return {"kind": BENCH_KIND, "groups": list(groups.values())}
+
+
+def _fails(folder_name: str, group: dict[str, Any]) -> Exception | None:
+    """What rendering `group` raises where a report's field is missing or of the wrong type."""
+    try:
+        bench_markdown(folder_name, group)
+    except (KeyError, TypeError, IndexError, AttributeError, ValueError, statistics.StatisticsError) as e:
+        return e
+    return None
 
 
 def _label(variant: str, with_archs: bool) -> str:
