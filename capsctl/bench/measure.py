@@ -50,8 +50,6 @@ SGEMM_REPS = 3  # matmuls per window
 DECODER_HIDDEN = (512, 1024)  # the paper's decoder, as `capsctl train --decoder` adds it
 
 
-
-
 def variant_size(name: str) -> tuple[int, int]:
     """The training images' (height, width) of a variant: 28x28, or an `arch:NAME` preset's design size."""
     if name.startswith(ARCH_PREFIX):
