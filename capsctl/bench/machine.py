@@ -43,6 +43,11 @@ def cpu_text(m: dict[str, Any]) -> str:
     return f"{m.get('cpu', '?')}, {detail}" if detail else str(m.get("cpu", "?"))
 
 
+def machine_text(m: dict[str, Any]) -> str:
+    """A recorded machine as reports name it: '2 cores (AMD EPYC, family 25 model 17, AVX-512)'."""
+    return f"{m.get('cores', '?')} cores ({cpu_text(m)})"
+
+
 def machine() -> dict[str, Any]:
     load = os.getloadavg() if hasattr(os, "getloadavg") else (math.nan,) * 3
     detail = cpu_detail()

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from capsctl.bench import ARCH_PREFIX
-from capsctl.bench.machine import cpu_text
+from capsctl.bench.machine import machine_text
 from capsctl.errors import CapsctlError
 from capsctl.experiment.tables import table
 
@@ -77,7 +77,7 @@ def load_bench_runs(folder: Path) -> dict[str, Any]:
         if not is_bench_report(data):
             continue
         try:
-            command, where = bench_command(data["config"]), machine_of(data["machine"])
+            command, where = bench_command(data["config"]), machine_text(data["machine"])
         except (KeyError, TypeError, AttributeError, ValueError) as e:
             raise CapsctlError(f"{path}: damaged bench report ({type(e).__name__}: {e})") from None
         # (one median per command and machine: CPUs a generation apart differ by 2× on the same command)
@@ -143,10 +143,6 @@ def _cell(values: list[float | None], fmt: Callable[[float], str]) -> str:
     median = f"**{fmt(statistics.median(got))}**"
     runs = ", ".join("—" if v is None else fmt(v) for v in values)
     return median if len(values) == 1 else f"{median} ({runs})"
-
-
-def machine_of(m: dict[str, Any]) -> str:
-    return f"{m.get('cores', '?')} cores ({cpu_text(m)})"
 
 
 def _load(m: dict[str, Any]) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from capsctl._io import atomic_write_bytes
-from capsctl.bench.machine import cpu_text
+from capsctl.bench.machine import machine_text
 from capsctl.errors import CapsctlError
 from capsctl.experiment.bench_runs import BENCH_KIND, bench_markdown, load_bench_runs
 from capsctl.experiment.references import comparison, reference_dataset
@@ -102,7 +102,7 @@ def _timing(r: dict[str, Any]) -> str:
     if r.get("merged_from"):  # (one machine line per part, below)
         return time_of
     return (
-        f"{time_of} Machine: {m.get('cores', '?')} cores ({cpu_text(m)}), "
+        f"{time_of} Machine: {machine_text(m)}, "
         f"{r.get('backend_info', r['backend'])}, shared with other jobs (1-minute load average {load} at the "
         "start)."
     )
@@ -122,8 +122,8 @@ def _merged_from(r: dict[str, Any]) -> list[str]:
     for p in r["merged_from"]:
         m = p.get("machine", {})
         lines.append(
-            f"- {seeds_named(p['seeds'])}: {m.get('cores', '?')} cores "
-            f"({cpu_text(m)}), {p['backend_info']}, {p['created']}: `{p['command']}`"
+            f"- {seeds_named(p['seeds'])}: {machine_text(m)}, {p['backend_info']}, {p['created']}: "
+            f"`{p['command']}`"
         )
     return ["\n".join(lines) + "\n"]
 
