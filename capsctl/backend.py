@@ -98,8 +98,11 @@ class BenchKernels(Protocol):
     def sgemm(self, n: int) -> Callable[[], None]:
         """A function doing one float32 n×n×n matmul per call: the machine's rate."""
 
-    def routing_fns(self, spec: ModelSpec, kernel: np.ndarray, batch: int) -> dict[str, Callable[[], None]]:
-        """{'naive', 'vectorised'}: one training step of the capsule head alone, each way."""
+    def routing_fns(
+        self, spec: ModelSpec, kernel: np.ndarray, batch: int, size: tuple[int, int] = (28, 28)
+    ) -> dict[str, Callable[[], None]]:
+        """{'naive', 'vectorised'}: one training step of the capsule head alone, each way, on the trunk
+        features of `size` (H, W) images."""
 
 
 class Backend(Protocol):

@@ -10,7 +10,14 @@ import json
 import pytest
 
 from capsctl.bench import DECODER
-from capsctl.bench.measure import BenchConfig, decoder_trained, peak_rss_mb, variant_spec, window_order
+from capsctl.bench.measure import (
+    BenchConfig,
+    decoder_trained,
+    peak_rss_mb,
+    variant_size,
+    variant_spec,
+    window_order,
+)
 from capsctl.bench.report import checks
 from capsctl.model import flops
 
@@ -97,6 +104,48 @@ def test_bench_table_torch_pool_only(capsys):
     (["--sgemm", "1"], "--sgemm"), (["--backend", "torch,nope"], "unknown backend 'nope'"),
 ])
 def test_bench_bad_options(capsys, args, message):
+    code, out, err = run_cli(["bench", *args], capsys)
+    assert_one_line_error(code, out, err, message)
+
+
+@pytest.mark.parametrize("name", [pytest.param("torch", marks=pytest.mark.torch),
+                                  pytest.param("keras", marks=[pytest.mark.keras, pytest.mark.slow])])
+def test_bench_image_size(capsys, name):
+    """`--image-size HxW`: every model trains on HxW images, inference times HxW and 2H x W."""
+    code, out, err = run_cli(["bench", "--backends", name, "--heads", "capsule,pool", "--image-size", "40x36",
+                              *TINY_ARGS, "--json"], capsys)
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["config"]["image_size"] == [40, 36]
+    caps = flops.count(variant_spec("capsule"), 40, 36)
+    assert report["flops_per_image"]["capsule"]["forward"] == caps.forward != 79_597_408
+    r = report["backends"][name]
+    assert r["available"] is True and "error" not in r, r
+    for head in ("capsule", "pool"):
+        assert set(r["heads"][head]["infer_images_per_s"]) == {"40x36", "80x36"}
+        assert r["heads"][head]["train_gflop_per_image"] == pytest.approx(
+            flops.count(variant_spec(head), 40, 36).train_step / 1e9)
+    assert r["capsule_head_flop_share"] == pytest.approx(caps.head / caps.forward)
+    assert r["routing"]["naive_ms"] > 0 and r["routing"]["vectorised_ms"] > 0
+
+
+def test_variants_at_an_image_size():
+    assert variant_size("capsule", (40, 36)) == (40, 36) and variant_size("capsule") == (28, 28)
+    assert variant_size("arch:efficient-multimnist") == (36, 36)
+    assert variant_spec(DECODER, (40, 36)).decoder.image_shape == (40, 36, 1)  # type: ignore[union-attr]
+    # non-shared weights: one per input capsule of that size (sabour2017: 32 types on a 10x10 grid at 36x36)
+    assert variant_spec("arch:sabour2017", (36, 36)).capsule.num_inputs == 3200
+    assert variant_spec("arch:sabour2017").capsule.num_inputs == 1152
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--image-size", "8x8"], "--image-size 8x8: the capsule head: images are 8x8, too small for the model "
+                              "(it needs at least 14x14)"),
+    (["--arch", "sabour2017", "--image-size", "16x16"],
+     "--image-size 16x16: sabour2017: image 16x16 is too small"),
+    (["--image-size", "36"], "--image-size must be HxW"),
+])
+def test_bench_image_size_refused(capsys, args, message):
     code, out, err = run_cli(["bench", *args], capsys)
     assert_one_line_error(code, out, err, message)
 

@@ -97,8 +97,12 @@ def test_a_whole_report_of_bench_runs_alone(tmp_path, capsys):
         BenchConfig(heads=("capsule", "pool", "arch:efficient")),  # (`--heads capsule,pool --arch efficient`)
         BenchConfig(heads=("arch:efficient", "capsule")),
         BenchConfig(),
+        BenchConfig(backends=("torch",), heads=("pool", "arch:efficient-multimnist"), image_size=(40, 36)),
     ],
-    ids=["archs", "a-head-beside-an-arch", "heads", "heads-then-archs", "seed-after-an-arch", "defaults"],
+    ids=[
+        "archs", "a-head-beside-an-arch", "heads", "heads-then-archs", "seed-after-an-arch", "defaults",
+        "image-size",
+    ],
 )
 def test_the_command_shown_measures_what_the_runs_did(config, capsys, monkeypatch):
     """The table's command, given to `capsctl bench`, asks for the runs' own configuration."""
@@ -119,6 +123,23 @@ def test_the_command_shown_measures_what_the_runs_did(config, capsys, monkeypatc
     code, _, err = run_cli(words[1:], capsys)
     assert code == 0, err
     assert json.loads(json.dumps(asdict(asked[0]))) == recorded
+
+
+def test_runs_at_an_image_size_say_so(tmp_path, capsys):
+    """Runs of `--image-size HxW` are tabled under that command, and the text names their size."""
+    folder = tmp_path / "speed"
+    folder.mkdir()
+    for path in sorted((RESULTS / "bench-arch").glob("*.json")):
+        data = json.loads(path.read_text())
+        data["config"]["image_size"] = [40, 36]
+        (folder / path.name).write_text(json.dumps(data))
+    doc = tmp_path / "R.md"
+    code, _, err = run_cli(["experiment", "report", folder, "--out", doc, "--section", "Speed"], capsys)
+    assert code == 0, err
+    text = doc.read_text()
+    assert "--arch seed,sabour2017,efficient --image-size 40x36 --json\n```" in text
+    assert "at batch 128, every model on 40×36 images, synthetic images" in text
+    assert "design size" not in text
 
 
 def _copy_runs(tmp_path: Path) -> Path:

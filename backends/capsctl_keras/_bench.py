@@ -96,9 +96,12 @@ def input_space_scores(f: tf.Tensor, kernel: tf.Variable, spec: ModelSpec) -> tf
     return _norm(v)
 
 
-def routing_fns(spec: ModelSpec, kernel: np.ndarray, batch: int) -> dict[str, Callable[[], None]]:
-    """Forward + backward of the capsule head (û and routing) on fixed trunk features, two ways."""
-    gh, gw = spec.trunk_grid(28, 28)
+def routing_fns(
+    spec: ModelSpec, kernel: np.ndarray, batch: int, size: tuple[int, int] = (28, 28)
+) -> dict[str, Callable[[], None]]:
+    """Forward + backward of the capsule head (û and routing) on fixed trunk features of `size` images,
+    two ways."""
+    gh, gw = spec.trunk_grid(*size)
     f = tf.random.Generator.from_seed(0).uniform((batch, gh, gw, spec.trunk_channels), dtype=tf.float32)
     head = capsule_head(spec)
     head.build(f.shape)

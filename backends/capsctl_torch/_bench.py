@@ -63,12 +63,15 @@ def naive_scores(f: torch.Tensor, kernel: torch.Tensor, spec: ModelSpec) -> torc
     return safe_norm(v)
 
 
-def routing_fns(spec: ModelSpec, kernel: np.ndarray, batch: int) -> dict[str, Callable[[], None]]:
-    """Forward + backward of the capsule head (û and routing) on fixed trunk features, two ways."""
+def routing_fns(
+    spec: ModelSpec, kernel: np.ndarray, batch: int, size: tuple[int, int] = (28, 28)
+) -> dict[str, Callable[[], None]]:
+    """Forward + backward of the capsule head (û and routing) on fixed trunk features of `size` images,
+    two ways."""
     head = CapsuleHead(spec).to(device())
     with torch.no_grad():
         head.kernel.copy_(torch.from_numpy(kernel))
-    gh, gw = spec.trunk_grid(28, 28)
+    gh, gw = spec.trunk_grid(*size)
     gen = torch.Generator().manual_seed(0)
     f = torch.rand(batch, spec.trunk_channels, gh, gw, generator=gen)
     f = f.to(device(), memory_format=torch.channels_last)

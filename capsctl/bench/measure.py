@@ -50,8 +50,11 @@ SGEMM_REPS = 3  # matmuls per window
 DECODER_HIDDEN = (512, 1024)  # the paper's decoder, as `capsctl train --decoder` adds it
 
 
-def variant_size(name: str) -> tuple[int, int]:
-    """The training images' (height, width) of a variant: 28x28, or an `arch:NAME` preset's design size."""
+def variant_size(name: str, image_size: tuple[int, int] | None = None) -> tuple[int, int]:
+    """The training images' (height, width) of a variant: `image_size` when given (`--image-size`), else
+    28x28, or an `arch:NAME` preset's design size."""
+    if image_size is not None:
+        return image_size
     if name.startswith(ARCH_PREFIX):
         from capsctl.model.presets import design_size
 
@@ -59,18 +62,28 @@ def variant_size(name: str) -> tuple[int, int]:
     return 28, 28
 
 
-def variant_spec(name: str) -> ModelSpec:
-    """The seed model of a head, or of `capsule+decoder`: the capsule head with the decoder on 28×28×1;
-    or `arch:NAME`: that preset as `capsctl train --arch NAME` completes it for grey images of its design
-    size (variant_size)."""
+def variant_spec(name: str, image_size: tuple[int, int] | None = None) -> ModelSpec:
+    """The seed model of a head, or of `capsule+decoder`: the capsule head with the decoder drawing the
+    grey training images; or `arch:NAME`: that preset as `capsctl train --arch NAME` completes it for grey
+    images of the variant's size (variant_size)."""
+    h, w = variant_size(name, image_size)
     if name == DECODER:
-        dec = DecoderSpec(hidden=DECODER_HIDDEN, image_shape=(28, 28, 1))
+        dec = DecoderSpec(hidden=DECODER_HIDDEN, image_shape=(h, w, 1))
         return default_spec("capsule").replace(decoder=dec)
     if name.startswith(ARCH_PREFIX):
         from capsctl.model.presets import for_images
 
-        return for_images(name[len(ARCH_PREFIX) :])
+        return for_images(name[len(ARCH_PREFIX) :], h, w)
     return default_spec(name)
+
+
+def infer_sizes(image_size: tuple[int, int] | None) -> tuple[tuple[int, int], ...]:
+    """The inference image sizes: single digits and the vertical pairs of eval-pairs (INFER_SIZES), or
+    with `--image-size HxW` that size and two of them stacked (2H x W)."""
+    if image_size is None:
+        return INFER_SIZES
+    h, w = image_size
+    return (h, w), (2 * h, w)
 
 
 @dataclass(frozen=True)
@@ -85,6 +98,7 @@ class BenchConfig:
     infer_batches: int = 2  # inference batches per head, size and window
     sgemm: int = 2048  # side of the square float32 matmul that measures the machine's rate
     routing: bool = True  # also time naive vs vectorised routing (capsule head)
+    image_size: tuple[int, int] | None = None  # (H, W) of every variant's images; None: 28x28, or a preset's
 
     def validate(self) -> None:
         for name, value, lo, hi in (
@@ -107,6 +121,22 @@ class BenchConfig:
                 continue
             if head not in VARIANTS:
                 raise CapsctlError(f"--head: unknown head {head!r} (expected {', '.join(VARIANTS)})")
+        if self.image_size is not None:
+            self._check_fit(self.image_size)
+
+    def _check_fit(self, size: tuple[int, int]) -> None:
+        """Every variant runs on grey `size` images (checked before any child process starts)."""
+        from capsctl.model.fit import check_fit
+
+        h, w = size
+        images = np.zeros((1, h, w, 1), np.float32)
+        for head in self.trained():
+            label = head.removeprefix(ARCH_PREFIX) if head.startswith(ARCH_PREFIX) else f"the {head} head"
+            try:
+                check_fit(variant_spec(head, size), images, None, label, "images")
+            except CapsctlError as e:  # (check_fit names the model; completing a preset's spec does not)
+                said = str(e) if str(e).startswith(f"{label}: ") else f"{label}: {e}"
+                raise CapsctlError(f"--image-size {h}x{w}: {said}") from None
 
     def trained(self) -> tuple[str, ...]:
         """The variants whose training steps are timed, in window order: capsule+decoder right after
@@ -198,9 +228,9 @@ def measure_backend(name: str, cfg: BenchConfig) -> dict[str, Any]:
     result["threads"] = kernels.threads()
     rng = np.random.default_rng(0)
     trained = cfg.trained()
-    specs = {head: variant_spec(head) for head in trained}  # (the decoder's weights are drawn last)
+    specs = {head: variant_spec(head, cfg.image_size) for head in trained}  # (decoder's weights drawn last)
     weights = {head: init_weights(spec, 0) for head, spec in specs.items()}
-    sizes = {head: variant_size(head) for head in trained}
+    sizes = {head: variant_size(head, cfg.image_size) for head in trained}
     # synthetic images, fed from memory (28x28 drawn first, as before other sizes existed)
     batches = {s: rng.random((cfg.batch, *s, 1), dtype=np.float32) for s in sorted(set(sizes.values()))}
     x = {head: batches[size] for head, size in sizes.items()}
@@ -269,7 +299,7 @@ def measure_backend(name: str, cfg: BenchConfig) -> dict[str, Any]:
         )
         # the pool head is 0.05% of the FLOPs, so its step is the trunk's step
         result["capsule_head_share"] = 1.0 - 1.0 / ratio
-        caps = flops.count(specs["capsule"], 28, 28)
+        caps = flops.count(specs["capsule"], *sizes["capsule"])
         result["capsule_head_flop_share"] = caps.head / caps.forward
     if DECODER in specs:
         result["decoder_step_ratio"] = median(
@@ -279,7 +309,8 @@ def measure_backend(name: str, cfg: BenchConfig) -> dict[str, Any]:
             [d / c for d, c in zip(cpu_s[DECODER], cpu_s["capsule"], strict=True) if c > 0] or [float("nan")]
         )
         result["decoder_flop_ratio"] = (
-            flops.count(specs[DECODER], 28, 28).train_step / flops.count(specs["capsule"], 28, 28).train_step
+            flops.count(specs[DECODER], *sizes[DECODER]).train_step
+            / flops.count(specs["capsule"], *sizes["capsule"]).train_step
         )
 
     # inference at batch infer_batch, each size; heads interleaved (the heads asked for: the decoder
@@ -290,7 +321,7 @@ def measure_backend(name: str, cfg: BenchConfig) -> dict[str, Any]:
         reset_peak_rss()
         runners = {head: backend.runner(specs[head], weights[head]) for head in inferred}
         n_img = cfg.infer_batch * cfg.infer_batches
-        for h, w in INFER_SIZES:
+        for h, w in infer_sizes(cfg.image_size):
             images = rng.random((n_img, h, w, 1), dtype=np.float32)
             times: dict[str, list[float]] = {head: [] for head in runners}
             for runner in runners.values():
@@ -306,15 +337,19 @@ def measure_backend(name: str, cfg: BenchConfig) -> dict[str, Any]:
     result["heads"] = heads
 
     if cfg.routing and "capsule" in cfg.heads:
-        result["routing"] = _routing(kernels, specs["capsule"], weights["capsule"], cfg)
+        result["routing"] = _routing(kernels, specs["capsule"], weights["capsule"], cfg, sizes["capsule"])
     return result
 
 
 def _routing(
-    kernels: BenchKernels, spec: ModelSpec, weights: dict[str, np.ndarray], cfg: BenchConfig
+    kernels: BenchKernels,
+    spec: ModelSpec,
+    weights: dict[str, np.ndarray],
+    cfg: BenchConfig,
+    size: tuple[int, int],
 ) -> dict[str, Any]:
     """Training step (forward + backward) of the capsule head alone: a loop over input capsules vs ours."""
-    fns = kernels.routing_fns(spec, weights["head.capsule.kernel"], cfg.batch)
+    fns = kernels.routing_fns(spec, weights["head.capsule.kernel"], cfg.batch, size)
     for fn in fns.values():
         fn()
     times: dict[str, list[float]] = {k: [] for k in fns}

@@ -166,7 +166,8 @@ def run(cfg: BenchConfig, on_backend: Callable[[str], None] | None = None) -> di
         results[name] = run_child(name, cfg)
     load_after = os.getloadavg() if hasattr(os, "getloadavg") else None
 
-    counts = {head: flops.count(variant_spec(head), *variant_size(head)) for head in cfg.trained()}
+    size = cfg.image_size
+    counts = {h: flops.count(variant_spec(h, size), *variant_size(h, size)) for h in cfg.trained()}
     return {
         "machine": machine() | {"loadavg_before": load_before, "loadavg_after": load_after},
         # (when it ran: a folder of runs, reported by `experiment report`, says when each was taken)

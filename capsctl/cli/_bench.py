@@ -69,6 +69,16 @@ def bench(
             "--routing/--no-routing", help="Also time a naive loop-over-capsules routing beside ours."
         ),
     ] = True,
+    image_size: Annotated[
+        str | None,
+        typer.Option(
+            "--image-size",
+            metavar="HxW",
+            help="Train (and infer) every model on grey HxW images instead of 28x28 (an --arch preset: "
+            "instead of its design size), as your own data set's size; inference also times 2H x W. "
+            "A model the size doesn't fit is refused.",
+        ),
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Measure training and inference speed of each backend × head on this machine.
@@ -88,6 +98,9 @@ def bench(
     --arch sabour2017,efficient measures those architectures' training steps (parameters, images/s,
     FLOP rate against the sgemm).
 
+    --image-size 36x36 times every model on images of that size: what training on your own data
+    (`capsctl train --dataset PATH --image-size HxW`) will cost, or the MultiMNIST canvas.
+
     Several runs make a figure: save each `--json` output in one folder (speed/bench-1.json, …) and
     `capsctl experiment report speed --out SPEED.md` tables their medians with each run's figure.
 
@@ -98,6 +111,7 @@ def bench(
     from capsctl.bench.measure import BenchConfig
     from capsctl.bench.report import run
     from capsctl.cli._options import check_range
+    from capsctl.data.sources import parse_image_size
 
     batch_size = renamed("--batch-size", batch_size, "--batch", batch, 128)
     infer_batch_size = renamed("--infer-batch-size", infer_batch_size, "--infer-batch", infer_batch, 512)
@@ -116,6 +130,7 @@ def bench(
         infer_batches=infer_batches,
         sgemm=sgemm,
         routing=routing,
+        image_size=parse_image_size(image_size),
     )
     cfg.validate()
     from capsctl._console import err
@@ -171,13 +186,18 @@ def _print(report: dict[str, Any]) -> None:
     load = m.get("loadavg_before")
     load_text = f", load average {load[0]:.1f}" if load else ""
     out.print(f"[bold]capsctl bench[/] — {cpu_text(m)}, {m['cores']} CPUs{load_text}")
-    train = Table(title=f"training, batch {cfg['batch']}, 28×28")
+    size = cfg.get("image_size")
+    sizes = "{}×{}".format(*size) if size else "28×28 (--arch: its design size)"
+    train = Table(title=f"training, batch {cfg['batch']}, {sizes}")
     columns = ("backend", "head", "params", "img/s", "step ms", "CPU ms", "GFLOP/s", "of sgemm", "per CPU-s")
     for col in columns:
         left = col in ("backend", "head")
         train.add_column(col, justify="left" if left else "right", no_wrap=col == "head")
     infer = Table(title=f"inference, batch {cfg['infer_batch']}, img/s")
-    for col in ("backend", "head", "28×28", "56×28"):
+    from capsctl.bench.measure import infer_sizes
+
+    shown = infer_sizes(tuple(size) if size else None)
+    for col in ("backend", "head", *(f"{h}×{w}" for h, w in shown)):
         infer.add_column(col, justify="left" if col in ("backend", "head") else "right")
     notes = []
     for name, r in report["backends"].items():
@@ -200,7 +220,7 @@ def _print(report: dict[str, Any]) -> None:
                 _pct(h.get("sgemm_fraction_cpu")),
             )
             if inf:
-                infer.add_row(name, head, _fmt(inf.get("28x28")), _fmt(inf.get("56x28")))
+                infer.add_row(name, head, *(_fmt(inf.get(f"{h}x{w}")) for h, w in shown))
         sg = r["sgemm"]
         line = [
             f"{name}: {r['describe']}",

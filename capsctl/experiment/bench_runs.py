@@ -59,6 +59,8 @@ def bench_command(config: dict[str, Any]) -> str:
             words += _variant_options(list(value)) if with_archs or value != f.default else []
         elif f.name == "routing":
             words += [] if value else ["--no-routing"]
+        elif f.name == "image_size":
+            words += ["--image-size", "{}x{}".format(*value)] if value else []
         elif value != f.default:
             flag = _FLAGS.get(f.name, "--" + f.name.replace("_", "-"))
             words += [flag, ",".join(value) if isinstance(value, tuple) else str(value)]
@@ -162,6 +164,14 @@ def _not_measured(group: dict[str, Any]) -> list[str]:
     return notes
 
 
+def _sizes(config: dict[str, Any]) -> str:
+    """The images the run trained on: `--image-size`, or each model's design size."""
+    size = config.get("image_size")
+    if size:
+        return "every model on {}×{} images".format(*size)
+    return "each model on its own design size (28×28 digits; 36×36 composites for `efficient-multimnist`)"
+
+
 def bench_markdown(folder_name: str, group: dict[str, Any]) -> str:
     """One command's runs on one machine: when they ran, and per variant its parameters, FLOPs and, on
     every backend, training images/s and FLOP rate against the sgemm (medians over the runs)."""
@@ -199,11 +209,11 @@ def bench_markdown(folder_name: str, group: dict[str, Any]) -> str:
             f"```\n{group['command']}\n```\n",
             f"Files: {', '.join(group['files'])}. Taken: {when}. 1-minute load average before each run: "
             f"{', '.join(_load(r['machine']) for r in runs)}.\n",
-            f"Training images/s at batch {config['batch']}, each model on its own design size (28×28 digits; "
-            "36×36 composites for `efficient-multimnist`), synthetic images fed from memory. Bold: the "
-            "median over the runs, each run's own figure beside it (a run's figure is the median of its "
-            f"{config['windows']} timed windows). FLOP rate / sgemm: the training step's FLOP rate per "
-            "CPU-second as a fraction of the same backend's float32 matmul's, measured in the same run.\n",
+            f"Training images/s at batch {config['batch']}, {_sizes(config)}, synthetic images fed from "
+            "memory. Bold: the median over the runs, each run's own figure beside it (a run's figure is "
+            f"the median of its {config['windows']} timed windows). FLOP rate / sgemm: the training step's "
+            "FLOP rate per CPU-second as a fraction of the same backend's float32 matmul's, measured in the "
+            "same run.\n",
             table(header, rows),
             *(["Not measured: " + "; ".join(missing) + ".\n"] if missing else []),
         ]
